@@ -1,0 +1,22 @@
+//! zerosend's device layer: VFIO device access, DMA memory and IOVA management, the NIC
+//! drivers, and an in-process software NIC, all behind one queue API ([`queue::NetQueue`]).
+//!
+//! `unsafe` lives only in the modules that touch MMIO and DMA memory ([`mmio`], [`dma`]) and
+//! in the VFIO ioctl wrappers ([`vfio`]).
+
+pub mod dma;
+pub mod error;
+pub mod e1000;
+pub mod mmio;
+pub mod nic;
+pub mod pci;
+pub mod queue;
+pub mod vfio;
+pub mod virtio;
+
+pub use error::{DriverError, Result};
+pub use nic::NicModel;
+pub use queue::{
+    Capabilities, DeviceStats, Iova, L4Checksum, L4Protocol, MacAddress, NetQueue, RxBuffer,
+    TxOffload, TxSegment, TxToken, Tso,
+};

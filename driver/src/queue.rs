@@ -1,0 +1,219 @@
+//! The queue API: what every NIC driver offers the network stack.
+//!
+//! Implemented by the e1000 family driver, the virtio-net driver and the in-process
+//! [`SoftNic`](crate::softnic). The stack never sees descriptors or registers; it hands the
+//! driver *frames as chains of IOVA segments* and gets back *tokens* when the device has
+//! finished reading them.
+//!
+//! # Transmit
+//! A frame is a chain of [`TxSegment`]s: typically a small header buffer (Ethernet + IPv4 +
+//! TCP headers) followed by one or more payload segments that point straight into page-cache
+//! frames. Every segment must lie in memory mapped for the device (see [`crate::dma`]).
+//! [`NetQueue::tx_enqueue`] places a frame on the ring without telling the device;
+//! [`NetQueue::tx_flush`] rings the doorbell once for the whole burst.
+//!
+//! [`NetQueue::tx_reap`] returns the caller's [`TxToken`] for every frame the device has
+//! completed, in submission order. **Until its token comes back, the device may still read
+//! any byte of the frame**: the caller must keep those bytes alive and unchanged. After it
+//! comes back the device will never read them again (for that frame).
+//!
+//! # Offloads
+//! [`TxOffload`] asks the device to fill in checksums and to segment. The contract is the one
+//! common to Intel's context descriptors (8254x SDM section 3.3.6) and virtio-net's
+//! `NEEDS_CSUM`/`GSO_TCPV4` (VIRTIO 1.2 section 5.1.6.2):
+//! - L4 checksum: the checksum field already holds the one's-complement sum of the
+//!   pseudo-header (*not* inverted); the device adds the sum over `start..end of frame` and
+//!   stores the inverted result.
+//! - TSO: the headers (`header_len` bytes, L2+L3+L4) lie wholly in the first segment; the TCP
+//!   checksum field holds the pseudo-header sum computed with a length of **zero**; the device
+//!   emits segments of at most `mss` payload bytes, fixing IPv4 total length, identification,
+//!   IPv4 header checksum, TCP sequence number, flags (FIN/PSH only on the last) and checksum.
+//!
+//! # Receive
+//! [`NetQueue::rx_next`] hands out a filled buffer, [`NetQueue::rx_data`] shows its bytes and
+//! [`NetQueue::rx_recycle`] gives it back; [`NetQueue::rx_flush`] publishes recycled buffers
+//! to the device with one tail write. [`NetQueue::rx_poll`] wraps the three for simple users.
+
+use crate::error::DriverError;
+
+/// An I/O virtual address: what the device puts on the bus, translated by the IOMMU.
+pub type Iova = u64;
+
+/// Opaque value the caller attaches to a frame and gets back on completion.
+pub type TxToken = u64;
+
+/// Ethernet MAC address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MacAddress(pub [u8; 6]);
+
+impl std::fmt::Display for MacAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl std::fmt::Debug for MacAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for MacAddress {
+    type Err = DriverError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in out.iter_mut() {
+            let part = parts
+                .next()
+                .ok_or_else(|| DriverError::InvalidArgument(format!("bad MAC address {s:?}")))?;
+            *byte = u8::from_str_radix(part, 16)
+                .map_err(|_| DriverError::InvalidArgument(format!("bad MAC address {s:?}")))?;
+        }
+        if parts.next().is_some() {
+            return Err(DriverError::InvalidArgument(format!("bad MAC address {s:?}")));
+        }
+        Ok(MacAddress(out))
+    }
+}
+
+/// One piece of a frame in device-visible memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TxSegment {
+    pub iova: Iova,
+    pub len: u32,
+}
+
+/// Which transport protocol an L4 checksum or TSO request is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Protocol {
+    Tcp,
+    Udp,
+}
+
+/// Ask the device to compute an L4 (TCP/UDP) checksum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L4Checksum {
+    pub protocol: L4Protocol,
+    /// Offset from the frame start where summing begins (the L4 header).
+    pub start: u16,
+    /// Offset from the frame start of the 16-bit checksum field.
+    pub field: u16,
+}
+
+/// Ask the device to split a large TCP frame into MSS-sized segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tso {
+    /// Maximum TCP payload bytes per emitted segment.
+    pub mss: u16,
+    /// Length of L2+L3+L4 headers, all in the first segment.
+    pub header_len: u16,
+}
+
+/// Offloads requested for one frame. `Default` requests none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxOffload {
+    /// Offset of the IPv4 header whose header checksum the device fills in.
+    pub ipv4_header: Option<u16>,
+    pub l4_checksum: Option<L4Checksum>,
+    /// Requires `ipv4_header` and a TCP `l4_checksum`.
+    pub tso: Option<Tso>,
+}
+
+/// What a device can do; the stack adapts to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    pub ipv4_header_checksum: bool,
+    pub tcp_checksum: bool,
+    pub udp_checksum: bool,
+    /// Largest frame (headers included) accepted with [`TxOffload::tso`]; `None` if no TSO.
+    pub tso_max_frame: Option<u32>,
+    /// Most segments one frame may have.
+    pub max_tx_segments: usize,
+    /// Largest IP packet on the wire (Ethernet MTU), normally 1500.
+    pub mtu: usize,
+}
+
+/// A filled receive buffer, lent to the caller until [`NetQueue::rx_recycle`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct RxBuffer {
+    /// Driver-private slot number.
+    pub slot: u32,
+    /// Frame length in bytes (without the Ethernet FCS).
+    pub len: u32,
+}
+
+/// Device counters, cumulative since the driver started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    /// Frames the device dropped for lack of receive buffers.
+    pub rx_missed: u64,
+    pub rx_errors: u64,
+    pub tx_errors: u64,
+    /// Times the TX-hang watchdog reset the device.
+    pub watchdog_resets: u64,
+    /// Doorbell (tail register / notification) writes, TX and RX.
+    pub doorbells: u64,
+}
+
+/// The API every NIC driver implements.
+pub trait NetQueue {
+    /// The station address the device uses.
+    fn mac_address(&self) -> MacAddress;
+    /// What offloads the device offers.
+    fn capabilities(&self) -> Capabilities;
+    /// Whether the link is up now.
+    fn link_up(&mut self) -> bool;
+
+    /// How many more frames of `segments` segments fit on the TX ring now.
+    fn tx_capacity(&self, segments: usize) -> usize;
+    /// Place a frame on the TX ring (no doorbell). On error nothing was queued.
+    fn tx_enqueue(
+        &mut self,
+        segments: &[TxSegment],
+        offload: &TxOffload,
+        token: TxToken,
+    ) -> Result<(), DriverError>;
+    /// Tell the device about every frame queued since the last flush (one doorbell).
+    fn tx_flush(&mut self);
+    /// Report completed frames, oldest first, by calling `done(token)`; returns how many.
+    /// Also runs the TX-hang watchdog: a ring that makes no progress for too long is reset
+    /// and reported as [`DriverError::TxHang`] (the tokens of lost frames are returned first).
+    fn tx_reap(&mut self, done: &mut dyn FnMut(TxToken)) -> Result<usize, DriverError>;
+
+    /// Take the next received frame, if any.
+    fn rx_next(&mut self) -> Option<RxBuffer>;
+    /// The bytes of a received frame.
+    fn rx_data(&self, buffer: &RxBuffer) -> &[u8];
+    /// Give a buffer back to the driver for reuse.
+    fn rx_recycle(&mut self, buffer: RxBuffer);
+    /// Publish recycled buffers to the device (one doorbell).
+    fn rx_flush(&mut self);
+
+    /// Receive up to `budget` frames, calling `f` on each, then recycle and flush.
+    fn rx_poll(&mut self, budget: usize, f: &mut dyn FnMut(&[u8])) -> usize {
+        let mut n = 0;
+        while n < budget {
+            let Some(buffer) = self.rx_next() else { break };
+            f(self.rx_data(&buffer));
+            self.rx_recycle(buffer);
+            n += 1;
+        }
+        if n > 0 {
+            self.rx_flush();
+        }
+        n
+    }
+
+    /// Cumulative device statistics.
+    fn stats(&mut self) -> DeviceStats;
+}

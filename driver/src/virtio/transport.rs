@@ -1,0 +1,231 @@
+//! The virtio modern PCI transport (VIRTIO 1.2 section 4.1.4): vendor capabilities in config
+//! space point into BARs at the common configuration, notification area, ISR status and
+//! device-specific configuration.
+
+use crate::error::{DriverError, Result};
+use crate::mmio::Mmio;
+use crate::pci;
+use crate::vfio::VfioPci;
+
+/// `cfg_type` values of `struct virtio_pci_cap` (section 4.1.4).
+const CAP_COMMON_CFG: u8 = 1;
+const CAP_NOTIFY_CFG: u8 = 2;
+const CAP_ISR_CFG: u8 = 3;
+const CAP_DEVICE_CFG: u8 = 4;
+
+/// Offsets in `struct virtio_pci_common_cfg` (section 4.1.4.3). Each field must be accessed
+/// at its natural width.
+pub mod common {
+    pub const DEVICE_FEATURE_SELECT: usize = 0x00; // le32
+    pub const DEVICE_FEATURE: usize = 0x04; // le32
+    pub const DRIVER_FEATURE_SELECT: usize = 0x08; // le32
+    pub const DRIVER_FEATURE: usize = 0x0c; // le32
+    pub const CONFIG_MSIX_VECTOR: usize = 0x10; // le16
+    pub const NUM_QUEUES: usize = 0x12; // le16
+    pub const DEVICE_STATUS: usize = 0x14; // u8
+    pub const CONFIG_GENERATION: usize = 0x15; // u8
+    pub const QUEUE_SELECT: usize = 0x16; // le16
+    pub const QUEUE_SIZE: usize = 0x18; // le16
+    pub const QUEUE_MSIX_VECTOR: usize = 0x1a; // le16
+    pub const QUEUE_ENABLE: usize = 0x1c; // le16
+    pub const QUEUE_NOTIFY_OFF: usize = 0x1e; // le16
+    pub const QUEUE_DESC: usize = 0x20; // le64
+    pub const QUEUE_DRIVER: usize = 0x28; // le64
+    pub const QUEUE_DEVICE: usize = 0x30; // le64
+}
+
+/// Device status bits (section 2.1).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceStatus;
+impl DeviceStatus {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const DEVICE_NEEDS_RESET: u8 = 64;
+    pub const FAILED: u8 = 128;
+}
+
+/// Where one structure lives: BAR index, offset and length.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct CapLocation {
+    bar: u8,
+    offset: u32,
+    length: u32,
+}
+
+/// The modern transport of one virtio PCI function.
+pub struct VirtioPciTransport {
+    bars: Vec<(u8, Mmio)>,
+    common: CapLocation,
+    notify: CapLocation,
+    notify_off_multiplier: u32,
+    isr: CapLocation,
+    device: CapLocation,
+}
+
+impl VirtioPciTransport {
+    /// Find the vendor capabilities and map the BARs they point into.
+    pub fn new(pci_dev: &VfioPci) -> Result<Self> {
+        let mut common = None;
+        let mut notify = None;
+        let mut isr = None;
+        let mut device = None;
+        let mut notify_off_multiplier = 0;
+        for (id, at) in pci_dev.capabilities()? {
+            if id != pci::CAP_ID_VENDOR {
+                continue;
+            }
+            let at = at as u64;
+            // struct virtio_pci_cap: cap_vndr, cap_next, cap_len, cfg_type, bar, id,
+            // padding[2], offset (le32), length (le32).
+            let cfg_type = pci_dev.config_read_u8(at + 3)?;
+            let loc = CapLocation {
+                bar: pci_dev.config_read_u8(at + 4)?,
+                offset: pci_dev.config_read_u32(at + 8)?,
+                length: pci_dev.config_read_u32(at + 12)?,
+            };
+            // The first capability of each type that we can use wins (section 4.1.4.1).
+            match cfg_type {
+                CAP_COMMON_CFG if common.is_none() => common = Some(loc),
+                CAP_NOTIFY_CFG if notify.is_none() => {
+                    notify = Some(loc);
+                    notify_off_multiplier = pci_dev.config_read_u32(at + 16)?;
+                }
+                CAP_ISR_CFG if isr.is_none() => isr = Some(loc),
+                CAP_DEVICE_CFG if device.is_none() => device = Some(loc),
+                _ => {}
+            }
+        }
+        let missing = |what: &'static str| {
+            DriverError::Device(format!(
+                "no virtio {what} capability: not a modern (VIRTIO 1.x) device; in QEMU use disable-legacy=on"
+            ))
+        };
+        let common = common.ok_or_else(|| missing("common configuration"))?;
+        let notify = notify.ok_or_else(|| missing("notification"))?;
+        let isr = isr.ok_or_else(|| missing("ISR"))?;
+        let device = device.ok_or_else(|| missing("device configuration"))?;
+        let mut bars: Vec<(u8, Mmio)> = Vec::new();
+        for loc in [common, notify, isr, device] {
+            if !bars.iter().any(|(b, _)| *b == loc.bar) {
+                bars.push((loc.bar, pci_dev.map_bar(loc.bar as u32)?));
+            }
+        }
+        for loc in [common, notify, isr, device] {
+            let bar = &bars.iter().find(|(b, _)| *b == loc.bar).unwrap().1;
+            if loc.offset as usize + loc.length as usize > bar.len() {
+                return Err(DriverError::Device(format!(
+                    "virtio capability {loc:?} lies outside BAR{} ({} bytes)",
+                    loc.bar,
+                    bar.len()
+                )));
+            }
+        }
+        Ok(VirtioPciTransport { bars, common, notify, notify_off_multiplier, isr, device })
+    }
+
+    fn bar(&self, loc: CapLocation) -> &Mmio {
+        &self.bars.iter().find(|(b, _)| *b == loc.bar).unwrap().1
+    }
+
+    fn common_at(&self, field: usize) -> usize {
+        self.common.offset as usize + field
+    }
+
+    pub fn common_read8(&self, field: usize) -> u8 {
+        self.bar(self.common).read8(self.common_at(field))
+    }
+    pub fn common_write8(&self, field: usize, v: u8) {
+        self.bar(self.common).write8(self.common_at(field), v)
+    }
+    pub fn common_read16(&self, field: usize) -> u16 {
+        self.bar(self.common).read16(self.common_at(field))
+    }
+    pub fn common_write16(&self, field: usize, v: u16) {
+        self.bar(self.common).write16(self.common_at(field), v)
+    }
+    pub fn common_read32(&self, field: usize) -> u32 {
+        self.bar(self.common).read32(self.common_at(field))
+    }
+    pub fn common_write32(&self, field: usize, v: u32) {
+        self.bar(self.common).write32(self.common_at(field), v)
+    }
+    pub fn common_write64(&self, field: usize, v: u64) {
+        // 64-bit fields are written as two 32-bit halves, low first (section 4.1.3.1).
+        self.common_write32(field, v as u32);
+        self.common_write32(field + 4, (v >> 32) as u32);
+    }
+
+    /// All 64 device feature bits (section 4.1.4.3: select 0 then 1).
+    pub fn device_features(&self) -> u64 {
+        self.common_write32(common::DEVICE_FEATURE_SELECT, 0);
+        let lo = self.common_read32(common::DEVICE_FEATURE) as u64;
+        self.common_write32(common::DEVICE_FEATURE_SELECT, 1);
+        let hi = self.common_read32(common::DEVICE_FEATURE) as u64;
+        lo | hi << 32
+    }
+
+    pub fn set_driver_features(&self, features: u64) {
+        self.common_write32(common::DRIVER_FEATURE_SELECT, 0);
+        self.common_write32(common::DRIVER_FEATURE, features as u32);
+        self.common_write32(common::DRIVER_FEATURE_SELECT, 1);
+        self.common_write32(common::DRIVER_FEATURE, (features >> 32) as u32);
+    }
+
+    pub fn status(&self) -> u8 {
+        self.common_read8(common::DEVICE_STATUS)
+    }
+
+    pub fn set_status(&self, status: u8) {
+        self.common_write8(common::DEVICE_STATUS, status)
+    }
+
+    /// Reset the device: write 0 and wait until it reads back 0 (section 4.1.4.3.2).
+    pub fn reset(&self) -> Result<()> {
+        self.set_status(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while self.status() != 0 {
+            if std::time::Instant::now() > deadline {
+                return Err(DriverError::Timeout("virtio device reset"));
+            }
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+
+    /// Read `out.len()` bytes of device configuration, retrying until `config_generation` is
+    /// stable so multi-field reads are consistent (section 4.1.4.3.1).
+    pub fn read_device_config(&self, offset: usize, out: &mut [u8]) {
+        let bar = self.bar(self.device);
+        loop {
+            let before = self.common_read8(common::CONFIG_GENERATION);
+            for (i, b) in out.iter_mut().enumerate() {
+                *b = bar.read8(self.device.offset as usize + offset + i);
+            }
+            if self.common_read8(common::CONFIG_GENERATION) == before {
+                break;
+            }
+        }
+    }
+
+    pub fn device_config_read16(&self, offset: usize) -> u16 {
+        self.bar(self.device).read16(self.device.offset as usize + offset)
+    }
+
+    /// Offset in the notify BAR for a queue whose `queue_notify_off` is `notify_off`
+    /// (section 4.1.4.4).
+    pub fn notify_offset(&self, notify_off: u16) -> usize {
+        self.notify.offset as usize + notify_off as usize * self.notify_off_multiplier as usize
+    }
+
+    /// Notify the device that queue `index` has new buffers.
+    pub fn notify(&self, notify_offset: usize, index: u16) {
+        self.bar(self.notify).write16(notify_offset, index)
+    }
+
+    /// Read (and thereby clear) the ISR status byte.
+    pub fn isr_status(&self) -> u8 {
+        self.bar(self.isr).read8(self.isr.offset as usize)
+    }
+}

@@ -1,0 +1,100 @@
+//! The guest-side test program: runs inside the QEMU guest, drives the NIC through VFIO with
+//! the `driver` crate, and prints results as `KEY value` lines the host-side tests parse.
+//! Errors go to stderr as `zs-guest: error: ...` with exit status 1.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use driver::dma::DmaAccess;
+use driver::pci::{self, PciAddress};
+use driver::vfio::VfioPci;
+use driver::virtio::{features, VirtioPciTransport};
+use driver::NicModel;
+
+#[derive(Parser)]
+#[command(about = "zerosend guest-side test program")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Open the NIC through VFIO and print what it says about itself.
+    Identify {
+        /// PCI address; default: the first supported NIC found.
+        #[arg(long)]
+        pci: Option<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Identify { pci } => identify(pci.as_deref()),
+    };
+    if let Err(e) = result {
+        eprintln!("zs-guest: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The first PCI device that is a NIC zerosend drives.
+fn find_nic(pci: Option<&str>) -> Result<(PciAddress, NicModel)> {
+    if let Some(p) = pci {
+        let a = PciAddress::parse(p)?;
+        let (v, d) = a.ids()?;
+        return Ok((a, NicModel::from_ids(v, d)?));
+    }
+    for a in pci::all_devices()? {
+        let Ok((v, d)) = a.ids() else { continue };
+        if let Ok(m) = NicModel::from_ids(v, d) {
+            return Ok((a, m));
+        }
+    }
+    bail!("no supported NIC found on the PCI bus")
+}
+
+fn identify(pci: Option<&str>) -> Result<()> {
+    let (address, model) = find_nic(pci)?;
+    println!("NIC {address} {model}");
+    let dev = VfioPci::open(&address).with_context(|| format!("opening {address}"))?;
+    let (vendor, device) = dev.ids();
+    println!("PCI_IDS {vendor:04x}:{device:04x}");
+    let command = dev.enable_bus_master()?;
+    println!("PCI_COMMAND {command:#06x}");
+    let ring = dev.dma().allocate(64 * 1024, DmaAccess::DeviceReadsWrites)?;
+    let payload = dev.dma().allocate(4096, DmaAccess::DeviceReads)?;
+    ring.write_volatile(0, 0xfeed_f00d_u32);
+    println!(
+        "DMA rw_iova={:#x} rw_len={} ro_iova={:#x} ro_len={} readback={:#x}",
+        ring.iova(),
+        ring.len(),
+        payload.iova(),
+        payload.len(),
+        ring.read_volatile::<u32>(0)
+    );
+    if model.is_e1000_family() {
+        let bar0 = dev.map_bar(0)?;
+        let status = bar0.read32(driver::e1000::regs::STATUS);
+        println!("E1000_STATUS {status:#010x}");
+        let mac = driver::e1000::read_mac_from_receive_address(&bar0)
+            .context("RAL0/RAH0 holds no valid address")?;
+        println!("MAC {mac}");
+    } else {
+        let t = VirtioPciTransport::new(&dev)?;
+        t.reset()?;
+        let offered = t.device_features();
+        println!("VIRTIO_FEATURES {offered:#018x} {}", features::names(offered).join(","));
+        if offered & features::F_ACCESS_PLATFORM == 0 {
+            return Err(driver::DriverError::NoAccessPlatform.into());
+        }
+        println!("ACCESS_PLATFORM yes");
+        if offered & features::NET_F_MAC != 0 {
+            let mut mac = [0u8; 6];
+            t.read_device_config(0, &mut mac);
+            println!("MAC {}", driver::MacAddress(mac));
+        }
+    }
+    println!("IDENTIFY_OK");
+    Ok(())
+}

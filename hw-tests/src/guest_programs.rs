@@ -1,0 +1,48 @@
+//! Builds the programs that run inside the guest as static binaries, once per test process.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::{target_dir, workspace_root};
+
+/// Paths of the static guest binaries: `zs-guest` (test program) and `zerosend` (the server).
+#[derive(Clone, Debug)]
+pub struct GuestPrograms {
+    pub zs_guest: PathBuf,
+    pub zerosend: PathBuf,
+}
+
+/// Build (or reuse) the guest programs. The build uses its own target directory: the outer
+/// `cargo test` holds the lock on the default one.
+pub fn guest_programs() -> &'static GuestPrograms {
+    static BUILT: OnceLock<Result<GuestPrograms, String>> = OnceLock::new();
+    match BUILT.get_or_init(build) {
+        Ok(p) => p,
+        Err(e) => panic!("building the guest programs failed:\n{e}"),
+    }
+}
+
+fn build() -> Result<GuestPrograms, String> {
+    let target = "x86_64-unknown-linux-gnu";
+    let dir = target_dir().join("guest");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let started = std::time::Instant::now();
+    let out = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--release", "--target", target, "--target-dir"])
+        .arg(&dir)
+        .args(["-p", "hw-tests", "--bin", "zs-guest", "-p", "zerosend", "--bin", "zerosend"])
+        // Static glibc binaries run in the busybox initramfs; with an explicit --target the
+        // flags do not reach build scripts or proc-macros, which run on the host.
+        .env("RUSTFLAGS", "-C target-feature=+crt-static -C strip=debuginfo")
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    eprintln!("hw-tests: guest programs built in {:.1?}", started.elapsed());
+    let bin = dir.join(target).join("release");
+    Ok(GuestPrograms { zs_guest: bin.join("zs-guest"), zerosend: bin.join("zerosend") })
+}

@@ -1,0 +1,119 @@
+//! The guest's initramfs: busybox, the VFIO modules, our programs, an `/init` that binds the
+//! NICs to vfio-pci and runs one command, and per-run files.
+//!
+//! Linux accepts concatenated cpio archives, so a base archive (same for every guest in a
+//! test process) is built once and each run appends a small archive of its own.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use cpio::newc::{trailer, Builder};
+
+use crate::{cache_dir, guest_programs, target_dir};
+
+/// Printed by `/init` after the command, with its exit status.
+pub const EXIT_MARKER: &str = "ZEROSEND-GUEST-EXIT:";
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mkdir -p /proc /sys /dev /tmp /run
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+for m in $(cat /lib/zs-modules/order); do
+  insmod /lib/zs-modules/$m || echo "zs-init: insmod $m failed"
+done
+# Bind every NIC named in /etc/zs-bind ("vendor device" lines) to vfio-pci by id.
+if [ -f /etc/zs-bind ]; then
+  while read vendor device; do
+    echo "$vendor $device" > /sys/bus/pci/drivers/vfio-pci/new_id 2>/dev/null
+    for d in /sys/bus/pci/devices/*; do
+      if [ "$(cat $d/vendor)" = "0x$vendor" ] && [ "$(cat $d/device)" = "0x$device" ]; then
+        n=$(basename $d)
+        if [ -e $d/driver ]; then drv=$(basename $(readlink $d/driver)); else drv=none; fi
+        if [ -e $d/iommu_group ]; then grp=$(basename $(readlink $d/iommu_group)); else grp=none; fi
+        echo "zs-init: $n $vendor:$device driver=$drv iommu_group=$grp"
+      fi
+    done
+  done < /etc/zs-bind
+fi
+cd /run
+sh /etc/zs-run.sh
+rc=$?
+echo "ZEROSEND-GUEST-EXIT: $rc"
+poweroff -f
+"#;
+
+fn push(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
+    let mut w = Builder::new(name).mode(mode).nlink(1).write(Vec::new(), data.len() as u32);
+    w.write_all(data).unwrap();
+    let buf = w.finish().unwrap();
+    out.extend_from_slice(&buf);
+}
+
+fn push_dir(out: &mut Vec<u8>, name: &str) {
+    push(out, name, 0o040755, &[]);
+}
+
+/// The base archive, built once per process.
+pub fn base_archive() -> &'static Path {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let progs = guest_programs();
+        let modules = cache_dir().join("kernel/current/modules");
+        let mut out = Vec::new();
+        for d in ["bin", "sbin", "etc", "lib", "lib/zs-modules", "usr", "usr/bin", "usr/sbin", "data"] {
+            push_dir(&mut out, d);
+        }
+        let read = |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+        push(&mut out, "bin/busybox", 0o100755, &read(Path::new("/bin/busybox")));
+        push(&mut out, "init", 0o100755, INIT.as_bytes());
+        push(&mut out, "bin/zs-guest", 0o100755, &read(&progs.zs_guest));
+        push(&mut out, "bin/zerosend", 0o100755, &read(&progs.zerosend));
+        let order = read(&modules.join("order"));
+        push(&mut out, "lib/zs-modules/order", 0o100644, &order);
+        for m in String::from_utf8_lossy(&order).split_whitespace() {
+            push(&mut out, &format!("lib/zs-modules/{m}"), 0o100644, &read(&modules.join(m)));
+        }
+        let mut out = trailer(out).unwrap();
+        // Keep the next concatenated archive 4-byte aligned (the kernel requires it).
+        while out.len() % 512 != 0 {
+            out.push(0);
+        }
+        let path = target_dir().join("hw-tests").join(format!("base-{}.cpio", std::process::id()));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, out).unwrap();
+        path
+    })
+}
+
+/// Write `base + per-run archive` to `dest`.
+pub fn build_run_initramfs(dest: &Path, bind: &[(u16, u16)], script: &str, files: &[(String, Vec<u8>)]) {
+    let mut out = fs::read(base_archive()).unwrap();
+    let mut run = Vec::new();
+    let bind_lines: String = bind.iter().map(|(v, d)| format!("{v:04x} {d:04x}\n")).collect();
+    push(&mut run, "etc/zs-bind", 0o100644, bind_lines.as_bytes());
+    push(&mut run, "etc/zs-run.sh", 0o100755, format!("set -e\n{script}\n").as_bytes());
+    let mut dirs: Vec<String> = Vec::new();
+    for (name, data) in files {
+        let name = name.trim_start_matches('/');
+        let mut prefix = String::new();
+        for part in Path::new(name).parent().into_iter().flat_map(|p| p.iter()) {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(&part.to_string_lossy());
+            if !dirs.contains(&prefix) {
+                push_dir(&mut run, &prefix);
+                dirs.push(prefix.clone());
+            }
+        }
+        push(&mut run, name, 0o100644, data);
+    }
+    let run = trailer(run).unwrap();
+    out.extend_from_slice(&run);
+    fs::write(dest, out).unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
+}

@@ -1,0 +1,87 @@
+//! The QEMU test bed: our code drives an emulated NIC through the real Linux `vfio-pci` and
+//! an emulated VT-d IOMMU inside a TCG guest.
+//!
+//! A test reads like "boot a guest with this NIC, run this, talk to it from the host, check
+//! what came back":
+//!
+//! ```no_run
+//! use hw_tests::{Guest, Nic};
+//! let run = Guest::new("smoke-e1000", Nic::E1000)
+//!     .mac("52:54:00:12:34:56")
+//!     .run("zs-guest identify")
+//!     .start()
+//!     .unwrap()
+//!     .wait()
+//!     .unwrap();
+//! run.expect_success();
+//! assert_eq!(run.value("MAC"), Some("52:54:00:12:34:56"));
+//! ```
+//!
+//! Set-up comes from `scripts/setup` (QEMU, busybox, the guest kernel in
+//! `$ZEROSEND_CACHE`, default `~/.cache/zerosend`). Console logs and pcaps are kept under
+//! `target/hw-tests/<name>/`.
+
+mod guest_programs;
+mod initramfs;
+pub mod netns;
+mod qemu;
+
+pub use guest_programs::guest_programs;
+pub use netns::NetNs;
+pub use qemu::{Guest, GuestRun, Network, Nic, RunningGuest};
+
+use std::path::PathBuf;
+
+/// The workspace root (this crate's parent directory).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Where logs, pcaps and built guest programs go.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// The set-up cache (guest kernel and modules).
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ZEROSEND_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/zerosend")
+}
+
+/// Whether the test bed is installed. Outside CI a test may skip when it is not; in CI
+/// (`CI=true`) a missing test bed is a failure, never a skip.
+pub fn testbed_ready() -> Result<(), String> {
+    let kernel = cache_dir().join("kernel/current/vmlinuz");
+    let problems: Vec<String> = [
+        (kernel.exists(), format!("guest kernel {}", kernel.display())),
+        (which("qemu-system-x86_64"), "qemu-system-x86_64".to_string()),
+        (std::path::Path::new("/bin/busybox").exists(), "/bin/busybox (busybox-static)".into()),
+    ]
+    .into_iter()
+    .filter(|(ok, _)| !ok)
+    .map(|(_, what)| what)
+    .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("test bed missing: {}; run scripts/setup", problems.join(", ")))
+    }
+}
+
+/// Call at the top of every guest test: panics with the fix when the test bed is missing.
+pub fn require_testbed() {
+    if let Err(e) = testbed_ready() {
+        panic!("{e}");
+    }
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}

@@ -1,0 +1,72 @@
+//! A network namespace the harness creates (and deletes) itself, holding a TAP device that
+//! the guest's NIC is attached to, so real host-kernel peers (Linux TCP, curl, openssl) can
+//! talk to the guest without touching any other network.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+
+/// The host end's address inside the namespace, and the address tests give the guest.
+pub const HOST_IP: &str = "10.99.0.1";
+pub const GUEST_IP: &str = "10.99.0.2";
+pub const PREFIX_LEN: u8 = 24;
+pub const TAP_NAME: &str = "zstap0";
+
+pub struct NetNs {
+    name: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("running ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+impl NetNs {
+    /// Create `zs-<pid>-<n>` with loopback up and a TAP device at [`HOST_IP`].
+    pub fn create() -> Result<Self, String> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!("zs-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        ip(&["netns", "add", &name]).map_err(|e| format!("{e} (creating a network namespace needs root)"))?;
+        let ns = NetNs { name };
+        let cidr = format!("{HOST_IP}/{PREFIX_LEN}");
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns.name, "tuntap", "add", "dev", TAP_NAME, "mode", "tap"])?;
+        ip(&["-n", &ns.name, "addr", "add", &cidr, "dev", TAP_NAME])?;
+        ip(&["-n", &ns.name, "link", "set", TAP_NAME, "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Run `f` on a new thread that has entered the namespace: sockets it opens live there.
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd affects only the calling thread's network
+            // namespace; no memory is involved.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns into {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}

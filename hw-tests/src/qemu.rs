@@ -1,0 +1,511 @@
+//! Boot a QEMU guest (q35, emulated VT-d, TCG) with one NIC, run one command in it, and
+//! collect its console, exit status and pcap.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::initramfs::{build_run_initramfs, EXIT_MARKER};
+use crate::netns::{self, NetNs};
+use crate::{cache_dir, require_testbed, target_dir};
+
+/// NIC models QEMU emulates for us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nic {
+    /// Intel 82540EM, `-device e1000`.
+    E1000,
+    /// Intel 82574L, `-device e1000e`.
+    E1000e,
+    /// Modern virtio-net, `-device virtio-net-pci,disable-legacy=on,iommu_platform=on`.
+    Virtio,
+}
+
+impl Nic {
+    pub const ALL: [Nic; 3] = [Nic::E1000, Nic::E1000e, Nic::Virtio];
+
+    pub fn pci_ids(self) -> (u16, u16) {
+        match self {
+            Nic::E1000 => (0x8086, 0x100e),
+            Nic::E1000e => (0x8086, 0x10d3),
+            Nic::Virtio => (0x1af4, 0x1041),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Nic::E1000 => "e1000",
+            Nic::E1000e => "e1000e",
+            Nic::Virtio => "virtio",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Nic> {
+        Nic::ALL.into_iter().find(|n| n.name() == s)
+    }
+}
+
+/// How the NIC is connected on the host side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// QEMU's user-mode NAT with `restrict=on` (the guest reaches nothing but forwarded
+    /// ports); each listed guest TCP port is forwarded from a free port on 127.0.0.1.
+    User { forwards: Vec<u16> },
+    /// A TAP device in a network namespace the harness creates: host peers at
+    /// [`netns::HOST_IP`], the guest at [`netns::GUEST_IP`].
+    Tap,
+}
+
+/// A guest to boot: builder.
+#[derive(Clone, Debug)]
+pub struct Guest {
+    name: String,
+    nic: Nic,
+    mac: String,
+    iommu: bool,
+    virtio_iommu_platform: bool,
+    memory_mb: u32,
+    cpus: u32,
+    append: String,
+    network: Network,
+    pcap: bool,
+    script: String,
+    files: Vec<(String, Vec<u8>)>,
+    timeout: Duration,
+}
+
+impl Guest {
+    /// A guest named `name` (its logs go to `target/hw-tests/<name>/`) with one NIC.
+    pub fn new(name: &str, nic: Nic) -> Self {
+        Guest {
+            name: name.to_string(),
+            nic,
+            mac: "52:54:00:12:34:56".into(),
+            iommu: true,
+            virtio_iommu_platform: true,
+            memory_mb: 512,
+            cpus: 1,
+            append: String::new(),
+            network: Network::User { forwards: Vec::new() },
+            pcap: false,
+            script: String::new(),
+            files: Vec::new(),
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    pub fn mac(mut self, mac: &str) -> Self {
+        self.mac = mac.into();
+        self
+    }
+    /// Leave out the emulated IOMMU (to test that zerosend refuses to run without one).
+    pub fn without_iommu(mut self) -> Self {
+        self.iommu = false;
+        self
+    }
+    /// virtio-net without `iommu_platform=on` (to test the refusal).
+    pub fn without_virtio_iommu_platform(mut self) -> Self {
+        self.virtio_iommu_platform = false;
+        self
+    }
+    pub fn memory_mb(mut self, mb: u32) -> Self {
+        self.memory_mb = mb;
+        self
+    }
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = n;
+        self
+    }
+    /// Extra kernel command line.
+    pub fn append(mut self, args: &str) -> Self {
+        self.append = args.into();
+        self
+    }
+    pub fn network(mut self, network: Network) -> Self {
+        self.network = network;
+        self
+    }
+    /// Forward a guest TCP port from 127.0.0.1 (user-mode network).
+    pub fn forward(mut self, guest_port: u16) -> Self {
+        match &mut self.network {
+            Network::User { forwards } => forwards.push(guest_port),
+            Network::Tap => panic!("port forwards need the user-mode network"),
+        }
+        self
+    }
+    /// Record every frame on the NIC's netdev (QEMU `filter-dump`).
+    pub fn pcap(mut self) -> Self {
+        self.pcap = true;
+        self
+    }
+    /// The shell command(s) the guest runs (with `set -e`); its exit status is the run's.
+    pub fn run(mut self, script: &str) -> Self {
+        self.script = script.into();
+        self
+    }
+    /// A file placed in the guest at `path` (absolute, e.g. `/data/file.bin`).
+    pub fn file(mut self, path: &str, contents: Vec<u8>) -> Self {
+        self.files.push((path.into(), contents));
+        self
+    }
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Boot the guest. Returns once QEMU is running; the command runs in the background.
+    pub fn start(self) -> Result<RunningGuest, String> {
+        require_testbed();
+        let slot = GuestSlot::acquire();
+        let dir = target_dir().join("hw-tests").join(&self.name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let initrd = dir.join("initrd.cpio");
+        build_run_initramfs(&initrd, &[self.nic.pci_ids()], &self.script, &self.files);
+
+        let kernel = cache_dir().join("kernel/current/vmlinuz");
+        let pcap = self.pcap.then(|| dir.join("nic.pcap"));
+        let mut host_ports = HashMap::new();
+        let netns = match &self.network {
+            Network::Tap => Some(NetNs::create()?),
+            Network::User { .. } => None,
+        };
+        let mut cmd = match &netns {
+            Some(ns) => ns.command("qemu-system-x86_64"),
+            None => Command::new("qemu-system-x86_64"),
+        };
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-nodefaults", "-display", "none"])
+            .args(["-serial", "stdio", "-monitor", "none", "-no-reboot"])
+            .args(["-m", &self.memory_mb.to_string(), "-smp", &self.cpus.to_string()])
+            .args(["-machine", "q35,kernel-irqchip=split"]);
+        if self.iommu {
+            // The vIOMMU must exist before the devices it translates for.
+            cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
+        }
+        cmd.arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd);
+        cmd.args([
+            "-append",
+            &format!("console=ttyS0 intel_iommu=on quiet panic=-1 {}", self.append),
+        ]);
+        match &self.network {
+            Network::User { forwards } => {
+                let mut netdev = "user,id=n0,restrict=on".to_string();
+                for &guest_port in forwards {
+                    let host_port = free_port();
+                    host_ports.insert(guest_port, host_port);
+                    write!(netdev, ",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}").unwrap();
+                }
+                cmd.args(["-netdev", &netdev]);
+            }
+            Network::Tap => {
+                cmd.args([
+                    "-netdev",
+                    &format!("tap,id=n0,ifname={},script=no,downscript=no", netns::TAP_NAME),
+                ]);
+            }
+        }
+        let device = match self.nic {
+            Nic::E1000 => format!("e1000,netdev=n0,mac={}", self.mac),
+            Nic::E1000e => format!("e1000e,netdev=n0,mac={}", self.mac),
+            Nic::Virtio => format!(
+                "virtio-net-pci,netdev=n0,mac={},disable-legacy=on{}",
+                self.mac,
+                if self.virtio_iommu_platform { ",iommu_platform=on" } else { "" }
+            ),
+        };
+        cmd.args(["-device", &device]);
+        if let Some(p) = &pcap {
+            cmd.args(["-object", &format!("filter-dump,id=f0,netdev=n0,file={}", p.display())]);
+        }
+        std::fs::write(dir.join("qemu-command.txt"), format!("{cmd:?}\n")).ok();
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
+
+        let console = Arc::new(Console::default());
+        let log = std::fs::File::create(dir.join("console.log")).map_err(|e| e.to_string())?;
+        let log = Arc::new(Mutex::new(log));
+        let mut readers = Vec::new();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for (stream, prefix) in [
+            (Box::new(stdout) as Box<dyn std::io::Read + Send>, ""),
+            (Box::new(stderr) as Box<dyn std::io::Read + Send>, "[qemu] "),
+        ] {
+            let console = Arc::clone(&console);
+            let log = Arc::clone(&log);
+            readers.push(std::thread::spawn(move || {
+                for line in BufReader::new(stream).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                    let _ = writeln!(log.lock().unwrap(), "{prefix}{text}");
+                    console.push(format!("{prefix}{text}"), started.elapsed());
+                }
+            }));
+        }
+        Ok(RunningGuest {
+            name: self.name,
+            dir,
+            child: Some(child),
+            console,
+            readers,
+            host_ports,
+            netns,
+            pcap,
+            started,
+            deadline: started + self.timeout,
+            _slot: slot,
+        })
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[derive(Default)]
+struct Console {
+    lines: Mutex<Vec<String>>,
+    first_init_line: Mutex<Option<Duration>>,
+    changed: Condvar,
+}
+
+impl Console {
+    fn push(&self, line: String, at: Duration) {
+        if line.starts_with("zs-init:") {
+            self.first_init_line.lock().unwrap().get_or_insert(at);
+        }
+        self.lines.lock().unwrap().push(line);
+        self.changed.notify_all();
+    }
+}
+
+/// A booted guest.
+pub struct RunningGuest {
+    name: String,
+    dir: PathBuf,
+    child: Option<Child>,
+    console: Arc<Console>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    host_ports: HashMap<u16, u16>,
+    netns: Option<NetNs>,
+    pcap: Option<PathBuf>,
+    started: Instant,
+    deadline: Instant,
+    _slot: GuestSlot,
+}
+
+impl RunningGuest {
+    /// The 127.0.0.1 port forwarded to `guest_port`.
+    pub fn host_port(&self, guest_port: u16) -> u16 {
+        *self.host_ports.get(&guest_port).unwrap_or_else(|| panic!("guest port {guest_port} was not forwarded"))
+    }
+
+    /// The namespace of a [`Network::Tap`] guest.
+    pub fn netns(&self) -> &NetNs {
+        self.netns.as_ref().expect("guest has no TAP network namespace")
+    }
+
+    /// Wait until a console line contains `needle`; returns that line. On timeout or guest
+    /// exit, panics with the console tail.
+    pub fn wait_for_console(&self, needle: &str, timeout: Duration) -> String {
+        let until = (Instant::now() + timeout).min(self.deadline);
+        let mut lines = self.console.lines.lock().unwrap();
+        let mut seen = 0;
+        loop {
+            if let Some(l) = lines[seen..].iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            seen = lines.len();
+            if lines.iter().any(|l| l.starts_with(EXIT_MARKER)) || Instant::now() > until {
+                let tail = tail(&lines, 40);
+                drop(lines);
+                panic!(
+                    "guest {}: {needle:?} did not appear on the console\n--- console tail ---\n{tail}",
+                    self.name
+                );
+            }
+            lines = self.console.changed.wait_timeout(lines, Duration::from_millis(200)).unwrap().0;
+        }
+    }
+
+    /// Wait for the guest to finish (or kill it at its timeout) and collect the result.
+    pub fn wait(mut self) -> Result<GuestRun, String> {
+        let mut child = self.child.take().unwrap();
+        let mut timed_out = false;
+        loop {
+            if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+                break;
+            }
+            if Instant::now() > self.deadline {
+                timed_out = true;
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let wall = self.started.elapsed();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let lines = self.console.lines.lock().unwrap().clone();
+        let exit_code = lines
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix(EXIT_MARKER).and_then(|c| c.trim().parse().ok()));
+        let boot = *self.console.first_init_line.lock().unwrap();
+        let run = GuestRun {
+            name: self.name.clone(),
+            dir: self.dir.clone(),
+            lines,
+            exit_code,
+            timed_out,
+            wall,
+            boot,
+            pcap: self.pcap.clone(),
+        };
+        eprintln!(
+            "hw-tests: guest {} exit={:?} boot-to-init={:?} wall={:.1?}{}",
+            run.name,
+            run.exit_code,
+            run.boot,
+            run.wall,
+            if timed_out { " TIMED OUT" } else { "" }
+        );
+        if run.exit_code == Some(0) {
+            let _ = std::fs::remove_file(self.dir.join("initrd.cpio"));
+        }
+        Ok(run)
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tail(lines: &[String], n: usize) -> String {
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// What a finished guest left behind.
+#[derive(Debug)]
+pub struct GuestRun {
+    pub name: String,
+    /// `target/hw-tests/<name>/`: console.log, nic.pcap, qemu-command.txt.
+    pub dir: PathBuf,
+    pub lines: Vec<String>,
+    /// The command's exit status, `None` if the guest died or timed out before reporting.
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    /// Host wall time from QEMU start to exit.
+    pub wall: Duration,
+    /// Host wall time from QEMU start until the guest's `/init` printed its first line.
+    pub boot: Option<Duration>,
+    pub pcap: Option<PathBuf>,
+}
+
+impl GuestRun {
+    /// The last `n` console lines.
+    pub fn tail(&self, n: usize) -> String {
+        tail(&self.lines, n)
+    }
+
+    /// Panic with `message` and the console tail.
+    #[track_caller]
+    pub fn fail(&self, message: &str) -> ! {
+        panic!(
+            "guest {}: {message}\n--- console tail ({}) ---\n{}\n--- end ---",
+            self.name,
+            self.dir.join("console.log").display(),
+            self.tail(40)
+        )
+    }
+
+    /// Panic with the console tail unless the command exited 0.
+    #[track_caller]
+    pub fn expect_success(&self) -> &Self {
+        if self.exit_code != Some(0) {
+            self.fail(&format!("command failed: exit {:?}, timed out: {}", self.exit_code, self.timed_out));
+        }
+        self
+    }
+
+    /// Panic unless the command ran and exited non-zero.
+    #[track_caller]
+    pub fn expect_failure(&self) -> &Self {
+        match self.exit_code {
+            Some(c) if c != 0 => self,
+            other => self.fail(&format!("expected the command to fail, exit {other:?}")),
+        }
+    }
+
+    /// The rest of the first console line that starts with `key` and a space.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        self.lines.iter().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ').map(str::trim))
+    }
+
+    /// Like [`GuestRun::value`], but panics with the console tail when the line is missing.
+    #[track_caller]
+    pub fn require(&self, key: &str) -> &str {
+        match self.value(key) {
+            Some(v) => v,
+            None => self.fail(&format!("no {key:?} line on the console")),
+        }
+    }
+
+    /// Panic with the console tail unless `actual == expected`.
+    #[track_caller]
+    pub fn expect_eq<T: PartialEq + std::fmt::Debug>(&self, what: &str, actual: T, expected: T) {
+        if actual != expected {
+            self.fail(&format!("{what}: got {actual:?}, expected {expected:?}"));
+        }
+    }
+
+    /// Whether any console line contains `needle`.
+    pub fn console_contains(&self, needle: &str) -> bool {
+        self.lines.iter().any(|l| l.contains(needle))
+    }
+
+    pub fn console_path(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    pub fn pcap_path(&self) -> &Path {
+        self.pcap.as_deref().expect("guest was started without .pcap()")
+    }
+}
+
+/// Limits how many guests run at once in one test process (TCG guests are CPU-bound; the
+/// machines have two cores). `ZEROSEND_MAX_GUESTS` overrides the default of 2.
+struct GuestSlot;
+
+static SLOTS: Mutex<usize> = Mutex::new(0);
+static SLOT_FREED: Condvar = Condvar::new();
+
+impl GuestSlot {
+    fn acquire() -> GuestSlot {
+        let max = std::env::var("ZEROSEND_MAX_GUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+        let mut used = SLOTS.lock().unwrap();
+        while *used >= max {
+            used = SLOT_FREED.wait(used).unwrap();
+        }
+        *used += 1;
+        GuestSlot
+    }
+}
+
+impl Drop for GuestSlot {
+    fn drop(&mut self) {
+        *SLOTS.lock().unwrap() -= 1;
+        SLOT_FREED.notify_one();
+    }
+}

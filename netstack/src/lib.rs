@@ -1,0 +1,1 @@
+//! smoltcp-based IPv4/TCP with zero-copy file send (see docs/architecture.md).
