@@ -34,6 +34,9 @@
 //! [`NetQueue::rx_recycle`] gives it back; [`NetQueue::rx_flush`] publishes recycled buffers
 //! to the device with one tail write. [`NetQueue::rx_poll`] wraps the three for simple users.
 
+use std::sync::Arc;
+
+use crate::dma::DmaSpace;
 use crate::error::DriverError;
 
 /// An I/O virtual address: what the device puts on the bus, translated by the IOMMU.
@@ -169,6 +172,9 @@ pub struct DeviceStats {
 pub trait NetQueue {
     /// The station address the device uses.
     fn mac_address(&self) -> MacAddress;
+    /// The device's DMA address space: allocate header buffers and map page-cache memory
+    /// here so the device can read them.
+    fn dma(&self) -> &Arc<DmaSpace>;
     /// What offloads the device offers.
     fn capabilities(&self) -> Capabilities;
     /// Whether the link is up now.
