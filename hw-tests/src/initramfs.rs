@@ -23,6 +23,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+echo "zs-init: booted"
 for m in $(cat /lib/zs-modules/order); do
   insmod /lib/zs-modules/$m || echo "zs-init: insmod $m failed"
 done

@@ -72,6 +72,7 @@ pub struct Guest {
     append: String,
     network: Network,
     pcap: bool,
+    auto_bind: bool,
     script: String,
     files: Vec<(String, Vec<u8>)>,
     timeout: Duration,
@@ -91,6 +92,7 @@ impl Guest {
             append: String::new(),
             network: Network::User { forwards: Vec::new() },
             pcap: false,
+            auto_bind: true,
             script: String::new(),
             files: Vec::new(),
             timeout: Duration::from_secs(120),
@@ -141,6 +143,11 @@ impl Guest {
         self.pcap = true;
         self
     }
+    /// Leave the NIC unbound at boot (tests of `scripts/vfio-bind` and `zerosend probe`).
+    pub fn no_auto_bind(mut self) -> Self {
+        self.auto_bind = false;
+        self
+    }
     /// The shell command(s) the guest runs (with `set -e`); its exit status is the run's.
     pub fn run(mut self, script: &str) -> Self {
         self.script = script.into();
@@ -164,7 +171,8 @@ impl Guest {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let initrd = dir.join("initrd.cpio");
-        build_run_initramfs(&initrd, &[self.nic.pci_ids()], &self.script, &self.files);
+        let bind: &[(u16, u16)] = if self.auto_bind { &[self.nic.pci_ids()] } else { &[] };
+        build_run_initramfs(&initrd, bind, &self.script, &self.files);
 
         let kernel = cache_dir().join("kernel/current/vmlinuz");
         let pcap = self.pcap.then(|| dir.join("nic.pcap"));
