@@ -19,6 +19,10 @@ enum Command {
     Probe,
 }
 
+mod http;
+mod respond;
+mod root;
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
