@@ -1,0 +1,391 @@
+//! The cache itself: configuration, the open-file registry, frame pinning primitives and
+//! frame allocation with eviction.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::arena::{FrameArena, FrameId};
+use crate::audit;
+use crate::error::{Error, Result};
+use crate::file::{CachedFile, FileShared, FileState, OpenOptions};
+use crate::frames::{Events, FrameTable, Owner, ORPHAN, PIN_MASK};
+use crate::stats::{CacheStats, StatCounters};
+use crate::writeback;
+
+/// What an operation that needs a frame does when every frame is pinned or otherwise
+/// unevictable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backpressure {
+    /// Fail at once with [`Error::OutOfFrames`].
+    Error,
+    /// Wait up to `timeout` for pins to be released, then fail with [`Error::OutOfFrames`].
+    Wait {
+        /// Longest time to wait.
+        timeout: Duration,
+    },
+}
+
+/// Configuration of a [`PageCache`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Soft limit on resident frames: above it, allocations first try to evict. The hard
+    /// limit is the arena size. `None` means the arena size.
+    pub soft_limit_frames: Option<usize>,
+    /// Behaviour when no frame can be found.
+    pub backpressure: Backpressure,
+    /// Audit mode: checksum pages at first pin and verify them at last unpin.
+    pub audit: bool,
+    /// Largest read-ahead window, in pages, for sequential pins (0 disables read-ahead).
+    pub readahead_max_pages: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            soft_limit_frames: None,
+            backpressure: Backpressure::Error,
+            audit: false,
+            readahead_max_pages: 32,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    by_path: HashMap<PathBuf, Arc<FileShared>>,
+    by_id: HashMap<u32, Arc<FileShared>>,
+    next_id: u32,
+}
+
+/// State shared by the cache, its file handles and its pins.
+pub(crate) struct CacheShared {
+    pub arena: FrameArena,
+    pub frames: FrameTable,
+    pub stats: StatCounters,
+    pub events: Events,
+    pub config: CacheConfig,
+    pub soft_limit: usize,
+    registry: Mutex<Registry>,
+}
+
+/// The file a frame allocation is made for: its lock is already held by the caller, and
+/// pages in `protect` (those the operation is about to use) must not be evicted.
+pub(crate) struct OwnFile<'a> {
+    pub id: u32,
+    pub path: &'a Path,
+    pub state: &'a mut FileState,
+    pub protect: Range<u64>,
+}
+
+/// A stable-page cache of files, storing pages in a [`FrameArena`].
+///
+/// Cheap to clone (`Arc`); `Send + Sync`.
+#[derive(Clone)]
+pub struct PageCache {
+    shared: Arc<CacheShared>,
+}
+
+impl std::fmt::Debug for PageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageCache")
+            .field("arena", &self.shared.arena)
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+impl PageCache {
+    /// Creates a cache whose frames live in `arena`.
+    pub fn new(arena: FrameArena, config: CacheConfig) -> Result<Self> {
+        let frame_count = arena.frame_count();
+        let soft_limit = config
+            .soft_limit_frames
+            .unwrap_or(frame_count)
+            .clamp(1, frame_count);
+        Ok(Self {
+            shared: Arc::new(CacheShared {
+                frames: FrameTable::new(frame_count),
+                arena,
+                stats: StatCounters::default(),
+                events: Events::default(),
+                config,
+                soft_limit,
+                registry: Mutex::new(Registry::default()),
+            }),
+        })
+    }
+
+    /// Opens (or returns the already-open entry for) a file.
+    ///
+    /// Opening a path that is already cached revalidates it against the file on disk
+    /// (size, mtime, ctime, inode); on a change, later pins see the new data.
+    pub fn open(&self, path: impl AsRef<Path>, options: OpenOptions) -> Result<CachedFile> {
+        let path = path.as_ref();
+        let canonical = std::fs::canonicalize(path).map_err(|e| Error::io("open", path, e))?;
+        let existing = self.shared.registry.lock().by_path.get(&canonical).cloned();
+        let file = match existing {
+            Some(file) => {
+                if options.writable {
+                    file.ensure_writable_fd()?;
+                }
+                file
+            }
+            None => {
+                let fresh = FileShared::open(0, canonical.clone(), options.writable)?;
+                let mut registry = self.shared.registry.lock();
+                if let Some(raced) = registry.by_path.get(&canonical).cloned() {
+                    // Another thread opened it meanwhile: use theirs.
+                    drop(registry);
+                    if options.writable {
+                        raced.ensure_writable_fd()?;
+                    }
+                    raced
+                } else {
+                    let id = registry.next_id;
+                    registry.next_id += 1;
+                    let file = Arc::new(fresh.with_id(id));
+                    registry.by_path.insert(canonical, file.clone());
+                    registry.by_id.insert(id, file.clone());
+                    file
+                }
+            }
+        };
+        let handle = CachedFile::new(self.shared.clone(), file, options);
+        handle.revalidate()?;
+        Ok(handle)
+    }
+
+    /// Writes back the dirty pages of every cached file (without fsync).
+    pub fn writeback_all(&self) -> Result<()> {
+        let files: Vec<_> = self
+            .shared
+            .registry
+            .lock()
+            .by_id
+            .values()
+            .cloned()
+            .collect();
+        let mut first_error = None;
+        for file in files {
+            if let Err(e) = writeback::writeback_file(&self.shared, &file) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// A snapshot of the cache's counters.
+    pub fn stats(&self) -> CacheStats {
+        self.shared.stats_snapshot()
+    }
+
+    /// The arena the cache stores its frames in (its [`FrameArena::memory`] is what the driver
+    /// maps for the device).
+    pub fn arena(&self) -> &FrameArena {
+        &self.shared.arena
+    }
+
+    /// The configuration the cache was created with.
+    pub fn config(&self) -> &CacheConfig {
+        &self.shared.config
+    }
+}
+
+impl CacheShared {
+    pub fn stats_snapshot(&self) -> CacheStats {
+        let free = self.frames.free_count() as u64;
+        self.stats
+            .snapshot(self.arena.frame_count() as u64 - free, free)
+    }
+
+    fn file_by_id(&self, id: u32) -> Option<Arc<FileShared>> {
+        self.registry.lock().by_id.get(&id).cloned()
+    }
+
+    /// Pins a frame mapped in a file's page table. The caller holds that file's lock, which
+    /// is what makes the zero-to-one transition race-free against writers.
+    #[inline]
+    pub fn pin_locked(&self, frame: FrameId) {
+        let meta = self.frames.meta(frame);
+        let previous = meta.state.fetch_add(1, Ordering::SeqCst);
+        debug_assert!(previous & PIN_MASK < PIN_MASK, "pin count overflow");
+        if previous & PIN_MASK == 0 {
+            StatCounters::add(&self.stats.pinned_pages_now, 1);
+            if self.config.audit {
+                audit::record(&self.arena, frame, meta);
+            }
+        }
+        if !meta.referenced.load(Ordering::Relaxed) {
+            meta.referenced.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds a pin to a frame the caller already holds a pin on (no lock needed: a pinned
+    /// frame can be neither written nor freed).
+    #[inline]
+    pub fn pin_again(&self, frame: FrameId) {
+        let previous = self.frames.meta(frame).state.fetch_add(1, Ordering::SeqCst);
+        debug_assert!(previous & PIN_MASK != 0, "pin_again on an unpinned frame");
+    }
+
+    /// Releases one pin. The last release of an orphaned frame frees it; the last release of
+    /// any frame wakes writers waiting for it.
+    #[inline]
+    pub fn unpin(&self, frame: FrameId) {
+        let meta = self.frames.meta(frame);
+        let previous = if self.config.audit {
+            // Verify before letting go of the last pin, while the bytes must still be stable.
+            loop {
+                let current = meta.state.load(Ordering::SeqCst);
+                let intact =
+                    (current & PIN_MASK == 1).then(|| audit::verify(&self.arena, frame, meta));
+                if meta
+                    .state
+                    .compare_exchange(current, current - 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    if let Some(intact) = intact {
+                        StatCounters::add(&self.stats.audit_checks, 1);
+                        if !intact {
+                            StatCounters::add(&self.stats.audit_violations, 1);
+                            tracing::error!(frame, "audit: pinned page changed while pinned");
+                        }
+                    }
+                    break current;
+                }
+            }
+        } else {
+            meta.state.fetch_sub(1, Ordering::SeqCst)
+        };
+        debug_assert!(previous & PIN_MASK != 0, "unpin of an unpinned frame");
+        if previous & PIN_MASK == 1 {
+            self.stats.pinned_pages_now.fetch_sub(1, Ordering::Relaxed);
+            if previous & ORPHAN != 0 {
+                // We were the last holder of a frame no file maps any more.
+                meta.state.store(0, Ordering::SeqCst);
+                self.frames.put_free(&[frame]);
+            }
+            self.events.notify();
+        }
+    }
+
+    /// Detaches a frame from its file page (copy-on-write replacement, truncation,
+    /// invalidation). Called under the file's lock after removing it from the page table.
+    /// The frame is freed now if unpinned, else by its last unpin.
+    pub fn orphan(&self, frame: FrameId) {
+        self.frames.set_owner(frame, None);
+        let previous = self
+            .frames
+            .meta(frame)
+            .state
+            .fetch_or(ORPHAN, Ordering::SeqCst);
+        if previous & PIN_MASK == 0 {
+            self.frames.meta(frame).state.store(0, Ordering::SeqCst);
+            self.frames.put_free(&[frame]);
+            self.events.notify();
+        }
+    }
+
+    /// Gives back frames that were allocated but not used.
+    pub fn release_unused(&self, frames: &[FrameId]) {
+        if !frames.is_empty() {
+            self.frames.put_free(frames);
+            self.events.notify();
+        }
+    }
+
+    /// Allocates `n` frames, evicting clean or written-back unpinned pages as needed.
+    /// All or nothing: returns `None` (allocating nothing) if `n` frames cannot be found.
+    pub fn alloc_frames(&self, n: usize, own: &mut OwnFile<'_>) -> Option<Vec<FrameId>> {
+        let got = self.alloc_best_effort(n, own);
+        if got.len() < n {
+            self.release_unused(&got);
+            return None;
+        }
+        Some(got)
+    }
+
+    /// Allocates up to `n` frames, evicting as needed; may return fewer.
+    pub fn alloc_best_effort(&self, n: usize, own: &mut OwnFile<'_>) -> Vec<FrameId> {
+        let mut got = Vec::with_capacity(n);
+        if n == 0 {
+            return got;
+        }
+        // Above the soft limit, prefer recycling cold pages over taking free frames.
+        let resident = self.frames.resident();
+        if resident + n > self.soft_limit {
+            let over = (resident + n - self.soft_limit).min(n);
+            self.evict_into(over, own, &mut got);
+        }
+        let rest = n - got.len();
+        got.extend(self.frames.take_free(rest, usize::MAX));
+        if got.len() < n {
+            let missing = n - got.len();
+            self.evict_into(missing, own, &mut got);
+        }
+        got
+    }
+
+    /// Evicts up to `want` pages and appends their frames to `got`.
+    fn evict_into(&self, want: usize, own: &mut OwnFile<'_>, got: &mut Vec<FrameId>) {
+        let mut evicted = 0;
+        // Two passes: the first may only clear referenced bits.
+        for _ in 0..2 {
+            if evicted == want {
+                break;
+            }
+            let candidates = self.frames.clock_candidates(want - evicted);
+            for (frame, owner) in candidates {
+                if self.evict_candidate(frame, owner, own) {
+                    got.push(frame);
+                    evicted += 1;
+                    if evicted == want {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn evict_candidate(&self, frame: FrameId, owner: Owner, own: &mut OwnFile<'_>) -> bool {
+        let evicted = if owner.file_id == own.id {
+            !own.protect.contains(&owner.page)
+                && writeback::evict_page(self, own.path, own.state, owner.page, frame)
+        } else {
+            let Some(file) = self.file_by_id(owner.file_id) else {
+                return false;
+            };
+            // Never block on another file's lock while holding ours (lock-order freedom).
+            let Some(mut state) = file.state.try_lock() else {
+                return false;
+            };
+            writeback::evict_page(self, &file.path, &mut state, owner.page, frame)
+        };
+        if evicted {
+            StatCounters::add(&self.stats.evictions, 1);
+        }
+        evicted
+    }
+
+    /// Writes back everything when the cache goes away (best effort).
+    fn flush_on_drop(&self) {
+        let files: Vec<_> = self.registry.lock().by_id.values().cloned().collect();
+        for file in files {
+            if let Err(e) = writeback::writeback_file(self, &file) {
+                tracing::warn!(error = %e, "pagecache: writeback on drop failed");
+            }
+        }
+    }
+}
+
+impl Drop for CacheShared {
+    fn drop(&mut self) {
+        self.flush_on_drop();
+    }
+}

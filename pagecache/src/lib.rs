@@ -1,0 +1,85 @@
+//! The stable-page userspace page cache of zerosend.
+//!
+//! # The guarantee
+//! **A page that a packet refers to never changes from the moment it is pinned until its
+//! last pin is released.** Pins can last arbitrarily long (until the NIC's DMA completed and
+//! TCP acknowledged the bytes). Writers are never allowed to change pinned bytes: depending
+//! on the handle's [`WritePolicy`] they either wait (bounded, [`WritePolicy::Wait`]) or copy
+//! the page to a new frame ([`WritePolicy::CopyOnWrite`]). Linux `sendfile` cannot promise
+//! this; this cache can because its page frames are its own memory (a [`FrameArena`]), not
+//! the kernel's page cache: another process writing the file on disk cannot touch them, and
+//! such external changes only become visible to *later* pins after revalidation.
+//!
+//! A multi-page pin is an atomic snapshot: every page belongs to the same version of the
+//! file, even while writers run (pins and writes serialize on a per-file lock, which is held
+//! only for page-table work, not for the lifetime of a pin).
+//!
+//! # How the netstack uses it
+//! 1. `cache.open(path, OpenOptions::read_only())` once per file (cheap if already open).
+//! 2. When building a response, [`CachedFile::pin`] the byte range **before** computing the
+//!    TCP checksum (or encrypting); [`Pin::version`] can go into the ETag.
+//! 3. Compute checksums and build descriptors from [`Pin::spans`]: each [`Span`] gives the
+//!    file offset, the IOVA the NIC DMAs from, and the bytes (for the checksum).
+//! 4. Keep the pin (or [`Pin::sub_pin`]s of the still-unacknowledged part) until the NIC
+//!    reported TX completion **and** the peer acknowledged the bytes (retransmissions must
+//!    send identical bytes); then drop it. Dropping releases the pages progressively.
+//!
+//! ```
+//! use pagecache::{CacheConfig, FrameArena, OpenOptions, PageCache, WritePolicy};
+//! # let dir = std::env::temp_dir().join(format!("pagecache-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir).unwrap();
+//! # let path = dir.join("index.html");
+//! # std::fs::write(&path, b"hello, stable pages").unwrap();
+//! let arena = FrameArena::anonymous(0x1000_0000, 1 << 20)?; // 256 frames at IOVA 0x1000_0000
+//! let cache = PageCache::new(arena, CacheConfig::default())?;
+//! let file = cache.open(&path, OpenOptions::read_write(WritePolicy::CopyOnWrite))?;
+//!
+//! let pin = file.pin(0..file.len())?; // before computing the checksum
+//! file.write(0, b"HELLO")?;           // copy-on-write: the pin keeps its bytes
+//! for span in pin.spans(0..5) {
+//!     assert_eq!(span.bytes, b"hello"); // DMA from span.iova, checksum span.bytes
+//! }
+//! drop(pin); // after TX completion and ACK
+//! assert_eq!(file.pin(0..5)?.to_vec(), b"HELLO");
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok::<(), pagecache::Error>(())
+//! ```
+//!
+//! The driver maps [`FrameArena::memory`] (a vm-memory [`vm_memory::GuestMemoryMmap`] whose
+//! guest addresses are the IOVAs) read-only into the IOMMU for the NIC.
+//!
+//! # Memory
+//! The arena size is the hard limit on cached pages; [`CacheConfig::soft_limit_frames`] is an
+//! optional lower target. A clock algorithm evicts unpinned pages (writing dirty ones back
+//! first); pinned pages are never evicted. When nothing can be evicted, the caller gets
+//! [`Error::OutOfFrames`] at once or after a bounded wait ([`Backpressure`]).
+//!
+//! # Auditing
+//! With [`CacheConfig::audit`], the crc32 of each page is recorded at first pin and checked
+//! at last unpin; mismatches are counted in [`CacheStats::audit_violations`]. The test-only
+//! `WritePolicy::InPlaceUnsafe` (available under `cfg(test)` and the `test-hooks` feature)
+//! writes into pinned pages the way Linux would, to prove that such detectors can fire.
+//!
+//! # Unsafe code
+//! All raw accesses to frame memory are `unsafe fn`s in the `arena` module; their callers
+//! state with `// SAFETY:` why the frame ownership rules documented there hold.
+
+mod arena;
+mod audit;
+mod cache;
+mod error;
+mod file;
+mod frames;
+mod pin;
+mod stats;
+mod writeback;
+
+pub use arena::{FrameArena, PAGE_SIZE};
+pub use cache::{Backpressure, CacheConfig, PageCache};
+pub use error::{Error, Result};
+pub use file::{CachedFile, OpenOptions, WritePolicy};
+pub use pin::{Pin, Span, Spans};
+pub use stats::CacheStats;
+
+#[cfg(test)]
+mod tests;

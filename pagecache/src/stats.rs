@@ -1,0 +1,97 @@
+//! Counters exposed through [`crate::PageCache::stats`].
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// A snapshot of the cache's counters. Counters are cumulative since the cache was created,
+/// except the `*_now` fields which are current values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// `pin` and `sub_pin` calls that succeeded.
+    pub pins: u64,
+    /// Frames currently pinned (by `Pin`s or by writeback in flight).
+    pub pinned_pages_now: u64,
+    /// Frames currently holding file pages (including pinned copy-on-write orphans).
+    pub resident_pages_now: u64,
+    /// Frames currently free.
+    pub free_frames_now: u64,
+    /// Pinned pages a copy-on-write writer copied to a new frame.
+    pub cow_copies: u64,
+    /// Times a `Wait` writer had to wait for pins to go away.
+    pub writer_waits: u64,
+    /// Total time `Wait` writers spent waiting.
+    pub writer_wait_time: Duration,
+    /// `Wait` writes that gave up with [`crate::Error::WriteTimeout`].
+    pub write_timeouts: u64,
+    /// Times an allocation waited for frames (back-pressure `Wait`).
+    pub frame_waits: u64,
+    /// Allocations that failed with [`crate::Error::OutOfFrames`].
+    pub out_of_frames: u64,
+    /// Pages evicted to make room.
+    pub evictions: u64,
+    /// Pages filled from disk (including read-ahead).
+    pub fills: u64,
+    /// Bytes read from disk by fills.
+    pub bytes_read: u64,
+    /// Pages written back to disk.
+    pub writebacks: u64,
+    /// Bytes written to disk by writeback.
+    pub bytes_written: u64,
+    /// Pages whose checksum was verified at last unpin (audit mode).
+    pub audit_checks: u64,
+    /// Pages whose bytes changed while pinned (audit mode). Must stay zero unless the
+    /// test-only `InPlaceUnsafe` policy is used.
+    pub audit_violations: u64,
+    /// Times an external change of a file was detected by revalidation.
+    pub external_changes: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct StatCounters {
+    pub pins: AtomicU64,
+    pub pinned_pages_now: AtomicU64,
+    pub cow_copies: AtomicU64,
+    pub writer_waits: AtomicU64,
+    pub writer_wait_nanos: AtomicU64,
+    pub write_timeouts: AtomicU64,
+    pub frame_waits: AtomicU64,
+    pub out_of_frames: AtomicU64,
+    pub evictions: AtomicU64,
+    pub fills: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub writebacks: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub audit_checks: AtomicU64,
+    pub audit_violations: AtomicU64,
+    pub external_changes: AtomicU64,
+}
+
+impl StatCounters {
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn snapshot(&self, resident: u64, free: u64) -> CacheStats {
+        CacheStats {
+            pins: self.pins.load(Relaxed),
+            pinned_pages_now: self.pinned_pages_now.load(Relaxed),
+            resident_pages_now: resident,
+            free_frames_now: free,
+            cow_copies: self.cow_copies.load(Relaxed),
+            writer_waits: self.writer_waits.load(Relaxed),
+            writer_wait_time: Duration::from_nanos(self.writer_wait_nanos.load(Relaxed)),
+            write_timeouts: self.write_timeouts.load(Relaxed),
+            frame_waits: self.frame_waits.load(Relaxed),
+            out_of_frames: self.out_of_frames.load(Relaxed),
+            evictions: self.evictions.load(Relaxed),
+            fills: self.fills.load(Relaxed),
+            bytes_read: self.bytes_read.load(Relaxed),
+            writebacks: self.writebacks.load(Relaxed),
+            bytes_written: self.bytes_written.load(Relaxed),
+            audit_checks: self.audit_checks.load(Relaxed),
+            audit_violations: self.audit_violations.load(Relaxed),
+            external_changes: self.external_changes.load(Relaxed),
+        }
+    }
+}
