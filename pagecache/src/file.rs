@@ -345,6 +345,24 @@ impl CachedFile {
         self.run(|this, st| this.try_set_len(st, new_len))
     }
 
+    /// Replaces the whole content with `data` as one atomic step: a pin taken at any moment
+    /// sees either the old content or `data`, never a mix or an intermediate length (a
+    /// `write` followed by `set_len` could be observed in between). Used for HTTP PUT.
+    pub fn replace_contents(&self, data: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let _io = self.shared.io_lock.lock();
+        self.run(|this, st| {
+            if !data.is_empty() {
+                let prepared = this.prepare_write(st, 0, data.len())?;
+                this.apply_write(st, prepared, data);
+            }
+            // Cannot stall now: the page holding the new end was just written, so it is
+            // unpinned (Wait) or a fresh unpinned copy (CopyOnWrite), and zeroing its tail
+            // needs no new frame.
+            this.try_set_len(st, data.len() as u64)
+        })
+    }
+
     /// Writes the file's dirty pages back to disk (`pwrite`), without waiting for durability.
     pub fn writeback(&self) -> Result<()> {
         writeback::writeback_file(&self.cache, &self.shared).map(|_| ())

@@ -527,3 +527,37 @@ fn audit_detects_in_place_writes_to_pinned_pages() {
     assert_eq!(stats.audit_violations, 1, "{stats:?}");
     assert_eq!(stats.audit_checks, 2);
 }
+
+#[test]
+fn replace_contents_is_one_atomic_version() {
+    let dir = temp_dir();
+    let old = pattern(3 * PAGE_SIZE + 100, 1);
+    let path = make_file(&dir, "replace", &old);
+    let cache = cache(32, CacheConfig::default());
+    for policy in [WritePolicy::CopyOnWrite, WritePolicy::Wait { timeout: std::time::Duration::from_millis(50) }] {
+        let file = cache.open(&path, rw(policy)).unwrap();
+        file.replace_contents(&old).unwrap();
+        let before = file.pin(0..file.len()).unwrap();
+        let shorter = pattern(PAGE_SIZE + 7, 2);
+        match policy {
+            WritePolicy::CopyOnWrite => {
+                file.replace_contents(&shorter).unwrap();
+                assert_eq!(before.to_vec(), old, "the pinned snapshot kept the old bytes");
+            }
+            _ => {
+                // A Wait writer cannot replace pinned pages; it fails without writing.
+                assert!(file.replace_contents(&shorter).is_err());
+                assert_eq!(file.pin(0..file.len()).unwrap().to_vec(), old);
+                drop(before);
+                file.replace_contents(&shorter).unwrap();
+            }
+        }
+        assert_eq!(file.len(), shorter.len() as u64);
+        assert_eq!(file.pin(0..file.len()).unwrap().to_vec(), shorter);
+        let longer = pattern(4 * PAGE_SIZE + 1, 3);
+        file.replace_contents(&longer).unwrap();
+        assert_eq!(file.pin(0..file.len()).unwrap().to_vec(), longer);
+        file.fsync().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), longer);
+    }
+}
