@@ -19,6 +19,7 @@ enum Command {
     Probe,
 }
 
+mod conn;
 mod http;
 mod respond;
 mod root;
