@@ -21,6 +21,7 @@ enum Command {
 
 mod conn;
 mod http;
+mod metrics;
 mod respond;
 mod root;
 
