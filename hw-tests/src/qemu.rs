@@ -53,7 +53,7 @@ impl Nic {
 pub enum Network {
     /// QEMU's user-mode NAT with `restrict=on` (the guest reaches nothing but forwarded
     /// ports); each listed guest TCP port is forwarded from a free port on 127.0.0.1.
-    User { forwards: Vec<u16> },
+    User { forwards: Vec<(u16, Option<u16>)> },
     /// A TAP device in a network namespace the harness creates: host peers at
     /// [`netns::HOST_IP`], the guest at [`netns::GUEST_IP`].
     Tap,
@@ -131,9 +131,13 @@ impl Guest {
         self
     }
     /// Forward a guest TCP port from 127.0.0.1 (user-mode network).
-    pub fn forward(mut self, guest_port: u16) -> Self {
+    pub fn forward(self, guest_port: u16) -> Self {
+        self.forward_from(guest_port, None)
+    }
+    /// Forward a guest TCP port from a given port on 127.0.0.1 (`None`: any free port).
+    pub fn forward_from(mut self, guest_port: u16, host_port: Option<u16>) -> Self {
         match &mut self.network {
-            Network::User { forwards } => forwards.push(guest_port),
+            Network::User { forwards } => forwards.push((guest_port, host_port)),
             Network::Tap => panic!("port forwards need the user-mode network"),
         }
         self
@@ -201,8 +205,8 @@ impl Guest {
         match &self.network {
             Network::User { forwards } => {
                 let mut netdev = "user,id=n0,restrict=on".to_string();
-                for &guest_port in forwards {
-                    let host_port = free_port();
+                for &(guest_port, fixed) in forwards {
+                    let host_port = fixed.unwrap_or_else(free_port);
                     host_ports.insert(guest_port, host_port);
                     write!(netdev, ",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}").unwrap();
                 }
@@ -341,9 +345,26 @@ impl RunningGuest {
     }
 
     /// Wait for the guest to finish (or kill it at its timeout) and collect the result.
-    pub fn wait(mut self) -> Result<GuestRun, String> {
+    pub fn wait(self) -> Result<GuestRun, String> {
+        self.finish(false)
+    }
+
+    /// Power the guest off now (for guests that serve until stopped) and collect the result.
+    pub fn stop(self) -> Result<GuestRun, String> {
+        self.finish(true)
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn finish(mut self, kill: bool) -> Result<GuestRun, String> {
         let mut child = self.child.take().unwrap();
         let mut timed_out = false;
+        if kill {
+            let _ = child.kill();
+        }
         loop {
             if child.try_wait().map_err(|e| e.to_string())?.is_some() {
                 break;
