@@ -92,14 +92,14 @@ pub fn base_archive() -> &'static Path {
 }
 
 /// Write `base + per-run archive` to `dest`.
-pub fn build_run_initramfs(dest: &Path, bind: &[(u16, u16)], script: &str, files: &[(String, Vec<u8>)]) {
+pub fn build_run_initramfs(dest: &Path, bind: &[(u16, u16)], script: &str, files: &[(String, Vec<u8>, u32)]) {
     let mut out = fs::read(base_archive()).unwrap();
     let mut run = Vec::new();
     let bind_lines: String = bind.iter().map(|(v, d)| format!("{v:04x} {d:04x}\n")).collect();
     push(&mut run, "etc/zs-bind", 0o100644, bind_lines.as_bytes());
     push(&mut run, "etc/zs-run.sh", 0o100755, format!("set -e\n{script}\n").as_bytes());
     let mut dirs: Vec<String> = Vec::new();
-    for (name, data) in files {
+    for (name, data, mode) in files {
         let name = name.trim_start_matches('/');
         let mut prefix = String::new();
         for part in Path::new(name).parent().into_iter().flat_map(|p| p.iter()) {
@@ -112,7 +112,7 @@ pub fn build_run_initramfs(dest: &Path, bind: &[(u16, u16)], script: &str, files
                 dirs.push(prefix.clone());
             }
         }
-        push(&mut run, name, 0o100644, data);
+        push(&mut run, name, *mode, data);
     }
     let run = trailer(run).unwrap();
     out.extend_from_slice(&run);

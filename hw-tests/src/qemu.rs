@@ -74,7 +74,7 @@ pub struct Guest {
     pcap: bool,
     auto_bind: bool,
     script: String,
-    files: Vec<(String, Vec<u8>)>,
+    files: Vec<(String, Vec<u8>, u32)>,
     timeout: Duration,
 }
 
@@ -159,7 +159,17 @@ impl Guest {
     }
     /// A file placed in the guest at `path` (absolute, e.g. `/data/file.bin`).
     pub fn file(mut self, path: &str, contents: Vec<u8>) -> Self {
-        self.files.push((path.into(), contents));
+        self.files.push((path.into(), contents, 0o100644));
+        self
+    }
+    /// A symbolic link in the guest at `path` pointing to `target`.
+    pub fn symlink(mut self, path: &str, target: &str) -> Self {
+        self.files.push((path.into(), target.as_bytes().to_vec(), 0o120777));
+        self
+    }
+    /// An empty directory in the guest.
+    pub fn dir(mut self, path: &str) -> Self {
+        self.files.push((path.into(), Vec::new(), 0o040755));
         self
     }
     pub fn timeout(mut self, t: Duration) -> Self {
