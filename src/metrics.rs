@@ -47,11 +47,6 @@ pub fn render_prometheus(metrics: &[Metric]) -> String {
     out
 }
 
-/// Look up a sample by name.
-pub fn value(metrics: &[Metric], name: &str) -> f64 {
-    metrics.iter().find(|m| m.name == name).map(|m| m.value).unwrap_or(0.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,10 +11,11 @@
 //! receive buffers are mapped [`DmaAccess::DeviceReadsWrites`]. A device write to read-only
 //! memory is stopped by the IOMMU.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::{DriverError, Result};
 use crate::queue::Iova;
@@ -109,12 +110,15 @@ impl IovaAllocator {
 pub struct DmaSpace {
     mapper: Arc<dyn DmaMapper>,
     iovas: Mutex<IovaAllocator>,
+    /// Live regions allocated here, by first IOVA, so a driver can read device-visible bytes
+    /// by IOVA ([`DmaSpace::read_iova`]). Weak: the registry never keeps memory alive.
+    regions: Mutex<BTreeMap<Iova, (usize, Weak<GuestMemoryMmap>)>>,
 }
 
 impl DmaSpace {
     pub fn new(mapper: Arc<dyn DmaMapper>) -> Arc<Self> {
         let iovas = Mutex::new(IovaAllocator::new(mapper.usable_iova_ranges()));
-        Arc::new(DmaSpace { mapper, iovas })
+        Arc::new(DmaSpace { mapper, iovas, regions: Mutex::new(BTreeMap::new()) })
     }
 
     /// Allocate `len` bytes of memory (rounded up to pages), give it an IOVA and map it for
@@ -136,9 +140,11 @@ impl DmaSpace {
             self.iovas.lock().unwrap().free(iova);
             return Err(e);
         }
+        let memory = Arc::new(memory);
+        self.regions.lock().unwrap().insert(iova.start, (len, Arc::downgrade(&memory)));
         Ok(DmaRegion {
             space: Arc::clone(self),
-            memory: Arc::new(memory),
+            memory,
             host,
             iova: iova.start,
             len,
@@ -149,6 +155,27 @@ impl DmaSpace {
     /// The mapper behind this space.
     pub fn mapper(&self) -> &Arc<dyn DmaMapper> {
         &self.mapper
+    }
+
+    /// Copy `out.len()` bytes at `iova` into `out`, from a live region allocated with
+    /// [`DmaSpace::allocate`]. Lets a driver inspect a few bytes the caller placed in DMA
+    /// memory (e.g. the headers of a TSO frame) without the caller's `DmaRegion`.
+    pub fn read_iova(&self, iova: Iova, out: &mut [u8]) -> Result<()> {
+        let not_found = || {
+            DriverError::InvalidArgument(format!(
+                "IOVA {iova:#x}+{} is not in a live region of this DMA space",
+                out.len()
+            ))
+        };
+        let memory = {
+            let regions = self.regions.lock().unwrap();
+            let (&start, (len, memory)) = regions.range(..=iova).next_back().ok_or_else(not_found)?;
+            if iova + out.len() as u64 > start + *len as u64 {
+                return Err(not_found());
+            }
+            memory.upgrade().ok_or_else(not_found)?
+        };
+        memory.read_slice(out, GuestAddress(iova)).map_err(|e| DriverError::Dma(format!("reading IOVA {iova:#x}: {e}")))
     }
 }
 
@@ -263,6 +290,7 @@ impl DmaRegion {
 
 impl Drop for DmaRegion {
     fn drop(&mut self) {
+        self.space.regions.lock().unwrap().remove(&self.iova);
         if let Err(e) = self.space.mapper.unmap(self.iova, self.len) {
             // The device may still reach this memory: leak it rather than free it under DMA.
             tracing::error!("DMA unmap of {:#x}+{:#x} failed: {e}; leaking the memory", self.iova, self.len);

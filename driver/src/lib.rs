@@ -4,13 +4,16 @@
 //! `unsafe` lives only in the modules that touch MMIO and DMA memory ([`mmio`], [`dma`]) and
 //! in the VFIO ioctl wrappers ([`vfio`]).
 
+pub mod anynic;
 pub mod dma;
 pub mod error;
 pub mod e1000;
 pub mod mmio;
 pub mod nic;
+pub mod pcap;
 pub mod pci;
 pub mod queue;
+pub mod softnic;
 pub mod vfio;
 pub mod virtio;
 

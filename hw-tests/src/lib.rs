@@ -21,6 +21,7 @@
 //! `$ZEROSEND_CACHE`, default `~/.cache/zerosend`). Console logs and pcaps are kept under
 //! `target/hw-tests/<name>/`.
 
+pub mod content;
 mod guest_programs;
 mod initramfs;
 pub mod netns;

@@ -331,6 +331,27 @@ impl RunningGuest {
         self.netns.as_ref().expect("guest has no TAP network namespace")
     }
 
+    /// The last `n` console lines so far.
+    pub fn console_tail(&self, n: usize) -> String {
+        tail(&self.console.lines.lock().unwrap(), n)
+    }
+
+    /// Console lines so far that contain `needle`.
+    pub fn console_lines_with(&self, needle: &str) -> Vec<String> {
+        self.console.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
+    /// Panic with `message` and the console tail.
+    #[track_caller]
+    pub fn fail(&self, message: &str) -> ! {
+        panic!(
+            "guest {}: {message}\n--- console tail ({}) ---\n{}\n--- end ---",
+            self.name,
+            self.dir.join("console.log").display(),
+            self.console_tail(40)
+        )
+    }
+
     /// Wait until a console line contains `needle`; returns that line. On timeout or guest
     /// exit, panics with the console tail.
     pub fn wait_for_console(&self, needle: &str, timeout: Duration) -> String {

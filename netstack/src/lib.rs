@@ -1,1 +1,165 @@
-//! smoltcp-based IPv4/TCP with zero-copy file send (see docs/architecture.md).
+//! zerosend's network stack: smoltcp 0.14 for IPv4, ARP, ICMP echo, DHCP and the TCP state
+//! machine, over the driver queue API ([`driver::NetQueue`]), with **zero-copy file send**
+//! from pinned page-cache pages.
+//!
+//! # How file data reaches the wire without a CPU copy
+//! smoltcp cannot transmit scatter-gather and keeps unacknowledged data in its socket ring.
+//! This stack keeps smoltcp's `tcp::Socket` for everything TCP decides (window, RTO,
+//! retransmission, congestion control) but fills its send ring with *placeholder* bytes
+//! that only account for stream positions. The real payload is described per connection by
+//! a send queue of page-cache [`pagecache::Pin`]s (file data) and small copy-pool blocks
+//! (`send` data). At the device boundary each TCP segment smoltcp built is parsed, its
+//! sequence range mapped to the queue, and the NIC gets a descriptor chain: the headers from
+//! a small DMA header slot, then the payload straight from the pinned page frames by IOVA.
+//! Retransmissions map to the same pinned pages, so they carry identical bytes. See
+//! `docs/architecture.md`, "Zero-copy transmit through smoltcp", for the decision and its
+//! measured cost.
+//!
+//! # Lifetimes
+//! A pin is released only when the NIC completed every descriptor reading it **and** TCP
+//! acknowledged its bytes; then [`Event::SendComplete`] reports the `send_file`. Reset and
+//! abort release everything not under DMA at once, the rest when its DMA completes.
+//!
+//! # Example (with the software NIC)
+//! ```no_run
+//! use netstack::{Instant, Ipv4Config, Stack, StackConfig, Event};
+//! use driver::softnic::{SoftNic, SoftNicConfig};
+//! let (nic, _peer) = SoftNic::new(SoftNicConfig::default()).unwrap();
+//! let config = StackConfig::new(Ipv4Config::static_address([10, 0, 0, 1], 24, None));
+//! let mut stack = Stack::new(nic, config).unwrap();
+//! let listener = stack.listen(80).unwrap();
+//! loop {
+//!     stack.poll(Instant::now()).unwrap();
+//!     while let Some(event) = stack.next_event() {
+//!         if let Event::Accepted { conn, .. } = event {
+//!             stack.send(conn, b"hello\n").unwrap();
+//!             stack.close(conn).unwrap();
+//!         }
+//!     }
+//! #   let _ = listener; break;
+//! }
+//! ```
+
+pub mod checksum;
+mod device;
+pub mod frame;
+pub mod peer;
+pub mod sendq;
+mod stack;
+
+pub use device::{TxConfig, SLOT_SIZE};
+pub use sendq::{SendMode, SendOutcome};
+pub use smoltcp::time::{Duration, Instant};
+pub use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
+pub use stack::{ConnState, Ipv4Config, Stack, StackConfig};
+
+/// Names one connection of a [`Stack`]. Stale handles (of reclaimed connections) are
+/// refused with [`Error::InvalidConnection`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub(crate) index: u32,
+    pub(crate) generation: u32,
+}
+
+/// Names a listening port of a [`Stack`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerId(pub(crate) u32);
+
+/// Names one `send_file`; reported back by [`Event::SendComplete`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SendId(pub u64);
+
+/// Something that happened, reported by [`Stack::next_event`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A listener accepted a connection (established).
+    Accepted { listener: ListenerId, conn: ConnId },
+    /// A connection made with [`Stack::connect`] is established.
+    Connected { conn: ConnId },
+    /// Data arrived on a connection that had none buffered.
+    Readable { conn: ConnId },
+    /// The peer closed its sending half (no more data will arrive).
+    PeerClosed { conn: ConnId },
+    /// A `send_file` finished: every byte acknowledged and every descriptor reading its
+    /// pages completed (or the connection went away first, see [`SendOutcome`]). The stack
+    /// holds no reference to its pages any more.
+    SendComplete {
+        conn: ConnId,
+        send_id: SendId,
+        outcome: SendOutcome,
+    },
+    /// The connection is closed (or reset). Its handle stays valid for `recv` of what is
+    /// left until the stack reclaims it.
+    Closed { conn: ConnId },
+    /// DHCP (or the static configuration) gave the interface this address.
+    AddressConfigured { address: Ipv4Cidr },
+}
+
+/// Cumulative counters of a [`Stack`] (`*_now` fields are current values).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackStats {
+    /// Frames handed to the NIC (before TSO splitting).
+    pub frames_tx: u64,
+    /// Frames received from the NIC.
+    pub frames_rx: u64,
+    /// TCP frames whose payload the NIC reads from the send queue (pins, copy blocks).
+    pub zero_copy_frames: u64,
+    /// Bytes of real payload the CPU copied: `send` data into the copy pool, and in copying
+    /// mode file bytes into smoltcp's ring and smoltcp's ring into the frame; linearized
+    /// frames. Zero for file data sent zero-copy.
+    pub payload_bytes_copied: u64,
+    /// Placeholder bytes smoltcp copied from its ring into frames we then only read the
+    /// headers of (zero-copy mode). No file byte is read; this is the approach's CPU cost.
+    pub placeholder_bytes_copied: u64,
+    /// File bytes transmitted for the first time.
+    pub file_bytes_sent: u64,
+    /// Stream bytes (file and `send` data) transmitted for the first time.
+    pub payload_bytes_sent: u64,
+    /// TCP segments (as built by smoltcp, before TSO) that resent stream bytes.
+    pub retransmitted_segments: u64,
+    pub retransmitted_bytes: u64,
+    /// Frames too fragmented for the NIC, copied into one buffer.
+    pub linearized_frames: u64,
+    /// Bytes checksummed in software (NIC without TCP checksum offload).
+    pub software_checksum_bytes: u64,
+    /// Frames dropped for lack of a TX buffer (TCP retransmits them).
+    pub tx_dropped_no_buffer: u64,
+    /// Segments whose sequence range was not in the send queue (must stay 0).
+    pub tx_unmapped_drops: u64,
+    /// Frames the NIC refused as malformed.
+    pub tx_refused: u64,
+    /// `send_file` calls completed (acknowledged or aborted).
+    pub sends_completed: u64,
+    /// Page-cache pins the stack holds now (one per queued file chunk).
+    pub pins_held_now: u64,
+    /// Frames the NIC may still be reading now.
+    pub frames_in_flight_now: u64,
+}
+
+/// Errors of the stack's API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no such connection (closed and reclaimed, or never existed)")]
+    InvalidConnection,
+    #[error("no such listener")]
+    InvalidListener,
+    #[error("the connection cannot send (not established, or closing)")]
+    CannotSend,
+    #[error("the connection cannot receive: {0}")]
+    Recv(#[from] smoltcp::socket::tcp::RecvError),
+    #[error("listen failed: {0}")]
+    Listen(#[from] smoltcp::socket::tcp::ListenError),
+    #[error("connect failed: {0}")]
+    Connect(#[from] smoltcp::socket::tcp::ConnectError),
+    #[error("range {range:?} is not inside the pinned range {pinned:?}")]
+    RangeOutsidePin {
+        range: std::ops::Range<u64>,
+        pinned: std::ops::Range<u64>,
+    },
+    #[error("the interface has no IPv4 address yet")]
+    NoAddress,
+    #[error(transparent)]
+    Driver(#[from] driver::DriverError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

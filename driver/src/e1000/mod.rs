@@ -1,15 +1,76 @@
-//! Intel 8254x (82540EM, 82545EM) and 82574L driver.
+//! Intel 8254x (82540EM, 82545EM) and 82574L driver, polling mode.
 //!
 //! References: "PCI/PCI-X Family of Gigabit Ethernet Controllers Software Developer's Manual"
-//! (8254x SDM, 317453006EN) and the "82574 GbE Controller Datasheet" (82574 DS).
+//! (8254x SDM, 317453006EN) and the "82574 GbE Controller Datasheet" (82574 DS). Register
+//! citations are on the constants in [`regs`], descriptor citations in [`desc`].
+//!
+//! # What the driver does
+//! - **Initialisation** ([`E1000::open`]): interrupts masked, receiver and transmitter
+//!   stopped, global reset (CTRL.RST), interrupts masked again, link set up (CTRL.SLU and
+//!   ASDE; SDM 14.3), the 82574's required bits (GCR, GCR2, CTRL_EXT, TARC0, TXDCTL;
+//!   82574 DS 4.6), the station address in RAL0/RAH0, the other address filters and the
+//!   multicast table cleared, receive and transmit rings programmed (SDM 14.4, 14.5), the
+//!   receiver enabled **once** (RCTL is never written again), then a bounded wait for
+//!   STATUS.LU.
+//! - **Transmit**: frames without offloads use legacy descriptors (SDM 3.3.3); frames with
+//!   offloads use a TCP/IP context descriptor (SDM 3.3.6) followed by TCP/IP data
+//!   descriptors (SDM 3.3.7). Every frame may span many descriptors; EOP and RS are set on the
+//!   last one only, IFCS on all. The checksum context is written only when its parameters
+//!   change; a TSO context is written for every TSO frame (its PAYLEN is per frame) and
+//!   invalidates the cached checksum context. Descriptors point straight at the caller's
+//!   IOVAs: no copy. A segment is split at 4 KiB IOVA boundaries ([`desc::SPLIT_BOUNDARY`]).
+//! - **Completion**: the DD bit of each frame's last descriptor (SDM 3.3.3.2); TDH is never
+//!   used for that (SDM 13.4.39 says it is unreliable).
+//! - **TX-hang watchdog** in [`NetQueue::tx_reap`]: when frames handed to the device make no
+//!   progress for [`NicConfig::tx_hang_timeout`] while the link is up, the transmitter is
+//!   stopped (TCTL.EN = 0), the ring is rewound (TDH = TDT = 0 is allowed while TCTL.EN is
+//!   0, SDM 13.4.39), every outstanding token is returned, and [`DriverError::TxHang`] is
+//!   reported. This is what happens when a descriptor points at memory the IOMMU refuses.
+//! - **Receive**: legacy descriptors (SDM 3.2.3) into driver-owned buffers of
+//!   [`NicConfig::rx_buffer_size`]; RCTL.SECRC strips the FCS, RCTL.BAM accepts broadcast.
+//!   Buffers are lent to the caller and recycled; [`NetQueue::rx_flush`] re-posts them with
+//!   one RDT write. Before posting, the driver clears the first 8 bytes of each buffer; a
+//!   completed frame whose destination address would not have passed the device's own
+//!   filter (our address or broadcast) cannot have been written by the device — typically
+//!   because the IOMMU blocked the write — and is dropped and counted in
+//!   [`DeviceStats::rx_errors`].
+//! - **Statistics**: the clear-on-read counters of SDM 13.7 are accumulated into
+//!   [`DeviceStats`]; byte counts exclude the 4-byte FCS the device counts.
+//!
+//! # Offload contract details (beyond [`crate::queue`])
+//! - The IPv4 header checksum field must be **zero** when [`TxOffload::ipv4_header`] is
+//!   requested. The header is taken to end where the L4 header starts; without an L4 request
+//!   a 20-byte header is assumed.
+//! - Offsets of the IPv4 header, the L4 header and the L4 checksum field must be below 256
+//!   (the context descriptor fields are 8 bits), and [`Tso::header_len`] below 256.
+//!
+//! # No `unsafe`
+//! Register access goes through [`Mmio`] and descriptor/buffer access through [`DmaRegion`],
+//! both bounds-checked and volatile. The one exception is [`NetQueue::rx_data`], which lends
+//! a slice of a receive buffer; its invariant is checked at run time (see there).
 
+pub mod desc;
 pub mod regs;
 
+use std::collections::VecDeque;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::anynic::{FaultInjection, NicConfig};
+use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
+use crate::error::{DriverError, Result};
 use crate::mmio::Mmio;
-use crate::queue::MacAddress;
+use crate::nic::NicModel;
+use crate::queue::{
+    Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TxOffload, TxSegment, TxToken,
+};
+use crate::vfio::VfioPci;
+
+use desc::{Context, DESC_LEN};
 
 /// The station address from Receive Address 0 (RAL0/RAH0), which the controller loads from
-/// the EEPROM at reset (8254x SDM section 13.4.22; 82574 DS section 10.2.5.13).
+/// the EEPROM at reset (SDM 13.5.2, 13.5.3; 82574 DS 10.2).
 pub fn read_mac_from_receive_address(bar0: &Mmio) -> Option<MacAddress> {
     let low = bar0.read32(regs::RAL0);
     let high = bar0.read32(regs::RAH0);
@@ -19,4 +80,683 @@ pub fn read_mac_from_receive_address(bar0: &Mmio) -> Option<MacAddress> {
     let l = low.to_le_bytes();
     let h = high.to_le_bytes();
     Some(MacAddress([l[0], l[1], l[2], l[3], h[0], h[1]]))
+}
+
+/// The largest TSO frame accepted: one IPv4 datagram (65535 bytes) plus the Ethernet
+/// header. PAYLEN itself has 20 bits (SDM 3.3.6), but the prototype header's IPv4 total
+/// length must stay meaningful.
+pub const TSO_MAX_FRAME: u32 = 65535 + 14;
+/// Data descriptors one frame may use (after 4 KiB splitting).
+pub const MAX_DESCS_PER_FRAME: usize = 64;
+/// Segments one frame may have ([`Capabilities::max_tx_segments`]).
+pub const MAX_TX_SEGMENTS: usize = 32;
+/// Ethernet MTU (largest IP packet) without jumbo frames (RCTL.LPE is left off).
+pub const MTU: usize = 1500;
+
+/// A frame handed to the ring, in submission order.
+#[derive(Debug)]
+struct TxFrame {
+    /// Index of its last descriptor (the one with EOP and RS).
+    eop: u16,
+    /// Descriptors it occupies (context descriptor included).
+    descs: u16,
+    token: TxToken,
+}
+
+struct TxRing {
+    ring: DmaRegion,
+    size: u16,
+    /// Next descriptor software fills.
+    tail: u16,
+    /// Descriptors in use (written and not yet reclaimed).
+    used: u16,
+    frames: VecDeque<TxFrame>,
+    /// Frames at the back of `frames` whose descriptors the device has not been told about.
+    unflushed: usize,
+    /// The checksum (non-TSO) context the device holds, if known.
+    csum_context: Option<Context>,
+    /// Last time the device showed progress (or the ring went from idle to busy).
+    last_progress: Instant,
+}
+
+impl TxRing {
+    fn free(&self) -> usize {
+        // One descriptor stays unused so that TDH == TDT always means "empty" (SDM 3.4).
+        self.size as usize - 1 - self.used as usize
+    }
+
+    /// Write one descriptor (its two 64-bit words) at the tail.
+    fn write(&mut self, word0: u64, word1: u64) {
+        let at = self.tail as usize * DESC_LEN;
+        self.ring.write_volatile(at, word0);
+        self.ring.write_volatile(at + 8, word1);
+        self.tail = (self.tail + 1) % self.size;
+        self.used += 1;
+    }
+}
+
+struct RxRing {
+    ring: DmaRegion,
+    buffers: DmaRegion,
+    buffer_size: usize,
+    size: u16,
+    /// Next descriptor to check for DD.
+    next: u16,
+    /// Next descriptor to post a buffer at.
+    tail: u16,
+    /// Value last written to RDT.
+    hw_tail: u16,
+    /// Descriptors holding a posted buffer (flushed or not).
+    posted: u16,
+    /// Buffer slot held by each descriptor.
+    desc_slot: Vec<u32>,
+    /// Recycled buffers waiting to be posted.
+    free: Vec<u32>,
+    /// Buffers currently lent to the caller.
+    lent: Vec<bool>,
+}
+
+/// An e1000-family NIC driven through VFIO. See the [module documentation](self).
+pub struct E1000 {
+    bar0: Mmio,
+    model: NicModel,
+    mac: MacAddress,
+    config: NicConfig,
+    tx: TxRing,
+    rx: RxRing,
+    stats: DeviceStats,
+    /// Frames dropped by the receive integrity check (part of `stats.rx_errors`).
+    rx_integrity_drops: u64,
+    /// Last: the VFIO device (and with it the IOMMU domain) outlives every mapping above.
+    pci: VfioPci,
+}
+
+impl std::fmt::Debug for E1000 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("E1000")
+            .field("device", self.pci.address())
+            .field("model", &self.model)
+            .field("mac", &self.mac)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Poll `cond` until it holds or `timeout` passes; never spins without sleeping.
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+impl E1000 {
+    /// Initialise the NIC behind `pci` (an 82540EM, 82545EM or 82574L) and return a ready
+    /// queue. Enables bus mastering, resets the device, programs both rings and waits up to
+    /// [`NicConfig::link_wait`] for the link (a link that is still down is not an error:
+    /// check [`NetQueue::link_up`]).
+    pub fn open(pci: VfioPci, config: &NicConfig) -> Result<E1000> {
+        config.validate()?;
+        let (vendor, device) = pci.ids();
+        let model = NicModel::from_ids(vendor, device)?;
+        if !model.is_e1000_family() {
+            return Err(DriverError::UnsupportedDevice { vendor, device });
+        }
+        pci.enable_bus_master()?;
+        let bar0 = pci.map_bar(0)?;
+        if bar0.len() < regs::GCR2 + 4 {
+            return Err(DriverError::Device(format!("BAR0 of {} bytes is too small for an e1000", bar0.len())));
+        }
+        let dma = Arc::clone(pci.dma());
+
+        reset(&bar0)?;
+        if model == NicModel::I82574L {
+            init_82574_bits(&bar0);
+        }
+        // Link set-up (SDM 14.3): SLU and ASDE, no forced speed/duplex, no resets pending.
+        let ctrl = bar0.read32(regs::CTRL);
+        let ctrl = (ctrl | regs::CTRL_SLU | regs::CTRL_ASDE)
+            & !(regs::CTRL_LRST
+                | regs::CTRL_PHY_RST
+                | regs::CTRL_ILOS
+                | regs::CTRL_FRCSPD
+                | regs::CTRL_FRCDPLX
+                | regs::CTRL_VME);
+        bar0.write32(regs::CTRL, ctrl);
+
+        let mac = match read_mac_from_receive_address(&bar0) {
+            Some(mac) => mac,
+            None => read_mac_from_eeprom(&bar0, model)?,
+        };
+        program_filters(&bar0, mac);
+
+        let rx = init_rx(&bar0, &dma, config)?;
+        let tx = init_tx(&bar0, &dma, config, model)?;
+
+        let mut nic = E1000 {
+            bar0,
+            model,
+            mac,
+            config: config.clone(),
+            tx,
+            rx,
+            stats: DeviceStats::default(),
+            rx_integrity_drops: 0,
+            pci,
+        };
+        // Receiver on, once (QEMU's e1000 refuses frames for a second after every RCTL write).
+        nic.bar0.write32(regs::RCTL, rctl_value(config.rx_buffer_size));
+        if !wait_until(config.link_wait, || nic.bar0.read32(regs::STATUS) & regs::STATUS_LU != 0) {
+            tracing::warn!(device = %nic.pci.address(), "link still down after {:?}", config.link_wait);
+        }
+        // Counters are cumulative from here on (reset cleared them; this discards anything
+        // counted during initialisation).
+        nic.read_counters();
+        nic.stats = DeviceStats::default();
+        tracing::info!(device = %nic.pci.address(), model = %model, mac = %mac, "e1000 ready");
+        Ok(nic)
+    }
+
+    /// The controller model.
+    pub fn model(&self) -> NicModel {
+        self.model
+    }
+
+    /// The VFIO device this driver owns.
+    pub fn pci(&self) -> &VfioPci {
+        &self.pci
+    }
+
+    /// Frames dropped because their data never arrived in the buffer (see the module docs);
+    /// included in [`DeviceStats::rx_errors`].
+    pub fn rx_integrity_drops(&self) -> u64 {
+        self.rx_integrity_drops
+    }
+
+    /// Read the clear-on-read counters (SDM 13.7) into `self.stats`.
+    fn read_counters(&mut self) {
+        let r = |reg| self.bar0.read32(reg) as u64;
+        // The 64-bit octet counters clear when the high word is read: low first.
+        let gotc = r(regs::GOTCL) | r(regs::GOTCH) << 32;
+        let gorc = r(regs::GORCL) | r(regs::GORCH) << 32;
+        let gptc = r(regs::GPTC);
+        let gprc = r(regs::GPRC);
+        let mpc = r(regs::MPC);
+        let rx_err = r(regs::CRCERRS) + r(regs::RXERRC);
+        let tx_err = r(regs::ECOL) + r(regs::LATECOL) + r(regs::TSCTFC);
+        let s = &mut self.stats;
+        s.tx_frames += gptc;
+        s.tx_bytes += gotc.saturating_sub(gptc * regs::FCS_LEN);
+        s.rx_frames += gprc;
+        s.rx_bytes += gorc.saturating_sub(gprc * regs::FCS_LEN);
+        s.rx_missed += mpc;
+        s.rx_errors += rx_err;
+        s.tx_errors += tx_err;
+    }
+
+    /// Stop the transmitter, rewind the ring, give every outstanding token back.
+    fn reset_tx_ring(&mut self, done: &mut dyn FnMut(TxToken)) -> usize {
+        let tctl = self.bar0.read32(regs::TCTL);
+        self.bar0.write32(regs::TCTL, tctl & !regs::TCTL_EN);
+        let _ = self.bar0.read32(regs::STATUS); // flush the posted write
+        // TCTL.EN = 0 stops after the frame in progress (SDM 13.4.33); give a stalled DMA
+        // engine time to settle before the memory goes back to the caller.
+        std::thread::sleep(Duration::from_millis(10));
+        let lost = self.tx.frames.len();
+        for f in self.tx.frames.drain(..) {
+            done(f.token);
+        }
+        self.tx.ring.zero();
+        self.tx.tail = 0;
+        self.tx.used = 0;
+        self.tx.unflushed = 0;
+        self.tx.csum_context = None;
+        self.bar0.write32(regs::TDH, 0);
+        self.bar0.write32(regs::TDT, 0);
+        self.bar0.write32(regs::TCTL, tctl | regs::TCTL_EN);
+        self.stats.watchdog_resets += 1;
+        self.tx.last_progress = Instant::now();
+        lost
+    }
+
+    fn descriptors_needed(&self, segments: &[TxSegment]) -> usize {
+        segments.iter().map(|s| desc::split_count(s.iova, s.len as u64)).sum()
+    }
+}
+
+/// Mask interrupts, stop RX/TX and reset the controller (SDM 14.2-14.3; 82574 DS 4.6).
+fn reset(bar0: &Mmio) -> Result<()> {
+    bar0.write32(regs::IMC, regs::IMC_ALL);
+    bar0.write32(regs::RCTL, 0);
+    bar0.write32(regs::TCTL, regs::TCTL_PSP);
+    let _ = bar0.read32(regs::STATUS);
+    // Let pending PCI transactions complete before the reset.
+    std::thread::sleep(Duration::from_millis(10));
+    bar0.write32(regs::CTRL, bar0.read32(regs::CTRL) | regs::CTRL_RST);
+    // The SDM asks for at least 1 us before accessing the device after a global reset;
+    // the 82574 DS asks software to wait until CTRL.RST has cleared.
+    std::thread::sleep(Duration::from_millis(1));
+    if !wait_until(Duration::from_secs(1), || bar0.read32(regs::CTRL) & regs::CTRL_RST == 0) {
+        return Err(DriverError::Timeout("CTRL.RST to clear after a global reset"));
+    }
+    // Interrupts come back unmasked-by-default after reset on some parts: mask, then clear
+    // any pending cause by reading ICR (SDM 13.4.17).
+    bar0.write32(regs::IMC, regs::IMC_ALL);
+    let _ = bar0.read32(regs::ICR);
+    Ok(())
+}
+
+/// 82574-specific initialisation bits (82574 DS 4.6 and the reserved-bit notes in 10.2).
+fn init_82574_bits(bar0: &Mmio) {
+    let ctrl = bar0.read32(regs::CTRL) & !regs::CTRL_82574_RESERVED_29;
+    bar0.write32(regs::CTRL, ctrl);
+    let ext = (bar0.read32(regs::CTRL_EXT) | regs::CTRL_EXT_82574_SET_22) & !regs::CTRL_EXT_82574_CLEAR_23;
+    bar0.write32(regs::CTRL_EXT, ext);
+    bar0.write32(regs::GCR, bar0.read32(regs::GCR) | regs::GCR_82574_SET_22);
+    bar0.write32(regs::GCR2, bar0.read32(regs::GCR2) | regs::GCR2_82574_SET_0);
+    bar0.write32(regs::TARC0, bar0.read32(regs::TARC0) | regs::TARC0_82574_SET_26);
+}
+
+/// Read the station address from EEPROM words 0-2 through EERD (SDM 13.4.4; 82574 DS 10.2),
+/// for parts whose RAL0/RAH0 were not loaded.
+fn read_mac_from_eeprom(bar0: &Mmio, model: NicModel) -> Result<MacAddress> {
+    let (done, shift) = if model == NicModel::I82574L {
+        (regs::EERD_82574_DONE, regs::EERD_82574_ADDR_SHIFT)
+    } else {
+        (regs::EERD_8254X_DONE, regs::EERD_8254X_ADDR_SHIFT)
+    };
+    let mut mac = [0u8; 6];
+    for word in 0..3u32 {
+        bar0.write32(regs::EERD, regs::EERD_START | word << shift);
+        let mut value = 0;
+        if !wait_until(Duration::from_millis(100), || {
+            value = bar0.read32(regs::EERD);
+            value & done != 0
+        }) {
+            return Err(DriverError::Timeout("an EEPROM read (EERD.DONE)"));
+        }
+        let data = (value >> regs::EERD_DATA_SHIFT) as u16;
+        mac[word as usize * 2..word as usize * 2 + 2].copy_from_slice(&data.to_le_bytes());
+    }
+    if mac == [0; 6] || mac == [0xff; 6] {
+        return Err(DriverError::Device("the EEPROM holds no station address".into()));
+    }
+    Ok(MacAddress(mac))
+}
+
+/// RAL0/RAH0 = our address, other receive addresses invalid, multicast table clear
+/// (SDM 14.4: "program the Receive Address Register(s)", "initialize the MTA to 0b").
+fn program_filters(bar0: &Mmio, mac: MacAddress) {
+    let m = mac.0;
+    // Write low before high; clear high before low (SDM 13.5.3 note).
+    bar0.write32(regs::RAL0, u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
+    bar0.write32(regs::RAH0, u32::from_le_bytes([m[4], m[5], 0, 0]) | regs::RAH_AV);
+    for n in 1..regs::RA_ENTRIES {
+        bar0.write32(regs::RAH0 + 8 * n, 0);
+        bar0.write32(regs::RAL0 + 8 * n, 0);
+    }
+    for w in 0..regs::MTA_WORDS {
+        bar0.write32(regs::MTA + 4 * w, 0);
+    }
+}
+
+/// RCTL: EN, BAM, SECRC and the buffer size (SDM 13.4.22). Unicast to RAL0 and broadcast
+/// only; no promiscuous modes, no long packets, bad frames not stored.
+fn rctl_value(buffer_size: usize) -> u32 {
+    let size_bits = match buffer_size {
+        2048 => 0b00 << regs::RCTL_BSIZE_SHIFT,
+        4096 => regs::RCTL_BSEX | 0b11 << regs::RCTL_BSIZE_SHIFT,
+        8192 => regs::RCTL_BSEX | 0b10 << regs::RCTL_BSIZE_SHIFT,
+        _ => regs::RCTL_BSEX | 0b01 << regs::RCTL_BSIZE_SHIFT, // 16384 (validated)
+    };
+    regs::RCTL_EN | regs::RCTL_BAM | regs::RCTL_SECRC | size_bits
+}
+
+/// Receive initialisation without enabling the receiver (SDM 14.4).
+fn init_rx(bar0: &Mmio, dma: &Arc<DmaSpace>, config: &NicConfig) -> Result<RxRing> {
+    let size = config.rx_ring_size;
+    let ring = dma.allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)?;
+    ring.zero();
+    let buffer_access = match config.fault_injection {
+        FaultInjection::RxBuffersReadOnly => DmaAccess::DeviceReads,
+        _ => DmaAccess::DeviceReadsWrites,
+    };
+    let count = size as usize; // one spare beyond the size-1 the ring can hold
+    let buffers = dma.allocate(count * config.rx_buffer_size, buffer_access)?;
+    let mut rx = RxRing {
+        ring,
+        buffers,
+        buffer_size: config.rx_buffer_size,
+        size,
+        next: 0,
+        tail: 0,
+        hw_tail: 0,
+        posted: 0,
+        desc_slot: vec![0; size as usize],
+        free: (0..count as u32).rev().collect(),
+        lent: vec![false; count],
+    };
+    let base = rx.ring.iova();
+    bar0.write32(regs::RDBAL, base as u32);
+    bar0.write32(regs::RDBAH, (base >> 32) as u32);
+    bar0.write32(regs::RDLEN, (size as usize * DESC_LEN) as u32);
+    bar0.write32(regs::RDH, 0);
+    bar0.write32(regs::RDT, 0);
+    // Write descriptors back at once; we poll (SDM 13.4.30, 13.4.31).
+    bar0.write32(regs::RDTR, 0);
+    bar0.write32(regs::RADV, 0);
+    rx.post_free();
+    fence(Ordering::SeqCst);
+    bar0.write32(regs::RDT, rx.tail as u32);
+    rx.hw_tail = rx.tail;
+    Ok(rx)
+}
+
+/// Transmit initialisation (SDM 14.5; 82574 DS 4.6).
+fn init_tx(bar0: &Mmio, dma: &Arc<DmaSpace>, config: &NicConfig, model: NicModel) -> Result<TxRing> {
+    let size = config.tx_ring_size;
+    let ring = dma.allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)?;
+    ring.zero();
+    let base = ring.iova();
+    bar0.write32(regs::TDBAL, base as u32);
+    bar0.write32(regs::TDBAH, (base >> 32) as u32);
+    bar0.write32(regs::TDLEN, (size as usize * DESC_LEN) as u32);
+    bar0.write32(regs::TDH, 0);
+    bar0.write32(regs::TDT, 0);
+    if model == NicModel::I82574L {
+        bar0.write32(regs::TXDCTL, regs::TXDCTL_82574_INIT);
+    }
+    bar0.write32(regs::TIPG, regs::TIPG_COPPER);
+    bar0.write32(
+        regs::TCTL,
+        regs::TCTL_EN
+            | regs::TCTL_PSP
+            | regs::TCTL_CT_RECOMMENDED << regs::TCTL_CT_SHIFT
+            | regs::TCTL_COLD_FULL_DUPLEX << regs::TCTL_COLD_SHIFT
+            | regs::TCTL_RTLC,
+    );
+    Ok(TxRing {
+        ring,
+        size,
+        tail: 0,
+        used: 0,
+        frames: VecDeque::with_capacity(size as usize),
+        unflushed: 0,
+        csum_context: None,
+        last_progress: Instant::now(),
+    })
+}
+
+impl RxRing {
+    /// Put free buffers on descriptors (without telling the device).
+    fn post_free(&mut self) {
+        while self.posted < self.size - 1 {
+            let Some(slot) = self.free.pop() else { break };
+            let offset = slot as usize * self.buffer_size;
+            // Clear the destination address so the integrity check can tell a frame the
+            // device really wrote from stale or never-written memory.
+            self.buffers.write_volatile::<u64>(offset, 0);
+            let at = self.tail as usize * DESC_LEN;
+            self.ring.write_volatile(at, self.buffers.iova() + offset as u64);
+            self.ring.write_volatile::<u64>(at + 8, 0);
+            self.desc_slot[self.tail as usize] = slot;
+            self.tail = (self.tail + 1) % self.size;
+            self.posted += 1;
+        }
+    }
+}
+
+impl Drop for E1000 {
+    fn drop(&mut self) {
+        // Stop all DMA before the rings and buffers are unmapped (fields drop after this).
+        self.bar0.write32(regs::IMC, regs::IMC_ALL);
+        self.bar0.write32(regs::TCTL, 0);
+        self.bar0.write32(regs::RCTL, 0);
+        self.bar0.write32(regs::CTRL, self.bar0.read32(regs::CTRL) | regs::CTRL_RST);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+impl NetQueue for E1000 {
+    fn mac_address(&self) -> MacAddress {
+        self.mac
+    }
+
+    fn dma(&self) -> &Arc<DmaSpace> {
+        self.pci.dma()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let o = &self.config.offloads;
+        Capabilities {
+            ipv4_header_checksum: o.ipv4_header_checksum,
+            tcp_checksum: o.l4_checksum,
+            udp_checksum: o.l4_checksum,
+            tso_max_frame: (o.tso && o.l4_checksum && o.ipv4_header_checksum).then_some(TSO_MAX_FRAME),
+            max_tx_segments: MAX_TX_SEGMENTS,
+            mtu: MTU,
+        }
+    }
+
+    fn link_up(&mut self) -> bool {
+        self.bar0.read32(regs::STATUS) & regs::STATUS_LU != 0
+    }
+
+    /// Frames of `segments` segments that fit now, counting a context descriptor per frame
+    /// and two descriptors per segment (a segment crossing one 4 KiB IOVA boundary). Larger
+    /// segments need one more descriptor per 4 KiB; [`NetQueue::tx_enqueue`] reports
+    /// [`DriverError::TxRingFull`] when a frame does not fit.
+    fn tx_capacity(&self, segments: usize) -> usize {
+        self.tx.free() / (2 * segments.max(1) + 1)
+    }
+
+    fn tx_enqueue(&mut self, segments: &[TxSegment], offload: &TxOffload, token: TxToken) -> Result<()> {
+        if segments.is_empty() || segments.len() > MAX_TX_SEGMENTS {
+            return Err(DriverError::BadFrame(format!(
+                "{} segments (1..={MAX_TX_SEGMENTS} allowed)",
+                segments.len()
+            )));
+        }
+        let frame_len: u64 = segments.iter().map(|s| s.len as u64).sum();
+        let limit = if offload.tso.is_some() { TSO_MAX_FRAME as u64 } else { MTU as u64 + 14 };
+        if frame_len == 0 || frame_len > limit {
+            return Err(DriverError::BadFrame(format!("frame of {frame_len} bytes (1..={limit} allowed)")));
+        }
+        let o = &self.config.offloads;
+        if (offload.ipv4_header.is_some() && !o.ipv4_header_checksum)
+            || (offload.l4_checksum.is_some() && !o.l4_checksum)
+            || (offload.tso.is_some() && !o.tso)
+        {
+            return Err(DriverError::BadFrame("offload requested that NicConfig switched off".into()));
+        }
+        let plan = desc::plan_offload(offload, frame_len as u32, MTU)?;
+        if let Some(tso) = offload.tso {
+            if (segments[0].len as u64) < tso.header_len as u64 {
+                return Err(DriverError::BadFrame("TSO headers must lie wholly in the first segment".into()));
+            }
+        }
+        let data_descs = self.descriptors_needed(segments);
+        if data_descs > MAX_DESCS_PER_FRAME {
+            return Err(DriverError::BadFrame(format!(
+                "frame needs {data_descs} descriptors (at most {MAX_DESCS_PER_FRAME})"
+            )));
+        }
+        let context = plan.map(|p| p.context).filter(|c| c.is_tso() || self.tx.csum_context != Some(*c));
+        let needed = data_descs + context.is_some() as usize;
+        if needed > self.tx.free() {
+            return Err(DriverError::TxRingFull);
+        }
+
+        if let Some(c) = context {
+            let [w0, w1] = c.words();
+            self.tx.write(w0, w1);
+            // A TSO context may replace the checksum context (the 82574 holds one context).
+            self.tx.csum_context = if c.is_tso() { None } else { Some(c) };
+        }
+        let (dcmd_extra, popts) = match plan {
+            Some(p) if p.context.is_tso() => (desc::DCMD_TSE, p.popts),
+            Some(p) => (0, p.popts),
+            None => (0, 0),
+        };
+        let mut remaining = data_descs;
+        for s in segments {
+            desc::split_points(s.iova, s.len as u64, |iova, len| {
+                remaining -= 1;
+                let last = remaining == 0;
+                let mut cmd = desc::CMD_IFCS;
+                if last {
+                    cmd |= desc::CMD_EOP | desc::CMD_RS;
+                }
+                let word1 = if plan.is_some() {
+                    desc::data_tx(len as u32, cmd | dcmd_extra, popts)
+                } else {
+                    desc::legacy_tx(len as u16, cmd)
+                };
+                self.tx.write(iova, word1);
+            });
+        }
+        let eop = (self.tx.tail + self.tx.size - 1) % self.tx.size;
+        self.tx.frames.push_back(TxFrame { eop, descs: needed as u16, token });
+        self.tx.unflushed += 1;
+        Ok(())
+    }
+
+    fn tx_flush(&mut self) {
+        if self.tx.unflushed == 0 {
+            return;
+        }
+        if self.tx.frames.len() == self.tx.unflushed {
+            // The ring was idle: the watchdog measures from now.
+            self.tx.last_progress = Instant::now();
+        }
+        // Descriptors must be visible before the device sees the new tail.
+        fence(Ordering::SeqCst);
+        self.bar0.write32(regs::TDT, self.tx.tail as u32);
+        self.tx.unflushed = 0;
+        self.stats.doorbells += 1;
+    }
+
+    fn tx_reap(&mut self, done: &mut dyn FnMut(TxToken)) -> Result<usize> {
+        let mut n = 0;
+        while self.tx.frames.len() > self.tx.unflushed {
+            let front = &self.tx.frames[0];
+            let word1: u64 = self.tx.ring.read_volatile(front.eop as usize * DESC_LEN + 8);
+            if word1 & desc::TX_STA_DD == 0 {
+                break;
+            }
+            fence(Ordering::Acquire);
+            let f = self.tx.frames.pop_front().expect("checked non-empty");
+            self.tx.used -= f.descs;
+            done(f.token);
+            n += 1;
+        }
+        let now = Instant::now();
+        if n > 0 {
+            self.tx.last_progress = now;
+            return Ok(n);
+        }
+        let outstanding = self.tx.frames.len() - self.tx.unflushed;
+        let stalled = now.duration_since(self.tx.last_progress);
+        if outstanding > 0 && stalled > self.config.tx_hang_timeout {
+            if !self.link_up() {
+                // No link, no progress expected: start counting again when it returns.
+                self.tx.last_progress = now;
+                return Ok(0);
+            }
+            let lost = self.reset_tx_ring(done);
+            tracing::error!(device = %self.pci.address(), lost, "TX hang: no completion for {stalled:?}; TX ring reset");
+            return Err(DriverError::TxHang { ms: stalled.as_millis() as u64, lost });
+        }
+        Ok(0)
+    }
+
+    fn rx_next(&mut self) -> Option<RxBuffer> {
+        loop {
+            if self.rx.posted == 0 {
+                return None;
+            }
+            let i = self.rx.next as usize;
+            let word1: u64 = self.rx.ring.read_volatile(i * DESC_LEN + 8);
+            if word1 & desc::RX_STA_DD == 0 {
+                return None;
+            }
+            fence(Ordering::Acquire);
+            self.rx.ring.write_volatile::<u64>(i * DESC_LEN + 8, 0);
+            let slot = self.rx.desc_slot[i];
+            self.rx.next = (self.rx.next + 1) % self.rx.size;
+            self.rx.posted -= 1;
+            let len = desc::rx_len(word1) as usize;
+            let bad_frame = word1 & desc::RX_ERR_FRAME != 0
+                || word1 & desc::RX_STA_EOP == 0
+                || len < 14
+                || len > self.rx.buffer_size;
+            if bad_frame {
+                self.stats.rx_errors += 1;
+                self.rx.free.push(slot);
+                continue;
+            }
+            let mut dst = [0u8; 6];
+            self.rx.buffers.read_bytes(slot as usize * self.rx.buffer_size, &mut dst);
+            if dst != self.mac.0 && dst != [0xff; 6] {
+                // Not something the device's filter accepts: the data never landed here.
+                self.stats.rx_errors += 1;
+                self.rx_integrity_drops += 1;
+                if self.rx_integrity_drops == 1 {
+                    tracing::error!(
+                        device = %self.pci.address(),
+                        "received frame's data missing from its buffer (device write blocked by the IOMMU?)"
+                    );
+                }
+                self.rx.free.push(slot);
+                continue;
+            }
+            self.rx.lent[slot as usize] = true;
+            return Some(RxBuffer { slot, len: len as u32 });
+        }
+    }
+
+    /// The bytes of a lent buffer.
+    ///
+    /// # Panics
+    /// If `buffer` is not a buffer this driver lent out and that is still lent (a forged or
+    /// already recycled [`RxBuffer`]).
+    fn rx_data(&self, buffer: &RxBuffer) -> &[u8] {
+        let slot = buffer.slot as usize;
+        assert!(
+            self.rx.lent.get(slot) == Some(&true) && buffer.len as usize <= self.rx.buffer_size,
+            "rx_data: buffer {buffer:?} is not lent out by this driver"
+        );
+        // SAFETY: the slot is lent (checked above): the device completed it (DD) and it is
+        // on no descriptor, so the device does not write it until `rx_recycle` (which needs
+        // `&mut self`, so cannot run while this borrow of `self` lives) gives it back and a
+        // later `rx_flush` re-posts it. The range lies inside the slot (len checked).
+        unsafe { self.rx.buffers.slice(slot * self.rx.buffer_size, buffer.len as usize) }
+    }
+
+    fn rx_recycle(&mut self, buffer: RxBuffer) {
+        let slot = buffer.slot as usize;
+        assert!(self.rx.lent.get(slot) == Some(&true), "rx_recycle: buffer {buffer:?} is not lent out");
+        self.rx.lent[slot] = false;
+        self.rx.free.push(buffer.slot);
+    }
+
+    fn rx_flush(&mut self) {
+        self.rx.post_free();
+        if self.rx.tail != self.rx.hw_tail {
+            fence(Ordering::SeqCst);
+            self.bar0.write32(regs::RDT, self.rx.tail as u32);
+            self.rx.hw_tail = self.rx.tail;
+            self.stats.doorbells += 1;
+        }
+    }
+
+    fn stats(&mut self) -> DeviceStats {
+        self.read_counters();
+        self.stats
+    }
 }

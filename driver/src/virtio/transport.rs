@@ -34,6 +34,9 @@ pub mod common {
     pub const QUEUE_DEVICE: usize = 0x30; // le64
 }
 
+/// "No MSI-X vector" for config_msix_vector / queue_msix_vector (section 4.1.5.1.2).
+pub const NO_VECTOR: u16 = 0xffff;
+
 /// Device status bits (section 2.1).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceStatus;
@@ -77,18 +80,27 @@ impl VirtioPciTransport {
                 continue;
             }
             let at = at as u64;
-            // struct virtio_pci_cap: cap_vndr, cap_next, cap_len, cfg_type, bar, id,
-            // padding[2], offset (le32), length (le32).
+            // struct virtio_pci_cap (section 4.1.4): cap_vndr, cap_next, cap_len, cfg_type,
+            // bar, id, padding[2], offset (le32), length (le32); 16 bytes.
+            let cap_len = pci_dev.config_read_u8(at + 2)?;
             let cfg_type = pci_dev.config_read_u8(at + 3)?;
             let loc = CapLocation {
                 bar: pci_dev.config_read_u8(at + 4)?,
                 offset: pci_dev.config_read_u32(at + 8)?,
                 length: pci_dev.config_read_u32(at + 12)?,
             };
+            // Section 4.1.4: "The driver MUST ignore any vendor-specific capability structure
+            // which has a reserved bar value" (0x6..0xff), and a structure shorter than
+            // virtio_pci_cap is not one of ours.
+            if loc.bar > 5 || cap_len < 16 {
+                continue;
+            }
             // The first capability of each type that we can use wins (section 4.1.4.1).
+            // VIRTIO_PCI_CAP_PCI_CFG (5), shared memory (8) and vendor data (9) are not used.
             match cfg_type {
                 CAP_COMMON_CFG if common.is_none() => common = Some(loc),
-                CAP_NOTIFY_CFG if notify.is_none() => {
+                // struct virtio_pci_notify_cap (4.1.4.4) appends notify_off_multiplier (le32).
+                CAP_NOTIFY_CFG if notify.is_none() && cap_len >= 20 => {
                     notify = Some(loc);
                     notify_off_multiplier = pci_dev.config_read_u32(at + 16)?;
                 }
@@ -122,6 +134,10 @@ impl VirtioPciTransport {
                 )));
             }
         }
+        // struct virtio_pci_common_cfg is 0x38 bytes up to queue_device (section 4.1.4.3).
+        if (common.length as usize) < common::QUEUE_DEVICE + 8 {
+            return Err(DriverError::Device(format!("virtio common configuration too short: {common:?}")));
+        }
         Ok(VirtioPciTransport { bars, common, notify, notify_off_multiplier, isr, device })
     }
 
@@ -139,17 +155,18 @@ impl VirtioPciTransport {
     pub fn common_write8(&self, field: usize, v: u8) {
         self.bar(self.common).write8(self.common_at(field), v)
     }
+    // The common configuration is little-endian (section 4.1.3: "little-endian").
     pub fn common_read16(&self, field: usize) -> u16 {
-        self.bar(self.common).read16(self.common_at(field))
+        u16::from_le(self.bar(self.common).read16(self.common_at(field)))
     }
     pub fn common_write16(&self, field: usize, v: u16) {
-        self.bar(self.common).write16(self.common_at(field), v)
+        self.bar(self.common).write16(self.common_at(field), v.to_le())
     }
     pub fn common_read32(&self, field: usize) -> u32 {
-        self.bar(self.common).read32(self.common_at(field))
+        u32::from_le(self.bar(self.common).read32(self.common_at(field)))
     }
     pub fn common_write32(&self, field: usize, v: u32) {
-        self.bar(self.common).write32(self.common_at(field), v)
+        self.bar(self.common).write32(self.common_at(field), v.to_le())
     }
     pub fn common_write64(&self, field: usize, v: u64) {
         // 64-bit fields are written as two 32-bit halves, low first (section 4.1.3.1).
@@ -181,22 +198,49 @@ impl VirtioPciTransport {
         self.common_write8(common::DEVICE_STATUS, status)
     }
 
-    /// Reset the device: write 0 and wait until it reads back 0 (section 4.1.4.3.2).
+    /// Set `bit` in device_status, keeping the bits already set (section 3.1.1: each step of
+    /// the initialisation sequence adds one bit).
+    pub fn add_status(&self, bit: u8) {
+        let status = self.status();
+        self.set_status(status | bit);
+    }
+
+    /// Tell the device the driver has given up on it (section 2.1: FAILED).
+    pub fn fail(&self) {
+        self.add_status(DeviceStatus::FAILED);
+    }
+
+    /// Reset the device: write 0 and wait until it reads back 0 (section 4.1.4.3.2: "After
+    /// writing 0 to device_status, the driver MUST wait for a read of device_status to return
+    /// 0 before reinitializing the device"). The device may take its time under emulation, so
+    /// the wait is generous.
     pub fn reset(&self) -> Result<()> {
         self.set_status(0);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while self.status() != 0 {
             if std::time::Instant::now() > deadline {
                 return Err(DriverError::Timeout("virtio device reset"));
             }
-            std::thread::yield_now();
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        Ok(())
+    }
+
+    fn check_device_config(&self, offset: usize, len: usize) -> Result<()> {
+        if offset + len > self.device.length as usize {
+            return Err(DriverError::Device(format!(
+                "virtio device configuration access {offset}+{len} beyond its {} bytes",
+                self.device.length
+            )));
         }
         Ok(())
     }
 
     /// Read `out.len()` bytes of device configuration, retrying until `config_generation` is
-    /// stable so multi-field reads are consistent (section 4.1.4.3.1).
-    pub fn read_device_config(&self, offset: usize, out: &mut [u8]) {
+    /// stable so multi-field reads are consistent (section 4.1.4.3.1 and 2.5.1). Byte
+    /// accesses: only for byte-array fields such as the MAC (section 4.1.3.1, natural width).
+    pub fn read_device_config(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.check_device_config(offset, out.len())?;
         let bar = self.bar(self.device);
         loop {
             let before = self.common_read8(common::CONFIG_GENERATION);
@@ -204,24 +248,73 @@ impl VirtioPciTransport {
                 *b = bar.read8(self.device.offset as usize + offset + i);
             }
             if self.common_read8(common::CONFIG_GENERATION) == before {
-                break;
+                return Ok(());
             }
         }
     }
 
-    pub fn device_config_read16(&self, offset: usize) -> u16 {
-        self.bar(self.device).read16(self.device.offset as usize + offset)
+    /// A le16 field of device configuration, read at its natural width.
+    pub fn device_config_read16(&self, offset: usize) -> Result<u16> {
+        self.check_device_config(offset, 2)?;
+        Ok(u16::from_le(self.bar(self.device).read16(self.device.offset as usize + offset)))
     }
 
-    /// Offset in the notify BAR for a queue whose `queue_notify_off` is `notify_off`
-    /// (section 4.1.4.4).
-    pub fn notify_offset(&self, notify_off: u16) -> usize {
-        self.notify.offset as usize + notify_off as usize * self.notify_off_multiplier as usize
+    /// Offset in the notify BAR for a queue whose `queue_notify_off` is `notify_off`:
+    /// `cap.offset + queue_notify_off * notify_off_multiplier` (section 4.1.4.4), checked to
+    /// lie inside the notification structure ("cap.length ... at least
+    /// queue_notify_off * notify_off_multiplier + 2").
+    pub fn notify_offset(&self, notify_off: u16) -> Result<usize> {
+        let within = notify_off as usize * self.notify_off_multiplier as usize;
+        if within + 2 > self.notify.length as usize {
+            return Err(DriverError::Device(format!(
+                "virtio queue_notify_off {notify_off} (multiplier {}) lies outside the {}-byte notification area",
+                self.notify_off_multiplier, self.notify.length
+            )));
+        }
+        Ok(self.notify.offset as usize + within)
     }
 
-    /// Notify the device that queue `index` has new buffers.
+    /// Configure and enable virtqueue `index` (section 4.1.5.1.3): select it, check the
+    /// device has it (`queue_size` != 0), write our `size` (a power of two no larger than
+    /// the device's maximum), the three area addresses (IOVAs: ACCESS_PLATFORM is
+    /// negotiated), leave the MSI-X vector at NO_VECTOR (we poll), then `queue_enable = 1`.
+    /// Returns the queue's offset in the notification BAR.
+    pub fn setup_queue(&self, index: u16, size: u16, desc: u64, driver: u64, device: u64) -> Result<usize> {
+        self.common_write16(common::QUEUE_SELECT, index);
+        let max = self.common_read16(common::QUEUE_SIZE);
+        if max == 0 {
+            return Err(DriverError::Device(format!("virtqueue {index} does not exist (queue_size 0)")));
+        }
+        if size > max || !size.is_power_of_two() {
+            return Err(DriverError::InvalidArgument(format!(
+                "virtqueue {index}: size {size} must be a power of two no larger than the device's {max}"
+            )));
+        }
+        if self.common_read16(common::QUEUE_ENABLE) != 0 {
+            return Err(DriverError::Device(format!("virtqueue {index} is enabled before set-up (reset failed?)")));
+        }
+        self.common_write16(common::QUEUE_SIZE, size);
+        self.common_write16(common::QUEUE_MSIX_VECTOR, NO_VECTOR);
+        self.common_write64(common::QUEUE_DESC, desc);
+        self.common_write64(common::QUEUE_DRIVER, driver);
+        self.common_write64(common::QUEUE_DEVICE, device);
+        let notify_off = self.common_read16(common::QUEUE_NOTIFY_OFF);
+        let offset = self.notify_offset(notify_off)?;
+        self.common_write16(common::QUEUE_ENABLE, 1);
+        Ok(offset)
+    }
+
+    /// The largest size the device allows for virtqueue `index` (0: no such queue).
+    pub fn max_queue_size(&self, index: u16) -> u16 {
+        self.common_write16(common::QUEUE_SELECT, index);
+        self.common_read16(common::QUEUE_SIZE)
+    }
+
+    /// Notify the device that queue `index` has new buffers: without
+    /// VIRTIO_F_NOTIFICATION_DATA the driver writes the 16-bit queue index to the queue's
+    /// notification address (section 4.1.5.2).
     pub fn notify(&self, notify_offset: usize, index: u16) {
-        self.bar(self.notify).write16(notify_offset, index)
+        self.bar(self.notify).write16(notify_offset, index.to_le())
     }
 
     /// Read (and thereby clear) the ISR status byte.

@@ -10,6 +10,9 @@ use driver::vfio::VfioPci;
 use driver::virtio::{features, VirtioPciTransport};
 use driver::NicModel;
 
+mod nictest;
+mod virtio;
+
 #[derive(Parser)]
 #[command(about = "zerosend guest-side test program")]
 struct Cli {
@@ -25,12 +28,18 @@ enum Command {
         #[arg(long)]
         pci: Option<String>,
     },
+    #[command(flatten)]
+    Nic(nictest::NicCommand),
+    #[command(flatten)]
+    Virtio(virtio::VirtioCommand),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Identify { pci } => identify(pci.as_deref()),
+        Command::Nic(c) => nictest::run(c),
+        Command::Virtio(c) => virtio::run(c),
     };
     if let Err(e) = result {
         eprintln!("zs-guest: error: {e:#}");
@@ -91,7 +100,7 @@ fn identify(pci: Option<&str>) -> Result<()> {
         println!("ACCESS_PLATFORM yes");
         if offered & features::NET_F_MAC != 0 {
             let mut mac = [0u8; 6];
-            t.read_device_config(0, &mut mac);
+            t.read_device_config(0, &mut mac)?;
             println!("MAC {}", driver::MacAddress(mac));
         }
     }

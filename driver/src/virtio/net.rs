@@ -1,0 +1,873 @@
+//! The virtio network device (VIRTIO 1.2 section 5.1) over the modern PCI transport, with
+//! split virtqueues in IOMMU-mapped memory, implementing [`NetQueue`].
+//!
+//! # Queues and memory
+//! One queue pair: receiveq1 is virtqueue 0, transmitq1 virtqueue 1 (section 5.1.2); no
+//! control queue (VIRTIO_NET_F_CTRL_VQ is not negotiated). Every frame on either queue is
+//! preceded by a 12-byte `struct virtio_net_hdr` (section 5.1.6; 12 bytes because
+//! VIRTIO_F_VERSION_1 always includes `num_buffers`).
+//!
+//! - **TX**: a frame is a descriptor chain: first our `virtio_net_hdr` (in a driver-owned
+//!   region the device may only read, one 256-byte slot per head descriptor), then the
+//!   caller's segments, pointing straight at the caller's IOVAs: no payload byte is copied.
+//!   Descriptors come from a free list; chains are published in bursts with one notification
+//!   per [`NetQueue::tx_flush`] (and none when the device set VIRTQ_USED_F_NO_NOTIFY).
+//!   Completions arrive in the used ring in any order (we do not negotiate
+//!   VIRTIO_F_IN_ORDER); tokens are handed back strictly in submission order.
+//! - **RX**: `rx_queue_size` buffers of `rx_buffer_size` bytes (at least 12 + 1514) in one
+//!   region the device may write, descriptor *i* permanently describing buffer *i*, all posted
+//!   at start; a received buffer is lent to the caller and re-posted when recycled.
+//!
+//! # Offloads (section 5.1.6.2)
+//! - L4 checksum -> `VIRTIO_NET_HDR_F_NEEDS_CSUM` with `csum_start`/`csum_offset`; the
+//!   checksum field already holds the pseudo-header sum, exactly the queue API's contract.
+//! - TSO -> `VIRTIO_NET_HDR_GSO_TCPV4` with `hdr_len`/`gso_size` (and NEEDS_CSUM, which
+//!   section 5.1.6.2.1 requires with GSO). The queue API's TSO contract (Intel's) has the
+//!   pseudo-header sum computed with a TCP length of zero; virtio devices (Linux's GSO behind
+//!   QEMU's TAP backend, and any device that adjusts the sum per segment from the packet as
+//!   given) expect it over the whole TCP length. So for TSO the driver copies the headers
+//!   (`hdr_len` bytes, typically 54) into its own header slot, right after the
+//!   `virtio_net_hdr`, adds the TCP length into the copied checksum field, and the chain
+//!   continues with the rest of the caller's first segment. The payload is never copied.
+//! - IPv4 header checksum: virtio-net has no such offload. The driver computes it on a copy
+//!   of the headers, the same way (about 20 bytes summed per frame), so the queue offers it.
+//!
+//! Both copies read the caller's bytes with [`DmaSpace::read_iova`]: the first segment must
+//! be memory allocated from this NIC's [`DmaSpace`].
+//!
+//! # Errors and recovery
+//! A device that hits an error it cannot recover from (for instance a descriptor whose IOVA
+//! the IOMMU refuses) sets DEVICE_NEEDS_RESET (section 2.1.2). The poll paths read the status
+//! when the device has been idle for a millisecond; on DEVICE_NEEDS_RESET, or when published
+//! frames make no progress for `tx_hang_timeout`, the driver resets the device (so it no
+//! longer touches any buffer), hands back the tokens of the frames it dropped, re-initialises
+//! with the same features, and [`NetQueue::tx_reap`] reports the error.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::anynic::{FaultInjection, NicConfig};
+use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
+use crate::error::{DriverError, Result};
+use crate::queue::{
+    Capabilities, DeviceStats, L4Protocol, MacAddress, NetQueue, RxBuffer, TxOffload, TxSegment,
+    TxToken,
+};
+use crate::vfio::VfioPci;
+
+use super::features as f;
+use super::transport::{DeviceStatus, VirtioPciTransport};
+use super::virtqueue::{SplitQueue, DESC_F_NEXT, DESC_F_WRITE};
+
+/// receiveq1 and transmitq1 (section 5.1.2).
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+
+/// `struct virtio_net_hdr` (section 5.1.6): `u8 flags; u8 gso_type; le16 hdr_len;
+/// le16 gso_size; le16 csum_start; le16 csum_offset; le16 num_buffers;`. With
+/// VIRTIO_F_VERSION_1 the header always has `num_buffers`: 12 bytes.
+pub const NET_HDR_LEN: usize = 12;
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM` (section 5.1.6).
+const HDR_F_NEEDS_CSUM: u8 = 1;
+/// `VIRTIO_NET_HDR_GSO_NONE` / `VIRTIO_NET_HDR_GSO_TCPV4` (section 5.1.6).
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+
+/// `struct virtio_net_config` (section 5.1.4): `u8 mac[6]; le16 status; ...`.
+const CONFIG_MAC: usize = 0;
+const CONFIG_STATUS: usize = 6;
+/// `VIRTIO_NET_S_LINK_UP` (section 5.1.4).
+const S_LINK_UP: u16 = 1;
+
+/// Ethernet header + 1500-byte MTU.
+const MAX_FRAME: u64 = 1514;
+/// Largest TSO frame: the IPv4 total length field is 16 bits.
+const TSO_MAX_FRAME: u32 = 65535;
+/// Per-head TX header slot: the `virtio_net_hdr` plus room for copied packet headers.
+const TX_HDR_SLOT: usize = 256;
+const MAX_COPIED_HEADERS: usize = TX_HDR_SLOT - NET_HDR_LEN;
+/// Most caller segments per frame (a 64 KiB TSO frame of 4 KiB pages needs 17 or 18).
+const MAX_TX_SEGMENTS: usize = 64;
+/// How long the device must be idle before the poll paths read its status register.
+const STATUS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Transmit side state.
+struct Tx {
+    vq: SplitQueue,
+    /// `TX_HDR_SLOT` bytes per descriptor index, used for chains headed by that descriptor.
+    headers: DmaRegion,
+    /// Free descriptor indices.
+    free: Vec<u16>,
+    /// Our copy of each descriptor's `next` (the device cannot change the table, but reading
+    /// our own shadow avoids volatile reads of DMA memory).
+    next: Vec<u16>,
+    /// Per head: descriptors in the chain, token and frame bytes, whether in flight, done.
+    chain_len: Vec<u16>,
+    token: Vec<TxToken>,
+    bytes: Vec<u64>,
+    in_flight: Vec<bool>,
+    done: Vec<bool>,
+    /// Heads in submission order.
+    order: VecDeque<u16>,
+    /// Last time a frame completed (or the ring went from idle to busy).
+    last_progress: Instant,
+}
+
+/// Receive side state.
+struct Rx {
+    vq: SplitQueue,
+    buffers: DmaRegion,
+    buffer_size: usize,
+    /// Buffer (= descriptor) is in the device's hands.
+    posted: Vec<bool>,
+    /// Buffer is lent to the caller.
+    lent: Vec<bool>,
+    /// Recycled, waiting for `rx_flush`.
+    recycled: Vec<u16>,
+}
+
+/// A modern virtio-net device driven through VFIO.
+pub struct VirtioNet {
+    transport: VirtioPciTransport,
+    pci: VfioPci,
+    config: NicConfig,
+    offered: u64,
+    negotiated: u64,
+    mac: MacAddress,
+    caps: Capabilities,
+    rx: Rx,
+    tx: Tx,
+    rx_notify: usize,
+    tx_notify: usize,
+    stats: DeviceStats,
+    /// Tokens of frames dropped by a reset, handed back by the next `tx_reap`.
+    lost: VecDeque<TxToken>,
+    /// Error to report from the next `tx_reap` (after the lost tokens).
+    pending_error: Option<DriverError>,
+    /// Set when re-initialisation failed: the device is unusable.
+    dead: Option<String>,
+    last_status_check: Instant,
+}
+
+/// What a frame's header slot holds besides the `virtio_net_hdr`.
+struct HeaderCopy {
+    len: usize,
+    bytes: [u8; MAX_COPIED_HEADERS],
+}
+
+fn ones_complement_add(a: u16, b: u16) -> u16 {
+    let s = a as u32 + b as u32;
+    ((s & 0xffff) + (s >> 16)) as u16
+}
+
+fn ipv4_header_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header.chunks(2).map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+impl VirtioNet {
+    /// Initialise the virtio-net function behind `pci` (section 3.1.1 with the network
+    /// device's steps of section 5.1.5): reset, ACKNOWLEDGE, DRIVER, feature negotiation
+    /// (VERSION_1 and ACCESS_PLATFORM required), FEATURES_OK (checked), virtqueue set-up,
+    /// receive buffers, DRIVER_OK.
+    ///
+    /// From `config`: ring sizes (rounded down to a power of two and capped at the device's
+    /// maximum), receive buffer size, which offloads to negotiate or offer, how long to wait
+    /// for the link, the TX-hang timeout, and fault injection (read-only receive buffers).
+    pub fn open(pci: VfioPci, config: &NicConfig) -> Result<VirtioNet> {
+        config.validate()?;
+        let (vendor, device) = pci.ids();
+        if (vendor, device) != (0x1af4, 0x1041) {
+            return Err(DriverError::UnsupportedDevice { vendor, device });
+        }
+        if config.rx_buffer_size < NET_HDR_LEN + MAX_FRAME as usize {
+            return Err(DriverError::InvalidArgument(format!(
+                "virtio-net receive buffers must hold the 12-byte header and a 1514-byte frame; {} is too small",
+                config.rx_buffer_size
+            )));
+        }
+        pci.enable_bus_master()?;
+        let transport = VirtioPciTransport::new(&pci)?;
+        transport.reset()?;
+        let (offered, negotiated) = negotiate(&transport, config, None)?;
+
+        let mac = if negotiated & f::NET_F_MAC != 0 {
+            let mut mac = [0u8; 6];
+            transport.read_device_config(CONFIG_MAC, &mut mac)?;
+            MacAddress(mac)
+        } else {
+            // Section 5.1.5: "If the VIRTIO_NET_F_MAC feature bit is not set, the driver
+            // SHOULD generate a random MAC address" (locally administered, unicast).
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ (std::process::id() as u64) << 20;
+            let b = seed.to_le_bytes();
+            MacAddress([0x02, b[0], b[1], b[2], b[3], b[4]])
+        };
+
+        let fit = |want: u16, index: u16| -> Result<u16> {
+            let max = transport.max_queue_size(index);
+            if max == 0 {
+                return Err(DriverError::Device(format!("virtio-net has no virtqueue {index}")));
+            }
+            // Largest power of two no larger than both (section 4.1.4.3.2: the driver may
+            // choose a smaller queue_size than the device's maximum).
+            let size = want.min(max).max(1);
+            Ok(1u16 << (15 - size.leading_zeros()))
+        };
+        let rx_size = fit(config.rx_ring_size, RX_QUEUE)?;
+        let tx_size = fit(config.tx_ring_size, TX_QUEUE)?;
+        if tx_size < 4 {
+            return Err(DriverError::InvalidArgument(format!("virtio-net TX queue of {tx_size} entries is too small")));
+        }
+        let dma = Arc::clone(pci.dma());
+        let rx_access = match config.fault_injection {
+            FaultInjection::None => DmaAccess::DeviceReadsWrites,
+            // The device's writes into receive buffers are stopped by the IOMMU.
+            FaultInjection::RxBuffersReadOnly => DmaAccess::DeviceReads,
+        };
+        let rx = Rx {
+            vq: SplitQueue::new(&dma, RX_QUEUE, rx_size)?,
+            buffers: dma.allocate(rx_size as usize * config.rx_buffer_size, rx_access)?,
+            buffer_size: config.rx_buffer_size,
+            posted: vec![false; rx_size as usize],
+            lent: vec![false; rx_size as usize],
+            recycled: Vec::new(),
+        };
+        let n = tx_size as usize;
+        let tx = Tx {
+            vq: SplitQueue::new(&dma, TX_QUEUE, tx_size)?,
+            headers: dma.allocate(n * TX_HDR_SLOT, DmaAccess::DeviceReads)?,
+            free: (0..tx_size).rev().collect(),
+            next: vec![0; n],
+            chain_len: vec![0; n],
+            token: vec![0; n],
+            bytes: vec![0; n],
+            in_flight: vec![false; n],
+            done: vec![false; n],
+            order: VecDeque::with_capacity(n),
+            last_progress: Instant::now(),
+        };
+        let csum = negotiated & f::NET_F_CSUM != 0;
+        let caps = Capabilities {
+            ipv4_header_checksum: config.offloads.ipv4_header_checksum,
+            tcp_checksum: csum,
+            udp_checksum: csum,
+            tso_max_frame: (negotiated & f::NET_F_HOST_TSO4 != 0).then_some(TSO_MAX_FRAME),
+            max_tx_segments: MAX_TX_SEGMENTS.min(n - 2),
+            mtu: 1500,
+        };
+        let mut nic = VirtioNet {
+            transport,
+            pci,
+            config: config.clone(),
+            offered,
+            negotiated,
+            mac,
+            caps,
+            rx,
+            tx,
+            rx_notify: 0,
+            tx_notify: 0,
+            stats: DeviceStats::default(),
+            lost: VecDeque::new(),
+            pending_error: None,
+            dead: None,
+            last_status_check: Instant::now(),
+        };
+        if let Err(e) = nic.start_queues() {
+            nic.transport.fail();
+            return Err(e);
+        }
+        let link_deadline = Instant::now() + config.link_wait;
+        while !nic.link_up() && Instant::now() < link_deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::info!(
+            mac = %nic.mac,
+            rx_queue = rx_size,
+            tx_queue = tx_size,
+            caps = ?nic.caps,
+            "virtio-net ready"
+        );
+        Ok(nic)
+    }
+
+    /// Feature bits the device offered.
+    pub fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    /// Feature bits negotiated (offered and taken).
+    pub fn negotiated_features(&self) -> u64 {
+        self.negotiated
+    }
+
+    /// The device's status byte (section 2.1).
+    pub fn device_status(&self) -> u8 {
+        self.transport.status()
+    }
+
+    /// The PCI function.
+    pub fn pci(&self) -> &VfioPci {
+        &self.pci
+    }
+
+    /// Set up both virtqueues, post every receive buffer not lent out, and set DRIVER_OK
+    /// (section 3.1.1 steps 7-8, section 5.1.5 step 5). The device is between FEATURES_OK
+    /// and DRIVER_OK, its queues disabled; our rings are zeroed.
+    fn start_queues(&mut self) -> Result<()> {
+        let t = &self.transport;
+        self.rx_notify = t.setup_queue(
+            RX_QUEUE,
+            self.rx.vq.size(),
+            self.rx.vq.desc_iova(),
+            self.rx.vq.avail_iova(),
+            self.rx.vq.used_iova(),
+        )?;
+        self.tx_notify = t.setup_queue(
+            TX_QUEUE,
+            self.tx.vq.size(),
+            self.tx.vq.desc_iova(),
+            self.tx.vq.avail_iova(),
+            self.tx.vq.used_iova(),
+        )?;
+        // Receive buffers: descriptor i is buffer i, device-writable, for good.
+        let size = self.rx.buffer_size;
+        self.rx.recycled.clear();
+        for i in 0..self.rx.vq.size() {
+            let iova = self.rx.buffers.iova() + (i as usize * size) as u64;
+            self.rx.vq.set_desc(i, iova, size as u32, DESC_F_WRITE, 0);
+            self.rx.posted[i as usize] = false;
+            if !self.rx.lent[i as usize] {
+                self.rx.vq.push_avail(i);
+                self.rx.posted[i as usize] = true;
+            }
+        }
+        self.rx.vq.publish();
+        // Section 3.1.1 step 8; section 3.1.1 also forbids notifications before DRIVER_OK.
+        t.add_status(DeviceStatus::DRIVER_OK);
+        let status = t.status();
+        if status & (DeviceStatus::DEVICE_NEEDS_RESET | DeviceStatus::FAILED) != 0 {
+            return Err(DriverError::Device(format!("virtio-net refused DRIVER_OK: status {status:#04x}")));
+        }
+        t.notify(self.rx_notify, RX_QUEUE);
+        self.stats.doorbells += 1;
+        Ok(())
+    }
+
+    /// Reset the device after an error, hand back what was in flight, and start it again
+    /// with the same features. Records `error` for `tx_reap`.
+    fn recover(&mut self, error: impl FnOnce(usize) -> DriverError) {
+        // Reset first: once the status reads 0 the device no longer touches any buffer, so
+        // the dropped frames' memory may be reused by the caller (section 2.4).
+        let reset = self.transport.reset();
+        let lost = self.tx.order.len();
+        while let Some(head) = self.tx.order.pop_front() {
+            self.lost.push_back(self.tx.token[head as usize]);
+            self.tx.in_flight[head as usize] = false;
+            self.tx.done[head as usize] = false;
+        }
+        self.stats.tx_errors += lost as u64;
+        self.stats.watchdog_resets += 1;
+        self.tx.free = (0..self.tx.vq.size()).rev().collect();
+        self.tx.vq.reset();
+        self.rx.vq.reset();
+        let err = error(lost);
+        tracing::warn!("virtio-net: {err}");
+        self.pending_error = Some(err);
+        let restarted = reset
+            .and_then(|()| negotiate(&self.transport, &self.config, Some(self.negotiated)))
+            .and_then(|_| self.start_queues());
+        if let Err(e) = restarted {
+            self.transport.fail();
+            tracing::error!("virtio-net: re-initialisation after reset failed: {e}");
+            self.dead = Some(format!("virtio-net could not be re-initialised after a reset: {e}"));
+        }
+        self.tx.last_progress = Instant::now();
+    }
+
+    /// Read the status when the device has been idle for a while; recover on
+    /// DEVICE_NEEDS_RESET (section 2.1.2: the driver must reset a device that sets it).
+    fn check_status(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_status_check) < STATUS_CHECK_INTERVAL {
+            return;
+        }
+        self.last_status_check = now;
+        let status = self.transport.status();
+        if status & DeviceStatus::DEVICE_NEEDS_RESET != 0 {
+            self.recover(|lost| {
+                DriverError::Device(format!(
+                    "virtio-net set DEVICE_NEEDS_RESET (status {status:#04x}): it hit an error it cannot recover from, such as a descriptor whose IOVA the IOMMU does not map; the device was reset and re-initialised, {lost} frames were dropped"
+                ))
+            });
+        } else if status & DeviceStatus::DRIVER_OK == 0 && self.dead.is_none() {
+            // Reset behind our back (e.g. a function reset).
+            self.recover(|lost| {
+                DriverError::Device(format!(
+                    "virtio-net lost DRIVER_OK (status {status:#04x}); re-initialised, {lost} frames were dropped"
+                ))
+            });
+        }
+    }
+
+    /// Build the header slot contents for one frame; returns the number of header bytes
+    /// copied from the caller's first segment.
+    fn prepare_header(&self, head: u16, segments: &[TxSegment], offload: &TxOffload, total: u64) -> Result<usize> {
+        let mut hdr = [0u8; NET_HDR_LEN];
+        let mut copy: Option<HeaderCopy> = None;
+        let first = segments[0];
+        let read_headers = |len: usize| -> Result<HeaderCopy> {
+            if len > first.len as usize || len > MAX_COPIED_HEADERS {
+                return Err(DriverError::BadFrame(format!(
+                    "the first segment ({} bytes) must hold the first {len} bytes of headers (at most {MAX_COPIED_HEADERS})",
+                    first.len
+                )));
+            }
+            let mut c = HeaderCopy { len, bytes: [0; MAX_COPIED_HEADERS] };
+            self.pci.dma().read_iova(first.iova, &mut c.bytes[..len]).map_err(|e| {
+                DriverError::BadFrame(format!(
+                    "virtio-net patches the headers of frames with TSO or IPv4 header checksum requests, so the first segment must lie in memory allocated from this NIC's DmaSpace: {e}"
+                ))
+            })?;
+            Ok(c)
+        };
+
+        if let Some(c) = offload.l4_checksum {
+            if !self.caps.tcp_checksum {
+                return Err(DriverError::BadFrame(
+                    "L4 checksum offload requested but VIRTIO_NET_F_CSUM was not negotiated (see capabilities())".into(),
+                ));
+            }
+            if c.field < c.start || c.field as u64 + 2 > total {
+                return Err(DriverError::BadFrame(format!("bad checksum offsets {c:?} for a {total}-byte frame")));
+            }
+            hdr[0] = HDR_F_NEEDS_CSUM;
+            hdr[6..8].copy_from_slice(&c.start.to_le_bytes());
+            hdr[8..10].copy_from_slice(&(c.field - c.start).to_le_bytes());
+        }
+        if let Some(tso) = offload.tso {
+            let Some(c) = offload.l4_checksum.filter(|c| c.protocol == L4Protocol::Tcp) else {
+                return Err(DriverError::BadFrame("TSO needs a TCP l4_checksum request".into()));
+            };
+            if self.caps.tso_max_frame.is_none() {
+                return Err(DriverError::BadFrame(
+                    "TSO requested but VIRTIO_NET_F_HOST_TSO4 was not negotiated (see capabilities())".into(),
+                ));
+            }
+            if offload.ipv4_header.is_none() || tso.mss == 0 || (c.field as usize + 2) > tso.header_len as usize {
+                return Err(DriverError::BadFrame(format!("bad TSO request {offload:?}")));
+            }
+            if total > TSO_MAX_FRAME as u64 {
+                return Err(DriverError::BadFrame(format!("TSO frame of {total} bytes exceeds {TSO_MAX_FRAME}")));
+            }
+            hdr[1] = GSO_TCPV4;
+            hdr[2..4].copy_from_slice(&tso.header_len.to_le_bytes());
+            hdr[4..6].copy_from_slice(&tso.mss.to_le_bytes());
+            let mut h = read_headers(tso.header_len as usize)?;
+            // The device (Linux's GSO behind QEMU's TAP backend, like any receiver of the
+            // frame as given) takes the IPv4 header at face value: its total length must be
+            // the whole packet's, and its checksum valid. The queue API leaves both to the
+            // device, so set them here, on the copy.
+            let ip = offload.ipv4_header.unwrap() as usize;
+            let ihl = (h.bytes[ip] & 0x0f) as usize * 4;
+            if h.bytes[ip] >> 4 != 4 || ihl < 20 || ip + ihl > c.start as usize {
+                return Err(DriverError::BadFrame(format!("no IPv4 header at offset {ip} of the TSO frame")));
+            }
+            h.bytes[ip + 2..ip + 4].copy_from_slice(&((total - ip as u64) as u16).to_be_bytes());
+            h.bytes[ip + 10..ip + 12].fill(0);
+            let sum = ipv4_header_checksum(&h.bytes[ip..ip + ihl]);
+            h.bytes[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
+            // Pseudo-header sum: queue API (TCP length 0) -> virtio (whole TCP length).
+            let field = c.field as usize;
+            let tcp_len = (total - c.start as u64) as u16;
+            let old = u16::from_be_bytes([h.bytes[field], h.bytes[field + 1]]);
+            h.bytes[field..field + 2].copy_from_slice(&ones_complement_add(old, tcp_len).to_be_bytes());
+            copy = Some(h);
+        } else {
+            if total > MAX_FRAME {
+                return Err(DriverError::BadFrame(format!("{total}-byte frame without TSO exceeds {MAX_FRAME}")));
+            }
+            if let Some(ip) = offload.ipv4_header {
+                if !self.caps.ipv4_header_checksum {
+                    return Err(DriverError::BadFrame("IPv4 header checksum offload is switched off".into()));
+                }
+                // virtio-net has no IPv4 header checksum offload: compute it on a copy.
+                let ip = ip as usize;
+                let probe = read_headers((ip + 1).min(first.len as usize))?;
+                let ihl = (probe.bytes.get(ip).copied().unwrap_or(0) & 0x0f) as usize * 4;
+                if probe.bytes.get(ip).map(|b| b >> 4) != Some(4) || ihl < 20 {
+                    return Err(DriverError::BadFrame(format!("no IPv4 header at offset {ip}")));
+                }
+                let mut h = read_headers(ip + ihl)?;
+                h.bytes[ip + 10..ip + 12].fill(0);
+                let sum = ipv4_header_checksum(&h.bytes[ip..ip + ihl]);
+                h.bytes[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
+                copy = Some(h);
+            }
+        }
+        // gso_type stays VIRTIO_NET_HDR_GSO_NONE without TSO (section 5.1.6.2.1: required
+        // when no GSO feature is negotiated); num_buffers (hdr[10..12]) is zero on transmit.
+        debug_assert!(offload.tso.is_some() || hdr[1] == GSO_NONE);
+        let slot = head as usize * TX_HDR_SLOT;
+        self.tx.headers.write_bytes(slot, &hdr);
+        let copied = match copy {
+            Some(h) => {
+                self.tx.headers.write_bytes(slot + NET_HDR_LEN, &h.bytes[..h.len]);
+                h.len
+            }
+            None => 0,
+        };
+        Ok(copied)
+    }
+}
+
+/// Feature negotiation (section 3.1.1 steps 2-6, section 2.2): ACKNOWLEDGE, DRIVER, read the
+/// offered bits, refuse without VERSION_1 or ACCESS_PLATFORM, take what we use, FEATURES_OK
+/// and check that the device kept it. With `same`, insist on exactly those bits (re-init).
+/// Returns (offered, negotiated).
+fn negotiate(t: &VirtioPciTransport, config: &NicConfig, same: Option<u64>) -> Result<(u64, u64)> {
+    t.add_status(DeviceStatus::ACKNOWLEDGE);
+    t.add_status(DeviceStatus::DRIVER);
+    let offered = t.device_features();
+    if offered & f::F_VERSION_1 == 0 {
+        t.fail();
+        return Err(DriverError::MissingFeature(
+            "VIRTIO_F_VERSION_1 (a legacy or transitional device; in QEMU use disable-legacy=on)",
+        ));
+    }
+    if offered & f::F_ACCESS_PLATFORM == 0 {
+        // Without it the device would use guest-physical addresses and bypass the IOMMU.
+        t.fail();
+        return Err(DriverError::NoAccessPlatform);
+    }
+    let mut want = f::F_VERSION_1 | f::F_ACCESS_PLATFORM | f::NET_F_MAC | f::NET_F_STATUS;
+    if config.offloads.l4_checksum {
+        want |= f::NET_F_CSUM;
+        // Section 5.1.3.1: HOST_TSO4 requires CSUM.
+        if config.offloads.tso && offered & f::NET_F_CSUM != 0 {
+            want |= f::NET_F_HOST_TSO4;
+        }
+    }
+    let taken = match same {
+        Some(bits) if offered & bits != bits => {
+            t.fail();
+            return Err(DriverError::Device(format!(
+                "after reset the device no longer offers {}",
+                f::names(bits & !offered).join(",")
+            )));
+        }
+        Some(bits) => bits,
+        None => offered & want,
+    };
+    if same.is_none() {
+        tracing::info!(
+            offered = %f::names(offered).join(","),
+            taken = %f::names(taken).join(","),
+            not_taken = %f::names(offered & !taken).join(","),
+            "virtio-net features"
+        );
+    }
+    t.set_driver_features(taken);
+    t.add_status(DeviceStatus::FEATURES_OK);
+    // Section 3.1.1 step 6: re-read device status to ensure FEATURES_OK is still set.
+    if t.status() & DeviceStatus::FEATURES_OK == 0 {
+        t.fail();
+        return Err(DriverError::Device(format!(
+            "virtio-net did not accept features {}",
+            f::names(taken).join(",")
+        )));
+    }
+    Ok((offered, taken))
+}
+
+impl NetQueue for VirtioNet {
+    fn mac_address(&self) -> MacAddress {
+        self.mac
+    }
+
+    fn dma(&self) -> &Arc<DmaSpace> {
+        self.pci.dma()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    fn link_up(&mut self) -> bool {
+        self.check_status();
+        if self.dead.is_some() {
+            return false;
+        }
+        if self.negotiated & f::NET_F_STATUS == 0 {
+            // Section 5.1.4: without VIRTIO_NET_F_STATUS the link is assumed active.
+            return true;
+        }
+        self.transport.device_config_read16(CONFIG_STATUS).map(|s| s & S_LINK_UP != 0).unwrap_or(false)
+    }
+
+    fn tx_capacity(&self, segments: usize) -> usize {
+        if self.dead.is_some() || segments == 0 || segments > self.caps.max_tx_segments {
+            return 0;
+        }
+        // Header descriptor + segments, + 1 when a header copy splits the first segment.
+        self.tx.free.len() / (segments + 2)
+    }
+
+    fn tx_enqueue(&mut self, segments: &[TxSegment], offload: &TxOffload, token: TxToken) -> Result<()> {
+        if let Some(why) = &self.dead {
+            return Err(DriverError::Device(why.clone()));
+        }
+        if segments.is_empty() || segments.len() > self.caps.max_tx_segments {
+            return Err(DriverError::BadFrame(format!(
+                "{} segments (1 to {} allowed)",
+                segments.len(),
+                self.caps.max_tx_segments
+            )));
+        }
+        if segments.iter().any(|s| s.len == 0) {
+            return Err(DriverError::BadFrame("zero-length segment".into()));
+        }
+        let total: u64 = segments.iter().map(|s| s.len as u64).sum();
+        if total < 14 {
+            return Err(DriverError::BadFrame(format!("{total}-byte frame is shorter than an Ethernet header")));
+        }
+        // Worst case: header descriptor, split first segment, the other segments.
+        if self.tx.free.len() < segments.len() + 2 {
+            return Err(DriverError::TxRingFull);
+        }
+        let head = *self.tx.free.last().unwrap();
+        let copied = self.prepare_header(head, segments, offload, total)?;
+
+        // Descriptor list: (iova, len).
+        let mut pieces: [(u64, u32); MAX_TX_SEGMENTS + 2] = [(0, 0); MAX_TX_SEGMENTS + 2];
+        let mut n = 0;
+        pieces[n] = (self.tx.headers.iova() + (head as usize * TX_HDR_SLOT) as u64, (NET_HDR_LEN + copied) as u32);
+        n += 1;
+        for (i, s) in segments.iter().enumerate() {
+            let skip = if i == 0 { copied as u32 } else { 0 };
+            if s.len > skip {
+                pieces[n] = (s.iova + skip as u64, s.len - skip);
+                n += 1;
+            }
+        }
+        let mut descs = [0u16; MAX_TX_SEGMENTS + 2];
+        for d in descs.iter_mut().take(n) {
+            *d = self.tx.free.pop().unwrap();
+        }
+        debug_assert_eq!(descs[0], head);
+        for k in 0..n {
+            let last = k + 1 == n;
+            let next = if last { 0 } else { descs[k + 1] };
+            let (iova, len) = pieces[k];
+            // TX buffers are device-readable: no VIRTQ_DESC_F_WRITE (section 2.7.5).
+            self.tx.vq.set_desc(descs[k], iova, len, if last { 0 } else { DESC_F_NEXT }, next);
+            self.tx.next[descs[k] as usize] = next;
+        }
+        let h = head as usize;
+        self.tx.chain_len[h] = n as u16;
+        self.tx.token[h] = token;
+        self.tx.bytes[h] = total;
+        self.tx.in_flight[h] = true;
+        self.tx.done[h] = false;
+        if self.tx.order.is_empty() {
+            self.tx.last_progress = Instant::now();
+        }
+        self.tx.order.push_back(head);
+        self.tx.vq.push_avail(head);
+        Ok(())
+    }
+
+    fn tx_flush(&mut self) {
+        if self.tx.vq.publish() && self.tx.vq.device_wants_notification() {
+            self.transport.notify(self.tx_notify, TX_QUEUE);
+            self.stats.doorbells += 1;
+        }
+    }
+
+    fn tx_reap(&mut self, done: &mut dyn FnMut(TxToken)) -> Result<usize> {
+        let mut n = 0;
+        while let Some(token) = self.lost.pop_front() {
+            done(token);
+            n += 1;
+        }
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
+        if let Some(why) = &self.dead {
+            return Err(DriverError::Device(why.clone()));
+        }
+        let size = self.tx.vq.size() as u32;
+        while let Some((id, _len)) = self.tx.vq.pop_used() {
+            // Section 2.7.8: id is the head of a chain we made available.
+            if id >= size || !self.tx.in_flight[id as usize] || self.tx.done[id as usize] {
+                self.recover(|lost| {
+                    DriverError::Device(format!(
+                        "virtio-net returned descriptor {id}, which is not an outstanding TX chain; reset, {lost} frames dropped"
+                    ))
+                });
+                return self.tx_reap(done).map(|m| m + n);
+            }
+            self.tx.done[id as usize] = true;
+        }
+        while let Some(&head) = self.tx.order.front() {
+            let h = head as usize;
+            if !self.tx.done[h] {
+                break;
+            }
+            self.tx.order.pop_front();
+            self.tx.in_flight[h] = false;
+            self.tx.done[h] = false;
+            let mut d = head;
+            for _ in 0..self.tx.chain_len[h] {
+                self.tx.free.push(d);
+                d = self.tx.next[d as usize];
+            }
+            self.stats.tx_frames += 1;
+            self.stats.tx_bytes += self.tx.bytes[h];
+            done(self.tx.token[h]);
+            n += 1;
+        }
+        let published = self.tx.order.len() - self.tx.vq.unpublished() as usize;
+        if n > 0 || published == 0 {
+            self.tx.last_progress = Instant::now();
+            return Ok(n);
+        }
+        self.check_status();
+        if self.pending_error.is_none() {
+            let stalled = self.tx.last_progress.elapsed();
+            if stalled > self.config.tx_hang_timeout {
+                let ms = stalled.as_millis() as u64;
+                self.recover(|lost| DriverError::TxHang { ms, lost });
+            }
+        }
+        if self.pending_error.is_some() {
+            return self.tx_reap(done).map(|m| m + n);
+        }
+        Ok(n)
+    }
+
+    fn rx_next(&mut self) -> Option<RxBuffer> {
+        if self.dead.is_some() {
+            return None;
+        }
+        loop {
+            let Some((id, len)) = self.rx.vq.pop_used() else {
+                self.check_status();
+                return None;
+            };
+            let size = self.rx.vq.size() as u32;
+            if id >= size || !self.rx.posted[id as usize] {
+                self.recover(|lost| {
+                    DriverError::Device(format!(
+                        "virtio-net returned RX descriptor {id}, which was not posted; reset, {lost} TX frames dropped"
+                    ))
+                });
+                return None;
+            }
+            self.rx.posted[id as usize] = false;
+            // len counts the bytes written, virtio_net_hdr included (section 2.7.8).
+            let len = len as usize;
+            if len < NET_HDR_LEN + 14 || len > self.rx.buffer_size {
+                self.stats.rx_errors += 1;
+                self.rx.recycled.push(id as u16);
+                continue;
+            }
+            self.rx.lent[id as usize] = true;
+            let frame = (len - NET_HDR_LEN) as u32;
+            self.stats.rx_frames += 1;
+            self.stats.rx_bytes += frame as u64;
+            return Some(RxBuffer { slot: id, len: frame });
+        }
+    }
+
+    fn rx_data(&self, buffer: &RxBuffer) -> &[u8] {
+        let slot = buffer.slot as usize;
+        assert!(self.rx.lent[slot], "rx_data on a buffer that is not lent out");
+        let at = slot * self.rx.buffer_size + NET_HDR_LEN;
+        // SAFETY: the buffer is lent to the caller: the device returned it in the used ring
+        // and it is not in the available ring, so the device does not write it until
+        // rx_recycle + rx_flush, which need `&mut self` and so end this borrow first.
+        unsafe { self.rx.buffers.slice(at, buffer.len as usize) }
+    }
+
+    fn rx_recycle(&mut self, buffer: RxBuffer) {
+        let slot = buffer.slot as usize;
+        if slot < self.rx.lent.len() && self.rx.lent[slot] {
+            self.rx.lent[slot] = false;
+            self.rx.recycled.push(slot as u16);
+        }
+    }
+
+    fn rx_flush(&mut self) {
+        if self.rx.recycled.is_empty() {
+            return;
+        }
+        for i in 0..self.rx.recycled.len() {
+            let slot = self.rx.recycled[i];
+            self.rx.vq.push_avail(slot);
+            self.rx.posted[slot as usize] = true;
+        }
+        self.rx.recycled.clear();
+        if self.rx.vq.publish() && self.rx.vq.device_wants_notification() {
+            self.transport.notify(self.rx_notify, RX_QUEUE);
+            self.stats.doorbells += 1;
+        }
+    }
+
+    fn stats(&mut self) -> DeviceStats {
+        self.stats
+    }
+}
+
+impl std::fmt::Debug for VirtioNet {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        out.debug_struct("VirtioNet")
+            .field("pci", &self.pci.address().to_string())
+            .field("mac", &self.mac)
+            .field("negotiated", &f::names(self.negotiated).join(","))
+            .field("rx_queue", &self.rx.vq.size())
+            .field("tx_queue", &self.tx.vq.size())
+            .field("in_flight", &self.tx.order.len())
+            .field("dead", &self.dead)
+            .finish()
+    }
+}
+
+impl Drop for VirtioNet {
+    fn drop(&mut self) {
+        // Stop all DMA before the rings and buffers are unmapped and freed.
+        if let Err(e) = self.transport.reset() {
+            tracing::error!("virtio-net: reset on close failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_checksum_of_a_known_header() {
+        // Example header from RFC 1071 discussions / Wikipedia: checksum 0xb861.
+        let h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0,
+            0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(ipv4_header_checksum(&h), 0xb861);
+    }
+
+    #[test]
+    fn ones_complement_addition_wraps_the_carry() {
+        assert_eq!(ones_complement_add(0xffff, 0x0001), 0x0001);
+        assert_eq!(ones_complement_add(0x1234, 0x0100), 0x1334);
+        assert_eq!(ones_complement_add(0x8000, 0x8000), 0x0001);
+    }
+}

@@ -1,0 +1,559 @@
+//! Guest-side programs for the virtio-net driver tests (hw-tests/tests/virtio.rs).
+//!
+//! Every frame these programs send is built from deterministic formulas that the host-side
+//! tests repeat ([`frame_len`], [`pattern`], ...), so the host can check the bytes that
+//! arrived without being told what was sent.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Subcommand;
+use driver::dma::{DmaAccess, DmaRegion};
+use driver::vfio::VfioPci;
+use driver::anynic::NicConfig;
+use driver::virtio::{features, VirtioNet};
+use driver::{L4Checksum, L4Protocol, MacAddress, NetQueue, TxOffload, TxSegment, Tso};
+
+#[derive(Subcommand)]
+pub enum VirtioCommand {
+    /// Open the virtio-net device with the driver and print what was negotiated.
+    VirtioOpen {
+        #[arg(long)]
+        pci: Option<String>,
+    },
+    /// Send `frames` multi-segment frames (EtherType 0x88b5) and reap every token in order.
+    VirtioTxMultiseg {
+        #[arg(long)]
+        pci: Option<String>,
+        #[arg(long, default_value_t = 48)]
+        frames: u32,
+    },
+    /// Wait for a "GO" datagram from the host (learning its MAC), then send UDP and TCP
+    /// frames with checksum offload and one TSO frame, to 10.99.1.2 through the host.
+    VirtioOffload {
+        #[arg(long)]
+        pci: Option<String>,
+        /// Payload bytes of the TSO frame.
+        #[arg(long, default_value_t = 61440)]
+        tso_bytes: u32,
+        #[arg(long, default_value_t = 1448)]
+        mss: u16,
+    },
+    /// Receive `count` UDP datagrams on port 9001 and check each one.
+    VirtioRx {
+        #[arg(long)]
+        pci: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        count: u32,
+    },
+    /// Send a good frame, a frame with a segment at an unmapped IOVA, and another good frame.
+    VirtioIommuFault {
+        #[arg(long)]
+        pci: Option<String>,
+    },
+}
+
+pub fn run(command: VirtioCommand) -> Result<()> {
+    match command {
+        VirtioCommand::VirtioOpen { pci } => open_and_report(pci.as_deref()),
+        VirtioCommand::VirtioTxMultiseg { pci, frames } => tx_multiseg(pci.as_deref(), frames),
+        VirtioCommand::VirtioOffload { pci, tso_bytes, mss } => offload(pci.as_deref(), tso_bytes, mss),
+        VirtioCommand::VirtioRx { pci, count } => rx(pci.as_deref(), count),
+        VirtioCommand::VirtioIommuFault { pci } => iommu_fault(pci.as_deref()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Formulas shared with hw-tests/tests/virtio.rs (keep them identical).
+// ---------------------------------------------------------------------------------------
+
+/// EtherType of the multi-segment test frames (IEEE local experimental).
+pub const TEST_ETHERTYPE: u16 = 0x88b5;
+pub const GUEST_IP: [u8; 4] = [10, 99, 0, 2];
+/// Behind the host: the host forwards to its second TAP device.
+pub const FAR_IP: [u8; 4] = [10, 99, 1, 2];
+pub const GO_PORT: u16 = 9000;
+pub const RX_PORT: u16 = 9001;
+pub const UDP_SRC_PORT: u16 = 5000;
+pub const UDP_DST_PORT: u16 = 7000;
+pub const TCP_SRC_PORT: u16 = 5001;
+pub const TCP_DST_PORT: u16 = 7001;
+pub const UDP_FRAMES: u32 = 12;
+pub const TCP_FRAMES: u32 = 12;
+pub const TSO_SEQ: u32 = 0x1000_0000;
+
+/// Byte `i` of test payload `seed`.
+pub fn pattern(seed: u32, i: usize) -> u8 {
+    (seed as usize).wrapping_mul(131).wrapping_add(i.wrapping_mul(7)).wrapping_add(i >> 8) as u8
+}
+
+/// Length of multi-segment frame `k` (60..=1514).
+pub fn multiseg_len(k: u32) -> usize {
+    if k % 8 == 7 {
+        1514
+    } else {
+        60 + (k as usize * 97) % 1455
+    }
+}
+
+/// UDP payload length of offload frame `k` (also used for received datagram `k`).
+pub fn udp_payload_len(k: u32) -> usize {
+    if k % 10 == 0 {
+        1472
+    } else {
+        8 + (k as usize * 53) % 1464
+    }
+}
+
+/// TCP payload length of (non-TSO) offload frame `k`.
+pub fn tcp_payload_len(k: u32) -> usize {
+    if k % 6 == 0 {
+        1460
+    } else {
+        1 + (k as usize * 211) % 1459
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// Test configuration: the defaults, with a TX-hang timeout generous enough for a TCG guest
+/// on a loaded machine.
+fn config() -> NicConfig {
+    NicConfig { tx_hang_timeout: Duration::from_secs(20), ..NicConfig::default() }
+}
+
+fn open(pci: Option<&str>, config: &NicConfig) -> Result<VirtioNet> {
+    let (address, model) = super::find_nic(pci)?;
+    ensure!(model == driver::NicModel::VirtioNet, "{address} is {model}, not virtio-net");
+    println!("NIC {address} {model}");
+    let dev = VfioPci::open(&address).with_context(|| format!("opening {address}"))?;
+    let nic = VirtioNet::open(dev, config).context("initialising virtio-net")?;
+    println!(
+        "VIRTIO_OFFERED {:#018x} {}",
+        nic.offered_features(),
+        features::names(nic.offered_features()).join(",")
+    );
+    println!(
+        "VIRTIO_NEGOTIATED {:#018x} {}",
+        nic.negotiated_features(),
+        features::names(nic.negotiated_features()).join(",")
+    );
+    println!("MAC {}", nic.mac_address());
+    println!("CAPS {:?}", nic.capabilities());
+    Ok(nic)
+}
+
+fn fold(mut sum: u64) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn sum_words(data: &[u8]) -> u64 {
+    data.chunks(2).map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u64).sum()
+}
+
+/// One's-complement pseudo-header sum (not inverted), RFC 793 / RFC 768.
+fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u16 {
+    fold(sum_words(&src) + sum_words(&dst) + proto as u64 + len as u64)
+}
+
+fn ipv4_header(total_len: u16, id: u16, proto: u8, src: [u8; 4], dst: [u8; 4], checksum: bool) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&total_len.to_be_bytes());
+    h[4..6].copy_from_slice(&id.to_be_bytes());
+    h[6] = 0x40; // DF
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src);
+    h[16..20].copy_from_slice(&dst);
+    if checksum {
+        let c = !fold(sum_words(&h));
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    h
+}
+
+fn ethernet(dst: MacAddress, src: MacAddress, ethertype: u16) -> [u8; 14] {
+    let mut e = [0u8; 14];
+    e[0..6].copy_from_slice(&dst.0);
+    e[6..12].copy_from_slice(&src.0);
+    e[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    e
+}
+
+/// A bump allocator over one DMA region, placing pieces at odd offsets.
+struct Arena {
+    region: DmaRegion,
+    used: usize,
+}
+
+impl Arena {
+    fn new(nic: &VirtioNet, len: usize) -> Result<Arena> {
+        Ok(Arena { region: nic.dma().allocate(len, DmaAccess::DeviceReads)?, used: 0 })
+    }
+    /// Copy `bytes` in (at `skew` bytes past the next 8-byte boundary); its segment.
+    fn put(&mut self, bytes: &[u8], skew: usize) -> Result<TxSegment> {
+        let at = self.used.div_ceil(8) * 8 + skew;
+        ensure!(at + bytes.len() <= self.region.len(), "arena full");
+        self.region.write_bytes(at, bytes);
+        self.used = at + bytes.len();
+        Ok(TxSegment { iova: self.region.iova() + at as u64, len: bytes.len() as u32 })
+    }
+}
+
+/// Flush, then reap until `expected` tokens came back; checks they come in order.
+fn reap_all(nic: &mut VirtioNet, next_expected: &mut u64, upto: u64, deadline: Instant) -> Result<()> {
+    nic.tx_flush();
+    while *next_expected < upto {
+        let mut out_of_order = None;
+        nic.tx_reap(&mut |t| {
+            if t != *next_expected && out_of_order.is_none() {
+                out_of_order = Some((t, *next_expected));
+            }
+            *next_expected += 1;
+        })?;
+        if let Some((got, want)) = out_of_order {
+            bail!("token {got} came back where {want} was expected");
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for TX completions ({} of {upto})", *next_expected);
+        }
+        std::hint::spin_loop();
+    }
+    Ok(())
+}
+
+/// Receive until `f` returns Some, recycling everything; None at the deadline.
+fn receive_until<T>(nic: &mut VirtioNet, deadline: Instant, mut f: impl FnMut(&[u8]) -> Option<T>) -> Option<T> {
+    loop {
+        let mut found = None;
+        nic.rx_poll(32, &mut |frame| {
+            if found.is_none() {
+                found = f(frame);
+            }
+        });
+        if found.is_some() {
+            return found;
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// A UDP datagram in `frame` for `port`: (source MAC, source IP, payload), checksum verified.
+fn parse_udp(frame: &[u8], port: u16) -> Option<(MacAddress, [u8; 4], Vec<u8>, bool)> {
+    if frame.len() < 42 || frame[12..14] != [0x08, 0x00] || frame[14] != 0x45 || frame[23] != 17 {
+        return None;
+    }
+    let total = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    let udp = &frame[34..(14 + total).min(frame.len())];
+    if udp.len() < 8 || u16::from_be_bytes([udp[2], udp[3]]) != port {
+        return None;
+    }
+    let src: [u8; 4] = frame[26..30].try_into().unwrap();
+    let dst: [u8; 4] = frame[30..34].try_into().unwrap();
+    let ulen = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+    if ulen > udp.len() || ulen < 8 {
+        return None;
+    }
+    let udp = &udp[..ulen];
+    let stored = u16::from_be_bytes([udp[6], udp[7]]);
+    let ok = stored == 0 || fold(pseudo_sum(src, dst, 17, ulen as u16) as u64 + sum_words(udp)) == 0xffff;
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&frame[6..12]);
+    Some((MacAddress(mac), src, udp[8..].to_vec(), ok))
+}
+
+// ---------------------------------------------------------------------------------------
+// Programs
+// ---------------------------------------------------------------------------------------
+
+fn open_and_report(pci: Option<&str>) -> Result<()> {
+    let mut nic = open(pci, &config())?;
+    println!("LINK_UP {}", nic.link_up());
+    println!("DEVICE_STATUS {:#04x}", nic.device_status());
+    println!("VIRTIO_OPEN_OK");
+    Ok(())
+}
+
+fn tx_multiseg(pci: Option<&str>, frames: u32) -> Result<()> {
+    let mut nic = open(pci, &config())?;
+    let mac = nic.mac_address();
+    let mut headers = Arena::new(&nic, 64 * 1024)?;
+    let mut payload_a = Arena::new(&nic, 128 * 1024)?;
+    let mut payload_b = Arena::new(&nic, 128 * 1024)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut next_expected = 0u64;
+    let mut segments_total = 0;
+    for k in 0..frames {
+        let len = multiseg_len(k);
+        let mut frame = Vec::with_capacity(len);
+        frame.extend_from_slice(&ethernet(MacAddress([0xff; 6]), mac, TEST_ETHERTYPE));
+        frame.extend_from_slice(&(k as u16).to_be_bytes());
+        while frame.len() < len {
+            frame.push(pattern(k, frame.len()));
+        }
+        // 1 to 6 segments: a header piece, then the rest cut at frame-dependent points,
+        // alternating between two regions at odd offsets.
+        let pieces = 1 + (k as usize % 6);
+        let mut cuts = vec![0, 16.min(len)];
+        for p in 1..pieces {
+            let at = 16 + (len - 16) * p / pieces + (k as usize % 5);
+            if at > *cuts.last().unwrap() && at < len {
+                cuts.push(at);
+            }
+        }
+        if *cuts.last().unwrap() != len {
+            cuts.push(len);
+        }
+        let mut segments = Vec::new();
+        for (i, w) in cuts.windows(2).enumerate() {
+            let bytes = &frame[w[0]..w[1]];
+            let seg = match i {
+                0 => headers.put(bytes, 1 + k as usize % 7)?,
+                i if i % 2 == 1 => payload_a.put(bytes, k as usize % 3)?,
+                _ => payload_b.put(bytes, 5)?,
+            };
+            segments.push(seg);
+        }
+        segments_total += segments.len();
+        while nic.tx_capacity(segments.len()) == 0 {
+            let upto = next_expected + 1;
+            reap_all(&mut nic, &mut next_expected, upto, deadline)?;
+        }
+        nic.tx_enqueue(&segments, &TxOffload::default(), k as u64)?;
+        if k % 8 == 7 {
+            nic.tx_flush();
+        }
+    }
+    reap_all(&mut nic, &mut next_expected, frames as u64, deadline)?;
+    let stats = nic.stats();
+    println!("TX_FRAMES {frames} segments={segments_total}");
+    println!("TX_TOKENS_IN_ORDER yes");
+    println!("STATS {stats:?}");
+    println!("MULTISEG_OK");
+    Ok(())
+}
+
+fn offload(pci: Option<&str>, tso_bytes: u32, mss: u16) -> Result<()> {
+    let mut nic = open(pci, &config())?;
+    let caps = nic.capabilities();
+    ensure!(caps.tcp_checksum && caps.udp_checksum, "checksum offload not negotiated: {caps:?}");
+    ensure!(caps.tso_max_frame.is_some(), "TSO not negotiated: {caps:?}");
+    let mac = nic.mac_address();
+    println!("RX_READY");
+    // The host sends "GO" to port 9000 until we say we got it; its source MAC is the
+    // next hop for everything we send.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (host_mac, go_ok) = receive_until(&mut nic, deadline, |frame| {
+        parse_udp(frame, GO_PORT).filter(|(_, _, p, _)| p == b"GO").map(|(m, _, _, ok)| (m, ok))
+    })
+    .context("no GO datagram from the host")?;
+    ensure!(go_ok, "the GO datagram's UDP checksum is wrong");
+    println!("GOT_GO host_mac={host_mac}");
+
+    let mut headers = Arena::new(&nic, 64 * 1024)?;
+    let mut payloads = Arena::new(&nic, 256 * 1024)?;
+    let mut token = 0u64;
+    let mut reaped = 0u64;
+    let eth = ethernet(host_mac, mac, 0x0800);
+
+    // UDP with L4 checksum offload and the IPv4 header checksum left to the driver.
+    for k in 0..UDP_FRAMES {
+        let plen = udp_payload_len(k);
+        let ulen = (8 + plen) as u16;
+        let mut h = Vec::new();
+        h.extend_from_slice(&eth);
+        h.extend_from_slice(&ipv4_header(20 + ulen, 0x100 + k as u16, 17, GUEST_IP, FAR_IP, false));
+        h.extend_from_slice(&UDP_SRC_PORT.to_be_bytes());
+        h.extend_from_slice(&UDP_DST_PORT.to_be_bytes());
+        h.extend_from_slice(&ulen.to_be_bytes());
+        h.extend_from_slice(&pseudo_sum(GUEST_IP, FAR_IP, 17, ulen).to_be_bytes());
+        let payload: Vec<u8> = (0..plen).map(|i| pattern(1000 + k, i)).collect();
+        let mut segs = vec![headers.put(&h, 0)?];
+        let cut = plen / 3;
+        segs.push(payloads.put(&payload[..cut.max(1)], 3)?);
+        if cut.max(1) < plen {
+            segs.push(payloads.put(&payload[cut.max(1)..], 0)?);
+        }
+        let offload = TxOffload {
+            ipv4_header: Some(14),
+            l4_checksum: Some(L4Checksum { protocol: L4Protocol::Udp, start: 34, field: 40 }),
+            tso: None,
+        };
+        nic.tx_enqueue(&segs, &offload, token)?;
+        token += 1;
+    }
+    reap_all(&mut nic, &mut reaped, token, deadline)?;
+    println!("UDP_SENT {UDP_FRAMES}");
+
+    // TCP with L4 checksum offload; the IPv4 header checksum computed here.
+    for k in 0..TCP_FRAMES {
+        let plen = tcp_payload_len(k);
+        let tcp_len = (20 + plen) as u16;
+        let seq = 0x2000_0000u32.wrapping_add(k * 100_000);
+        let h = tcp_headers(&eth, 20 + tcp_len, 0x200 + k as u16, seq, 0x18, true, pseudo_sum(GUEST_IP, FAR_IP, 6, tcp_len));
+        let payload: Vec<u8> = (0..plen).map(|i| pattern(2000 + k, i)).collect();
+        let segs = [headers.put(&h, 0)?, payloads.put(&payload, 1)?];
+        let offload = TxOffload {
+            ipv4_header: None,
+            l4_checksum: Some(L4Checksum { protocol: L4Protocol::Tcp, start: 34, field: 50 }),
+            tso: None,
+        };
+        nic.tx_enqueue(&segs, &offload, token)?;
+        token += 1;
+    }
+    reap_all(&mut nic, &mut reaped, token, deadline)?;
+    println!("TCP_SENT {TCP_FRAMES}");
+
+    // One TSO frame: 54 bytes of headers, payload in page-sized segments (as from a page
+    // cache). Per the queue API, the TCP checksum field holds the pseudo-header sum with a
+    // length of zero and the IPv4 total length/checksum are the device's business.
+    let payload: Vec<u8> = (0..tso_bytes as usize).map(|i| pattern(3000, i)).collect();
+    let h = tcp_headers(&eth, 0, 0x300, TSO_SEQ, 0x18, false, pseudo_sum(GUEST_IP, FAR_IP, 6, 0));
+    let pages = nic.dma().allocate(payload.len().div_ceil(4096) * 4096, DmaAccess::DeviceReads)?;
+    pages.write_bytes(0, &payload);
+    let mut segs = vec![headers.put(&h, 0)?];
+    for (i, chunk) in payload.chunks(4096).enumerate() {
+        segs.push(TxSegment { iova: pages.iova() + (i * 4096) as u64, len: chunk.len() as u32 });
+    }
+    let offload = TxOffload {
+        ipv4_header: Some(14),
+        l4_checksum: Some(L4Checksum { protocol: L4Protocol::Tcp, start: 34, field: 50 }),
+        tso: Some(Tso { mss, header_len: 54 }),
+    };
+    nic.tx_enqueue(&segs, &offload, token)?;
+    token += 1;
+    reap_all(&mut nic, &mut reaped, token, deadline)?;
+    println!("TSO_SENT bytes={tso_bytes} mss={mss} segments={}", segs.len());
+    println!("STATS {:?}", nic.stats());
+    println!("OFFLOAD_OK");
+    Ok(())
+}
+
+/// Ethernet + IPv4 + 20-byte TCP header with `checksum_field` in the TCP checksum.
+fn tcp_headers(eth: &[u8; 14], ip_total: u16, id: u16, seq: u32, flags: u8, ip_csum: bool, checksum_field: u16) -> Vec<u8> {
+    let mut h = Vec::with_capacity(54);
+    h.extend_from_slice(eth);
+    h.extend_from_slice(&ipv4_header(ip_total, id, 6, GUEST_IP, FAR_IP, ip_csum));
+    h.extend_from_slice(&TCP_SRC_PORT.to_be_bytes());
+    h.extend_from_slice(&TCP_DST_PORT.to_be_bytes());
+    h.extend_from_slice(&seq.to_be_bytes());
+    h.extend_from_slice(&1u32.to_be_bytes()); // ack
+    h.push(5 << 4);
+    h.push(flags);
+    h.extend_from_slice(&65535u16.to_be_bytes());
+    h.extend_from_slice(&checksum_field.to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h
+}
+
+fn rx(pci: Option<&str>, count: u32) -> Result<()> {
+    let mut nic = open(pci, &config())?;
+    println!("RX_READY");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut seen = vec![false; count as usize];
+    let (mut good, mut bad, mut other, mut bytes) = (0u32, 0u32, 0u32, 0u64);
+    while good < count && Instant::now() < deadline {
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        let n = nic.rx_poll(64, &mut |f| frames.push(f.to_vec()));
+        if n == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        for frame in frames {
+            let Some((_, _, payload, csum_ok)) = parse_udp(&frame, RX_PORT) else {
+                other += 1;
+                continue;
+            };
+            let ok = csum_ok && payload.len() >= 4 && {
+                let k = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                k < count
+                    && payload.len() == udp_payload_len(k)
+                    && payload[4..].iter().enumerate().all(|(i, &b)| b == pattern(4000 + k, i + 4))
+                    && !std::mem::replace(&mut seen[k as usize], true)
+            };
+            if ok {
+                good += 1;
+                bytes += frame.len() as u64;
+            } else {
+                bad += 1;
+            }
+        }
+    }
+    println!("RX_RESULT good={good} bad={bad} other={other} bytes={bytes}");
+    println!("STATS {:?}", nic.stats());
+    ensure!(good == count, "received {good} of {count} datagrams intact");
+    ensure!(bad == 0, "{bad} datagrams were corrupt or duplicated");
+    println!("RX_OK {good}");
+    Ok(())
+}
+
+fn iommu_fault(pci: Option<&str>) -> Result<()> {
+    let mut nic = open(pci, &config())?;
+    let mac = nic.mac_address();
+    let mut arena = Arena::new(&nic, 64 * 1024)?;
+    let make = |marker: &[u8]| {
+        let mut f = ethernet(MacAddress([0xff; 6]), mac, TEST_ETHERTYPE).to_vec();
+        f.extend_from_slice(marker);
+        while f.len() < 200 {
+            f.push(pattern(77, f.len()));
+        }
+        f
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut next = 0u64;
+
+    // A: good.
+    let a = make(b"GOOD-A");
+    let a_segs = [arena.put(&a[..30], 0)?, arena.put(&a[30..], 0)?];
+    nic.tx_enqueue(&a_segs, &TxOffload::default(), 0)?;
+    reap_all(&mut nic, &mut next, 1, deadline)?;
+    println!("SENT_A");
+
+    // B: header fine, payload at an IOVA that was mapped and has been unmapped.
+    let gone = nic.dma().allocate(4096, DmaAccess::DeviceReads)?;
+    let unmapped = gone.iova();
+    drop(gone);
+    let b = make(b"BAD--B");
+    let b_segs = [arena.put(&b[..30], 0)?, TxSegment { iova: unmapped + 0x100, len: 170 }];
+    let canary = arena.region.read_volatile::<u64>(0);
+    nic.tx_enqueue(&b_segs, &TxOffload::default(), 1)?;
+    nic.tx_flush();
+    println!("SENT_B unmapped_iova={unmapped:#x}");
+    let mut returned = Vec::new();
+    let error = loop {
+        match nic.tx_reap(&mut |t| returned.push(t)) {
+            Err(e) => break e,
+            Ok(_) if !returned.is_empty() => bail!("the frame at an unmapped IOVA completed: {returned:?}"),
+            Ok(_) => {}
+        }
+        if Instant::now() > deadline {
+            bail!("no error surfaced for the frame at an unmapped IOVA (status {:#04x})", nic.device_status());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    println!("FAULT_ERROR {error}");
+    println!("FAULT_TOKENS_RETURNED {returned:?}");
+    ensure!(returned == [1], "expected token 1 back as dropped, got {returned:?}");
+    ensure!(arena.region.read_volatile::<u64>(0) == canary, "driver memory changed");
+    println!("DEVICE_STATUS_AFTER {:#04x}", nic.device_status());
+
+    // C: good again, after the driver reset the device.
+    let c = make(b"GOOD-C");
+    let c_segs = [arena.put(&c[..30], 0)?, arena.put(&c[30..], 0)?];
+    let mut next = 2u64;
+    nic.tx_enqueue(&c_segs, &TxOffload::default(), 2)?;
+    reap_all(&mut nic, &mut next, 3, deadline)?;
+    println!("SENT_C");
+    println!("STATS {:?}", nic.stats());
+    println!("IOMMU_FAULT_OK");
+    Ok(())
+}

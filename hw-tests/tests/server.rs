@@ -1,0 +1,373 @@
+//! End-to-end tests of `zerosend serve` in a guest, on every NIC model, with real clients:
+//! curl and Linux TCP sockets on the host side of a TAP device in a network namespace the
+//! harness created. One guest boot per NIC model runs every check in turn.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hw_tests::content::{check_stamped, random_bytes, sha256_hex, stamped_version};
+use hw_tests::netns::GUEST_IP;
+use hw_tests::{Guest, Network, Nic, RunningGuest};
+
+const BIG_LEN: usize = 8 << 20;
+const STAMP_BLOCKS: usize = 64; // 256 KiB version-stamped file
+const PORT: u16 = 80;
+
+fn url(path: &str) -> String {
+    format!("http://{GUEST_IP}:{PORT}{path}")
+}
+
+struct Server {
+    guest: RunningGuest,
+    big: Vec<u8>,
+}
+
+impl Server {
+    fn boot(nic: Nic) -> Server {
+        let big = random_bytes(42, BIG_LEN);
+        let guest = Guest::new(&format!("server-{}", nic.name()), nic)
+            .network(Network::Tap)
+            .memory_mb(1024)
+            .timeout(Duration::from_secs(900))
+            .file("/data/big.bin", big.clone())
+            .file("/data/hello.txt", b"hello from zerosend\n".to_vec())
+            .file("/data/sub/index.html", b"<h1>index</h1>\n".to_vec())
+            .file("/data/versioned.bin", stamped_version(0, STAMP_BLOCKS))
+            .file("/secret.txt", b"outside the root\n".to_vec())
+            .symlink("/data/escape", "/secret.txt")
+            .run(&format!(
+                "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
+                 --audit --pcap /data/capture.pcap --max-connections 100 --write-policy cow"
+            ))
+            .start()
+            .unwrap();
+        guest.wait_for_console("zerosend: serving", Duration::from_secs(180));
+        Server { guest, big }
+    }
+
+    /// Run curl inside the namespace.
+    fn curl(&self, args: &[&str]) -> Output {
+        self.guest
+            .netns()
+            .command("curl")
+            .args(["-sS", "--max-time", "120"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// A raw TCP connection from inside the namespace; `f` runs there.
+    fn tcp<T: Send + 'static>(&self, f: impl FnOnce(TcpStream) -> T + Send + 'static) -> T {
+        self.guest
+            .netns()
+            .spawn(move || {
+                let s = TcpStream::connect((GUEST_IP, PORT)).expect("connect to the guest");
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                f(s)
+            })
+            .join()
+            .unwrap()
+    }
+
+    #[track_caller]
+    fn check(&self, ok: bool, what: &str) {
+        if !ok {
+            self.guest.fail(what);
+        }
+    }
+}
+
+/// Read one HTTP response (head + Content-Length body) from a stream.
+fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Vec<u8>) {
+    let mut chunk = [0u8; 65536];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "connection closed mid-body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = buf[end + 4..end + 4 + len].to_vec();
+            buf.drain(..end + 4 + len);
+            return (head, body);
+        }
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn full_download(srv: &Server) {
+    let dir = std::env::temp_dir().join(format!("zs-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("big.bin");
+    let started = Instant::now();
+    let o = srv.curl(&["-o", out.to_str().unwrap(), "-w", "%{http_code} %{size_download}", &url("/big.bin")]);
+    let secs = started.elapsed().as_secs_f64();
+    let got = std::fs::read(&out).unwrap_or_default();
+    srv.check(
+        String::from_utf8_lossy(&o.stdout) == format!("200 {BIG_LEN}"),
+        &format!("curl: {} {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+    );
+    srv.check(sha256_hex(&got) == sha256_hex(&srv.big), "sha256 of the download differs");
+    eprintln!(
+        "e2e: downloaded {} MiB in {secs:.2}s ({:.1} Mbit/s), sha256 {}",
+        BIG_LEN >> 20,
+        BIG_LEN as f64 * 8.0 / secs / 1e6,
+        sha256_hex(&got)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn ranges_head_conditional(srv: &Server) {
+    let o = srv.curl(&["-r", "1000-1999", &url("/big.bin")]);
+    srv.check(o.stdout == srv.big[1000..2000], "range 1000-1999 wrong");
+    let o = srv.curl(&["-r", "-100", &url("/big.bin")]);
+    srv.check(o.stdout == srv.big[BIG_LEN - 100..], "suffix range wrong");
+    let o = srv.curl(&["-o", "/dev/null", "-w", "%{http_code}", "-r", &format!("{BIG_LEN}-"), &url("/big.bin")]);
+    srv.check(o.stdout == b"416", "unsatisfiable range not 416");
+    let o = srv.curl(&["-I", &url("/big.bin")]);
+    let head = String::from_utf8_lossy(&o.stdout).to_string();
+    srv.check(head.contains(&format!("Content-Length: {BIG_LEN}")), &format!("HEAD: {head}"));
+    let etag = head.lines().find_map(|l| l.strip_prefix("ETag: ")).map(|s| s.trim().to_string());
+    let lm = head.lines().find_map(|l| l.strip_prefix("Last-Modified: ")).map(|s| s.trim().to_string());
+    let (Some(etag), Some(lm)) = (etag, lm) else { srv.guest.fail(&format!("no validators: {head}")) };
+    let code = |extra: &[&str]| {
+        let mut args = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+        args.extend_from_slice(extra);
+        let u = url("/big.bin");
+        args.push(&u);
+        String::from_utf8_lossy(&srv.curl(&args).stdout).to_string()
+    };
+    srv.check(code(&["-H", &format!("If-None-Match: {etag}")]) == "304", "If-None-Match not 304");
+    srv.check(code(&["-H", &format!("If-Modified-Since: {lm}")]) == "304", "If-Modified-Since not 304");
+    srv.check(code(&["-H", "If-None-Match: \"nope\""]) == "200", "mismatched ETag not 200");
+    srv.check(code(&["-r", "0-9", "-H", &format!("If-Range: {etag}")]) == "206", "If-Range match not 206");
+    srv.check(code(&["-r", "0-9", "-H", "If-Range: \"stale\""]) == "200", "stale If-Range not 200");
+    let o = srv.curl(&[&url("/sub/")]);
+    srv.check(o.stdout == b"<h1>index</h1>\n", "directory index");
+}
+
+fn keep_alive_200_requests(srv: &Server) {
+    let expected = b"hello from zerosend\n".to_vec();
+    let bad = srv.tcp(move |mut s| {
+        let mut buf = Vec::new();
+        let mut bad = 0;
+        for i in 0..200 {
+            // Every 20th round pipelines two requests.
+            let n = if i % 20 == 0 { 2 } else { 1 };
+            for _ in 0..n {
+                s.write_all(b"GET /hello.txt HTTP/1.1\r\nHost: guest\r\n\r\n").unwrap();
+            }
+            for _ in 0..n {
+                let (head, body) = read_response(&mut s, &mut buf);
+                if !head.starts_with("HTTP/1.1 200") || body != expected {
+                    bad += 1;
+                }
+            }
+        }
+        bad
+    });
+    srv.check(bad == 0, &format!("{bad} of 200 keep-alive responses wrong"));
+}
+
+fn parallel_64(srv: &Server) {
+    let big = Arc::new(srv.big.clone());
+    let handles: Vec<_> = (0..64)
+        .map(|i| {
+            let big = Arc::clone(&big);
+            srv.guest.netns().spawn(move || {
+                let mut s = TcpStream::connect((GUEST_IP, PORT)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                let start = i * 65536;
+                write!(s, "GET /big.bin HTTP/1.1\r\nRange: bytes={start}-{}\r\nConnection: close\r\n\r\n", start + 65535).unwrap();
+                let (head, body) = read_response(&mut s, &mut Vec::new());
+                head.starts_with("HTTP/1.1 206") && body == big[start..start + 65536]
+            })
+        })
+        .collect();
+    let ok = handles.into_iter().map(|h| h.join().unwrap()).filter(|&b| b).count();
+    srv.check(ok == 64, &format!("only {ok} of 64 parallel downloads were right"));
+}
+
+fn put_then_get(srv: &Server) {
+    let body = random_bytes(7, 300_000);
+    let dir = std::env::temp_dir().join(format!("zs-e2e-put-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("upload.bin");
+    std::fs::write(&f, &body).unwrap();
+    let o = srv.curl(&["-o", "/dev/null", "-w", "%{http_code}", "-T", f.to_str().unwrap(), &url("/upload.bin")]);
+    srv.check(o.stdout == b"201", &format!("PUT new file: {}", String::from_utf8_lossy(&o.stdout)));
+    let o = srv.curl(&[&url("/upload.bin")]);
+    srv.check(o.stdout == body, "GET after PUT differs");
+    // Partial write with Content-Range.
+    let o = srv.curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "-H", "Content-Range: bytes 10-14/*", "--data-binary", "ZZZZZ", &url("/upload.bin")]);
+    srv.check(o.stdout == b"204", "partial PUT");
+    let mut expected = body.clone();
+    expected[10..15].copy_from_slice(b"ZZZZZ");
+    srv.check(srv.curl(&[&url("/upload.bin")]).stdout == expected, "GET after partial PUT differs");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Writers PUT new versions of a file while readers download it: every body must be exactly
+/// one version (the snapshot pinned when its response started).
+fn concurrent_writers_and_readers(srv: &Server) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let version = Arc::new(AtomicU32::new(1));
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, version) = (Arc::clone(&stop), Arc::clone(&version));
+            srv.guest.netns().spawn(move || {
+                let mut puts = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let v = version.fetch_add(1, Ordering::Relaxed);
+                    let body = stamped_version(v, STAMP_BLOCKS);
+                    let mut s = TcpStream::connect((GUEST_IP, PORT)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                    write!(s, "PUT /versioned.bin HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+                    s.write_all(&body).unwrap();
+                    let (head, _) = read_response(&mut s, &mut Vec::new());
+                    assert!(head.starts_with("HTTP/1.1 204"), "PUT: {head}");
+                    puts += 1;
+                }
+                puts
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            srv.guest.netns().spawn(move || {
+                let mut s = TcpStream::connect((GUEST_IP, PORT)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut buf = Vec::new();
+                let mut versions = Vec::new();
+                for _ in 0..25 {
+                    s.write_all(b"GET /versioned.bin HTTP/1.1\r\n\r\n").unwrap();
+                    let (head, body) = read_response(&mut s, &mut buf);
+                    assert!(head.starts_with("HTTP/1.1 200"), "GET: {head}");
+                    versions.push(check_stamped(&body, STAMP_BLOCKS));
+                }
+                versions
+            })
+        })
+        .collect();
+    let mut bodies = 0;
+    let mut distinct = std::collections::BTreeSet::new();
+    for r in readers {
+        for v in r.join().unwrap() {
+            match v {
+                Ok(v) => {
+                    distinct.insert(v);
+                }
+                Err(e) => srv.guest.fail(&format!("a response body was not one version: {e}")),
+            }
+            bodies += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let puts: u32 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    eprintln!("e2e: {bodies} bodies during {puts} PUTs, {} distinct versions seen, none torn", distinct.len());
+    srv.check(puts > 0 && distinct.len() > 1, "the writers did not overlap the readers");
+}
+
+fn bad_requests_and_limits(srv: &Server) {
+    let status = |req: Vec<u8>| -> String {
+        srv.tcp(move |mut s| {
+            s.write_all(&req).unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).lines().next().unwrap_or("").to_string()
+        })
+    };
+    let first = |s: String| s.split(' ').nth(1).unwrap_or("").to_string();
+    srv.check(first(status(b"BLAH\r\n\r\n".to_vec())) == "400", "garbage not 400");
+    let huge = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    srv.check(first(status(huge.into_bytes())) == "431", "huge header not 431");
+    srv.check(first(status(b"PUT /x HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec())) == "411", "PUT without length not 411");
+    srv.check(first(status(b"PUT /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n".to_vec())) == "413", "huge PUT not 413");
+    srv.check(first(status(b"DELETE /hello.txt HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec())) == "405", "DELETE not 405");
+    srv.check(first(status(b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec())) == "404", "missing not 404");
+    for p in ["/../secret.txt", "/%2e%2e/secret.txt", "/sub/%2E%2E/%2e%2e/secret.txt", "/escape"] {
+        let req = format!("GET {p} HTTP/1.1\r\nConnection: close\r\n\r\n");
+        srv.check(first(status(req.into_bytes())) == "403", &format!("{p} not 403"));
+    }
+    // Connection limit: 110 connections against --max-connections 100.
+    let answers = srv.guest.netns().spawn(|| {
+        let mut conns: Vec<TcpStream> = (0..110).map(|_| TcpStream::connect((GUEST_IP, PORT)).unwrap()).collect();
+        let mut rejected = 0;
+        for s in conns.iter_mut() {
+            s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+            let mut b = [0u8; 64];
+            if let Ok(n) = s.read(&mut b) {
+                if b[..n].starts_with(b"HTTP/1.1 503") {
+                    rejected += 1;
+                }
+            }
+        }
+        rejected
+    });
+    let rejected = answers.join().unwrap();
+    srv.check(rejected >= 10, &format!("only {rejected} of 10 excess connections got 503"));
+    // The server still serves.
+    let o = srv.curl(&[&url("/hello.txt")]);
+    srv.check(o.stdout == b"hello from zerosend\n", "server stopped serving after bad input");
+}
+
+fn metrics_and_pcap(srv: &Server) {
+    let o = srv.curl(&[&url("/_zerosend/metrics")]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    for name in ["zerosend_http_requests_total", "zerosend_pinned_pages", "zerosend_cow_copies_total", "zerosend_tcp_retransmits_total", "zerosend_audit_checks_total"] {
+        srv.check(text.contains(name), &format!("metric {name} missing:\n{text}"));
+    }
+    srv.check(text.contains("zerosend_audit_violations_total 0\n"), "audit violations are not zero");
+    srv.check(text.contains("zerosend_payload_bytes_copied_total"), "copy counter missing");
+    let dir = std::env::temp_dir().join(format!("zs-e2e-pcap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("capture.pcap");
+    srv.curl(&["-o", f.to_str().unwrap(), &url("/capture.pcap")]);
+    let out = std::process::Command::new("tcpdump").args(["-nn", "-r"]).arg(&f).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    srv.check(out.status.success() && text.lines().count() > 100 && text.contains(&format!("{GUEST_IP}.{PORT}")), &format!("tcpdump could not read the capture: {}", String::from_utf8_lossy(&out.stderr)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn end_to_end(nic: Nic) {
+    let srv = Server::boot(nic);
+    full_download(&srv);
+    ranges_head_conditional(&srv);
+    keep_alive_200_requests(&srv);
+    parallel_64(&srv);
+    put_then_get(&srv);
+    concurrent_writers_and_readers(&srv);
+    bad_requests_and_limits(&srv);
+    metrics_and_pcap(&srv);
+    let run = srv.guest.stop().unwrap();
+    if run.console_contains("panicked") {
+        run.fail("the server panicked");
+    }
+}
+
+#[test]
+fn server_end_to_end_e1000() {
+    end_to_end(Nic::E1000);
+}
+
+#[test]
+fn server_end_to_end_e1000e() {
+    end_to_end(Nic::E1000e);
+}
+
+#[test]
+fn server_end_to_end_virtio() {
+    end_to_end(Nic::Virtio);
+}

@@ -1,0 +1,74 @@
+//! The software NIC's far end as a smoltcp `phy::Device`, so that a stock smoltcp
+//! `Interface` and `tcp::Socket` can be the peer of a [`crate::Stack`] in tests and benches.
+//!
+//! (It lives here rather than in `driver::softnic` so the driver crate stays free of
+//! smoltcp.)
+
+use driver::softnic::SoftPeer;
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+
+/// A smoltcp device that sends and receives on a [`SoftPeer`]. Checksums are computed and
+/// verified in software, like any ordinary host.
+pub struct PeerDevice {
+    peer: SoftPeer,
+    /// Optional receive-side observer (e.g. a capture), called on every frame received.
+    pub frames_received: u64,
+    pub frames_sent: u64,
+}
+
+impl PeerDevice {
+    pub fn new(peer: SoftPeer) -> Self {
+        Self {
+            peer,
+            frames_received: 0,
+            frames_sent: 0,
+        }
+    }
+
+    pub fn peer(&self) -> &SoftPeer {
+        &self.peer
+    }
+}
+
+pub struct PeerRxToken(Vec<u8>);
+
+impl phy::RxToken for PeerRxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+pub struct PeerTxToken<'a>(&'a mut PeerDevice);
+
+impl phy::TxToken for PeerTxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut frame = vec![0u8; len];
+        let result = f(&mut frame);
+        self.0.frames_sent += 1;
+        self.0.peer.send(frame);
+        result
+    }
+}
+
+impl phy::Device for PeerDevice {
+    type RxToken<'a> = PeerRxToken;
+    type TxToken<'a> = PeerTxToken<'a>;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(PeerRxToken, PeerTxToken<'_>)> {
+        let frame = self.peer.recv()?;
+        self.frames_received += 1;
+        Some((PeerRxToken(frame), PeerTxToken(self)))
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<PeerTxToken<'_>> {
+        Some(PeerTxToken(self))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.peer.mtu() + 14;
+        caps
+    }
+}

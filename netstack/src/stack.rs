@@ -1,0 +1,675 @@
+//! The [`Stack`]: interface, sockets, connections, events and the poll loop.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use driver::NetQueue;
+use pagecache::Pin;
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::{dhcpv4, tcp};
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, Ipv4Address, Ipv4Cidr};
+
+use crate::device::{ConnTx, NicDevice, TxConfig, TxPath};
+use crate::frame::FlowKey;
+use crate::sendq::{SendMode, SendQueue};
+use crate::{ConnId, Error, Event, ListenerId, Result, SendId, StackStats};
+
+/// How the interface gets its IPv4 address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ipv4Config {
+    Static {
+        address: Ipv4Cidr,
+        gateway: Option<Ipv4Address>,
+    },
+    /// Ask a DHCP server (QEMU's user-mode network has one).
+    Dhcp,
+}
+
+impl Ipv4Config {
+    /// A static address, e.g. `static_address([10, 99, 0, 2], 24, None)`.
+    pub fn static_address(address: [u8; 4], prefix: u8, gateway: Option<[u8; 4]>) -> Self {
+        Ipv4Config::Static {
+            address: Ipv4Cidr::new(Ipv4Address::from(address), prefix),
+            gateway: gateway.map(Ipv4Address::from),
+        }
+    }
+}
+
+/// Configuration of a [`Stack`].
+#[derive(Clone, Copy, Debug)]
+pub struct StackConfig {
+    pub ipv4: Ipv4Config,
+    /// Receive buffer of each TCP socket (the advertised window; scaled if above 64 KiB).
+    pub tcp_rx_buffer: usize,
+    /// Send ring of each TCP socket: bytes in flight plus queued at most. In zero-copy mode
+    /// it holds only placeholders, so it costs address space, not copies.
+    pub tcp_tx_buffer: usize,
+    /// Listening sockets kept ready per listener (SYNs beyond are refused).
+    pub backlog: usize,
+    pub tx: TxConfig,
+    /// Zero-copy (the point of this crate) or smoltcp's own copying path (a baseline).
+    pub send_mode: SendMode,
+    /// Seed of smoltcp's randomness (initial sequence numbers, ports).
+    pub random_seed: u64,
+    /// Nagle's algorithm (off: a server sends whole responses anyway).
+    pub nagle: bool,
+}
+
+impl StackConfig {
+    pub fn new(ipv4: Ipv4Config) -> Self {
+        Self {
+            ipv4,
+            tcp_rx_buffer: 64 * 1024,
+            tcp_tx_buffer: 1024 * 1024,
+            backlog: 4,
+            tx: TxConfig {
+                slots: 512,
+                jumbo_buffers: 16,
+                copy_blocks: 256,
+                tso: true,
+            },
+            send_mode: SendMode::ZeroCopy,
+            random_seed: 0x5eed,
+            nagle: false,
+        }
+    }
+}
+
+/// A connection's TCP state (smoltcp's).
+pub type ConnState = tcp::State;
+
+struct Conn {
+    socket: SocketHandle,
+    listener: Option<ListenerId>,
+    established_reported: bool,
+    readable_reported: bool,
+    peer_closed_reported: bool,
+    closed_reported: bool,
+    /// The application asked to close: FIN goes out once every queued byte is fed.
+    close_requested: bool,
+    close_issued: bool,
+    /// The application is done with the handle (close or abort called).
+    released_by_app: bool,
+}
+
+enum ConnSlot {
+    Free,
+    Used(Conn),
+}
+
+struct Listener {
+    port: u16,
+    sockets: Vec<SocketHandle>,
+}
+
+/// A TCP/IP stack on one NIC. Generic over the NIC's queue type: static dispatch on the hot
+/// path. Single-threaded: call [`Stack::poll`] in a loop (each poll does one RX burst, runs
+/// smoltcp, and hands the TX burst to the NIC with one doorbell), and handle
+/// [`Stack::next_event`]s.
+pub struct Stack<Q: NetQueue> {
+    config: StackConfig,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    device: NicDevice<Q>,
+    conns: Vec<(u32, ConnSlot)>,
+    listeners: Vec<Listener>,
+    dhcp: Option<SocketHandle>,
+    events: VecDeque<Event>,
+    next_send_id: u64,
+}
+
+fn tcp_socket(config: &StackConfig) -> tcp::Socket<'static> {
+    let rx = tcp::SocketBuffer::new(vec![0; config.tcp_rx_buffer]);
+    let tx = tcp::SocketBuffer::new(vec![0; config.tcp_tx_buffer]);
+    let mut socket = tcp::Socket::new(rx, tx);
+    socket.set_nagle_enabled(config.nagle);
+    socket.set_congestion_control(tcp::CongestionControl::Cubic);
+    socket
+}
+
+impl<Q: NetQueue> Stack<Q> {
+    /// A stack on `nic`. Allocates its DMA memory (header slots, copy pool) in the NIC's
+    /// DMA space.
+    pub fn new(nic: Q, config: StackConfig) -> Result<Self> {
+        let caps = nic.capabilities();
+        let tx = TxPath::new(nic.dma(), caps, &config.tx)?;
+        let mut device = NicDevice { nic, tx };
+        let mac = device.nic.mac_address().0;
+        let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        iface_config.random_seed = config.random_seed;
+        let mut iface = Interface::new(iface_config, &mut device, Instant::from_millis(0));
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut events = VecDeque::new();
+        let dhcp = match config.ipv4 {
+            Ipv4Config::Static { address, gateway } => {
+                iface.update_ip_addrs(|addrs| {
+                    addrs
+                        .push(IpCidr::Ipv4(address))
+                        .expect("room for one address");
+                });
+                if let Some(gw) = gateway {
+                    iface
+                        .routes_mut()
+                        .add_default_ipv4_route(gw)
+                        .expect("room for a route");
+                }
+                events.push_back(Event::AddressConfigured { address });
+                None
+            }
+            Ipv4Config::Dhcp => Some(sockets.add(dhcpv4::Socket::new())),
+        };
+        Ok(Self {
+            config,
+            iface,
+            sockets,
+            device,
+            conns: Vec::new(),
+            listeners: Vec::new(),
+            dhcp,
+            events,
+            next_send_id: 1,
+        })
+    }
+
+    /// The NIC.
+    pub fn nic(&self) -> &Q {
+        &self.device.nic
+    }
+
+    /// The NIC, mutably (e.g. to drive a software NIC's device steps in tests).
+    pub fn nic_mut(&mut self) -> &mut Q {
+        &mut self.device.nic
+    }
+
+    /// The interface's IPv4 address, once configured.
+    pub fn ipv4_address(&self) -> Option<Ipv4Cidr> {
+        self.iface.ip_addrs().iter().find_map(|a| match a {
+            IpCidr::Ipv4(c) => Some(*c),
+            _ => None,
+        })
+    }
+
+    /// Largest frame handed to the NIC with TSO (`None`: smoltcp segments at the MSS).
+    pub fn tso_frame(&self) -> Option<usize> {
+        self.device.tx.tso_frame()
+    }
+
+    /// Listen on `port`; accepted connections are reported by [`Event::Accepted`].
+    pub fn listen(&mut self, port: u16) -> Result<ListenerId> {
+        let mut sockets = Vec::with_capacity(self.config.backlog);
+        for _ in 0..self.config.backlog.max(1) {
+            let mut socket = tcp_socket(&self.config);
+            socket.listen(port)?;
+            sockets.push(self.sockets.add(socket));
+        }
+        self.listeners.push(Listener { port, sockets });
+        Ok(ListenerId(self.listeners.len() as u32 - 1))
+    }
+
+    /// Connect to `remote` from `local_port`; [`Event::Connected`] reports success.
+    pub fn connect(&mut self, remote: (Ipv4Address, u16), local_port: u16) -> Result<ConnId> {
+        let mut socket = tcp_socket(&self.config);
+        let endpoint = IpEndpoint::new(remote.0.into(), remote.1);
+        socket.connect(self.iface.context(), endpoint, local_port)?;
+        let handle = self.sockets.add(socket);
+        let flow = FlowKey::new(local_port, remote.0.octets(), remote.1);
+        Ok(self.add_conn(handle, None, flow))
+    }
+
+    fn add_conn(
+        &mut self,
+        socket: SocketHandle,
+        listener: Option<ListenerId>,
+        flow: FlowKey,
+    ) -> ConnId {
+        let conn = Conn {
+            socket,
+            listener,
+            established_reported: false,
+            readable_reported: false,
+            peer_closed_reported: false,
+            closed_reported: false,
+            close_requested: false,
+            close_issued: false,
+            released_by_app: false,
+        };
+        let index = match self
+            .conns
+            .iter()
+            .position(|(_, s)| matches!(s, ConnSlot::Free))
+        {
+            Some(i) => i,
+            None => {
+                self.conns.push((0, ConnSlot::Free));
+                self.device.tx.conns.push(ConnTx {
+                    generation: 0,
+                    flow: None,
+                    iss: None,
+                    sendq: SendQueue::new(self.config.send_mode),
+                });
+                self.conns.len() - 1
+            }
+        };
+        let generation = self.conns[index].0.wrapping_add(1);
+        self.conns[index] = (generation, ConnSlot::Used(conn));
+        let tx = &mut self.device.tx;
+        let iss = tx.pending_iss.remove(&flow);
+        tx.conns[index] = ConnTx {
+            generation,
+            flow: Some(flow),
+            iss,
+            sendq: SendQueue::new(self.config.send_mode),
+        };
+        tx.flows.insert(flow, index as u32);
+        ConnId {
+            index: index as u32,
+            generation,
+        }
+    }
+
+    fn conn(&self, id: ConnId) -> Result<&Conn> {
+        match self.conns.get(id.index as usize) {
+            Some((generation, ConnSlot::Used(c))) if *generation == id.generation => Ok(c),
+            _ => Err(Error::InvalidConnection),
+        }
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Result<&mut Conn> {
+        match self.conns.get_mut(id.index as usize) {
+            Some((generation, ConnSlot::Used(c))) if *generation == id.generation => Ok(c),
+            _ => Err(Error::InvalidConnection),
+        }
+    }
+
+    fn socket(&self, id: ConnId) -> Result<&tcp::Socket<'static>> {
+        let handle = self.conn(id)?.socket;
+        Ok(self.sockets.get::<tcp::Socket>(handle))
+    }
+
+    /// Receive into `buffer`; returns the bytes read (0: nothing buffered now).
+    pub fn recv(&mut self, id: ConnId, buffer: &mut [u8]) -> Result<usize> {
+        let conn = self.conn_mut(id)?;
+        let handle = conn.socket;
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        if !socket.can_recv() {
+            if !socket.may_recv() && socket.recv_queue() == 0 {
+                return Err(Error::Recv(tcp::RecvError::Finished));
+            }
+            return Ok(0);
+        }
+        let n = socket.recv_slice(buffer)?;
+        let empty = socket.recv_queue() == 0;
+        if empty {
+            self.conn_mut(id)?.readable_reported = false;
+        }
+        Ok(n)
+    }
+
+    /// Copy `data` into DMA memory and queue it (for small things: HTTP headers). Returns
+    /// how many bytes were queued; fewer than `data.len()` when the copy pool is full.
+    pub fn send(&mut self, id: ConnId, data: &[u8]) -> Result<usize> {
+        self.check_can_queue(id)?;
+        let tx = &mut self.device.tx;
+        let conn = &mut tx.conns[id.index as usize];
+        let n = conn.sendq.push_copy(data, &mut tx.pool);
+        tx.stats.payload_bytes_copied += n as u64;
+        Ok(n)
+    }
+
+    /// Queue file bytes `range` of `pin` for zero-copy transmission. The stack keeps its own
+    /// sub-pins of the range (the caller may drop `pin`), releases them progressively as the
+    /// peer acknowledges, and reports [`Event::SendComplete`] with the returned id.
+    pub fn send_file(&mut self, id: ConnId, pin: &Pin, range: Range<u64>) -> Result<SendId> {
+        let pinned = pin.range();
+        if range.start > range.end || range.start < pinned.start || range.end > pinned.end {
+            return Err(Error::RangeOutsidePin { range, pinned });
+        }
+        self.check_can_queue(id)?;
+        let send_id = SendId(self.next_send_id);
+        self.next_send_id += 1;
+        self.device.tx.conns[id.index as usize]
+            .sendq
+            .push_file(pin, range, send_id);
+        Ok(send_id)
+    }
+
+    fn check_can_queue(&self, id: ConnId) -> Result<()> {
+        let conn = self.conn(id)?;
+        let socket = self.sockets.get::<tcp::Socket>(conn.socket);
+        let open = matches!(
+            socket.state(),
+            tcp::State::SynSent
+                | tcp::State::SynReceived
+                | tcp::State::Established
+                | tcp::State::CloseWait
+        );
+        if conn.close_requested || !open {
+            return Err(Error::CannotSend);
+        }
+        Ok(())
+    }
+
+    /// Close the sending half after every queued byte (FIN). The connection stays readable.
+    pub fn close(&mut self, id: ConnId) -> Result<()> {
+        let conn = self.conn_mut(id)?;
+        conn.close_requested = true;
+        conn.released_by_app = true;
+        Ok(())
+    }
+
+    /// Reset the connection now. Queued data is discarded; pins are released as soon as
+    /// the NIC no longer reads them ([`crate::SendOutcome::Aborted`]).
+    pub fn abort(&mut self, id: ConnId) -> Result<()> {
+        let conn = self.conn_mut(id)?;
+        conn.released_by_app = true;
+        let handle = conn.socket;
+        self.sockets.get_mut::<tcp::Socket>(handle).abort();
+        self.device.tx.conns[id.index as usize].sendq.abort();
+        Ok(())
+    }
+
+    /// smoltcp's TCP state of the connection.
+    pub fn state(&self, id: ConnId) -> Result<ConnState> {
+        Ok(self.socket(id)?.state())
+    }
+
+    /// The listener that accepted the connection (`None` for [`Stack::connect`]).
+    pub fn listener(&self, id: ConnId) -> Result<Option<ListenerId>> {
+        Ok(self.conn(id)?.listener)
+    }
+
+    /// Whether the connection is open (not closed, not in TIME-WAIT).
+    pub fn is_open(&self, id: ConnId) -> Result<bool> {
+        Ok(self.socket(id)?.is_open())
+    }
+
+    /// Whether the peer closed its sending half.
+    pub fn peer_closed(&self, id: ConnId) -> Result<bool> {
+        let s = self.socket(id)?;
+        Ok(s.is_active() && !s.may_recv() && s.state() != tcp::State::SynSent)
+    }
+
+    /// Whether `send`/`send_file` are accepted now.
+    pub fn can_send(&self, id: ConnId) -> Result<bool> {
+        Ok(self.check_can_queue(id).is_ok())
+    }
+
+    /// Bytes queued on the connection and not yet acknowledged (the send backlog).
+    pub fn unacked(&self, id: ConnId) -> Result<u64> {
+        self.conn(id)?;
+        Ok(self.device.tx.conns[id.index as usize].sendq.unacked())
+    }
+
+    /// Bytes the peer's window lets us send beyond what is in flight, as smoltcp sees it.
+    pub fn send_window(&self, id: ConnId) -> Result<usize> {
+        let s = self.socket(id)?;
+        Ok(s.send_capacity() - s.send_queue())
+    }
+
+    /// Bytes buffered for [`Stack::recv`].
+    pub fn recv_queue(&self, id: ConnId) -> Result<usize> {
+        Ok(self.socket(id)?.recv_queue())
+    }
+
+    /// The next event, if any.
+    pub fn next_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// All pending events.
+    pub fn poll_events(&mut self) -> impl Iterator<Item = Event> + '_ {
+        self.events.drain(..)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> StackStats {
+        let tx = &self.device.tx;
+        let mut s = tx.stats;
+        s.pins_held_now = tx.conns.iter().map(|c| c.sendq.pins_held() as u64).sum();
+        s.frames_in_flight_now = tx.frames_in_flight() as u64;
+        s
+    }
+
+    /// When to poll next at the latest (smoltcp's timers), `None` if idle.
+    pub fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
+        let busy = self.device.tx.conns.iter().any(|c| c.sendq.unfed() > 0);
+        if busy {
+            return Some(Duration::ZERO);
+        }
+        self.iface.poll_delay(now, &self.sockets)
+    }
+
+    /// One round: reap TX completions, feed queued data to the sockets, receive a burst,
+    /// let smoltcp transmit (staged, then one doorbell), and update connections and
+    /// events. Returns whether anything happened.
+    pub fn poll(&mut self, now: Instant) -> Result<bool> {
+        let before = (
+            self.device.tx.stats.frames_rx,
+            self.device.tx.stats.frames_tx,
+            self.events.len(),
+        );
+        self.device.reap()?;
+        self.service_listeners();
+        self.feed_sockets();
+        self.device.open_tx_window();
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        self.device.nic.rx_flush();
+        self.device.submit();
+        self.device.reap()?;
+        self.service_dhcp();
+        self.update_connections();
+        let after = (
+            self.device.tx.stats.frames_rx,
+            self.device.tx.stats.frames_tx,
+            self.events.len(),
+        );
+        Ok(before != after)
+    }
+
+    fn service_dhcp(&mut self) {
+        let Some(handle) = self.dhcp else { return };
+        match self.sockets.get_mut::<dhcpv4::Socket>(handle).poll() {
+            Some(dhcpv4::Event::Configured(config)) => {
+                self.iface.update_ip_addrs(|addrs| {
+                    addrs.clear();
+                    addrs
+                        .push(IpCidr::Ipv4(config.address))
+                        .expect("room for one address");
+                });
+                match config.router {
+                    Some(router) => {
+                        self.iface
+                            .routes_mut()
+                            .add_default_ipv4_route(router)
+                            .expect("room for a route");
+                    }
+                    None => {
+                        self.iface.routes_mut().remove_default_ipv4_route();
+                    }
+                }
+                self.events.push_back(Event::AddressConfigured {
+                    address: config.address,
+                });
+            }
+            Some(dhcpv4::Event::Deconfigured) => {
+                self.iface.update_ip_addrs(|addrs| addrs.clear());
+                self.iface.routes_mut().remove_default_ipv4_route();
+            }
+            None => {}
+        }
+    }
+
+    /// Turns listening sockets that completed a handshake into connections.
+    fn service_listeners(&mut self) {
+        for li in 0..self.listeners.len() {
+            for si in 0..self.listeners[li].sockets.len() {
+                let handle = self.listeners[li].sockets[si];
+                let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+                match socket.state() {
+                    tcp::State::Listen | tcp::State::SynReceived => continue,
+                    tcp::State::Closed => {
+                        // Reset during the handshake: listen again.
+                        let port = self.listeners[li].port;
+                        let _ = socket.listen(port);
+                        continue;
+                    }
+                    _ => {}
+                }
+                let (Some(local), Some(remote)) =
+                    (socket.local_endpoint(), socket.remote_endpoint())
+                else {
+                    continue;
+                };
+                let smoltcp::wire::IpAddress::Ipv4(remote_ip) = remote.addr else {
+                    continue;
+                };
+                let flow = FlowKey::new(local.port, remote_ip.octets(), remote.port);
+                let mut fresh = tcp_socket(&self.config);
+                fresh
+                    .listen(self.listeners[li].port)
+                    .expect("port was listenable");
+                self.listeners[li].sockets[si] = self.sockets.add(fresh);
+                let listener = ListenerId(li as u32);
+                let conn = self.add_conn(handle, Some(listener), flow);
+                if let Ok(c) = self.conn_mut(conn) {
+                    c.established_reported = true;
+                }
+                self.events.push_back(Event::Accepted { listener, conn });
+            }
+        }
+    }
+
+    /// Hands queued bytes to the smoltcp sockets: placeholders (zero-copy) or copies.
+    fn feed_sockets(&mut self) {
+        for (index, (_, slot)) in self.conns.iter_mut().enumerate() {
+            let ConnSlot::Used(conn) = slot else { continue };
+            let socket = self.sockets.get_mut::<tcp::Socket>(conn.socket);
+            let tx = &mut self.device.tx;
+            let ctx = &mut tx.conns[index];
+            if socket.may_send() && !ctx.sendq.is_aborted() {
+                for _ in 0..2 {
+                    // Twice: the free space of the ring may wrap around.
+                    let unfed = ctx.sendq.unfed();
+                    if unfed == 0 {
+                        break;
+                    }
+                    let fed = match ctx.sendq.mode {
+                        SendMode::ZeroCopy => socket
+                            .send(|ring| {
+                                // Placeholders: claim ring space without writing it.
+                                let n = (ring.len() as u64).min(unfed) as usize;
+                                (n, n)
+                            })
+                            .unwrap_or(0),
+                        SendMode::Copying => {
+                            let (sendq, pool) = (&mut ctx.sendq, &tx.pool);
+                            let n = socket.send(|ring| {
+                                let n = sendq.copy_unfed(ring, pool);
+                                (n, n)
+                            });
+                            let n = n.unwrap_or(0);
+                            tx.stats.payload_bytes_copied += n as u64;
+                            tx.stats.file_bytes_sent += n as u64;
+                            // copy_unfed advanced `fed` itself.
+                            continue;
+                        }
+                    };
+                    if fed == 0 {
+                        break;
+                    }
+                    ctx.sendq.fed += fed as u64;
+                }
+            }
+            if conn.close_requested && !conn.close_issued && ctx.sendq.unfed() == 0 {
+                socket.close();
+                conn.close_issued = true;
+            }
+        }
+    }
+
+    /// Acknowledgements, releases, events, and reclaiming finished connections.
+    fn update_connections(&mut self) {
+        for index in 0..self.conns.len() {
+            let (generation, ConnSlot::Used(conn)) = &mut self.conns[index] else {
+                continue;
+            };
+            let id = ConnId {
+                index: index as u32,
+                generation: *generation,
+            };
+            let socket = self.sockets.get_mut::<tcp::Socket>(conn.socket);
+            let tx = &mut self.device.tx;
+            let ctx = &mut tx.conns[index];
+            let state = socket.state();
+
+            if !ctx.sendq.is_aborted() {
+                // Everything fed and no longer in smoltcp's ring was acknowledged.
+                let in_ring = socket.send_queue() as u64;
+                let acked = ctx.sendq.fed.saturating_sub(in_ring);
+                if acked > ctx.sendq.acked {
+                    ctx.sendq.acked = acked;
+                }
+            }
+            if matches!(state, tcp::State::Closed | tcp::State::TimeWait) && !ctx.sendq.is_aborted()
+            {
+                if ctx.sendq.unacked() > 0 {
+                    tracing::debug!(
+                        "connection {id:?} closed with {} bytes unacknowledged",
+                        ctx.sendq.unacked()
+                    );
+                }
+                ctx.sendq.abort();
+            }
+            let events = &mut self.events;
+            let stats = &mut tx.stats;
+            ctx.sendq.release(&mut tx.pool, |send_id, outcome| {
+                stats.sends_completed += 1;
+                events.push_back(Event::SendComplete {
+                    conn: id,
+                    send_id,
+                    outcome,
+                });
+            });
+
+            if !conn.established_reported && state == tcp::State::Established {
+                conn.established_reported = true;
+                self.events.push_back(Event::Connected { conn: id });
+            }
+            if !conn.readable_reported && socket.recv_queue() > 0 {
+                conn.readable_reported = true;
+                self.events.push_back(Event::Readable { conn: id });
+            }
+            let peer_done = matches!(
+                state,
+                tcp::State::CloseWait
+                    | tcp::State::LastAck
+                    | tcp::State::Closing
+                    | tcp::State::TimeWait
+            );
+            if peer_done && !conn.peer_closed_reported {
+                conn.peer_closed_reported = true;
+                self.events.push_back(Event::PeerClosed { conn: id });
+            }
+            let closed = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
+            if closed && !conn.closed_reported {
+                conn.closed_reported = true;
+                self.events.push_back(Event::Closed { conn: id });
+            }
+            // Reclaim: closed, nothing left to read (or the app let go), nothing under DMA.
+            let reclaim = state == tcp::State::Closed
+                && ctx.sendq.is_idle()
+                && (conn.released_by_app || socket.recv_queue() == 0);
+            if reclaim {
+                let handle = conn.socket;
+                if let Some(flow) = ctx.flow.take() {
+                    tx.flows.remove(&flow);
+                }
+                ctx.generation = ctx.generation.wrapping_add(1);
+                ctx.iss = None;
+                self.sockets.remove(handle);
+                self.conns[index].1 = ConnSlot::Free;
+            }
+        }
+    }
+}
