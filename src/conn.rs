@@ -99,15 +99,27 @@ impl ServerCore {
     /// Answer a GET or HEAD of a file: pin a snapshot, then describe exactly that snapshot.
     fn get(&mut self, req: &Request, out: &mut Vec<Outgoing>) -> Result<(), HttpError> {
         let path = self.root.resolve(req.raw_path(), false)?;
-        let file = self.cache.open(&path, OpenOptions::read_write(self.policy)).map_err(cache_error)?;
+        let file = self
+            .cache
+            .open(&path, OpenOptions::read_write(self.policy))
+            .map_err(cache_error)?;
         let disk = fs::metadata(&path).map_err(|_| HttpError::new(404, "Not Found"))?;
         // Plan against a version, pin, and retry if a writer got in between, so the head
         // (length, ETag, range) always describes the pinned bytes.
         for _ in 0..8 {
             let version = file.version();
             let len = file.len();
-            let modified = self.modified.get(&path).copied().unwrap_or(SystemTime::UNIX_EPOCH).max(disk.modified().unwrap_or(SystemTime::UNIX_EPOCH));
-            let meta = FileMeta { len, etag: FileMeta::etag_for(disk.ino(), version, len), modified };
+            let modified = self
+                .modified
+                .get(&path)
+                .copied()
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+                .max(disk.modified().unwrap_or(SystemTime::UNIX_EPOCH));
+            let meta = FileMeta {
+                len,
+                etag: FileMeta::etag_for(disk.ino(), version, len),
+                modified,
+            };
             let plan = plan_file_response(req, &meta, content_type(&path.to_string_lossy()));
             let pin = match &plan.body {
                 Some(range) => match file.pin(range.clone()) {
@@ -136,9 +148,17 @@ impl ServerCore {
         let path = self.root.resolve(req.raw_path(), true)?;
         let created = !path.exists();
         if created {
-            fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(|_| HttpError::new(403, "Forbidden"))?;
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|_| HttpError::new(403, "Forbidden"))?;
         }
-        let file = self.cache.open(&path, OpenOptions::read_write(self.policy)).map_err(cache_error)?;
+        let file = self
+            .cache
+            .open(&path, OpenOptions::read_write(self.policy))
+            .map_err(cache_error)?;
         match req.header("Content-Range") {
             Some(cr) => {
                 let offset = parse_put_content_range(cr, body.len() as u64)?;
@@ -159,10 +179,14 @@ fn cache_error(e: pagecache::Error) -> HttpError {
         pagecache::Error::WriteTimeout { .. } | pagecache::Error::OutOfFrames { .. } => {
             HttpError::new(503, "Service Unavailable")
         }
-        pagecache::Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+        pagecache::Error::Io { ref source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
             HttpError::new(404, "Not Found")
         }
-        pagecache::Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+        pagecache::Error::Io { ref source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
             HttpError::new(403, "Forbidden")
         }
         _ => HttpError::new(500, "Internal Server Error"),
@@ -203,7 +227,13 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(now: Instant) -> Self {
-        Connection { inbuf: Vec::new(), body: None, closing: false, request_started: None, last_activity: now }
+        Connection {
+            inbuf: Vec::new(),
+            body: None,
+            closing: false,
+            request_started: None,
+            last_activity: now,
+        }
     }
 
     /// Whether the connection should be closed once everything queued has been sent.
@@ -213,7 +243,14 @@ impl Connection {
 
     /// Feed received bytes (possibly none, to resume after the send queue drained);
     /// responses are appended to `out`. `queued` is how many responses are still unsent.
-    pub fn on_bytes(&mut self, data: &[u8], now: Instant, queued: usize, core: &mut ServerCore, out: &mut Vec<Outgoing>) {
+    pub fn on_bytes(
+        &mut self,
+        data: &[u8],
+        now: Instant,
+        queued: usize,
+        core: &mut ServerCore,
+        out: &mut Vec<Outgoing>,
+    ) {
         if self.closing {
             return;
         }
@@ -237,7 +274,11 @@ impl Connection {
                 let response = match core.put(&pending.request, &pending.body) {
                     Ok(status) => {
                         core.counters.count(status);
-                        let reason = if status == 201 { "Created" } else { "No Content" };
+                        let reason = if status == 201 {
+                            "Created"
+                        } else {
+                            "No Content"
+                        };
                         let mut head = crate::http::ResponseHead::new(status, reason)
                             .header("Connection", if keep { "keep-alive" } else { "close" });
                         if status == 201 {
@@ -275,13 +316,22 @@ impl Connection {
         }
     }
 
-    fn handle(&mut self, request: Request, now: Instant, core: &mut ServerCore, out: &mut Vec<Outgoing>) {
+    fn handle(
+        &mut self,
+        request: Request,
+        now: Instant,
+        core: &mut ServerCore,
+        out: &mut Vec<Outgoing>,
+    ) {
         let keep = request.keep_alive;
         let head_only = request.method == Method::Head;
         let result = match request.method {
             Method::Get | Method::Head if request.raw_path() == METRICS_PATH => {
                 core.counters.count(200);
-                out.push(Outgoing::Metrics { keep_alive: keep, head_only });
+                out.push(Outgoing::Metrics {
+                    keep_alive: keep,
+                    head_only,
+                });
                 Ok(())
             }
             Method::Get | Method::Head => core.get(&request, out),
@@ -295,11 +345,18 @@ impl Connection {
                         return;
                     }
                     Ok(_) => {
-                        if request.header("Expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+                        if request
+                            .header("Expect")
+                            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+                        {
                             out.push(Outgoing::Bytes(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()));
                         }
                         self.request_started = Some(now);
-                        self.body = Some(PendingBody { request, body: Vec::with_capacity(len as usize), remaining: len });
+                        self.body = Some(PendingBody {
+                            request,
+                            body: Vec::with_capacity(len as usize),
+                            remaining: len,
+                        });
                         return;
                     }
                 }
@@ -332,7 +389,11 @@ impl Connection {
 
     /// Enforce the idle and slow-client timeouts. Returns a 408 to send (then close) when a
     /// request is too slow, or `true` in `.1` when the connection should just be closed.
-    pub fn check_timeouts(&mut self, now: Instant, core: &mut ServerCore) -> (Option<Vec<u8>>, bool) {
+    pub fn check_timeouts(
+        &mut self,
+        now: Instant,
+        core: &mut ServerCore,
+    ) -> (Option<Vec<u8>>, bool) {
         if self.closing {
             return (None, false);
         }
@@ -370,21 +431,40 @@ mod tests {
     }
 
     fn fixture(policy: WritePolicy) -> Fixture {
-        let dir = std::env::temp_dir().join(format!("zs-conn-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let dir = std::env::temp_dir().join(format!(
+            "zs-conn-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("hello.txt"), b"hello, world\n").unwrap();
         fs::write(dir.join("big.bin"), vec![7u8; 50_000]).unwrap();
-        let cache = PageCache::new(FrameArena::anonymous(0x1000_0000, 4 << 20).unwrap(), CacheConfig::default()).unwrap();
-        let core = ServerCore::new(ServeRoot::new(&dir).unwrap(), cache, policy, Limits::default());
+        let cache = PageCache::new(
+            FrameArena::anonymous(0x1000_0000, 4 << 20).unwrap(),
+            CacheConfig::default(),
+        )
+        .unwrap();
+        let core = ServerCore::new(
+            ServeRoot::new(&dir).unwrap(),
+            cache,
+            policy,
+            Limits::default(),
+        );
         let now = Instant::now();
-        Fixture { dir, core, conn: Connection::new(now), now }
+        Fixture {
+            dir,
+            core,
+            conn: Connection::new(now),
+            now,
+        }
     }
 
     impl Fixture {
         fn send(&mut self, req: &str) -> Vec<Outgoing> {
             let mut out = Vec::new();
-            self.conn.on_bytes(req.as_bytes(), self.now, 0, &mut self.core, &mut out);
+            self.conn
+                .on_bytes(req.as_bytes(), self.now, 0, &mut self.core, &mut out);
             out
         }
     }
@@ -413,8 +493,14 @@ mod tests {
         let out = f.send("GET /hello.txt HTTP/1.1\r\n\r\nHEAD /hello.txt HTTP/1.1\r\n\r\nGET /big.bin HTTP/1.1\r\nRange: bytes=10-19\r\n\r\n");
         let (heads, bodies) = render(&out);
         assert_eq!(heads.len(), 3);
-        assert!(heads[0].starts_with("HTTP/1.1 200 OK\r\n") && heads[0].contains("Content-Length: 13\r\n"));
-        assert!(heads[1].starts_with("HTTP/1.1 200 OK\r\n") && heads[1].contains("Content-Length: 13\r\n"));
+        assert!(
+            heads[0].starts_with("HTTP/1.1 200 OK\r\n")
+                && heads[0].contains("Content-Length: 13\r\n")
+        );
+        assert!(
+            heads[1].starts_with("HTTP/1.1 200 OK\r\n")
+                && heads[1].contains("Content-Length: 13\r\n")
+        );
         assert!(heads[2].starts_with("HTTP/1.1 206 "));
         assert_eq!(bodies, vec![b"hello, world\n".to_vec(), vec![7u8; 10]]);
         assert!(!f.conn.closing());
@@ -430,10 +516,16 @@ mod tests {
         assert!(h[0].starts_with("HTTP/1.1 403 "));
         let (h, _) = render(&f.send("DELETE /hello.txt HTTP/1.1\r\n\r\n"));
         assert!(h[0].starts_with("HTTP/1.1 405 ") && h[0].contains("Allow: GET, HEAD, PUT"));
-        assert!(!f.conn.closing(), "4xx on a well-formed request keeps the connection");
+        assert!(
+            !f.conn.closing(),
+            "4xx on a well-formed request keeps the connection"
+        );
         let (h, _) = render(&f.send("BROKEN\r\n\r\n"));
         assert!(h[0].starts_with("HTTP/1.1 400 "));
-        assert!(f.conn.closing(), "a malformed request closes the connection");
+        assert!(
+            f.conn.closing(),
+            "a malformed request closes the connection"
+        );
     }
 
     #[test]
@@ -441,20 +533,37 @@ mod tests {
         let mut f = fixture(WritePolicy::CopyOnWrite);
         let (h, _) = render(&f.send("PUT /new.txt HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde"));
         assert!(h[0].starts_with("HTTP/1.1 201 "), "{h:?}");
-        let (h, _) = render(&f.send("PUT /new.txt HTTP/1.1\r\nContent-Length: 2\r\nContent-Range: bytes 1-2/*\r\n\r\nXY"));
+        let (h, _) = render(&f.send(
+            "PUT /new.txt HTTP/1.1\r\nContent-Length: 2\r\nContent-Range: bytes 1-2/*\r\n\r\nXY",
+        ));
         assert!(h[0].starts_with("HTTP/1.1 204 "), "{h:?}");
         let (_, b) = render(&f.send("GET /new.txt HTTP/1.1\r\n\r\n"));
         assert_eq!(b, vec![b"aXYde".to_vec()]);
-        assert_eq!(fs::read(f.dir.join("new.txt")).unwrap(), b"aXYde", "PUT is durable on disk");
-        let (h, _) = render(&f.send("PUT /new.txt HTTP/1.1\r\nContent-Length: 2\r\nContent-Range: bytes 1-5/*\r\n\r\nXY"));
+        assert_eq!(
+            fs::read(f.dir.join("new.txt")).unwrap(),
+            b"aXYde",
+            "PUT is durable on disk"
+        );
+        let (h, _) = render(&f.send(
+            "PUT /new.txt HTTP/1.1\r\nContent-Length: 2\r\nContent-Range: bytes 1-5/*\r\n\r\nXY",
+        ));
         assert!(h[0].starts_with("HTTP/1.1 400 "));
         // A body split over several reads.
         let mut out = Vec::new();
-        f.conn.on_bytes(b"PUT /hello.txt HTTP/1.1\r\nContent-Length: 6\r\n\r\nab", f.now, 0, &mut f.core, &mut out);
+        f.conn.on_bytes(
+            b"PUT /hello.txt HTTP/1.1\r\nContent-Length: 6\r\n\r\nab",
+            f.now,
+            0,
+            &mut f.core,
+            &mut out,
+        );
         assert!(out.is_empty());
         f.conn.on_bytes(b"cdef", f.now, 0, &mut f.core, &mut out);
         assert!(render(&out).0[0].starts_with("HTTP/1.1 204 "));
-        assert_eq!(render(&f.send("GET /hello.txt HTTP/1.1\r\n\r\n")).1, vec![b"abcdef".to_vec()]);
+        assert_eq!(
+            render(&f.send("GET /hello.txt HTTP/1.1\r\n\r\n")).1,
+            vec![b"abcdef".to_vec()]
+        );
     }
 
     #[test]
@@ -462,13 +571,22 @@ mod tests {
         let mut f = fixture(WritePolicy::CopyOnWrite);
         let out = f.send("GET /hello.txt HTTP/1.1\r\n\r\n");
         f.send("PUT /hello.txt HTTP/1.1\r\nContent-Length: 3\r\n\r\nnew");
-        assert_eq!(render(&out).1, vec![b"hello, world\n".to_vec()], "in-flight body changed");
-        assert_eq!(render(&f.send("GET /hello.txt HTTP/1.1\r\n\r\n")).1, vec![b"new".to_vec()]);
+        assert_eq!(
+            render(&out).1,
+            vec![b"hello, world\n".to_vec()],
+            "in-flight body changed"
+        );
+        assert_eq!(
+            render(&f.send("GET /hello.txt HTTP/1.1\r\n\r\n")).1,
+            vec![b"new".to_vec()]
+        );
     }
 
     #[test]
     fn wait_policy_put_on_pinned_file_answers_503() {
-        let mut f = fixture(WritePolicy::Wait { timeout: Duration::from_millis(30) });
+        let mut f = fixture(WritePolicy::Wait {
+            timeout: Duration::from_millis(30),
+        });
         let in_flight = f.send("GET /hello.txt HTTP/1.1\r\n\r\n");
         let (h, _) = render(&f.send("PUT /hello.txt HTTP/1.1\r\nContent-Length: 3\r\n\r\nnew"));
         assert!(h[0].starts_with("HTTP/1.1 503 "), "{h:?}");
@@ -482,7 +600,8 @@ mod tests {
         let mut f = fixture(WritePolicy::CopyOnWrite);
         let many = "GET /hello.txt HTTP/1.1\r\n\r\n".repeat(40);
         let mut out = Vec::new();
-        f.conn.on_bytes(many.as_bytes(), f.now, 0, &mut f.core, &mut out);
+        f.conn
+            .on_bytes(many.as_bytes(), f.now, 0, &mut f.core, &mut out);
         assert_eq!(render(&out).0.len(), MAX_QUEUED_RESPONSES);
         out.clear();
         f.conn.on_bytes(&[], f.now, 0, &mut f.core, &mut out);
@@ -498,16 +617,26 @@ mod tests {
         f.send("GET /hello.txt HTTP/1.1\r\nHost:");
         let later = f.now + f.core.request_timeout + Duration::from_secs(1);
         let (resp, close) = f.conn.check_timeouts(later, &mut f.core);
-        assert!(close && String::from_utf8(resp.unwrap()).unwrap().starts_with("HTTP/1.1 408 "));
+        assert!(
+            close
+                && String::from_utf8(resp.unwrap())
+                    .unwrap()
+                    .starts_with("HTTP/1.1 408 ")
+        );
         let mut f = fixture(WritePolicy::CopyOnWrite);
-        let (resp, close) = f.conn.check_timeouts(f.now + f.core.idle_timeout + Duration::from_secs(1), &mut f.core);
+        let (resp, close) = f.conn.check_timeouts(
+            f.now + f.core.idle_timeout + Duration::from_secs(1),
+            &mut f.core,
+        );
         assert!(close && resp.is_none());
     }
 
     #[test]
     fn connection_close_and_http10() {
         let mut f = fixture(WritePolicy::CopyOnWrite);
-        let (h, _) = render(&f.send("GET /hello.txt HTTP/1.1\r\nConnection: close\r\n\r\nGET /hello.txt HTTP/1.1\r\n\r\n"));
+        let (h, _) = render(&f.send(
+            "GET /hello.txt HTTP/1.1\r\nConnection: close\r\n\r\nGET /hello.txt HTTP/1.1\r\n\r\n",
+        ));
         assert_eq!(h.len(), 1, "nothing is answered after Connection: close");
         assert!(h[0].contains("Connection: close\r\n"));
         assert!(f.conn.closing());

@@ -17,7 +17,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_head_bytes: 16 * 1024, max_headers: 64, max_body_bytes: 256 << 20 }
+        Limits {
+            max_head_bytes: 16 * 1024,
+            max_headers: 64,
+            max_body_bytes: 256 << 20,
+        }
     }
 }
 
@@ -48,7 +52,10 @@ pub struct Request {
 impl Request {
     /// First header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// The path part of the target (before `?`), still percent-encoded.
@@ -147,8 +154,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
         if lengths.iter().any(|l| l != first) || !first.bytes().all(|b| b.is_ascii_digit()) {
             return Err(HttpError::new(400, "Bad Request"));
         }
-        request.content_length =
-            Some(first.parse().map_err(|_| HttpError::new(400, "Bad Request"))?);
+        request.content_length = Some(
+            first
+                .parse()
+                .map_err(|_| HttpError::new(400, "Bad Request"))?,
+        );
     }
     if request.header("Transfer-Encoding").is_some() {
         // Bodies must come with a Content-Length; chunked uploads are not supported.
@@ -190,11 +200,20 @@ impl ResponseHead {
 }
 
 /// A complete response with a short text body (errors, PUT results, metrics).
-pub fn simple_response(status: u16, reason: &str, body: &str, keep_alive: bool, head_only: bool) -> Vec<u8> {
+pub fn simple_response(
+    status: u16,
+    reason: &str,
+    body: &str,
+    keep_alive: bool,
+    head_only: bool,
+) -> Vec<u8> {
     let mut out = ResponseHead::new(status, reason)
         .header("Content-Type", "text/plain; charset=utf-8")
         .header("Content-Length", body.len())
-        .header("Connection", if keep_alive { "keep-alive" } else { "close" })
+        .header(
+            "Connection",
+            if keep_alive { "keep-alive" } else { "close" },
+        )
         .finish();
     if !head_only {
         out.extend_from_slice(body.as_bytes());
@@ -232,24 +251,39 @@ mod tests {
 
     #[test]
     fn partial_until_blank_line() {
-        assert_eq!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap(), Parsed::Partial);
+        assert_eq!(
+            parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap(),
+            Parsed::Partial
+        );
     }
 
     #[test]
     fn malformed_and_oversized_requests_get_their_status() {
         assert_eq!(parse("GARBAGE\r\n\r\n").unwrap_err().status, 400);
-        assert_eq!(parse("GET nopath HTTP/1.1\r\n\r\n").unwrap_err().status, 400);
+        assert_eq!(
+            parse("GET nopath HTTP/1.1\r\n\r\n").unwrap_err().status,
+            400
+        );
         let many: String = (0..100).map(|i| format!("X-{i}: y\r\n")).collect();
-        assert_eq!(parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).unwrap_err().status, 431);
+        assert_eq!(
+            parse(&format!("GET / HTTP/1.1\r\n{many}\r\n"))
+                .unwrap_err()
+                .status,
+            431
+        );
         let long = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(20_000));
         assert_eq!(parse(&long).unwrap_err().status, 431);
         assert_eq!(parse("PUT /f HTTP/1.1\r\n\r\n").unwrap_err().status, 411);
         assert_eq!(
-            parse("PUT /f HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap_err().status,
+            parse("PUT /f HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap_err()
+                .status,
             411
         );
         assert_eq!(
-            parse("PUT /f HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n").unwrap_err().status,
+            parse("PUT /f HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n")
+                .unwrap_err()
+                .status,
             413
         );
         assert_eq!(
@@ -258,7 +292,12 @@ mod tests {
                 .status,
             400
         );
-        assert_eq!(parse("PUT /f HTTP/1.1\r\nContent-Length: -1\r\n\r\n").unwrap_err().status, 400);
+        assert_eq!(
+            parse("PUT /f HTTP/1.1\r\nContent-Length: -1\r\n\r\n")
+                .unwrap_err()
+                .status,
+            400
+        );
     }
 
     #[test]
@@ -269,7 +308,12 @@ mod tests {
 
     #[test]
     fn response_head_format() {
-        let h = ResponseHead::new(200, "OK").header("Content-Length", 5).finish();
-        assert_eq!(h, b"HTTP/1.1 200 OK\r\nServer: zerosend\r\nContent-Length: 5\r\n\r\n");
+        let h = ResponseHead::new(200, "OK")
+            .header("Content-Length", 5)
+            .finish();
+        assert_eq!(
+            h,
+            b"HTTP/1.1 200 OK\r\nServer: zerosend\r\nContent-Length: 5\r\n\r\n"
+        );
     }
 }

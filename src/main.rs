@@ -6,7 +6,10 @@ use driver::pci;
 use driver::NicModel;
 
 #[derive(Parser)]
-#[command(version, about = "Zero-copy, stable-page file server over a userspace NIC driver")]
+#[command(
+    version,
+    about = "Zero-copy, stable-page file server over a userspace NIC driver"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -135,11 +138,19 @@ fn main() {
 
 /// `10.0.2.15/24`
 fn parse_cidr(text: &str) -> Result<(std::net::Ipv4Addr, u8)> {
-    let (addr, prefix) = text
-        .split_once('/')
-        .ok_or_else(|| anyhow::anyhow!("--ip {text:?}: expected ADDR/PREFIX such as 10.0.2.15/24"))?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(|| anyhow::anyhow!("--ip {text:?}: bad prefix length"))?;
-    Ok((addr.parse().map_err(|_| anyhow::anyhow!("--ip {text:?}: bad IPv4 address"))?, prefix))
+    let (addr, prefix) = text.split_once('/').ok_or_else(|| {
+        anyhow::anyhow!("--ip {text:?}: expected ADDR/PREFIX such as 10.0.2.15/24")
+    })?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| anyhow::anyhow!("--ip {text:?}: bad prefix length"))?;
+    Ok((
+        addr.parse()
+            .map_err(|_| anyhow::anyhow!("--ip {text:?}: bad IPv4 address"))?,
+        prefix,
+    ))
 }
 
 fn probe() -> Result<()> {
@@ -152,7 +163,10 @@ fn probe() -> Result<()> {
         found = true;
         let (vendor, device) = address.ids()?;
         let driver = address.driver().unwrap_or_else(|| "none".into());
-        let group = address.iommu_group().map(|g| g.to_string()).unwrap_or_else(|| "none".into());
+        let group = address
+            .iommu_group()
+            .map(|g| g.to_string())
+            .unwrap_or_else(|| "none".into());
         let model = NicModel::from_ids(vendor, device);
         let verdict = match (&model, address.iommu_group(), driver.as_str()) {
             (Err(_), _, _) => "unsupported model".to_string(),

@@ -21,10 +21,20 @@ pub struct Metric {
 
 impl Metric {
     pub fn counter(name: &'static str, help: &'static str, value: u64) -> Self {
-        Metric { name, help, kind: Kind::Counter, value: value as f64 }
+        Metric {
+            name,
+            help,
+            kind: Kind::Counter,
+            value: value as f64,
+        }
     }
     pub fn gauge(name: &'static str, help: &'static str, value: f64) -> Self {
-        Metric { name, help, kind: Kind::Gauge, value }
+        Metric {
+            name,
+            help,
+            kind: Kind::Gauge,
+            value,
+        }
     }
 }
 

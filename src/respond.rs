@@ -36,7 +36,10 @@ pub struct Plan {
 
 /// Content type by file extension.
 pub fn content_type(path: &str) -> &'static str {
-    let ext = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let ext = path
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
     match ext.as_str() {
         "html" | "htm" => "text/html; charset=utf-8",
         "txt" | "log" => "text/plain; charset=utf-8",
@@ -62,27 +65,37 @@ fn http_date(t: SystemTime) -> String {
 
 /// HTTP dates have one-second resolution; compare at that resolution.
 fn whole_seconds(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Weak comparison of an entity-tag list (RFC 9110 section 13.1.2) against ours.
 fn etag_list_matches(list: &str, etag: &str) -> bool {
     let ours = etag.trim_start_matches("W/");
-    list.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == ours)
+    list.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == ours)
 }
 
 /// Parse a single `bytes=` range against `len` (RFC 9110 section 14.1.2).
 /// `Ok(None)`: ignore the header (not bytes, several ranges, or syntax we do not serve);
 /// `Err(())`: unsatisfiable (416).
 fn parse_range(value: &str, len: u64) -> Result<Option<Range<u64>>, ()> {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else { return Ok(None) };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
     if spec.contains(',') {
         return Ok(None); // multiple ranges: answer with the whole file
     }
-    let Some((a, b)) = spec.trim().split_once('-') else { return Ok(None) };
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
     let (a, b) = (a.trim(), b.trim());
     let num = |s: &str| -> Option<u64> {
-        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
     };
     match (a.is_empty(), b.is_empty()) {
         (true, true) => Ok(None),
@@ -113,7 +126,11 @@ fn parse_range(value: &str, len: u64) -> Result<Option<Range<u64>>, ()> {
 
 /// Decide the response to a GET or HEAD of a file with metadata `meta`.
 pub fn plan_file_response(req: &Request, meta: &FileMeta, content_type: &str) -> Plan {
-    let keep = if req.keep_alive { "keep-alive" } else { "close" };
+    let keep = if req.keep_alive {
+        "keep-alive"
+    } else {
+        "close"
+    };
     let base = |status: u16, reason: &str| {
         ResponseHead::new(status, reason)
             .header("Date", http_date(SystemTime::now()))
@@ -132,7 +149,11 @@ pub fn plan_file_response(req: &Request, meta: &FileMeta, content_type: &str) ->
             .is_some_and(|since| whole_seconds(meta.modified) <= whole_seconds(since)),
     };
     if not_modified {
-        return Plan { status: 304, head: base(304, "Not Modified").finish(), body: None };
+        return Plan {
+            status: 304,
+            head: base(304, "Not Modified").finish(),
+            body: None,
+        };
     }
 
     let mut range = None;
@@ -151,7 +172,11 @@ pub fn plan_file_response(req: &Request, meta: &FileMeta, content_type: &str) ->
                         .header("Content-Range", format!("bytes */{}", meta.len))
                         .header("Content-Length", 0)
                         .finish();
-                    return Plan { status: 416, head, body: None };
+                    return Plan {
+                        status: 416,
+                        head,
+                        body: None,
+                    };
                 }
             }
         }
@@ -161,17 +186,28 @@ pub fn plan_file_response(req: &Request, meta: &FileMeta, content_type: &str) ->
         Some(r) => {
             let head = base(206, "Partial Content")
                 .header("Content-Type", content_type)
-                .header("Content-Range", format!("bytes {}-{}/{}", r.start, r.end - 1, meta.len))
+                .header(
+                    "Content-Range",
+                    format!("bytes {}-{}/{}", r.start, r.end - 1, meta.len),
+                )
                 .header("Content-Length", r.end - r.start)
                 .finish();
-            Plan { status: 206, head, body: (!head_only).then_some(r) }
+            Plan {
+                status: 206,
+                head,
+                body: (!head_only).then_some(r),
+            }
         }
         None => {
             let head = base(200, "OK")
                 .header("Content-Type", content_type)
                 .header("Content-Length", meta.len)
                 .finish();
-            Plan { status: 200, head, body: (!head_only && meta.len > 0).then_some(0..meta.len) }
+            Plan {
+                status: 200,
+                head,
+                body: (!head_only && meta.len > 0).then_some(0..meta.len),
+            }
         }
     }
 }
@@ -216,7 +252,10 @@ mod tests {
     #[test]
     fn conditional_requests() {
         let m = meta();
-        let inm = format!("GET /f HTTP/1.1\r\nIf-None-Match: \"x\", {}\r\n\r\n", m.etag);
+        let inm = format!(
+            "GET /f HTTP/1.1\r\nIf-None-Match: \"x\", {}\r\n\r\n",
+            m.etag
+        );
         assert_eq!(plan_file_response(&req(&inm), &m, "x").status, 304);
         let other = "GET /f HTTP/1.1\r\nIf-None-Match: \"other\"\r\n\r\n";
         assert_eq!(plan_file_response(&req(other), &m, "x").status, 200);
@@ -225,13 +264,23 @@ mod tests {
         let older = "GET /f HTTP/1.1\r\nIf-Modified-Since: Tue, 14 Nov 2023 22:13:19 GMT\r\n\r\n";
         assert_eq!(plan_file_response(&req(older), &m, "x").status, 200);
         let both = "GET /f HTTP/1.1\r\nIf-None-Match: \"other\"\r\nIf-Modified-Since: Tue, 14 Nov 2023 22:13:20 GMT\r\n\r\n";
-        assert_eq!(plan_file_response(&req(both), &m, "x").status, 200, "If-None-Match wins");
+        assert_eq!(
+            plan_file_response(&req(both), &m, "x").status,
+            200,
+            "If-None-Match wins"
+        );
     }
 
     #[test]
     fn ranges() {
         let m = meta();
-        let r = |h: &str| plan_file_response(&req(&format!("GET /f HTTP/1.1\r\nRange: {h}\r\n\r\n")), &m, "x");
+        let r = |h: &str| {
+            plan_file_response(
+                &req(&format!("GET /f HTTP/1.1\r\nRange: {h}\r\n\r\n")),
+                &m,
+                "x",
+            )
+        };
         let p = r("bytes=0-99");
         assert_eq!((p.status, p.body.clone()), (206, Some(0..100)));
         assert!(head_str(&p).contains("Content-Range: bytes 0-99/1000\r\n"));
@@ -242,7 +291,11 @@ mod tests {
         let p = r("bytes=1000-");
         assert_eq!(p.status, 416);
         assert!(head_str(&p).contains("Content-Range: bytes */1000\r\n"));
-        assert_eq!(r("bytes=0-1,5-6").status, 200, "multiple ranges: whole file");
+        assert_eq!(
+            r("bytes=0-1,5-6").status,
+            200,
+            "multiple ranges: whole file"
+        );
         assert_eq!(r("items=0-1").status, 200);
         assert_eq!(r("bytes=9-1").status, 200, "invalid syntax is ignored");
     }
@@ -251,7 +304,14 @@ mod tests {
     fn if_range() {
         let m = meta();
         let with = |ir: &str| {
-            plan_file_response(&req(&format!("GET /f HTTP/1.1\r\nRange: bytes=0-9\r\nIf-Range: {ir}\r\n\r\n")), &m, "x").status
+            plan_file_response(
+                &req(&format!(
+                    "GET /f HTTP/1.1\r\nRange: bytes=0-9\r\nIf-Range: {ir}\r\n\r\n"
+                )),
+                &m,
+                "x",
+            )
+            .status
         };
         assert_eq!(with(&m.etag), 206);
         assert_eq!(with("\"stale\""), 200);

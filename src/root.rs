@@ -17,7 +17,10 @@ impl ServeRoot {
     pub fn new(dir: &Path) -> std::io::Result<Self> {
         let root = dir.canonicalize()?;
         if !root.is_dir() {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotADirectory, format!("{} is not a directory", dir.display())));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", dir.display()),
+            ));
         }
         Ok(ServeRoot { root })
     }
@@ -52,7 +55,10 @@ impl ServeRoot {
             Err(_) if for_write => {
                 let parent = joined.parent().ok_or(forbidden.clone())?;
                 let name = joined.file_name().ok_or(forbidden.clone())?;
-                parent.canonicalize().map_err(|_| not_found.clone())?.join(name)
+                parent
+                    .canonicalize()
+                    .map_err(|_| not_found.clone())?
+                    .join(name)
             }
             Err(_) => return Err(not_found),
         };
@@ -62,7 +68,11 @@ impl ServeRoot {
         }
         if canonical.is_dir() {
             let index = canonical.join("index.html");
-            return if !for_write && index.is_file() { Ok(index) } else { Err(forbidden) };
+            return if !for_write && index.is_file() {
+                Ok(index)
+            } else {
+                Err(forbidden)
+            };
         }
         Ok(canonical)
     }
@@ -73,7 +83,11 @@ mod tests {
     use super::*;
 
     fn fixture() -> (PathBuf, ServeRoot) {
-        let base = std::env::temp_dir().join(format!("zs-root-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let base = std::env::temp_dir().join(format!(
+            "zs-root-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(base.join("www/sub")).unwrap();
         std::fs::write(base.join("www/a.txt"), "a").unwrap();
@@ -90,18 +104,35 @@ mod tests {
         let (base, root) = fixture();
         let www = base.join("www").canonicalize().unwrap();
         assert_eq!(root.resolve("/a.txt", false).unwrap(), www.join("a.txt"));
-        assert_eq!(root.resolve("/sub/b.txt", false).unwrap(), www.join("sub/b.txt"));
-        assert_eq!(root.resolve("/sub/%62.txt", false).unwrap(), www.join("sub/b.txt"));
+        assert_eq!(
+            root.resolve("/sub/b.txt", false).unwrap(),
+            www.join("sub/b.txt")
+        );
+        assert_eq!(
+            root.resolve("/sub/%62.txt", false).unwrap(),
+            www.join("sub/b.txt")
+        );
         assert_eq!(root.resolve("/inside", false).unwrap(), www.join("a.txt"));
         assert_eq!(root.resolve("/new.bin", true).unwrap(), www.join("new.bin"));
         assert_eq!(root.resolve("/missing", false).unwrap_err().status, 404);
-        assert_eq!(root.resolve("/nodir/new.bin", true).unwrap_err().status, 404);
+        assert_eq!(
+            root.resolve("/nodir/new.bin", true).unwrap_err().status,
+            404
+        );
     }
 
     #[test]
     fn nothing_escapes_the_root() {
         let (_base, root) = fixture();
-        for p in ["/../secret.txt", "/sub/../../secret.txt", "/%2e%2e/secret.txt", "/%2E%2E%2Fsecret.txt", "/sub/%2e%2e/%2e%2e/secret.txt", "/escape", "/sub"] {
+        for p in [
+            "/../secret.txt",
+            "/sub/../../secret.txt",
+            "/%2e%2e/secret.txt",
+            "/%2E%2E%2Fsecret.txt",
+            "/sub/%2e%2e/%2e%2e/secret.txt",
+            "/escape",
+            "/sub",
+        ] {
             assert_eq!(root.resolve(p, false).unwrap_err().status, 403, "{p}");
         }
         assert_eq!(root.resolve("/a%00.txt", false).unwrap_err().status, 400);

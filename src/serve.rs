@@ -54,21 +54,29 @@ fn choose_nic(spec: &str) -> Result<PciAddress> {
         if a.driver().as_deref() == Some("vfio-pci") {
             return Ok(a);
         }
-        seen.push(format!("{a} (driver {})", a.driver().unwrap_or_else(|| "none".into())));
+        seen.push(format!(
+            "{a} (driver {})",
+            a.driver().unwrap_or_else(|| "none".into())
+        ));
     }
     if seen.is_empty() {
         bail!("no supported NIC found (zerosend drives e1000, e1000e and virtio-net); see `zerosend probe`");
     }
-    bail!("no supported NIC is bound to vfio-pci: {}; bind one with scripts/vfio-bind <address>", seen.join(", "))
+    bail!(
+        "no supported NIC is bound to vfio-pci: {}; bind one with scripts/vfio-bind <address>",
+        seen.join(", ")
+    )
 }
 
 pub fn serve(options: ServeOptions) -> Result<()> {
     let address = choose_nic(&options.nic)?;
-    let nic = open_nic(&address, &NicConfig::default()).with_context(|| format!("opening NIC {address}"))?;
+    let nic = open_nic(&address, &NicConfig::default())
+        .with_context(|| format!("opening NIC {address}"))?;
     tracing::info!(nic = %address, model = ?nic.model(), mac = %nic.mac_address(), "NIC opened");
     match options.pcap.clone() {
         Some(path) => {
-            let tap = PcapTap::new(nic, &path).with_context(|| format!("opening pcap {}", path.display()))?;
+            let tap = PcapTap::new(nic, &path)
+                .with_context(|| format!("opening pcap {}", path.display()))?;
             run(tap, &options, address, true)
         }
         None => run(nic, &options, address, false),
@@ -94,7 +102,12 @@ struct ConnEntry {
     closed_by_us: bool,
 }
 
-fn run<Q: ServerNic>(nic: Q, options: &ServeOptions, address: PciAddress, capturing: bool) -> Result<()> {
+fn run<Q: ServerNic>(
+    nic: Q,
+    options: &ServeOptions,
+    address: PciAddress,
+    capturing: bool,
+) -> Result<()> {
     // The page cache's frames live in DMA memory mapped read-only for the NIC: the device can
     // read file pages but never change them.
     let region = nic
@@ -104,15 +117,20 @@ fn run<Q: ServerNic>(nic: Q, options: &ServeOptions, address: PciAddress, captur
     let arena = FrameArena::from_shared(Arc::clone(region.memory()))?;
     let cache_config = CacheConfig {
         audit: options.audit,
-        backpressure: Backpressure::Wait { timeout: Duration::from_secs(2) },
+        backpressure: Backpressure::Wait {
+            timeout: Duration::from_secs(2),
+        },
         ..CacheConfig::default()
     };
     let cache = PageCache::new(arena, cache_config)?;
-    let root = ServeRoot::new(&options.root).with_context(|| format!("--root {}", options.root.display()))?;
+    let root = ServeRoot::new(&options.root)
+        .with_context(|| format!("--root {}", options.root.display()))?;
     let mut core = ServerCore::new(root, cache.clone(), options.write_policy, Limits::default());
 
     let ipv4 = match options.ip {
-        Some((ip, prefix)) => Ipv4Config::static_address(ip.octets(), prefix, options.gateway.map(|g| g.octets())),
+        Some((ip, prefix)) => {
+            Ipv4Config::static_address(ip.octets(), prefix, options.gateway.map(|g| g.octets()))
+        }
         None => Ipv4Config::Dhcp,
     };
     let mut config = StackConfig::new(ipv4);
@@ -161,13 +179,21 @@ fn run<Q: ServerNic>(nic: Q, options: &ServeOptions, address: PciAddress, captur
                         // Over the limit: answer 503 and close, rather than refusing silently.
                         rejected_connections += 1;
                         let body = "503 Service Unavailable: too many connections\n";
-                        let _ = stack.send(conn, &simple_response(503, "Service Unavailable", body, false, false));
+                        let _ = stack.send(
+                            conn,
+                            &simple_response(503, "Service Unavailable", body, false, false),
+                        );
                         let _ = stack.close(conn);
                         continue;
                     }
                     conns.insert(
                         conn,
-                        ConnEntry { http: Connection::new(now), out: VecDeque::new(), sent_of_first: 0, closed_by_us: false },
+                        ConnEntry {
+                            http: Connection::new(now),
+                            out: VecDeque::new(),
+                            sent_of_first: 0,
+                            closed_by_us: false,
+                        },
                     );
                 }
                 Event::Closed { conn } => {
@@ -187,7 +213,13 @@ fn run<Q: ServerNic>(nic: Q, options: &ServeOptions, address: PciAddress, captur
                     Ok(0) => break,
                     Ok(n) => {
                         work = true;
-                        entry.http.on_bytes(&recv_buf[..n], now, entry.out.len(), &mut core, &mut new_out);
+                        entry.http.on_bytes(
+                            &recv_buf[..n],
+                            now,
+                            entry.out.len(),
+                            &mut core,
+                            &mut new_out,
+                        );
                         entry.out.extend(new_out.drain(..));
                     }
                     Err(_) => break,
@@ -199,8 +231,18 @@ fn run<Q: ServerNic>(nic: Q, options: &ServeOptions, address: PciAddress, captur
                 entry.out.extend(new_out.drain(..));
             }
             // Metrics are rendered only when a metrics response is queued.
-            let metrics = if entry.out.iter().any(|o| matches!(o, Outgoing::Metrics { .. })) {
-                stats_snapshot(&stack, &cache, &core, accepted_connections, rejected_connections)
+            let metrics = if entry
+                .out
+                .iter()
+                .any(|o| matches!(o, Outgoing::Metrics { .. }))
+            {
+                stats_snapshot(
+                    &stack,
+                    &cache,
+                    &core,
+                    accepted_connections,
+                    rejected_connections,
+                )
             } else {
                 Vec::new()
             };
@@ -210,7 +252,8 @@ fn run<Q: ServerNic>(nic: Q, options: &ServeOptions, address: PciAddress, captur
                 let _ = stack.close(id);
                 entry.closed_by_us = true;
             }
-            if stack.peer_closed(id).unwrap_or(true) && entry.out.is_empty() && !entry.closed_by_us {
+            if stack.peer_closed(id).unwrap_or(true) && entry.out.is_empty() && !entry.closed_by_us
+            {
                 let _ = stack.close(id);
                 entry.closed_by_us = true;
             }
@@ -270,7 +313,12 @@ fn run<Q: ServerNic>(nic: Q, options: &ServeOptions, address: PciAddress, captur
 }
 
 /// Hand queued response pieces to the stack, in order, as far as it takes them.
-fn pump<Q: NetQueue>(stack: &mut Stack<Q>, id: ConnId, entry: &mut ConnEntry, metrics: &[Metric]) -> bool {
+fn pump<Q: NetQueue>(
+    stack: &mut Stack<Q>,
+    id: ConnId,
+    entry: &mut ConnEntry,
+    metrics: &[Metric],
+) -> bool {
     let mut work = false;
     while let Some(front) = entry.out.front_mut() {
         match front {
@@ -296,12 +344,18 @@ fn pump<Q: NetQueue>(stack: &mut Stack<Q>, id: ConnId, entry: &mut ConnEntry, me
                 }
                 work = true;
             }
-            Outgoing::Metrics { keep_alive, head_only } => {
+            Outgoing::Metrics {
+                keep_alive,
+                head_only,
+            } => {
                 let body = render_prometheus(metrics);
                 let mut head = crate::http::ResponseHead::new(200, "OK")
                     .header("Content-Type", "text/plain; version=0.0.4")
                     .header("Content-Length", body.len())
-                    .header("Connection", if *keep_alive { "keep-alive" } else { "close" })
+                    .header(
+                        "Connection",
+                        if *keep_alive { "keep-alive" } else { "close" },
+                    )
                     .finish();
                 if !*head_only {
                     head.extend_from_slice(body.as_bytes());
@@ -317,36 +371,130 @@ fn pump<Q: NetQueue>(stack: &mut Stack<Q>, id: ConnId, entry: &mut ConnEntry, me
 }
 
 /// Every counter, for the metrics page.
-fn stats_snapshot<Q: NetQueue>(stack: &Stack<Q>, cache: &PageCache, core: &ServerCore, accepted: u64, rejected: u64) -> Vec<Metric> {
+fn stats_snapshot<Q: NetQueue>(
+    stack: &Stack<Q>,
+    cache: &PageCache,
+    core: &ServerCore,
+    accepted: u64,
+    rejected: u64,
+) -> Vec<Metric> {
     let s = stack.stats();
     let c = cache.stats();
     let h = core.counters;
     vec![
-        Metric::counter("zerosend_http_requests_total", "HTTP requests parsed.", h.requests),
-        Metric::counter("zerosend_http_responses_2xx_total", "2xx responses.", h.responses_2xx),
-        Metric::counter("zerosend_http_responses_3xx_total", "3xx responses.", h.responses_3xx),
-        Metric::counter("zerosend_http_responses_4xx_total", "4xx responses.", h.responses_4xx),
-        Metric::counter("zerosend_http_responses_5xx_total", "5xx responses.", h.responses_5xx),
+        Metric::counter(
+            "zerosend_http_requests_total",
+            "HTTP requests parsed.",
+            h.requests,
+        ),
+        Metric::counter(
+            "zerosend_http_responses_2xx_total",
+            "2xx responses.",
+            h.responses_2xx,
+        ),
+        Metric::counter(
+            "zerosend_http_responses_3xx_total",
+            "3xx responses.",
+            h.responses_3xx,
+        ),
+        Metric::counter(
+            "zerosend_http_responses_4xx_total",
+            "4xx responses.",
+            h.responses_4xx,
+        ),
+        Metric::counter(
+            "zerosend_http_responses_5xx_total",
+            "5xx responses.",
+            h.responses_5xx,
+        ),
         Metric::counter("zerosend_http_puts_total", "PUT requests applied.", h.puts),
-        Metric::counter("zerosend_http_timeouts_total", "Connections closed for idleness or slowness.", h.timeouts),
-        Metric::counter("zerosend_connections_accepted_total", "TCP connections accepted.", accepted),
-        Metric::counter("zerosend_connections_rejected_total", "Connections answered 503 over --max-connections.", rejected),
-        Metric::counter("zerosend_file_bytes_sent_total", "File bytes transmitted (first transmission).", s.file_bytes_sent),
-        Metric::counter("zerosend_payload_bytes_sent_total", "Stream bytes transmitted (first transmission).", s.payload_bytes_sent),
-        Metric::counter("zerosend_payload_bytes_copied_total", "Payload bytes the CPU copied (zero for file data).", s.payload_bytes_copied),
-        Metric::counter("zerosend_tcp_retransmits_total", "TCP segments retransmitted.", s.retransmitted_segments),
-        Metric::counter("zerosend_frames_tx_total", "Frames handed to the NIC.", s.frames_tx),
+        Metric::counter(
+            "zerosend_http_timeouts_total",
+            "Connections closed for idleness or slowness.",
+            h.timeouts,
+        ),
+        Metric::counter(
+            "zerosend_connections_accepted_total",
+            "TCP connections accepted.",
+            accepted,
+        ),
+        Metric::counter(
+            "zerosend_connections_rejected_total",
+            "Connections answered 503 over --max-connections.",
+            rejected,
+        ),
+        Metric::counter(
+            "zerosend_file_bytes_sent_total",
+            "File bytes transmitted (first transmission).",
+            s.file_bytes_sent,
+        ),
+        Metric::counter(
+            "zerosend_payload_bytes_sent_total",
+            "Stream bytes transmitted (first transmission).",
+            s.payload_bytes_sent,
+        ),
+        Metric::counter(
+            "zerosend_payload_bytes_copied_total",
+            "Payload bytes the CPU copied (zero for file data).",
+            s.payload_bytes_copied,
+        ),
+        Metric::counter(
+            "zerosend_tcp_retransmits_total",
+            "TCP segments retransmitted.",
+            s.retransmitted_segments,
+        ),
+        Metric::counter(
+            "zerosend_frames_tx_total",
+            "Frames handed to the NIC.",
+            s.frames_tx,
+        ),
         Metric::counter("zerosend_frames_rx_total", "Frames received.", s.frames_rx),
-        Metric::gauge("zerosend_pins_held", "Page-cache pins held by the stack.", s.pins_held_now as f64),
-        Metric::gauge("zerosend_pinned_pages", "Page-cache pages pinned now.", c.pinned_pages_now as f64),
-        Metric::gauge("zerosend_resident_pages", "Page-cache pages resident now.", c.resident_pages_now as f64),
+        Metric::gauge(
+            "zerosend_pins_held",
+            "Page-cache pins held by the stack.",
+            s.pins_held_now as f64,
+        ),
+        Metric::gauge(
+            "zerosend_pinned_pages",
+            "Page-cache pages pinned now.",
+            c.pinned_pages_now as f64,
+        ),
+        Metric::gauge(
+            "zerosend_resident_pages",
+            "Page-cache pages resident now.",
+            c.resident_pages_now as f64,
+        ),
         Metric::counter("zerosend_pins_total", "Page-cache pins taken.", c.pins),
-        Metric::counter("zerosend_cow_copies_total", "Pinned pages copied on write.", c.cow_copies),
-        Metric::counter("zerosend_writer_waits_total", "Writers that waited for pins.", c.writer_waits),
-        Metric::gauge("zerosend_writer_wait_seconds_total", "Time writers waited for pins.", c.writer_wait_time.as_secs_f64()),
-        Metric::counter("zerosend_write_timeouts_total", "Writes that timed out waiting for pins.", c.write_timeouts),
+        Metric::counter(
+            "zerosend_cow_copies_total",
+            "Pinned pages copied on write.",
+            c.cow_copies,
+        ),
+        Metric::counter(
+            "zerosend_writer_waits_total",
+            "Writers that waited for pins.",
+            c.writer_waits,
+        ),
+        Metric::gauge(
+            "zerosend_writer_wait_seconds_total",
+            "Time writers waited for pins.",
+            c.writer_wait_time.as_secs_f64(),
+        ),
+        Metric::counter(
+            "zerosend_write_timeouts_total",
+            "Writes that timed out waiting for pins.",
+            c.write_timeouts,
+        ),
         Metric::counter("zerosend_evictions_total", "Pages evicted.", c.evictions),
-        Metric::counter("zerosend_audit_checks_total", "Pages verified at last unpin (audit mode).", c.audit_checks),
-        Metric::counter("zerosend_audit_violations_total", "Pages changed while pinned (must be 0).", c.audit_violations),
+        Metric::counter(
+            "zerosend_audit_checks_total",
+            "Pages verified at last unpin (audit mode).",
+            c.audit_checks,
+        ),
+        Metric::counter(
+            "zerosend_audit_violations_total",
+            "Pages changed while pinned (must be 0).",
+            c.audit_violations,
+        ),
     ]
 }

@@ -73,7 +73,9 @@ impl IovaAllocator {
         for i in 0..self.free.len() {
             let r = self.free[i].clone();
             let start = r.start.div_ceil(align) * align;
-            let Some(end) = start.checked_add(len) else { continue };
+            let Some(end) = start.checked_add(len) else {
+                continue;
+            };
             if end > r.end {
                 continue;
             }
@@ -118,7 +120,11 @@ pub struct DmaSpace {
 impl DmaSpace {
     pub fn new(mapper: Arc<dyn DmaMapper>) -> Arc<Self> {
         let iovas = Mutex::new(IovaAllocator::new(mapper.usable_iova_ranges()));
-        Arc::new(DmaSpace { mapper, iovas, regions: Mutex::new(BTreeMap::new()) })
+        Arc::new(DmaSpace {
+            mapper,
+            iovas,
+            regions: Mutex::new(BTreeMap::new()),
+        })
     }
 
     /// Allocate `len` bytes of memory (rounded up to pages), give it an IOVA and map it for
@@ -127,7 +133,11 @@ impl DmaSpace {
     pub fn allocate(self: &Arc<Self>, len: usize, access: DmaAccess) -> Result<DmaRegion> {
         let len = len.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let (mmap, align) = allocate_host_memory(len)?;
-        let iova = self.iovas.lock().unwrap().allocate(len as u64, align as u64)?;
+        let iova = self
+            .iovas
+            .lock()
+            .unwrap()
+            .allocate(len as u64, align as u64)?;
         let host = mmap.as_ptr();
         let region = GuestRegionMmap::new(mmap, GuestAddress(iova.start))
             .ok_or_else(|| DriverError::Dma("region does not fit the address space".into()))?;
@@ -141,7 +151,10 @@ impl DmaSpace {
             return Err(e);
         }
         let memory = Arc::new(memory);
-        self.regions.lock().unwrap().insert(iova.start, (len, Arc::downgrade(&memory)));
+        self.regions
+            .lock()
+            .unwrap()
+            .insert(iova.start, (len, Arc::downgrade(&memory)));
         Ok(DmaRegion {
             space: Arc::clone(self),
             memory,
@@ -169,20 +182,23 @@ impl DmaSpace {
         };
         let memory = {
             let regions = self.regions.lock().unwrap();
-            let (&start, (len, memory)) = regions.range(..=iova).next_back().ok_or_else(not_found)?;
+            let (&start, (len, memory)) =
+                regions.range(..=iova).next_back().ok_or_else(not_found)?;
             if iova + out.len() as u64 > start + *len as u64 {
                 return Err(not_found());
             }
             memory.upgrade().ok_or_else(not_found)?
         };
-        memory.read_slice(out, GuestAddress(iova)).map_err(|e| DriverError::Dma(format!("reading IOVA {iova:#x}: {e}")))
+        memory
+            .read_slice(out, GuestAddress(iova))
+            .map_err(|e| DriverError::Dma(format!("reading IOVA {iova:#x}: {e}")))
     }
 }
 
 fn allocate_host_memory(len: usize) -> Result<(MmapRegion, usize)> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let anon = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_POPULATE;
-    if len % HUGE_PAGE_SIZE == 0 {
+    if len.is_multiple_of(HUGE_PAGE_SIZE) {
         if let Ok(r) = MmapRegion::build(None, len, prot, anon | libc::MAP_HUGETLB) {
             return Ok((r, HUGE_PAGE_SIZE));
         }
@@ -293,7 +309,11 @@ impl Drop for DmaRegion {
         self.space.regions.lock().unwrap().remove(&self.iova);
         if let Err(e) = self.space.mapper.unmap(self.iova, self.len) {
             // The device may still reach this memory: leak it rather than free it under DMA.
-            tracing::error!("DMA unmap of {:#x}+{:#x} failed: {e}; leaking the memory", self.iova, self.len);
+            tracing::error!(
+                "DMA unmap of {:#x}+{:#x} failed: {e}; leaking the memory",
+                self.iova,
+                self.len
+            );
             std::mem::forget(Arc::clone(&self.memory));
             return;
         }
@@ -316,7 +336,10 @@ mod tests {
         assert_eq!(r1, 0x1000..0x2000, "IOVA 0 is never handed out");
         let r2 = a.allocate(0x20_0000, 0x20_0000).unwrap();
         assert_eq!(r2, 0x20_0000..0x40_0000, "second range, 2 MiB aligned");
-        assert!(a.allocate(0x10_0000, 0x1000).is_err(), "nothing that large is left");
+        assert!(
+            a.allocate(0x10_0000, 0x1000).is_err(),
+            "nothing that large is left"
+        );
         a.free(r1);
         a.free(r2);
         assert_eq!(a.allocate(0x20_0000, 0x1000).unwrap(), 0x20_0000..0x40_0000);

@@ -12,22 +12,37 @@ pub enum DriverError {
     DeviceNotFound(String),
 
     #[error("PCI device {device} is bound to driver {driver:?}, not vfio-pci; bind it with `scripts/vfio-bind {device}`")]
-    NotBoundToVfio { device: String, driver: Option<String> },
+    NotBoundToVfio {
+        device: String,
+        driver: Option<String>,
+    },
 
     #[error("no IOMMU: {device} has no iommu_group. Enable the IOMMU (intel_iommu=on or amd_iommu=on on the kernel command line; in QEMU add `-device intel-iommu` with `-machine q35,kernel-irqchip=split`); zerosend refuses to DMA without one")]
     NoIommu { device: String },
 
     #[error("IOMMU group {group} is not viable: device {other} in the same group is bound to {driver:?}; bind every device of the group to vfio-pci (or leave it unbound): `scripts/vfio-bind {other}`")]
-    GroupNotViable { group: u32, other: String, driver: Option<String> },
+    GroupNotViable {
+        group: u32,
+        other: String,
+        driver: Option<String>,
+    },
 
     #[error("VFIO is not available ({path}): load the vfio-pci module (`modprobe vfio-pci`) and run as root or with access to /dev/vfio")]
-    VfioUnavailable { path: PathBuf, #[source] source: std::io::Error },
+    VfioUnavailable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("VFIO operation failed: {what}: {detail}")]
     Vfio { what: &'static str, detail: String },
 
     #[error("{what} failed: {source}")]
-    Io { what: String, #[source] source: std::io::Error },
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("unsupported device {vendor:04x}:{device:04x}: zerosend drives e1000 (8086:100e, 8086:100f), e1000e (8086:10d3) and modern virtio-net (1af4:1041)")]
     UnsupportedDevice { vendor: u16, device: u16 },
@@ -64,6 +79,9 @@ pub type Result<T, E = DriverError> = std::result::Result<T, E>;
 
 impl DriverError {
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        DriverError::Io { what: what.into(), source }
+        DriverError::Io {
+            what: what.into(),
+            source,
+        }
     }
 }

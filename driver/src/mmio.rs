@@ -31,9 +31,15 @@ impl Mmio {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(DriverError::io("mmap of a BAR", std::io::Error::last_os_error()));
+            return Err(DriverError::io(
+                "mmap of a BAR",
+                std::io::Error::last_os_error(),
+            ));
         }
-        Ok(Mmio { base: ptr as *mut u8, len })
+        Ok(Mmio {
+            base: ptr as *mut u8,
+            len,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -46,7 +52,7 @@ impl Mmio {
 
     fn check(&self, offset: usize, width: usize) {
         assert!(
-            offset % width == 0 && offset + width <= self.len,
+            offset.is_multiple_of(width) && offset + width <= self.len,
             "MMIO access at {offset:#x} (width {width}) outside BAR of {:#x} bytes",
             self.len
         );

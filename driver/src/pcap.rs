@@ -65,12 +65,24 @@ pub struct PcapTap<Q> {
 
 impl<Q: NetQueue> PcapTap<Q> {
     pub fn new(inner: Q, path: &Path) -> Result<Self> {
-        let file = File::create(path).map_err(|e| DriverError::io(format!("creating {}", path.display()), e))?;
-        let header = PcapHeader { datalink: DataLink::ETHERNET, snaplen: SNAPLEN, ..Default::default() };
+        let file = File::create(path)
+            .map_err(|e| DriverError::io(format!("creating {}", path.display()), e))?;
+        let header = PcapHeader {
+            datalink: DataLink::ETHERNET,
+            snaplen: SNAPLEN,
+            ..Default::default()
+        };
         let file = RecordBuffer(Arc::new(Mutex::new((Vec::with_capacity(FLUSH_AT), file))));
-        let writer = PcapWriter::with_header(file.clone(), header)
-            .map_err(|e| DriverError::Device(format!("writing pcap header to {}: {e}", path.display())))?;
-        let mut tap = PcapTap { inner, file, writer, scratch: Vec::with_capacity(SNAPLEN as usize), capture_errors: 0 };
+        let writer = PcapWriter::with_header(file.clone(), header).map_err(|e| {
+            DriverError::Device(format!("writing pcap header to {}: {e}", path.display()))
+        })?;
+        let mut tap = PcapTap {
+            inner,
+            file,
+            writer,
+            scratch: Vec::with_capacity(SNAPLEN as usize),
+            capture_errors: 0,
+        };
         tap.flush(); // the file header, so the file is a valid (empty) capture from the start
         Ok(tap)
     }
@@ -92,7 +104,9 @@ impl<Q: NetQueue> PcapTap<Q> {
 
     /// Write the frame in `scratch` as one record.
     fn record_scratch(&mut self) {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let packet = PcapPacket::new(now, self.scratch.len() as u32, &self.scratch);
         if self.writer.write_packet(&packet).is_err() {
             self.capture_errors += 1;
@@ -119,14 +133,23 @@ impl<Q: NetQueue> NetQueue for PcapTap<Q> {
     fn tx_capacity(&self, segments: usize) -> usize {
         self.inner.tx_capacity(segments)
     }
-    fn tx_enqueue(&mut self, segments: &[TxSegment], offload: &TxOffload, token: TxToken) -> Result<()> {
+    fn tx_enqueue(
+        &mut self,
+        segments: &[TxSegment],
+        offload: &TxOffload,
+        token: TxToken,
+    ) -> Result<()> {
         self.inner.tx_enqueue(segments, offload, token)?;
         self.scratch.clear();
         let mut ok = true;
         for s in segments {
             let at = self.scratch.len();
             self.scratch.resize(at + s.len as usize, 0);
-            ok &= self.inner.dma().read_iova(s.iova, &mut self.scratch[at..]).is_ok();
+            ok &= self
+                .inner
+                .dma()
+                .read_iova(s.iova, &mut self.scratch[at..])
+                .is_ok();
         }
         if ok {
             self.record_scratch();

@@ -33,7 +33,11 @@ pub struct PciAddress(String);
 impl PciAddress {
     /// Accepts `0000:00:02.0` or the short `00:02.0` (domain 0).
     pub fn parse(s: &str) -> Result<Self> {
-        let full = if s.matches(':').count() == 1 { format!("0000:{s}") } else { s.to_string() };
+        let full = if s.matches(':').count() == 1 {
+            format!("0000:{s}")
+        } else {
+            s.to_string()
+        };
         let ok = full.len() == 12
             && full.as_bytes()[4] == b':'
             && full.as_bytes()[7] == b':'
@@ -74,7 +78,10 @@ impl PciAddress {
 
     /// (vendor, device) ids.
     pub fn ids(&self) -> Result<(u16, u16)> {
-        Ok((self.read_hex("vendor")? as u16, self.read_hex("device")? as u16))
+        Ok((
+            self.read_hex("vendor")? as u16,
+            self.read_hex("device")? as u16,
+        ))
     }
 
     /// 24-bit class code (0x02xxxx is a network controller).
@@ -142,7 +149,10 @@ pub fn iommu_group_devices(group: u32) -> Result<Vec<PciAddress>> {
 /// A device in a VFIO group may be bound to vfio-pci, to pci-stub, or to nothing; anything
 /// else keeps the group from being viable (Linux `Documentation/driver-api/vfio.rst`).
 pub fn driver_allows_vfio_group(driver: Option<&str>) -> bool {
-    matches!(driver, None | Some("vfio-pci") | Some("pci-stub") | Some("pcieport"))
+    matches!(
+        driver,
+        None | Some("vfio-pci") | Some("pci-stub") | Some("pcieport")
+    )
 }
 
 #[cfg(test)]
@@ -151,8 +161,14 @@ mod tests {
 
     #[test]
     fn parses_pci_addresses() {
-        assert_eq!(PciAddress::parse("00:02.0").unwrap().as_str(), "0000:00:02.0");
-        assert_eq!(PciAddress::parse("0000:3B:00.1").unwrap().as_str(), "0000:3b:00.1");
+        assert_eq!(
+            PciAddress::parse("00:02.0").unwrap().as_str(),
+            "0000:00:02.0"
+        );
+        assert_eq!(
+            PciAddress::parse("0000:3B:00.1").unwrap().as_str(),
+            "0000:3b:00.1"
+        );
         assert!(PciAddress::parse("eth0").is_err());
         assert!(PciAddress::parse("0000:00:02").is_err());
         assert!(PciAddress::parse("0000:zz:02.0").is_err());

@@ -51,23 +51,33 @@ impl VfioPci {
             return Err(DriverError::DeviceNotFound(address.to_string()));
         }
         let ids = address.ids()?;
-        let group = address
-            .iommu_group()
-            .ok_or_else(|| DriverError::NoIommu { device: address.to_string() })?;
+        let group = address.iommu_group().ok_or_else(|| DriverError::NoIommu {
+            device: address.to_string(),
+        })?;
         let driver = address.driver();
         if driver.as_deref() != Some("vfio-pci") {
-            return Err(DriverError::NotBoundToVfio { device: address.to_string(), driver });
+            return Err(DriverError::NotBoundToVfio {
+                device: address.to_string(),
+                driver,
+            });
         }
         for other in pci::iommu_group_devices(group)? {
             let driver = other.driver();
             if other != *address && !pci::driver_allows_vfio_group(driver.as_deref()) {
-                return Err(DriverError::GroupNotViable { group, other: other.to_string(), driver });
+                return Err(DriverError::GroupNotViable {
+                    group,
+                    other: other.to_string(),
+                    driver,
+                });
             }
         }
         let group_path = format!("/dev/vfio/{group}");
         for path in ["/dev/vfio/vfio", group_path.as_str()] {
             if let Err(source) = std::fs::metadata(path) {
-                return Err(DriverError::VfioUnavailable { path: path.into(), source });
+                return Err(DriverError::VfioUnavailable {
+                    path: path.into(),
+                    source,
+                });
             }
         }
 
@@ -76,13 +86,20 @@ impl VfioPci {
             detail: e.to_string(),
         })?);
         let ops: Arc<dyn VfioOps> = container.clone();
-        let device = VfioDevice::new(&address.sysfs_path(), ops, false).map_err(|e| {
-            DriverError::Vfio { what: "opening the VFIO device", detail: e.to_string() }
-        })?;
+        let device =
+            VfioDevice::new(&address.sysfs_path(), ops, false).map_err(|e| DriverError::Vfio {
+                what: "opening the VFIO device",
+                detail: e.to_string(),
+            })?;
         let usable = usable_iova_ranges(container.as_raw_fd(), group)?;
         tracing::debug!(device = %address, ?usable, "VFIO device opened");
         let dma = DmaSpace::new(Arc::new(VfioDmaMapper { container, usable }));
-        Ok(VfioPci { address: address.clone(), ids, device, dma })
+        Ok(VfioPci {
+            address: address.clone(),
+            ids,
+            device,
+            dma,
+        })
     }
 
     pub fn address(&self) -> &PciAddress {
@@ -107,7 +124,12 @@ impl VfioPci {
         let at = self.config_offset() + offset;
         // SAFETY: reads into a valid, exclusively borrowed buffer of the given length.
         let n = unsafe {
-            libc::pread(self.fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), at as i64)
+            libc::pread(
+                self.fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                at as i64,
+            )
         };
         if n != buf.len() as isize {
             return Err(DriverError::io(
@@ -122,7 +144,12 @@ impl VfioPci {
         let at = self.config_offset() + offset;
         // SAFETY: writes from a valid buffer of the given length.
         let n = unsafe {
-            libc::pwrite(self.fd(), buf.as_ptr() as *const libc::c_void, buf.len(), at as i64)
+            libc::pwrite(
+                self.fd(),
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                at as i64,
+            )
         };
         if n != buf.len() as isize {
             return Err(DriverError::io(
@@ -159,7 +186,8 @@ impl VfioPci {
     /// Returns the command register as written.
     pub fn enable_bus_master(&self) -> Result<u16> {
         let cmd = self.config_read_u16(pci::CONFIG_COMMAND)?;
-        let new = cmd | pci::COMMAND_BUS_MASTER | pci::COMMAND_MEMORY_SPACE | pci::COMMAND_INTX_DISABLE;
+        let new =
+            cmd | pci::COMMAND_BUS_MASTER | pci::COMMAND_MEMORY_SPACE | pci::COMMAND_INTX_DISABLE;
         self.config_write_u16(pci::CONFIG_COMMAND, new)?;
         let back = self.config_read_u16(pci::CONFIG_COMMAND)?;
         if back & pci::COMMAND_BUS_MASTER == 0 {
@@ -198,14 +226,20 @@ impl VfioPci {
     pub fn map_bar(&self, index: u32) -> Result<Mmio> {
         let size = self.device.get_region_size(index);
         if size == 0 {
-            return Err(DriverError::Device(format!("BAR{index} is not implemented")));
+            return Err(DriverError::Device(format!(
+                "BAR{index} is not implemented"
+            )));
         }
         if self.device.get_region_flags(index) & VFIO_REGION_INFO_FLAG_MMAP == 0 {
             return Err(DriverError::Device(format!(
                 "BAR{index} cannot be mmapped (an I/O port BAR, or VFIO forbids it)"
             )));
         }
-        Mmio::map(self.fd(), self.device.get_region_offset(index), size as usize)
+        Mmio::map(
+            self.fd(),
+            self.device.get_region_offset(index),
+            size as usize,
+        )
     }
 
     fn fd(&self) -> RawFd {
@@ -234,7 +268,13 @@ impl DmaMapper for VfioDmaMapper {
         };
         // SAFETY: the ioctl reads a fully initialised request; the caller guarantees the host
         // range stays mapped until unmapped (this function's contract).
-        let rc = unsafe { libc::ioctl(self.container.as_raw_fd(), VFIO_IOMMU_MAP_DMA as _, &request) };
+        let rc = unsafe {
+            libc::ioctl(
+                self.container.as_raw_fd(),
+                VFIO_IOMMU_MAP_DMA as _,
+                &request,
+            )
+        };
         if rc != 0 {
             return Err(DriverError::io(
                 format!("VFIO_IOMMU_MAP_DMA of {len:#x} bytes at IOVA {iova:#x} ({access:?})"),
@@ -247,7 +287,10 @@ impl DmaMapper for VfioDmaMapper {
     fn unmap(&self, iova: Iova, len: usize) -> Result<()> {
         self.container
             .vfio_dma_unmap(iova, len)
-            .map_err(|e| DriverError::Vfio { what: "VFIO_IOMMU_UNMAP_DMA", detail: e.to_string() })
+            .map_err(|e| DriverError::Vfio {
+                what: "VFIO_IOMMU_UNMAP_DMA",
+                detail: e.to_string(),
+            })
     }
 
     fn usable_iova_ranges(&self) -> Vec<Range<Iova>> {
@@ -262,12 +305,16 @@ fn usable_iova_ranges(container_fd: RawFd, group: u32) -> Result<Vec<Range<Iova>
     if let Some(ranges) = iova_ranges_from_container(container_fd)? {
         return Ok(ranges);
     }
-    let reserved = std::fs::read_to_string(format!("/sys/kernel/iommu_groups/{group}/reserved_regions"))
-        .unwrap_or_default();
-    let mut usable = vec![0..(1u64 << FALLBACK_IOVA_BITS)];
+    let reserved =
+        std::fs::read_to_string(format!("/sys/kernel/iommu_groups/{group}/reserved_regions"))
+            .unwrap_or_default();
+    let whole_space: Range<Iova> = 0..(1u64 << FALLBACK_IOVA_BITS);
+    let mut usable = Vec::from([whole_space]);
     for line in reserved.lines() {
         let mut it = line.split_whitespace();
-        let (Some(s), Some(e)) = (it.next(), it.next()) else { continue };
+        let (Some(s), Some(e)) = (it.next(), it.next()) else {
+            continue;
+        };
         let (Ok(s), Ok(e)) = (
             u64::from_str_radix(s.trim_start_matches("0x"), 16),
             u64::from_str_radix(e.trim_start_matches("0x"), 16),
@@ -290,13 +337,19 @@ fn iova_ranges_from_container(fd: RawFd) -> Result<Option<Vec<Range<Iova>>>> {
     // Two rounds: the kernel reports the size it needs in argsz on the first.
     for _ in 0..2 {
         buf = vec![0u64; (argsz as usize).div_ceil(8)];
-        let info = vfio_iommu_type1_info { argsz, ..Default::default() };
+        let info = vfio_iommu_type1_info {
+            argsz,
+            ..Default::default()
+        };
         // SAFETY: buf is at least size_of::<vfio_iommu_type1_info>() bytes and 8-aligned.
         unsafe { std::ptr::write(buf.as_mut_ptr() as *mut vfio_iommu_type1_info, info) };
         // SAFETY: the kernel writes at most argsz bytes, which buf holds.
         let rc = unsafe { libc::ioctl(fd, VFIO_IOMMU_GET_INFO as _, buf.as_mut_ptr()) };
         if rc != 0 {
-            return Err(DriverError::io("VFIO_IOMMU_GET_INFO", std::io::Error::last_os_error()));
+            return Err(DriverError::io(
+                "VFIO_IOMMU_GET_INFO",
+                std::io::Error::last_os_error(),
+            ));
         }
         // SAFETY: buf starts with an initialised vfio_iommu_type1_info.
         let info = unsafe { std::ptr::read(buf.as_ptr() as *const vfio_iommu_type1_info) };
@@ -306,8 +359,16 @@ fn iova_ranges_from_container(fd: RawFd) -> Result<Option<Vec<Range<Iova>>>> {
         argsz = info.argsz;
     }
     let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let read_u32 = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
-    let read_u64 = |o: usize| bytes.get(o..o + 8).map(|b| u64::from_ne_bytes(b.try_into().unwrap()));
+    let read_u32 = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+    };
+    let read_u64 = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
+    };
     let flags = read_u32(4).unwrap_or(0);
     if flags & VFIO_IOMMU_INFO_CAPS == 0 {
         return Ok(None);
@@ -323,7 +384,9 @@ fn iova_ranges_from_container(fd: RawFd) -> Result<Option<Vec<Range<Iova>>>> {
             let mut out = Vec::with_capacity(n);
             for i in 0..n {
                 let o = cap + hdr + 8 + i * range_size;
-                let (Some(start), Some(end)) = (read_u64(o), read_u64(o + 8)) else { break };
+                let (Some(start), Some(end)) = (read_u64(o), read_u64(o + 8)) else {
+                    break;
+                };
                 // The kernel's ranges are inclusive.
                 out.push(start..end.saturating_add(1));
             }

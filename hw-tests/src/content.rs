@@ -18,7 +18,10 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub const STAMP_BLOCK: usize = 4096;
@@ -41,12 +44,22 @@ pub fn check_stamped(body: &[u8], blocks: usize) -> Result<u32, String> {
     if body.len() != blocks * STAMP_BLOCK {
         return Err(format!("length {} != {}", body.len(), blocks * STAMP_BLOCK));
     }
-    let version_of = |b: &[u8]| -> Option<u32> { std::str::from_utf8(&b[8..16]).ok()?.parse().ok() };
+    let version_of =
+        |b: &[u8]| -> Option<u32> { std::str::from_utf8(&b[8..16]).ok()?.parse().ok() };
     let v = version_of(&body[..STAMP_BLOCK]).ok_or("unstamped first block")?;
     let expected = stamped_version(v, blocks);
     if body != expected.as_slice() {
-        let bad = body.chunks(STAMP_BLOCK).zip(expected.chunks(STAMP_BLOCK)).position(|(a, b)| a != b).unwrap();
-        return Err(format!("torn body: block 0 is version {v}, block {bad} differs ({:?})", version_of(&body[bad * STAMP_BLOCK..]).map(|x| x.to_string()).unwrap_or("?".into())));
+        let bad = body
+            .chunks(STAMP_BLOCK)
+            .zip(expected.chunks(STAMP_BLOCK))
+            .position(|(a, b)| a != b)
+            .unwrap();
+        return Err(format!(
+            "torn body: block 0 is version {v}, block {bad} differs ({:?})",
+            version_of(&body[bad * STAMP_BLOCK..])
+                .map(|x| x.to_string())
+                .unwrap_or("?".into())
+        ));
     }
     Ok(v)
 }
@@ -60,7 +73,8 @@ mod tests {
         let a = stamped_version(3, 4);
         assert_eq!(check_stamped(&a, 4), Ok(3));
         let mut torn = a.clone();
-        torn[2 * STAMP_BLOCK..3 * STAMP_BLOCK].copy_from_slice(&stamped_version(4, 4)[2 * STAMP_BLOCK..3 * STAMP_BLOCK]);
+        torn[2 * STAMP_BLOCK..3 * STAMP_BLOCK]
+            .copy_from_slice(&stamped_version(4, 4)[2 * STAMP_BLOCK..3 * STAMP_BLOCK]);
         assert!(check_stamped(&torn, 4).unwrap_err().contains("torn"));
         assert!(check_stamped(&a[..100], 4).is_err());
         assert_eq!(random_bytes(1, 100), random_bytes(1, 100));

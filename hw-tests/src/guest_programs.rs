@@ -32,17 +32,28 @@ fn build() -> Result<GuestPrograms, String> {
         .current_dir(workspace_root())
         .args(["build", "--release", "--target", target, "--target-dir"])
         .arg(&dir)
-        .args(["-p", "hw-tests", "--bin", "zs-guest", "-p", "zerosend", "--bin", "zerosend"])
+        .args([
+            "-p", "hw-tests", "--bin", "zs-guest", "-p", "zerosend", "--bin", "zerosend",
+        ])
         // Static glibc binaries run in the busybox initramfs; with an explicit --target the
         // flags do not reach build scripts or proc-macros, which run on the host.
-        .env("RUSTFLAGS", "-C target-feature=+crt-static -C strip=debuginfo")
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C strip=debuginfo",
+        )
         .env_remove("CARGO_TARGET_DIR")
         .output()
         .map_err(|e| format!("running cargo: {e}"))?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    eprintln!("hw-tests: guest programs built in {:.1?}", started.elapsed());
+    eprintln!(
+        "hw-tests: guest programs built in {:.1?}",
+        started.elapsed()
+    );
     let bin = dir.join(target).join("release");
-    Ok(GuestPrograms { zs_guest: bin.join("zs-guest"), zerosend: bin.join("zerosend") })
+    Ok(GuestPrograms {
+        zs_guest: bin.join("zs-guest"),
+        zerosend: bin.join("zerosend"),
+    })
 }

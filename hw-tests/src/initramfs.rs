@@ -49,7 +49,10 @@ poweroff -f
 "#;
 
 fn push(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-    let mut w = Builder::new(name).mode(mode).nlink(1).write(Vec::new(), data.len() as u32);
+    let mut w = Builder::new(name)
+        .mode(mode)
+        .nlink(1)
+        .write(Vec::new(), data.len() as u32);
     w.write_all(data).unwrap();
     let buf = w.finish().unwrap();
     out.extend_from_slice(&buf);
@@ -66,25 +69,48 @@ pub fn base_archive() -> &'static Path {
         let progs = guest_programs();
         let modules = cache_dir().join("kernel/current/modules");
         let mut out = Vec::new();
-        for d in ["bin", "sbin", "etc", "lib", "lib/zs-modules", "usr", "usr/bin", "usr/sbin", "data"] {
+        for d in [
+            "bin",
+            "sbin",
+            "etc",
+            "lib",
+            "lib/zs-modules",
+            "usr",
+            "usr/bin",
+            "usr/sbin",
+            "data",
+        ] {
             push_dir(&mut out, d);
         }
-        let read = |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
-        push(&mut out, "bin/busybox", 0o100755, &read(Path::new("/bin/busybox")));
+        let read =
+            |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+        push(
+            &mut out,
+            "bin/busybox",
+            0o100755,
+            &read(Path::new("/bin/busybox")),
+        );
         push(&mut out, "init", 0o100755, INIT.as_bytes());
         push(&mut out, "bin/zs-guest", 0o100755, &read(&progs.zs_guest));
         push(&mut out, "bin/zerosend", 0o100755, &read(&progs.zerosend));
         let order = read(&modules.join("order"));
         push(&mut out, "lib/zs-modules/order", 0o100644, &order);
         for m in String::from_utf8_lossy(&order).split_whitespace() {
-            push(&mut out, &format!("lib/zs-modules/{m}"), 0o100644, &read(&modules.join(m)));
+            push(
+                &mut out,
+                &format!("lib/zs-modules/{m}"),
+                0o100644,
+                &read(&modules.join(m)),
+            );
         }
         let mut out = trailer(out).unwrap();
         // Keep the next concatenated archive 4-byte aligned (the kernel requires it).
         while out.len() % 512 != 0 {
             out.push(0);
         }
-        let path = target_dir().join("hw-tests").join(format!("base-{}.cpio", std::process::id()));
+        let path = target_dir()
+            .join("hw-tests")
+            .join(format!("base-{}.cpio", std::process::id()));
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, out).unwrap();
         path
@@ -92,12 +118,25 @@ pub fn base_archive() -> &'static Path {
 }
 
 /// Write `base + per-run archive` to `dest`.
-pub fn build_run_initramfs(dest: &Path, bind: &[(u16, u16)], script: &str, files: &[(String, Vec<u8>, u32)]) {
+pub fn build_run_initramfs(
+    dest: &Path,
+    bind: &[(u16, u16)],
+    script: &str,
+    files: &[(String, Vec<u8>, u32)],
+) {
     let mut out = fs::read(base_archive()).unwrap();
     let mut run = Vec::new();
-    let bind_lines: String = bind.iter().map(|(v, d)| format!("{v:04x} {d:04x}\n")).collect();
+    let bind_lines: String = bind
+        .iter()
+        .map(|(v, d)| format!("{v:04x} {d:04x}\n"))
+        .collect();
     push(&mut run, "etc/zs-bind", 0o100644, bind_lines.as_bytes());
-    push(&mut run, "etc/zs-run.sh", 0o100755, format!("set -e\n{script}\n").as_bytes());
+    push(
+        &mut run,
+        "etc/zs-run.sh",
+        0o100755,
+        format!("set -e\n{script}\n").as_bytes(),
+    );
     let mut dirs: Vec<String> = Vec::new();
     for (name, data, mode) in files {
         let name = name.trim_start_matches('/');

@@ -35,7 +35,10 @@ use std::path::PathBuf;
 
 /// The workspace root (this crate's parent directory).
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Where logs, pcaps and built guest programs go.
@@ -59,9 +62,18 @@ pub fn cache_dir() -> PathBuf {
 pub fn testbed_ready() -> Result<(), String> {
     let kernel = cache_dir().join("kernel/current/vmlinuz");
     let problems: Vec<String> = [
-        (kernel.exists(), format!("guest kernel {}", kernel.display())),
-        (which("qemu-system-x86_64"), "qemu-system-x86_64".to_string()),
-        (std::path::Path::new("/bin/busybox").exists(), "/bin/busybox (busybox-static)".into()),
+        (
+            kernel.exists(),
+            format!("guest kernel {}", kernel.display()),
+        ),
+        (
+            which("qemu-system-x86_64"),
+            "qemu-system-x86_64".to_string(),
+        ),
+        (
+            std::path::Path::new("/bin/busybox").exists(),
+            "/bin/busybox (busybox-static)".into(),
+        ),
     ]
     .into_iter()
     .filter(|(ok, _)| !ok)
@@ -70,7 +82,10 @@ pub fn testbed_ready() -> Result<(), String> {
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(format!("test bed missing: {}; run scripts/setup", problems.join(", ")))
+        Err(format!(
+            "test bed missing: {}; run scripts/setup",
+            problems.join(", ")
+        ))
     }
 }
 

@@ -17,9 +17,16 @@ pub struct NetNs {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("running ip: {e}"))?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running ip: {e}"))?;
     if !out.status.success() {
-        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }
@@ -28,12 +35,19 @@ impl NetNs {
     /// Create `zs-<pid>-<n>` with loopback up and a TAP device at [`HOST_IP`].
     pub fn create() -> Result<Self, String> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!("zs-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        ip(&["netns", "add", &name]).map_err(|e| format!("{e} (creating a network namespace needs root)"))?;
+        let name = format!(
+            "zs-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name])
+            .map_err(|e| format!("{e} (creating a network namespace needs root)"))?;
         let ns = NetNs { name };
         let cidr = format!("{HOST_IP}/{PREFIX_LEN}");
         ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns.name, "tuntap", "add", "dev", TAP_NAME, "mode", "tap"])?;
+        ip(&[
+            "-n", &ns.name, "tuntap", "add", "dev", TAP_NAME, "mode", "tap",
+        ])?;
         ip(&["-n", &ns.name, "addr", "add", &cidr, "dev", TAP_NAME])?;
         ip(&["-n", &ns.name, "link", "set", TAP_NAME, "up"])?;
         Ok(ns)
@@ -51,7 +65,10 @@ impl NetNs {
     }
 
     /// Run `f` on a new thread that has entered the namespace: sockets it opens live there.
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
@@ -59,7 +76,12 @@ impl NetNs {
             // SAFETY: setns on a valid namespace fd affects only the calling thread's network
             // namespace; no memory is involved.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns into {path}: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                rc,
+                0,
+                "setns into {path}: {}",
+                std::io::Error::last_os_error()
+            );
             f()
         })
     }

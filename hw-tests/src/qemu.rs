@@ -90,7 +90,9 @@ impl Guest {
             memory_mb: 512,
             cpus: 1,
             append: String::new(),
-            network: Network::User { forwards: Vec::new() },
+            network: Network::User {
+                forwards: Vec::new(),
+            },
             pcap: false,
             auto_bind: true,
             script: String::new(),
@@ -164,7 +166,8 @@ impl Guest {
     }
     /// A symbolic link in the guest at `path` pointing to `target`.
     pub fn symlink(mut self, path: &str, target: &str) -> Self {
-        self.files.push((path.into(), target.as_bytes().to_vec(), 0o120777));
+        self.files
+            .push((path.into(), target.as_bytes().to_vec(), 0o120777));
         self
     }
     /// An empty directory in the guest.
@@ -185,7 +188,11 @@ impl Guest {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let initrd = dir.join("initrd.cpio");
-        let bind: &[(u16, u16)] = if self.auto_bind { &[self.nic.pci_ids()] } else { &[] };
+        let bind: &[(u16, u16)] = if self.auto_bind {
+            &[self.nic.pci_ids()]
+        } else {
+            &[]
+        };
         build_run_initramfs(&initrd, bind, &self.script, &self.files);
 
         let kernel = cache_dir().join("kernel/current/vmlinuz");
@@ -199,10 +206,23 @@ impl Guest {
             Some(ns) => ns.command("qemu-system-x86_64"),
             None => Command::new("qemu-system-x86_64"),
         };
-        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-nodefaults", "-display", "none"])
-            .args(["-serial", "stdio", "-monitor", "none", "-no-reboot"])
-            .args(["-m", &self.memory_mb.to_string(), "-smp", &self.cpus.to_string()])
-            .args(["-machine", "q35,kernel-irqchip=split"]);
+        cmd.args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-serial", "stdio", "-monitor", "none", "-no-reboot"])
+        .args([
+            "-m",
+            &self.memory_mb.to_string(),
+            "-smp",
+            &self.cpus.to_string(),
+        ])
+        .args(["-machine", "q35,kernel-irqchip=split"]);
         if self.iommu {
             // The vIOMMU must exist before the devices it translates for.
             cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
@@ -210,7 +230,10 @@ impl Guest {
         cmd.arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd);
         cmd.args([
             "-append",
-            &format!("console=ttyS0 intel_iommu=on quiet panic=-1 {}", self.append),
+            &format!(
+                "console=ttyS0 intel_iommu=on quiet panic=-1 {}",
+                self.append
+            ),
         ]);
         match &self.network {
             Network::User { forwards } => {
@@ -225,7 +248,10 @@ impl Guest {
             Network::Tap => {
                 cmd.args([
                     "-netdev",
-                    &format!("tap,id=n0,ifname={},script=no,downscript=no", netns::TAP_NAME),
+                    &format!(
+                        "tap,id=n0,ifname={},script=no,downscript=no",
+                        netns::TAP_NAME
+                    ),
                 ]);
             }
         }
@@ -235,17 +261,28 @@ impl Guest {
             Nic::Virtio => format!(
                 "virtio-net-pci,netdev=n0,mac={},disable-legacy=on{}",
                 self.mac,
-                if self.virtio_iommu_platform { ",iommu_platform=on" } else { "" }
+                if self.virtio_iommu_platform {
+                    ",iommu_platform=on"
+                } else {
+                    ""
+                }
             ),
         };
         cmd.args(["-device", &device]);
         if let Some(p) = &pcap {
-            cmd.args(["-object", &format!("filter-dump,id=f0,netdev=n0,file={}", p.display())]);
+            cmd.args([
+                "-object",
+                &format!("filter-dump,id=f0,netdev=n0,file={}", p.display()),
+            ]);
         }
         std::fs::write(dir.join("qemu-command.txt"), format!("{cmd:?}\n")).ok();
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
 
         let console = Arc::new(Console::default());
         let log = std::fs::File::create(dir.join("console.log")).map_err(|e| e.to_string())?;
@@ -262,7 +299,9 @@ impl Guest {
             readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).split(b'\n') {
                     let Ok(line) = line else { break };
-                    let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                    let text = String::from_utf8_lossy(&line)
+                        .trim_end_matches('\r')
+                        .to_string();
                     let _ = writeln!(log.lock().unwrap(), "{prefix}{text}");
                     console.push(format!("{prefix}{text}"), started.elapsed());
                 }
@@ -285,7 +324,11 @@ impl Guest {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[derive(Default)]
@@ -323,12 +366,17 @@ pub struct RunningGuest {
 impl RunningGuest {
     /// The 127.0.0.1 port forwarded to `guest_port`.
     pub fn host_port(&self, guest_port: u16) -> u16 {
-        *self.host_ports.get(&guest_port).unwrap_or_else(|| panic!("guest port {guest_port} was not forwarded"))
+        *self
+            .host_ports
+            .get(&guest_port)
+            .unwrap_or_else(|| panic!("guest port {guest_port} was not forwarded"))
     }
 
     /// The namespace of a [`Network::Tap`] guest.
     pub fn netns(&self) -> &NetNs {
-        self.netns.as_ref().expect("guest has no TAP network namespace")
+        self.netns
+            .as_ref()
+            .expect("guest has no TAP network namespace")
     }
 
     /// The last `n` console lines so far.
@@ -338,7 +386,14 @@ impl RunningGuest {
 
     /// Console lines so far that contain `needle`.
     pub fn console_lines_with(&self, needle: &str) -> Vec<String> {
-        self.console.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+        self.console
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
     }
 
     /// Panic with `message` and the console tail.
@@ -371,7 +426,12 @@ impl RunningGuest {
                     self.name
                 );
             }
-            lines = self.console.changed.wait_timeout(lines, Duration::from_millis(200)).unwrap().0;
+            lines = self
+                .console
+                .changed
+                .wait_timeout(lines, Duration::from_millis(200))
+                .unwrap()
+                .0;
         }
     }
 
@@ -387,7 +447,9 @@ impl RunningGuest {
 
     /// Whether QEMU is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     fn finish(mut self, kill: bool) -> Result<GuestRun, String> {
@@ -413,10 +475,10 @@ impl RunningGuest {
             let _ = r.join();
         }
         let lines = self.console.lines.lock().unwrap().clone();
-        let exit_code = lines
-            .iter()
-            .rev()
-            .find_map(|l| l.strip_prefix(EXIT_MARKER).and_then(|c| c.trim().parse().ok()));
+        let exit_code = lines.iter().rev().find_map(|l| {
+            l.strip_prefix(EXIT_MARKER)
+                .and_then(|c| c.trim().parse().ok())
+        });
         let boot = *self.console.first_init_line.lock().unwrap();
         let run = GuestRun {
             name: self.name.clone(),
@@ -494,7 +556,10 @@ impl GuestRun {
     #[track_caller]
     pub fn expect_success(&self) -> &Self {
         if self.exit_code != Some(0) {
-            self.fail(&format!("command failed: exit {:?}, timed out: {}", self.exit_code, self.timed_out));
+            self.fail(&format!(
+                "command failed: exit {:?}, timed out: {}",
+                self.exit_code, self.timed_out
+            ));
         }
         self
     }
@@ -510,7 +575,9 @@ impl GuestRun {
 
     /// The rest of the first console line that starts with `key` and a space.
     pub fn value(&self, key: &str) -> Option<&str> {
-        self.lines.iter().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ').map(str::trim))
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ').map(str::trim))
     }
 
     /// Like [`GuestRun::value`], but panics with the console tail when the line is missing.
@@ -540,7 +607,9 @@ impl GuestRun {
     }
 
     pub fn pcap_path(&self) -> &Path {
-        self.pcap.as_deref().expect("guest was started without .pcap()")
+        self.pcap
+            .as_deref()
+            .expect("guest was started without .pcap()")
     }
 }
 
@@ -553,7 +622,10 @@ static SLOT_FREED: Condvar = Condvar::new();
 
 impl GuestSlot {
     fn acquire() -> GuestSlot {
-        let max = std::env::var("ZEROSEND_MAX_GUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+        let max = std::env::var("ZEROSEND_MAX_GUESTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2);
         let mut used = SLOTS.lock().unwrap();
         while *used >= max {
             used = SLOT_FREED.wait(used).unwrap();

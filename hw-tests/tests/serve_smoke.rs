@@ -13,13 +13,30 @@ fn serve_smoke() {
         .network(Network::Tap)
         .memory_mb(1024)
         .file("/data/big.bin", big.clone())
-        .run(&format!("zerosend serve --root /data --ip {GUEST_IP}/24 --audit --stats-interval 2"))
+        .run(&format!(
+            "zerosend serve --root /data --ip {GUEST_IP}/24 --audit --stats-interval 2"
+        ))
         .start()
         .unwrap();
     guest.wait_for_console("zerosend: serving", Duration::from_secs(120));
     let t = std::time::Instant::now();
-    let out = guest.netns().command("curl").args(["-sS", "--max-time", "60", &format!("http://{GUEST_IP}/big.bin")]).output().unwrap();
-    eprintln!("curl: {} bytes in {:?} {}", out.stdout.len(), t.elapsed(), String::from_utf8_lossy(&out.stderr));
+    let out = guest
+        .netns()
+        .command("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "60",
+            &format!("http://{GUEST_IP}/big.bin"),
+        ])
+        .output()
+        .unwrap();
+    eprintln!(
+        "curl: {} bytes in {:?} {}",
+        out.stdout.len(),
+        t.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::thread::sleep(Duration::from_secs(3));
     eprintln!("{}", guest.console_tail(15));
     assert_eq!(sha256_hex(&out.stdout), sha256_hex(&big));

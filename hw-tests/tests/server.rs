@@ -112,14 +112,27 @@ fn full_download(srv: &Server) {
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("big.bin");
     let started = Instant::now();
-    let o = srv.curl(&["-o", out.to_str().unwrap(), "-w", "%{http_code} %{size_download}", &url("/big.bin")]);
+    let o = srv.curl(&[
+        "-o",
+        out.to_str().unwrap(),
+        "-w",
+        "%{http_code} %{size_download}",
+        &url("/big.bin"),
+    ]);
     let secs = started.elapsed().as_secs_f64();
     let got = std::fs::read(&out).unwrap_or_default();
     srv.check(
         String::from_utf8_lossy(&o.stdout) == format!("200 {BIG_LEN}"),
-        &format!("curl: {} {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        &format!(
+            "curl: {} {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
     );
-    srv.check(sha256_hex(&got) == sha256_hex(&srv.big), "sha256 of the download differs");
+    srv.check(
+        sha256_hex(&got) == sha256_hex(&srv.big),
+        "sha256 of the download differs",
+    );
     eprintln!(
         "e2e: downloaded {} MiB in {secs:.2}s ({:.1} Mbit/s), sha256 {}",
         BIG_LEN >> 20,
@@ -134,14 +147,33 @@ fn ranges_head_conditional(srv: &Server) {
     srv.check(o.stdout == srv.big[1000..2000], "range 1000-1999 wrong");
     let o = srv.curl(&["-r", "-100", &url("/big.bin")]);
     srv.check(o.stdout == srv.big[BIG_LEN - 100..], "suffix range wrong");
-    let o = srv.curl(&["-o", "/dev/null", "-w", "%{http_code}", "-r", &format!("{BIG_LEN}-"), &url("/big.bin")]);
+    let o = srv.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-r",
+        &format!("{BIG_LEN}-"),
+        &url("/big.bin"),
+    ]);
     srv.check(o.stdout == b"416", "unsatisfiable range not 416");
     let o = srv.curl(&["-I", &url("/big.bin")]);
     let head = String::from_utf8_lossy(&o.stdout).to_string();
-    srv.check(head.contains(&format!("Content-Length: {BIG_LEN}")), &format!("HEAD: {head}"));
-    let etag = head.lines().find_map(|l| l.strip_prefix("ETag: ")).map(|s| s.trim().to_string());
-    let lm = head.lines().find_map(|l| l.strip_prefix("Last-Modified: ")).map(|s| s.trim().to_string());
-    let (Some(etag), Some(lm)) = (etag, lm) else { srv.guest.fail(&format!("no validators: {head}")) };
+    srv.check(
+        head.contains(&format!("Content-Length: {BIG_LEN}")),
+        &format!("HEAD: {head}"),
+    );
+    let etag = head
+        .lines()
+        .find_map(|l| l.strip_prefix("ETag: "))
+        .map(|s| s.trim().to_string());
+    let lm = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Last-Modified: "))
+        .map(|s| s.trim().to_string());
+    let (Some(etag), Some(lm)) = (etag, lm) else {
+        srv.guest.fail(&format!("no validators: {head}"))
+    };
     let code = |extra: &[&str]| {
         let mut args = vec!["-o", "/dev/null", "-w", "%{http_code}"];
         args.extend_from_slice(extra);
@@ -149,11 +181,26 @@ fn ranges_head_conditional(srv: &Server) {
         args.push(&u);
         String::from_utf8_lossy(&srv.curl(&args).stdout).to_string()
     };
-    srv.check(code(&["-H", &format!("If-None-Match: {etag}")]) == "304", "If-None-Match not 304");
-    srv.check(code(&["-H", &format!("If-Modified-Since: {lm}")]) == "304", "If-Modified-Since not 304");
-    srv.check(code(&["-H", "If-None-Match: \"nope\""]) == "200", "mismatched ETag not 200");
-    srv.check(code(&["-r", "0-9", "-H", &format!("If-Range: {etag}")]) == "206", "If-Range match not 206");
-    srv.check(code(&["-r", "0-9", "-H", "If-Range: \"stale\""]) == "200", "stale If-Range not 200");
+    srv.check(
+        code(&["-H", &format!("If-None-Match: {etag}")]) == "304",
+        "If-None-Match not 304",
+    );
+    srv.check(
+        code(&["-H", &format!("If-Modified-Since: {lm}")]) == "304",
+        "If-Modified-Since not 304",
+    );
+    srv.check(
+        code(&["-H", "If-None-Match: \"nope\""]) == "200",
+        "mismatched ETag not 200",
+    );
+    srv.check(
+        code(&["-r", "0-9", "-H", &format!("If-Range: {etag}")]) == "206",
+        "If-Range match not 206",
+    );
+    srv.check(
+        code(&["-r", "0-9", "-H", "If-Range: \"stale\""]) == "200",
+        "stale If-Range not 200",
+    );
     let o = srv.curl(&[&url("/sub/")]);
     srv.check(o.stdout == b"<h1>index</h1>\n", "directory index");
 }
@@ -167,7 +214,8 @@ fn keep_alive_200_requests(srv: &Server) {
             // Every 20th round pipelines two requests.
             let n = if i % 20 == 0 { 2 } else { 1 };
             for _ in 0..n {
-                s.write_all(b"GET /hello.txt HTTP/1.1\r\nHost: guest\r\n\r\n").unwrap();
+                s.write_all(b"GET /hello.txt HTTP/1.1\r\nHost: guest\r\n\r\n")
+                    .unwrap();
             }
             for _ in 0..n {
                 let (head, body) = read_response(&mut s, &mut buf);
@@ -178,7 +226,10 @@ fn keep_alive_200_requests(srv: &Server) {
         }
         bad
     });
-    srv.check(bad == 0, &format!("{bad} of 200 keep-alive responses wrong"));
+    srv.check(
+        bad == 0,
+        &format!("{bad} of 200 keep-alive responses wrong"),
+    );
 }
 
 fn parallel_64(srv: &Server) {
@@ -190,14 +241,26 @@ fn parallel_64(srv: &Server) {
                 let mut s = TcpStream::connect((GUEST_IP, PORT)).unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
                 let start = i * 65536;
-                write!(s, "GET /big.bin HTTP/1.1\r\nRange: bytes={start}-{}\r\nConnection: close\r\n\r\n", start + 65535).unwrap();
+                write!(
+                    s,
+                    "GET /big.bin HTTP/1.1\r\nRange: bytes={start}-{}\r\nConnection: close\r\n\r\n",
+                    start + 65535
+                )
+                .unwrap();
                 let (head, body) = read_response(&mut s, &mut Vec::new());
                 head.starts_with("HTTP/1.1 206") && body == big[start..start + 65536]
             })
         })
         .collect();
-    let ok = handles.into_iter().map(|h| h.join().unwrap()).filter(|&b| b).count();
-    srv.check(ok == 64, &format!("only {ok} of 64 parallel downloads were right"));
+    let ok = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|&b| b)
+        .count();
+    srv.check(
+        ok == 64,
+        &format!("only {ok} of 64 parallel downloads were right"),
+    );
 }
 
 fn put_then_get(srv: &Server) {
@@ -206,16 +269,42 @@ fn put_then_get(srv: &Server) {
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("upload.bin");
     std::fs::write(&f, &body).unwrap();
-    let o = srv.curl(&["-o", "/dev/null", "-w", "%{http_code}", "-T", f.to_str().unwrap(), &url("/upload.bin")]);
-    srv.check(o.stdout == b"201", &format!("PUT new file: {}", String::from_utf8_lossy(&o.stdout)));
+    let o = srv.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-T",
+        f.to_str().unwrap(),
+        &url("/upload.bin"),
+    ]);
+    srv.check(
+        o.stdout == b"201",
+        &format!("PUT new file: {}", String::from_utf8_lossy(&o.stdout)),
+    );
     let o = srv.curl(&[&url("/upload.bin")]);
     srv.check(o.stdout == body, "GET after PUT differs");
     // Partial write with Content-Range.
-    let o = srv.curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "-H", "Content-Range: bytes 10-14/*", "--data-binary", "ZZZZZ", &url("/upload.bin")]);
+    let o = srv.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Range: bytes 10-14/*",
+        "--data-binary",
+        "ZZZZZ",
+        &url("/upload.bin"),
+    ]);
     srv.check(o.stdout == b"204", "partial PUT");
     let mut expected = body.clone();
     expected[10..15].copy_from_slice(b"ZZZZZ");
-    srv.check(srv.curl(&[&url("/upload.bin")]).stdout == expected, "GET after partial PUT differs");
+    srv.check(
+        srv.curl(&[&url("/upload.bin")]).stdout == expected,
+        "GET after partial PUT differs",
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -269,15 +358,23 @@ fn concurrent_writers_and_readers(srv: &Server) {
                 Ok(v) => {
                     distinct.insert(v);
                 }
-                Err(e) => srv.guest.fail(&format!("a response body was not one version: {e}")),
+                Err(e) => srv
+                    .guest
+                    .fail(&format!("a response body was not one version: {e}")),
             }
             bodies += 1;
         }
     }
     stop.store(true, Ordering::Relaxed);
     let puts: u32 = writers.into_iter().map(|w| w.join().unwrap()).sum();
-    eprintln!("e2e: {bodies} bodies during {puts} PUTs, {} distinct versions seen, none torn", distinct.len());
-    srv.check(puts > 0 && distinct.len() > 1, "the writers did not overlap the readers");
+    eprintln!(
+        "e2e: {bodies} bodies during {puts} PUTs, {} distinct versions seen, none torn",
+        distinct.len()
+    );
+    srv.check(
+        puts > 0 && distinct.len() > 1,
+        "the writers did not overlap the readers",
+    );
 }
 
 fn bad_requests_and_limits(srv: &Server) {
@@ -286,27 +383,68 @@ fn bad_requests_and_limits(srv: &Server) {
             s.write_all(&req).unwrap();
             let mut buf = Vec::new();
             let _ = s.read_to_end(&mut buf);
-            String::from_utf8_lossy(&buf).lines().next().unwrap_or("").to_string()
+            String::from_utf8_lossy(&buf)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
         })
     };
     let first = |s: String| s.split(' ').nth(1).unwrap_or("").to_string();
-    srv.check(first(status(b"BLAH\r\n\r\n".to_vec())) == "400", "garbage not 400");
+    srv.check(
+        first(status(b"BLAH\r\n\r\n".to_vec())) == "400",
+        "garbage not 400",
+    );
     let huge = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
-    srv.check(first(status(huge.into_bytes())) == "431", "huge header not 431");
-    srv.check(first(status(b"PUT /x HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec())) == "411", "PUT without length not 411");
-    srv.check(first(status(b"PUT /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n".to_vec())) == "413", "huge PUT not 413");
-    srv.check(first(status(b"DELETE /hello.txt HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec())) == "405", "DELETE not 405");
-    srv.check(first(status(b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec())) == "404", "missing not 404");
-    for p in ["/../secret.txt", "/%2e%2e/secret.txt", "/sub/%2E%2E/%2e%2e/secret.txt", "/escape"] {
+    srv.check(
+        first(status(huge.into_bytes())) == "431",
+        "huge header not 431",
+    );
+    srv.check(
+        first(status(
+            b"PUT /x HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+        )) == "411",
+        "PUT without length not 411",
+    );
+    srv.check(
+        first(status(
+            b"PUT /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n".to_vec(),
+        )) == "413",
+        "huge PUT not 413",
+    );
+    srv.check(
+        first(status(
+            b"DELETE /hello.txt HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+        )) == "405",
+        "DELETE not 405",
+    );
+    srv.check(
+        first(status(
+            b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+        )) == "404",
+        "missing not 404",
+    );
+    for p in [
+        "/../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/sub/%2E%2E/%2e%2e/secret.txt",
+        "/escape",
+    ] {
         let req = format!("GET {p} HTTP/1.1\r\nConnection: close\r\n\r\n");
-        srv.check(first(status(req.into_bytes())) == "403", &format!("{p} not 403"));
+        srv.check(
+            first(status(req.into_bytes())) == "403",
+            &format!("{p} not 403"),
+        );
     }
     // Connection limit: 110 connections against --max-connections 100.
     let answers = srv.guest.netns().spawn(|| {
-        let mut conns: Vec<TcpStream> = (0..110).map(|_| TcpStream::connect((GUEST_IP, PORT)).unwrap()).collect();
+        let mut conns: Vec<TcpStream> = (0..110)
+            .map(|_| TcpStream::connect((GUEST_IP, PORT)).unwrap())
+            .collect();
         let mut rejected = 0;
         for s in conns.iter_mut() {
-            s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(1500)))
+                .unwrap();
             let mut b = [0u8; 64];
             if let Ok(n) = s.read(&mut b) {
                 if b[..n].starts_with(b"HTTP/1.1 503") {
@@ -317,27 +455,60 @@ fn bad_requests_and_limits(srv: &Server) {
         rejected
     });
     let rejected = answers.join().unwrap();
-    srv.check(rejected >= 10, &format!("only {rejected} of 10 excess connections got 503"));
+    srv.check(
+        rejected >= 10,
+        &format!("only {rejected} of 10 excess connections got 503"),
+    );
     // The server still serves.
     let o = srv.curl(&[&url("/hello.txt")]);
-    srv.check(o.stdout == b"hello from zerosend\n", "server stopped serving after bad input");
+    srv.check(
+        o.stdout == b"hello from zerosend\n",
+        "server stopped serving after bad input",
+    );
 }
 
 fn metrics_and_pcap(srv: &Server) {
     let o = srv.curl(&[&url("/_zerosend/metrics")]);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
-    for name in ["zerosend_http_requests_total", "zerosend_pinned_pages", "zerosend_cow_copies_total", "zerosend_tcp_retransmits_total", "zerosend_audit_checks_total"] {
-        srv.check(text.contains(name), &format!("metric {name} missing:\n{text}"));
+    for name in [
+        "zerosend_http_requests_total",
+        "zerosend_pinned_pages",
+        "zerosend_cow_copies_total",
+        "zerosend_tcp_retransmits_total",
+        "zerosend_audit_checks_total",
+    ] {
+        srv.check(
+            text.contains(name),
+            &format!("metric {name} missing:\n{text}"),
+        );
     }
-    srv.check(text.contains("zerosend_audit_violations_total 0\n"), "audit violations are not zero");
-    srv.check(text.contains("zerosend_payload_bytes_copied_total"), "copy counter missing");
+    srv.check(
+        text.contains("zerosend_audit_violations_total 0\n"),
+        "audit violations are not zero",
+    );
+    srv.check(
+        text.contains("zerosend_payload_bytes_copied_total"),
+        "copy counter missing",
+    );
     let dir = std::env::temp_dir().join(format!("zs-e2e-pcap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("capture.pcap");
     srv.curl(&["-o", f.to_str().unwrap(), &url("/capture.pcap")]);
-    let out = std::process::Command::new("tcpdump").args(["-nn", "-r"]).arg(&f).output().unwrap();
+    let out = std::process::Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&f)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    srv.check(out.status.success() && text.lines().count() > 100 && text.contains(&format!("{GUEST_IP}.{PORT}")), &format!("tcpdump could not read the capture: {}", String::from_utf8_lossy(&out.stderr)));
+    srv.check(
+        out.status.success()
+            && text.lines().count() > 100
+            && text.contains(&format!("{GUEST_IP}.{PORT}")),
+        &format!(
+            "tcpdump could not read the capture: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

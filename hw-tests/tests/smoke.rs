@@ -15,9 +15,14 @@ fn identify(nic: Nic, mac: &str) -> hw_tests::GuestRun {
         .unwrap();
     run.expect_success();
     let (v, d) = nic.pci_ids();
-    run.expect_eq("PCI ids", run.require("PCI_IDS"), format!("{v:04x}:{d:04x}").as_str());
+    run.expect_eq(
+        "PCI ids",
+        run.require("PCI_IDS"),
+        format!("{v:04x}:{d:04x}").as_str(),
+    );
     run.expect_eq("MAC address", run.require("MAC"), mac);
-    let command = u16::from_str_radix(run.require("PCI_COMMAND").trim_start_matches("0x"), 16).unwrap();
+    let command =
+        u16::from_str_radix(run.require("PCI_COMMAND").trim_start_matches("0x"), 16).unwrap();
     run.expect_eq("bus master bit", command & 0x4, 0x4);
     let dma = run.require("DMA");
     if !dma.contains("readback=0xfeedf00d") {
@@ -30,7 +35,8 @@ fn identify(nic: Nic, mac: &str) -> hw_tests::GuestRun {
 fn e1000_identity_through_vfio() {
     let run = identify(Nic::E1000, "52:54:00:aa:00:01");
     // STATUS.LU (bit 1): QEMU's user-mode link is up.
-    let status = u32::from_str_radix(run.require("E1000_STATUS").trim_start_matches("0x"), 16).unwrap();
+    let status =
+        u32::from_str_radix(run.require("E1000_STATUS").trim_start_matches("0x"), 16).unwrap();
     run.expect_eq("link up", status & 0x2, 0x2);
 }
 
@@ -42,11 +48,21 @@ fn e1000e_identity_through_vfio() {
 #[test]
 fn virtio_identity_through_vfio() {
     let run = identify(Nic::Virtio, "52:54:00:aa:00:03");
-    run.expect_eq("ACCESS_PLATFORM offered", run.require("ACCESS_PLATFORM"), "yes");
+    run.expect_eq(
+        "ACCESS_PLATFORM offered",
+        run.require("ACCESS_PLATFORM"),
+        "yes",
+    );
     let features = run.require("VIRTIO_FEATURES");
     // CSUM/HOST_TSO4 are offered only with a vnet-header backend (TAP), not user-mode.
     for f in ["VERSION_1", "ACCESS_PLATFORM", "MAC"] {
-        if !features.split(' ').nth(1).unwrap_or("").split(',').any(|x| x == f) {
+        if !features
+            .split(' ')
+            .nth(1)
+            .unwrap_or("")
+            .split(',')
+            .any(|x| x == f)
+        {
             run.fail(&format!("feature {f} not offered: {features}"));
         }
     }

@@ -32,15 +32,22 @@ echo "PROBE_UNBOUND $(zerosend probe | grep 8086:100e)"
     run.expect_success();
     let before = run.require("PROBE_BEFORE");
     if !before.contains("driver=none") || !before.contains("bind it: scripts/vfio-bind 0000:") {
-        run.fail(&format!("probe should say the NIC is unbound and how to bind it: {before}"));
+        run.fail(&format!(
+            "probe should say the NIC is unbound and how to bind it: {before}"
+        ));
     }
-    if !run.require("DRY_RUN").contains("would run: echo 'vfio-pci' >") {
+    if !run
+        .require("DRY_RUN")
+        .contains("would run: echo 'vfio-pci' >")
+    {
         run.fail("dry run did not show the binding commands");
     }
     if !run.require("PROBE_AFTER_DRY_RUN").contains("driver=none") {
         run.fail("--dry-run changed the binding");
     }
-    if !run.require("PROBE_BOUND").contains("driver=vfio-pci") || !run.require("PROBE_BOUND").ends_with("ready") {
+    if !run.require("PROBE_BOUND").contains("driver=vfio-pci")
+        || !run.require("PROBE_BOUND").ends_with("ready")
+    {
         run.fail("after vfio-bind, probe should report the NIC ready");
     }
     if !run.console_contains("IDENTIFY_OK") {
@@ -72,7 +79,9 @@ echo "REFUSAL $(cat /tmp/err)"
     if run.console_contains("BOUND_WITHOUT_IOMMU") {
         run.fail("vfio-bind bound a device that no IOMMU translates for");
     }
-    if !run.require("REFUSAL").contains("no IOMMU translates") || !run.require("PROBE").contains("no IOMMU") {
+    if !run.require("REFUSAL").contains("no IOMMU translates")
+        || !run.require("PROBE").contains("no IOMMU")
+    {
         run.fail("the refusal does not say the IOMMU is missing");
     }
 }

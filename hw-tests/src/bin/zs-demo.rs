@@ -38,7 +38,8 @@ fn die(msg: &str) -> ! {
 
 /// Files of a host directory (recursively), as guest paths under /data.
 fn collect(dir: &Path, base: &Path, out: &mut Vec<(String, Vec<u8>)>) {
-    let entries = std::fs::read_dir(dir).unwrap_or_else(|e| die(&format!("reading {}: {e}", dir.display())));
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|e| die(&format!("reading {}: {e}", dir.display())));
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -52,25 +53,38 @@ fn collect(dir: &Path, base: &Path, out: &mut Vec<(String, Vec<u8>)>) {
 
 fn main() {
     let args = Args::parse();
-    let Some(nic) = Nic::parse(&args.nic) else { die(&format!("unknown --nic {:?}: use e1000, e1000e or virtio", args.nic)) };
+    let Some(nic) = Nic::parse(&args.nic) else {
+        die(&format!(
+            "unknown --nic {:?}: use e1000, e1000e or virtio",
+            args.nic
+        ))
+    };
     if let Err(e) = hw_tests::testbed_ready() {
         die(&e);
     }
     if std::net::TcpListener::bind(("127.0.0.1", args.port)).is_err() {
-        die(&format!("127.0.0.1:{} is in use; pick another with --port", args.port));
+        die(&format!(
+            "127.0.0.1:{} is in use; pick another with --port",
+            args.port
+        ));
     }
     let mut files = Vec::new();
     let (probe_path, expected) = match &args.root {
         Some(dir) => {
             collect(dir, dir, &mut files);
             files.sort_by_key(|(_, d)| std::cmp::Reverse(d.len()));
-            let Some((path, data)) = files.first() else { die(&format!("{} has no files", dir.display())) };
+            let Some((path, data)) = files.first() else {
+                die(&format!("{} has no files", dir.display()))
+            };
             (path.trim_start_matches("/data").to_string(), data.clone())
         }
         None => {
             let sample = random_bytes(2026, args.sample_mb << 20);
             files.push(("/data/sample.bin".into(), sample.clone()));
-            files.push(("/data/index.html".into(), b"<h1>zerosend</h1><p><a href=\"/sample.bin\">sample.bin</a></p>\n".to_vec()));
+            files.push((
+                "/data/index.html".into(),
+                b"<h1>zerosend</h1><p><a href=\"/sample.bin\">sample.bin</a></p>\n".to_vec(),
+            ));
             ("/sample.bin".to_string(), sample)
         }
     };
@@ -90,7 +104,11 @@ fn main() {
     let started = Instant::now();
     let guest = guest.start().unwrap_or_else(|e| die(&e));
     let line = guest.wait_for_console("zerosend: serving", Duration::from_secs(300));
-    println!("demo: guest up in {:.1?}: {}", started.elapsed(), line.trim_start_matches("zerosend: "));
+    println!(
+        "demo: guest up in {:.1?}: {}",
+        started.elapsed(),
+        line.trim_start_matches("zerosend: ")
+    );
     let url = format!("http://127.0.0.1:{}{probe_path}", args.port);
 
     if args.hold {
@@ -102,27 +120,51 @@ fn main() {
         return;
     }
 
-    let out_dir = hw_tests::target_dir().join("hw-tests").join("demo-download");
+    let out_dir = hw_tests::target_dir()
+        .join("hw-tests")
+        .join("demo-download");
     std::fs::create_dir_all(&out_dir).unwrap();
     let out_file = out_dir.join("download.bin");
     let t = Instant::now();
     let curl = Command::new("curl")
         .args(["-sS", "--max-time", "600", "-o"])
         .arg(&out_file)
-        .args(["-w", "%{http_code} %{size_download} %{speed_download}", &url])
+        .args([
+            "-w",
+            "%{http_code} %{size_download} %{speed_download}",
+            &url,
+        ])
         .output()
         .unwrap_or_else(|e| die(&format!("running curl: {e}")));
     let secs = t.elapsed().as_secs_f64();
     let got = std::fs::read(&out_file).unwrap_or_default();
     let summary = String::from_utf8_lossy(&curl.stdout).to_string();
-    println!("demo: curl {url}: {summary} ({})", String::from_utf8_lossy(&curl.stderr).trim());
+    println!(
+        "demo: curl {url}: {summary} ({})",
+        String::from_utf8_lossy(&curl.stderr).trim()
+    );
     let (want, have) = (sha256_hex(&expected), sha256_hex(&got));
     let mbit = got.len() as f64 * 8.0 / secs / 1e6;
-    println!("demo: downloaded {} bytes in {secs:.2}s = {mbit:.1} Mbit/s", got.len());
+    println!(
+        "demo: downloaded {} bytes in {secs:.2}s = {mbit:.1} Mbit/s",
+        got.len()
+    );
     println!("demo: sha256 expected {want}");
-    println!("demo: sha256 received {have} {}", if want == have { "(verified)" } else { "(MISMATCH)" });
+    println!(
+        "demo: sha256 received {have} {}",
+        if want == have {
+            "(verified)"
+        } else {
+            "(MISMATCH)"
+        }
+    );
     let metrics = Command::new("curl")
-        .args(["-sS", "--max-time", "30", &format!("http://127.0.0.1:{}/_zerosend/metrics", args.port)])
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            &format!("http://127.0.0.1:{}/_zerosend/metrics", args.port),
+        ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
         .unwrap_or_default();
