@@ -38,7 +38,11 @@ pub struct OffloadSwitches {
 
 impl Default for OffloadSwitches {
     fn default() -> Self {
-        OffloadSwitches { ipv4_header_checksum: true, l4_checksum: true, tso: true }
+        OffloadSwitches {
+            ipv4_header_checksum: true,
+            l4_checksum: true,
+            tso: true,
+        }
     }
 }
 
@@ -52,6 +56,10 @@ pub enum FaultInjection {
     /// is stopped by the IOMMU (the guest kernel logs a `DMAR: [DMA Write]` fault). Drivers
     /// must detect such frames and drop them rather than hand out stale memory.
     RxBuffersReadOnly,
+    /// Map the transmit descriptor ring read-only for the device: it can fetch descriptors
+    /// and send the frames, but its completion write-back is stopped by the IOMMU, so no
+    /// frame ever completes. Exercises the TX-hang watchdog.
+    TxRingReadOnly,
 }
 
 /// Driver configuration shared by every NIC model.
@@ -92,7 +100,10 @@ impl Default for NicConfig {
 impl NicConfig {
     /// Check the sizes; drivers call this in `open`.
     pub fn validate(&self) -> Result<()> {
-        for (what, n) in [("tx_ring_size", self.tx_ring_size), ("rx_ring_size", self.rx_ring_size)] {
+        for (what, n) in [
+            ("tx_ring_size", self.tx_ring_size),
+            ("rx_ring_size", self.rx_ring_size),
+        ] {
             if !(8..=4096).contains(&n) || n % 8 != 0 {
                 return Err(DriverError::InvalidArgument(format!(
                     "{what} {n}: must be a multiple of 8 between 8 and 4096"
@@ -106,7 +117,9 @@ impl NicConfig {
             )));
         }
         if self.tx_hang_timeout.is_zero() {
-            return Err(DriverError::InvalidArgument("tx_hang_timeout must be non-zero".into()));
+            return Err(DriverError::InvalidArgument(
+                "tx_hang_timeout must be non-zero".into(),
+            ));
         }
         Ok(())
     }
@@ -174,7 +187,12 @@ impl NetQueue for AnyNic {
     fn tx_capacity(&self, segments: usize) -> usize {
         self.queue().tx_capacity(segments)
     }
-    fn tx_enqueue(&mut self, segments: &[TxSegment], offload: &TxOffload, token: TxToken) -> Result<()> {
+    fn tx_enqueue(
+        &mut self,
+        segments: &[TxSegment],
+        offload: &TxOffload,
+        token: TxToken,
+    ) -> Result<()> {
         self.queue_mut().tx_enqueue(segments, offload, token)
     }
     fn tx_flush(&mut self) {
@@ -210,9 +228,15 @@ mod tests {
     #[test]
     fn config_validation() {
         assert!(NicConfig::default().validate().is_ok());
-        let bad = NicConfig { tx_ring_size: 12, ..NicConfig::default() };
+        let bad = NicConfig {
+            tx_ring_size: 12,
+            ..NicConfig::default()
+        };
         assert!(bad.validate().is_err());
-        let bad = NicConfig { rx_buffer_size: 1500, ..NicConfig::default() };
+        let bad = NicConfig {
+            rx_buffer_size: 1500,
+            ..NicConfig::default()
+        };
         assert!(bad.validate().is_err());
     }
 }

@@ -24,6 +24,8 @@
 //! - L4 checksum: the checksum field already holds the one's-complement sum of the
 //!   pseudo-header (*not* inverted); the device adds the sum over `start..end of frame` and
 //!   stores the inverted result.
+//! - IPv4 header checksum: the field must hold **zero**; the device sums the header with the
+//!   field as it finds it (Intel's IPCSO; with TSO it recomputes per segment the same way).
 //! - TSO: the headers (`header_len` bytes, L2+L3+L4) lie wholly in the first segment; the TCP
 //!   checksum field holds the pseudo-header sum computed with a length of **zero**; the device
 //!   emits segments of at most `mss` payload bytes, fixing IPv4 total length, identification,

@@ -940,7 +940,8 @@ fn apply_checksums(frame: &mut [u8], offload: &TxOffload, tso_tcp_len: Option<u3
         let ip = ip as usize;
         let header_len = ((frame[ip] & 0x0f) as usize) * 4;
         if header_len >= 20 && ip + header_len <= frame.len() {
-            frame[ip + 10..ip + 12].fill(0);
+            // Like Intel's IPCSO insertion: the header is summed as it is, so the stack must
+            // leave the field zero (a stale value gives a wrong checksum, as on hardware).
             let sum = !fold(ones_sum(&frame[ip..ip + header_len]));
             frame[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
         }
@@ -1286,7 +1287,7 @@ mod tests {
 
     #[test]
     fn device_write_to_read_only_mapping_faults() {
-        let (mut nic, _peer) = nic(SoftNicConfig::default());
+        let (nic, _peer) = nic(SoftNicConfig::default());
         let region = nic.dma().allocate(4096, DmaAccess::DeviceReads).unwrap();
         region.write_bytes(0, &[1, 2, 3]);
         let fault = nic

@@ -22,11 +22,16 @@ use hw_tests::{Guest, GuestRun, Network, Nic};
 /// Generous: two TCG guests share two loaded cores.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(420);
 
-/// One `#[test]` per NIC model for a check `fn(Nic)`. The virtio-net instance is compiled
-/// but ignored until its driver is wired into `open_nic`; enabling it is deleting the
-/// `#[ignore]` line.
+/// On a loaded host the guest kernel's check that the IO-APIC timer ticks can time out,
+/// and with interrupt remapping that check panics the boot ("timer doesn't work through
+/// Interrupt-remapped IO-APIC"); the timer is fine, so skip the check.
+const KERNEL_ARGS: &str = "no_timer_check";
+
+/// One `#[test]` per NIC model for a check `fn(Nic)`. A check that cannot hold for QEMU's
+/// virtio-net as written names, after `=> virtio ignored:`, why and where virtio is covered
+/// instead.
 macro_rules! for_each_nic {
-    ($($check:ident),* $(,)?) => {$(
+    ($($check:ident $(=> virtio ignored: $why:literal)?),* $(,)?) => {$(
         mod $check {
             use super::*;
             #[test]
@@ -38,7 +43,7 @@ macro_rules! for_each_nic {
                 super::$check(Nic::E1000e)
             }
             #[test]
-            #[ignore = "virtio-net is not wired into open_nic yet"]
+            $(#[ignore = $why])?
             fn virtio() {
                 super::$check(Nic::Virtio)
             }
@@ -48,8 +53,8 @@ macro_rules! for_each_nic {
 
 for_each_nic!(
     tx_chain_arrives_byte_exact,
-    offloaded_checksums_are_valid,
-    tso_60k_arrives_as_mss_segments,
+    offloaded_checksums_are_valid => virtio ignored: "QEMU's virtio-net leaves checksums to its TAP peer (vnet header) and offers none on the user network, so its pcap cannot show them; see tests/virtio.rs virtio_checksum_offload_and_tso_checked_by_the_host_kernel",
+    tso_60k_arrives_as_mss_segments => virtio ignored: "QEMU's virtio-net leaves segmentation to its TAP peer (vnet header) and offers no TSO on the user network; see tests/virtio.rs virtio_checksum_offload_and_tso_checked_by_the_host_kernel",
     rx_receives_host_datagrams,
     iommu_stops_tx_from_unmapped_iova,
     iommu_stops_rx_into_read_only_buffers,
@@ -64,12 +69,16 @@ fn mac_for(nic: Nic, test: u8) -> String {
         Nic::E1000 => 1,
         Nic::E1000e => 2,
         Nic::Virtio => 3,
+        Nic::E1000_82545em => 4,
     };
     format!("52:54:00:c{n}:00:{test:02x}")
 }
 
 fn mac_bytes(mac: &str) -> [u8; 6] {
-    let v: Vec<u8> = mac.split(':').map(|p| u8::from_str_radix(p, 16).unwrap()).collect();
+    let v: Vec<u8> = mac
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).unwrap())
+        .collect();
     v.try_into().unwrap()
 }
 
@@ -79,6 +88,7 @@ fn run_captured(name: &str, nic: Nic, mac: &str, command: &str) -> GuestRun {
         .mac(mac)
         .pcap()
         .timeout(GUEST_TIMEOUT)
+        .append(KERNEL_ARGS)
         .run(command)
         .start()
         .unwrap()
@@ -90,7 +100,8 @@ fn run_captured(name: &str, nic: Nic, mac: &str, command: &str) -> GuestRun {
 
 /// Frames of a classic pcap file (what QEMU's filter-dump writes).
 fn read_pcap(run: &GuestRun) -> Vec<Vec<u8>> {
-    let data = std::fs::read(run.pcap_path()).unwrap_or_else(|e| run.fail(&format!("reading the pcap: {e}")));
+    let data = std::fs::read(run.pcap_path())
+        .unwrap_or_else(|e| run.fail(&format!("reading the pcap: {e}")));
     if data.len() < 24 {
         run.fail("pcap shorter than its header");
     }
@@ -225,8 +236,25 @@ fn guest_frames<'a>(frames: &'a [Vec<u8>], mac: &str) -> Vec<Ipv4Frame<'a>> {
         .collect()
 }
 
+/// The guest kernel may print (DMAR faults, say) into the middle of our console line on
+/// the shared serial port: a value ends where a kernel message (`[    3.604594] ...`)
+/// starts. Our values never contain `[`.
+fn cut_kmsg(v: &str) -> &str {
+    v.split('[').next().unwrap_or(v).trim()
+}
+
+fn req<'a>(run: &'a GuestRun, key: &str) -> &'a str {
+    cut_kmsg(run.require(key))
+}
+
+fn value<'a>(run: &'a GuestRun, key: &str) -> Option<&'a str> {
+    run.value(key).map(cut_kmsg)
+}
+
 fn parse_kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    cut_kmsg(line)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -241,8 +269,17 @@ fn chain_byte(i: u32, k: usize, j: usize) -> u8 {
 fn tx_chain_arrives_byte_exact(nic: Nic) {
     let mac = mac_for(nic, 1);
     let frames_sent = 12u32;
-    let run = run_captured("tx-chain", nic, &mac, &format!("zs-guest nic-tx-chain --frames {frames_sent}"));
-    run.expect_eq("TX_CHAIN_OK", run.require("TX_CHAIN_OK"), frames_sent.to_string().as_str());
+    let run = run_captured(
+        "tx-chain",
+        nic,
+        &mac,
+        &format!("zs-guest nic-tx-chain --frames {frames_sent}"),
+    );
+    run.expect_eq(
+        "TX_CHAIN_OK",
+        req(&run, "TX_CHAIN_OK"),
+        frames_sent.to_string().as_str(),
+    );
     let pcap = read_pcap(&run);
     let frames = guest_frames(&pcap, &mac);
     for i in 0..frames_sent {
@@ -253,16 +290,29 @@ fn tx_chain_arrives_byte_exact(nic: Nic) {
             .unwrap_or_else(|| run.fail(&format!("no TX_FRAME {i} line")));
         let len: usize = parse_kv(line, "len").unwrap().parse().unwrap();
         let fnv = u64::from_str_radix(parse_kv(line, "fnv").unwrap(), 16).unwrap();
-        let matching: Vec<&Ipv4Frame> = frames.iter().filter(|f| f.proto == 17 && f.src_port() == 41000 + i as u16).collect();
-        run.expect_eq(&format!("frames on the wire for chain {i}"), matching.len(), 1);
+        let matching: Vec<&Ipv4Frame> = frames
+            .iter()
+            .filter(|f| f.proto == 17 && f.src_port() == 41000 + i as u16)
+            .collect();
+        run.expect_eq(
+            &format!("frames on the wire for chain {i}"),
+            matching.len(),
+            1,
+        );
         let f = matching[0];
         // Byte-exact: the whole frame hashes as the guest built it...
         run.expect_eq(&format!("frame {i} length"), f.frame.len(), len);
-        run.expect_eq(&format!("frame {i} FNV-64"), format!("{:016x}", fnv64(f.frame)), format!("{fnv:016x}"));
+        run.expect_eq(
+            &format!("frame {i} FNV-64"),
+            format!("{:016x}", fnv64(f.frame)),
+            format!("{fnv:016x}"),
+        );
         // ...and, independently of the guest, the payload is the generator's.
         let nsegs = 1 + (i as usize % 6);
         let expected: Vec<u8> = (0..nsegs)
-            .flat_map(|k| (0..50 + (i as usize * 97 + k * 31) % 200).map(move |j| chain_byte(i, k, j)))
+            .flat_map(|k| {
+                (0..50 + (i as usize * 97 + k * 31) % 200).map(move |j| chain_byte(i, k, j))
+            })
             .collect();
         if f.l4[8..] != expected[..] {
             run.fail(&format!("frame {i}: payload differs from the generator"));
@@ -283,12 +333,16 @@ const CSUM_SOFTWARE_WRONG: u16 = 42005;
 fn checksum_results(nic: Nic, test: u8) -> (GuestRun, BTreeMap<u16, (bool, bool)>) {
     let mac = mac_for(nic, test);
     let run = run_captured("csum", nic, &mac, "zs-guest nic-csum");
-    run.require("CSUM_OK");
+    req(&run, "CSUM_OK");
     let pcap = read_pcap(&run);
     let mut results = BTreeMap::new();
     for f in guest_frames(&pcap, &mac) {
         let port = f.src_port();
-        if (CSUM_UDP..=CSUM_SOFTWARE_WRONG).contains(&port) && results.insert(port, (f.ip_checksum_ok(), f.l4_checksum_ok())).is_some() {
+        if (CSUM_UDP..=CSUM_SOFTWARE_WRONG).contains(&port)
+            && results
+                .insert(port, (f.ip_checksum_ok(), f.l4_checksum_ok()))
+                .is_some()
+        {
             run.fail(&format!("two frames from port {port}"));
         }
     }
@@ -299,10 +353,18 @@ fn offloaded_checksums_are_valid(nic: Nic) {
     let (run, r) = checksum_results(nic, 2);
     eprintln!("checksum results (ip_ok, l4_ok) by source port: {r:?}");
     for port in [CSUM_UDP, CSUM_TCP] {
-        run.expect_eq(&format!("offloaded checksums of port {port} (ip, l4)"), r.get(&port), Some(&(true, true)));
+        run.expect_eq(
+            &format!("offloaded checksums of port {port} (ip, l4)"),
+            r.get(&port),
+            Some(&(true, true)),
+        );
     }
     // The checker itself can fail: a deliberately wrong software checksum is caught.
-    run.expect_eq("deliberately wrong UDP checksum (ip, l4)", r.get(&CSUM_SOFTWARE_WRONG), Some(&(true, false)));
+    run.expect_eq(
+        "deliberately wrong UDP checksum (ip, l4)",
+        r.get(&CSUM_SOFTWARE_WRONG),
+        Some(&(true, false)),
+    );
     // Offload without the pseudo-header sum in the field: per the datasheet (SDM 3.3.6)
     // the device only adds the sum from TUCSS to the end, so the result must be wrong.
     // QEMU's e1000e model deviates (net_tx_pkt_do_sw_csum recomputes the pseudo-header
@@ -310,8 +372,16 @@ fn offloaded_checksums_are_valid(nic: Nic) {
     for port in [CSUM_UDP_NO_PSEUDO, CSUM_TCP_NO_PSEUDO] {
         let got = r.get(&port).copied();
         match nic {
-            Nic::E1000e => run.expect_eq(&format!("port {port} IPv4 checksum"), got.map(|g| g.0), Some(true)),
-            _ => run.expect_eq(&format!("port {port} without pseudo-header sum (ip, l4)"), got, Some((true, false))),
+            Nic::E1000e => run.expect_eq(
+                &format!("port {port} IPv4 checksum"),
+                got.map(|g| g.0),
+                Some(true),
+            ),
+            _ => run.expect_eq(
+                &format!("port {port} without pseudo-header sum (ip, l4)"),
+                got,
+                Some((true, false)),
+            ),
         }
     }
 }
@@ -326,9 +396,17 @@ fn tso_byte(j: usize) -> u8 {
 fn tso_60k_arrives_as_mss_segments(nic: Nic) {
     let mac = mac_for(nic, 3);
     let (payload_len, mss) = (61440usize, 1460usize);
-    let run = run_captured("tso", nic, &mac, &format!("zs-guest nic-tso --payload {payload_len} --mss {mss}"));
-    run.require("TSO_OK");
+    let run = run_captured(
+        "tso",
+        nic,
+        &mac,
+        &format!("zs-guest nic-tso --payload {payload_len} --mss {mss}"),
+    );
+    req(&run, "TSO_OK");
     let pcap = read_pcap(&run);
+    if nic == Nic::E1000e && qemu_major_version() < 8 {
+        return tso_as_qemu72_e1000e_fragments(&run, &pcap, &mac, payload_len, mss);
+    }
     let segs: Vec<Ipv4Frame> = guest_frames(&pcap, &mac)
         .into_iter()
         .filter(|f| f.proto == 6 && f.src_port() == TSO_PORT)
@@ -338,25 +416,143 @@ fn tso_60k_arrives_as_mss_segments(nic: Nic) {
     let mut reassembled = Vec::with_capacity(payload_len);
     for (k, s) in segs.iter().enumerate() {
         let want_len = mss.min(payload_len - k * mss);
-        run.expect_eq(&format!("segment {k} payload length"), s.tcp_payload().len(), want_len);
-        run.expect_eq(&format!("segment {k} frame length"), s.frame.len(), 54 + want_len);
-        run.expect_eq(&format!("segment {k} sequence number"), s.tcp_seq(), TSO_SEQ.wrapping_add((k * mss) as u32));
-        run.expect_eq(&format!("segment {k} IPv4 checksum ok"), s.ip_checksum_ok(), true);
-        run.expect_eq(&format!("segment {k} TCP checksum ok"), s.l4_checksum_ok(), true);
-        run.expect_eq(&format!("segment {k} not fragmented"), s.flags_frag & 0x3fff, 0);
+        run.expect_eq(
+            &format!("segment {k} payload length"),
+            s.tcp_payload().len(),
+            want_len,
+        );
+        run.expect_eq(
+            &format!("segment {k} frame length"),
+            s.frame.len(),
+            54 + want_len,
+        );
+        run.expect_eq(
+            &format!("segment {k} sequence number"),
+            s.tcp_seq(),
+            TSO_SEQ.wrapping_add((k * mss) as u32),
+        );
+        run.expect_eq(
+            &format!("segment {k} IPv4 checksum ok"),
+            s.ip_checksum_ok(),
+            true,
+        );
+        run.expect_eq(
+            &format!("segment {k} TCP checksum ok"),
+            s.l4_checksum_ok(),
+            true,
+        );
+        run.expect_eq(
+            &format!("segment {k} not fragmented"),
+            s.flags_frag & 0x3fff,
+            0,
+        );
         let last = k + 1 == expected_count;
-        run.expect_eq(&format!("segment {k} PSH only on the last"), s.tcp_flags() & 0x08 != 0, last);
+        run.expect_eq(
+            &format!("segment {k} PSH only on the last"),
+            s.tcp_flags() & 0x08 != 0,
+            last,
+        );
         run.expect_eq(&format!("segment {k} ACK"), s.tcp_flags() & 0x10 != 0, true);
         if k > 0 {
-            // Devices advance the IPv4 identification per segment (SDM 3.5 / 3.6.8).
-            run.expect_eq(&format!("segment {k} IPv4 id"), s.id, segs[0].id.wrapping_add(k as u16));
+            // Devices advance the IPv4 identification per segment (SDM 3.5).
+            run.expect_eq(
+                &format!("segment {k} IPv4 id"),
+                s.id,
+                segs[0].id.wrapping_add(k as u16),
+            );
         }
         reassembled.extend_from_slice(s.tcp_payload());
     }
     let expected: Vec<u8> = (0..payload_len).map(tso_byte).collect();
     if reassembled != expected {
         let at = reassembled.iter().zip(&expected).position(|(a, b)| a != b);
-        run.fail(&format!("reassembled TSO payload differs from what was sent (first difference at {at:?})"));
+        run.fail(&format!(
+            "reassembled TSO payload differs from what was sent (first difference at {at:?})"
+        ));
+    }
+}
+
+fn qemu_major_version() -> u32 {
+    let out = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("version ")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse the QEMU version from {text:?}"))
+}
+
+/// QEMU before 8.0 has no TCP segmentation in its e1000e model when the backend takes no
+/// virtio-net header (user network, or TAP without vnet_hdr): `net_tx_pkt_send` falls back
+/// to `net_tx_pkt_do_sw_fragmentation`, which splits the TSO frame into IPv4 *fragments* of
+/// `MSS & !7` bytes (fixed in QEMU 8.0, "net/net_tx_pkt: Implement TCP segmentation").
+/// What the driver controls still shows: the device got the right header length and MSS,
+/// computed a valid checksum over the whole segment, and every payload byte arrived.
+fn tso_as_qemu72_e1000e_fragments(
+    run: &GuestRun,
+    pcap: &[Vec<u8>],
+    mac: &str,
+    payload_len: usize,
+    mss: usize,
+) {
+    eprintln!(
+        "note: QEMU < 8.0 e1000e turns TSO into IPv4 fragments; checking those instead of segments"
+    );
+    let mut frags: Vec<Ipv4Frame> = guest_frames(pcap, mac)
+        .into_iter()
+        .filter(|f| f.proto == 6)
+        .collect();
+    frags.sort_by_key(|f| f.flags_frag & 0x1fff);
+    let frag_size = mss & !7;
+    let tcp_len = 20 + payload_len;
+    run.expect_eq(
+        "fragments on the wire",
+        frags.len(),
+        tcp_len.div_ceil(frag_size),
+    );
+    let mut reassembled = Vec::with_capacity(tcp_len);
+    for (k, f) in frags.iter().enumerate() {
+        run.expect_eq(
+            &format!("fragment {k} IPv4 checksum ok"),
+            f.ip_checksum_ok(),
+            true,
+        );
+        run.expect_eq(
+            &format!("fragment {k} offset"),
+            (f.flags_frag & 0x1fff) as usize * 8,
+            reassembled.len(),
+        );
+        run.expect_eq(&format!("fragment {k} id"), f.id, frags[0].id);
+        let last = k + 1 == frags.len();
+        run.expect_eq(
+            &format!("fragment {k} MF"),
+            f.flags_frag & 0x2000 != 0,
+            !last,
+        );
+        if !last {
+            run.expect_eq(
+                &format!("fragment {k} size (MSS & !7)"),
+                f.l4.len(),
+                frag_size,
+            );
+        }
+        reassembled.extend_from_slice(f.l4);
+    }
+    let first = &frags[0];
+    run.expect_eq("TCP source port", first.src_port(), TSO_PORT);
+    run.expect_eq("TCP sequence number", first.tcp_seq(), TSO_SEQ);
+    let pseudo = sum16(&first.ip[12..20], 6 + reassembled.len() as u32);
+    run.expect_eq(
+        "TCP checksum over the reassembled segment",
+        fold(sum16(&reassembled, pseudo)),
+        0xffff,
+    );
+    let expected: Vec<u8> = (0..payload_len).map(tso_byte).collect();
+    if reassembled[20..] != expected[..] {
+        run.fail("reassembled TSO payload differs from what was sent");
     }
 }
 
@@ -370,7 +566,11 @@ fn rx_payload(idx: u32) -> Vec<u8> {
 
 /// Send datagrams `0..count` to the guest from the namespace, round after round, until
 /// `stop` is set (or 10 minutes pass).
-fn spawn_sender(guest: &hw_tests::RunningGuest, count: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+fn spawn_sender(
+    guest: &hw_tests::RunningGuest,
+    count: u32,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
     guest.netns().spawn(move || {
         let sock = UdpSocket::bind("10.99.0.1:0").expect("binding the host UDP socket");
         let started = Instant::now();
@@ -395,7 +595,10 @@ fn rx_receives_host_datagrams(nic: Nic) {
         .mac(&mac)
         .network(Network::Tap)
         .timeout(GUEST_TIMEOUT)
-        .run(&format!("zs-guest nic-rx --count {count} --timeout-secs 300"))
+        .append(KERNEL_ARGS)
+        .run(&format!(
+            "zs-guest nic-rx --count {count} --timeout-secs 300"
+        ))
         .start()
         .unwrap();
     guest.wait_for_console("RX_READY", GUEST_TIMEOUT);
@@ -406,8 +609,8 @@ fn rx_receives_host_datagrams(nic: Nic) {
     let sent = sender.join().unwrap();
     run.expect_success();
     eprintln!("host sent {sent} datagrams");
-    run.expect_eq("RX_DONE", run.require("RX_DONE"), count.to_string().as_str());
-    if run.require("ARP_REPLIES") == "0" {
+    run.expect_eq("RX_DONE", req(&run, "RX_DONE"), count.to_string().as_str());
+    if req(&run, "ARP_REPLIES") == "0" {
         run.fail("the guest never answered ARP");
     }
     for idx in 0..count {
@@ -417,34 +620,120 @@ fn rx_receives_host_datagrams(nic: Nic) {
             .find_map(|l| l.strip_prefix(&format!("RX_DGRAM {idx} ")))
             .unwrap_or_else(|| run.fail(&format!("datagram {idx} not received")));
         let p = rx_payload(idx);
-        run.expect_eq(&format!("datagram {idx} length"), parse_kv(line, "len"), Some(p.len().to_string().as_str()));
-        run.expect_eq(&format!("datagram {idx} FNV-64"), parse_kv(line, "fnv"), Some(format!("{:016x}", fnv64(&p)).as_str()));
-        run.expect_eq(&format!("datagram {idx} checksums"), parse_kv(line, "csum_ok"), Some("true"));
+        run.expect_eq(
+            &format!("datagram {idx} length"),
+            parse_kv(line, "len"),
+            Some(p.len().to_string().as_str()),
+        );
+        run.expect_eq(
+            &format!("datagram {idx} FNV-64"),
+            parse_kv(line, "fnv"),
+            Some(format!("{:016x}", fnv64(&p)).as_str()),
+        );
+        run.expect_eq(
+            &format!("datagram {idx} checksums"),
+            parse_kv(line, "csum_ok"),
+            Some("true"),
+        );
     }
 }
 
 const IOMMU_BAD_PORT: u16 = 44001;
 const IOMMU_RECOVER_PORT: u16 = 44002;
+const IOMMU_RO_RING_PORT: u16 = 44003;
 
 fn iommu_stops_tx_from_unmapped_iova(nic: Nic) {
     let mac = mac_for(nic, 5);
     let run = run_captured("iommu-tx", nic, &mac, "zs-guest nic-iommu-tx");
-    // The IOMMU refused the read, the kernel logged it...
+    let pcap = read_pcap(&run);
+    let frames = guest_frames(&pcap, &mac);
+    let on_wire = |port| {
+        frames
+            .iter()
+            .filter(|f| f.proto == 17 && f.src_port() == port)
+            .collect::<Vec<_>>()
+    };
+
+    // Part 1: a segment at an unmapped IOVA. The IOMMU refuses the read and the kernel
+    // logs it...
     if !run.console_contains("DMAR: [DMA Read") {
         run.fail("no `DMAR: [DMA Read` fault in the guest kernel log");
     }
-    // ...the driver surfaced it as a TX hang and gave the token back...
-    let hang = run.require("TX_HANG");
+    // ...and what that memory held never reaches the wire. A real controller may abort
+    // the frame (the watchdog then reports a hang); QEMU's models send zeroes in place of
+    // the unreadable bytes and complete the descriptor, which the driver cannot tell apart
+    // from success.
+    let secret: Vec<u8> = (0..100).map(|j| chain_byte(7, 0, j)).collect();
+    let bad = on_wire(IOMMU_BAD_PORT);
+    if let Some(hang) = value(&run, "TX_UNMAPPED_HANG") {
+        run.expect_eq("lost frames", parse_kv(hang, "lost"), Some("1"));
+        run.expect_eq(
+            "token returned",
+            parse_kv(hang, "token_returned"),
+            Some("true"),
+        );
+        run.expect_eq("aborted frame on the wire", bad.len(), 0);
+    } else {
+        req(&run, "TX_UNMAPPED_COMPLETED");
+        run.expect_eq("frames with the unmapped segment on the wire", bad.len(), 1);
+        let unread = &bad[0].l4[8..];
+        run.expect_eq(
+            "bytes sent in place of the unmapped segment",
+            unread,
+            &[0u8; 100][..],
+        );
+        if unread == &secret[..] {
+            run.fail("the unmapped memory's contents reached the wire");
+        }
+    }
+    // The ring keeps working, and no other DMA memory was touched.
+    run.expect_eq("recovered", req(&run, "TX_RECOVERED"), "ok");
+    run.expect_eq(
+        "recovery frames on the wire",
+        on_wire(IOMMU_RECOVER_PORT).len(),
+        1,
+    );
+    run.expect_eq(
+        "recovery frame payload",
+        &on_wire(IOMMU_RECOVER_PORT)[0].l4[8..],
+        &secret[..],
+    );
+    run.expect_eq(
+        "other DMA memory intact",
+        req(&run, "SENTINEL_INTACT"),
+        "yes",
+    );
+
+    // Part 2: a read-only TX ring. The device's completion write-back is refused. (No
+    // kernel log line here: QEMU's VT-d model refuses a write that hits the read-only
+    // IOTLB entry cached by the descriptor fetch without recording a fault; the fault
+    // logging of refused writes is shown by iommu_stops_rx_into_read_only_buffers.)
+    // ...so nothing completes, and the watchdog resets the ring and reports it (bounded
+    // time, token returned) instead of waiting forever.
+    // (The frame itself was readable and went out once; only the write-back was refused.)
+    run.expect_eq(
+        "read-only-ring frames on the wire",
+        on_wire(IOMMU_RO_RING_PORT).len(),
+        1,
+    );
+    let hang = req(&run, "TX_RO_RING_HANG");
     run.expect_eq("lost frames", parse_kv(hang, "lost"), Some("1"));
-    run.expect_eq("token returned", parse_kv(hang, "token_returned"), Some("true"));
-    run.expect_eq("recovered", run.require("TX_RECOVERED"), "ok");
-    run.expect_eq("other DMA memory intact", run.require("SENTINEL_INTACT"), "yes");
-    // ...and the frame never reached the wire, while the next one did.
-    let pcap = read_pcap(&run);
-    let frames = guest_frames(&pcap, &mac);
-    let count = |port| frames.iter().filter(|f| f.proto == 17 && f.src_port() == port).count();
-    run.expect_eq("frames with the unmapped segment on the wire", count(IOMMU_BAD_PORT), 0);
-    run.expect_eq("recovery frames on the wire", count(IOMMU_RECOVER_PORT), 1);
+    run.expect_eq(
+        "token returned",
+        parse_kv(hang, "token_returned"),
+        Some("true"),
+    );
+    let stats = run
+        .lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("STATS "))
+        .unwrap();
+    run.expect_eq(
+        "watchdog resets",
+        parse_kv(stats, "watchdog_resets"),
+        Some("1"),
+    );
 }
 
 fn iommu_stops_rx_into_read_only_buffers(nic: Nic) {
@@ -453,6 +742,7 @@ fn iommu_stops_rx_into_read_only_buffers(nic: Nic) {
         .mac(&mac)
         .network(Network::Tap)
         .timeout(GUEST_TIMEOUT)
+        .append(KERNEL_ARGS)
         .run("zs-guest nic-iommu-rx --timeout-secs 300")
         .start()
         .unwrap();
@@ -461,7 +751,17 @@ fn iommu_stops_rx_into_read_only_buffers(nic: Nic) {
     let status = guest
         .netns()
         .command("ip")
-        .args(["neigh", "replace", GUEST_IP, "lladdr", &mac, "dev", TAP_NAME, "nud", "permanent"])
+        .args([
+            "neigh",
+            "replace",
+            GUEST_IP,
+            "lladdr",
+            &mac,
+            "dev",
+            TAP_NAME,
+            "nud",
+            "permanent",
+        ])
         .status()
         .unwrap();
     assert!(status.success(), "ip neigh replace failed");
@@ -474,8 +774,12 @@ fn iommu_stops_rx_into_read_only_buffers(nic: Nic) {
     if !run.console_contains("DMAR: [DMA Write") {
         run.fail("no `DMAR: [DMA Write` fault in the guest kernel log");
     }
-    run.expect_eq("frames handed to the caller", run.require("RX_DELIVERED"), "0");
-    let errors: u64 = run.require("RX_ERRORS").parse().unwrap();
+    run.expect_eq(
+        "frames handed to the caller",
+        req(&run, "RX_DELIVERED"),
+        "0",
+    );
+    let errors: u64 = req(&run, "RX_ERRORS").parse().unwrap();
     if errors == 0 {
         run.fail("the driver reported no refused frame");
     }
@@ -487,7 +791,11 @@ fn iommu_stops_rx_into_read_only_buffers(nic: Nic) {
 fn wrong_expectation_fails_with_console_tail() {
     let (run, r) = checksum_results(Nic::E1000, 7);
     // Deliberately wrong: this frame's UDP checksum was corrupted on purpose.
-    run.expect_eq("deliberately wrong UDP checksum (ip, l4)", r.get(&CSUM_SOFTWARE_WRONG), Some(&(true, true)));
+    run.expect_eq(
+        "deliberately wrong UDP checksum (ip, l4)",
+        r.get(&CSUM_SOFTWARE_WRONG),
+        Some(&(true, true)),
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -497,9 +805,15 @@ fn wrong_expectation_fails_with_console_tail() {
 #[test]
 #[ignore = "benchmark: run with scripts/bench-nic"]
 fn bench_tx() {
-    let seconds: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let seconds: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
     let nics: Vec<Nic> = match std::env::var("BENCH_NICS") {
-        Ok(list) => list.split(',').map(|n| Nic::parse(n.trim()).expect("BENCH_NICS: e1000,e1000e,virtio")).collect(),
+        Ok(list) => list
+            .split(',')
+            .map(|n| Nic::parse(n.trim()).expect("BENCH_NICS: e1000,e1000e,virtio"))
+            .collect(),
         Err(_) => vec![Nic::E1000, Nic::E1000e],
     };
     let kinds = ["64", "1514", "tso"];
@@ -512,13 +826,28 @@ fn bench_tx() {
         let run = run_captured("bench", nic, &mac_for(nic, 8), &script.join("\n"));
         for line in run.lines.iter().filter_map(|l| l.strip_prefix("BENCH ")) {
             let v = |k: &str| parse_kv(line, k).unwrap_or("?").to_string();
-            rows.push((nic.name(), v("kind"), v("frames"), v("wire_frames"), v("secs"), v("fps"), v("gbps"), v("cpu_us_per_frame")));
+            rows.push((
+                nic.name(),
+                v("kind"),
+                v("frames"),
+                v("wire_frames"),
+                v("secs"),
+                v("fps"),
+                v("gbps"),
+                v("cpu_us_per_frame"),
+            ));
         }
     }
     println!();
     println!("TX benchmark (QEMU TCG guest, 1 vCPU; {seconds} s per row; frames = sends handed to the NIC, TSO = 64 KiB frames)");
-    println!("{:<7} {:>5} {:>10} {:>12} {:>7} {:>12} {:>9} {:>14}", "nic", "size", "frames", "wire frames", "secs", "frames/s", "Gbit/s", "CPU us/frame");
+    println!(
+        "{:<7} {:>5} {:>10} {:>12} {:>7} {:>12} {:>9} {:>14}",
+        "nic", "size", "frames", "wire frames", "secs", "frames/s", "Gbit/s", "CPU us/frame"
+    );
     for r in &rows {
-        println!("{:<7} {:>5} {:>10} {:>12} {:>7} {:>12} {:>9} {:>14}", r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7);
+        println!(
+            "{:<7} {:>5} {:>10} {:>12} {:>7} {:>12} {:>9} {:>14}",
+            r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7
+        );
     }
 }

@@ -41,6 +41,11 @@ fn e1000_identity_through_vfio() {
 }
 
 #[test]
+fn e1000_82545em_identity_through_vfio() {
+    identify(Nic::E1000_82545em, "52:54:00:aa:00:04");
+}
+
+#[test]
 fn e1000e_identity_through_vfio() {
     identify(Nic::E1000e, "52:54:00:aa:00:02");
 }

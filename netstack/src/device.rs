@@ -100,15 +100,47 @@ pub struct TxPath {
     scratch: Vec<u8>,
     pub pool: CopyPool,
     pub conns: Vec<ConnTx>,
-    pub flows: HashMap<FlowKey, u32>,
+    pub flows: HashMap<FlowKey, u32, FlowHashBuilder>,
     /// ISS of flows whose connection is not bound yet (accepted sockets).
-    pub pending_iss: HashMap<FlowKey, u32>,
+    pub pending_iss: HashMap<FlowKey, u32, FlowHashBuilder>,
     pub stats: StackStats,
 }
 
 // SAFETY: the raw pointers point into the mmaps owned by `slots` / `jumbo` (Send + Sync),
 // and are only dereferenced through `&mut self`.
 unsafe impl Send for TxPath {}
+
+/// A fast hash for [`FlowKey`]s (a multiplicative hash of one u64; flows are not chosen by
+/// an attacker beyond what a listening server's peers choose, and a table holds few).
+#[derive(Clone, Copy, Default)]
+pub struct FlowHashBuilder;
+
+/// See [`FlowHashBuilder`].
+#[derive(Default)]
+pub struct FlowHasher(u64);
+
+impl std::hash::Hasher for FlowHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0 ^ value)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+    }
+}
+
+impl std::hash::BuildHasher for FlowHashBuilder {
+    type Hasher = FlowHasher;
+    fn build_hasher(&self) -> FlowHasher {
+        FlowHasher::default()
+    }
+}
 
 /// Sizing of the transmit path.
 #[derive(Clone, Copy, Debug)]
@@ -180,8 +212,8 @@ impl TxPath {
             scratch: vec![0; tso_frame.unwrap_or(SLOT_SIZE).max(SLOT_SIZE)],
             pool: CopyPool::new(dma, config.copy_blocks)?,
             conns: Vec::new(),
-            flows: HashMap::new(),
-            pending_iss: HashMap::new(),
+            flows: HashMap::default(),
+            pending_iss: HashMap::default(),
             stats: StackStats::default(),
         })
     }
@@ -254,6 +286,13 @@ impl TxPath {
         if let Some(index) = conn_index {
             let conn = &self.conns[index as usize];
             if tcp.payload_len > 0 && conn.sendq.mode == SendMode::ZeroCopy {
+                if conn.iss.is_none() {
+                    // Cannot map the segment: never put placeholders on the wire.
+                    tracing::error!("TX segment of a flow with unknown ISS; frame dropped");
+                    self.stats.tx_unmapped_drops += 1;
+                    self.abandon_slot(slot, build);
+                    return;
+                }
                 if let Some(start) = conn.stream_offset(tcp.seq) {
                     let stream = start..start + tcp.payload_len as u64;
                     return self.stage_zero_copy(
@@ -495,6 +534,11 @@ impl TxPath {
     ) -> TxOffload {
         let field = tcp.checksum_field();
         if self.caps.tcp_checksum {
+            if tso.is_some() {
+                // The NIC computes the IPv4 header checksum of every segment by summing the
+                // header as it is (Intel IPCSO semantics): the field must be zero.
+                buffer[tcp.ip + 10..tcp.ip + 12].fill(0);
+            }
             let length = if tso.is_some() {
                 0
             } else {
@@ -710,7 +754,10 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        self.tx.can_build().then(|| NicTxToken {
+        if !self.tx.can_build() {
+            return None;
+        }
+        Some(NicTxToken {
             tx: &mut self.tx,
             tso_mss: None,
         })

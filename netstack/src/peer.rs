@@ -12,8 +12,9 @@ use smoltcp::time::Instant;
 /// verified in software, like any ordinary host.
 pub struct PeerDevice {
     peer: SoftPeer,
-    /// Optional receive-side observer (e.g. a capture), called on every frame received.
+    /// Frames received from the wire.
     pub frames_received: u64,
+    /// Frames put on the wire.
     pub frames_sent: u64,
 }
 

@@ -236,12 +236,20 @@ impl SendQueue {
         self.items.is_empty() && self.completions.is_empty()
     }
 
+    /// Index of the first item that ends after `offset`.
     fn first_index(&self, offset: u64) -> usize {
+        // Segments almost always lie within the first few items (the unacknowledged
+        // window); scan those before falling back to a binary search of the whole queue.
+        for (i, item) in self.items.iter().take(8).enumerate() {
+            if item.end() > offset {
+                return i;
+            }
+        }
         self.items.partition_point(|i| i.end() <= offset)
     }
 
-    /// Calls `f` for each piece of `range`, in order. Adjacent pieces that are contiguous in
-    /// IOVA space are merged (one descriptor). Fails if any byte is not queued.
+    /// Calls `f` for each piece of `range`, in order (at most one page each; the device
+    /// boundary merges pieces contiguous in IOVA space). Fails if any byte is not queued.
     pub fn for_each_piece<'a>(
         &'a self,
         range: Range<u64>,

@@ -83,7 +83,7 @@ fn hammered_transfer(policy: WritePolicy) -> Outcome {
     let mut round = 0u64;
     let received = bed.receive_all(&pinned_version, |_, received| {
         round += 1;
-        if round % 16 == 0 {
+        if round.is_multiple_of(16) {
             let offset = (received + 256 * 1024).min(LEN as u64 - 64);
             near_writer.write(offset, &[0x5a; 64]).unwrap();
             writes.fetch_add(1, Ordering::Relaxed);

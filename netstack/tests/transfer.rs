@@ -267,3 +267,45 @@ fn pins_are_held_until_the_device_has_read_the_frames() {
     });
     assert_eq!(bed.stack.stats().pins_held_now, 0);
 }
+
+#[test]
+fn answers_arp_and_icmp_echo() {
+    use smoltcp::socket::icmp;
+    use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpAddress, Ipv4Address};
+    let mut bed = Bed::new(BedConfig::new(SoftNicConfig::default(), 1 << 20));
+    let rx = icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0; 1024]);
+    let tx = icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0; 1024]);
+    let mut socket = icmp::Socket::new(rx, tx);
+    socket.bind(icmp::Endpoint::Ident(0x1234)).unwrap();
+    let handle = bed.peer_sockets.add(socket);
+    let target = IpAddress::from(Ipv4Address::from(STACK_IP));
+    let request = Icmpv4Repr::EchoRequest {
+        ident: 0x1234,
+        seq_no: 1,
+        data: b"zerosend ping",
+    };
+    let mut replied = false;
+    let mut sent = false;
+    bed.run_until(10_000, |bed| {
+        let caps = smoltcp::phy::ChecksumCapabilities::default();
+        let socket = bed.peer_sockets.get_mut::<icmp::Socket>(handle);
+        if !sent && socket.can_send() {
+            let buf = socket.send(request.buffer_len(), target).unwrap();
+            request.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps);
+            sent = true;
+        }
+        if let Ok((payload, from)) = socket.recv() {
+            let packet = Icmpv4Packet::new_checked(payload).unwrap();
+            let repr = Icmpv4Repr::parse(&packet, &caps).unwrap();
+            replied = from == target
+                && repr
+                    == Icmpv4Repr::EchoReply {
+                        ident: 0x1234,
+                        seq_no: 1,
+                        data: b"zerosend ping",
+                    };
+        }
+        replied
+    });
+    assert!(replied, "echo reply from the stack (after ARP resolution)");
+}

@@ -137,7 +137,9 @@ pub struct OffloadPlan {
 
 fn byte_offset(value: u16, what: &str) -> Result<u8> {
     u8::try_from(value).map_err(|_| {
-        DriverError::BadFrame(format!("{what} at offset {value}: the context descriptor field is 8 bits"))
+        DriverError::BadFrame(format!(
+            "{what} at offset {value}: the context descriptor field is 8 bits"
+        ))
     })
 }
 
@@ -148,7 +150,11 @@ fn byte_offset(value: u16, what: &str) -> Result<u8> {
 ///   otherwise a 20-byte header (no options) is assumed. The checksum field must be zero.
 /// - L4 checksum: TUCSS = `start`, TUCSO = `field`, TUCSE = 0 (to the end of the frame).
 /// - TSO: TUCMD.TSE, HDRLEN, MSS and PAYLEN = `frame_len - header_len`.
-pub fn plan_offload(offload: &TxOffload, frame_len: u32, mtu: usize) -> Result<Option<OffloadPlan>> {
+pub fn plan_offload(
+    offload: &TxOffload,
+    frame_len: u32,
+    mtu: usize,
+) -> Result<Option<OffloadPlan>> {
     if offload.ipv4_header.is_none() && offload.l4_checksum.is_none() && offload.tso.is_none() {
         return Ok(None);
     }
@@ -168,7 +174,11 @@ pub fn plan_offload(offload: &TxOffload, frame_len: u32, mtu: usize) -> Result<O
     if let Some(ip) = offload.ipv4_header {
         let end = match offload.l4_checksum {
             Some(l4) if l4.start > ip => l4.start,
-            Some(_) => return Err(DriverError::BadFrame("L4 header starts before the IPv4 header".into())),
+            Some(_) => {
+                return Err(DriverError::BadFrame(
+                    "L4 header starts before the IPv4 header".into(),
+                ))
+            }
             None => ip + 20,
         };
         ctx.ipcss = byte_offset(ip, "IPv4 header")?;
@@ -195,7 +205,9 @@ pub fn plan_offload(offload: &TxOffload, frame_len: u32, mtu: usize) -> Result<O
     if let Some(tso) = offload.tso {
         let tcp = matches!(offload.l4_checksum, Some(l4) if l4.protocol == L4Protocol::Tcp);
         if offload.ipv4_header.is_none() || !tcp {
-            return Err(DriverError::BadFrame("TSO needs an IPv4 header checksum and a TCP checksum request".into()));
+            return Err(DriverError::BadFrame(
+                "TSO needs an IPv4 header checksum and a TCP checksum request".into(),
+            ));
         }
         if tso.mss == 0 || tso.header_len as u32 >= frame_len {
             return Err(DriverError::BadFrame(format!(
@@ -215,7 +227,10 @@ pub fn plan_offload(offload: &TxOffload, frame_len: u32, mtu: usize) -> Result<O
         ctx.paylen = frame_len - tso.header_len as u32;
         ctx.tucmd |= TUCMD_TSE;
     }
-    Ok(Some(OffloadPlan { context: ctx, popts }))
+    Ok(Some(OffloadPlan {
+        context: ctx,
+        popts,
+    }))
 }
 
 /// Pieces `(iova, len)` of a segment, split so that no piece crosses a
@@ -248,7 +263,10 @@ mod tests {
 
     #[test]
     fn legacy_and_data_words() {
-        assert_eq!(legacy_tx(60, CMD_EOP | CMD_IFCS | CMD_RS), 60 | (0x0b << 24));
+        assert_eq!(
+            legacy_tx(60, CMD_EOP | CMD_IFCS | CMD_RS),
+            60 | (0x0b << 24)
+        );
         let w = data_tx(1000, CMD_EOP | DCMD_TSE, POPTS_IXSM | POPTS_TXSM);
         assert_eq!(w & 0xf_ffff, 1000);
         assert_eq!((w >> 20) & 0xf, 1, "DTYP data");
@@ -260,8 +278,15 @@ mod tests {
     fn tcp_tso_context() {
         let off = TxOffload {
             ipv4_header: Some(14),
-            l4_checksum: Some(L4Checksum { protocol: L4Protocol::Tcp, start: 34, field: 50 }),
-            tso: Some(Tso { mss: 1460, header_len: 54 }),
+            l4_checksum: Some(L4Checksum {
+                protocol: L4Protocol::Tcp,
+                start: 34,
+                field: 50,
+            }),
+            tso: Some(Tso {
+                mss: 1460,
+                header_len: 54,
+            }),
         };
         let plan = plan_offload(&off, 54 + 61440, 1500).unwrap().unwrap();
         let c = plan.context;
@@ -283,18 +308,37 @@ mod tests {
     fn udp_checksum_only_and_rejections() {
         let off = TxOffload {
             ipv4_header: None,
-            l4_checksum: Some(L4Checksum { protocol: L4Protocol::Udp, start: 34, field: 40 }),
+            l4_checksum: Some(L4Checksum {
+                protocol: L4Protocol::Udp,
+                start: 34,
+                field: 40,
+            }),
             tso: None,
         };
         let plan = plan_offload(&off, 100, 1500).unwrap().unwrap();
         assert_eq!(plan.context.tucmd, 0);
         assert_eq!(plan.popts, POPTS_TXSM);
-        assert!(plan_offload(&TxOffload::default(), 100, 1500).unwrap().is_none());
-        let bad_tso = TxOffload { tso: Some(Tso { mss: 1460, header_len: 54 }), ..off };
-        assert!(plan_offload(&bad_tso, 20000, 1500).is_err(), "TSO needs IPv4 + TCP");
+        assert!(plan_offload(&TxOffload::default(), 100, 1500)
+            .unwrap()
+            .is_none());
+        let bad_tso = TxOffload {
+            tso: Some(Tso {
+                mss: 1460,
+                header_len: 54,
+            }),
+            ..off
+        };
+        assert!(
+            plan_offload(&bad_tso, 20000, 1500).is_err(),
+            "TSO needs IPv4 + TCP"
+        );
         let far = TxOffload {
             ipv4_header: None,
-            l4_checksum: Some(L4Checksum { protocol: L4Protocol::Udp, start: 300, field: 306 }),
+            l4_checksum: Some(L4Checksum {
+                protocol: L4Protocol::Udp,
+                start: 300,
+                field: 306,
+            }),
             tso: None,
         };
         assert!(plan_offload(&far, 400, 1500).is_err(), "TUCSS is 8 bits");

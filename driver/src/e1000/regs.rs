@@ -33,7 +33,8 @@ pub const CTRL_RST: u32 = 1 << 26;
 pub const CTRL_VME: u32 = 1 << 30;
 /// CTRL.PHY_RST: PHY reset (SDM table 13-3, bit 31).
 pub const CTRL_PHY_RST: u32 = 1 << 31;
-/// 82574 only: CTRL bit 29 is reserved and must be written 0 (82574 DS 10.2).
+/// 82574 only: CTRL bit 29 is cleared during initialisation (a reserved bit in 82574 DS
+/// 10.2; Linux e1000e's `e1000_initialize_hw_bits_82571` clears it for the 82574).
 pub const CTRL_82574_RESERVED_29: u32 = 1 << 29;
 
 /// Device Status (SDM 13.4.2; 82574 DS 10.2).
@@ -54,9 +55,8 @@ pub const EERD_DATA_SHIFT: u32 = 16;
 
 /// Extended Device Control (SDM 13.4.6; 82574 DS 10.2).
 pub const CTRL_EXT: usize = 0x0018;
-/// 82574: CTRL_EXT bit 22 must be set and bit 23 cleared during initialisation
-/// (82574 DS 10.2, "reserved, write 1b" / "reserved, write 0b"; the Linux e1000e
-/// driver's `e1000_initialize_hw_bits_82571` does the same).
+/// 82574: CTRL_EXT bit 22 set and bit 23 cleared during initialisation, as Linux e1000e's
+/// `e1000_initialize_hw_bits_82571` does for the 82574 (bits documented in 82574 DS 10.2).
 pub const CTRL_EXT_82574_SET_22: u32 = 1 << 22;
 pub const CTRL_EXT_82574_CLEAR_23: u32 = 1 << 23;
 
@@ -145,13 +145,14 @@ pub const TDT: usize = 0x3818;
 pub const TIDV: usize = 0x3820;
 /// Transmit Descriptor Control (SDM 13.4.43; 82574 DS 10.2).
 pub const TXDCTL: usize = 0x3828;
-/// 82574 TXDCTL: WTHRESH (bits 21:16) = 1 and GRAN (bit 24) = 1 as the datasheet's
-/// transmit initialisation suggests (82574 DS 4.6), and bit 22 which must be set to 1b
-/// (82574 DS 10.2).
+/// 82574 TXDCTL: WTHRESH (bits 21:16) = 1 and GRAN (bit 24) = 1, the write-back policy the
+/// transmit initialisation suggests (82574 DS 4.6), plus bit 22 (descriptor counting), which
+/// Linux e1000e also sets for the 82574.
 pub const TXDCTL_82574_INIT: u32 = (1 << 16) | (1 << 22) | (1 << 24);
 /// Transmit Interrupt Absolute Delay Value (SDM 13.4.44).
 pub const TADV: usize = 0x382C;
-/// 82574 Transmit Arbitration Count 0: bit 26 must be set (82574 DS 10.2).
+/// 82574 Transmit Arbitration Count 0: bit 26 set during initialisation (82574 DS 10.2;
+/// Linux e1000e does the same).
 pub const TARC0: usize = 0x3840;
 pub const TARC0_82574_SET_26: u32 = 1 << 26;
 
@@ -174,7 +175,8 @@ pub const RAH_AV: u32 = 1 << 31;
 // PCIe (82574 only)
 // ---------------------------------------------------------------------------------------
 
-/// 3GIO/PCIe Control (82574 DS 10.2, GCR): bit 22 must be set during initialisation.
+/// 3GIO/PCIe Control (82574 DS 10.2, GCR): bit 22 set during initialisation (Linux e1000e
+/// does the same for the 82574).
 pub const GCR: usize = 0x5B00;
 pub const GCR_82574_SET_22: u32 = 1 << 22;
 /// 3GIO/PCIe Control 2 (GCR2): bit 0 set works around the unreliable-completion erratum
@@ -208,7 +210,7 @@ pub const GOTCL: usize = 0x4090;
 pub const GOTCH: usize = 0x4094;
 /// Receive No Buffers Count (SDM 13.7.33).
 pub const RNBC: usize = 0x40A0;
-/// TCP Segmentation Context Transmit Fail Count (SDM 13.7.x, TSCTFC).
+/// TCP Segmentation Context Transmit Fail Count (SDM 13.7).
 pub const TSCTFC: usize = 0x40FC;
 
 /// Length of the Ethernet FCS, which the octet counters include.

@@ -49,6 +49,8 @@ pub mod features {
     pub const NET_F_CTRL_RX: u64 = 1 << 18;
     /// Control channel VLAN filtering.
     pub const NET_F_CTRL_VLAN: u64 = 1 << 19;
+    /// Extra RX mode control support.
+    pub const NET_F_CTRL_RX_EXTRA: u64 = 1 << 20;
     /// Driver can send gratuitous packets.
     pub const NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
     /// Device supports multiqueue with automatic receive steering.
@@ -99,6 +101,7 @@ pub mod features {
             (NET_F_CTRL_VQ, "CTRL_VQ"),
             (NET_F_CTRL_RX, "CTRL_RX"),
             (NET_F_CTRL_VLAN, "CTRL_VLAN"),
+            (NET_F_CTRL_RX_EXTRA, "CTRL_RX_EXTRA"),
             (NET_F_GUEST_ANNOUNCE, "GUEST_ANNOUNCE"),
             (NET_F_MQ, "MQ"),
             (NET_F_CTRL_MAC_ADDR, "CTRL_MAC_ADDR"),

@@ -1,47 +1,75 @@
 //! The virtio network device (VIRTIO 1.2 section 5.1) over the modern PCI transport, with
 //! split virtqueues in IOMMU-mapped memory, implementing [`NetQueue`].
 //!
+//! # Initialisation (section 3.1.1, 5.1.5)
+//! Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (re-read to check the device kept it),
+//! virtqueues, receive buffers, DRIVER_OK. Required: VIRTIO_F_VERSION_1 and
+//! VIRTIO_F_ACCESS_PLATFORM; without the latter the device would DMA to guest-physical
+//! addresses around the IOMMU, so [`VirtioNet::open`] refuses with
+//! [`DriverError::NoAccessPlatform`] (which names QEMU's `iommu_platform=on`) and sets FAILED.
+//! Taken when offered: MAC, STATUS, CSUM and HOST_TSO4 (unless switched off in
+//! [`NicConfig::offloads`]) and INDIRECT_DESC. Not taken: RING_PACKED (split rings only),
+//! EVENT_IDX (we poll; VIRTQ_USED_F_NO_NOTIFY suffices), MRG_RXBUF (every frame fits one
+//! buffer), GUEST_CSUM/GUEST_TSO* (the queue API has no way to hand partial checksums or
+//! large frames to the stack), CTRL_VQ, MQ. What was offered and taken is logged (`tracing`,
+//! info) and available from [`VirtioNet::offered_features`] /
+//! [`VirtioNet::negotiated_features`].
+//!
 //! # Queues and memory
 //! One queue pair: receiveq1 is virtqueue 0, transmitq1 virtqueue 1 (section 5.1.2); no
-//! control queue (VIRTIO_NET_F_CTRL_VQ is not negotiated). Every frame on either queue is
-//! preceded by a 12-byte `struct virtio_net_hdr` (section 5.1.6; 12 bytes because
-//! VIRTIO_F_VERSION_1 always includes `num_buffers`).
+//! control queue. Every frame on either queue is preceded by a 12-byte
+//! `struct virtio_net_hdr` (section 5.1.6; 12 bytes because VIRTIO_F_VERSION_1 always includes
+//! `num_buffers`). Ring sizes come from [`NicConfig`], rounded down to a power of two and
+//! capped at the device's maximum (QEMU: 256).
 //!
-//! - **TX**: a frame is a descriptor chain: first our `virtio_net_hdr` (in a driver-owned
-//!   region the device may only read, one 256-byte slot per head descriptor), then the
-//!   caller's segments, pointing straight at the caller's IOVAs: no payload byte is copied.
-//!   Descriptors come from a free list; chains are published in bursts with one notification
-//!   per [`NetQueue::tx_flush`] (and none when the device set VIRTQ_USED_F_NO_NOTIFY).
-//!   Completions arrive in the used ring in any order (we do not negotiate
-//!   VIRTIO_F_IN_ORDER); tokens are handed back strictly in submission order.
-//! - **RX**: `rx_queue_size` buffers of `rx_buffer_size` bytes (at least 12 + 1514) in one
-//!   region the device may write, descriptor *i* permanently describing buffer *i*, all posted
-//!   at start; a received buffer is lent to the caller and re-posted when recycled.
+//! - **TX**: a frame is our `virtio_net_hdr` (in a driver-owned region the device may only
+//!   read, one 256-byte slot per ring descriptor) followed by the caller's segments, pointing
+//!   straight at the caller's IOVAs: no payload byte is copied. With INDIRECT_DESC (section
+//!   2.7.5.3) the whole chain lives in a per-slot indirect table and takes one ring
+//!   descriptor, so the ring holds as many frames as it has entries whatever their segment
+//!   count (QEMU caps the TX ring at 256; direct chains of two or more descriptors would
+//!   halve that or worse). Without it, chains take ring descriptors from a free list.
+//!   Frames are published in bursts with one notification per [`NetQueue::tx_flush`], none
+//!   while the device sets VIRTQ_USED_F_NO_NOTIFY. Completions may arrive in any order (we
+//!   do not negotiate VIRTIO_F_IN_ORDER); tokens are handed back strictly in submission order.
+//! - **RX**: one buffer of `rx_buffer_size` bytes (at least 12 + 1514) per ring entry, in a
+//!   region the device may write, descriptor *i* permanently describing buffer *i*, all
+//!   posted at start; a received buffer is lent to the caller and re-posted when recycled.
+//!   Before a buffer is posted its header's `flags`/`gso_type` get a poison value the device
+//!   always overwrites: a "used" buffer still holding it was never written (the IOMMU refused
+//!   the device's write) and is dropped, never handed out.
 //!
 //! # Offloads (section 5.1.6.2)
 //! - L4 checksum -> `VIRTIO_NET_HDR_F_NEEDS_CSUM` with `csum_start`/`csum_offset`; the
 //!   checksum field already holds the pseudo-header sum, exactly the queue API's contract.
+//!   TCP and UDP alike.
 //! - TSO -> `VIRTIO_NET_HDR_GSO_TCPV4` with `hdr_len`/`gso_size` (and NEEDS_CSUM, which
-//!   section 5.1.6.2.1 requires with GSO). The queue API's TSO contract (Intel's) has the
-//!   pseudo-header sum computed with a TCP length of zero; virtio devices (Linux's GSO behind
-//!   QEMU's TAP backend, and any device that adjusts the sum per segment from the packet as
-//!   given) expect it over the whole TCP length. So for TSO the driver copies the headers
-//!   (`hdr_len` bytes, typically 54) into its own header slot, right after the
-//!   `virtio_net_hdr`, adds the TCP length into the copied checksum field, and the chain
+//!   section 5.1.6.2.1 requires with GSO). The queue API's TSO contract (Intel's) leaves the
+//!   IPv4 total length and header checksum to the device and has the TCP pseudo-header sum
+//!   computed with a length of zero. A virtio device takes the packet as given and adjusts
+//!   it per segment (QEMU hands it to its TAP backend, where Linux's GSO does so): the IPv4
+//!   header must be valid for the whole packet and the pseudo-header sum must cover the whole
+//!   TCP length. So for TSO the driver copies the headers (`hdr_len` bytes, typically 54)
+//!   into its header slot right after the `virtio_net_hdr`, sets the total length and the
+//!   IPv4 checksum and adds the TCP length into the checksum field of the copy; the chain
 //!   continues with the rest of the caller's first segment. The payload is never copied.
 //! - IPv4 header checksum: virtio-net has no such offload. The driver computes it on a copy
-//!   of the headers, the same way (about 20 bytes summed per frame), so the queue offers it.
+//!   of the headers the same way (20 bytes summed per frame), so the queue still offers it.
 //!
 //! Both copies read the caller's bytes with [`DmaSpace::read_iova`]: the first segment must
-//! be memory allocated from this NIC's [`DmaSpace`].
+//! lie in memory allocated from this NIC's [`DmaSpace`].
 //!
 //! # Errors and recovery
 //! A device that hits an error it cannot recover from (for instance a descriptor whose IOVA
-//! the IOMMU refuses) sets DEVICE_NEEDS_RESET (section 2.1.2). The poll paths read the status
-//! when the device has been idle for a millisecond; on DEVICE_NEEDS_RESET, or when published
-//! frames make no progress for `tx_hang_timeout`, the driver resets the device (so it no
-//! longer touches any buffer), hands back the tokens of the frames it dropped, re-initialises
-//! with the same features, and [`NetQueue::tx_reap`] reports the error.
+//! the IOMMU refuses, when it does not simply substitute zeros as QEMU 7.2 does for a single
+//! refused read) sets DEVICE_NEEDS_RESET (section 2.1.2). The poll paths read the status
+//! when the device has been idle for a millisecond; on DEVICE_NEEDS_RESET, a used-ring entry
+//! that is not an outstanding chain, or published frames making no progress for
+//! `tx_hang_timeout`, the driver resets the device (so it no longer touches any buffer),
+//! hands back the tokens of the frames it dropped, re-initialises with the same features,
+//! and [`NetQueue::tx_reap`] reports the error ([`DriverError::TxHang`] for the watchdog).
+//!
+//! [`NicConfig::offloads`]: crate::anynic::NicConfig
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -58,7 +86,9 @@ use crate::vfio::VfioPci;
 
 use super::features as f;
 use super::transport::{DeviceStatus, VirtioPciTransport};
-use super::virtqueue::{SplitQueue, DESC_F_NEXT, DESC_F_WRITE};
+use super::virtqueue::{
+    write_desc, SplitQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE,
+};
 
 /// receiveq1 and transmitq1 (section 5.1.2).
 const RX_QUEUE: u16 = 0;
@@ -82,13 +112,16 @@ const S_LINK_UP: u16 = 1;
 
 /// Ethernet header + 1500-byte MTU.
 const MAX_FRAME: u64 = 1514;
-/// Largest TSO frame: the IPv4 total length field is 16 bits.
-const TSO_MAX_FRAME: u32 = 65535;
+/// Largest TSO frame: one IPv4 datagram (total length is 16 bits) plus the Ethernet header.
+const TSO_MAX_FRAME: u32 = 65535 + 14;
 /// Per-head TX header slot: the `virtio_net_hdr` plus room for copied packet headers.
 const TX_HDR_SLOT: usize = 256;
 const MAX_COPIED_HEADERS: usize = TX_HDR_SLOT - NET_HDR_LEN;
 /// Most caller segments per frame (a 64 KiB TSO frame of 4 KiB pages needs 17 or 18).
 const MAX_TX_SEGMENTS: usize = 64;
+/// Bytes of one frame's indirect descriptor table: header descriptor, split first segment,
+/// the other segments.
+const INDIRECT_TABLE: usize = (MAX_TX_SEGMENTS + 2) * DESC_SIZE;
 /// How long the device must be idle before the poll paths read its status register.
 const STATUS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 
@@ -97,6 +130,10 @@ struct Tx {
     vq: SplitQueue,
     /// `TX_HDR_SLOT` bytes per descriptor index, used for chains headed by that descriptor.
     headers: DmaRegion,
+    /// With VIRTIO_F_INDIRECT_DESC: an `INDIRECT_TABLE` per ring descriptor; each frame then
+    /// takes one ring descriptor pointing at its table (section 2.7.5.3), so the ring holds
+    /// as many frames as it has entries, whatever their segment counts.
+    indirect: Option<DmaRegion>,
     /// Free descriptor indices.
     free: Vec<u16>,
     /// Our copy of each descriptor's `next` (the device cannot change the table, but reading
@@ -127,6 +164,25 @@ struct Rx {
     recycled: Vec<u16>,
 }
 
+/// Written into `flags` and `gso_type` of a receive buffer's `virtio_net_hdr` before it is
+/// posted. The device always writes both (section 5.1.6.4), and 0xff is not a valid value of
+/// either, so a buffer the device reports as used that still holds it was never written:
+/// the IOMMU refused the device's write (see `FaultInjection::RxBuffersReadOnly`).
+const RX_POISON: u16 = 0xffff;
+
+impl Rx {
+    fn poison(&self, slot: u16) {
+        self.buffers
+            .write_volatile(slot as usize * self.buffer_size, RX_POISON);
+    }
+
+    fn poisoned(&self, slot: u16) -> bool {
+        self.buffers
+            .read_volatile::<u16>(slot as usize * self.buffer_size)
+            == RX_POISON
+    }
+}
+
 /// A modern virtio-net device driven through VFIO.
 pub struct VirtioNet {
     transport: VirtioPciTransport,
@@ -136,8 +192,9 @@ pub struct VirtioNet {
     negotiated: u64,
     mac: MacAddress,
     caps: Capabilities,
-    rx: Rx,
-    tx: Tx,
+    // Boxed: keeps `VirtioNet` (and `AnyNic`) small to move.
+    rx: Box<Rx>,
+    tx: Box<Tx>,
     rx_notify: usize,
     tx_notify: usize,
     stats: DeviceStats,
@@ -162,7 +219,10 @@ fn ones_complement_add(a: u16, b: u16) -> u16 {
 }
 
 fn ipv4_header_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header.chunks(2).map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32).sum();
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32)
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -214,7 +274,9 @@ impl VirtioNet {
         let fit = |want: u16, index: u16| -> Result<u16> {
             let max = transport.max_queue_size(index);
             if max == 0 {
-                return Err(DriverError::Device(format!("virtio-net has no virtqueue {index}")));
+                return Err(DriverError::Device(format!(
+                    "virtio-net has no virtqueue {index}"
+                )));
             }
             // Largest power of two no larger than both (section 4.1.4.3.2: the driver may
             // choose a smaller queue_size than the device's maximum).
@@ -224,13 +286,21 @@ impl VirtioNet {
         let rx_size = fit(config.rx_ring_size, RX_QUEUE)?;
         let tx_size = fit(config.tx_ring_size, TX_QUEUE)?;
         if tx_size < 4 {
-            return Err(DriverError::InvalidArgument(format!("virtio-net TX queue of {tx_size} entries is too small")));
+            return Err(DriverError::InvalidArgument(format!(
+                "virtio-net TX queue of {tx_size} entries is too small"
+            )));
         }
         let dma = Arc::clone(pci.dma());
-        let rx_access = match config.fault_injection {
-            FaultInjection::None => DmaAccess::DeviceReadsWrites,
-            // The device's writes into receive buffers are stopped by the IOMMU.
-            FaultInjection::RxBuffersReadOnly => DmaAccess::DeviceReads,
+        // Fault injection: the device's writes into the receive buffers, or into the TX used
+        // ring (its completions), are stopped by the IOMMU.
+        let (rx_access, tx_used_access) = match config.fault_injection {
+            FaultInjection::None => (DmaAccess::DeviceReadsWrites, DmaAccess::DeviceReadsWrites),
+            FaultInjection::RxBuffersReadOnly => {
+                (DmaAccess::DeviceReads, DmaAccess::DeviceReadsWrites)
+            }
+            FaultInjection::TxRingReadOnly => {
+                (DmaAccess::DeviceReadsWrites, DmaAccess::DeviceReads)
+            }
         };
         let rx = Rx {
             vq: SplitQueue::new(&dma, RX_QUEUE, rx_size)?,
@@ -242,8 +312,13 @@ impl VirtioNet {
         };
         let n = tx_size as usize;
         let tx = Tx {
-            vq: SplitQueue::new(&dma, TX_QUEUE, tx_size)?,
+            vq: SplitQueue::with_used_ring_access(&dma, TX_QUEUE, tx_size, tx_used_access)?,
             headers: dma.allocate(n * TX_HDR_SLOT, DmaAccess::DeviceReads)?,
+            indirect: if negotiated & f::F_INDIRECT_DESC != 0 {
+                Some(dma.allocate(n * INDIRECT_TABLE, DmaAccess::DeviceReads)?)
+            } else {
+                None
+            },
             free: (0..tx_size).rev().collect(),
             next: vec![0; n],
             chain_len: vec![0; n],
@@ -260,7 +335,11 @@ impl VirtioNet {
             tcp_checksum: csum,
             udp_checksum: csum,
             tso_max_frame: (negotiated & f::NET_F_HOST_TSO4 != 0).then_some(TSO_MAX_FRAME),
-            max_tx_segments: MAX_TX_SEGMENTS.min(n - 2),
+            max_tx_segments: if negotiated & f::F_INDIRECT_DESC != 0 {
+                MAX_TX_SEGMENTS
+            } else {
+                MAX_TX_SEGMENTS.min(n - 2)
+            },
             mtu: 1500,
         };
         let mut nic = VirtioNet {
@@ -271,8 +350,8 @@ impl VirtioNet {
             negotiated,
             mac,
             caps,
-            rx,
-            tx,
+            rx: Box::new(rx),
+            tx: Box::new(tx),
             rx_notify: 0,
             tx_notify: 0,
             stats: DeviceStats::default(),
@@ -346,6 +425,7 @@ impl VirtioNet {
             self.rx.vq.set_desc(i, iova, size as u32, DESC_F_WRITE, 0);
             self.rx.posted[i as usize] = false;
             if !self.rx.lent[i as usize] {
+                self.rx.poison(i);
                 self.rx.vq.push_avail(i);
                 self.rx.posted[i as usize] = true;
             }
@@ -355,7 +435,9 @@ impl VirtioNet {
         t.add_status(DeviceStatus::DRIVER_OK);
         let status = t.status();
         if status & (DeviceStatus::DEVICE_NEEDS_RESET | DeviceStatus::FAILED) != 0 {
-            return Err(DriverError::Device(format!("virtio-net refused DRIVER_OK: status {status:#04x}")));
+            return Err(DriverError::Device(format!(
+                "virtio-net refused DRIVER_OK: status {status:#04x}"
+            )));
         }
         t.notify(self.rx_notify, RX_QUEUE);
         self.stats.doorbells += 1;
@@ -388,7 +470,9 @@ impl VirtioNet {
         if let Err(e) = restarted {
             self.transport.fail();
             tracing::error!("virtio-net: re-initialisation after reset failed: {e}");
-            self.dead = Some(format!("virtio-net could not be re-initialised after a reset: {e}"));
+            self.dead = Some(format!(
+                "virtio-net could not be re-initialised after a reset: {e}"
+            ));
         }
         self.tx.last_progress = Instant::now();
     }
@@ -420,7 +504,13 @@ impl VirtioNet {
 
     /// Build the header slot contents for one frame; returns the number of header bytes
     /// copied from the caller's first segment.
-    fn prepare_header(&self, head: u16, segments: &[TxSegment], offload: &TxOffload, total: u64) -> Result<usize> {
+    fn prepare_header(
+        &self,
+        head: u16,
+        segments: &[TxSegment],
+        offload: &TxOffload,
+        total: u64,
+    ) -> Result<usize> {
         let mut hdr = [0u8; NET_HDR_LEN];
         let mut copy: Option<HeaderCopy> = None;
         let first = segments[0];
@@ -431,7 +521,10 @@ impl VirtioNet {
                     first.len
                 )));
             }
-            let mut c = HeaderCopy { len, bytes: [0; MAX_COPIED_HEADERS] };
+            let mut c = HeaderCopy {
+                len,
+                bytes: [0; MAX_COPIED_HEADERS],
+            };
             self.pci.dma().read_iova(first.iova, &mut c.bytes[..len]).map_err(|e| {
                 DriverError::BadFrame(format!(
                     "virtio-net patches the headers of frames with TSO or IPv4 header checksum requests, so the first segment must lie in memory allocated from this NIC's DmaSpace: {e}"
@@ -447,26 +540,40 @@ impl VirtioNet {
                 ));
             }
             if c.field < c.start || c.field as u64 + 2 > total {
-                return Err(DriverError::BadFrame(format!("bad checksum offsets {c:?} for a {total}-byte frame")));
+                return Err(DriverError::BadFrame(format!(
+                    "bad checksum offsets {c:?} for a {total}-byte frame"
+                )));
             }
             hdr[0] = HDR_F_NEEDS_CSUM;
             hdr[6..8].copy_from_slice(&c.start.to_le_bytes());
             hdr[8..10].copy_from_slice(&(c.field - c.start).to_le_bytes());
         }
         if let Some(tso) = offload.tso {
-            let Some(c) = offload.l4_checksum.filter(|c| c.protocol == L4Protocol::Tcp) else {
-                return Err(DriverError::BadFrame("TSO needs a TCP l4_checksum request".into()));
+            let Some(c) = offload
+                .l4_checksum
+                .filter(|c| c.protocol == L4Protocol::Tcp)
+            else {
+                return Err(DriverError::BadFrame(
+                    "TSO needs a TCP l4_checksum request".into(),
+                ));
             };
             if self.caps.tso_max_frame.is_none() {
                 return Err(DriverError::BadFrame(
                     "TSO requested but VIRTIO_NET_F_HOST_TSO4 was not negotiated (see capabilities())".into(),
                 ));
             }
-            if offload.ipv4_header.is_none() || tso.mss == 0 || (c.field as usize + 2) > tso.header_len as usize {
-                return Err(DriverError::BadFrame(format!("bad TSO request {offload:?}")));
+            if offload.ipv4_header.is_none()
+                || tso.mss == 0
+                || (c.field as usize + 2) > tso.header_len as usize
+            {
+                return Err(DriverError::BadFrame(format!(
+                    "bad TSO request {offload:?}"
+                )));
             }
             if total > TSO_MAX_FRAME as u64 {
-                return Err(DriverError::BadFrame(format!("TSO frame of {total} bytes exceeds {TSO_MAX_FRAME}")));
+                return Err(DriverError::BadFrame(format!(
+                    "TSO frame of {total} bytes exceeds {TSO_MAX_FRAME}"
+                )));
             }
             hdr[1] = GSO_TCPV4;
             hdr[2..4].copy_from_slice(&tso.header_len.to_le_bytes());
@@ -479,7 +586,9 @@ impl VirtioNet {
             let ip = offload.ipv4_header.unwrap() as usize;
             let ihl = (h.bytes[ip] & 0x0f) as usize * 4;
             if h.bytes[ip] >> 4 != 4 || ihl < 20 || ip + ihl > c.start as usize {
-                return Err(DriverError::BadFrame(format!("no IPv4 header at offset {ip} of the TSO frame")));
+                return Err(DriverError::BadFrame(format!(
+                    "no IPv4 header at offset {ip} of the TSO frame"
+                )));
             }
             h.bytes[ip + 2..ip + 4].copy_from_slice(&((total - ip as u64) as u16).to_be_bytes());
             h.bytes[ip + 10..ip + 12].fill(0);
@@ -489,22 +598,29 @@ impl VirtioNet {
             let field = c.field as usize;
             let tcp_len = (total - c.start as u64) as u16;
             let old = u16::from_be_bytes([h.bytes[field], h.bytes[field + 1]]);
-            h.bytes[field..field + 2].copy_from_slice(&ones_complement_add(old, tcp_len).to_be_bytes());
+            h.bytes[field..field + 2]
+                .copy_from_slice(&ones_complement_add(old, tcp_len).to_be_bytes());
             copy = Some(h);
         } else {
             if total > MAX_FRAME {
-                return Err(DriverError::BadFrame(format!("{total}-byte frame without TSO exceeds {MAX_FRAME}")));
+                return Err(DriverError::BadFrame(format!(
+                    "{total}-byte frame without TSO exceeds {MAX_FRAME}"
+                )));
             }
             if let Some(ip) = offload.ipv4_header {
                 if !self.caps.ipv4_header_checksum {
-                    return Err(DriverError::BadFrame("IPv4 header checksum offload is switched off".into()));
+                    return Err(DriverError::BadFrame(
+                        "IPv4 header checksum offload is switched off".into(),
+                    ));
                 }
                 // virtio-net has no IPv4 header checksum offload: compute it on a copy.
                 let ip = ip as usize;
                 let probe = read_headers((ip + 1).min(first.len as usize))?;
                 let ihl = (probe.bytes.get(ip).copied().unwrap_or(0) & 0x0f) as usize * 4;
                 if probe.bytes.get(ip).map(|b| b >> 4) != Some(4) || ihl < 20 {
-                    return Err(DriverError::BadFrame(format!("no IPv4 header at offset {ip}")));
+                    return Err(DriverError::BadFrame(format!(
+                        "no IPv4 header at offset {ip}"
+                    )));
                 }
                 let mut h = read_headers(ip + ihl)?;
                 h.bytes[ip + 10..ip + 12].fill(0);
@@ -520,7 +636,9 @@ impl VirtioNet {
         self.tx.headers.write_bytes(slot, &hdr);
         let copied = match copy {
             Some(h) => {
-                self.tx.headers.write_bytes(slot + NET_HDR_LEN, &h.bytes[..h.len]);
+                self.tx
+                    .headers
+                    .write_bytes(slot + NET_HDR_LEN, &h.bytes[..h.len]);
                 h.len
             }
             None => 0,
@@ -549,6 +667,11 @@ fn negotiate(t: &VirtioPciTransport, config: &NicConfig, same: Option<u64>) -> R
         return Err(DriverError::NoAccessPlatform);
     }
     let mut want = f::F_VERSION_1 | f::F_ACCESS_PLATFORM | f::NET_F_MAC | f::NET_F_STATUS;
+    // Indirect descriptors for TX (measured: see the module documentation).
+    // ZEROSEND_VIRTIO_INDIRECT=0 switches them off, for comparison.
+    if std::env::var_os("ZEROSEND_VIRTIO_INDIRECT").is_none_or(|v| v != "0") {
+        want |= f::F_INDIRECT_DESC;
+    }
     if config.offloads.l4_checksum {
         want |= f::NET_F_CSUM;
         // Section 5.1.3.1: HOST_TSO4 requires CSUM.
@@ -610,18 +733,29 @@ impl NetQueue for VirtioNet {
             // Section 5.1.4: without VIRTIO_NET_F_STATUS the link is assumed active.
             return true;
         }
-        self.transport.device_config_read16(CONFIG_STATUS).map(|s| s & S_LINK_UP != 0).unwrap_or(false)
+        self.transport
+            .device_config_read16(CONFIG_STATUS)
+            .map(|s| s & S_LINK_UP != 0)
+            .unwrap_or(false)
     }
 
     fn tx_capacity(&self, segments: usize) -> usize {
         if self.dead.is_some() || segments == 0 || segments > self.caps.max_tx_segments {
             return 0;
         }
+        if self.tx.indirect.is_some() {
+            return self.tx.free.len();
+        }
         // Header descriptor + segments, + 1 when a header copy splits the first segment.
         self.tx.free.len() / (segments + 2)
     }
 
-    fn tx_enqueue(&mut self, segments: &[TxSegment], offload: &TxOffload, token: TxToken) -> Result<()> {
+    fn tx_enqueue(
+        &mut self,
+        segments: &[TxSegment],
+        offload: &TxOffload,
+        token: TxToken,
+    ) -> Result<()> {
         if let Some(why) = &self.dead {
             return Err(DriverError::Device(why.clone()));
         }
@@ -637,42 +771,72 @@ impl NetQueue for VirtioNet {
         }
         let total: u64 = segments.iter().map(|s| s.len as u64).sum();
         if total < 14 {
-            return Err(DriverError::BadFrame(format!("{total}-byte frame is shorter than an Ethernet header")));
+            return Err(DriverError::BadFrame(format!(
+                "{total}-byte frame is shorter than an Ethernet header"
+            )));
         }
-        // Worst case: header descriptor, split first segment, the other segments.
-        if self.tx.free.len() < segments.len() + 2 {
+        // Worst case: header descriptor, split first segment, the other segments (in the
+        // ring, or in the frame's indirect table behind one ring descriptor).
+        let ring_descs = if self.tx.indirect.is_some() {
+            1
+        } else {
+            segments.len() + 2
+        };
+        if self.tx.free.len() < ring_descs {
             return Err(DriverError::TxRingFull);
         }
         let head = *self.tx.free.last().unwrap();
         let copied = self.prepare_header(head, segments, offload, total)?;
 
-        // Descriptor list: (iova, len).
-        let mut pieces: [(u64, u32); MAX_TX_SEGMENTS + 2] = [(0, 0); MAX_TX_SEGMENTS + 2];
-        let mut n = 0;
-        pieces[n] = (self.tx.headers.iova() + (head as usize * TX_HDR_SLOT) as u64, (NET_HDR_LEN + copied) as u32);
-        n += 1;
-        for (i, s) in segments.iter().enumerate() {
-            let skip = if i == 0 { copied as u32 } else { 0 };
-            if s.len > skip {
-                pieces[n] = (s.iova + skip as u64, s.len - skip);
-                n += 1;
-            }
-        }
-        let mut descs = [0u16; MAX_TX_SEGMENTS + 2];
-        for d in descs.iter_mut().take(n) {
-            *d = self.tx.free.pop().unwrap();
-        }
-        debug_assert_eq!(descs[0], head);
-        for k in 0..n {
-            let last = k + 1 == n;
-            let next = if last { 0 } else { descs[k + 1] };
-            let (iova, len) = pieces[k];
-            // TX buffers are device-readable: no VIRTQ_DESC_F_WRITE (section 2.7.5).
-            self.tx.vq.set_desc(descs[k], iova, len, if last { 0 } else { DESC_F_NEXT }, next);
-            self.tx.next[descs[k] as usize] = next;
-        }
+        // The pieces of the chain, (iova, len): our header slot, then the caller's segments
+        // (the first one minus the headers copied into the slot).
+        let header = (
+            self.tx.headers.iova() + (head as usize * TX_HDR_SLOT) as u64,
+            (NET_HDR_LEN + copied) as u32,
+        );
+        let first_whole = segments[0].len as usize > copied;
+        let n = segments.len() + usize::from(first_whole);
+        let pieces =
+            std::iter::once(header).chain(segments.iter().enumerate().filter_map(|(i, s)| {
+                let skip = if i == 0 { copied as u32 } else { 0 };
+                (s.len > skip).then(|| (s.iova + skip as u64, s.len - skip))
+            }));
         let h = head as usize;
-        self.tx.chain_len[h] = n as u16;
+        if let Some(table) = &self.tx.indirect {
+            // Section 2.7.5.3: the table's descriptors chain by index within the table; the
+            // ring descriptor has only VIRTQ_DESC_F_INDIRECT (never with NEXT), and its len
+            // is the table's size in bytes.
+            let base = h * INDIRECT_TABLE;
+            for (k, (iova, len)) in pieces.enumerate() {
+                let (flags, next) = if k + 1 == n {
+                    (0, 0)
+                } else {
+                    (DESC_F_NEXT, k as u16 + 1)
+                };
+                write_desc(table, base + k * DESC_SIZE, iova, len, flags, next);
+            }
+            self.tx.free.pop();
+            let table_iova = table.iova() + base as u64;
+            self.tx
+                .vq
+                .set_desc(head, table_iova, (n * DESC_SIZE) as u32, DESC_F_INDIRECT, 0);
+            self.tx.chain_len[h] = 1;
+        } else {
+            let mut d = self.tx.free.pop().unwrap();
+            debug_assert_eq!(d, head);
+            for (k, (iova, len)) in pieces.enumerate() {
+                let (flags, next) = if k + 1 == n {
+                    (0, 0)
+                } else {
+                    (DESC_F_NEXT, self.tx.free.pop().unwrap())
+                };
+                // TX buffers are device-readable: no VIRTQ_DESC_F_WRITE (section 2.7.5).
+                self.tx.vq.set_desc(d, iova, len, flags, next);
+                self.tx.next[d as usize] = next;
+                d = next;
+            }
+            self.tx.chain_len[h] = n as u16;
+        }
         self.tx.token[h] = token;
         self.tx.bytes[h] = total;
         self.tx.in_flight[h] = true;
@@ -775,7 +939,9 @@ impl NetQueue for VirtioNet {
             self.rx.posted[id as usize] = false;
             // len counts the bytes written, virtio_net_hdr included (section 2.7.8).
             let len = len as usize;
-            if len < NET_HDR_LEN + 14 || len > self.rx.buffer_size {
+            if len < NET_HDR_LEN + 14 || len > self.rx.buffer_size || self.rx.poisoned(id as u16) {
+                // Too short, too long, or the device's write never landed (the header still
+                // holds the poison): never hand out such a buffer.
                 self.stats.rx_errors += 1;
                 self.rx.recycled.push(id as u16);
                 continue;
@@ -784,13 +950,19 @@ impl NetQueue for VirtioNet {
             let frame = (len - NET_HDR_LEN) as u32;
             self.stats.rx_frames += 1;
             self.stats.rx_bytes += frame as u64;
-            return Some(RxBuffer { slot: id, len: frame });
+            return Some(RxBuffer {
+                slot: id,
+                len: frame,
+            });
         }
     }
 
     fn rx_data(&self, buffer: &RxBuffer) -> &[u8] {
         let slot = buffer.slot as usize;
-        assert!(self.rx.lent[slot], "rx_data on a buffer that is not lent out");
+        assert!(
+            self.rx.lent[slot],
+            "rx_data on a buffer that is not lent out"
+        );
         let at = slot * self.rx.buffer_size + NET_HDR_LEN;
         // SAFETY: the buffer is lent to the caller: the device returned it in the used ring
         // and it is not in the available ring, so the device does not write it until
@@ -812,6 +984,7 @@ impl NetQueue for VirtioNet {
         }
         for i in 0..self.rx.recycled.len() {
             let slot = self.rx.recycled[i];
+            self.rx.poison(slot);
             self.rx.vq.push_avail(slot);
             self.rx.posted[slot as usize] = true;
         }
@@ -858,10 +1031,25 @@ mod tests {
     fn ipv4_checksum_of_a_known_header() {
         // Example header from RFC 1071 discussions / Wikipedia: checksum 0xb861.
         let h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0,
-            0xa8, 0x00, 0xc7,
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
         ];
         assert_eq!(ipv4_header_checksum(&h), 0xb861);
+    }
+
+    #[test]
+    fn header_copies_read_only_live_regions_of_the_dma_space() {
+        let dma = DmaSpace::new(crate::softnic::SoftIommu::new());
+        let region = dma.allocate(4096, DmaAccess::DeviceReads).unwrap();
+        region.write_bytes(100, b"headers");
+        let mut out = [0u8; 7];
+        dma.read_iova(region.iova() + 100, &mut out).unwrap();
+        assert_eq!(&out, b"headers");
+        let mut past_end = [0u8; 8];
+        assert!(dma.read_iova(region.iova() + 4090, &mut past_end).is_err());
+        let iova = region.iova();
+        drop(region);
+        assert!(dma.read_iova(iova + 100, &mut out).is_err(), "freed region");
     }
 
     #[test]

@@ -136,9 +136,18 @@ impl VirtioPciTransport {
         }
         // struct virtio_pci_common_cfg is 0x38 bytes up to queue_device (section 4.1.4.3).
         if (common.length as usize) < common::QUEUE_DEVICE + 8 {
-            return Err(DriverError::Device(format!("virtio common configuration too short: {common:?}")));
+            return Err(DriverError::Device(format!(
+                "virtio common configuration too short: {common:?}"
+            )));
         }
-        Ok(VirtioPciTransport { bars, common, notify, notify_off_multiplier, isr, device })
+        Ok(VirtioPciTransport {
+            bars,
+            common,
+            notify,
+            notify_off_multiplier,
+            isr,
+            device,
+        })
     }
 
     fn bar(&self, loc: CapLocation) -> &Mmio {
@@ -160,13 +169,15 @@ impl VirtioPciTransport {
         u16::from_le(self.bar(self.common).read16(self.common_at(field)))
     }
     pub fn common_write16(&self, field: usize, v: u16) {
-        self.bar(self.common).write16(self.common_at(field), v.to_le())
+        self.bar(self.common)
+            .write16(self.common_at(field), v.to_le())
     }
     pub fn common_read32(&self, field: usize) -> u32 {
         u32::from_le(self.bar(self.common).read32(self.common_at(field)))
     }
     pub fn common_write32(&self, field: usize, v: u32) {
-        self.bar(self.common).write32(self.common_at(field), v.to_le())
+        self.bar(self.common)
+            .write32(self.common_at(field), v.to_le())
     }
     pub fn common_write64(&self, field: usize, v: u64) {
         // 64-bit fields are written as two 32-bit halves, low first (section 4.1.3.1).
@@ -256,7 +267,10 @@ impl VirtioPciTransport {
     /// A le16 field of device configuration, read at its natural width.
     pub fn device_config_read16(&self, offset: usize) -> Result<u16> {
         self.check_device_config(offset, 2)?;
-        Ok(u16::from_le(self.bar(self.device).read16(self.device.offset as usize + offset)))
+        Ok(u16::from_le(
+            self.bar(self.device)
+                .read16(self.device.offset as usize + offset),
+        ))
     }
 
     /// Offset in the notify BAR for a queue whose `queue_notify_off` is `notify_off`:
@@ -279,11 +293,20 @@ impl VirtioPciTransport {
     /// the device's maximum), the three area addresses (IOVAs: ACCESS_PLATFORM is
     /// negotiated), leave the MSI-X vector at NO_VECTOR (we poll), then `queue_enable = 1`.
     /// Returns the queue's offset in the notification BAR.
-    pub fn setup_queue(&self, index: u16, size: u16, desc: u64, driver: u64, device: u64) -> Result<usize> {
+    pub fn setup_queue(
+        &self,
+        index: u16,
+        size: u16,
+        desc: u64,
+        driver: u64,
+        device: u64,
+    ) -> Result<usize> {
         self.common_write16(common::QUEUE_SELECT, index);
         let max = self.common_read16(common::QUEUE_SIZE);
         if max == 0 {
-            return Err(DriverError::Device(format!("virtqueue {index} does not exist (queue_size 0)")));
+            return Err(DriverError::Device(format!(
+                "virtqueue {index} does not exist (queue_size 0)"
+            )));
         }
         if size > max || !size.is_power_of_two() {
             return Err(DriverError::InvalidArgument(format!(
@@ -291,7 +314,9 @@ impl VirtioPciTransport {
             )));
         }
         if self.common_read16(common::QUEUE_ENABLE) != 0 {
-            return Err(DriverError::Device(format!("virtqueue {index} is enabled before set-up (reset failed?)")));
+            return Err(DriverError::Device(format!(
+                "virtqueue {index} is enabled before set-up (reset failed?)"
+            )));
         }
         self.common_write16(common::QUEUE_SIZE, size);
         self.common_write16(common::QUEUE_MSIX_VECTOR, NO_VECTOR);

@@ -111,6 +111,8 @@ pub struct Bed {
     pub now: Instant,
     pub capture: Option<Arc<Mutex<RetransmitCapture>>>,
     pub iterations: u64,
+    /// Run the software NIC's DMA after every stack poll (for manual-DMA NICs).
+    pub auto_device_step: bool,
 }
 
 pub struct BedConfig {
@@ -190,6 +192,7 @@ impl Bed {
             now: Instant::from_millis(1),
             capture,
             iterations: 0,
+            auto_device_step: false,
         }
     }
 
@@ -231,6 +234,9 @@ impl Bed {
     pub fn step(&mut self) -> bool {
         self.iterations += 1;
         let a = self.stack.poll(self.now).unwrap();
+        if self.auto_device_step {
+            self.stack.nic_mut().device_step(usize::MAX);
+        }
         let b = self
             .peer_iface
             .poll(self.now, &mut self.peer_dev, &mut self.peer_sockets)

@@ -11,6 +11,7 @@ use driver::virtio::{features, VirtioPciTransport};
 use driver::NicModel;
 
 mod nictest;
+mod stack;
 mod virtio;
 
 #[derive(Parser)]
@@ -28,6 +29,8 @@ enum Command {
         #[arg(long)]
         pci: Option<String>,
     },
+    /// Send a file with the netstack (zero-copy from the page cache) to a TCP peer.
+    StackSend(stack::StackSendArgs),
     #[command(flatten)]
     Nic(nictest::NicCommand),
     #[command(flatten)]
@@ -38,6 +41,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Identify { pci } => identify(pci.as_deref()),
+        Command::StackSend(a) => stack::run(a),
         Command::Nic(c) => nictest::run(c),
         Command::Virtio(c) => virtio::run(c),
     };

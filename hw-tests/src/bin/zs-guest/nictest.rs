@@ -14,40 +14,48 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use driver::anynic::{open_nic, AnyNic, FaultInjection, NicConfig};
 use driver::dma::{DmaAccess, DmaRegion};
-use driver::{DriverError, L4Checksum, L4Protocol, NetQueue, TxOffload, TxSegment, TxToken, Tso};
+use driver::{DriverError, L4Checksum, L4Protocol, NetQueue, Tso, TxOffload, TxSegment, TxToken};
 
 #[derive(Subcommand)]
 pub enum NicCommand {
     /// Send frames built from many small DMA segments (no offloads).
-    NicTxChain {
+    #[command(name = "nic-tx-chain")]
+    TxChain {
         #[arg(long, default_value_t = 12)]
         frames: u32,
     },
     /// Send UDP and TCP frames with checksum offload, with and without the pseudo-header sum.
-    NicCsum,
+    #[command(name = "nic-csum")]
+    Csum,
     /// Send one large TCP frame with TCP segmentation offload.
-    NicTso {
+    #[command(name = "nic-tso")]
+    Tso {
         #[arg(long, default_value_t = 61440)]
         payload: usize,
         #[arg(long, default_value_t = 1460)]
         mss: u16,
     },
     /// Receive UDP datagrams from the host (TAP network); answers ARP for 10.99.0.2.
-    NicRx {
+    #[command(name = "nic-rx")]
+    Rx {
         #[arg(long, default_value_t = 16)]
         count: u32,
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
     },
-    /// Post a TX descriptor pointing at an unmapped IOVA; expect a TX hang, then recovery.
-    NicIommuTx,
+    /// Post a TX segment at an unmapped IOVA (the IOMMU refuses the read), then run with a
+    /// read-only TX ring (the IOMMU refuses the completion write-back; the watchdog fires).
+    #[command(name = "nic-iommu-tx")]
+    IommuTx,
     /// Receive into buffers the device may only read; expect every frame to be refused.
-    NicIommuRx {
+    #[command(name = "nic-iommu-rx")]
+    IommuRx {
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
     },
     /// TX benchmark: `--kind 64`, `1514` or `tso` (64 KiB TCP frames).
-    NicBench {
+    #[command(name = "nic-bench")]
+    Bench {
         #[arg(long)]
         kind: String,
         #[arg(long, default_value_t = 5.0)]
@@ -59,13 +67,20 @@ pub enum NicCommand {
 
 pub fn run(cmd: NicCommand) -> Result<()> {
     match cmd {
-        NicCommand::NicTxChain { frames } => tx_chain(frames),
-        NicCommand::NicCsum => csum(),
-        NicCommand::NicTso { payload, mss } => tso(payload, mss),
-        NicCommand::NicRx { count, timeout_secs } => rx(count, Duration::from_secs(timeout_secs)),
-        NicCommand::NicIommuTx => iommu_tx(),
-        NicCommand::NicIommuRx { timeout_secs } => iommu_rx(Duration::from_secs(timeout_secs)),
-        NicCommand::NicBench { kind, seconds, ring } => bench(&kind, seconds, ring),
+        NicCommand::TxChain { frames } => tx_chain(frames),
+        NicCommand::Csum => csum(),
+        NicCommand::Tso { payload, mss } => tso(payload, mss),
+        NicCommand::Rx {
+            count,
+            timeout_secs,
+        } => rx(count, Duration::from_secs(timeout_secs)),
+        NicCommand::IommuTx => iommu_tx(),
+        NicCommand::IommuRx { timeout_secs } => iommu_rx(Duration::from_secs(timeout_secs)),
+        NicCommand::Bench {
+            kind,
+            seconds,
+            ring,
+        } => bench(&kind, seconds, ring),
     }
 }
 
@@ -122,7 +137,14 @@ fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u16 {
     fold(sum16(&src, sum16(&dst, proto as u32 + len as u32)))
 }
 
-fn ipv4_header(total_len: u16, id: u16, proto: u8, src: [u8; 4], dst: [u8; 4], checksum: bool) -> [u8; 20] {
+fn ipv4_header(
+    total_len: u16,
+    id: u16,
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    checksum: bool,
+) -> [u8; 20] {
     let mut h = [0u8; 20];
     h[0] = 0x45;
     h[2..4].copy_from_slice(&total_len.to_be_bytes());
@@ -156,14 +178,23 @@ struct Chain {
 
 impl Chain {
     fn new() -> Self {
-        Chain { _regions: Vec::new(), segments: Vec::new(), bytes: Vec::new() }
+        Chain {
+            _regions: Vec::new(),
+            segments: Vec::new(),
+            bytes: Vec::new(),
+        }
     }
 
     /// Put `data` at `offset` of a fresh read-only region of `region_len` bytes.
     fn push(&mut self, nic: &AnyNic, data: &[u8], offset: usize, region_len: usize) -> Result<()> {
-        let r = nic.dma().allocate(region_len.max(offset + data.len()), DmaAccess::DeviceReads)?;
+        let r = nic
+            .dma()
+            .allocate(region_len.max(offset + data.len()), DmaAccess::DeviceReads)?;
         r.write_bytes(offset, data);
-        self.segments.push(TxSegment { iova: r.iova() + offset as u64, len: data.len() as u32 });
+        self.segments.push(TxSegment {
+            iova: r.iova() + offset as u64,
+            len: data.len() as u32,
+        });
         self.bytes.extend_from_slice(data);
         self._regions.push(r);
         Ok(())
@@ -185,7 +216,12 @@ fn drain_rx(nic: &mut AnyNic) {
 }
 
 /// Enqueue, ring the doorbell and wait for the completion of `token`.
-fn send_and_wait(nic: &mut AnyNic, chain: &Chain, offload: &TxOffload, token: TxToken) -> Result<()> {
+fn send_and_wait(
+    nic: &mut AnyNic,
+    chain: &Chain,
+    offload: &TxOffload,
+    token: TxToken,
+) -> Result<()> {
     nic.tx_enqueue(&chain.segments, offload, token)?;
     nic.tx_flush();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -212,10 +248,24 @@ fn print_stats(nic: &mut AnyNic) {
 }
 
 /// Ethernet + IPv4 + UDP header (42 bytes) from the user-network guest to the gateway.
-fn udp_header(src_mac: [u8; 6], src_port: u16, dst_port: u16, payload: &[u8], id: u16, full_csum: bool) -> Vec<u8> {
+fn udp_header(
+    src_mac: [u8; 6],
+    src_port: u16,
+    dst_port: u16,
+    payload: &[u8],
+    id: u16,
+    full_csum: bool,
+) -> Vec<u8> {
     let udp_len = 8 + payload.len() as u16;
     let mut f = ethernet(USER_GATEWAY_MAC, src_mac, 0x0800).to_vec();
-    f.extend_from_slice(&ipv4_header(20 + udp_len, id, 17, USER_GUEST_IP, USER_GATEWAY_IP, full_csum));
+    f.extend_from_slice(&ipv4_header(
+        20 + udp_len,
+        id,
+        17,
+        USER_GUEST_IP,
+        USER_GATEWAY_IP,
+        full_csum,
+    ));
     f.extend_from_slice(&src_port.to_be_bytes());
     f.extend_from_slice(&dst_port.to_be_bytes());
     f.extend_from_slice(&udp_len.to_be_bytes());
@@ -243,7 +293,9 @@ fn tx_chain(frames: u32) -> Result<()> {
     let mac = nic.mac_address().0;
     for i in 0..frames {
         let nsegs = 1 + (i as usize % 6);
-        let lens: Vec<usize> = (0..nsegs).map(|k| 50 + (i as usize * 97 + k * 31) % 200).collect();
+        let lens: Vec<usize> = (0..nsegs)
+            .map(|k| 50 + (i as usize * 97 + k * 31) % 200)
+            .collect();
         let payload: Vec<u8> = lens
             .iter()
             .enumerate()
@@ -255,7 +307,11 @@ fn tx_chain(frames: u32) -> Result<()> {
         for (k, &l) in lens.iter().enumerate() {
             let data: Vec<u8> = (0..l).map(|j| chain_byte(i, k, j)).collect();
             // Odd offsets; segment 1 straddles a 4 KiB page boundary.
-            let offset = if k == 1 { 4096 - 20 } else { 1 + (i as usize * 5 + k * 3) % 64 };
+            let offset = if k == 1 {
+                4096 - 20
+            } else {
+                1 + (i as usize * 5 + k * 3) % 64
+            };
             chain.push(&nic, &data, offset, 8192)?;
         }
         send_and_wait(&mut nic, &chain, &TxOffload::default(), i as u64)?;
@@ -281,7 +337,10 @@ pub const CSUM_SOFTWARE_WRONG: u16 = 42005;
 fn csum() -> Result<()> {
     let mut nic = open(&NicConfig::default())?;
     let caps = nic.capabilities();
-    println!("CAPS ipv4={} tcp={} udp={} tso={:?}", caps.ipv4_header_checksum, caps.tcp_checksum, caps.udp_checksum, caps.tso_max_frame);
+    println!(
+        "CAPS ipv4={} tcp={} udp={} tso={:?}",
+        caps.ipv4_header_checksum, caps.tcp_checksum, caps.udp_checksum, caps.tso_max_frame
+    );
     let mac = nic.mac_address().0;
     let payload: Vec<u8> = (0..777).map(|j| chain_byte(99, 0, j)).collect();
     for (n, (port, tcp, pseudo)) in [
@@ -293,11 +352,26 @@ fn csum() -> Result<()> {
     .into_iter()
     .enumerate()
     {
-        let (proto, l4_len) = if tcp { (6u8, 20 + payload.len()) } else { (17, 8 + payload.len()) };
+        let (proto, l4_len) = if tcp {
+            (6u8, 20 + payload.len())
+        } else {
+            (17, 8 + payload.len())
+        };
         let mut h = ethernet(USER_GATEWAY_MAC, mac, 0x0800).to_vec();
         // Checksum field left zero: the device fills it in.
-        h.extend_from_slice(&ipv4_header(20 + l4_len as u16, 100 + n as u16, proto, USER_GUEST_IP, USER_GATEWAY_IP, false));
-        let ps = if pseudo { pseudo_sum(USER_GUEST_IP, USER_GATEWAY_IP, proto, l4_len as u16) } else { 0 };
+        h.extend_from_slice(&ipv4_header(
+            20 + l4_len as u16,
+            100 + n as u16,
+            proto,
+            USER_GUEST_IP,
+            USER_GATEWAY_IP,
+            false,
+        ));
+        let ps = if pseudo {
+            pseudo_sum(USER_GUEST_IP, USER_GATEWAY_IP, proto, l4_len as u16)
+        } else {
+            0
+        };
         h.extend_from_slice(&port.to_be_bytes());
         h.extend_from_slice(&9u16.to_be_bytes());
         if tcp {
@@ -314,7 +388,11 @@ fn csum() -> Result<()> {
         let offload = TxOffload {
             ipv4_header: Some(14),
             l4_checksum: Some(L4Checksum {
-                protocol: if tcp { L4Protocol::Tcp } else { L4Protocol::Udp },
+                protocol: if tcp {
+                    L4Protocol::Tcp
+                } else {
+                    L4Protocol::Udp
+                },
                 start: 34,
                 field,
             }),
@@ -337,7 +415,7 @@ fn csum() -> Result<()> {
     send_and_wait(&mut nic, &chain, &TxOffload::default(), 9)?;
     println!("CSUM_SENT port={CSUM_SOFTWARE_WRONG} software-wrong");
     print_stats(&mut nic);
-    println!("CSUM_OK");
+    println!("CSUM_OK yes");
     Ok(())
 }
 
@@ -355,13 +433,20 @@ fn tso(payload_len: usize, mss: u16) -> Result<()> {
     let mac = nic.mac_address().0;
     let mut h = ethernet(USER_GATEWAY_MAC, mac, 0x0800).to_vec();
     let total = (40 + payload_len).min(65535) as u16;
-    h.extend_from_slice(&ipv4_header(total, 0x4000, 6, USER_GUEST_IP, USER_GATEWAY_IP, false));
+    h.extend_from_slice(&ipv4_header(
+        total,
+        0x4000,
+        6,
+        USER_GUEST_IP,
+        USER_GATEWAY_IP,
+        false,
+    ));
     h.extend_from_slice(&TSO_PORT.to_be_bytes());
     h.extend_from_slice(&9u16.to_be_bytes());
     h.extend_from_slice(&TSO_SEQ.to_be_bytes());
     h.extend_from_slice(&0u32.to_be_bytes());
     h.extend_from_slice(&[0x50, 0x18, 0xff, 0xff]); // 20-byte header, PSH|ACK
-    // TSO contract: pseudo-header sum computed with a length of zero.
+                                                    // TSO contract: pseudo-header sum computed with a length of zero.
     h.extend_from_slice(&pseudo_sum(USER_GUEST_IP, USER_GATEWAY_IP, 6, 0).to_be_bytes());
     h.extend_from_slice(&[0, 0]);
     let payload: Vec<u8> = (0..payload_len).map(tso_byte).collect();
@@ -374,13 +459,23 @@ fn tso(payload_len: usize, mss: u16) -> Result<()> {
     }
     let offload = TxOffload {
         ipv4_header: Some(14),
-        l4_checksum: Some(L4Checksum { protocol: L4Protocol::Tcp, start: 34, field: 50 }),
-        tso: Some(Tso { mss, header_len: 54 }),
+        l4_checksum: Some(L4Checksum {
+            protocol: L4Protocol::Tcp,
+            start: 34,
+            field: 50,
+        }),
+        tso: Some(Tso {
+            mss,
+            header_len: 54,
+        }),
     };
     send_and_wait(&mut nic, &chain, &offload, 1)?;
-    println!("TSO_SENT payload={payload_len} mss={mss} fnv={:016x}", fnv64(&payload));
+    println!(
+        "TSO_SENT payload={payload_len} mss={mss} fnv={:016x}",
+        fnv64(&payload)
+    );
     print_stats(&mut nic);
-    println!("TSO_OK");
+    println!("TSO_OK yes");
     Ok(())
 }
 
@@ -404,13 +499,20 @@ fn parse_udp(frame: &[u8]) -> Option<(u16, &[u8], bool)> {
     let src: [u8; 4] = ip[12..16].try_into().unwrap();
     let dst: [u8; 4] = ip[16..20].try_into().unwrap();
     let udp_ok = udp[6..8] == [0, 0]
-        || fold(sum16(&udp[..udp_len], pseudo_sum(src, dst, 17, udp_len as u16) as u32)) == 0xffff;
+        || fold(sum16(
+            &udp[..udp_len],
+            pseudo_sum(src, dst, 17, udp_len as u16) as u32,
+        )) == 0xffff;
     Some((dst_port, &udp[8..udp_len], ip_ok && udp_ok))
 }
 
 /// An ARP reply for an ARP request asking for `ip`, if `frame` is one.
 fn arp_reply(frame: &[u8], mac: [u8; 6], ip: [u8; 4]) -> Option<Vec<u8>> {
-    if frame.len() < 42 || frame[12..14] != [0x08, 0x06] || frame[20..22] != [0, 1] || frame[38..42] != ip {
+    if frame.len() < 42
+        || frame[12..14] != [0x08, 0x06]
+        || frame[20..22] != [0, 1]
+        || frame[38..42] != ip
+    {
         return None;
     }
     let mut r = ethernet(frame[22..28].try_into().unwrap(), mac, 0x0806).to_vec();
@@ -433,7 +535,10 @@ fn rx(count: u32, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while (seen.len() as u32) < count {
         if Instant::now() > deadline {
-            bail!("received {} of {count} datagrams before the timeout", seen.len());
+            bail!(
+                "received {} of {count} datagrams before the timeout",
+                seen.len()
+            );
         }
         let mut reply = None;
         let mut got = 0;
@@ -463,7 +568,10 @@ fn rx(count: u32, timeout: Duration) -> Result<()> {
             if !tx_busy {
                 arp_buffer.write_bytes(0, &r);
                 token += 1;
-                let seg = TxSegment { iova: arp_buffer.iova(), len: r.len() as u32 };
+                let seg = TxSegment {
+                    iova: arp_buffer.iova(),
+                    len: r.len() as u32,
+                };
                 nic.tx_enqueue(&[seg], &TxOffload::default(), token)?;
                 nic.tx_flush();
                 tx_busy = true;
@@ -483,65 +591,113 @@ fn rx(count: u32, timeout: Duration) -> Result<()> {
 
 pub const IOMMU_BAD_PORT: u16 = 44001;
 pub const IOMMU_RECOVER_PORT: u16 = 44002;
+pub const IOMMU_RO_RING_PORT: u16 = 44003;
+
+/// Wait for `token` to complete or for the watchdog to report a hang.
+fn completion_or_hang(nic: &mut AnyNic, token: TxToken, what: &str) -> Result<()> {
+    let started = Instant::now();
+    let mut completed = false;
+    loop {
+        match nic.tx_reap(&mut |t| completed |= t == token) {
+            Ok(_) if completed => {
+                println!("{what}_COMPLETED after={:?}", started.elapsed());
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(DriverError::TxHang { ms, lost }) => {
+                println!("{what}_HANG ms={ms} lost={lost} token_returned={completed}");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("{what}: neither a completion nor a TX hang within 120 s");
+        }
+        drain_rx(nic);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 fn iommu_tx() -> Result<()> {
+    // Part 1: a data segment at an IOVA with no IOMMU mapping.
     let mut nic = open(&NicConfig::default())?;
     let mac = nic.mac_address().0;
     let payload: Vec<u8> = (0..100).map(|j| chain_byte(7, 0, j)).collect();
     // Build the recovery frame first so its memory cannot reuse the unmapped IOVA.
     let mut recover = Chain::new();
-    recover.push(&nic, &udp_header(mac, IOMMU_RECOVER_PORT, 9, &payload, 2, true), 0, 4096)?;
+    recover.push(
+        &nic,
+        &udp_header(mac, IOMMU_RECOVER_PORT, 9, &payload, 2, true),
+        0,
+        4096,
+    )?;
     recover.push(&nic, &payload, 0, 4096)?;
-    // A sentinel region the device may read: its contents must be unchanged at the end.
+    // A sentinel region the device may write: its contents must be unchanged at the end.
     let sentinel = nic.dma().allocate(4096, DmaAccess::DeviceReadsWrites)?;
     let pattern: Vec<u8> = (0..4096).map(|j| chain_byte(11, 1, j)).collect();
     sentinel.write_bytes(0, &pattern);
 
     let mut bad = Chain::new();
-    bad.push(&nic, &udp_header(mac, IOMMU_BAD_PORT, 9, &payload, 1, true), 0, 4096)?;
+    bad.push(
+        &nic,
+        &udp_header(mac, IOMMU_BAD_PORT, 9, &payload, 1, true),
+        0,
+        4096,
+    )?;
     let gone = nic.dma().allocate(4096, DmaAccess::DeviceReads)?;
+    // What the memory held while mapped: it must never reach the wire.
+    gone.write_bytes(0, &payload);
     let unmapped = gone.iova();
     drop(gone); // unmapped from the IOMMU now
-    bad.segments.push(TxSegment { iova: unmapped, len: payload.len() as u32 });
+    bad.segments.push(TxSegment {
+        iova: unmapped,
+        len: payload.len() as u32,
+    });
     println!("BAD_IOVA {unmapped:#x}");
     nic.tx_enqueue(&bad.segments, &TxOffload::default(), 1)?;
     nic.tx_flush();
-    let started = Instant::now();
-    let mut completed = false;
-    loop {
-        match nic.tx_reap(&mut |t| {
-            if t == 1 {
-                completed = true;
-            }
-        }) {
-            Ok(_) if completed => {
-                println!("TX_BAD_COMPLETED after {:?}", started.elapsed());
-                break;
-            }
-            Ok(_) => {}
-            Err(DriverError::TxHang { ms, lost }) => {
-                println!("TX_HANG ms={ms} lost={lost} token_returned={completed}");
-                break;
-            }
-            Err(e) => return Err(e.into()),
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("neither a completion nor a TX hang within 120 s");
-        }
-        drain_rx(&mut nic);
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    completion_or_hang(&mut nic, 1, "TX_UNMAPPED")?;
     send_and_wait(&mut nic, &recover, &TxOffload::default(), 2)?;
     println!("TX_RECOVERED ok");
     let mut back = vec![0u8; 4096];
     sentinel.read_bytes(0, &mut back);
-    println!("SENTINEL_INTACT {}", if back == pattern { "yes" } else { "no" });
+    println!(
+        "SENTINEL_INTACT {}",
+        if back == pattern { "yes" } else { "no" }
+    );
+    print_stats(&mut nic);
+    drop(recover);
+    drop(bad);
+    drop(sentinel);
+    drop(nic);
+
+    // Part 2: the descriptor ring is read-only for the device, so its completion
+    // write-back is refused: nothing ever completes and the watchdog must say so.
+    let config = NicConfig {
+        fault_injection: FaultInjection::TxRingReadOnly,
+        ..NicConfig::default()
+    };
+    let mut nic = open(&config)?;
+    let mut frame = Chain::new();
+    frame.push(
+        &nic,
+        &udp_header(mac, IOMMU_RO_RING_PORT, 9, &payload, 3, true),
+        0,
+        4096,
+    )?;
+    frame.push(&nic, &payload, 0, 4096)?;
+    nic.tx_enqueue(&frame.segments, &TxOffload::default(), 3)?;
+    nic.tx_flush();
+    completion_or_hang(&mut nic, 3, "TX_RO_RING")?;
     print_stats(&mut nic);
     Ok(())
 }
 
 fn iommu_rx(timeout: Duration) -> Result<()> {
-    let config = NicConfig { fault_injection: FaultInjection::RxBuffersReadOnly, ..NicConfig::default() };
+    let config = NicConfig {
+        fault_injection: FaultInjection::RxBuffersReadOnly,
+        ..NicConfig::default()
+    };
     let mut nic = open(&config)?;
     println!("RX_READY");
     let deadline = Instant::now() + timeout;
@@ -580,7 +736,10 @@ fn cpu_time() -> Duration {
 }
 
 fn bench(kind: &str, seconds: f64, ring: u16) -> Result<()> {
-    let config = NicConfig { tx_ring_size: ring, ..NicConfig::default() };
+    let config = NicConfig {
+        tx_ring_size: ring,
+        ..NicConfig::default()
+    };
     let mut nic = open(&config)?;
     let mac = nic.mac_address().0;
     let (frame_len, offload, wire_segments) = match kind {
@@ -590,8 +749,15 @@ fn bench(kind: &str, seconds: f64, ring: u16) -> Result<()> {
             let payload: usize = 65536 - 54;
             let o = TxOffload {
                 ipv4_header: Some(14),
-                l4_checksum: Some(L4Checksum { protocol: L4Protocol::Tcp, start: 34, field: 50 }),
-                tso: Some(Tso { mss: 1460, header_len: 54 }),
+                l4_checksum: Some(L4Checksum {
+                    protocol: L4Protocol::Tcp,
+                    start: 34,
+                    field: 50,
+                }),
+                tso: Some(Tso {
+                    mss: 1460,
+                    header_len: 54,
+                }),
             };
             (65536, o, payload.div_ceil(1460) as u64)
         }
@@ -601,7 +767,14 @@ fn bench(kind: &str, seconds: f64, ring: u16) -> Result<()> {
     let mut chain = Chain::new();
     if kind == "tso" {
         let mut h = ethernet(USER_GATEWAY_MAC, mac, 0x0800).to_vec();
-        h.extend_from_slice(&ipv4_header(65535, 1, 6, USER_GUEST_IP, USER_GATEWAY_IP, false));
+        h.extend_from_slice(&ipv4_header(
+            65535,
+            1,
+            6,
+            USER_GUEST_IP,
+            USER_GATEWAY_IP,
+            false,
+        ));
         h.extend_from_slice(&TSO_PORT.to_be_bytes());
         h.extend_from_slice(&9u16.to_be_bytes());
         h.extend_from_slice(&TSO_SEQ.to_be_bytes());

@@ -1,0 +1,335 @@
+//! Packed virtqueues (VIRTIO 1.2 section 2.8) in DMA memory, for buffers of one descriptor
+//! each (a TX frame is one indirect descriptor, an RX buffer one device-writable descriptor).
+//!
+//! | part                       | alignment | size               | device access  |
+//! |----------------------------|-----------|--------------------|----------------|
+//! | Descriptor Ring            | 16        | 16 * queue_size    | reads, writes  |
+//! | Driver Event Suppression   | 4         | 4                  | reads          |
+//! | Device Event Suppression   | 4         | 4                  | writes         |
+//!
+//! The device writes used descriptors back into the descriptor ring, so unlike a split
+//! queue's descriptor table the ring must be device-writable. The driver event suppression
+//! structure lives in a region the device may only read, the device's in one it may write.
+//!
+//! Buffers become available in ring order: the driver writes a descriptor's `addr`, `len`
+//! and `id`, then its `flags` with VIRTQ_DESC_F_AVAIL equal to the driver's wrap counter and
+//! VIRTQ_DESC_F_USED its inverse (section 2.8.1, 2.8.21). To publish a burst at once, the
+//! flags of the burst's first descriptor are written last (section 2.8.21.1 recommends the
+//! same for chains): the device reads in ring order, so it sees nothing of the burst before
+//! [`PackedQueue::publish`].
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use super::virtqueue::DESC_SIZE;
+use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
+use crate::error::{DriverError, Result};
+use crate::queue::Iova;
+
+/// `struct pvirtq_desc` (section 2.8.13): `le64 addr; le32 len; le16 id; le16 flags;`.
+const DESC_ADDR: usize = 0;
+const DESC_LEN: usize = 8;
+const DESC_ID: usize = 12;
+const DESC_FLAGS: usize = 14;
+/// `VIRTQ_DESC_F_AVAIL` / `VIRTQ_DESC_F_USED` (section 2.8.1).
+const DESC_F_AVAIL: u16 = 1 << 7;
+const DESC_F_USED: u16 = 1 << 15;
+
+/// `struct pvirtq_event_suppress` (section 2.8.14): `le16 desc_event_off_wrap;
+/// le16 desc_event_flags;`.
+const EVENT_FLAGS: usize = 2;
+/// `RING_EVENT_FLAGS_ENABLE` / `RING_EVENT_FLAGS_DISABLE` (section 2.8.14).
+const RING_EVENT_FLAGS_ENABLE: u16 = 0;
+const RING_EVENT_FLAGS_DISABLE: u16 = 1;
+
+/// One packed virtqueue.
+pub struct PackedQueue {
+    size: u16,
+    /// Descriptor ring; the device reads available and writes used descriptors here.
+    ring: DmaRegion,
+    /// Driver event suppression (device reads), then nothing else.
+    driver_event: DmaRegion,
+    /// Device event suppression (device writes).
+    device_event: DmaRegion,
+    /// Ring position and wrap counter of the next descriptor we make available.
+    next_avail: u16,
+    avail_wrap: bool,
+    /// Position and flags of the first descriptor not yet published (its flags are withheld).
+    pending: Option<(u16, u16)>,
+    unpublished: u16,
+    /// Ring position and wrap counter of the next used descriptor we expect.
+    next_used: u16,
+    used_wrap: bool,
+    /// Buffers the device holds (made available, not yet used).
+    outstanding: u16,
+}
+
+impl PackedQueue {
+    pub fn new(dma: &Arc<DmaSpace>, size: u16) -> Result<Self> {
+        if size == 0 || size > 32768 {
+            return Err(DriverError::InvalidArgument(format!(
+                "packed virtqueue size {size} must be 1..=32768"
+            )));
+        }
+        let mut q = PackedQueue {
+            size,
+            ring: dma.allocate(DESC_SIZE * size as usize, DmaAccess::DeviceReadsWrites)?,
+            driver_event: dma.allocate(4, DmaAccess::DeviceReads)?,
+            device_event: dma.allocate(4, DmaAccess::DeviceReadsWrites)?,
+            next_avail: 0,
+            avail_wrap: true,
+            pending: None,
+            unpublished: 0,
+            next_used: 0,
+            used_wrap: true,
+            outstanding: 0,
+        };
+        q.reset();
+        Ok(q)
+    }
+
+    /// Zero the ring and restart at position 0 with both wrap counters 1 (section 2.8.1:
+    /// the counters start at 1 after reset). Only while the queue is disabled.
+    pub fn reset(&mut self) {
+        self.ring.zero();
+        self.device_event.zero();
+        self.driver_event.zero();
+        // We poll: no used buffer notifications (section 2.8.10).
+        self.driver_event
+            .write_volatile(EVENT_FLAGS, RING_EVENT_FLAGS_DISABLE.to_le());
+        self.next_avail = 0;
+        self.avail_wrap = true;
+        self.pending = None;
+        self.unpublished = 0;
+        self.next_used = 0;
+        self.used_wrap = true;
+        self.outstanding = 0;
+    }
+
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+    /// `queue_desc`: the descriptor ring.
+    pub fn desc_iova(&self) -> Iova {
+        self.ring.iova()
+    }
+    /// `queue_driver`: the driver event suppression structure.
+    pub fn driver_iova(&self) -> Iova {
+        self.driver_event.iova()
+    }
+    /// `queue_device`: the device event suppression structure.
+    pub fn device_iova(&self) -> Iova {
+        self.device_event.iova()
+    }
+
+    /// Free ring entries.
+    pub fn free(&self) -> u16 {
+        self.size - self.outstanding
+    }
+
+    /// Make one single-descriptor buffer available at the next ring position (not visible
+    /// to the device before [`PackedQueue::publish`] if it starts a burst). `flags` may hold
+    /// VIRTQ_DESC_F_WRITE or VIRTQ_DESC_F_INDIRECT, never NEXT.
+    pub fn add(&mut self, id: u16, addr: Iova, len: u32, flags: u16) -> Result<()> {
+        if self.outstanding == self.size {
+            return Err(DriverError::TxRingFull);
+        }
+        let at = self.next_avail as usize * DESC_SIZE;
+        self.ring.write_volatile(at + DESC_ADDR, addr.to_le());
+        self.ring.write_volatile(at + DESC_LEN, len.to_le());
+        self.ring.write_volatile(at + DESC_ID, id.to_le());
+        let flags = flags
+            | if self.avail_wrap {
+                DESC_F_AVAIL
+            } else {
+                DESC_F_USED
+            };
+        if self.pending.is_none() {
+            // First of the burst: its flags are written at publish.
+            self.pending = Some((self.next_avail, flags));
+        } else {
+            // Section 2.8.21.1: addr/len/id before flags; the device reads this descriptor
+            // only after the burst's first one, whose flags come after a release fence.
+            self.ring.write_volatile(at + DESC_FLAGS, flags.to_le());
+        }
+        self.unpublished += 1;
+        self.outstanding += 1;
+        self.next_avail += 1;
+        if self.next_avail == self.size {
+            self.next_avail = 0;
+            self.avail_wrap = !self.avail_wrap;
+        }
+        Ok(())
+    }
+
+    pub fn unpublished(&self) -> u16 {
+        self.unpublished
+    }
+
+    /// Make the burst visible by writing its first descriptor's flags. Returns false if
+    /// there was nothing new.
+    pub fn publish(&mut self) -> bool {
+        let Some((pos, flags)) = self.pending.take() else {
+            return false;
+        };
+        // Section 2.8.21.1: "the driver MUST perform a suitable memory barrier before the
+        // flags are written": every other descriptor of the burst (and this one's addr, len,
+        // id) must be visible before the device can see this one as available.
+        fence(Ordering::Release);
+        self.ring
+            .write_volatile(pos as usize * DESC_SIZE + DESC_FLAGS, flags.to_le());
+        self.unpublished = 0;
+        true
+    }
+
+    /// Whether the device wants an available buffer notification (section 2.8.10, without
+    /// VIRTIO_F_EVENT_IDX: unless its event suppression flags say DISABLE).
+    pub fn device_wants_notification(&self) -> bool {
+        // Store (flags above) -> load (the device's suppression flags) ordering, as for split
+        // queues (section 2.8.21.3.1): a full fence.
+        fence(Ordering::SeqCst);
+        let flags = u16::from_le(self.device_event.read_volatile::<u16>(EVENT_FLAGS));
+        flags & 0x3 == RING_EVENT_FLAGS_ENABLE || flags & 0x3 == 2
+    }
+
+    /// The next used buffer `(id, len)`: the descriptor at our used position whose AVAIL and
+    /// USED flags both equal our used wrap counter (section 2.8.1, 2.8.8).
+    pub fn pop_used(&mut self) -> Option<(u32, u32)> {
+        if self.outstanding == 0 {
+            return None;
+        }
+        let at = self.next_used as usize * DESC_SIZE;
+        let flags = u16::from_le(self.ring.read_volatile::<u16>(at + DESC_FLAGS));
+        let avail = flags & DESC_F_AVAIL != 0;
+        let used = flags & DESC_F_USED != 0;
+        if avail != self.used_wrap || used != self.used_wrap {
+            return None;
+        }
+        // The device writes id and len before flags; do not read them before the flags.
+        fence(Ordering::Acquire);
+        let id = u16::from_le(self.ring.read_volatile::<u16>(at + DESC_ID)) as u32;
+        let len = u32::from_le(self.ring.read_volatile::<u32>(at + DESC_LEN));
+        self.outstanding -= 1;
+        // Every buffer is one descriptor, so the next used one is at the next position.
+        self.next_used += 1;
+        if self.next_used == self.size {
+            self.next_used = 0;
+            self.used_wrap = !self.used_wrap;
+        }
+        Some((id, len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::softnic::{DmaFaultKind, SoftIommu};
+
+    /// The device side, written from section 2.8 and going through the software IOMMU.
+    struct Device {
+        iommu: Arc<SoftIommu>,
+        size: u16,
+        ring: Iova,
+        pos: u16,
+        wrap: bool,
+        used_pos: u16,
+        used_wrap: bool,
+    }
+
+    impl Device {
+        fn desc(&self, pos: u16) -> (u64, u32, u16, u16) {
+            let mut d = [0u8; 16];
+            self.iommu
+                .dma_read(self.ring + pos as u64 * 16, &mut d)
+                .unwrap();
+            (
+                u64::from_le_bytes(d[0..8].try_into().unwrap()),
+                u32::from_le_bytes(d[8..12].try_into().unwrap()),
+                u16::from_le_bytes(d[12..14].try_into().unwrap()),
+                u16::from_le_bytes(d[14..16].try_into().unwrap()),
+            )
+        }
+        /// Available descriptors in ring order: (addr, len, id, flags without AVAIL/USED).
+        fn take(&mut self) -> Vec<(u64, u32, u16, u16)> {
+            let mut out = Vec::new();
+            loop {
+                let (addr, len, id, flags) = self.desc(self.pos);
+                let avail = flags & DESC_F_AVAIL != 0;
+                let used = flags & DESC_F_USED != 0;
+                if avail != self.wrap || used == self.wrap {
+                    return out;
+                }
+                out.push((addr, len, id, flags & !(DESC_F_AVAIL | DESC_F_USED)));
+                self.pos += 1;
+                if self.pos == self.size {
+                    self.pos = 0;
+                    self.wrap = !self.wrap;
+                }
+            }
+        }
+        fn complete(&mut self, id: u16, len: u32) {
+            let at = self.ring + self.used_pos as u64 * 16;
+            self.iommu.dma_write(at + 8, &len.to_le_bytes()).unwrap();
+            self.iommu.dma_write(at + 12, &id.to_le_bytes()).unwrap();
+            let f = if self.used_wrap {
+                DESC_F_AVAIL | DESC_F_USED
+            } else {
+                0
+            };
+            self.iommu.dma_write(at + 14, &f.to_le_bytes()).unwrap();
+            self.used_pos += 1;
+            if self.used_pos == self.size {
+                self.used_pos = 0;
+                self.used_wrap = !self.used_wrap;
+            }
+        }
+    }
+
+    #[test]
+    fn bursts_wrap_and_used_buffers_come_back_by_id() {
+        let iommu = SoftIommu::new();
+        let dma = DmaSpace::new(iommu.clone());
+        let mut q = PackedQueue::new(&dma, 8).unwrap();
+        let mut dev = Device {
+            iommu: iommu.clone(),
+            size: 8,
+            ring: q.desc_iova(),
+            pos: 0,
+            wrap: true,
+            used_pos: 0,
+            used_wrap: true,
+        };
+        // The device may not write the driver's event suppression structure.
+        let fault = iommu.dma_write(q.driver_iova(), &[0; 4]).unwrap_err();
+        assert_eq!(fault.kind, DmaFaultKind::WriteToReadOnly);
+        for round in 0..7u16 {
+            let burst = 3 + round % 4; // 3..=6 buffers, so the ring wraps at odd places
+            let ids: Vec<u16> = (0..burst).map(|k| (round * 10 + k) % 100).collect();
+            for (k, &id) in ids.iter().enumerate() {
+                q.add(id, 0x1000 * id as u64, 100 + k as u32, 2).unwrap();
+            }
+            assert!(dev.take().is_empty(), "nothing visible before publish");
+            assert!(q.publish());
+            let seen = dev.take();
+            assert_eq!(seen.iter().map(|d| d.2).collect::<Vec<_>>(), ids);
+            assert!(seen.iter().all(|d| d.3 == 2 && d.0 == 0x1000 * d.2 as u64));
+            assert_eq!(q.pop_used(), None);
+            for &id in ids.iter().rev() {
+                dev.complete(id, id as u32 + 1);
+            }
+            let used: Vec<(u32, u32)> = std::iter::from_fn(|| q.pop_used()).collect();
+            let want: Vec<(u32, u32)> = ids
+                .iter()
+                .rev()
+                .map(|&id| (id as u32, id as u32 + 1))
+                .collect();
+            assert_eq!(used, want);
+            assert_eq!(q.free(), 8);
+        }
+        assert!(q.device_wants_notification());
+        iommu
+            .dma_write(q.device_iova() + 2, &RING_EVENT_FLAGS_DISABLE.to_le_bytes())
+            .unwrap();
+        assert!(!q.device_wants_notification());
+    }
+}
