@@ -71,6 +71,7 @@ pub struct Guest {
     mac: String,
     iommu: bool,
     virtio_iommu_platform: bool,
+    virtio_packed: bool,
     memory_mb: u32,
     cpus: u32,
     append: String,
@@ -91,6 +92,7 @@ impl Guest {
             mac: "52:54:00:12:34:56".into(),
             iommu: true,
             virtio_iommu_platform: true,
+            virtio_packed: false,
             memory_mb: 512,
             cpus: 1,
             append: String::new(),
@@ -117,6 +119,11 @@ impl Guest {
     /// virtio-net without `iommu_platform=on` (to test the refusal).
     pub fn without_virtio_iommu_platform(mut self) -> Self {
         self.virtio_iommu_platform = false;
+        self
+    }
+    /// virtio-net with packed virtqueues offered (`packed=on`, VIRTIO_F_RING_PACKED).
+    pub fn virtio_packed(mut self) -> Self {
+        self.virtio_packed = true;
         self
     }
     pub fn memory_mb(mut self, mb: u32) -> Self {
@@ -266,13 +273,14 @@ impl Guest {
             Nic::E1000e => format!("e1000e,netdev=n0,mac={}", self.mac),
             Nic::E1000_82545em => format!("e1000-82545em,netdev=n0,mac={}", self.mac),
             Nic::Virtio => format!(
-                "virtio-net-pci,netdev=n0,mac={},disable-legacy=on{}",
+                "virtio-net-pci,netdev=n0,mac={},disable-legacy=on{}{}",
                 self.mac,
                 if self.virtio_iommu_platform {
                     ",iommu_platform=on"
                 } else {
                     ""
-                }
+                },
+                if self.virtio_packed { ",packed=on" } else { "" }
             ),
         };
         cmd.args(["-device", &device]);

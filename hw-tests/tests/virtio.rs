@@ -378,7 +378,13 @@ fn virtio_driver_refuses_device_without_iommu_platform() {
 
 #[test]
 fn virtio_multisegment_tx_arrives_byte_exact() {
-    multisegment_tx("virtio-tx-multiseg", "52:54:00:ab:00:02", "");
+    multisegment_tx("virtio-tx-multiseg", "52:54:00:ab:00:02", "", false);
+}
+
+/// The same on packed virtqueues (`packed=on`).
+#[test]
+fn virtio_packed_multisegment_tx_arrives_byte_exact() {
+    multisegment_tx("virtio-tx-multiseg-packed", "52:54:00:ab:00:12", "", true);
 }
 
 /// The same with VIRTIO_F_INDIRECT_DESC left out: every segment takes a ring descriptor.
@@ -388,19 +394,37 @@ fn virtio_multisegment_tx_without_indirect_descriptors() {
         "virtio-tx-multiseg-direct",
         "52:54:00:ab:00:06",
         "ZEROSEND_VIRTIO_INDIRECT=0 ",
+        false,
     );
     if features_of(&run, "VIRTIO_NEGOTIATED").contains(&"INDIRECT_DESC") {
         run.fail("INDIRECT_DESC was negotiated although switched off");
     }
 }
 
-fn multisegment_tx(name: &str, mac: &str, env: &str) -> GuestRun {
+/// `Guest::new`, with packed virtqueues offered when `packed`.
+fn virtio_guest(name: &str, packed: bool) -> Guest {
+    let guest = Guest::new(name, Nic::Virtio);
+    if packed {
+        guest.virtio_packed()
+    } else {
+        guest
+    }
+}
+
+/// Fails the run unless RING_PACKED was negotiated exactly when offered.
+fn expect_ring_layout(run: &GuestRun, packed: bool) {
+    let negotiated = features_of(run, "VIRTIO_NEGOTIATED").contains(&"RING_PACKED");
+    run.expect_eq("RING_PACKED negotiated", negotiated, packed);
+}
+
+fn multisegment_tx(name: &str, mac: &str, env: &str, packed: bool) -> GuestRun {
     // More frames than ring entries: the available and used rings wrap around.
     let frames = 300u32;
-    let run = run_guest(Guest::new(name, Nic::Virtio).mac(mac).pcap().run(&format!(
+    let run = run_guest(virtio_guest(name, packed).mac(mac).pcap().run(&format!(
         "{env}zs-guest virtio-tx-multiseg --frames {frames}"
     )));
     run.expect_success();
+    expect_ring_layout(&run, packed);
     expect_line(&run, "MULTISEG_OK");
     run.expect_eq("tokens in order", run.require("TX_TOKENS_IN_ORDER"), "yes");
     let src = mac_bytes(mac);
@@ -432,10 +456,18 @@ fn multisegment_tx(name: &str, mac: &str, env: &str) -> GuestRun {
 
 #[test]
 fn virtio_rx_of_frames_sent_by_the_host() {
-    let mac = "52:54:00:ab:00:03";
+    rx_from_host("virtio-rx", "52:54:00:ab:00:03", false);
+}
+
+#[test]
+fn virtio_packed_rx_of_frames_sent_by_the_host() {
+    rx_from_host("virtio-rx-packed", "52:54:00:ab:00:13", true);
+}
+
+fn rx_from_host(name: &str, mac: &str, packed: bool) {
     // More datagrams than receive buffers: the rings wrap and buffers are recycled.
     let count = 600u32;
-    let guest = Guest::new("virtio-rx", Nic::Virtio)
+    let guest = virtio_guest(name, packed)
         .mac(mac)
         .network(Network::Tap)
         .run(&format!("zs-guest virtio-rx --count {count}"))
@@ -474,6 +506,7 @@ fn virtio_rx_of_frames_sent_by_the_host() {
     sender.join().unwrap();
     let run = guest.wait().unwrap();
     run.expect_success();
+    expect_ring_layout(&run, packed);
     run.expect_eq(
         "datagrams received intact",
         run.require("RX_OK"),
@@ -483,8 +516,16 @@ fn virtio_rx_of_frames_sent_by_the_host() {
 
 #[test]
 fn virtio_checksum_offload_and_tso_checked_by_the_host_kernel() {
-    let mac = "52:54:00:ab:00:04";
-    let guest = Guest::new("virtio-offload", Nic::Virtio)
+    offload_through_host("virtio-offload", "52:54:00:ab:00:04", false);
+}
+
+#[test]
+fn virtio_packed_checksum_offload_and_tso_checked_by_the_host_kernel() {
+    offload_through_host("virtio-offload-packed", "52:54:00:ab:00:14", true);
+}
+
+fn offload_through_host(name: &str, mac: &str, packed: bool) {
+    let guest = virtio_guest(name, packed)
         .mac(mac)
         .network(Network::Tap)
         .run(&format!(
@@ -535,6 +576,7 @@ fn virtio_checksum_offload_and_tso_checked_by_the_host_kernel() {
     let frames = reader.finish();
     let run = guest.wait().unwrap();
     run.expect_success();
+    expect_ring_layout(&run, packed);
     let negotiated = features_of(&run, "VIRTIO_NEGOTIATED");
     for f in ["CSUM", "HOST_TSO4", "ACCESS_PLATFORM"] {
         if !negotiated.contains(&f) {
@@ -659,14 +701,24 @@ fn virtio_checksum_offload_and_tso_checked_by_the_host_kernel() {
 
 #[test]
 fn virtio_descriptor_at_unmapped_iova_is_stopped_by_the_iommu() {
-    let mac = "52:54:00:ab:00:05";
+    iommu_fault("virtio-iommu-fault", "52:54:00:ab:00:05", false);
+}
+
+/// The same on packed virtqueues: the recovery (reset, re-initialisation) included.
+#[test]
+fn virtio_packed_descriptor_at_unmapped_iova_is_stopped_by_the_iommu() {
+    iommu_fault("virtio-iommu-fault-packed", "52:54:00:ab:00:15", true);
+}
+
+fn iommu_fault(name: &str, mac: &str, packed: bool) {
     let run = run_guest(
-        Guest::new("virtio-iommu-fault", Nic::Virtio)
+        virtio_guest(name, packed)
             .mac(mac)
             .pcap()
             .run("zs-guest virtio-iommu-fault"),
     );
     run.expect_success();
+    expect_ring_layout(&run, packed);
     expect_line(&run, "IOMMU_FAULT_OK");
     let src = mac_bytes(mac);
     let frames: Vec<Vec<u8>> = pcap_frames(run.pcap_path())
@@ -743,7 +795,8 @@ fn virtio_descriptor_at_unmapped_iova_is_stopped_by_the_iommu() {
     }
 }
 
-/// TX benchmark, virtio-net against e1000, both on the TAP network (virtio-net offers TSO
+/// TX benchmark, virtio-net (indirect descriptors, direct chains, packed rings) against
+/// e1000, all on the TAP network (virtio-net offers TSO
 /// only with a vnet-header backend) and without a capture, 1 vCPU each. Reuses
 /// `zs-guest nic-bench` (the same loop for every NIC). The host discards the frames (they
 /// are addressed to another MAC), so this measures the guest driver and QEMU's device model.
@@ -772,19 +825,37 @@ fn bench_tx_virtio_vs_e1000() {
     let mut rows = Vec::new();
     // virtio twice: with indirect TX descriptors (the default) and without. Rounds interleave
     // the configurations so that load from elsewhere on the machine hits them alike.
-    let configs = [
-        ("e1000", Nic::E1000, ""),
-        ("virtio", Nic::Virtio, ""),
-        ("virtio-direct", Nic::Virtio, "ZEROSEND_VIRTIO_INDIRECT=0 "),
+    // (label, NIC, environment, packed=on). BENCH_CONFIGS=virtio,virtio-packed picks some.
+    let all = [
+        ("e1000", Nic::E1000, "", false),
+        ("virtio", Nic::Virtio, "", false),
+        (
+            "virtio-direct",
+            Nic::Virtio,
+            "ZEROSEND_VIRTIO_INDIRECT=0 ",
+            false,
+        ),
+        ("virtio-packed", Nic::Virtio, "", true),
     ];
-    for (label, nic, env) in (0..rounds).flat_map(|_| configs) {
+    let wanted = std::env::var("BENCH_CONFIGS").ok();
+    let configs: Vec<_> = all
+        .into_iter()
+        .filter(|c| {
+            wanted
+                .as_deref()
+                .is_none_or(|w| w.split(',').any(|n| n == c.0))
+        })
+        .collect();
+    for (label, nic, env, packed) in (0..rounds).flat_map(|_| configs.clone()) {
         let load = loadavg();
         let script: Vec<String> = ["64", "1514", "tso"]
             .iter()
             .map(|k| format!("{env}zs-guest nic-bench --kind {k} --seconds {seconds}"))
             .collect();
+        let guest = Guest::new(&format!("virtio-bench-{label}"), nic);
+        let guest = if packed { guest.virtio_packed() } else { guest };
         let run = run_guest(
-            Guest::new(&format!("virtio-bench-{label}"), nic)
+            guest
                 .mac("52:54:00:ab:00:08")
                 .network(Network::Tap)
                 .run(&script.join("\n")),

@@ -1,10 +1,12 @@
 //! Virtio devices over VFIO: the modern PCI transport (VIRTIO 1.2 section 4.1), split
-//! virtqueues (section 2.7) and, on top of them, the network device (section 5.1).
+//! virtqueues (section 2.7), packed virtqueues (section 2.8) and, on top of them, the network
+//! device (section 5.1).
 //!
 //! Section numbers in this module refer to "Virtual I/O Device (VIRTIO) Version 1.2",
 //! OASIS Committee Specification 01 (2022).
 
 pub mod net;
+pub mod packed;
 pub mod transport;
 pub mod virtqueue;
 

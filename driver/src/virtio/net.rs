@@ -8,8 +8,9 @@
 //! addresses around the IOMMU, so [`VirtioNet::open`] refuses with
 //! [`DriverError::NoAccessPlatform`] (which names QEMU's `iommu_platform=on`) and sets FAILED.
 //! Taken when offered: MAC, STATUS, CSUM and HOST_TSO4 (unless switched off in
-//! [`NicConfig::offloads`]) and INDIRECT_DESC. Not taken: RING_PACKED (split rings only),
-//! EVENT_IDX (we poll; VIRTQ_USED_F_NO_NOTIFY suffices), MRG_RXBUF (every frame fits one
+//! [`NicConfig::offloads`]), INDIRECT_DESC, and RING_PACKED (with INDIRECT_DESC; see
+//! below). Not taken: EVENT_IDX (we poll; the device's "no notification" hints suffice),
+//! MRG_RXBUF (every frame fits one
 //! buffer), GUEST_CSUM/GUEST_TSO* (the queue API has no way to hand partial checksums or
 //! large frames to the stack), CTRL_VQ, MQ. What was offered and taken is logged (`tracing`,
 //! info) and available from [`VirtioNet::offered_features`] /
@@ -38,6 +39,12 @@
 //!   Before a buffer is posted its header's `flags`/`gso_type` get a poison value the device
 //!   always overwrites: a "used" buffer still holding it was never written (the IOMMU refused
 //!   the device's write) and is dropped, never handed out.
+//!
+//! - **Packed virtqueues** (section 2.8, [`super::packed`]): when the device offers
+//!   VIRTIO_F_RING_PACKED (QEMU: `packed=on`) together with INDIRECT_DESC, both queues use
+//!   the packed layout; every buffer is then one descriptor (a TX frame's indirect table, in
+//!   the packed table layout of section 2.8.19, or one RX buffer). `ZEROSEND_VIRTIO_PACKED=0`
+//!   and `ZEROSEND_VIRTIO_INDIRECT=0` in the environment switch them off, for comparisons.
 //!
 //! # Offloads (section 5.1.6.2)
 //! - L4 checksum -> `VIRTIO_NET_HDR_F_NEEDS_CSUM` with `csum_start`/`csum_offset`; the
@@ -85,6 +92,7 @@ use crate::queue::{
 use crate::vfio::VfioPci;
 
 use super::features as f;
+use super::packed::{write_indirect_desc, PackedQueue};
 use super::transport::{DeviceStatus, VirtioPciTransport};
 use super::virtqueue::{
     write_desc, SplitQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE,
@@ -125,9 +133,100 @@ const INDIRECT_TABLE: usize = (MAX_TX_SEGMENTS + 2) * DESC_SIZE;
 /// How long the device must be idle before the poll paths read its status register.
 const STATUS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 
+/// The queue layout negotiated: split (section 2.7) or packed (section 2.8, with
+/// VIRTIO_F_RING_PACKED). The packed layout is used only with INDIRECT_DESC, so every buffer
+/// on it is one descriptor.
+enum Ring {
+    Split(SplitQueue),
+    Packed(PackedQueue),
+}
+
+impl Ring {
+    fn new(
+        dma: &Arc<DmaSpace>,
+        index: u16,
+        size: u16,
+        packed: bool,
+        device_writes: DmaAccess,
+    ) -> Result<Ring> {
+        Ok(if packed {
+            Ring::Packed(PackedQueue::with_ring_access(dma, size, device_writes)?)
+        } else {
+            Ring::Split(SplitQueue::with_used_ring_access(
+                dma,
+                index,
+                size,
+                device_writes,
+            )?)
+        })
+    }
+    fn size(&self) -> u16 {
+        match self {
+            Ring::Split(q) => q.size(),
+            Ring::Packed(q) => q.size(),
+        }
+    }
+    /// `queue_desc`, `queue_driver`, `queue_device` (section 4.1.4.3).
+    fn areas(&self) -> (u64, u64, u64) {
+        match self {
+            Ring::Split(q) => (q.desc_iova(), q.avail_iova(), q.used_iova()),
+            Ring::Packed(q) => (q.desc_iova(), q.driver_iova(), q.device_iova()),
+        }
+    }
+    fn reset(&mut self) {
+        match self {
+            Ring::Split(q) => q.reset(),
+            Ring::Packed(q) => q.reset(),
+        }
+    }
+    fn publish(&mut self) -> bool {
+        match self {
+            Ring::Split(q) => q.publish(),
+            Ring::Packed(q) => q.publish(),
+        }
+    }
+    fn device_wants_notification(&self) -> bool {
+        match self {
+            Ring::Split(q) => q.device_wants_notification(),
+            Ring::Packed(q) => q.device_wants_notification(),
+        }
+    }
+    fn pop_used(&mut self) -> Option<(u32, u32)> {
+        match self {
+            Ring::Split(q) => q.pop_used(),
+            Ring::Packed(q) => q.pop_used(),
+        }
+    }
+    fn unpublished(&self) -> u16 {
+        match self {
+            Ring::Split(q) => q.unpublished(),
+            Ring::Packed(q) => q.unpublished(),
+        }
+    }
+    /// Make a one-descriptor buffer with buffer id `id` available (split: in descriptor
+    /// `id`, which the caller owns). The caller guarantees room: ids are unique among the
+    /// outstanding buffers and there are at most `size` of them.
+    fn post(&mut self, id: u16, iova: u64, len: u32, flags: u16) {
+        match self {
+            Ring::Split(q) => {
+                q.set_desc(id, iova, len, flags, 0);
+                q.push_avail(id);
+            }
+            Ring::Packed(q) => q.add(id, iova, len, flags).expect("packed ring overflow"),
+        }
+    }
+    /// The split queue, for TX chains of several ring descriptors (no INDIRECT_DESC).
+    fn split(&mut self) -> &mut SplitQueue {
+        match self {
+            Ring::Split(q) => q,
+            Ring::Packed(_) => unreachable!("packed rings are used only with indirect descriptors"),
+        }
+    }
+}
+
 /// Transmit side state.
 struct Tx {
-    vq: SplitQueue,
+    vq: Ring,
     /// `TX_HDR_SLOT` bytes per descriptor index, used for chains headed by that descriptor.
     headers: DmaRegion,
     /// With VIRTIO_F_INDIRECT_DESC: an `INDIRECT_TABLE` per ring descriptor; each frame then
@@ -153,7 +252,7 @@ struct Tx {
 
 /// Receive side state.
 struct Rx {
-    vq: SplitQueue,
+    vq: Ring,
     buffers: DmaRegion,
     buffer_size: usize,
     /// Buffer (= descriptor) is in the device's hands.
@@ -171,6 +270,15 @@ struct Rx {
 const RX_POISON: u16 = 0xffff;
 
 impl Rx {
+    /// Hand buffer `slot` to the device (not yet published).
+    fn post(&mut self, slot: u16) {
+        self.poison(slot);
+        let iova = self.buffers.iova() + (slot as usize * self.buffer_size) as u64;
+        self.vq
+            .post(slot, iova, self.buffer_size as u32, DESC_F_WRITE);
+        self.posted[slot as usize] = true;
+    }
+
     fn poison(&self, slot: u16) {
         self.buffers
             .write_volatile(slot as usize * self.buffer_size, RX_POISON);
@@ -291,6 +399,7 @@ impl VirtioNet {
             )));
         }
         let dma = Arc::clone(pci.dma());
+        let packed = negotiated & f::F_RING_PACKED != 0;
         // Fault injection: the device's writes into the receive buffers, or into the TX used
         // ring (its completions), are stopped by the IOMMU.
         let (rx_access, tx_used_access) = match config.fault_injection {
@@ -303,7 +412,13 @@ impl VirtioNet {
             }
         };
         let rx = Rx {
-            vq: SplitQueue::new(&dma, RX_QUEUE, rx_size)?,
+            vq: Ring::new(
+                &dma,
+                RX_QUEUE,
+                rx_size,
+                packed,
+                DmaAccess::DeviceReadsWrites,
+            )?,
             buffers: dma.allocate(rx_size as usize * config.rx_buffer_size, rx_access)?,
             buffer_size: config.rx_buffer_size,
             posted: vec![false; rx_size as usize],
@@ -312,7 +427,7 @@ impl VirtioNet {
         };
         let n = tx_size as usize;
         let tx = Tx {
-            vq: SplitQueue::with_used_ring_access(&dma, TX_QUEUE, tx_size, tx_used_access)?,
+            vq: Ring::new(&dma, TX_QUEUE, tx_size, packed, tx_used_access)?,
             headers: dma.allocate(n * TX_HDR_SLOT, DmaAccess::DeviceReads)?,
             indirect: if negotiated & f::F_INDIRECT_DESC != 0 {
                 Some(dma.allocate(n * INDIRECT_TABLE, DmaAccess::DeviceReads)?)
@@ -403,31 +518,16 @@ impl VirtioNet {
     /// and DRIVER_OK, its queues disabled; our rings are zeroed.
     fn start_queues(&mut self) -> Result<()> {
         let t = &self.transport;
-        self.rx_notify = t.setup_queue(
-            RX_QUEUE,
-            self.rx.vq.size(),
-            self.rx.vq.desc_iova(),
-            self.rx.vq.avail_iova(),
-            self.rx.vq.used_iova(),
-        )?;
-        self.tx_notify = t.setup_queue(
-            TX_QUEUE,
-            self.tx.vq.size(),
-            self.tx.vq.desc_iova(),
-            self.tx.vq.avail_iova(),
-            self.tx.vq.used_iova(),
-        )?;
-        // Receive buffers: descriptor i is buffer i, device-writable, for good.
-        let size = self.rx.buffer_size;
+        let (desc, driver, device) = self.rx.vq.areas();
+        self.rx_notify = t.setup_queue(RX_QUEUE, self.rx.vq.size(), desc, driver, device)?;
+        let (desc, driver, device) = self.tx.vq.areas();
+        self.tx_notify = t.setup_queue(TX_QUEUE, self.tx.vq.size(), desc, driver, device)?;
+        // Receive buffers: buffer id i is buffer i (split: in descriptor i), device-writable.
         self.rx.recycled.clear();
         for i in 0..self.rx.vq.size() {
-            let iova = self.rx.buffers.iova() + (i as usize * size) as u64;
-            self.rx.vq.set_desc(i, iova, size as u32, DESC_F_WRITE, 0);
             self.rx.posted[i as usize] = false;
             if !self.rx.lent[i as usize] {
-                self.rx.poison(i);
-                self.rx.vq.push_avail(i);
-                self.rx.posted[i as usize] = true;
+                self.rx.post(i);
             }
         }
         self.rx.vq.publish();
@@ -669,8 +769,18 @@ fn negotiate(t: &VirtioPciTransport, config: &NicConfig, same: Option<u64>) -> R
     let mut want = f::F_VERSION_1 | f::F_ACCESS_PLATFORM | f::NET_F_MAC | f::NET_F_STATUS;
     // Indirect descriptors for TX (measured: see the module documentation).
     // ZEROSEND_VIRTIO_INDIRECT=0 switches them off, for comparison.
-    if std::env::var_os("ZEROSEND_VIRTIO_INDIRECT").is_none_or(|v| v != "0") {
+    let indirect = std::env::var_os("ZEROSEND_VIRTIO_INDIRECT").is_none_or(|v| v != "0");
+    if indirect {
         want |= f::F_INDIRECT_DESC;
+    }
+    // Packed virtqueues (section 2.8), only with indirect descriptors (every buffer is then
+    // one descriptor). QEMU offers them with `packed=on`. ZEROSEND_VIRTIO_PACKED=0 keeps
+    // split queues, for comparison.
+    if indirect
+        && offered & f::F_INDIRECT_DESC != 0
+        && std::env::var_os("ZEROSEND_VIRTIO_PACKED").is_none_or(|v| v != "0")
+    {
+        want |= f::F_RING_PACKED;
     }
     if config.offloads.l4_checksum {
         want |= f::NET_F_CSUM;
@@ -803,11 +913,18 @@ impl NetQueue for VirtioNet {
             }));
         let h = head as usize;
         if let Some(table) = &self.tx.indirect {
-            // Section 2.7.5.3: the table's descriptors chain by index within the table; the
-            // ring descriptor has only VIRTQ_DESC_F_INDIRECT (never with NEXT), and its len
-            // is the table's size in bytes.
+            // Section 2.7.5.3 (split): the table's descriptors chain by index within the
+            // table; the ring descriptor has only VIRTQ_DESC_F_INDIRECT (never with NEXT),
+            // and its len is the table's size in bytes. Section 2.8.19 (packed): the same
+            // ring descriptor, the table in the packed layout.
             let base = h * INDIRECT_TABLE;
+            let packed = matches!(self.tx.vq, Ring::Packed(_));
             for (k, (iova, len)) in pieces.enumerate() {
+                if packed {
+                    // Section 2.8.19: packed-layout entries, consecutive, no NEXT.
+                    write_indirect_desc(table, base + k * DESC_SIZE, iova, len, 0);
+                    continue;
+                }
                 let (flags, next) = if k + 1 == n {
                     (0, 0)
                 } else {
@@ -817,9 +934,10 @@ impl NetQueue for VirtioNet {
             }
             self.tx.free.pop();
             let table_iova = table.iova() + base as u64;
+            let table_len = (n * DESC_SIZE) as u32;
             self.tx
                 .vq
-                .set_desc(head, table_iova, (n * DESC_SIZE) as u32, DESC_F_INDIRECT, 0);
+                .post(head, table_iova, table_len, DESC_F_INDIRECT);
             self.tx.chain_len[h] = 1;
         } else {
             let mut d = self.tx.free.pop().unwrap();
@@ -831,11 +949,12 @@ impl NetQueue for VirtioNet {
                     (DESC_F_NEXT, self.tx.free.pop().unwrap())
                 };
                 // TX buffers are device-readable: no VIRTQ_DESC_F_WRITE (section 2.7.5).
-                self.tx.vq.set_desc(d, iova, len, flags, next);
+                self.tx.vq.split().set_desc(d, iova, len, flags, next);
                 self.tx.next[d as usize] = next;
                 d = next;
             }
             self.tx.chain_len[h] = n as u16;
+            self.tx.vq.split().push_avail(head);
         }
         self.tx.token[h] = token;
         self.tx.bytes[h] = total;
@@ -845,7 +964,6 @@ impl NetQueue for VirtioNet {
             self.tx.last_progress = Instant::now();
         }
         self.tx.order.push_back(head);
-        self.tx.vq.push_avail(head);
         Ok(())
     }
 
@@ -984,9 +1102,7 @@ impl NetQueue for VirtioNet {
         }
         for i in 0..self.rx.recycled.len() {
             let slot = self.rx.recycled[i];
-            self.rx.poison(slot);
-            self.rx.vq.push_avail(slot);
-            self.rx.posted[slot as usize] = true;
+            self.rx.post(slot);
         }
         self.rx.recycled.clear();
         if self.rx.vq.publish() && self.rx.vq.device_wants_notification() {

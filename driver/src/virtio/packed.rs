@@ -38,9 +38,18 @@ const DESC_F_USED: u16 = 1 << 15;
 /// `struct pvirtq_event_suppress` (section 2.8.14): `le16 desc_event_off_wrap;
 /// le16 desc_event_flags;`.
 const EVENT_FLAGS: usize = 2;
-/// `RING_EVENT_FLAGS_ENABLE` / `RING_EVENT_FLAGS_DISABLE` (section 2.8.14).
-const RING_EVENT_FLAGS_ENABLE: u16 = 0;
+/// `RING_EVENT_FLAGS_DISABLE` (section 2.8.14; ENABLE is 0, DESC 2).
 const RING_EVENT_FLAGS_DISABLE: u16 = 1;
+
+/// Write entry `index` of a packed-ring indirect table (section 2.8.19: `struct pvirtq_desc`
+/// entries, consecutive, no NEXT flag; only VIRTQ_DESC_F_WRITE is valid and the buffer id is
+/// ignored). Not the split layout: there flags and next sit where `id` and flags are here.
+pub fn write_indirect_desc(table: &DmaRegion, offset: usize, addr: Iova, len: u32, flags: u16) {
+    table.write_volatile(offset + DESC_ADDR, addr.to_le());
+    table.write_volatile(offset + DESC_LEN, len.to_le());
+    table.write_volatile(offset + DESC_ID, 0u16);
+    table.write_volatile(offset + DESC_FLAGS, flags.to_le());
+}
 
 /// One packed virtqueue.
 pub struct PackedQueue {
@@ -66,6 +75,17 @@ pub struct PackedQueue {
 
 impl PackedQueue {
     pub fn new(dma: &Arc<DmaSpace>, size: u16) -> Result<Self> {
+        Self::with_ring_access(dma, size, DmaAccess::DeviceReadsWrites)
+    }
+
+    /// As [`PackedQueue::new`], with the descriptor ring mapped with `ring_access`: only
+    /// fault injection maps it [`DmaAccess::DeviceReads`], so that the device's used
+    /// descriptors are stopped by the IOMMU.
+    pub fn with_ring_access(
+        dma: &Arc<DmaSpace>,
+        size: u16,
+        ring_access: DmaAccess,
+    ) -> Result<Self> {
         if size == 0 || size > 32768 {
             return Err(DriverError::InvalidArgument(format!(
                 "packed virtqueue size {size} must be 1..=32768"
@@ -73,7 +93,7 @@ impl PackedQueue {
         }
         let mut q = PackedQueue {
             size,
-            ring: dma.allocate(DESC_SIZE * size as usize, DmaAccess::DeviceReadsWrites)?,
+            ring: dma.allocate(DESC_SIZE * size as usize, ring_access)?,
             driver_event: dma.allocate(4, DmaAccess::DeviceReads)?,
             device_event: dma.allocate(4, DmaAccess::DeviceReadsWrites)?,
             next_avail: 0,
@@ -188,8 +208,9 @@ impl PackedQueue {
         // Store (flags above) -> load (the device's suppression flags) ordering, as for split
         // queues (section 2.8.21.3.1): a full fence.
         fence(Ordering::SeqCst);
+        // ENABLE, or DESC (only meaningful with EVENT_IDX, so treated as ENABLE).
         let flags = u16::from_le(self.device_event.read_volatile::<u16>(EVENT_FLAGS));
-        flags & 0x3 == RING_EVENT_FLAGS_ENABLE || flags & 0x3 == 2
+        flags & 0x3 != RING_EVENT_FLAGS_DISABLE
     }
 
     /// The next used buffer `(id, len)`: the descriptor at our used position whose AVAIL and
