@@ -6,8 +6,8 @@
 
 pub mod anynic;
 pub mod dma;
-pub mod error;
 pub mod e1000;
+pub mod error;
 pub mod mmio;
 pub mod nic;
 pub mod pcap;
@@ -20,6 +20,6 @@ pub mod virtio;
 pub use error::{DriverError, Result};
 pub use nic::NicModel;
 pub use queue::{
-    Capabilities, DeviceStats, Iova, L4Checksum, L4Protocol, MacAddress, NetQueue, RxBuffer,
-    TxOffload, TxSegment, TxToken, Tso,
+    Capabilities, DeviceStats, Iova, L4Checksum, L4Protocol, MacAddress, NetQueue, RxBuffer, Tso,
+    TxOffload, TxSegment, TxToken,
 };

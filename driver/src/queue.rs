@@ -81,7 +81,9 @@ impl std::str::FromStr for MacAddress {
                 .map_err(|_| DriverError::InvalidArgument(format!("bad MAC address {s:?}")))?;
         }
         if parts.next().is_some() {
-            return Err(DriverError::InvalidArgument(format!("bad MAC address {s:?}")));
+            return Err(DriverError::InvalidArgument(format!(
+                "bad MAC address {s:?}"
+            )));
         }
         Ok(MacAddress(out))
     }

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -49,7 +49,10 @@ impl Nic {
     }
 
     pub fn parse(s: &str) -> Option<Nic> {
-        Nic::ALL.into_iter().chain([Nic::E1000_82545em]).find(|n| n.name() == s)
+        Nic::ALL
+            .into_iter()
+            .chain([Nic::E1000_82545em])
+            .find(|n| n.name() == s)
     }
 }
 

@@ -19,11 +19,18 @@ fn dhcp_and_forwarded_download(nic: Nic) {
         .unwrap();
     let line = guest.wait_for_console("zerosend: serving", Duration::from_secs(240));
     if !line.contains(" on 10.0.2.15:80 ") {
-        guest.fail(&format!("DHCP did not give the address QEMU hands out: {line}"));
+        guest.fail(&format!(
+            "DHCP did not give the address QEMU hands out: {line}"
+        ));
     }
     let port = guest.host_port(80);
     let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "180", &format!("http://127.0.0.1:{port}/file.bin")])
+        .args([
+            "-sS",
+            "--max-time",
+            "180",
+            &format!("http://127.0.0.1:{port}/file.bin"),
+        ])
         .output()
         .unwrap();
     if sha256_hex(&out.stdout) != sha256_hex(&body) {

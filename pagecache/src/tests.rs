@@ -534,7 +534,12 @@ fn replace_contents_is_one_atomic_version() {
     let old = pattern(3 * PAGE_SIZE + 100, 1);
     let path = make_file(&dir, "replace", &old);
     let cache = cache(32, CacheConfig::default());
-    for policy in [WritePolicy::CopyOnWrite, WritePolicy::Wait { timeout: std::time::Duration::from_millis(50) }] {
+    for policy in [
+        WritePolicy::CopyOnWrite,
+        WritePolicy::Wait {
+            timeout: std::time::Duration::from_millis(50),
+        },
+    ] {
         let file = cache.open(&path, rw(policy)).unwrap();
         file.replace_contents(&old).unwrap();
         let before = file.pin(0..file.len()).unwrap();
@@ -542,7 +547,11 @@ fn replace_contents_is_one_atomic_version() {
         match policy {
             WritePolicy::CopyOnWrite => {
                 file.replace_contents(&shorter).unwrap();
-                assert_eq!(before.to_vec(), old, "the pinned snapshot kept the old bytes");
+                assert_eq!(
+                    before.to_vec(),
+                    old,
+                    "the pinned snapshot kept the old bytes"
+                );
             }
             _ => {
                 // A Wait writer cannot replace pinned pages; it fails without writing.
