@@ -81,6 +81,11 @@ pub struct NicConfig {
     /// [`DriverError::TxHang`].
     pub tx_hang_timeout: Duration,
     pub fault_injection: FaultInjection,
+    /// virtio-net: use indirect descriptor tables for TX when offered (one ring slot per
+    /// frame, so 256 frames can be in flight).
+    pub virtio_indirect: bool,
+    /// virtio-net: use packed virtqueues when offered (with indirect descriptors only).
+    pub virtio_packed: bool,
 }
 
 impl Default for NicConfig {
@@ -93,6 +98,8 @@ impl Default for NicConfig {
             link_wait: Duration::from_secs(10),
             tx_hang_timeout: Duration::from_secs(1),
             fault_injection: FaultInjection::None,
+            virtio_indirect: true,
+            virtio_packed: true,
         }
     }
 }

@@ -112,3 +112,8 @@ fn e1000e_stack_sends_a_file_to_linux_tcp() {
 fn e1000_stack_without_tso_sends_a_file_to_linux_tcp() {
     stack_sends_file_to_linux(Nic::E1000, "--no-tso");
 }
+
+#[test]
+fn virtio_stack_sends_a_file_to_linux_tcp() {
+    stack_sends_file_to_linux(Nic::Virtio, "");
+}

@@ -43,8 +43,8 @@
 //! - **Packed virtqueues** (section 2.8, [`super::packed`]): when the device offers
 //!   VIRTIO_F_RING_PACKED (QEMU: `packed=on`) together with INDIRECT_DESC, both queues use
 //!   the packed layout; every buffer is then one descriptor (a TX frame's indirect table, in
-//!   the packed table layout of section 2.8.19, or one RX buffer). `ZEROSEND_VIRTIO_PACKED=0`
-//!   and `ZEROSEND_VIRTIO_INDIRECT=0` in the environment switch them off, for comparisons.
+//!   the packed table layout of section 2.8.19, or one RX buffer). `NicConfig::virtio_packed`
+//!   and `NicConfig::virtio_indirect` switch them off, for comparisons.
 //!
 //! # Offloads (section 5.1.6.2)
 //! - L4 checksum -> `VIRTIO_NET_HDR_F_NEEDS_CSUM` with `csum_start`/`csum_offset`; the
@@ -768,18 +768,15 @@ fn negotiate(t: &VirtioPciTransport, config: &NicConfig, same: Option<u64>) -> R
     }
     let mut want = f::F_VERSION_1 | f::F_ACCESS_PLATFORM | f::NET_F_MAC | f::NET_F_STATUS;
     // Indirect descriptors for TX (measured: see the module documentation).
-    // ZEROSEND_VIRTIO_INDIRECT=0 switches them off, for comparison.
-    let indirect = std::env::var_os("ZEROSEND_VIRTIO_INDIRECT").is_none_or(|v| v != "0");
+    // `NicConfig::virtio_indirect` switches them off, for comparison.
+    let indirect = config.virtio_indirect;
     if indirect {
         want |= f::F_INDIRECT_DESC;
     }
     // Packed virtqueues (section 2.8), only with indirect descriptors (every buffer is then
-    // one descriptor). QEMU offers them with `packed=on`. ZEROSEND_VIRTIO_PACKED=0 keeps
-    // split queues, for comparison.
-    if indirect
-        && offered & f::F_INDIRECT_DESC != 0
-        && std::env::var_os("ZEROSEND_VIRTIO_PACKED").is_none_or(|v| v != "0")
-    {
+    // one descriptor). QEMU offers them with `packed=on`. `NicConfig::virtio_packed` off
+    // keeps split queues, for comparison.
+    if indirect && offered & f::F_INDIRECT_DESC != 0 && config.virtio_packed {
         want |= f::F_RING_PACKED;
     }
     if config.offloads.l4_checksum {

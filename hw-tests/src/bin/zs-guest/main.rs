@@ -75,7 +75,9 @@ fn identify(pci: Option<&str>) -> Result<()> {
     println!("PCI_IDS {vendor:04x}:{device:04x}");
     let command = dev.enable_bus_master()?;
     println!("PCI_COMMAND {command:#06x}");
-    let ring = dev.dma().allocate(64 * 1024, DmaAccess::DeviceReadsWrites)?;
+    let ring = dev
+        .dma()
+        .allocate(64 * 1024, DmaAccess::DeviceReadsWrites)?;
     let payload = dev.dma().allocate(4096, DmaAccess::DeviceReads)?;
     ring.write_volatile(0, 0xfeed_f00d_u32);
     println!(
@@ -97,7 +99,10 @@ fn identify(pci: Option<&str>) -> Result<()> {
         let t = VirtioPciTransport::new(&dev)?;
         t.reset()?;
         let offered = t.device_features();
-        println!("VIRTIO_FEATURES {offered:#018x} {}", features::names(offered).join(","));
+        println!(
+            "VIRTIO_FEATURES {offered:#018x} {}",
+            features::names(offered).join(",")
+        );
         if offered & features::F_ACCESS_PLATFORM == 0 {
             return Err(driver::DriverError::NoAccessPlatform.into());
         }
@@ -110,4 +115,18 @@ fn identify(pci: Option<&str>) -> Result<()> {
     }
     println!("IDENTIFY_OK");
     Ok(())
+}
+
+/// Comparison switches for benchmarks and tests, given to the guest program in its
+/// environment: `ZEROSEND_VIRTIO_INDIRECT=0`, `ZEROSEND_VIRTIO_PACKED=0`.
+fn with_env_switches(config: &driver::anynic::NicConfig) -> driver::anynic::NicConfig {
+    let off = |name: &str| std::env::var_os(name).is_some_and(|v| v == "0");
+    let mut config = config.clone();
+    if off("ZEROSEND_VIRTIO_INDIRECT") {
+        config.virtio_indirect = false;
+    }
+    if off("ZEROSEND_VIRTIO_PACKED") {
+        config.virtio_packed = false;
+    }
+    config
 }

@@ -204,6 +204,7 @@ impl Chain {
 fn open(config: &NicConfig) -> Result<AnyNic> {
     let (address, model) = super::find_nic(None)?;
     println!("NIC {address} {model}");
+    let config = &super::with_env_switches(config);
     let mut nic = open_nic(&address, config).with_context(|| format!("opening {address}"))?;
     println!("MAC {}", nic.mac_address());
     println!("LINK {}", if nic.link_up() { "up" } else { "down" });

@@ -147,6 +147,7 @@ fn open(pci: Option<&str>, config: &NicConfig) -> Result<VirtioNet> {
     );
     println!("NIC {address} {model}");
     let dev = VfioPci::open(&address).with_context(|| format!("opening {address}"))?;
+    let config = &super::with_env_switches(config);
     let nic = VirtioNet::open(dev, config).context("initialising virtio-net")?;
     println!(
         "VIRTIO_OFFERED {:#018x} {}",
