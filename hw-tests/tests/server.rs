@@ -22,6 +22,7 @@ fn url(path: &str) -> String {
 }
 
 struct Server {
+    nic: Nic,
     guest: RunningGuest,
     big: Vec<u8>,
 }
@@ -46,7 +47,7 @@ impl Server {
             .start()
             .unwrap();
         guest.wait_for_console("zerosend: serving", Duration::from_secs(180));
-        Server { guest, big }
+        Server { nic, guest, big }
     }
 
     /// Run curl inside the namespace.
@@ -71,6 +72,18 @@ impl Server {
             })
             .join()
             .unwrap()
+    }
+
+    /// A host directory of this server's own: the three NIC models run in parallel in one
+    /// process, so shared paths would mix their downloads.
+    fn scratch_dir(&self, what: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "zs-e2e-{}-{}-{what}",
+            std::process::id(),
+            self.nic.name()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[track_caller]
@@ -108,7 +121,7 @@ fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Vec<u8>) {
 }
 
 fn full_download(srv: &Server) {
-    let dir = std::env::temp_dir().join(format!("zs-e2e-{}", std::process::id()));
+    let dir = srv.scratch_dir("download");
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("big.bin");
     let started = Instant::now();
@@ -265,7 +278,7 @@ fn parallel_64(srv: &Server) {
 
 fn put_then_get(srv: &Server) {
     let body = random_bytes(7, 300_000);
-    let dir = std::env::temp_dir().join(format!("zs-e2e-put-{}", std::process::id()));
+    let dir = srv.scratch_dir("put");
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("upload.bin");
     std::fs::write(&f, &body).unwrap();
@@ -490,7 +503,7 @@ fn metrics_and_pcap(srv: &Server) {
         text.contains("zerosend_payload_bytes_copied_total"),
         "copy counter missing",
     );
-    let dir = std::env::temp_dir().join(format!("zs-e2e-pcap-{}", std::process::id()));
+    let dir = srv.scratch_dir("pcap");
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("capture.pcap");
     srv.curl(&["-o", f.to_str().unwrap(), &url("/capture.pcap")]);
