@@ -26,6 +26,7 @@ mod guest_programs;
 mod initramfs;
 pub mod netns;
 mod qemu;
+pub mod wire;
 
 pub use guest_programs::guest_programs;
 pub use netns::NetNs;

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hw_tests::netns::{GUEST_IP, TAP_NAME};
+use hw_tests::wire::{fnv64, fold, mac_bytes, pcap_frames, sum16, Ipv4Frame, IPPROTO_TCP};
 use hw_tests::{Guest, GuestRun, Network, Nic};
 
 /// Generous: two TCG guests share two loaded cores.
@@ -74,14 +75,6 @@ fn mac_for(nic: Nic, test: u8) -> String {
     format!("52:54:00:c{n}:00:{test:02x}")
 }
 
-fn mac_bytes(mac: &str) -> [u8; 6] {
-    let v: Vec<u8> = mac
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
-}
-
 /// Boot a guest on QEMU's user network with a pcap, run `command`, expect success.
 fn run_captured(name: &str, nic: Nic, mac: &str, command: &str) -> GuestRun {
     let run = Guest::new(&format!("nic-{name}-{}", nic.name()), nic)
@@ -98,132 +91,11 @@ fn run_captured(name: &str, nic: Nic, mac: &str, command: &str) -> GuestRun {
     run
 }
 
-/// Frames of a classic pcap file (what QEMU's filter-dump writes).
+/// Frames of the run's pcap (QEMU's filter-dump); an unreadable capture fails the run.
 fn read_pcap(run: &GuestRun) -> Vec<Vec<u8>> {
     let data = std::fs::read(run.pcap_path())
         .unwrap_or_else(|e| run.fail(&format!("reading the pcap: {e}")));
-    if data.len() < 24 {
-        run.fail("pcap shorter than its header");
-    }
-    let magic = u32::from_le_bytes(data[0..4].try_into().unwrap());
-    let le = match magic {
-        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
-        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
-        _ => run.fail(&format!("not a pcap file (magic {magic:#x})")),
-    };
-    let u32_at = |b: &[u8]| {
-        let a: [u8; 4] = b.try_into().unwrap();
-        if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
-    };
-    let mut frames = Vec::new();
-    let mut at = 24;
-    while at + 16 <= data.len() {
-        let incl = u32_at(&data[at + 8..at + 12]) as usize;
-        let orig = u32_at(&data[at + 12..at + 16]) as usize;
-        at += 16;
-        if at + incl > data.len() {
-            break; // QEMU was killed mid-record
-        }
-        if incl != orig {
-            run.fail(&format!("pcap record truncated ({incl} of {orig} bytes)"));
-        }
-        frames.push(data[at..at + incl].to_vec());
-        at += incl;
-    }
-    frames
-}
-
-fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u16::from_be_bytes([c[0], c[1]]) as u32;
-    }
-    if let [b] = chunks.remainder() {
-        acc += (*b as u32) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u32) -> u16 {
-    while acc >> 16 != 0 {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
-
-fn fnv64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in data {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// A parsed IPv4 frame with TCP or UDP.
-#[derive(Debug)]
-struct Ipv4Frame<'a> {
-    frame: &'a [u8],
-    ip: &'a [u8],
-    proto: u8,
-    /// The L4 header and data (to the IPv4 total length).
-    l4: &'a [u8],
-    id: u16,
-    flags_frag: u16,
-}
-
-impl Ipv4Frame<'_> {
-    fn parse(frame: &[u8]) -> Option<Ipv4Frame<'_>> {
-        if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] >> 4 != 4 {
-            return None;
-        }
-        let ihl = (frame[14] & 0xf) as usize * 4;
-        let total = u16::from_be_bytes([frame[16], frame[17]]) as usize;
-        if total < ihl || frame.len() < 14 + total {
-            return None;
-        }
-        let ip = &frame[14..14 + total];
-        Some(Ipv4Frame {
-            frame,
-            ip,
-            proto: ip[9],
-            l4: &ip[ihl..],
-            id: u16::from_be_bytes([ip[4], ip[5]]),
-            flags_frag: u16::from_be_bytes([ip[6], ip[7]]),
-        })
-    }
-    fn src_mac(&self) -> &[u8] {
-        &self.frame[6..12]
-    }
-    fn src_port(&self) -> u16 {
-        u16::from_be_bytes([self.l4[0], self.l4[1]])
-    }
-    fn ip_checksum_ok(&self) -> bool {
-        let ihl = (self.ip[0] & 0xf) as usize * 4;
-        fold(sum16(&self.ip[..ihl], 0)) == 0xffff
-    }
-    /// Whether the TCP/UDP checksum verifies (a zero UDP checksum, "none", does not).
-    fn l4_checksum_ok(&self) -> bool {
-        let field = if self.proto == 6 { 16 } else { 6 };
-        if self.l4[field..field + 2] == [0, 0] && self.proto == 17 {
-            return false;
-        }
-        let pseudo = sum16(&self.ip[12..20], self.proto as u32 + self.l4.len() as u32);
-        fold(sum16(self.l4, pseudo)) == 0xffff
-    }
-    fn tcp_seq(&self) -> u32 {
-        u32::from_be_bytes(self.l4[4..8].try_into().unwrap())
-    }
-    fn tcp_flags(&self) -> u8 {
-        self.l4[13]
-    }
-    fn tcp_payload(&self) -> &[u8] {
-        &self.l4[(self.l4[12] >> 4) as usize * 4..]
-    }
+    pcap_frames(&data).unwrap_or_else(|e| run.fail(&e))
 }
 
 /// The guest's IPv4 frames in the capture.
@@ -544,7 +416,10 @@ fn tso_as_qemu72_e1000e_fragments(
     let first = &frags[0];
     run.expect_eq("TCP source port", first.src_port(), TSO_PORT);
     run.expect_eq("TCP sequence number", first.tcp_seq(), TSO_SEQ);
-    let pseudo = sum16(&first.ip[12..20], 6 + reassembled.len() as u32);
+    let pseudo = sum16(
+        &first.ip[12..20],
+        IPPROTO_TCP as u64 + reassembled.len() as u64,
+    );
     run.expect_eq(
         "TCP checksum over the reassembled segment",
         fold(sum16(&reassembled, pseudo)),

@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hw_tests::netns::{GUEST_IP, HOST_IP, TAP_NAME};
-use hw_tests::{Guest, GuestRun, NetNs, Network, Nic};
+use hw_tests::wire::{mac_bytes, Ipv4Frame, TCP_PSH};
+use hw_tests::{Guest, GuestRun, NetNs, Network, Nic, RunningGuest};
 
 const TIMEOUT: Duration = Duration::from_secs(400);
 
@@ -76,97 +77,15 @@ fn tcp_payload_len(k: u32) -> usize {
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-fn mac_bytes(mac: &str) -> [u8; 6] {
-    let v: Vec<u8> = mac
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
-}
-
-/// Frames of a classic little-endian pcap file (as QEMU's filter-dump writes it).
+/// Frames of a pcap file (as QEMU's filter-dump writes it); panics if it cannot be read.
 fn pcap_frames(path: &std::path::Path) -> Vec<Vec<u8>> {
     let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    assert!(data.len() >= 24, "pcap {} too short", path.display());
-    assert_eq!(
-        u32::from_le_bytes(data[0..4].try_into().unwrap()),
-        0xa1b2c3d4,
-        "pcap magic"
-    );
-    let mut out = Vec::new();
-    let mut at = 24;
-    while at + 16 <= data.len() {
-        let incl = u32::from_le_bytes(data[at + 8..at + 12].try_into().unwrap()) as usize;
-        let start = at + 16;
-        if start + incl > data.len() {
-            break;
-        }
-        out.push(data[start..start + incl].to_vec());
-        at = start + incl;
-    }
-    out
+    hw_tests::wire::pcap_frames(&data).unwrap_or_else(|e| panic!("pcap {}: {e}", path.display()))
 }
 
-fn fold(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-fn sum_words(data: &[u8]) -> u64 {
-    data.chunks(2)
-        .map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u64)
-        .sum()
-}
-
-/// A parsed IPv4 packet with both checksums verified.
-#[derive(Debug)]
-struct Ipv4Packet {
-    id: u16,
-    ttl: u8,
-    proto: u8,
-    dst: [u8; 4],
-    ip_checksum_ok: bool,
-    /// The transport checksum verified over the pseudo-header and the whole segment.
-    l4_checksum_ok: bool,
-    l4_checksum: u16,
-    /// The transport header and payload.
-    l4: Vec<u8>,
-}
-
-fn parse_ipv4(frame: &[u8]) -> Option<Ipv4Packet> {
-    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] >> 4 != 4 {
-        return None;
-    }
-    let ihl = (frame[14] & 0x0f) as usize * 4;
-    let ip = &frame[14..];
-    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    if total > ip.len() || total < ihl {
-        return None;
-    }
-    let src: [u8; 4] = ip[12..16].try_into().unwrap();
-    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
-    let l4 = &ip[ihl..total];
-    let pseudo = sum_words(&src) + sum_words(&dst) + ip[9] as u64 + l4.len() as u64;
-    let csum_at = match ip[9] {
-        6 => 16,
-        17 => 6,
-        _ => return None,
-    };
-    if l4.len() < csum_at + 2 {
-        return None;
-    }
-    Some(Ipv4Packet {
-        id: u16::from_be_bytes([ip[4], ip[5]]),
-        ttl: ip[8],
-        proto: ip[9],
-        dst,
-        ip_checksum_ok: fold(sum_words(&ip[..ihl])) == 0xffff,
-        l4_checksum_ok: fold(pseudo + sum_words(l4)) == 0xffff,
-        l4_checksum: u16::from_be_bytes([l4[csum_at], l4[csum_at + 1]]),
-        l4: l4.to_vec(),
-    })
+/// A TCP or UDP packet in `frame`, long enough to hold its checksum field.
+fn parse_ipv4(frame: &[u8]) -> Option<Ipv4Frame<'_>> {
+    Ipv4Frame::parse(frame).filter(|p| p.l4_checksum_field().is_some())
 }
 
 fn run_guest(guest: Guest) -> GuestRun {
@@ -307,6 +226,33 @@ fn keep_sending(
             std::thread::sleep(Duration::from_millis(300));
         }
     })
+}
+
+/// Start a virtio guest on the TAP network running `command`, and give the host a permanent
+/// neighbour entry for it: the guest programs answer no ARP.
+fn start_on_tap(name: &str, mac: &str, packed: bool, command: &str) -> RunningGuest {
+    let guest = virtio_guest(name, packed)
+        .mac(mac)
+        .network(Network::Tap)
+        .run(command)
+        .timeout(TIMEOUT)
+        .start()
+        .unwrap();
+    ip_in(
+        guest.netns(),
+        &[
+            "neigh",
+            "replace",
+            GUEST_IP,
+            "lladdr",
+            mac,
+            "dev",
+            TAP_NAME,
+            "nud",
+            "permanent",
+        ],
+    );
+    guest
 }
 
 #[track_caller]
@@ -467,28 +413,13 @@ fn virtio_packed_rx_of_frames_sent_by_the_host() {
 fn rx_from_host(name: &str, mac: &str, packed: bool) {
     // More datagrams than receive buffers: the rings wrap and buffers are recycled.
     let count = 600u32;
-    let guest = virtio_guest(name, packed)
-        .mac(mac)
-        .network(Network::Tap)
-        .run(&format!("zs-guest virtio-rx --count {count}"))
-        .timeout(TIMEOUT)
-        .start()
-        .unwrap();
-    let ns = guest.netns();
-    ip_in(
-        ns,
-        &[
-            "neigh",
-            "replace",
-            GUEST_IP,
-            "lladdr",
-            mac,
-            "dev",
-            TAP_NAME,
-            "nud",
-            "permanent",
-        ],
+    let guest = start_on_tap(
+        name,
+        mac,
+        packed,
+        &format!("zs-guest virtio-rx --count {count}"),
     );
+    let ns = guest.netns();
     guest.wait_for_console("RX_READY", TIMEOUT);
     let sender = ns.spawn(move || {
         let sock = std::net::UdpSocket::bind((HOST_IP, 0)).unwrap();
@@ -525,30 +456,13 @@ fn virtio_packed_checksum_offload_and_tso_checked_by_the_host_kernel() {
 }
 
 fn offload_through_host(name: &str, mac: &str, packed: bool) {
-    let guest = virtio_guest(name, packed)
-        .mac(mac)
-        .network(Network::Tap)
-        .run(&format!(
-            "zs-guest virtio-offload --tso-bytes {TSO_BYTES} --mss {MSS}"
-        ))
-        .timeout(TIMEOUT)
-        .start()
-        .unwrap();
-    let ns = guest.netns();
-    ip_in(
-        ns,
-        &[
-            "neigh",
-            "replace",
-            GUEST_IP,
-            "lladdr",
-            mac,
-            "dev",
-            TAP_NAME,
-            "nud",
-            "permanent",
-        ],
+    let guest = start_on_tap(
+        name,
+        mac,
+        packed,
+        &format!("zs-guest virtio-offload --tso-bytes {TSO_BYTES} --mss {MSS}"),
     );
+    let ns = guest.netns();
     let reader = TapReader::create(ns);
     guest.wait_for_console("RX_READY", TIMEOUT);
     let stop = Arc::new(AtomicBool::new(false));
@@ -586,19 +500,20 @@ fn offload_through_host(name: &str, mac: &str, packed: bool) {
         }
     }
 
-    let packets: Vec<Ipv4Packet> = frames
+    let packets: Vec<Ipv4Frame> = frames
         .iter()
         .filter_map(|f| parse_ipv4(f))
-        .filter(|p| p.dst == [10, 99, 1, 2])
+        .filter(|p| p.dst_ip() == [10, 99, 1, 2])
         .collect();
     for p in &packets {
-        if !p.ip_checksum_ok || !p.l4_checksum_ok {
+        let (ip_ok, l4_ok) = (p.ip_checksum_ok(), p.l4_checksum_verifies());
+        if !ip_ok || !l4_ok {
             run.fail(&format!(
-                "bad checksum after forwarding (ip ok: {}, l4 ok: {}): proto {} id {:#x}",
-                p.ip_checksum_ok, p.l4_checksum_ok, p.proto, p.id
+                "bad checksum after forwarding (ip ok: {ip_ok}, l4 ok: {l4_ok}): proto {} id {:#x}",
+                p.proto, p.id
             ));
         }
-        run.expect_eq("TTL after one hop", p.ttl, 63);
+        run.expect_eq("TTL after one hop", p.ttl(), 63);
     }
 
     // UDP: checksum offload, IPv4 header checksum by the driver.
@@ -615,12 +530,8 @@ fn offload_through_host(name: &str, mac: &str, packed: bool) {
         let want: Vec<u8> = (0..udp_payload_len(k))
             .map(|i| pattern(1000 + k, i))
             .collect();
-        run.expect_eq(
-            "UDP destination port",
-            u16::from_be_bytes([p.l4[2], p.l4[3]]),
-            UDP_DST_PORT,
-        );
-        if p.l4[8..] != want[..] || p.l4_checksum == 0 {
+        run.expect_eq("UDP destination port", p.dst_port(), UDP_DST_PORT);
+        if p.l4[8..] != want[..] || p.l4_checksum_field() == Some(0) {
             run.fail(&format!(
                 "UDP frame {k}: payload differs or checksum left 0"
             ));
@@ -635,16 +546,8 @@ fn offload_through_host(name: &str, mac: &str, packed: bool) {
         else {
             run.fail(&format!("TCP frame {k} did not arrive"));
         };
-        run.expect_eq(
-            "TCP destination port",
-            u16::from_be_bytes([p.l4[2], p.l4[3]]),
-            TCP_DST_PORT,
-        );
-        run.expect_eq(
-            "TCP sequence",
-            u32::from_be_bytes(p.l4[4..8].try_into().unwrap()),
-            seq,
-        );
+        run.expect_eq("TCP destination port", p.dst_port(), TCP_DST_PORT);
+        run.expect_eq("TCP sequence", p.tcp_seq(), seq);
         let want: Vec<u8> = (0..tcp_payload_len(k))
             .map(|i| pattern(2000 + k, i))
             .collect();
@@ -653,20 +556,19 @@ fn offload_through_host(name: &str, mac: &str, packed: bool) {
         }
     }
     // TSO: one 60 KiB frame, cut by the host into MSS segments.
-    let mut segments: Vec<&Ipv4Packet> = packets
+    let mut segments: Vec<&Ipv4Frame> = packets
         .iter()
-        .filter(|p| {
-            p.proto == 6
-                && u32::from_be_bytes(p.l4[4..8].try_into().unwrap()).wrapping_sub(TSO_SEQ)
-                    < TSO_BYTES as u32
-        })
+        .filter(|p| p.proto == 6 && p.tcp_seq().wrapping_sub(TSO_SEQ) < TSO_BYTES as u32)
         .collect();
-    segments.sort_by_key(|p| u32::from_be_bytes(p.l4[4..8].try_into().unwrap()));
+    segments.sort_by_key(|p| p.tcp_seq());
     run.expect_eq("TSO segments", segments.len(), TSO_BYTES.div_ceil(MSS));
     let mut offset = 0usize;
     for (i, p) in segments.iter().enumerate() {
-        let seq = u32::from_be_bytes(p.l4[4..8].try_into().unwrap());
-        run.expect_eq("segment sequence number", seq, TSO_SEQ + offset as u32);
+        run.expect_eq(
+            "segment sequence number",
+            p.tcp_seq(),
+            TSO_SEQ + offset as u32,
+        );
         let payload = &p.l4[20..];
         let last = i + 1 == segments.len();
         if payload.len() != if last { TSO_BYTES - offset } else { MSS } {
@@ -682,7 +584,7 @@ fn offload_through_host(name: &str, mac: &str, packed: bool) {
         {
             run.fail(&format!("segment {i}: payload differs"));
         }
-        let psh = p.l4[13] & 0x08 != 0;
+        let psh = p.tcp_flags() & TCP_PSH != 0;
         run.expect_eq("PSH only on the last segment", psh, last);
         offset += payload.len();
     }

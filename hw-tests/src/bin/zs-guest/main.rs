@@ -8,7 +8,7 @@ use driver::dma::DmaAccess;
 use driver::pci::{self, PciAddress};
 use driver::vfio::VfioPci;
 use driver::virtio::{features, VirtioPciTransport};
-use driver::NicModel;
+use driver::{L4Checksum, L4Protocol, NicModel, Tso, TxOffload};
 
 mod nictest;
 mod stack;
@@ -129,4 +129,35 @@ fn with_env_switches(config: &driver::anynic::NicConfig) -> driver::anynic::NicC
         config.virtio_packed = false;
     }
     config
+}
+
+/// Checksum offload for a frame with an option-less IPv4 header (Ethernet 14 + IPv4 20 bytes,
+/// so the TCP/UDP header starts at 34): the TCP/UDP checksum, and the IPv4 header checksum
+/// too when `ipv4_header`. The guest programs build only such frames.
+fn checksum_offload(protocol: L4Protocol, ipv4_header: bool) -> TxOffload {
+    let field = match protocol {
+        L4Protocol::Tcp => 34 + 16,
+        L4Protocol::Udp => 34 + 6,
+    };
+    TxOffload {
+        ipv4_header: ipv4_header.then_some(14),
+        l4_checksum: Some(L4Checksum {
+            protocol,
+            start: 34,
+            field,
+        }),
+        tso: None,
+    }
+}
+
+/// TSO of a TCP frame with 54 bytes of headers (Ethernet, IPv4 and TCP without options), with
+/// both checksums offloaded as TSO requires.
+fn tso_offload(mss: u16) -> TxOffload {
+    TxOffload {
+        tso: Some(Tso {
+            mss,
+            header_len: 54,
+        }),
+        ..checksum_offload(L4Protocol::Tcp, true)
+    }
 }

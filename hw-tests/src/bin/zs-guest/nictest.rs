@@ -14,7 +14,13 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use driver::anynic::{open_nic, AnyNic, FaultInjection, NicConfig};
 use driver::dma::{DmaAccess, DmaRegion};
-use driver::{DriverError, L4Checksum, L4Protocol, NetQueue, Tso, TxOffload, TxSegment, TxToken};
+use driver::{DriverError, L4Protocol, NetQueue, TxOffload, TxSegment, TxToken};
+use hw_tests::wire::{
+    self, ethernet, fnv64, fold, ipv4_header, pseudo_sum, sum16, Ipv4Frame, ETHERTYPE_IPV4,
+    IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH,
+};
+
+use super::{checksum_offload, tso_offload};
 
 #[derive(Subcommand)]
 pub enum NicCommand {
@@ -104,71 +110,6 @@ pub fn tso_byte(j: usize) -> u8 {
     (j * 7 + (j >> 8) * 3 + 1) as u8
 }
 
-/// FNV-1a, 64 bit.
-pub fn fnv64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in data {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u16::from_be_bytes([c[0], c[1]]) as u32;
-    }
-    if let [b] = chunks.remainder() {
-        acc += (*b as u32) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u32) -> u16 {
-    while acc >> 16 != 0 {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
-
-/// One's-complement sum of the IPv4 pseudo-header (not inverted).
-fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u16 {
-    fold(sum16(&src, sum16(&dst, proto as u32 + len as u32)))
-}
-
-fn ipv4_header(
-    total_len: u16,
-    id: u16,
-    proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
-    checksum: bool,
-) -> [u8; 20] {
-    let mut h = [0u8; 20];
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&total_len.to_be_bytes());
-    h[4..6].copy_from_slice(&id.to_be_bytes());
-    h[6] = 0x40; // DF
-    h[8] = 64;
-    h[9] = proto;
-    h[12..16].copy_from_slice(&src);
-    h[16..20].copy_from_slice(&dst);
-    if checksum {
-        let c = !fold(sum16(&h, 0));
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-    }
-    h
-}
-
-fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> [u8; 14] {
-    let mut e = [0u8; 14];
-    e[0..6].copy_from_slice(&dst);
-    e[6..12].copy_from_slice(&src);
-    e[12..14].copy_from_slice(&ethertype.to_be_bytes());
-    e
-}
-
 /// A frame whose pieces live in separate read-only DMA regions.
 struct Chain {
     _regions: Vec<DmaRegion>,
@@ -248,8 +189,9 @@ fn print_stats(nic: &mut AnyNic) {
     );
 }
 
-/// Ethernet + IPv4 + UDP header (42 bytes) from the user-network guest to the gateway.
-fn udp_header(
+/// Ethernet + IPv4 + UDP header (42 bytes) from the user-network guest to the gateway; both
+/// checksums computed here when `full_csum`, else left zero.
+fn udp_headers(
     src_mac: [u8; 6],
     src_port: u16,
     dst_port: u16,
@@ -258,31 +200,52 @@ fn udp_header(
     full_csum: bool,
 ) -> Vec<u8> {
     let udp_len = 8 + payload.len() as u16;
-    let mut f = ethernet(USER_GATEWAY_MAC, src_mac, 0x0800).to_vec();
+    let mut f = ethernet(USER_GATEWAY_MAC, src_mac, ETHERTYPE_IPV4).to_vec();
     f.extend_from_slice(&ipv4_header(
         20 + udp_len,
         id,
-        17,
+        IPPROTO_UDP,
         USER_GUEST_IP,
         USER_GATEWAY_IP,
         full_csum,
     ));
-    f.extend_from_slice(&src_port.to_be_bytes());
-    f.extend_from_slice(&dst_port.to_be_bytes());
-    f.extend_from_slice(&udp_len.to_be_bytes());
     let csum = if full_csum {
-        let ps = pseudo_sum(USER_GUEST_IP, USER_GATEWAY_IP, 17, udp_len);
-        let mut acc = sum16(&f[34..40], ps as u32);
-        acc = sum16(payload, acc);
-        match !fold(acc) {
+        let ps = pseudo_sum(USER_GUEST_IP, USER_GATEWAY_IP, IPPROTO_UDP, udp_len);
+        let header = wire::udp_header(src_port, dst_port, udp_len, 0);
+        // A computed 0 goes out as 0xffff: a zero UDP checksum means "none".
+        match !fold(sum16(payload, sum16(&header, ps as u64))) {
             0 => 0xffff,
             c => c,
         }
     } else {
         0
     };
-    f.extend_from_slice(&csum.to_be_bytes());
+    f.extend_from_slice(&wire::udp_header(src_port, dst_port, udp_len, csum));
     f
+}
+
+/// Ethernet + IPv4 + TCP header (54 bytes) of a TSO frame from the user-network guest to the
+/// gateway, per the TSO contract: the IPv4 header checksum is left to the device and the TCP
+/// checksum field holds the pseudo-header sum computed with a length of zero.
+fn tso_headers(src_mac: [u8; 6], ip_total: u16, id: u16, tcp_flags: u8) -> Vec<u8> {
+    let mut h = ethernet(USER_GATEWAY_MAC, src_mac, ETHERTYPE_IPV4).to_vec();
+    h.extend_from_slice(&ipv4_header(
+        ip_total,
+        id,
+        IPPROTO_TCP,
+        USER_GUEST_IP,
+        USER_GATEWAY_IP,
+        false,
+    ));
+    h.extend_from_slice(&wire::tcp_header(
+        TSO_PORT,
+        9,
+        TSO_SEQ,
+        0,
+        tcp_flags,
+        pseudo_sum(USER_GUEST_IP, USER_GATEWAY_IP, IPPROTO_TCP, 0),
+    ));
+    h
 }
 
 // ---------------------------------------------------------------------------------------
@@ -302,7 +265,7 @@ fn tx_chain(frames: u32) -> Result<()> {
             .enumerate()
             .flat_map(|(k, &l)| (0..l).map(move |j| chain_byte(i, k, j)))
             .collect();
-        let header = udp_header(mac, 41000 + i as u16, 9, &payload, i as u16, true);
+        let header = udp_headers(mac, 41000 + i as u16, 9, &payload, i as u16, true);
         let mut chain = Chain::new();
         chain.push(&nic, &header, 3 + i as usize, 4096)?;
         for (k, &l) in lens.iter().enumerate() {
@@ -354,11 +317,11 @@ fn csum() -> Result<()> {
     .enumerate()
     {
         let (proto, l4_len) = if tcp {
-            (6u8, 20 + payload.len())
+            (IPPROTO_TCP, 20 + payload.len())
         } else {
-            (17, 8 + payload.len())
+            (IPPROTO_UDP, 8 + payload.len())
         };
-        let mut h = ethernet(USER_GATEWAY_MAC, mac, 0x0800).to_vec();
+        let mut h = ethernet(USER_GATEWAY_MAC, mac, ETHERTYPE_IPV4).to_vec();
         // Checksum field left zero: the device fills it in.
         h.extend_from_slice(&ipv4_header(
             20 + l4_len as u16,
@@ -373,32 +336,18 @@ fn csum() -> Result<()> {
         } else {
             0
         };
-        h.extend_from_slice(&port.to_be_bytes());
-        h.extend_from_slice(&9u16.to_be_bytes());
         if tcp {
-            h.extend_from_slice(&0x1000_0000u32.to_be_bytes()); // seq
-            h.extend_from_slice(&0u32.to_be_bytes()); // ack
-            h.extend_from_slice(&[0x50, 0x18, 0xff, 0xff]);
-            h.extend_from_slice(&ps.to_be_bytes());
-            h.extend_from_slice(&[0, 0]);
+            let flags = TCP_PSH | TCP_ACK;
+            h.extend_from_slice(&wire::tcp_header(port, 9, 0x1000_0000, 0, flags, ps));
         } else {
-            h.extend_from_slice(&(l4_len as u16).to_be_bytes());
-            h.extend_from_slice(&ps.to_be_bytes());
+            h.extend_from_slice(&wire::udp_header(port, 9, l4_len as u16, ps));
         }
-        let field = if tcp { 34 + 16 } else { 34 + 6 };
-        let offload = TxOffload {
-            ipv4_header: Some(14),
-            l4_checksum: Some(L4Checksum {
-                protocol: if tcp {
-                    L4Protocol::Tcp
-                } else {
-                    L4Protocol::Udp
-                },
-                start: 34,
-                field,
-            }),
-            tso: None,
+        let protocol = if tcp {
+            L4Protocol::Tcp
+        } else {
+            L4Protocol::Udp
         };
+        let offload = checksum_offload(protocol, true);
         let mut chain = Chain::new();
         chain.push(&nic, &h, 0, 4096)?;
         chain.push(&nic, &payload[..300], 5, 4096)?;
@@ -408,7 +357,7 @@ fn csum() -> Result<()> {
     }
     // A frame without offload whose UDP checksum is deliberately wrong: the host's checker
     // must flag it, which shows the checker can fail.
-    let mut f = udp_header(mac, CSUM_SOFTWARE_WRONG, 9, &payload, 200, true);
+    let mut f = udp_headers(mac, CSUM_SOFTWARE_WRONG, 9, &payload, 200, true);
     f[40] ^= 0x55;
     let mut chain = Chain::new();
     chain.push(&nic, &f, 0, 4096)?;
@@ -432,24 +381,8 @@ fn tso(payload_len: usize, mss: u16) -> Result<()> {
         bail!("{payload_len} bytes do not fit a TSO frame of at most {max}");
     }
     let mac = nic.mac_address().0;
-    let mut h = ethernet(USER_GATEWAY_MAC, mac, 0x0800).to_vec();
     let total = (40 + payload_len).min(65535) as u16;
-    h.extend_from_slice(&ipv4_header(
-        total,
-        0x4000,
-        6,
-        USER_GUEST_IP,
-        USER_GATEWAY_IP,
-        false,
-    ));
-    h.extend_from_slice(&TSO_PORT.to_be_bytes());
-    h.extend_from_slice(&9u16.to_be_bytes());
-    h.extend_from_slice(&TSO_SEQ.to_be_bytes());
-    h.extend_from_slice(&0u32.to_be_bytes());
-    h.extend_from_slice(&[0x50, 0x18, 0xff, 0xff]); // 20-byte header, PSH|ACK
-                                                    // TSO contract: pseudo-header sum computed with a length of zero.
-    h.extend_from_slice(&pseudo_sum(USER_GUEST_IP, USER_GATEWAY_IP, 6, 0).to_be_bytes());
-    h.extend_from_slice(&[0, 0]);
+    let h = tso_headers(mac, total, 0x4000, TCP_PSH | TCP_ACK);
     let payload: Vec<u8> = (0..payload_len).map(tso_byte).collect();
     let mut chain = Chain::new();
     chain.push(&nic, &h, 0, 4096)?;
@@ -458,19 +391,7 @@ fn tso(payload_len: usize, mss: u16) -> Result<()> {
     for w in cuts.windows(2) {
         chain.push(&nic, &payload[w[0]..w[1]], 17, 4096)?;
     }
-    let offload = TxOffload {
-        ipv4_header: Some(14),
-        l4_checksum: Some(L4Checksum {
-            protocol: L4Protocol::Tcp,
-            start: 34,
-            field: 50,
-        }),
-        tso: Some(Tso {
-            mss,
-            header_len: 54,
-        }),
-    };
-    send_and_wait(&mut nic, &chain, &offload, 1)?;
+    send_and_wait(&mut nic, &chain, &tso_offload(mss), 1)?;
     println!(
         "TSO_SENT payload={payload_len} mss={mss} fnv={:016x}",
         fnv64(&payload)
@@ -480,31 +401,26 @@ fn tso(payload_len: usize, mss: u16) -> Result<()> {
     Ok(())
 }
 
-/// Parsed IPv4/UDP datagram addressed to the guest.
+/// Parsed IPv4/UDP datagram addressed to the guest: (destination port, payload, whether
+/// both checksums verify; a zero UDP checksum, "none", counts as verified).
 fn parse_udp(frame: &[u8]) -> Option<(u16, &[u8], bool)> {
-    if frame.len() < 42 || frame[12..14] != [0x08, 0x00] || frame[14] != 0x45 || frame[23] != 17 {
+    let ip = Ipv4Frame::parse(frame)?;
+    // Only option-less headers (what the host sends) with room for a UDP header.
+    if frame[14] != 0x45 || ip.proto != IPPROTO_UDP || ip.ip.len() < 28 {
         return None;
     }
-    let ip_len = u16::from_be_bytes([frame[16], frame[17]]) as usize;
-    if frame.len() < 14 + ip_len || ip_len < 28 {
-        return None;
-    }
-    let ip = &frame[14..14 + ip_len];
-    let udp = &ip[20..];
-    let dst_port = u16::from_be_bytes([udp[2], udp[3]]);
+    let udp = ip.l4;
     let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
     if udp_len < 8 || udp_len > udp.len() {
         return None;
     }
-    let ip_ok = fold(sum16(&ip[..20], 0)) == 0xffff;
-    let src: [u8; 4] = ip[12..16].try_into().unwrap();
-    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
     let udp_ok = udp[6..8] == [0, 0]
-        || fold(sum16(
-            &udp[..udp_len],
-            pseudo_sum(src, dst, 17, udp_len as u16) as u32,
-        )) == 0xffff;
-    Some((dst_port, &udp[8..udp_len], ip_ok && udp_ok))
+        || wire::l4_checksum_verifies(ip.src_ip(), ip.dst_ip(), IPPROTO_UDP, &udp[..udp_len]);
+    Some((
+        ip.dst_port(),
+        &udp[8..udp_len],
+        ip.ip_checksum_ok() && udp_ok,
+    ))
 }
 
 /// An ARP reply for an ARP request asking for `ip`, if `frame` is one.
@@ -619,20 +535,27 @@ fn completion_or_hang(nic: &mut AnyNic, token: TxToken, what: &str) -> Result<()
     }
 }
 
+/// A checksummed UDP frame to the gateway (port 9): headers and payload in two read-only
+/// regions.
+fn udp_chain(nic: &AnyNic, mac: [u8; 6], src_port: u16, payload: &[u8], id: u16) -> Result<Chain> {
+    let mut chain = Chain::new();
+    chain.push(
+        nic,
+        &udp_headers(mac, src_port, 9, payload, id, true),
+        0,
+        4096,
+    )?;
+    chain.push(nic, payload, 0, 4096)?;
+    Ok(chain)
+}
+
 fn iommu_tx() -> Result<()> {
     // Part 1: a data segment at an IOVA with no IOMMU mapping.
     let mut nic = open(&NicConfig::default())?;
     let mac = nic.mac_address().0;
     let payload: Vec<u8> = (0..100).map(|j| chain_byte(7, 0, j)).collect();
     // Build the recovery frame first so its memory cannot reuse the unmapped IOVA.
-    let mut recover = Chain::new();
-    recover.push(
-        &nic,
-        &udp_header(mac, IOMMU_RECOVER_PORT, 9, &payload, 2, true),
-        0,
-        4096,
-    )?;
-    recover.push(&nic, &payload, 0, 4096)?;
+    let recover = udp_chain(&nic, mac, IOMMU_RECOVER_PORT, &payload, 2)?;
     // A sentinel region the device may write: its contents must be unchanged at the end.
     let sentinel = nic.dma().allocate(4096, DmaAccess::DeviceReadsWrites)?;
     let pattern: Vec<u8> = (0..4096).map(|j| chain_byte(11, 1, j)).collect();
@@ -641,7 +564,7 @@ fn iommu_tx() -> Result<()> {
     let mut bad = Chain::new();
     bad.push(
         &nic,
-        &udp_header(mac, IOMMU_BAD_PORT, 9, &payload, 1, true),
+        &udp_headers(mac, IOMMU_BAD_PORT, 9, &payload, 1, true),
         0,
         4096,
     )?;
@@ -679,14 +602,7 @@ fn iommu_tx() -> Result<()> {
         ..NicConfig::default()
     };
     let mut nic = open(&config)?;
-    let mut frame = Chain::new();
-    frame.push(
-        &nic,
-        &udp_header(mac, IOMMU_RO_RING_PORT, 9, &payload, 3, true),
-        0,
-        4096,
-    )?;
-    frame.push(&nic, &payload, 0, 4096)?;
+    let frame = udp_chain(&nic, mac, IOMMU_RO_RING_PORT, &payload, 3)?;
     nic.tx_enqueue(&frame.segments, &TxOffload::default(), 3)?;
     nic.tx_flush();
     completion_or_hang(&mut nic, 3, "TX_RO_RING")?;
@@ -748,47 +664,20 @@ fn bench(kind: &str, seconds: f64, ring: u16) -> Result<()> {
         "1514" => (1514, TxOffload::default(), 1),
         "tso" => {
             let payload: usize = 65536 - 54;
-            let o = TxOffload {
-                ipv4_header: Some(14),
-                l4_checksum: Some(L4Checksum {
-                    protocol: L4Protocol::Tcp,
-                    start: 34,
-                    field: 50,
-                }),
-                tso: Some(Tso {
-                    mss: 1460,
-                    header_len: 54,
-                }),
-            };
-            (65536, o, payload.div_ceil(1460) as u64)
+            (65536, tso_offload(1460), payload.div_ceil(1460) as u64)
         }
         other => bail!("unknown benchmark kind {other:?} (64, 1514 or tso)"),
     };
     // One frame in read-only memory, sent over and over (the device only reads it).
     let mut chain = Chain::new();
     if kind == "tso" {
-        let mut h = ethernet(USER_GATEWAY_MAC, mac, 0x0800).to_vec();
-        h.extend_from_slice(&ipv4_header(
-            65535,
-            1,
-            6,
-            USER_GUEST_IP,
-            USER_GATEWAY_IP,
-            false,
-        ));
-        h.extend_from_slice(&TSO_PORT.to_be_bytes());
-        h.extend_from_slice(&9u16.to_be_bytes());
-        h.extend_from_slice(&TSO_SEQ.to_be_bytes());
-        h.extend_from_slice(&0u32.to_be_bytes());
-        h.extend_from_slice(&[0x50, 0x10, 0xff, 0xff]);
-        h.extend_from_slice(&pseudo_sum(USER_GUEST_IP, USER_GATEWAY_IP, 6, 0).to_be_bytes());
-        h.extend_from_slice(&[0, 0]);
+        let h = tso_headers(mac, 65535, 1, TCP_ACK);
         chain.push(&nic, &h, 0, 4096)?;
         let payload: Vec<u8> = (0..frame_len - 54).map(tso_byte).collect();
         chain.push(&nic, &payload, 0, payload.len())?;
     } else {
         let payload: Vec<u8> = (0..frame_len - 42).map(|j| chain_byte(1, 0, j)).collect();
-        let mut f = udp_header(mac, 45000, 9, &payload, 1, true);
+        let mut f = udp_headers(mac, 45000, 9, &payload, 1, true);
         f.extend_from_slice(&payload);
         chain.push(&nic, &f, 0, 4096)?;
     }

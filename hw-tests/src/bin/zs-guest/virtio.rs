@@ -12,7 +12,13 @@ use driver::anynic::NicConfig;
 use driver::dma::{DmaAccess, DmaRegion};
 use driver::vfio::VfioPci;
 use driver::virtio::{features, VirtioNet};
-use driver::{L4Checksum, L4Protocol, MacAddress, NetQueue, Tso, TxOffload, TxSegment};
+use driver::{L4Protocol, MacAddress, NetQueue, TxOffload, TxSegment};
+use hw_tests::wire::{
+    self, ethernet, ipv4_header, pseudo_sum, ETHERTYPE_IPV4, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
+    TCP_PSH,
+};
+
+use super::{checksum_offload, tso_offload};
 
 #[derive(Subcommand)]
 pub enum VirtioCommand {
@@ -164,56 +170,6 @@ fn open(pci: Option<&str>, config: &NicConfig) -> Result<VirtioNet> {
     Ok(nic)
 }
 
-fn fold(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-fn sum_words(data: &[u8]) -> u64 {
-    data.chunks(2)
-        .map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u64)
-        .sum()
-}
-
-/// One's-complement pseudo-header sum (not inverted), RFC 793 / RFC 768.
-fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u16 {
-    fold(sum_words(&src) + sum_words(&dst) + proto as u64 + len as u64)
-}
-
-fn ipv4_header(
-    total_len: u16,
-    id: u16,
-    proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
-    checksum: bool,
-) -> [u8; 20] {
-    let mut h = [0u8; 20];
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&total_len.to_be_bytes());
-    h[4..6].copy_from_slice(&id.to_be_bytes());
-    h[6] = 0x40; // DF
-    h[8] = 64;
-    h[9] = proto;
-    h[12..16].copy_from_slice(&src);
-    h[16..20].copy_from_slice(&dst);
-    if checksum {
-        let c = !fold(sum_words(&h));
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-    }
-    h
-}
-
-fn ethernet(dst: MacAddress, src: MacAddress, ethertype: u16) -> [u8; 14] {
-    let mut e = [0u8; 14];
-    e[0..6].copy_from_slice(&dst.0);
-    e[6..12].copy_from_slice(&src.0);
-    e[12..14].copy_from_slice(&ethertype.to_be_bytes());
-    e
-}
-
 /// A bump allocator over one DMA region, placing pieces at odd offsets.
 struct Arena {
     region: DmaRegion,
@@ -311,8 +267,8 @@ fn parse_udp(frame: &[u8], port: u16) -> Option<(MacAddress, [u8; 4], Vec<u8>, b
     }
     let udp = &udp[..ulen];
     let stored = u16::from_be_bytes([udp[6], udp[7]]);
-    let ok = stored == 0
-        || fold(pseudo_sum(src, dst, 17, ulen as u16) as u64 + sum_words(udp)) == 0xffff;
+    // A zero UDP checksum means "none sent".
+    let ok = stored == 0 || wire::l4_checksum_verifies(src, dst, IPPROTO_UDP, udp);
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&frame[6..12]);
     Some((MacAddress(mac), src, udp[8..].to_vec(), ok))
@@ -342,7 +298,7 @@ fn tx_multiseg(pci: Option<&str>, frames: u32) -> Result<()> {
     for k in 0..frames {
         let len = multiseg_len(k);
         let mut frame = Vec::with_capacity(len);
-        frame.extend_from_slice(&ethernet(MacAddress([0xff; 6]), mac, TEST_ETHERTYPE));
+        frame.extend_from_slice(&ethernet([0xff; 6], mac.0, TEST_ETHERTYPE));
         frame.extend_from_slice(&(k as u16).to_be_bytes());
         while frame.len() < len {
             frame.push(pattern(k, frame.len()));
@@ -415,7 +371,7 @@ fn offload(pci: Option<&str>, tso_bytes: u32, mss: u16) -> Result<()> {
     let mut payloads = Arena::new(&nic, 256 * 1024)?;
     let mut token = 0u64;
     let mut reaped = 0u64;
-    let eth = ethernet(host_mac, mac, 0x0800);
+    let eth = ethernet(host_mac.0, mac.0, ETHERTYPE_IPV4);
 
     // UDP with L4 checksum offload and the IPv4 header checksum left to the driver.
     for k in 0..UDP_FRAMES {
@@ -426,15 +382,17 @@ fn offload(pci: Option<&str>, tso_bytes: u32, mss: u16) -> Result<()> {
         h.extend_from_slice(&ipv4_header(
             20 + ulen,
             0x100 + k as u16,
-            17,
+            IPPROTO_UDP,
             GUEST_IP,
             FAR_IP,
             false,
         ));
-        h.extend_from_slice(&UDP_SRC_PORT.to_be_bytes());
-        h.extend_from_slice(&UDP_DST_PORT.to_be_bytes());
-        h.extend_from_slice(&ulen.to_be_bytes());
-        h.extend_from_slice(&pseudo_sum(GUEST_IP, FAR_IP, 17, ulen).to_be_bytes());
+        h.extend_from_slice(&wire::udp_header(
+            UDP_SRC_PORT,
+            UDP_DST_PORT,
+            ulen,
+            pseudo_sum(GUEST_IP, FAR_IP, IPPROTO_UDP, ulen),
+        ));
         let payload: Vec<u8> = (0..plen).map(|i| pattern(1000 + k, i)).collect();
         let mut segs = vec![headers.put(&h, 0)?];
         let cut = plen / 3;
@@ -442,15 +400,7 @@ fn offload(pci: Option<&str>, tso_bytes: u32, mss: u16) -> Result<()> {
         if cut.max(1) < plen {
             segs.push(payloads.put(&payload[cut.max(1)..], 0)?);
         }
-        let offload = TxOffload {
-            ipv4_header: Some(14),
-            l4_checksum: Some(L4Checksum {
-                protocol: L4Protocol::Udp,
-                start: 34,
-                field: 40,
-            }),
-            tso: None,
-        };
+        let offload = checksum_offload(L4Protocol::Udp, true);
         nic.tx_enqueue(&segs, &offload, token)?;
         token += 1;
     }
@@ -467,21 +417,13 @@ fn offload(pci: Option<&str>, tso_bytes: u32, mss: u16) -> Result<()> {
             20 + tcp_len,
             0x200 + k as u16,
             seq,
-            0x18,
+            TCP_PSH | TCP_ACK,
             true,
-            pseudo_sum(GUEST_IP, FAR_IP, 6, tcp_len),
+            pseudo_sum(GUEST_IP, FAR_IP, IPPROTO_TCP, tcp_len),
         );
         let payload: Vec<u8> = (0..plen).map(|i| pattern(2000 + k, i)).collect();
         let segs = [headers.put(&h, 0)?, payloads.put(&payload, 1)?];
-        let offload = TxOffload {
-            ipv4_header: None,
-            l4_checksum: Some(L4Checksum {
-                protocol: L4Protocol::Tcp,
-                start: 34,
-                field: 50,
-            }),
-            tso: None,
-        };
+        let offload = checksum_offload(L4Protocol::Tcp, false);
         nic.tx_enqueue(&segs, &offload, token)?;
         token += 1;
     }
@@ -497,9 +439,9 @@ fn offload(pci: Option<&str>, tso_bytes: u32, mss: u16) -> Result<()> {
         0,
         0x300,
         TSO_SEQ,
-        0x18,
+        TCP_PSH | TCP_ACK,
         false,
-        pseudo_sum(GUEST_IP, FAR_IP, 6, 0),
+        pseudo_sum(GUEST_IP, FAR_IP, IPPROTO_TCP, 0),
     );
     let pages = nic
         .dma()
@@ -512,19 +454,7 @@ fn offload(pci: Option<&str>, tso_bytes: u32, mss: u16) -> Result<()> {
             len: chunk.len() as u32,
         });
     }
-    let offload = TxOffload {
-        ipv4_header: Some(14),
-        l4_checksum: Some(L4Checksum {
-            protocol: L4Protocol::Tcp,
-            start: 34,
-            field: 50,
-        }),
-        tso: Some(Tso {
-            mss,
-            header_len: 54,
-        }),
-    };
-    nic.tx_enqueue(&segs, &offload, token)?;
+    nic.tx_enqueue(&segs, &tso_offload(mss), token)?;
     token += 1;
     reap_all(&mut nic, &mut reaped, token, deadline)?;
     println!(
@@ -548,16 +478,22 @@ fn tcp_headers(
 ) -> Vec<u8> {
     let mut h = Vec::with_capacity(54);
     h.extend_from_slice(eth);
-    h.extend_from_slice(&ipv4_header(ip_total, id, 6, GUEST_IP, FAR_IP, ip_csum));
-    h.extend_from_slice(&TCP_SRC_PORT.to_be_bytes());
-    h.extend_from_slice(&TCP_DST_PORT.to_be_bytes());
-    h.extend_from_slice(&seq.to_be_bytes());
-    h.extend_from_slice(&1u32.to_be_bytes()); // ack
-    h.push(5 << 4);
-    h.push(flags);
-    h.extend_from_slice(&65535u16.to_be_bytes());
-    h.extend_from_slice(&checksum_field.to_be_bytes());
-    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(&ipv4_header(
+        ip_total,
+        id,
+        IPPROTO_TCP,
+        GUEST_IP,
+        FAR_IP,
+        ip_csum,
+    ));
+    h.extend_from_slice(&wire::tcp_header(
+        TCP_SRC_PORT,
+        TCP_DST_PORT,
+        seq,
+        1,
+        flags,
+        checksum_field,
+    ));
     h
 }
 
@@ -610,7 +546,7 @@ fn iommu_fault(pci: Option<&str>) -> Result<()> {
     let mac = nic.mac_address();
     let mut arena = Arena::new(&nic, 64 * 1024)?;
     let make = |marker: &[u8]| {
-        let mut f = ethernet(MacAddress([0xff; 6]), mac, TEST_ETHERTYPE).to_vec();
+        let mut f = ethernet([0xff; 6], mac.0, TEST_ETHERTYPE).to_vec();
         f.extend_from_slice(marker);
         while f.len() < 200 {
             f.push(pattern(77, f.len()));
