@@ -607,7 +607,7 @@ impl SoftNic {
         self.tap = tap;
     }
 
-    /// The DMA faults seen so far (the first [`FAULT_LOG_LIMIT`]).
+    /// The DMA faults seen so far (the first `FAULT_LOG_LIMIT`).
     pub fn faults(&self) -> &[DmaFault] {
         &self.faults
     }

@@ -730,6 +730,7 @@ fn bench_tx_virtio_vs_e1000() {
     // (label, NIC, environment, packed=on). BENCH_CONFIGS=virtio,virtio-packed picks some.
     let all = [
         ("e1000", Nic::E1000, "", false),
+        ("e1000e", Nic::E1000e, "", false),
         ("virtio", Nic::Virtio, "", false),
         (
             "virtio-direct",
