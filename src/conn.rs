@@ -362,7 +362,6 @@ impl Connection {
                 }
             }
             Method::Other => {
-                let e = HttpError::new(405, "Method Not Allowed");
                 core.counters.count(405);
                 let body = "405 Method Not Allowed\n";
                 let head = crate::http::ResponseHead::new(405, "Method Not Allowed")
@@ -374,7 +373,6 @@ impl Connection {
                 let mut bytes = head;
                 bytes.extend_from_slice(body.as_bytes());
                 out.push(Outgoing::Bytes(bytes));
-                let _ = e;
                 Ok(())
             }
         };
