@@ -1,7 +1,7 @@
 //! `scripts/demo`: boot a QEMU guest whose NIC sits behind an emulated VT-d IOMMU, run
 //! `zerosend serve` in it on a sample directory (or `--root DIR`), download a large file with
 //! curl from the host through a forwarded port, verify its sha256, and print the throughput
-//! and the server's counters. `--hold` keeps serving on 127.0.0.1:<port> until interrupted.
+//! and the server's counters. `--hold` keeps serving on `127.0.0.1:PORT` until interrupted.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! Guest-side programs for the virtio-net driver tests (hw-tests/tests/virtio.rs).
 //!
 //! Every frame these programs send is built from deterministic formulas that the host-side
-//! tests repeat ([`frame_len`], [`pattern`], ...), so the host can check the bytes that
+//! tests repeat (`frame_len`, [`pattern`], ...), so the host can check the bytes that
 //! arrived without being told what was sent.
 
 use std::time::{Duration, Instant};
