@@ -8,7 +8,7 @@
 //! frame on the NIC's netdev), so a frame counts only if the emulated NIC really put it
 //! there. Checksums are recomputed here, independently of the guest.
 //!
-//! `bench_tx` (ignored by default; run by `scripts/bench-nic`) prints the TX benchmark table.
+//! The TX benchmark is `tests/bench.rs` (`scripts/bench-nic`).
 
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
@@ -671,58 +671,4 @@ fn wrong_expectation_fails_with_console_tail() {
         r.get(&CSUM_SOFTWARE_WRONG),
         Some(&(true, true)),
     );
-}
-
-// ---------------------------------------------------------------------------------------
-// Benchmark (scripts/bench-nic)
-// ---------------------------------------------------------------------------------------
-
-#[test]
-#[ignore = "benchmark: run with scripts/bench-nic"]
-fn bench_tx() {
-    let seconds: f64 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5.0);
-    let nics: Vec<Nic> = match std::env::var("BENCH_NICS") {
-        Ok(list) => list
-            .split(',')
-            .map(|n| Nic::parse(n.trim()).expect("BENCH_NICS: e1000,e1000e,virtio"))
-            .collect(),
-        Err(_) => vec![Nic::E1000, Nic::E1000e],
-    };
-    let kinds = ["64", "1514", "tso"];
-    let mut rows = Vec::new();
-    for nic in nics {
-        let script: Vec<String> = kinds
-            .iter()
-            .map(|k| format!("zs-guest nic-bench --kind {k} --seconds {seconds}"))
-            .collect();
-        let run = run_captured("bench", nic, &mac_for(nic, 8), &script.join("\n"));
-        for line in run.lines.iter().filter_map(|l| l.strip_prefix("BENCH ")) {
-            let v = |k: &str| parse_kv(line, k).unwrap_or("?").to_string();
-            rows.push((
-                nic.name(),
-                v("kind"),
-                v("frames"),
-                v("wire_frames"),
-                v("secs"),
-                v("fps"),
-                v("gbps"),
-                v("cpu_us_per_frame"),
-            ));
-        }
-    }
-    println!();
-    println!("TX benchmark (QEMU TCG guest, 1 vCPU; {seconds} s per row; frames = sends handed to the NIC, TSO = 64 KiB frames)");
-    println!(
-        "{:<7} {:>5} {:>10} {:>12} {:>7} {:>12} {:>9} {:>14}",
-        "nic", "size", "frames", "wire frames", "secs", "frames/s", "Gbit/s", "CPU us/frame"
-    );
-    for r in &rows {
-        println!(
-            "{:<7} {:>5} {:>10} {:>12} {:>7} {:>12} {:>9} {:>14}",
-            r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7
-        );
-    }
 }
