@@ -101,7 +101,7 @@ impl ServerCore {
         let path = self.root.resolve(req.raw_path(), false)?;
         let file = self
             .cache
-            .open(&path, OpenOptions::read_write(self.policy))
+            .open(&path, OpenOptions::read_only())
             .map_err(cache_error)?;
         let disk = fs::metadata(&path).map_err(|_| HttpError::new(404, "Not Found"))?;
         // Plan against a version, pin, and retry if a writer got in between, so the head
