@@ -31,7 +31,7 @@ use smoltcp::phy::{
 use smoltcp::time::Instant;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use crate::checksum::{ipv4_pseudo_header, Checksum};
+use inet_checksum::{ipv4_pseudo_header, Checksum};
 use crate::frame::{self, FlowKey, TcpFrame, ETHERNET_HEADER_LEN, IP_PROTOCOL_TCP, TCP_SYN};
 use crate::sendq::{CopyPool, SendMode, SendQueue};
 use crate::StackStats;

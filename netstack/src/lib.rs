@@ -40,7 +40,6 @@
 //! }
 //! ```
 
-pub mod checksum;
 mod device;
 pub mod frame;
 pub mod peer;

@@ -1,7 +1,11 @@
 //! The Internet checksum (RFC 1071), over scattered pieces of any length.
 //!
-//! Used when the NIC cannot checksum TCP itself: the sum is then computed from the pinned
-//! page bytes the NIC will DMA, which cannot change before the DMA completes.
+//! The one implementation in the workspace: the stack uses it when the NIC cannot checksum
+//! TCP itself (the sum is then computed from the pinned page bytes the NIC will DMA, which
+//! cannot change before the DMA completes), and the software NIC uses it to play a device
+//! that fills in checksums. (`hw_tests::wire` keeps an independent, deliberately naive
+//! reference implementation to judge what reaches the wire: a check that shared this code
+//! would share its bugs.)
 
 /// Running one's-complement sum over a byte stream given in pieces.
 ///
@@ -80,6 +84,17 @@ pub fn sum_be(bytes: &[u8]) -> u64 {
     sum
 }
 
+/// The checksum to store for `bytes` alone (e.g. an IPv4 header with its checksum field
+/// zero): the inverted folded sum.
+pub fn checksum(bytes: &[u8]) -> u16 {
+    !fold(sum_be(bytes))
+}
+
+/// One's-complement addition of two 16-bit sums (end-around carry).
+pub fn add(a: u16, b: u16) -> u16 {
+    fold(a as u64 + b as u64)
+}
+
 /// The IPv4 pseudo-header sum (not inverted) for `protocol` and an L4 length.
 pub fn ipv4_pseudo_header(src: [u8; 4], dst: [u8; 4], protocol: u8, l4_len: u32) -> u16 {
     let mut c = Checksum::new();
@@ -123,6 +138,20 @@ mod tests {
                 assert_eq!(c.sum(), expected, "split {split}/{second}");
             }
         }
+    }
+
+    #[test]
+    fn header_checksum_verifies_and_addition_wraps() {
+        let mut header = [
+            0x45, 0, 0, 0x3c, 0x1c, 0x46, 0x40, 0, 0x40, 6, 0, 0, 0xac, 0x10, 0x0a, 0x63, 0xac,
+            0x10, 0x0a, 0x0c,
+        ];
+        let sum = checksum(&header);
+        assert_eq!(sum, 0xb1e6, "the RFC 1071-style textbook example");
+        header[10..12].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(checksum(&header), 0, "a header with its checksum sums to 0xffff");
+        assert_eq!(add(0xffff, 0x0001), 0x0001);
+        assert_eq!(add(0x8000, 0x8000), 0x0001);
     }
 
     #[test]
