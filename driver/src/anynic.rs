@@ -211,8 +211,8 @@ impl NetQueue for AnyNic {
     fn rx_next(&mut self) -> Option<RxBuffer> {
         self.queue_mut().rx_next()
     }
-    fn rx_data(&self, buffer: &RxBuffer) -> &[u8] {
-        self.queue().rx_data(buffer)
+    fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
+        self.queue().rx_read(buffer, out)
     }
     fn rx_recycle(&mut self, buffer: RxBuffer) {
         self.queue_mut().rx_recycle(buffer)

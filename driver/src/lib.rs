@@ -21,5 +21,5 @@ pub use error::{DriverError, Result};
 pub use nic::NicModel;
 pub use queue::{
     Capabilities, DeviceStats, Iova, L4Checksum, L4Protocol, MacAddress, NetQueue, RxBuffer, Tso,
-    TxOffload, TxSegment, TxToken,
+    TsoHeaders, TxOffload, TxSegment, TxToken,
 };

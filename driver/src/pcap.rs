@@ -166,14 +166,14 @@ impl<Q: NetQueue> NetQueue for PcapTap<Q> {
     }
     fn rx_next(&mut self) -> Option<RxBuffer> {
         let buffer = self.inner.rx_next()?;
-        let data = self.inner.rx_data(&buffer);
-        self.scratch.clear();
-        self.scratch.extend_from_slice(data);
+        self.scratch.resize(crate::queue::MAX_RX_FRAME, 0);
+        let len = self.inner.rx_read(&buffer, &mut self.scratch).len();
+        self.scratch.truncate(len);
         self.record_scratch();
         Some(buffer)
     }
-    fn rx_data(&self, buffer: &RxBuffer) -> &[u8] {
-        self.inner.rx_data(buffer)
+    fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
+        self.inner.rx_read(buffer, out)
     }
     fn rx_recycle(&mut self, buffer: RxBuffer) {
         self.inner.rx_recycle(buffer)

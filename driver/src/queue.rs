@@ -26,20 +26,26 @@
 //!   stores the inverted result.
 //! - IPv4 header checksum: the field must hold **zero**; the device sums the header with the
 //!   field as it finds it (Intel's IPCSO; with TSO it recomputes per segment the same way).
-//! - TSO: the headers (`header_len` bytes, L2+L3+L4) lie wholly in the first segment; the TCP
-//!   checksum field holds the pseudo-header sum computed with a length of **zero**; the device
-//!   emits segments of at most `mss` payload bytes, fixing IPv4 total length, identification,
-//!   IPv4 header checksum, TCP sequence number, flags (FIN/PSH only on the last) and checksum.
+//! - TSO: the headers (`header_len` bytes, L2+L3+L4) lie wholly in the first segment; the
+//!   device emits segments of at most `mss` payload bytes, fixing IPv4 total length,
+//!   identification, IPv4 header checksum, TCP sequence number, flags (FIN/PSH only on the
+//!   last) and checksum. How the stack prepares the headers of the large frame differs between
+//!   device families and is announced in [`Capabilities::tso_headers`] ([`TsoHeaders`]): the
+//!   driver never edits IP or TCP headers itself.
 //!
 //! # Receive
-//! [`NetQueue::rx_next`] hands out a filled buffer, [`NetQueue::rx_data`] shows its bytes and
-//! [`NetQueue::rx_recycle`] gives it back; [`NetQueue::rx_flush`] publishes recycled buffers
+//! [`NetQueue::rx_next`] hands out a filled buffer, [`NetQueue::rx_read`] copies its bytes
+//! out (with volatile reads: the memory is the device's to write, so no Rust slice of it is
+//! ever formed) and [`NetQueue::rx_recycle`] gives it back; [`NetQueue::rx_flush`] publishes recycled buffers
 //! to the device with one tail write. [`NetQueue::rx_poll`] wraps the three for simple users.
 
 use std::sync::Arc;
 
 use crate::dma::DmaSpace;
 use crate::error::DriverError;
+
+/// Longest frame any queue hands out (the largest receive buffer a driver may use).
+pub const MAX_RX_FRAME: usize = 16384;
 
 /// An I/O virtual address: what the device puts on the bus, translated by the IOMMU.
 pub type Iova = u64;
@@ -132,6 +138,21 @@ pub struct TxOffload {
     pub tso: Option<Tso>,
 }
 
+/// How the headers of a TSO frame must be prepared for the device (see [`Tso`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TsoHeaders {
+    /// Intel 8254x/8257x TCP segmentation context (8254x SDM section 3.5.3 / 82574 section
+    /// 7.3.6): the IPv4 header checksum field is **zero** and IPv4 header checksum insertion
+    /// is requested ([`TxOffload::ipv4_header`]); the IPv4 total length is ignored; the TCP
+    /// checksum field holds the pseudo-header sum computed with a TCP length of **zero**.
+    PerSegment,
+    /// virtio-net GSO (VIRTIO 1.2 section 5.1.6.2; what Linux's virtio_net sends): the headers
+    /// describe the large packet as a receiver would see it: IPv4 total length of the whole
+    /// packet, a valid IPv4 header checksum (no IPv4 checksum request), and the TCP checksum
+    /// field holding the pseudo-header sum over the whole TCP length.
+    WholePacket,
+}
+
 /// What a device can do; the stack adapts to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
@@ -140,6 +161,8 @@ pub struct Capabilities {
     pub udp_checksum: bool,
     /// Largest frame (headers included) accepted with [`TxOffload::tso`]; `None` if no TSO.
     pub tso_max_frame: Option<u32>,
+    /// How TSO frames' headers must be prepared (meaningful when `tso_max_frame` is `Some`).
+    pub tso_headers: TsoHeaders,
     /// Most segments one frame may have.
     pub max_tx_segments: usize,
     /// Largest IP packet on the wire (Ethernet MTU), normally 1500.
@@ -202,8 +225,13 @@ pub trait NetQueue {
 
     /// Take the next received frame, if any.
     fn rx_next(&mut self) -> Option<RxBuffer>;
-    /// The bytes of a received frame.
-    fn rx_data(&self, buffer: &RxBuffer) -> &[u8];
+    /// Copies the bytes of a received frame into `out` and returns them (`&out[..n]`, `n` the
+    /// smaller of the frame length and `out.len()`). The copy uses volatile reads: the buffer
+    /// is memory the device may write, which is never lent out as a Rust slice.
+    ///
+    /// # Panics
+    /// If `buffer` is not a buffer this queue lent out and that is still lent.
+    fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8];
     /// Give a buffer back to the driver for reuse.
     fn rx_recycle(&mut self, buffer: RxBuffer);
     /// Publish recycled buffers to the device (one doorbell).
@@ -211,10 +239,11 @@ pub trait NetQueue {
 
     /// Receive up to `budget` frames, calling `f` on each, then recycle and flush.
     fn rx_poll(&mut self, budget: usize, f: &mut dyn FnMut(&[u8])) -> usize {
+        let mut frame = [0u8; MAX_RX_FRAME];
         let mut n = 0;
         while n < budget {
             let Some(buffer) = self.rx_next() else { break };
-            f(self.rx_data(&buffer));
+            f(self.rx_read(&buffer, &mut frame));
             self.rx_recycle(buffer);
             n += 1;
         }

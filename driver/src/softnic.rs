@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex};
 use crate::dma::{DmaAccess, DmaMapper, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
 use crate::queue::{
-    Capabilities, DeviceStats, Iova, L4Protocol, MacAddress, NetQueue, RxBuffer, TxOffload,
-    TxSegment, TxToken,
+    Capabilities, DeviceStats, Iova, L4Protocol, MacAddress, NetQueue, RxBuffer, TsoHeaders,
+    TxOffload, TxSegment, TxToken,
 };
 
 const ETHERNET_HEADER_LEN: usize = 14;
@@ -428,6 +428,7 @@ impl Default for SoftNicConfig {
                 tcp_checksum: true,
                 udp_checksum: true,
                 tso_max_frame: Some(65535),
+                tso_headers: TsoHeaders::PerSegment,
                 max_tx_segments: 64,
                 mtu: 1500,
             },
@@ -884,12 +885,11 @@ impl NetQueue for SoftNic {
         self.rx_filled.pop_front()
     }
 
-    fn rx_data(&self, buffer: &RxBuffer) -> &[u8] {
+    fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
         let offset = buffer.slot as usize * self.config.rx_buffer_size;
-        // SAFETY: the buffer was filled and handed out; the device writes a buffer only
-        // after it has been recycled and published again, which needs `&mut self`, so not
-        // while this shared borrow lives.
-        unsafe { self.rx_region.slice(offset, buffer.len as usize) }
+        let n = (buffer.len as usize).min(out.len());
+        self.rx_region.read_bytes(offset, &mut out[..n]);
+        &out[..n]
     }
 
     fn rx_recycle(&mut self, buffer: RxBuffer) {
@@ -1398,6 +1398,7 @@ mod tests {
         let config = SoftNicConfig {
             capabilities: Capabilities {
                 tso_max_frame: None,
+                tso_headers: TsoHeaders::PerSegment,
                 tcp_checksum: false,
                 ..SoftNicConfig::default().capabilities
             },
@@ -1467,14 +1468,14 @@ mod tests {
         }
         let a = nic.rx_next().unwrap();
         let b = nic.rx_next().unwrap();
-        assert_eq!(nic.rx_data(&a), &[0u8; 60][..]);
-        assert_eq!(nic.rx_data(&b), &[1u8; 60][..]);
+        assert_eq!(nic.rx_read(&a, &mut [0u8; 2048]), &[0u8; 60][..]);
+        assert_eq!(nic.rx_read(&b, &mut [0u8; 2048]), &[1u8; 60][..]);
         assert!(nic.rx_next().is_none(), "no buffer for the third frame yet");
         nic.rx_recycle(a);
         assert!(nic.rx_next().is_none(), "recycled but not published");
         nic.rx_flush();
         let c = nic.rx_next().unwrap();
-        assert_eq!(nic.rx_data(&c), &[2u8; 60][..]);
+        assert_eq!(nic.rx_read(&c, &mut [0u8; 2048]), &[2u8; 60][..]);
     }
 
     #[test]
@@ -1493,7 +1494,9 @@ mod tests {
             }
             let mut got = Vec::new();
             while let Some(b) = nic.rx_next() {
-                got.push(u32::from_be_bytes(nic.rx_data(&b)[..4].try_into().unwrap()));
+                got.push(u32::from_be_bytes(
+                    nic.rx_read(&b, &mut [0u8; 2048])[..4].try_into().unwrap(),
+                ));
                 nic.rx_recycle(b);
                 nic.rx_flush();
             }

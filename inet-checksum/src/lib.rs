@@ -149,7 +149,11 @@ mod tests {
         let sum = checksum(&header);
         assert_eq!(sum, 0xb1e6, "the RFC 1071-style textbook example");
         header[10..12].copy_from_slice(&sum.to_be_bytes());
-        assert_eq!(checksum(&header), 0, "a header with its checksum sums to 0xffff");
+        assert_eq!(
+            checksum(&header),
+            0,
+            "a header with its checksum sums to 0xffff"
+        );
         assert_eq!(add(0xffff, 0x0001), 0x0001);
         assert_eq!(add(0x8000, 0x8000), 0x0001);
     }

@@ -31,10 +31,10 @@ use smoltcp::phy::{
 use smoltcp::time::Instant;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use inet_checksum::{ipv4_pseudo_header, Checksum};
 use crate::frame::{self, FlowKey, TcpFrame, ETHERNET_HEADER_LEN, IP_PROTOCOL_TCP, TCP_SYN};
 use crate::sendq::{CopyPool, SendMode, SendQueue};
 use crate::StackStats;
+use inet_checksum::{ipv4_pseudo_header, Checksum};
 
 /// Size of a header slot; also holds any whole frame up to an Ethernet MTU of 1500.
 pub const SLOT_SIZE: usize = 2048;
@@ -605,6 +605,9 @@ fn account_sent(
 pub struct NicDevice<Q: NetQueue> {
     pub nic: Q,
     pub tx: TxPath,
+    /// Receive scratch: each received frame is copied here (volatile reads) before smoltcp
+    /// sees it, since the RX buffer itself is device-writable memory.
+    pub rx_frame: Box<[u8]>,
 }
 
 impl<Q: NetQueue> NicDevice<Q> {
@@ -658,11 +661,13 @@ impl<Q: NetQueue> NicDevice<Q> {
 pub struct NicRxToken<'a, Q: NetQueue> {
     nic: &'a mut Q,
     buffer: RxBuffer,
+    /// Where the frame is copied out of device-writable memory for smoltcp to parse.
+    frame: &'a mut [u8],
 }
 
 impl<Q: NetQueue> phy::RxToken for NicRxToken<'_, Q> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let result = f(self.nic.rx_data(&self.buffer));
+        let result = f(self.nic.rx_read(&self.buffer, self.frame));
         self.nic.rx_recycle(self.buffer);
         result
     }
@@ -745,6 +750,7 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
             NicRxToken {
                 nic: &mut self.nic,
                 buffer,
+                frame: &mut self.rx_frame[..],
             },
             NicTxToken {
                 tx: &mut self.tx,

@@ -134,7 +134,11 @@ impl<Q: NetQueue> Stack<Q> {
     pub fn new(nic: Q, config: StackConfig) -> Result<Self> {
         let caps = nic.capabilities();
         let tx = TxPath::new(nic.dma(), caps, &config.tx)?;
-        let mut device = NicDevice { nic, tx };
+        let mut device = NicDevice {
+            nic,
+            tx,
+            rx_frame: vec![0; driver::queue::MAX_RX_FRAME].into_boxed_slice(),
+        };
         let mac = device.nic.mac_address().0;
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         iface_config.random_seed = config.random_seed;

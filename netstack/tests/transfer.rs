@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use driver::softnic::{DmaTiming, Impairments, SoftNicConfig};
-use driver::Capabilities;
+use driver::{Capabilities, TsoHeaders};
 use netstack::{Event, SendOutcome};
 use pagecache::OpenOptions;
 
@@ -112,6 +112,7 @@ fn software_checksums_and_mss_segmentation_when_the_nic_has_no_offloads() {
         tcp_checksum: false,
         udp_checksum: false,
         tso_max_frame: None,
+        tso_headers: TsoHeaders::PerSegment,
         ..nic.capabilities
     };
     let mut bed = Bed::new(BedConfig::new(nic, LEN + (4 << 20)));

@@ -57,8 +57,8 @@
 //!
 //! # No `unsafe`
 //! Register access goes through [`Mmio`] and descriptor/buffer access through [`DmaRegion`],
-//! both bounds-checked and volatile. The one exception is [`NetQueue::rx_data`], which lends
-//! a slice of a receive buffer; its invariant is checked at run time (see there).
+//! both bounds-checked and volatile; received frames are copied out with volatile reads
+//! ([`NetQueue::rx_read`]), never lent as a slice of device-writable memory.
 
 pub mod desc;
 pub mod regs;
@@ -74,7 +74,8 @@ use crate::error::{DriverError, Result};
 use crate::mmio::Mmio;
 use crate::nic::NicModel;
 use crate::queue::{
-    Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TxOffload, TxSegment, TxToken,
+    Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TsoHeaders, TxOffload, TxSegment,
+    TxToken,
 };
 use crate::vfio::VfioPci;
 
@@ -583,6 +584,7 @@ impl NetQueue for E1000 {
             udp_checksum: o.l4_checksum,
             tso_max_frame: (o.tso && o.l4_checksum && o.ipv4_header_checksum)
                 .then_some(TSO_MAX_FRAME),
+            tso_headers: TsoHeaders::PerSegment,
             max_tx_segments: MAX_TX_SEGMENTS,
             mtu: MTU,
         }
@@ -797,26 +799,22 @@ impl NetQueue for E1000 {
         }
     }
 
-    /// The bytes of a lent buffer.
+    /// Copies a lent buffer's bytes out.
     ///
     /// # Panics
     /// If `buffer` is not a buffer this driver lent out and that is still lent (a forged or
     /// already recycled [`RxBuffer`]).
-    fn rx_data(&self, buffer: &RxBuffer) -> &[u8] {
+    fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
         let slot = buffer.slot as usize;
         assert!(
             self.rx.lent.get(slot) == Some(&true) && buffer.len as usize <= self.rx.buffer_size,
-            "rx_data: buffer {buffer:?} is not lent out by this driver"
+            "rx_read: buffer {buffer:?} is not lent out by this driver"
         );
-        // SAFETY: the slot is lent (checked above): the device completed it (DD) and it is
-        // on no descriptor, so the device does not write it until `rx_recycle` (which needs
-        // `&mut self`, so cannot run while this borrow of `self` lives) gives it back and a
-        // later `rx_flush` re-posts it. The range lies inside the slot (len checked).
-        unsafe {
-            self.rx
-                .buffers
-                .slice(slot * self.rx.buffer_size, buffer.len as usize)
-        }
+        let n = (buffer.len as usize).min(out.len());
+        self.rx
+            .buffers
+            .read_bytes(slot * self.rx.buffer_size, &mut out[..n]);
+        &out[..n]
     }
 
     fn rx_recycle(&mut self, buffer: RxBuffer) {

@@ -86,8 +86,8 @@ use crate::anynic::{FaultInjection, NicConfig};
 use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
 use crate::queue::{
-    Capabilities, DeviceStats, L4Protocol, MacAddress, NetQueue, RxBuffer, TxOffload, TxSegment,
-    TxToken,
+    Capabilities, DeviceStats, L4Protocol, MacAddress, NetQueue, RxBuffer, TsoHeaders, TxOffload,
+    TxSegment, TxToken,
 };
 use crate::vfio::VfioPci;
 
@@ -450,6 +450,7 @@ impl VirtioNet {
             tcp_checksum: csum,
             udp_checksum: csum,
             tso_max_frame: (negotiated & f::NET_F_HOST_TSO4 != 0).then_some(TSO_MAX_FRAME),
+            tso_headers: TsoHeaders::PerSegment,
             max_tx_segments: if negotiated & f::F_INDIRECT_DESC != 0 {
                 MAX_TX_SEGMENTS
             } else {
@@ -1072,17 +1073,16 @@ impl NetQueue for VirtioNet {
         }
     }
 
-    fn rx_data(&self, buffer: &RxBuffer) -> &[u8] {
+    fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
         let slot = buffer.slot as usize;
         assert!(
-            self.rx.lent[slot],
-            "rx_data on a buffer that is not lent out"
+            self.rx.lent.get(slot) == Some(&true),
+            "rx_read on a buffer that is not lent out"
         );
         let at = slot * self.rx.buffer_size + NET_HDR_LEN;
-        // SAFETY: the buffer is lent to the caller: the device returned it in the used ring
-        // and it is not in the available ring, so the device does not write it until
-        // rx_recycle + rx_flush, which need `&mut self` and so end this borrow first.
-        unsafe { self.rx.buffers.slice(at, buffer.len as usize) }
+        let n = (buffer.len as usize).min(out.len());
+        self.rx.buffers.read_bytes(at, &mut out[..n]);
+        &out[..n]
     }
 
     fn rx_recycle(&mut self, buffer: RxBuffer) {

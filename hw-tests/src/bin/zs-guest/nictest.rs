@@ -448,6 +448,7 @@ fn rx(count: u32, timeout: Duration) -> Result<()> {
     let mut arp_replies = 0u64;
     let mut token = 0u64;
     let mut tx_busy = false;
+    let mut frame = [0u8; driver::queue::MAX_RX_FRAME];
     println!("RX_READY");
     let deadline = Instant::now() + timeout;
     while (seen.len() as u32) < count {
@@ -461,7 +462,7 @@ fn rx(count: u32, timeout: Duration) -> Result<()> {
         let mut got = 0;
         while let Some(buf) = nic.rx_next() {
             got += 1;
-            let data = nic.rx_data(&buf);
+            let data = nic.rx_read(&buf, &mut frame);
             if let Some(r) = arp_reply(data, mac, TAP_GUEST_IP) {
                 reply = Some(r);
             } else if let Some((port, payload, csum_ok)) = parse_udp(data) {
