@@ -23,7 +23,8 @@ use std::ops::Range;
 
 use driver::dma::{DmaAccess, DmaRegion, DmaSpace};
 use driver::{
-    Capabilities, Iova, L4Checksum, L4Protocol, NetQueue, RxBuffer, Tso, TxOffload, TxSegment,
+    Capabilities, Iova, L4Checksum, L4Protocol, NetQueue, RxBuffer, Tso, TsoHeaders, TxOffload,
+    TxSegment,
 };
 use smoltcp::phy::{
     self, Checksum as SmolChecksum, ChecksumCapabilities, DeviceCapabilities, Medium,
@@ -534,20 +535,19 @@ impl TxPath {
     ) -> TxOffload {
         let field = tcp.checksum_field();
         if self.caps.tcp_checksum {
-            if tso.is_some() {
-                // The NIC computes the IPv4 header checksum of every segment by summing the
-                // header as it is (Intel IPCSO semantics): the field must be zero.
+            // Intel-style TSO (queue API, `TsoHeaders`): the NIC computes the IPv4 header
+            // checksum of every segment by summing the header as it is (IPCSO), so the field
+            // must be zero, and the pseudo-header sum leaves the length out. virtio-style TSO
+            // takes the headers of the large packet at face value, as smoltcp built them.
+            let per_segment = tso.is_some() && self.caps.tso_headers == TsoHeaders::PerSegment;
+            if per_segment {
                 buffer[tcp.ip + 10..tcp.ip + 12].fill(0);
             }
-            let length = if tso.is_some() {
-                0
-            } else {
-                tcp.tcp_len() as u32
-            };
+            let length = if per_segment { 0 } else { tcp.tcp_len() as u32 };
             let pseudo = ipv4_pseudo_header(tcp.src, tcp.dst, IP_PROTOCOL_TCP, length);
             buffer[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
             return TxOffload {
-                ipv4_header: tso.map(|_| tcp.ip as u16),
+                ipv4_header: per_segment.then_some(tcp.ip as u16),
                 l4_checksum: Some(L4Checksum {
                     protocol: L4Protocol::Tcp,
                     start: tcp.tcp as u16,
