@@ -9,39 +9,43 @@
 //! the field) or computes the checksum in software from the pinned bytes, and requests TSO
 //! when smoltcp built a segment larger than the MSS.
 //!
-//! Every frame owns one header slot until the NIC returns its token; the slot index is the
-//! token. A frame record remembers which stream range the frame reads, so the items stay
-//! referenced (`dma_refs`) until the NIC is done with them.
+//! smoltcp builds every frame in ordinary memory; the boundary parses and edits it there
+//! (through `smoltcp::wire`, see [`crate::frame`]) and writes only what the NIC must read
+//! from DMA memory into the frame's header slot: the headers of a zero-copy segment, or the
+//! whole of a small frame. Every frame *owns* its header slot (and a jumbo buffer, if any) as
+//! [`DmaBuffer`] guards until the NIC returns its token (the slot index), so a buffer can
+//! neither leak nor be reused under DMA. The frame also names the stream range it reads, so
+//! the send-queue items stay referenced (`dma_refs`) until the NIC is done with them.
 //!
 //! TX frames are *staged* during `Interface::poll` and handed to the NIC afterwards with one
 //! `tx_flush` per poll (smoltcp holds an RX token and a TX token at the same time, so the
 //! TX token cannot reach the NIC itself).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::ops::Range;
 
-use driver::dma::{DmaAccess, DmaRegion, DmaSpace};
+use driver::dma::DmaSpace;
 use driver::{
-    Capabilities, Iova, L4Checksum, L4Protocol, NetQueue, RxBuffer, Tso, TsoHeaders, TxOffload,
-    TxSegment,
+    Capabilities, L4Checksum, L4Protocol, NetQueue, RxBuffer, Tso, TsoHeaders, TxOffload, TxSegment,
 };
+use inet_checksum::{ipv4_pseudo_header, Checksum};
 use smoltcp::phy::{
     self, Checksum as SmolChecksum, ChecksumCapabilities, DeviceCapabilities, Medium,
 };
 use smoltcp::time::Instant;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use crate::frame::{self, FlowKey, TcpFrame, ETHERNET_HEADER_LEN, IP_PROTOCOL_TCP, TCP_SYN};
-use crate::sendq::{CopyPool, SendMode, SendQueue};
+use crate::dmabuf::{BufferPool, DmaBuffer};
+use crate::frame::{self, FlowKey, TcpFrame, ETHERNET_HEADER_LEN};
+use crate::sendq::{copy_pool, CopyPool, SendMode, SendQueue};
 use crate::StackStats;
-use inet_checksum::{ipv4_pseudo_header, Checksum};
 
 /// Size of a header slot; also holds any whole frame up to an Ethernet MTU of 1500.
 pub const SLOT_SIZE: usize = 2048;
 /// Largest TSO frame we ask for (IPv4 total length must fit 16 bits).
 const MAX_TSO_FRAME: usize = 65535 + ETHERNET_HEADER_LEN - 1;
-const NO_CONN: u32 = u32::MAX;
+/// IP protocol number of TCP, for pseudo-header sums (RFC 9293 section 3.1).
+const IP_PROTOCOL_TCP: u8 = 6;
 
 /// Per-connection state the device boundary needs.
 pub struct ConnTx {
@@ -63,42 +67,46 @@ impl ConnTx {
     }
 }
 
-struct FrameRecord {
-    conn: u32,
-    generation: u32,
-    stream: Range<u64>,
-    jumbo: Option<u32>,
+/// A frame between staging and TX completion. It owns its DMA buffers (returned to their
+/// pools when it is dropped) and names the stream range whose items it reads.
+struct Frame {
+    /// The header slot; its index is the frame's TX token.
+    slot: DmaBuffer,
+    /// A jumbo buffer holding the whole frame (TSO-sized frames built inline). Held only
+    /// to keep it from the pool until the NIC is done with it.
+    _jumbo: Option<DmaBuffer>,
+    /// `(connection index, generation, stream range)` of the send-queue items it reads.
+    reads: Option<(u32, u32, Range<u64>)>,
+}
+
+impl Frame {
+    fn token(&self) -> u64 {
+        self.slot.index() as u64
+    }
 }
 
 struct Staged {
-    slot: u32,
+    frame: Frame,
     segments: Range<usize>,
     offload: TxOffload,
 }
 
-/// Where smoltcp built a frame.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum BuildBuffer {
-    Slot,
-    Jumbo(u32),
-    Scratch,
-}
-
-/// Device-independent transmit state: header slots, frame records, connection send queues.
+/// Device-independent transmit state: header slots, frames in flight, connection send
+/// queues.
 pub struct TxPath {
     caps: Capabilities,
     tso_frame: Option<usize>,
-    slots: DmaRegion,
-    slots_host: *mut u8,
-    free_slots: Vec<u32>,
-    records: Vec<FrameRecord>,
-    jumbo: Option<(DmaRegion, *mut u8, usize)>,
-    free_jumbo: Vec<u32>,
-    staged: std::collections::VecDeque<Staged>,
+    slots: BufferPool,
+    jumbo: Option<BufferPool>,
+    /// Frames the NIC holds, by token (= slot index).
+    in_flight: Vec<Option<Frame>>,
+    staged: VecDeque<Staged>,
     staged_segments: Vec<TxSegment>,
     /// Frames smoltcp may still build this poll.
     budget: usize,
-    scratch: Vec<u8>,
+    /// Where smoltcp builds every frame (ordinary memory); the boundary then writes the
+    /// headers (or the whole frame) into the frame's DMA buffer.
+    build: Vec<u8>,
     pub pool: CopyPool,
     pub conns: Vec<ConnTx>,
     pub flows: HashMap<FlowKey, u32, FlowHashBuilder>,
@@ -106,10 +114,6 @@ pub struct TxPath {
     pub pending_iss: HashMap<FlowKey, u32, FlowHashBuilder>,
     pub stats: StackStats,
 }
-
-// SAFETY: the raw pointers point into the mmaps owned by `slots` / `jumbo` (Send + Sync),
-// and are only dereferenced through `&mut self`.
-unsafe impl Send for TxPath {}
 
 /// A fast hash for [`FlowKey`]s (a multiplicative hash of one u64; flows are not chosen by
 /// an attacker beyond what a listening server's peers choose, and a table holds few).
@@ -156,21 +160,13 @@ pub struct TxConfig {
     pub tso: bool,
 }
 
-fn host_pointer(region: &DmaRegion) -> *mut u8 {
-    region
-        .memory()
-        .get_host_address(GuestAddress(region.iova()))
-        .expect("a DMA region's own memory translates")
-}
-
 impl TxPath {
     pub fn new(
         dma: &std::sync::Arc<DmaSpace>,
         caps: Capabilities,
         config: &TxConfig,
     ) -> driver::Result<Self> {
-        let slots = dma.allocate(config.slots * SLOT_SIZE, DmaAccess::DeviceReads)?;
-        let slots_host = host_pointer(&slots);
+        let slots = BufferPool::new(dma, config.slots, SLOT_SIZE)?;
         // TSO needs the NIC to fix IPv4 and TCP checksums, and room for the header chain.
         let max_by_segments =
             ETHERNET_HEADER_LEN + 60 + 60 + (caps.max_tx_segments.saturating_sub(3)) * 4096;
@@ -179,39 +175,25 @@ impl TxPath {
             .filter(|_| config.tso && caps.tcp_checksum)
             .map(|m| (m as usize).min(MAX_TSO_FRAME).min(max_by_segments))
             .filter(|&m| m > caps.mtu + ETHERNET_HEADER_LEN);
-        let (jumbo, free_jumbo) = match tso_frame {
-            Some(size) if config.jumbo_buffers > 0 => {
-                let size = size.div_ceil(4096) * 4096;
-                let region = dma.allocate(config.jumbo_buffers * size, DmaAccess::DeviceReads)?;
-                let host = host_pointer(&region);
-                (
-                    Some((region, host, size)),
-                    (0..config.jumbo_buffers as u32).rev().collect(),
-                )
-            }
-            _ => (None, Vec::new()),
+        let jumbo = match tso_frame {
+            Some(size) if config.jumbo_buffers > 0 => Some(BufferPool::new(
+                dma,
+                config.jumbo_buffers,
+                size.div_ceil(4096) * 4096,
+            )?),
+            _ => None,
         };
         Ok(Self {
             caps,
             tso_frame,
+            in_flight: (0..slots.capacity()).map(|_| None).collect(),
             slots,
-            slots_host,
-            free_slots: (0..config.slots as u32).rev().collect(),
-            records: (0..config.slots)
-                .map(|_| FrameRecord {
-                    conn: NO_CONN,
-                    generation: 0,
-                    stream: 0..0,
-                    jumbo: None,
-                })
-                .collect(),
             jumbo,
-            free_jumbo,
-            staged: std::collections::VecDeque::with_capacity(config.slots),
+            staged: VecDeque::with_capacity(config.slots),
             staged_segments: Vec::with_capacity(config.slots * 4),
             budget: 0,
-            scratch: vec![0; tso_frame.unwrap_or(SLOT_SIZE).max(SLOT_SIZE)],
-            pool: CopyPool::new(dma, config.copy_blocks)?,
+            build: vec![0; tso_frame.unwrap_or(SLOT_SIZE).max(SLOT_SIZE)],
+            pool: copy_pool(dma, config.copy_blocks)?,
             conns: Vec::new(),
             flows: HashMap::default(),
             pending_iss: HashMap::default(),
@@ -226,55 +208,54 @@ impl TxPath {
 
     /// Frames in flight (header slots in use).
     pub fn frames_in_flight(&self) -> usize {
-        self.records.len() - self.free_slots.len()
-    }
-
-    fn slot_iova(&self, slot: u32) -> Iova {
-        self.slots.iova() + (slot as usize * SLOT_SIZE) as u64
+        self.slots.capacity() - self.slots.free_count()
     }
 
     fn can_build(&self) -> bool {
-        self.budget > 0 && !self.free_slots.is_empty()
+        self.budget > 0 && self.slots.free_count() > 0
     }
 
     /// The NIC finished reading the frame with this token.
     pub fn complete(&mut self, token: u64) {
-        let slot = token as u32;
-        let record = &mut self.records[slot as usize];
-        if record.conn != NO_CONN {
-            if let Some(conn) = self.conns.get_mut(record.conn as usize) {
-                if conn.generation == record.generation {
-                    conn.sendq.add_dma_refs(record.stream.clone(), -1);
+        match self
+            .in_flight
+            .get_mut(token as usize)
+            .and_then(Option::take)
+        {
+            Some(frame) => self.retire(frame),
+            None => tracing::error!("NIC completed TX token {token}, which it was never given"),
+        }
+    }
+
+    /// Drops a frame the NIC no longer reads: its items lose a DMA reference, its buffers
+    /// go back to their pools.
+    fn retire(&mut self, frame: Frame) {
+        if let Some((index, generation, stream)) = &frame.reads {
+            if let Some(conn) = self.conns.get_mut(*index as usize) {
+                if conn.generation == *generation {
+                    conn.sendq.add_dma_refs(stream.clone(), -1);
                 }
             }
         }
-        record.conn = NO_CONN;
-        if let Some(j) = record.jumbo.take() {
-            self.free_jumbo.push(j);
-        }
-        self.free_slots.push(slot);
     }
 
-    fn abandon_slot(&mut self, slot: u32, build: BuildBuffer) {
-        if let BuildBuffer::Jumbo(j) = build {
-            self.free_jumbo.push(j);
-        }
-        self.free_slots.push(slot);
-    }
-
-    /// smoltcp built a frame in `buffer` (which is `build`); turn it into a staged descriptor
-    /// chain.
-    fn finish_frame(
-        &mut self,
-        slot: u32,
-        build: BuildBuffer,
-        buffer: &mut [u8],
-        tso_mss: Option<u16>,
-    ) {
+    /// smoltcp built a frame in `self.build[..len]`; turn it into a staged descriptor chain.
+    fn finish_frame(&mut self, len: usize, tso_mss: Option<u16>) {
         self.stats.frames_tx += 1;
+        let Some(slot) = self.slots.take() else {
+            // Only reachable through the TX token of an RX pair: built, then dropped.
+            self.stats.tx_dropped_no_buffer += 1;
+            return;
+        };
+        let mut build = std::mem::take(&mut self.build);
+        self.stage_frame(slot, &mut build[..len], tso_mss);
+        self.build = build;
+    }
+
+    fn stage_frame(&mut self, slot: DmaBuffer, buffer: &mut [u8], tso_mss: Option<u16>) {
         let segments_start = self.staged_segments.len();
         let Some(tcp) = frame::parse_tcp(buffer) else {
-            return self.stage_whole(slot, build, buffer, TxOffload::default(), segments_start);
+            return self.stage_whole(slot, buffer, TxOffload::default(), segments_start);
         };
         self.note_syn(&tcp);
         let conn_index = self.flows.get(&tcp.flow()).copied();
@@ -291,14 +272,12 @@ impl TxPath {
                     // Cannot map the segment: never put placeholders on the wire.
                     tracing::error!("TX segment of a flow with unknown ISS; frame dropped");
                     self.stats.tx_unmapped_drops += 1;
-                    self.abandon_slot(slot, build);
                     return;
                 }
                 if let Some(start) = conn.stream_offset(tcp.seq) {
                     let stream = start..start + tcp.payload_len as u64;
                     return self.stage_zero_copy(
                         slot,
-                        build,
                         buffer,
                         &tcp,
                         index,
@@ -323,17 +302,16 @@ impl TxPath {
                         &mut conn.sendq,
                         start,
                         tcp.payload_len as u64,
-                        true,
                     );
                 }
             }
         }
         let offload = self.prepare_tcp_checksum(buffer, &tcp, tso, None);
-        self.stage_whole(slot, build, buffer, offload, segments_start);
+        self.stage_whole(slot, buffer, offload, segments_start);
     }
 
     fn note_syn(&mut self, tcp: &TcpFrame) {
-        if tcp.flags & TCP_SYN == 0 {
+        if !tcp.syn {
             return;
         }
         let flow = tcp.flow();
@@ -348,45 +326,46 @@ impl TxPath {
         }
     }
 
-    /// Stages a frame whose bytes are all in the build buffer.
+    /// Stages a frame whose bytes are all in `buffer`: written into the slot, or into a
+    /// jumbo buffer when larger.
     fn stage_whole(
         &mut self,
-        slot: u32,
-        build: BuildBuffer,
+        mut slot: DmaBuffer,
         buffer: &[u8],
         offload: TxOffload,
         segments_start: usize,
     ) {
-        let iova = match build {
-            BuildBuffer::Slot => self.slot_iova(slot),
-            BuildBuffer::Jumbo(j) => {
-                let (region, _, size) = self.jumbo.as_ref().expect("jumbo buffers exist");
-                region.iova() + (j as usize * size) as u64
-            }
-            BuildBuffer::Scratch => {
-                // Only TSO-sized frames land here, and only when every jumbo buffer is busy.
+        let mut jumbo = None;
+        let iova = if buffer.len() <= SLOT_SIZE {
+            slot.write(0, buffer);
+            slot.iova(0)
+        } else {
+            // Only TSO-sized frames are this large.
+            let Some(mut buffer_for_frame) = self.jumbo.as_ref().and_then(BufferPool::take) else {
                 self.stats.tx_dropped_no_buffer += 1;
-                self.abandon_slot(slot, build);
                 return;
-            }
+            };
+            buffer_for_frame.write(0, buffer);
+            let iova = buffer_for_frame.iova(0);
+            jumbo = Some(buffer_for_frame);
+            iova
         };
         self.staged_segments.push(TxSegment {
             iova,
             len: buffer.len() as u32,
         });
-        let record = &mut self.records[slot as usize];
-        record.conn = NO_CONN;
-        record.jumbo = match build {
-            BuildBuffer::Jumbo(j) => Some(j),
-            _ => None,
+        let frame = Frame {
+            slot,
+            _jumbo: jumbo,
+            reads: None,
         };
-        self.stage(slot, segments_start, offload);
+        self.stage(frame, segments_start, offload);
     }
 
-    fn stage(&mut self, slot: u32, segments_start: usize, offload: TxOffload) {
+    fn stage(&mut self, frame: Frame, segments_start: usize, offload: TxOffload) {
         self.budget = self.budget.saturating_sub(1);
         self.staged.push_back(Staged {
-            slot,
+            frame,
             segments: segments_start..self.staged_segments.len(),
             offload,
         });
@@ -395,8 +374,7 @@ impl TxPath {
     #[allow(clippy::too_many_arguments)]
     fn stage_zero_copy(
         &mut self,
-        slot: u32,
-        build: BuildBuffer,
+        mut slot: DmaBuffer,
         buffer: &mut [u8],
         tcp: &TcpFrame,
         index: u32,
@@ -407,65 +385,49 @@ impl TxPath {
         self.stats.placeholder_bytes_copied += tcp.payload_len as u64;
         let header_len = tcp.header_len;
         // Header chain entry first; the payload comes from the send queue.
-        let header = TxSegment {
-            iova: self.slot_iova(slot),
+        self.staged_segments.push(TxSegment {
+            iova: slot.iova(0),
             len: header_len as u32,
-        };
-        self.staged_segments.push(header);
+        });
         let conn = &self.conns[index as usize];
         let segments = &mut self.staged_segments;
         let (sent_max, mut position, mut new_file_bytes) =
             (conn.sendq.sent_max, stream.start, 0u64);
-        let mapped = conn
-            .sendq
-            .for_each_piece(stream.clone(), &self.pool, |piece| {
-                let end = position + piece.bytes.len() as u64;
-                if piece.is_file {
-                    new_file_bytes += end.saturating_sub(position.max(sent_max));
+        let mapped = conn.sendq.for_each_piece(stream.clone(), |piece| {
+            let end = position + piece.len as u64;
+            if piece.is_file() {
+                new_file_bytes += end.saturating_sub(position.max(sent_max));
+            }
+            position = end;
+            // Merge pieces contiguous in IOVA space (but never into the header).
+            let has_payload = segments.len() > segments_start + 1;
+            match segments.last_mut() {
+                Some(last) if has_payload && last.iova + last.len as u64 == piece.iova => {
+                    last.len += piece.len as u32;
                 }
-                position = end;
-                // Merge pieces contiguous in IOVA space (but never into the header).
-                let has_payload = segments.len() > segments_start + 1;
-                match segments.last_mut() {
-                    Some(last) if has_payload && last.iova + last.len as u64 == piece.iova => {
-                        last.len += piece.bytes.len() as u32;
-                    }
-                    _ => segments.push(TxSegment {
-                        iova: piece.iova,
-                        len: piece.bytes.len() as u32,
-                    }),
-                }
-            });
+                _ => segments.push(TxSegment {
+                    iova: piece.iova,
+                    len: piece.len as u32,
+                }),
+            }
+        });
         if mapped.is_err() {
             // smoltcp sent bytes we never queued: a bug; never put placeholders on the wire.
             tracing::error!("TX segment {stream:?} is not in the send queue; frame dropped");
             self.stats.tx_unmapped_drops += 1;
             self.staged_segments.truncate(segments_start);
-            self.abandon_slot(slot, build);
             return;
         }
         self.stats.file_bytes_sent += new_file_bytes;
         let too_many = self.staged_segments.len() - segments_start > self.caps.max_tx_segments;
         if too_many {
-            // Too fragmented for the NIC: linearize into the slot (or jumbo) like
+            // Too fragmented for the NIC: linearize into the slot (or a jumbo buffer) like
             // skb_linearize. Counted as copied payload.
             self.staged_segments.truncate(segments_start);
-            return self.linearize(slot, build, buffer, tcp, index, stream, tso, segments_start);
+            return self.linearize(slot, buffer, tcp, index, stream, tso, segments_start);
         }
         let offload = self.prepare_tcp_checksum(buffer, tcp, tso, Some((index, stream.clone())));
-        if build != BuildBuffer::Slot {
-            // SAFETY: as in finish_frame: the slot is ours and not in flight.
-            let slot_bytes = unsafe {
-                std::slice::from_raw_parts_mut(
-                    self.slots_host.add(slot as usize * SLOT_SIZE),
-                    header_len,
-                )
-            };
-            slot_bytes.copy_from_slice(&buffer[..header_len]);
-            if let BuildBuffer::Jumbo(j) = build {
-                self.free_jumbo.push(j);
-            }
-        }
+        slot.write(0, &buffer[..header_len]);
         let conn = &mut self.conns[index as usize];
         conn.sendq.add_dma_refs(stream.clone(), 1);
         self.stats.zero_copy_frames += 1;
@@ -474,21 +436,19 @@ impl TxPath {
             &mut conn.sendq,
             stream.start,
             stream.end - stream.start,
-            false,
         );
-        let record = &mut self.records[slot as usize];
-        record.conn = index;
-        record.generation = conn.generation;
-        record.stream = stream;
-        record.jumbo = None;
-        self.stage(slot, segments_start, offload);
+        let frame = Frame {
+            slot,
+            _jumbo: None,
+            reads: Some((index, conn.generation, stream)),
+        };
+        self.stage(frame, segments_start, offload);
     }
 
     #[allow(clippy::too_many_arguments)]
     fn linearize(
         &mut self,
-        slot: u32,
-        build: BuildBuffer,
+        slot: DmaBuffer,
         buffer: &mut [u8],
         tcp: &TcpFrame,
         index: u32,
@@ -496,17 +456,12 @@ impl TxPath {
         tso: Option<Tso>,
         segments_start: usize,
     ) {
-        if build == BuildBuffer::Scratch {
-            self.stats.tx_dropped_no_buffer += 1;
-            self.abandon_slot(slot, build);
-            return;
-        }
         let mut at = tcp.header_len;
         let conn = &self.conns[index as usize];
         conn.sendq
-            .for_each_piece(stream.clone(), &self.pool, |piece| {
-                buffer[at..at + piece.bytes.len()].copy_from_slice(piece.bytes);
-                at += piece.bytes.len();
+            .for_each_piece(stream.clone(), |piece| {
+                piece.with_bytes(|bytes| buffer[at..at + bytes.len()].copy_from_slice(bytes));
+                at += piece.len;
             })
             .expect("mapped just before");
         self.stats.linearized_frames += 1;
@@ -517,10 +472,9 @@ impl TxPath {
             &mut conn.sendq,
             stream.start,
             stream.end - stream.start,
-            false,
         );
         let offload = self.prepare_tcp_checksum(buffer, tcp, tso, None);
-        self.stage_whole(slot, build, buffer, offload, segments_start);
+        self.stage_whole(slot, buffer, offload, segments_start);
     }
 
     /// Fills the TCP checksum field: the pseudo-header sum for the NIC to complete, or the
@@ -533,7 +487,7 @@ impl TxPath {
         tso: Option<Tso>,
         payload_from: Option<(u32, Range<u64>)>,
     ) -> TxOffload {
-        let field = tcp.checksum_field();
+        let (src, dst) = (tcp.src.octets(), tcp.dst.octets());
         if self.caps.tcp_checksum {
             // Intel-style TSO (queue API, `TsoHeaders`): the NIC computes the IPv4 header
             // checksum of every segment by summing the header as it is (IPCSO), so the field
@@ -541,28 +495,28 @@ impl TxPath {
             // takes the headers of the large packet at face value, as smoltcp built them.
             let per_segment = tso.is_some() && self.caps.tso_headers == TsoHeaders::PerSegment;
             if per_segment {
-                buffer[tcp.ip + 10..tcp.ip + 12].fill(0);
+                tcp.set_ipv4_checksum(buffer, 0);
             }
             let length = if per_segment { 0 } else { tcp.tcp_len() as u32 };
-            let pseudo = ipv4_pseudo_header(tcp.src, tcp.dst, IP_PROTOCOL_TCP, length);
-            buffer[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+            let pseudo = ipv4_pseudo_header(src, dst, IP_PROTOCOL_TCP, length);
+            tcp.set_tcp_checksum(buffer, pseudo);
             return TxOffload {
                 ipv4_header: per_segment.then_some(tcp.ip as u16),
                 l4_checksum: Some(L4Checksum {
                     protocol: L4Protocol::Tcp,
                     start: tcp.tcp as u16,
-                    field: field as u16,
+                    field: tcp.checksum_field() as u16,
                 }),
                 tso,
             };
         }
         // Software checksum. The payload bytes are pinned: they cannot change between this
         // sum and the NIC's DMA.
-        buffer[field..field + 2].fill(0);
+        tcp.set_tcp_checksum(buffer, 0);
         let mut sum = Checksum::new();
         sum.add_word(ipv4_pseudo_header(
-            tcp.src,
-            tcp.dst,
+            src,
+            dst,
             IP_PROTOCOL_TCP,
             tcp.tcp_len() as u32,
         ));
@@ -571,25 +525,19 @@ impl TxPath {
             Some((index, stream)) => {
                 self.conns[index as usize]
                     .sendq
-                    .for_each_piece(stream, &self.pool, |piece| sum.add(piece.bytes))
+                    .for_each_piece(stream, |piece| piece.with_bytes(|bytes| sum.add(bytes)))
                     .expect("mapped just before");
             }
             None => sum.add(&buffer[tcp.header_len..]),
         }
         self.stats.software_checksum_bytes += tcp.tcp_len() as u64;
-        buffer[field..field + 2].copy_from_slice(&sum.finish().to_be_bytes());
+        tcp.set_tcp_checksum(buffer, sum.finish());
         TxOffload::default()
     }
 }
 
 /// First transmissions and retransmissions of `start..start+len`.
-fn account_sent(
-    stats: &mut StackStats,
-    sendq: &mut SendQueue,
-    start: u64,
-    len: u64,
-    _copied: bool,
-) {
+fn account_sent(stats: &mut StackStats, sendq: &mut SendQueue, start: u64, len: u64) {
     let end = start + len;
     if start < sendq.sent_max {
         stats.retransmitted_segments += 1;
@@ -629,21 +577,20 @@ impl<Q: NetQueue> NicDevice<Q> {
         let mut submitted = 0;
         while let Some(staged) = self.tx.staged.front() {
             let segments = &self.tx.staged_segments[staged.segments.clone()];
-            match self
-                .nic
-                .tx_enqueue(segments, &staged.offload, staged.slot as u64)
-            {
+            let token = staged.frame.token();
+            match self.nic.tx_enqueue(segments, &staged.offload, token) {
                 Ok(()) => {
-                    self.tx.staged.pop_front();
+                    let staged = self.tx.staged.pop_front().expect("front exists");
+                    self.tx.in_flight[token as usize] = Some(staged.frame);
                     submitted += 1;
                 }
                 Err(driver::DriverError::TxRingFull) => break,
                 Err(e) => {
                     // Malformed for this NIC: drop it (TCP retransmits) and free its slot.
                     tracing::warn!("NIC refused a frame: {e}");
-                    let staged = self.tx.staged.pop_front().unwrap();
+                    let staged = self.tx.staged.pop_front().expect("front exists");
                     self.tx.stats.tx_refused += 1;
-                    self.tx.complete(staged.slot as u64);
+                    self.tx.retire(staged.frame);
                 }
             }
         }
@@ -682,49 +629,11 @@ pub struct NicTxToken<'a> {
 impl phy::TxToken for NicTxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let tx = self.tx;
-        let Some(slot) = tx.free_slots.pop() else {
-            // Only reachable through the TX token of an RX pair: build and drop.
-            tx.stats.tx_dropped_no_buffer += 1;
-            let mut scratch = std::mem::take(&mut tx.scratch);
-            scratch.resize(scratch.len().max(len), 0);
-            let result = f(&mut scratch[..len]);
-            tx.scratch = scratch;
-            return result;
-        };
-        let build = if len <= SLOT_SIZE {
-            BuildBuffer::Slot
-        } else if let Some(j) = tx.free_jumbo.pop() {
-            BuildBuffer::Jumbo(j)
-        } else {
-            BuildBuffer::Scratch
-        };
-        if build == BuildBuffer::Scratch {
-            let mut scratch = std::mem::take(&mut tx.scratch);
-            scratch.resize(scratch.len().max(len), 0);
-            let result = f(&mut scratch[..len]);
-            tx.finish_frame(slot, build, &mut scratch[..len], self.tso_mss);
-            tx.scratch = scratch;
-            return result;
+        if tx.build.len() < len {
+            tx.build.resize(len, 0);
         }
-        // SAFETY: the slot or jumbo buffer is ours: its previous frame's token came back (or
-        // it was never used), so neither the device nor any Rust reference accesses it; the
-        // memory is owned by a DmaRegion that outlives this call. In bounds: len <= SLOT_SIZE
-        // or <= the jumbo size (asserted).
-        let buffer: &mut [u8] = unsafe {
-            match build {
-                BuildBuffer::Jumbo(j) => {
-                    let (_, host, size) = tx.jumbo.as_ref().expect("jumbo buffers exist");
-                    assert!(len <= *size, "frame larger than the advertised TSO size");
-                    std::slice::from_raw_parts_mut(host.add(j as usize * size), len)
-                }
-                _ => std::slice::from_raw_parts_mut(
-                    tx.slots_host.add(slot as usize * SLOT_SIZE),
-                    len,
-                ),
-            }
-        };
-        let result = f(buffer);
-        tx.finish_frame(slot, build, buffer, self.tso_mss);
+        let result = f(&mut tx.build[..len]);
+        tx.finish_frame(len, self.tso_mss);
         result
     }
 

@@ -1,15 +1,13 @@
-//! Parsing the frames smoltcp builds, at the device boundary: where the IPv4 and TCP headers
-//! are and what the TCP segment says.
+//! The frames smoltcp builds, read and edited at the device boundary through `smoltcp::wire`:
+//! where the IPv4 and TCP headers are, what the TCP segment says, and the few header fields
+//! the boundary rewrites (checksums for offload or software checksumming).
+
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket,
+};
 
 /// Ethernet header length (no VLAN tag: smoltcp emits none).
 pub const ETHERNET_HEADER_LEN: usize = 14;
-const ETHERTYPE_IPV4: u16 = 0x0800;
-pub const IP_PROTOCOL_TCP: u8 = 6;
-
-/// TCP flags.
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
 
 /// An outgoing IPv4/TCP frame, as laid out in its buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,20 +19,15 @@ pub struct TcpFrame {
     /// Ethernet + IPv4 + TCP header bytes: the payload starts here.
     pub header_len: usize,
     pub payload_len: usize,
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub src: Ipv4Address,
+    pub dst: Ipv4Address,
     pub src_port: u16,
     pub dst_port: u16,
     pub seq: u32,
-    pub flags: u8,
+    pub syn: bool,
 }
 
 impl TcpFrame {
-    /// Offset of the TCP checksum field.
-    pub fn checksum_field(&self) -> usize {
-        self.tcp + 16
-    }
-
     /// TCP header plus payload length.
     pub fn tcp_len(&self) -> usize {
         self.header_len - self.tcp + self.payload_len
@@ -42,7 +35,23 @@ impl TcpFrame {
 
     /// The flow key, seen from our side (local port, remote address and port).
     pub fn flow(&self) -> FlowKey {
-        FlowKey::new(self.src_port, self.dst, self.dst_port)
+        FlowKey::new(self.src_port, self.dst.octets(), self.dst_port)
+    }
+
+    /// Stores `checksum` in the TCP checksum field of `frame` (this frame's buffer).
+    pub fn set_tcp_checksum(&self, frame: &mut [u8], checksum: u16) {
+        TcpPacket::new_unchecked(&mut frame[self.tcp..self.header_len]).set_checksum(checksum);
+    }
+
+    /// Stores `checksum` in the IPv4 header checksum field of `frame`.
+    pub fn set_ipv4_checksum(&self, frame: &mut [u8], checksum: u16) {
+        Ipv4Packet::new_unchecked(&mut frame[self.ip..self.tcp]).set_checksum(checksum);
+    }
+
+    /// Offset of the TCP checksum field in the frame (for the NIC's offload request).
+    pub fn checksum_field(&self) -> usize {
+        // RFC 9293 section 3.1: the checksum is the 16-bit field at octet 16 of the header.
+        self.tcp + 16
     }
 }
 
@@ -62,90 +71,120 @@ impl FlowKey {
 }
 
 /// Parses an Ethernet frame that carries IPv4/TCP. `None` for anything else (ARP, ICMP,
-/// UDP, fragments, truncated headers). The IPv4 total length may be 0 for TSO-sized frames.
+/// UDP, fragments, truncated or inconsistent headers).
 pub fn parse_tcp(frame: &[u8]) -> Option<TcpFrame> {
-    let ip = ETHERNET_HEADER_LEN;
-    if frame.len() < ip + 20 || u16::from_be_bytes([frame[12], frame[13]]) != ETHERTYPE_IPV4 {
+    let ethernet = EthernetFrame::new_checked(frame).ok()?;
+    if ethernet.ethertype() != EthernetProtocol::Ipv4 {
         return None;
     }
-    let version_ihl = frame[ip];
-    let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || ihl < 20 || frame[ip + 9] != IP_PROTOCOL_TCP {
+    let ip = Ipv4Packet::new_checked(ethernet.payload()).ok()?;
+    if ip.version() != 4
+        || ip.next_header() != IpProtocol::Tcp
+        || ip.more_frags()
+        || ip.frag_offset() != 0
+    {
         return None;
     }
-    let fragment = u16::from_be_bytes([frame[ip + 6], frame[ip + 7]]) & 0x3fff;
-    if fragment != 0 {
-        return None;
-    }
-    let tcp = ip + ihl;
-    if frame.len() < tcp + 20 {
-        return None;
-    }
-    let data_offset = ((frame[tcp + 12] >> 4) as usize) * 4;
-    let header_len = tcp + data_offset;
-    if data_offset < 20 || frame.len() < header_len {
-        return None;
-    }
-    let be16 = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    let ip_offset = ETHERNET_HEADER_LEN;
+    let tcp_offset = ip_offset + ip.header_len() as usize;
+    let header_len = tcp_offset + tcp.header_len() as usize;
     Some(TcpFrame {
-        ip,
-        tcp,
+        ip: ip_offset,
+        tcp: tcp_offset,
         header_len,
-        payload_len: frame.len() - header_len,
-        src: frame[ip + 12..ip + 16].try_into().unwrap(),
-        dst: frame[ip + 16..ip + 20].try_into().unwrap(),
-        src_port: be16(tcp),
-        dst_port: be16(tcp + 2),
-        seq: u32::from_be_bytes(frame[tcp + 4..tcp + 8].try_into().unwrap()),
-        flags: frame[tcp + 13],
+        payload_len: tcp.payload().len(),
+        src: ip.src_addr(),
+        dst: ip.dst_addr(),
+        src_port: tcp.src_port(),
+        dst_port: tcp.dst_port(),
+        seq: tcp.seq_number().0 as u32,
+        syn: tcp.syn(),
     })
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use smoltcp::wire::{EthernetAddress, TcpSeqNumber};
 
-    /// A minimal Ethernet/IPv4/TCP frame (with `options` bytes of TCP options).
-    pub(crate) fn tcp_frame(payload_len: usize, options: usize, seq: u32, flags: u8) -> Vec<u8> {
-        let mut f = vec![0u8; 54 + options + payload_len];
-        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-        f[14] = 0x45;
-        f[23] = 6;
-        f[26..30].copy_from_slice(&[10, 0, 0, 1]);
-        f[30..34].copy_from_slice(&[10, 0, 0, 2]);
-        f[34..36].copy_from_slice(&80u16.to_be_bytes());
-        f[36..38].copy_from_slice(&5555u16.to_be_bytes());
-        f[38..42].copy_from_slice(&seq.to_be_bytes());
-        f[46] = (((20 + options) / 4) as u8) << 4;
-        f[47] = flags;
+    /// A minimal Ethernet/IPv4/TCP frame (with `options` bytes of TCP options), built with
+    /// smoltcp's own emitters.
+    pub(crate) fn tcp_frame(payload_len: usize, options: usize, seq: u32, syn: bool) -> Vec<u8> {
+        let tcp_len = 20 + options + payload_len;
+        let mut f = vec![0u8; ETHERNET_HEADER_LEN + 20 + tcp_len];
+        let mut eth = EthernetFrame::new_unchecked(&mut f[..]);
+        eth.set_src_addr(EthernetAddress([2, 0, 0, 0, 0, 1]));
+        eth.set_dst_addr(EthernetAddress([2, 0, 0, 0, 0, 2]));
+        eth.set_ethertype(EthernetProtocol::Ipv4);
+        let mut ip = Ipv4Packet::new_unchecked(&mut f[ETHERNET_HEADER_LEN..]);
+        ip.set_version(4);
+        ip.set_header_len(20);
+        ip.set_total_len((20 + tcp_len) as u16);
+        ip.set_hop_limit(64);
+        ip.set_next_header(IpProtocol::Tcp);
+        ip.set_src_addr(Ipv4Address::new(10, 0, 0, 1));
+        ip.set_dst_addr(Ipv4Address::new(10, 0, 0, 2));
+        ip.fill_checksum();
+        let mut tcp = TcpPacket::new_unchecked(&mut f[ETHERNET_HEADER_LEN + 20..]);
+        tcp.set_src_port(80);
+        tcp.set_dst_port(5555);
+        tcp.set_seq_number(TcpSeqNumber(seq as i32));
+        tcp.set_header_len((20 + options) as u8);
+        tcp.clear_flags();
+        tcp.set_ack(true);
+        tcp.set_syn(syn);
         f
     }
 
     #[test]
     fn parses_offsets_and_fields() {
-        let f = tcp_frame(100, 12, 0xdead_beef, 0x18);
+        let f = tcp_frame(100, 12, 0xdead_beef, false);
         let t = parse_tcp(&f).unwrap();
         assert_eq!(
             (t.ip, t.tcp, t.header_len, t.payload_len),
             (14, 34, 66, 100)
         );
         assert_eq!(
-            (t.src_port, t.dst_port, t.seq, t.flags),
-            (80, 5555, 0xdead_beef, 0x18)
+            (t.src_port, t.dst_port, t.seq, t.syn),
+            (80, 5555, 0xdead_beef, false)
         );
         assert_eq!(t.flow(), FlowKey::new(80, [10, 0, 0, 2], 5555));
         assert_eq!(t.tcp_len(), 132);
+        assert!(parse_tcp(&tcp_frame(0, 0, 1, true)).unwrap().syn);
     }
 
     #[test]
-    fn rejects_non_tcp_and_truncated() {
-        let mut f = tcp_frame(0, 0, 1, 0x10);
-        assert!(parse_tcp(&f[..40]).is_none());
-        f[23] = 17;
-        assert!(parse_tcp(&f).is_none());
-        f[23] = 6;
-        f[12] = 0x08;
-        f[13] = 0x06;
-        assert!(parse_tcp(&f).is_none(), "ARP");
+    fn edits_land_in_the_checksum_fields() {
+        let mut f = tcp_frame(10, 0, 1, false);
+        let t = parse_tcp(&f).unwrap();
+        t.set_tcp_checksum(&mut f, 0xabcd);
+        assert_eq!(
+            &f[t.checksum_field()..t.checksum_field() + 2],
+            &[0xab, 0xcd]
+        );
+        t.set_ipv4_checksum(&mut f, 0);
+        assert_eq!(&f[t.ip + 10..t.ip + 12], &[0, 0], "RFC 791: octets 10-11");
+    }
+
+    #[test]
+    fn rejects_non_tcp_truncated_and_fragments() {
+        let f = tcp_frame(0, 0, 1, false);
+        assert!(parse_tcp(&f[..40]).is_none(), "truncated");
+        let mut udp = f.clone();
+        Ipv4Packet::new_unchecked(&mut udp[ETHERNET_HEADER_LEN..]).set_next_header(IpProtocol::Udp);
+        assert!(parse_tcp(&udp).is_none());
+        let mut arp = f.clone();
+        EthernetFrame::new_unchecked(&mut arp[..]).set_ethertype(EthernetProtocol::Arp);
+        assert!(parse_tcp(&arp).is_none(), "ARP");
+        let mut fragment = f.clone();
+        Ipv4Packet::new_unchecked(&mut fragment[ETHERNET_HEADER_LEN..]).set_more_frags(true);
+        assert!(parse_tcp(&fragment).is_none(), "fragment");
+        let mut short_total = f.clone();
+        Ipv4Packet::new_unchecked(&mut short_total[ETHERNET_HEADER_LEN..]).set_total_len(30);
+        assert!(
+            parse_tcp(&short_total).is_none(),
+            "total length shorter than the headers"
+        );
     }
 }

@@ -40,7 +40,10 @@
 //! }
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod device;
+pub mod dmabuf;
 pub mod frame;
 pub mod peer;
 pub mod sendq;

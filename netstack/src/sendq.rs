@@ -12,10 +12,11 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
-use driver::dma::{DmaAccess, DmaRegion, DmaSpace};
+use driver::dma::DmaSpace;
 use driver::Iova;
 use pagecache::Pin;
 
+use crate::dmabuf::{BufferPool, DmaBuffer};
 use crate::SendId;
 
 /// File sends are split into items of at most this many bytes, at file offsets aligned to
@@ -25,55 +26,19 @@ pub const FILE_CHUNK: u64 = 64 * 1024;
 pub const COPY_BLOCK: usize = 4096;
 
 /// DMA memory for small copied sends (HTTP headers and the like), in [`COPY_BLOCK`]s.
-pub struct CopyPool {
-    region: DmaRegion,
-    free: Vec<u32>,
-}
+pub type CopyPool = BufferPool;
 
-impl CopyPool {
-    pub fn new(dma: &std::sync::Arc<DmaSpace>, blocks: usize) -> driver::Result<Self> {
-        let region = dma.allocate(blocks.max(1) * COPY_BLOCK, DmaAccess::DeviceReads)?;
-        Ok(Self {
-            region,
-            free: (0..blocks.max(1) as u32).rev().collect(),
-        })
-    }
-
-    fn allocate(&mut self) -> Option<u32> {
-        self.free.pop()
-    }
-
-    fn release(&mut self, block: u32) {
-        self.free.push(block);
-    }
-
-    pub fn free_blocks(&self) -> usize {
-        self.free.len()
-    }
-
-    fn iova(&self, block: u32, offset: usize) -> Iova {
-        self.region.iova() + (block as usize * COPY_BLOCK + offset) as u64
-    }
-
-    fn write(&self, block: u32, offset: usize, bytes: &[u8]) {
-        self.region
-            .write_bytes(block as usize * COPY_BLOCK + offset, bytes);
-    }
-
-    fn bytes(&self, block: u32, offset: usize, len: usize) -> &[u8] {
-        // SAFETY: the device only reads this region (DeviceReads), and the CPU writes a block
-        // only at offsets past every byte already queued in it (appends), never the bytes
-        // handed out here.
-        unsafe { self.region.slice(block as usize * COPY_BLOCK + offset, len) }
-    }
+/// A pool of `blocks` copy blocks in `dma`.
+pub fn copy_pool(dma: &std::sync::Arc<DmaSpace>, blocks: usize) -> driver::Result<CopyPool> {
+    BufferPool::new(dma, blocks, COPY_BLOCK)
 }
 
 /// What a queued stream range holds.
 pub enum Payload {
     /// File bytes `file_offset .. file_offset + len` of a pin.
     File { pin: Pin, file_offset: u64 },
-    /// Bytes `0 .. len` of a copy-pool block.
-    Block { block: u32 },
+    /// Bytes `0 .. len` of a copy-pool block (owned: back to the pool when the item goes).
+    Block { block: DmaBuffer },
 }
 
 /// One run of the send stream.
@@ -96,8 +61,37 @@ impl SendItem {
 #[derive(Clone, Copy, Debug)]
 pub struct Piece<'a> {
     pub iova: Iova,
-    pub bytes: &'a [u8],
-    pub is_file: bool,
+    pub len: usize,
+    pub bytes: PieceBytes<'a>,
+}
+
+/// Where the CPU finds a piece's bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum PieceBytes<'a> {
+    /// Pinned page-cache bytes (immutable while pinned).
+    File(&'a [u8]),
+    /// Bytes of a copy block, from `offset`; DMA memory, so read with volatile copies.
+    Block { block: &'a DmaBuffer, offset: usize },
+}
+
+impl Piece<'_> {
+    /// Whether the piece is file data (from a pin).
+    pub fn is_file(&self) -> bool {
+        matches!(self.bytes, PieceBytes::File(_))
+    }
+
+    /// Calls `f` with the piece's bytes (copy-block bytes are copied out to the stack first:
+    /// at most one block, and only on the software-checksum and linearize paths).
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self.bytes {
+            PieceBytes::File(bytes) => f(bytes),
+            PieceBytes::Block { block, offset } => {
+                let mut copy = [0u8; COPY_BLOCK];
+                block.read(offset, &mut copy[..self.len]);
+                f(&copy[..self.len])
+            }
+        }
+    }
 }
 
 /// How the connection transmits.
@@ -178,15 +172,17 @@ impl SendQueue {
     }
 
     /// Copies as much of `data` as the pool has room for; returns how many bytes.
-    pub fn push_copy(&mut self, data: &[u8], pool: &mut CopyPool) -> usize {
+    pub fn push_copy(&mut self, data: &[u8], pool: &CopyPool) -> usize {
         let mut done = 0;
         // Fill the tail block first, so many small sends share one block and one descriptor.
+        // Appending writes only bytes past everything queued in it, never bytes a descriptor
+        // may be reading.
         if let Some(tail) = self.items.back_mut() {
-            if let Payload::Block { block } = tail.payload {
+            if let Payload::Block { block } = &mut tail.payload {
                 let room = COPY_BLOCK - tail.len as usize;
                 let n = room.min(data.len());
                 if n > 0 {
-                    pool.write(block, tail.len as usize, &data[..n]);
+                    block.write(tail.len as usize, &data[..n]);
                     tail.len += n as u32;
                     self.queued_end += n as u64;
                     done = n;
@@ -194,9 +190,9 @@ impl SendQueue {
             }
         }
         while done < data.len() {
-            let Some(block) = pool.allocate() else { break };
+            let Some(mut block) = pool.take() else { break };
             let n = COPY_BLOCK.min(data.len() - done);
-            pool.write(block, 0, &data[done..done + n]);
+            block.write(0, &data[done..done + n]);
             self.items.push_back(SendItem {
                 start: self.queued_end,
                 len: n as u32,
@@ -253,7 +249,6 @@ impl SendQueue {
     pub fn for_each_piece<'a>(
         &'a self,
         range: Range<u64>,
-        pool: &'a CopyPool,
         mut f: impl FnMut(Piece<'a>),
     ) -> Result<(), Unmapped> {
         if range.is_empty() {
@@ -279,15 +274,18 @@ impl SendQueue {
                     for span in pin.spans(file) {
                         f(Piece {
                             iova: span.iova,
-                            bytes: span.bytes,
-                            is_file: true,
+                            len: span.bytes.len(),
+                            bytes: PieceBytes::File(span.bytes),
                         });
                     }
                 }
                 Payload::Block { block } => f(Piece {
-                    iova: pool.iova(*block, from),
-                    bytes: pool.bytes(*block, from, to - from),
-                    is_file: false,
+                    iova: block.iova(from),
+                    len: to - from,
+                    bytes: PieceBytes::Block {
+                        block,
+                        offset: from,
+                    },
                 }),
             }
             at = item.start + to as u64;
@@ -314,11 +312,7 @@ impl SendQueue {
 
     /// Releases items that are done and reports finished sends through `complete`.
     /// Returns the number of items released.
-    pub fn release(
-        &mut self,
-        pool: &mut CopyPool,
-        mut complete: impl FnMut(SendId, SendOutcome),
-    ) -> usize {
+    pub fn release(&mut self, mut complete: impl FnMut(SendId, SendOutcome)) -> usize {
         let mut released = 0;
         if self.aborted {
             // Nothing will be sent or acknowledged any more: release every item no
@@ -326,9 +320,6 @@ impl SendQueue {
             self.items.retain(|item| {
                 if item.dma_refs > 0 {
                     return true;
-                }
-                if let Payload::Block { block } = item.payload {
-                    pool.release(block);
                 }
                 released += 1;
                 false
@@ -343,10 +334,8 @@ impl SendQueue {
             if !done {
                 break;
             }
-            let item = self.items.pop_front().unwrap();
-            if let Payload::Block { block } = item.payload {
-                pool.release(block);
-            }
+            // Dropping the item drops its pin or returns its copy block.
+            self.items.pop_front();
             released += 1;
         }
         // Everything before the first remaining item is released.
@@ -384,13 +373,13 @@ impl SendQueue {
 
     /// Copies the next `max` unfed bytes into `out` (copying mode), advancing `fed`.
     /// Returns the number of bytes copied.
-    pub fn copy_unfed(&mut self, out: &mut [u8], pool: &CopyPool) -> usize {
+    pub fn copy_unfed(&mut self, out: &mut [u8]) -> usize {
         let n = (out.len() as u64).min(self.unfed()) as usize;
         let mut written = 0;
         let range = self.fed..self.fed + n as u64;
-        self.for_each_piece(range, pool, |piece| {
-            out[written..written + piece.bytes.len()].copy_from_slice(piece.bytes);
-            written += piece.bytes.len();
+        self.for_each_piece(range, |piece| {
+            piece.with_bytes(|bytes| out[written..written + bytes.len()].copy_from_slice(bytes));
+            written += piece.len;
         })
         .expect("unfed bytes are queued");
         self.fed += n as u64;
@@ -415,7 +404,7 @@ mod tests {
 
     fn fixture(len: usize) -> Fixture {
         let (nic, _peer) = SoftNic::new(SoftNicConfig::default()).unwrap();
-        let pool = CopyPool::new(nic.dma(), 4).unwrap();
+        let pool = copy_pool(nic.dma(), 4).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
         let path = dir.path().join("f");
@@ -433,11 +422,11 @@ mod tests {
         }
     }
 
-    fn collect(q: &SendQueue, pool: &CopyPool, range: Range<u64>) -> (Vec<u8>, usize) {
+    fn collect(q: &SendQueue, range: Range<u64>) -> (Vec<u8>, usize) {
         let mut bytes = Vec::new();
         let mut pieces = 0;
-        q.for_each_piece(range, pool, |p| {
-            bytes.extend_from_slice(p.bytes);
+        q.for_each_piece(range, |p| {
+            p.with_bytes(|b| bytes.extend_from_slice(b));
             pieces += 1;
         })
         .unwrap();
@@ -446,10 +435,10 @@ mod tests {
 
     #[test]
     fn maps_stream_ranges_across_copied_and_file_items() {
-        let mut fx = fixture(200_000);
+        let fx = fixture(200_000);
         let mut q = SendQueue::new(SendMode::ZeroCopy);
-        assert_eq!(q.push_copy(b"HTTP/1.1 200 OK\r\n", &mut fx.pool), 17);
-        assert_eq!(q.push_copy(b"\r\n", &mut fx.pool), 2);
+        assert_eq!(q.push_copy(b"HTTP/1.1 200 OK\r\n", &fx.pool), 17);
+        assert_eq!(q.push_copy(b"\r\n", &fx.pool), 2);
         q.push_file(&fx.pin, 1000..150_000, SendId(1));
         assert_eq!(q.queued_end, 19 + 149_000);
         assert_eq!(
@@ -460,17 +449,14 @@ mod tests {
         let mut expected = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
         expected.extend_from_slice(&fx.data[1000..150_000]);
         for range in [0..19u64, 5..300, 19..20, 60_000..130_000, 0..q.queued_end] {
-            let (bytes, _) = collect(&q, &fx.pool, range.clone());
+            let (bytes, _) = collect(&q, range.clone());
             assert_eq!(
                 bytes,
                 &expected[range.start as usize..range.end as usize],
                 "{range:?}"
             );
         }
-        assert_eq!(
-            q.for_each_piece(0..q.queued_end + 1, &fx.pool, |_| {}),
-            Err(Unmapped)
-        );
+        assert_eq!(q.for_each_piece(0..q.queued_end + 1, |_| {}), Err(Unmapped));
     }
 
     #[test]
@@ -479,10 +465,8 @@ mod tests {
         let mut q = SendQueue::new(SendMode::ZeroCopy);
         q.push_file(&fx.pin, 100..20_000, SendId(1));
         let mut pieces = Vec::new();
-        q.for_each_piece(0..10_000, &fx.pool, |p| {
-            pieces.push((p.iova, p.bytes.len()))
-        })
-        .unwrap();
+        q.for_each_piece(0..10_000, |p| pieces.push((p.iova, p.len)))
+            .unwrap();
         // 100..4096 | 4096..8192 | 8192..10100
         assert_eq!(
             pieces.iter().map(|p| p.1).collect::<Vec<_>>(),
@@ -493,7 +477,7 @@ mod tests {
 
     #[test]
     fn items_release_only_after_ack_and_dma_completion() {
-        let mut fx = fixture(200_000);
+        let fx = fixture(200_000);
         let mut q = SendQueue::new(SendMode::ZeroCopy);
         q.push_file(&fx.pin, 0..200_000, SendId(7));
         drop(fx.pin);
@@ -501,62 +485,54 @@ mod tests {
         q.add_dma_refs(60_000..70_000, 1); // a frame in flight over items 0 and 1
         let mut done = Vec::new();
         q.acked = 100_000;
-        assert_eq!(
-            q.release(&mut fx.pool, |id, o| done.push((id, o))),
-            0,
-            "item 0 in flight"
-        );
+        assert_eq!(q.release(|id, o| done.push((id, o))), 0, "item 0 in flight");
         q.add_dma_refs(60_000..70_000, -1);
-        assert_eq!(q.release(&mut fx.pool, |id, o| done.push((id, o))), 1);
+        assert_eq!(q.release(|id, o| done.push((id, o))), 1);
         assert_eq!(q.pins_held(), 3);
         assert!(done.is_empty());
         q.acked = 200_000;
-        assert_eq!(q.release(&mut fx.pool, |id, o| done.push((id, o))), 3);
+        assert_eq!(q.release(|id, o| done.push((id, o))), 3);
         assert_eq!(done, vec![(SendId(7), SendOutcome::Acknowledged)]);
         assert!(q.is_idle());
     }
 
     #[test]
     fn abort_releases_everything_not_in_flight() {
-        let mut fx = fixture(100_000);
+        let fx = fixture(100_000);
         let mut q = SendQueue::new(SendMode::ZeroCopy);
-        q.push_copy(&[1; 5000], &mut fx.pool);
+        q.push_copy(&[1; 5000], &fx.pool);
         q.push_file(&fx.pin, 0..100_000, SendId(3));
-        assert_eq!(fx.pool.free_blocks(), 2);
+        assert_eq!(fx.pool.free_count(), 2);
         q.add_dma_refs(70_000..70_001, 1);
         q.abort();
         let mut done = Vec::new();
-        q.release(&mut fx.pool, |id, o| done.push((id, o)));
-        assert_eq!(fx.pool.free_blocks(), 4, "blocks back in the pool");
+        q.release(|id, o| done.push((id, o)));
+        assert_eq!(fx.pool.free_count(), 4, "blocks back in the pool");
         assert_eq!(q.item_count(), 1, "the item under DMA stays");
         assert!(done.is_empty());
         q.add_dma_refs(70_000..70_001, -1);
-        q.release(&mut fx.pool, |id, o| done.push((id, o)));
+        q.release(|id, o| done.push((id, o)));
         assert_eq!(done, vec![(SendId(3), SendOutcome::Aborted)]);
     }
 
     #[test]
     fn copy_pool_exhaustion_limits_send() {
-        let mut fx = fixture(10);
+        let fx = fixture(10);
         let mut q = SendQueue::new(SendMode::ZeroCopy);
-        assert_eq!(q.push_copy(&[0; 20_000], &mut fx.pool), 4 * COPY_BLOCK);
-        assert_eq!(q.push_copy(&[0; 1], &mut fx.pool), 0);
+        assert_eq!(q.push_copy(&[0; 20_000], &fx.pool), 4 * COPY_BLOCK);
+        assert_eq!(q.push_copy(&[0; 1], &fx.pool), 0);
     }
 
     #[test]
     fn copying_mode_copies_unfed_bytes() {
-        let mut fx = fixture(10_000);
+        let fx = fixture(10_000);
         let mut q = SendQueue::new(SendMode::Copying);
         q.push_file(&fx.pin, 0..10_000, SendId(1));
         let mut out = vec![0; 6000];
-        assert_eq!(q.copy_unfed(&mut out, &fx.pool), 6000);
+        assert_eq!(q.copy_unfed(&mut out), 6000);
         assert_eq!(out, &fx.data[..6000]);
-        assert_eq!(q.copy_unfed(&mut out, &fx.pool), 4000);
+        assert_eq!(q.copy_unfed(&mut out), 4000);
         assert_eq!(&out[..4000], &fx.data[6000..]);
-        assert_eq!(
-            q.release(&mut fx.pool, |_, _| {}),
-            1,
-            "fed items are released"
-        );
+        assert_eq!(q.release(|_, _| {}), 1, "fed items are released");
     }
 }

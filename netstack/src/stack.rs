@@ -316,7 +316,7 @@ impl<Q: NetQueue> Stack<Q> {
         self.check_can_queue(id)?;
         let tx = &mut self.device.tx;
         let conn = &mut tx.conns[id.index as usize];
-        let n = conn.sendq.push_copy(data, &mut tx.pool);
+        let n = conn.sendq.push_copy(data, &tx.pool);
         tx.stats.payload_bytes_copied += n as u64;
         Ok(n)
     }
@@ -567,9 +567,9 @@ impl<Q: NetQueue> Stack<Q> {
                             })
                             .unwrap_or(0),
                         SendMode::Copying => {
-                            let (sendq, pool) = (&mut ctx.sendq, &tx.pool);
+                            let sendq = &mut ctx.sendq;
                             let n = socket.send(|ring| {
-                                let n = sendq.copy_unfed(ring, pool);
+                                let n = sendq.copy_unfed(ring);
                                 (n, n)
                             });
                             let n = n.unwrap_or(0);
@@ -627,7 +627,7 @@ impl<Q: NetQueue> Stack<Q> {
             }
             let events = &mut self.events;
             let stats = &mut tx.stats;
-            ctx.sendq.release(&mut tx.pool, |send_id, outcome| {
+            ctx.sendq.release(|send_id, outcome| {
                 stats.sends_completed += 1;
                 events.push_back(Event::SendComplete {
                     conn: id,

@@ -69,7 +69,7 @@ impl RetransmitCapture {
         if t.src_port != SERVER_PORT {
             return;
         }
-        if t.flags & netstack::frame::TCP_SYN != 0 {
+        if t.syn {
             self.iss = Some(t.seq);
             return;
         }
