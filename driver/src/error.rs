@@ -73,11 +73,26 @@ pub enum DriverError {
 
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+
+    #[error(
+        "device reset: {reason}; the device was re-initialised and {lost} frames were dropped"
+    )]
+    DeviceReset { reason: String, lost: usize },
 }
 
 pub type Result<T, E = DriverError> = std::result::Result<T, E>;
 
 impl DriverError {
+    /// Whether the driver already recovered from this fault (the device was reset and works
+    /// again; frames in flight were lost and their tokens returned). Callers count and log
+    /// it and go on; any other error from the data path means the device is unusable.
+    pub fn is_recovered(&self) -> bool {
+        matches!(
+            self,
+            DriverError::TxHang { .. } | DriverError::DeviceReset { .. }
+        )
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         DriverError::Io {
             what: what.into(),

@@ -46,6 +46,8 @@ pub const SLOT_SIZE: usize = 2048;
 const MAX_TSO_FRAME: usize = 65535 + ETHERNET_HEADER_LEN - 1;
 /// IP protocol number of TCP, for pseudo-header sums (RFC 9293 section 3.1).
 const IP_PROTOCOL_TCP: u8 = 6;
+/// Bound on ISS entries of flows not yet bound to a connection.
+const MAX_PENDING_ISS: usize = 4096;
 
 /// Per-connection state the device boundary needs.
 pub struct ConnTx {
@@ -57,14 +59,54 @@ pub struct ConnTx {
 }
 
 impl ConnTx {
-    /// Stream offset of `seq`, relative to what is known acknowledged. `None` if `seq` lies
-    /// before it (a keep-alive probe) or the ISS is unknown.
-    fn stream_offset(&self, seq: u32) -> Option<u64> {
+    /// Where a segment starting at `seq` lies in the stream, relative to what is known
+    /// acknowledged. `None` if the ISS is unknown.
+    fn locate(&self, seq: u32) -> Option<SegmentStart> {
         let iss = self.iss?;
         let acked_seq = iss.wrapping_add(1).wrapping_add(self.sendq.acked as u32);
         let delta = seq.wrapping_sub(acked_seq) as i32;
-        (delta >= 0).then(|| self.sendq.acked + delta as u64)
+        Some(if delta >= 0 {
+            SegmentStart::Stream(self.sendq.acked + delta as u64)
+        } else if delta == -1 {
+            SegmentStart::KeepAlive
+        } else {
+            SegmentStart::Stale
+        })
     }
+
+    /// Stream offset of a segment starting at `seq`, if it lies at or after the
+    /// acknowledged point.
+    fn stream_offset(&self, seq: u32) -> Option<u64> {
+        match self.locate(seq)? {
+            SegmentStart::Stream(offset) => Some(offset),
+            _ => None,
+        }
+    }
+}
+
+/// Where a TCP segment's first byte lies (see [`ConnTx::locate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SegmentStart {
+    /// At this stream offset, at or after the acknowledged point.
+    Stream(u64),
+    /// One byte before the acknowledged point: a keep-alive probe (RFC 9293 section
+    /// 3.8.4), which smoltcp fills with a zero byte.
+    KeepAlive,
+    /// Further back: acknowledged bytes, which no segment should carry.
+    Stale,
+}
+
+/// Test-only ways to break the device boundary, to prove that the checks that watch it
+/// (the poison scan of the wire, sha256 of what arrives) can fail.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BoundaryFault {
+    /// Normal operation.
+    #[default]
+    None,
+    /// Send zero-copy segments as smoltcp built them (placeholder payload) instead of
+    /// mapping them to the send queue: what a broken mapping would put on the wire.
+    #[cfg(feature = "test-hooks")]
+    SendPlaceholders,
 }
 
 /// A frame between staging and TX completion. It owns its DMA buffers (returned to their
@@ -112,6 +154,9 @@ pub struct TxPath {
     pub flows: HashMap<FlowKey, u32, FlowHashBuilder>,
     /// ISS of flows whose connection is not bound yet (accepted sockets).
     pub pending_iss: HashMap<FlowKey, u32, FlowHashBuilder>,
+    /// How connections without a send queue entry transmit (the stack's mode).
+    default_mode: SendMode,
+    fault: BoundaryFault,
     pub stats: StackStats,
 }
 
@@ -158,6 +203,10 @@ pub struct TxConfig {
     pub copy_blocks: usize,
     /// Use TSO when the NIC offers it.
     pub tso: bool,
+    /// Copy blocks one connection may hold at most, so one client cannot take the pool.
+    pub copy_blocks_per_conn: usize,
+    /// Normal operation, or a deliberately broken boundary (tests only).
+    pub fault: BoundaryFault,
 }
 
 impl TxPath {
@@ -165,6 +214,7 @@ impl TxPath {
         dma: &std::sync::Arc<DmaSpace>,
         caps: Capabilities,
         config: &TxConfig,
+        default_mode: SendMode,
     ) -> driver::Result<Self> {
         let slots = BufferPool::new(dma, config.slots, SLOT_SIZE)?;
         // TSO needs the NIC to fix IPv4 and TCP checksums, and room for the header chain.
@@ -197,6 +247,8 @@ impl TxPath {
             conns: Vec::new(),
             flows: HashMap::default(),
             pending_iss: HashMap::default(),
+            default_mode,
+            fault: config.fault,
             stats: StackStats::default(),
         })
     }
@@ -264,17 +316,17 @@ impl TxPath {
             header_len: tcp.header_len as u16,
         });
 
-        // Zero-copy data segment?
-        if let Some(index) = conn_index {
-            let conn = &self.conns[index as usize];
-            if tcp.payload_len > 0 && conn.sendq.mode == SendMode::ZeroCopy {
-                if conn.iss.is_none() {
-                    // Cannot map the segment: never put placeholders on the wire.
-                    tracing::error!("TX segment of a flow with unknown ISS; frame dropped");
-                    self.stats.tx_unmapped_drops += 1;
-                    return;
-                }
-                if let Some(start) = conn.stream_offset(tcp.seq) {
+        // A zero-copy data segment carries placeholders: it goes out only with its payload
+        // mapped to the send queue, or not at all.
+        let zero_copy = match conn_index {
+            Some(index) => self.conns[index as usize].sendq.mode == SendMode::ZeroCopy,
+            None => self.default_mode == SendMode::ZeroCopy,
+        };
+        if tcp.payload_len > 0 && zero_copy && self.fault == BoundaryFault::None {
+            let located =
+                conn_index.and_then(|i| Some((i, self.conns[i as usize].locate(tcp.seq)?)));
+            match located {
+                Some((index, SegmentStart::Stream(start))) => {
                     let stream = start..start + tcp.payload_len as u64;
                     return self.stage_zero_copy(
                         slot,
@@ -286,8 +338,25 @@ impl TxPath {
                         segments_start,
                     );
                 }
-                // Before the acknowledged point: a keep-alive probe carrying one garbage
-                // byte by design; send it as built.
+                Some((index, SegmentStart::KeepAlive)) if tcp.payload_len == 1 => {
+                    // The probe's byte is the last acknowledged one: send the real byte.
+                    match self.conns[index as usize].sendq.keepalive_byte() {
+                        Some(byte) => {
+                            buffer[tcp.header_len] = byte;
+                            self.stats.keepalive_probes += 1;
+                            let offload = self.prepare_tcp_checksum(buffer, &tcp, None, None);
+                            return self.stage_whole(slot, buffer, offload, segments_start);
+                        }
+                        None => {
+                            return self.drop_unmapped(&tcp, "keep-alive probe before any data")
+                        }
+                    }
+                }
+                Some(_) => return self.drop_unmapped(&tcp, "segment of acknowledged bytes"),
+                None if conn_index.is_some() => {
+                    return self.drop_unmapped(&tcp, "segment of a flow whose ISS is unknown")
+                }
+                None => return self.drop_unmapped(&tcp, "segment of no known connection"),
             }
         }
 
@@ -310,20 +379,52 @@ impl TxPath {
         self.stage_whole(slot, buffer, offload, segments_start);
     }
 
+    /// Never put placeholders on the wire: drop a zero-copy segment whose payload cannot
+    /// be mapped, and count it. (TCP retransmits it if it was real; a segment that cannot
+    /// be mapped at all means the stack lost track of a flow, which the counter exposes.)
+    fn drop_unmapped(&mut self, tcp: &TcpFrame, why: &str) {
+        self.stats.tx_unmapped_drops += 1;
+        tracing::warn!(
+            "TX {why} ({} bytes at seq {}, port {} -> {}:{}); frame dropped",
+            tcp.payload_len,
+            tcp.seq,
+            tcp.src_port,
+            tcp.dst,
+            tcp.dst_port
+        );
+    }
+
+    /// Learns the ISS of a connection from the SYN (or SYN-ACK) smoltcp sends.
     fn note_syn(&mut self, tcp: &TcpFrame) {
         if !tcp.syn {
             return;
         }
         let flow = tcp.flow();
-        match self.flows.get(&flow) {
-            Some(&index) => self.conns[index as usize].iss = Some(tcp.seq),
-            None => {
-                if self.pending_iss.len() > 4096 {
-                    self.pending_iss.clear(); // stale half-open flows; bounded memory
+        if let Some(&index) = self.flows.get(&flow) {
+            let conn = &mut self.conns[index as usize];
+            match conn.iss {
+                // A retransmitted SYN of the connection we know (or its first).
+                Some(iss) if iss == tcp.seq => return,
+                None => {
+                    conn.iss = Some(tcp.seq);
+                    return;
                 }
-                self.pending_iss.insert(flow, tcp.seq);
+                // A new incarnation of the 4-tuple (the old connection is in TIME-WAIT or
+                // closed and not reclaimed yet): the old one keeps its ISS but loses the
+                // flow, and the new one's ISS waits for its connection to be bound.
+                Some(_) => {
+                    conn.flow = None;
+                    self.flows.remove(&flow);
+                }
             }
         }
+        if self.pending_iss.len() >= MAX_PENDING_ISS && !self.pending_iss.contains_key(&flow) {
+            // More half-open flows than listening sockets could ever hold: stale entries of
+            // handshakes that failed. Bounded memory beats keeping them.
+            self.stats.pending_iss_evicted += self.pending_iss.len() as u64;
+            self.pending_iss.clear();
+        }
+        self.pending_iss.insert(flow, tcp.seq);
     }
 
     /// Stages a frame whose bytes are all in `buffer`: written into the slot, or into a

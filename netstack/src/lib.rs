@@ -46,10 +46,11 @@ mod device;
 pub mod dmabuf;
 pub mod frame;
 pub mod peer;
+pub mod poison;
 pub mod sendq;
 mod stack;
 
-pub use device::{TxConfig, SLOT_SIZE};
+pub use device::{BoundaryFault, TxConfig, SLOT_SIZE};
 pub use sendq::{SendMode, SendOutcome};
 pub use smoltcp::time::{Duration, Instant};
 pub use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
@@ -126,8 +127,17 @@ pub struct StackStats {
     pub software_checksum_bytes: u64,
     /// Frames dropped for lack of a TX buffer (TCP retransmits them).
     pub tx_dropped_no_buffer: u64,
-    /// Segments whose sequence range was not in the send queue (must stay 0).
+    /// Zero-copy segments dropped because their payload could not be mapped to the send
+    /// queue (placeholders never reach the wire). Must stay 0 in normal operation.
     pub tx_unmapped_drops: u64,
+    /// Keep-alive probes sent (each with the real last acknowledged byte).
+    pub keepalive_probes: u64,
+    /// ISS entries of half-open flows dropped to keep that table bounded.
+    pub pending_iss_evicted: u64,
+    /// Device faults the driver recovered from (TX hang, device reset).
+    pub device_resets: u64,
+    /// Connections aborted for making no send progress within the send-stall timeout.
+    pub send_stall_aborts: u64,
     /// Frames the NIC refused as malformed.
     pub tx_refused: u64,
     /// `send_file` calls completed (acknowledged or aborted).

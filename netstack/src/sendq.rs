@@ -55,6 +55,21 @@ impl SendItem {
     pub fn end(&self) -> u64 {
         self.start + self.len as u64
     }
+
+    /// The item's last byte (`len > 0`).
+    fn last_byte(&self) -> u8 {
+        let mut byte = [0u8];
+        match &self.payload {
+            Payload::File { pin, file_offset } => {
+                let at = file_offset + self.len as u64 - 1;
+                if let Some(span) = pin.spans(at..at + 1).next() {
+                    byte[0] = span.bytes[0];
+                }
+            }
+            Payload::Block { block } => block.read(self.len as usize - 1, &mut byte),
+        }
+        byte[0]
+    }
 }
 
 /// A contiguous piece of a segment's payload: device address and the same bytes for the CPU.
@@ -130,13 +145,20 @@ pub struct SendQueue {
     pub acked: u64,
     /// Highest stream offset transmitted so far (for retransmission accounting).
     pub sent_max: u64,
+    /// End and last byte of the item released last (what a keep-alive probe carries once
+    /// the items holding the acknowledged bytes are gone).
+    last_released: Option<(u64, u8)>,
+    /// Copy blocks held now, and the most this queue may hold.
+    blocks_held: usize,
+    max_blocks: usize,
     /// Pending completions: (stream end of the send, its id).
     completions: VecDeque<(u64, SendId)>,
     aborted: bool,
 }
 
 impl SendQueue {
-    pub fn new(mode: SendMode) -> Self {
+    /// A queue that may hold at most `max_blocks` copy blocks at once.
+    pub fn new(mode: SendMode, max_blocks: usize) -> Self {
         Self {
             mode,
             items: VecDeque::new(),
@@ -144,9 +166,34 @@ impl SendQueue {
             fed: 0,
             acked: 0,
             sent_max: 0,
+            last_released: None,
+            blocks_held: 0,
+            max_blocks,
             completions: VecDeque::new(),
             aborted: false,
         }
+    }
+
+    /// The last acknowledged stream byte: the one a keep-alive probe carries (RFC 9293
+    /// section 3.8.4). `None` before any byte was acknowledged.
+    pub fn keepalive_byte(&self) -> Option<u8> {
+        let at = self.acked.checked_sub(1)?;
+        let mut byte = None;
+        if self
+            .for_each_piece(at..at + 1, |p| p.with_bytes(|b| byte = b.first().copied()))
+            .is_ok()
+        {
+            return byte;
+        }
+        match self.last_released {
+            Some((end, last)) if end == self.acked => Some(last),
+            _ => None,
+        }
+    }
+
+    /// Copy blocks this queue holds now.
+    pub fn blocks_held(&self) -> usize {
+        self.blocks_held
     }
 
     /// Queues `range` (file offsets, inside `pin`) as page-cache items. The caller's pin is
@@ -171,7 +218,8 @@ impl SendQueue {
         self.completions.push_back((self.queued_end, id));
     }
 
-    /// Copies as much of `data` as the pool has room for; returns how many bytes.
+    /// Copies as much of `data` as the pool (and this queue's share of it) has room for;
+    /// returns how many bytes.
     pub fn push_copy(&mut self, data: &[u8], pool: &CopyPool) -> usize {
         let mut done = 0;
         // Fill the tail block first, so many small sends share one block and one descriptor.
@@ -189,8 +237,9 @@ impl SendQueue {
                 }
             }
         }
-        while done < data.len() {
+        while done < data.len() && self.blocks_held < self.max_blocks {
             let Some(mut block) = pool.take() else { break };
+            self.blocks_held += 1;
             let n = COPY_BLOCK.min(data.len() - done);
             block.write(0, &data[done..done + n]);
             self.items.push_back(SendItem {
@@ -321,6 +370,9 @@ impl SendQueue {
                 if item.dma_refs > 0 {
                     return true;
                 }
+                if matches!(item.payload, Payload::Block { .. }) {
+                    self.blocks_held -= 1;
+                }
                 released += 1;
                 false
             });
@@ -335,7 +387,13 @@ impl SendQueue {
                 break;
             }
             // Dropping the item drops its pin or returns its copy block.
-            self.items.pop_front();
+            let item = self.items.pop_front().expect("front exists");
+            if item.len > 0 {
+                self.last_released = Some((item.end(), item.last_byte()));
+            }
+            if matches!(item.payload, Payload::Block { .. }) {
+                self.blocks_held -= 1;
+            }
             released += 1;
         }
         // Everything before the first remaining item is released.
@@ -436,7 +494,7 @@ mod tests {
     #[test]
     fn maps_stream_ranges_across_copied_and_file_items() {
         let fx = fixture(200_000);
-        let mut q = SendQueue::new(SendMode::ZeroCopy);
+        let mut q = SendQueue::new(SendMode::ZeroCopy, usize::MAX);
         assert_eq!(q.push_copy(b"HTTP/1.1 200 OK\r\n", &fx.pool), 17);
         assert_eq!(q.push_copy(b"\r\n", &fx.pool), 2);
         q.push_file(&fx.pin, 1000..150_000, SendId(1));
@@ -462,7 +520,7 @@ mod tests {
     #[test]
     fn contiguous_pages_are_separate_pieces_split_at_page_boundaries() {
         let fx = fixture(20_000);
-        let mut q = SendQueue::new(SendMode::ZeroCopy);
+        let mut q = SendQueue::new(SendMode::ZeroCopy, usize::MAX);
         q.push_file(&fx.pin, 100..20_000, SendId(1));
         let mut pieces = Vec::new();
         q.for_each_piece(0..10_000, |p| pieces.push((p.iova, p.len)))
@@ -478,7 +536,7 @@ mod tests {
     #[test]
     fn items_release_only_after_ack_and_dma_completion() {
         let fx = fixture(200_000);
-        let mut q = SendQueue::new(SendMode::ZeroCopy);
+        let mut q = SendQueue::new(SendMode::ZeroCopy, usize::MAX);
         q.push_file(&fx.pin, 0..200_000, SendId(7));
         drop(fx.pin);
         q.fed = q.queued_end;
@@ -499,7 +557,7 @@ mod tests {
     #[test]
     fn abort_releases_everything_not_in_flight() {
         let fx = fixture(100_000);
-        let mut q = SendQueue::new(SendMode::ZeroCopy);
+        let mut q = SendQueue::new(SendMode::ZeroCopy, usize::MAX);
         q.push_copy(&[1; 5000], &fx.pool);
         q.push_file(&fx.pin, 0..100_000, SendId(3));
         assert_eq!(fx.pool.free_count(), 2);
@@ -518,7 +576,7 @@ mod tests {
     #[test]
     fn copy_pool_exhaustion_limits_send() {
         let fx = fixture(10);
-        let mut q = SendQueue::new(SendMode::ZeroCopy);
+        let mut q = SendQueue::new(SendMode::ZeroCopy, usize::MAX);
         assert_eq!(q.push_copy(&[0; 20_000], &fx.pool), 4 * COPY_BLOCK);
         assert_eq!(q.push_copy(&[0; 1], &fx.pool), 0);
     }
@@ -526,7 +584,7 @@ mod tests {
     #[test]
     fn copying_mode_copies_unfed_bytes() {
         let fx = fixture(10_000);
-        let mut q = SendQueue::new(SendMode::Copying);
+        let mut q = SendQueue::new(SendMode::Copying, usize::MAX);
         q.push_file(&fx.pin, 0..10_000, SendId(1));
         let mut out = vec![0; 6000];
         assert_eq!(q.copy_unfed(&mut out), 6000);

@@ -10,7 +10,7 @@ use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, Ipv4Address, Ipv4Cidr};
 
-use crate::device::{ConnTx, NicDevice, TxConfig, TxPath};
+use crate::device::{BoundaryFault, ConnTx, NicDevice, TxConfig, TxPath};
 use crate::frame::FlowKey;
 use crate::sendq::{SendMode, SendQueue};
 use crate::{ConnId, Error, Event, ListenerId, Result, SendId, StackStats};
@@ -54,6 +54,15 @@ pub struct StackConfig {
     pub random_seed: u64,
     /// Nagle's algorithm (off: a server sends whole responses anyway).
     pub nagle: bool,
+    /// A handshake (SYN received, no ACK) that takes longer is reset, freeing its socket.
+    pub handshake_timeout: Duration,
+    /// A connection with unacknowledged data and no acknowledgement progress for this long
+    /// (zero window, or a peer that stopped answering) is aborted and its pins released.
+    /// `None`: never.
+    pub send_stall_timeout: Option<Duration>,
+    /// A closed connection whose unread data the application never collects is reclaimed
+    /// after this long anyway.
+    pub closed_linger: Duration,
 }
 
 impl StackConfig {
@@ -68,10 +77,15 @@ impl StackConfig {
                 jumbo_buffers: 16,
                 copy_blocks: 256,
                 tso: true,
+                copy_blocks_per_conn: 16,
+                fault: BoundaryFault::None,
             },
             send_mode: SendMode::ZeroCopy,
             random_seed: 0x5eed,
             nagle: false,
+            handshake_timeout: Duration::from_secs(10),
+            send_stall_timeout: Some(Duration::from_secs(60)),
+            closed_linger: Duration::from_secs(30),
         }
     }
 }
@@ -91,6 +105,10 @@ struct Conn {
     close_issued: bool,
     /// The application is done with the handle (close or abort called).
     released_by_app: bool,
+    /// Last time acknowledgements made progress (or nothing was unacknowledged).
+    progress_at: Instant,
+    /// When the connection was first seen closed.
+    closed_at: Option<Instant>,
 }
 
 enum ConnSlot {
@@ -117,11 +135,25 @@ pub struct Stack<Q: NetQueue> {
     dhcp: Option<SocketHandle>,
     events: VecDeque<Event>,
     next_send_id: u64,
+    /// The time passed to the last [`Stack::poll`].
+    now: Instant,
+}
+
+/// A socket listening on `port`, with the handshake timeout.
+fn listening_socket(config: &StackConfig, port: u16) -> Result<tcp::Socket<'static>> {
+    let mut socket = tcp_socket(config);
+    socket.set_timeout(Some(config.handshake_timeout));
+    socket.listen(port)?;
+    Ok(socket)
 }
 
 fn tcp_socket(config: &StackConfig) -> tcp::Socket<'static> {
     let rx = tcp::SocketBuffer::new(vec![0; config.tcp_rx_buffer]);
-    let tx = tcp::SocketBuffer::new(vec![0; config.tcp_tx_buffer]);
+    // Zero-copy mode never writes the send ring: what smoltcp copies from it is poison that
+    // the device boundary must never let through (see `crate::poison`).
+    let mut ring = vec![0; config.tcp_tx_buffer];
+    crate::poison::fill(&mut ring);
+    let tx = tcp::SocketBuffer::new(ring);
     let mut socket = tcp::Socket::new(rx, tx);
     socket.set_nagle_enabled(config.nagle);
     socket.set_congestion_control(tcp::CongestionControl::Cubic);
@@ -133,7 +165,7 @@ impl<Q: NetQueue> Stack<Q> {
     /// DMA space.
     pub fn new(nic: Q, config: StackConfig) -> Result<Self> {
         let caps = nic.capabilities();
-        let tx = TxPath::new(nic.dma(), caps, &config.tx)?;
+        let tx = TxPath::new(nic.dma(), caps, &config.tx, config.send_mode)?;
         let mut device = NicDevice {
             nic,
             tx,
@@ -173,6 +205,7 @@ impl<Q: NetQueue> Stack<Q> {
             dhcp,
             events,
             next_send_id: 1,
+            now: Instant::from_millis(0),
         })
     }
 
@@ -203,8 +236,7 @@ impl<Q: NetQueue> Stack<Q> {
     pub fn listen(&mut self, port: u16) -> Result<ListenerId> {
         let mut sockets = Vec::with_capacity(self.config.backlog);
         for _ in 0..self.config.backlog.max(1) {
-            let mut socket = tcp_socket(&self.config);
-            socket.listen(port)?;
+            let socket = listening_socket(&self.config, port)?;
             sockets.push(self.sockets.add(socket));
         }
         self.listeners.push(Listener { port, sockets });
@@ -218,7 +250,7 @@ impl<Q: NetQueue> Stack<Q> {
         socket.connect(self.iface.context(), endpoint, local_port)?;
         let handle = self.sockets.add(socket);
         let flow = FlowKey::new(local_port, remote.0.octets(), remote.1);
-        Ok(self.add_conn(handle, None, flow))
+        Ok(self.add_conn(handle, None, flow, self.now))
     }
 
     fn add_conn(
@@ -226,6 +258,7 @@ impl<Q: NetQueue> Stack<Q> {
         socket: SocketHandle,
         listener: Option<ListenerId>,
         flow: FlowKey,
+        now: Instant,
     ) -> ConnId {
         let conn = Conn {
             socket,
@@ -237,6 +270,8 @@ impl<Q: NetQueue> Stack<Q> {
             close_requested: false,
             close_issued: false,
             released_by_app: false,
+            progress_at: now,
+            closed_at: None,
         };
         let index = match self
             .conns
@@ -250,7 +285,7 @@ impl<Q: NetQueue> Stack<Q> {
                     generation: 0,
                     flow: None,
                     iss: None,
-                    sendq: SendQueue::new(self.config.send_mode),
+                    sendq: SendQueue::new(self.config.send_mode, 0),
                 });
                 self.conns.len() - 1
             }
@@ -263,9 +298,15 @@ impl<Q: NetQueue> Stack<Q> {
             generation,
             flow: Some(flow),
             iss,
-            sendq: SendQueue::new(self.config.send_mode),
+            sendq: SendQueue::new(self.config.send_mode, self.config.tx.copy_blocks_per_conn),
         };
-        tx.flows.insert(flow, index as u32);
+        if let Some(old) = tx.flows.insert(flow, index as u32) {
+            // An older incarnation of the 4-tuple still waiting to be reclaimed: it keeps
+            // nothing that could be mapped by flow any more.
+            if old as usize != index {
+                tx.conns[old as usize].flow = None;
+            }
+        }
         ConnId {
             index: index as u32,
             generation,
@@ -453,22 +494,38 @@ impl<Q: NetQueue> Stack<Q> {
             self.device.tx.stats.frames_tx,
             self.events.len(),
         );
-        self.device.reap()?;
-        self.service_listeners();
+        self.now = now;
+        self.reap()?;
+        self.service_listeners(now);
         self.feed_sockets();
         self.device.open_tx_window();
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         self.device.nic.rx_flush();
         self.device.submit();
-        self.device.reap()?;
+        self.reap()?;
         self.service_dhcp();
-        self.update_connections();
+        self.update_connections(now);
         let after = (
             self.device.tx.stats.frames_rx,
             self.device.tx.stats.frames_tx,
             self.events.len(),
         );
         Ok(before != after)
+    }
+
+    /// Collects TX completions. A fault the driver recovered from (a TX hang, a device
+    /// reset) is counted and logged, and the stack goes on: the frames lost in it were
+    /// returned and TCP retransmits them. Anything else means the device is unusable.
+    fn reap(&mut self) -> Result<()> {
+        match self.device.reap() {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_recovered() => {
+                self.device.tx.stats.device_resets += 1;
+                tracing::warn!("NIC fault, recovered: {e}");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn service_dhcp(&mut self) {
@@ -505,7 +562,7 @@ impl<Q: NetQueue> Stack<Q> {
     }
 
     /// Turns listening sockets that completed a handshake into connections.
-    fn service_listeners(&mut self) {
+    fn service_listeners(&mut self, now: Instant) {
         for li in 0..self.listeners.len() {
             for si in 0..self.listeners[li].sockets.len() {
                 let handle = self.listeners[li].sockets[si];
@@ -513,7 +570,7 @@ impl<Q: NetQueue> Stack<Q> {
                 match socket.state() {
                     tcp::State::Listen | tcp::State::SynReceived => continue,
                     tcp::State::Closed => {
-                        // Reset during the handshake: listen again.
+                        // Reset or timed out during the handshake: listen again.
                         let port = self.listeners[li].port;
                         let _ = socket.listen(port);
                         continue;
@@ -529,13 +586,14 @@ impl<Q: NetQueue> Stack<Q> {
                     continue;
                 };
                 let flow = FlowKey::new(local.port, remote_ip.octets(), remote.port);
-                let mut fresh = tcp_socket(&self.config);
-                fresh
-                    .listen(self.listeners[li].port)
+                // Established: the handshake timeout no longer applies (the send-stall
+                // timeout of `update_connections` does).
+                socket.set_timeout(None);
+                let fresh = listening_socket(&self.config, self.listeners[li].port)
                     .expect("port was listenable");
                 self.listeners[li].sockets[si] = self.sockets.add(fresh);
                 let listener = ListenerId(li as u32);
-                let conn = self.add_conn(handle, Some(listener), flow);
+                let conn = self.add_conn(handle, Some(listener), flow, now);
                 if let Ok(c) = self.conn_mut(conn) {
                     c.established_reported = true;
                 }
@@ -593,7 +651,7 @@ impl<Q: NetQueue> Stack<Q> {
     }
 
     /// Acknowledgements, releases, events, and reclaiming finished connections.
-    fn update_connections(&mut self) {
+    fn update_connections(&mut self, now: Instant) {
         for index in 0..self.conns.len() {
             let (generation, ConnSlot::Used(conn)) = &mut self.conns[index] else {
                 continue;
@@ -611,8 +669,23 @@ impl<Q: NetQueue> Stack<Q> {
                 // Everything fed and no longer in smoltcp's ring was acknowledged.
                 let in_ring = socket.send_queue() as u64;
                 let acked = ctx.sendq.fed.saturating_sub(in_ring);
+                if acked > ctx.sendq.acked || ctx.sendq.unacked() == 0 {
+                    conn.progress_at = now;
+                }
                 if acked > ctx.sendq.acked {
                     ctx.sendq.acked = acked;
+                }
+                let stalled = self
+                    .config
+                    .send_stall_timeout
+                    .is_some_and(|limit| now - conn.progress_at > limit);
+                if stalled && socket.is_open() {
+                    // Zero window or no acknowledgement for too long: give up, so a client
+                    // that stops reading cannot hold pins and buffers forever.
+                    tracing::debug!("connection {id:?}: no send progress, aborted");
+                    tx.stats.send_stall_aborts += 1;
+                    socket.abort();
+                    ctx.sendq.abort();
                 }
             }
             if matches!(state, tcp::State::Closed | tcp::State::TimeWait) && !ctx.sendq.is_aborted()
@@ -660,14 +733,29 @@ impl<Q: NetQueue> Stack<Q> {
                 conn.closed_reported = true;
                 self.events.push_back(Event::Closed { conn: id });
             }
-            // Reclaim: closed, nothing left to read (or the app let go), nothing under DMA.
-            let reclaim = state == tcp::State::Closed
-                && ctx.sendq.is_idle()
-                && (conn.released_by_app || socket.recv_queue() == 0);
+            let closed_at = if closed {
+                *conn.closed_at.get_or_insert(now)
+            } else {
+                now
+            };
+            // Reclaim: closed, nothing under DMA, and nothing left to read (or the app let
+            // go, or never came back for it). TIME-WAIT is not kept: we only enter it after
+            // our FIN and everything before it was acknowledged, and holding a whole socket
+            // (its buffers) per closed connection for 10 s is what let connection churn
+            // exhaust memory. A late duplicate FIN then gets a RST, which the peer ignores
+            // once closed; a new SYN on the same 4-tuple meets the listener, not a
+            // TIME-WAIT socket that would only answer it with an ACK.
+            let unread_abandoned = socket.recv_queue() == 0
+                || conn.released_by_app
+                || now - closed_at >= self.config.closed_linger;
+            let reclaim = closed && ctx.sendq.is_idle() && unread_abandoned;
             if reclaim {
                 let handle = conn.socket;
                 if let Some(flow) = ctx.flow.take() {
-                    tx.flows.remove(&flow);
+                    // Only our own entry: a newer incarnation of the 4-tuple may own it now.
+                    if tx.flows.get(&flow) == Some(&(index as u32)) {
+                        tx.flows.remove(&flow);
+                    }
                 }
                 ctx.generation = ctx.generation.wrapping_add(1);
                 ctx.iss = None;

@@ -212,7 +212,10 @@ fn pins_are_held_until_the_device_has_read_the_frames() {
         dma_timing: DmaTiming::Manual,
         ..SoftNicConfig::default()
     };
-    let mut bed = Bed::new(BedConfig::new(nic, 2 << 20));
+    let mut config = BedConfig::new(nic, 2 << 20);
+    // The device is stopped on purpose for many (simulated) retransmission timeouts.
+    config.stack.send_stall_timeout = None;
+    let mut bed = Bed::new(config);
     let path = bed.write_file("f", &data);
     let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
     // The handshake needs the device to run.
@@ -270,6 +273,76 @@ fn pins_are_held_until_the_device_has_read_the_frames() {
 }
 
 #[test]
+fn a_connection_without_send_progress_is_aborted_and_its_pins_released() {
+    let data = pattern(256 * 1024, 11);
+    let nic = SoftNicConfig {
+        dma_timing: DmaTiming::Manual,
+        ..SoftNicConfig::default()
+    };
+    let mut config = BedConfig::new(nic, 2 << 20);
+    config.stack.send_stall_timeout = Some(netstack::Duration::from_secs(30));
+    let mut bed = Bed::new(config);
+    let path = bed.write_file("f", &data);
+    let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
+    // The handshake needs the device to run.
+    bed.stack.listen(SERVER_PORT).unwrap();
+    let conn = {
+        let remote = (
+            smoltcp::wire::IpAddress::from(smoltcp::wire::Ipv4Address::from(STACK_IP)),
+            SERVER_PORT,
+        );
+        let cx = bed.peer_iface.context();
+        bed.peer_sockets
+            .get_mut::<smoltcp::socket::tcp::Socket>(bed.peer_socket)
+            .connect(cx, remote, 40000)
+            .unwrap();
+        let mut conn = None;
+        bed.run_until(1000, |bed| {
+            bed.stack.nic_mut().device_step(usize::MAX);
+            conn = bed.stack.poll_events().find_map(|e| match e {
+                Event::Accepted { conn, .. } => Some(conn),
+                _ => None,
+            });
+            conn.is_some()
+        });
+        conn.unwrap()
+    };
+    let pin = file.pin(0..data.len() as u64).unwrap();
+    bed.stack
+        .send_file(conn, &pin, 0..data.len() as u64)
+        .unwrap();
+    drop(pin);
+    // The device never runs: nothing is read, nothing acknowledged, and simulated time
+    // runs through smoltcp's growing retransmission timeouts past the stall timeout.
+    let mut events = Vec::new();
+    bed.run_until(10_000, |bed| {
+        events.extend(bed.stack.poll_events());
+        bed.stack.stats().send_stall_aborts > 0
+    });
+    assert_eq!(bed.stack.stats().send_stall_aborts, 1);
+    assert!(
+        bed.stack.stats().pins_held_now < 4,
+        "pins no descriptor reads are released at once"
+    );
+    // The frames the device still holds keep their pins until it has read them.
+    assert!(bed.stack.stats().pins_held_now > 0);
+    bed.run_until(10_000, |bed| {
+        bed.stack.nic_mut().device_step(usize::MAX);
+        events.extend(bed.stack.poll_events());
+        bed.stack.stats().pins_held_now == 0
+    });
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::SendComplete {
+            outcome: SendOutcome::Aborted,
+            ..
+        }
+    )));
+    assert!(events.iter().any(|e| matches!(e, Event::Closed { .. })));
+    assert_eq!(bed.cache.stats().pinned_pages_now, 0);
+}
+
+#[test]
 fn answers_arp_and_icmp_echo() {
     use smoltcp::socket::icmp;
     use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpAddress, Ipv4Address};
@@ -309,4 +382,61 @@ fn answers_arp_and_icmp_echo() {
         replied
     });
     assert!(replied, "echo reply from the stack (after ARP resolution)");
+}
+
+/// A client that reconnects from the same port right after the server closed (our side
+/// went through TIME-WAIT): every connection is a new incarnation of the same 4-tuple. Each
+/// must be accepted at once and carry exactly its own bytes (no placeholder, no byte of an
+/// older incarnation), and nothing may leak across the 20 rounds.
+#[test]
+fn reconnecting_from_the_same_port_after_our_close_is_served_byte_exact() {
+    let data = pattern(100_000, 17);
+    let mut bed = Bed::new(BedConfig::new(SoftNicConfig::default(), 1 << 20));
+    let path = bed.write_file("f", &data);
+    let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
+    bed.stack.listen(SERVER_PORT).unwrap();
+    let remote = (
+        smoltcp::wire::IpAddress::from(smoltcp::wire::Ipv4Address::from(STACK_IP)),
+        SERVER_PORT,
+    );
+    for round in 0..20 {
+        let started = bed.now;
+        let cx = bed.peer_iface.context();
+        bed.peer_sockets
+            .get_mut::<smoltcp::socket::tcp::Socket>(bed.peer_socket)
+            .connect(cx, remote, 40001)
+            .unwrap();
+        let mut conn = None;
+        bed.run_until(100_000, |bed| {
+            conn = conn.or(bed.stack.poll_events().find_map(|e| match e {
+                Event::Accepted { conn, .. } => Some(conn),
+                _ => None,
+            }));
+            conn.is_some()
+        });
+        let conn = conn.unwrap_or_else(|| panic!("round {round}: not accepted"));
+        let pin = file.pin(0..data.len() as u64).unwrap();
+        bed.stack
+            .send_file(conn, &pin, 0..data.len() as u64)
+            .unwrap();
+        bed.stack.close(conn).unwrap(); // the server closes first: our side ends in TIME-WAIT
+        let received = bed.receive_all(&data, |_, _| {});
+        assert_eq!(received.sha256, sha256(&data), "round {round}");
+        assert!(bed.run_until(10_000, |bed| !bed.peer_socket().may_recv()));
+        bed.peer_socket().close();
+        assert!(bed.run_until(10_000, |bed| {
+            bed.stack.poll_events().count();
+            !bed.peer_socket().is_open() && bed.stack.stats().pins_held_now == 0
+        }));
+        // (The first round includes the peer's ARP resolution, retried after 1 s.)
+        assert!(
+            round == 0 || bed.now - started < netstack::Duration::from_secs(1),
+            "round {round} took {} (simulated)",
+            bed.now - started
+        );
+    }
+    let stats = bed.stack.stats();
+    assert_eq!(stats.tx_unmapped_drops, 0);
+    assert_eq!(stats.pins_held_now, 0);
+    assert_eq!(bed.cache.stats().pinned_pages_now, 0);
 }

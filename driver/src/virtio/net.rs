@@ -589,16 +589,16 @@ impl VirtioNet {
         let status = self.transport.status();
         if status & DeviceStatus::DEVICE_NEEDS_RESET != 0 {
             self.recover(|lost| {
-                DriverError::Device(format!(
-                    "virtio-net set DEVICE_NEEDS_RESET (status {status:#04x}): it hit an error it cannot recover from, such as a descriptor whose IOVA the IOMMU does not map; the device was reset and re-initialised, {lost} frames were dropped"
-                ))
+                DriverError::DeviceReset {
+                    reason: format!("virtio-net set DEVICE_NEEDS_RESET (status {status:#04x}): it hit an error it cannot recover from, such as a descriptor whose IOVA the IOMMU does not map"),
+                    lost,
+                }
             });
         } else if status & DeviceStatus::DRIVER_OK == 0 && self.dead.is_none() {
             // Reset behind our back (e.g. a function reset).
-            self.recover(|lost| {
-                DriverError::Device(format!(
-                    "virtio-net lost DRIVER_OK (status {status:#04x}); re-initialised, {lost} frames were dropped"
-                ))
+            self.recover(|lost| DriverError::DeviceReset {
+                reason: format!("virtio-net lost DRIVER_OK (status {status:#04x})"),
+                lost,
             });
         }
     }
@@ -988,10 +988,11 @@ impl NetQueue for VirtioNet {
         while let Some((id, _len)) = self.tx.vq.pop_used() {
             // Section 2.7.8: id is the head of a chain we made available.
             if id >= size || !self.tx.in_flight[id as usize] || self.tx.done[id as usize] {
-                self.recover(|lost| {
-                    DriverError::Device(format!(
-                        "virtio-net returned descriptor {id}, which is not an outstanding TX chain; reset, {lost} frames dropped"
-                    ))
+                self.recover(|lost| DriverError::DeviceReset {
+                    reason: format!(
+                        "virtio-net returned descriptor {id}, which is not an outstanding TX chain"
+                    ),
+                    lost,
                 });
                 return self.tx_reap(done).map(|m| m + n);
             }
@@ -1045,10 +1046,9 @@ impl NetQueue for VirtioNet {
             };
             let size = self.rx.vq.size() as u32;
             if id >= size || !self.rx.posted[id as usize] {
-                self.recover(|lost| {
-                    DriverError::Device(format!(
-                        "virtio-net returned RX descriptor {id}, which was not posted; reset, {lost} TX frames dropped"
-                    ))
+                self.recover(|lost| DriverError::DeviceReset {
+                    reason: format!("virtio-net returned RX descriptor {id}, which was not posted"),
+                    lost,
                 });
                 return None;
             }

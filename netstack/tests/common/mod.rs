@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use driver::dma::{DmaAccess, DmaRegion};
@@ -113,6 +114,22 @@ pub struct Bed {
     pub iterations: u64,
     /// Run the software NIC's DMA after every stack poll (for manual-DMA NICs).
     pub auto_device_step: bool,
+    /// Frames on the wire that carried placeholder poison (`netstack::poison`). Every test
+    /// checks it stays 0 when its bed is dropped, unless it sets `poison_expected`.
+    pub poisoned_frames: Arc<AtomicU64>,
+    pub poison_expected: bool,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if !std::thread::panicking() && !self.poison_expected {
+            assert_eq!(
+                self.poisoned_frames.load(Ordering::Relaxed),
+                0,
+                "placeholder bytes reached the wire"
+            );
+        }
+    }
 }
 
 pub struct BedConfig {
@@ -140,12 +157,20 @@ impl BedConfig {
 impl Bed {
     pub fn new(config: BedConfig) -> Self {
         let (mut nic, peer) = SoftNic::new(config.nic).unwrap();
-        let capture = config.capture_stream_len.map(|len| {
-            let capture = Arc::new(Mutex::new(RetransmitCapture::new(len)));
-            let c = capture.clone();
-            nic.set_tx_tap(Some(Box::new(move |f| c.lock().unwrap().frame(f))));
-            capture
-        });
+        let capture = config
+            .capture_stream_len
+            .map(|len| Arc::new(Mutex::new(RetransmitCapture::new(len))));
+        // Every frame on the wire is scanned for placeholder poison.
+        let poisoned_frames = Arc::new(AtomicU64::new(0));
+        let (c, poisoned) = (capture.clone(), poisoned_frames.clone());
+        nic.set_tx_tap(Some(Box::new(move |f| {
+            if netstack::poison::find_poison(f).is_some() {
+                poisoned.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(c) = &c {
+                c.lock().unwrap().frame(f);
+            }
+        })));
         // The page cache's frames live in the NIC's DMA space: the IOVA of a page is what
         // the NIC reads.
         let frames = nic
@@ -193,6 +218,8 @@ impl Bed {
             capture,
             iterations: 0,
             auto_device_step: false,
+            poisoned_frames,
+            poison_expected: false,
         }
     }
 
