@@ -48,10 +48,26 @@ echo "ZEROSEND-GUEST-EXIT: $rc"
 poweroff -f
 "#;
 
+/// One entry of a per-run archive: a regular file, a symbolic link (`data` is the target)
+/// or a directory, by `mode` (the `st_mode` bits, type included), with its modification time.
+#[derive(Clone, Debug)]
+pub struct GuestFile {
+    pub path: String,
+    pub data: Vec<u8>,
+    pub mode: u32,
+    /// Seconds since the epoch (0 for harness-made files).
+    pub mtime: u32,
+}
+
 fn push(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
+    push_with_mtime(out, name, mode, data, 0)
+}
+
+fn push_with_mtime(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], mtime: u32) {
     let mut w = Builder::new(name)
         .mode(mode)
         .nlink(1)
+        .mtime(mtime)
         .write(Vec::new(), data.len() as u32);
     w.write_all(data).unwrap();
     let buf = w.finish().unwrap();
@@ -118,12 +134,7 @@ pub fn base_archive() -> &'static Path {
 }
 
 /// Write `base + per-run archive` to `dest`.
-pub fn build_run_initramfs(
-    dest: &Path,
-    bind: &[(u16, u16)],
-    script: &str,
-    files: &[(String, Vec<u8>, u32)],
-) {
+pub fn build_run_initramfs(dest: &Path, bind: &[(u16, u16)], script: &str, files: &[GuestFile]) {
     let mut out = fs::read(base_archive()).unwrap();
     let mut run = Vec::new();
     let bind_lines: String = bind
@@ -138,8 +149,8 @@ pub fn build_run_initramfs(
         format!("set -e\n{script}\n").as_bytes(),
     );
     let mut dirs: Vec<String> = Vec::new();
-    for (name, data, mode) in files {
-        let name = name.trim_start_matches('/');
+    for file in files {
+        let name = file.path.trim_start_matches('/');
         let mut prefix = String::new();
         for part in Path::new(name).parent().into_iter().flat_map(|p| p.iter()) {
             if !prefix.is_empty() {
@@ -151,7 +162,7 @@ pub fn build_run_initramfs(
                 dirs.push(prefix.clone());
             }
         }
-        push(&mut run, name, *mode, data);
+        push_with_mtime(&mut run, name, file.mode, &file.data, file.mtime);
     }
     let run = trailer(run).unwrap();
     out.extend_from_slice(&run);

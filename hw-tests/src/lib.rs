@@ -29,6 +29,7 @@ mod qemu;
 pub mod wire;
 
 pub use guest_programs::guest_programs;
+pub use initramfs::EXIT_MARKER;
 pub use netns::NetNs;
 pub use qemu::{Guest, GuestRun, Network, Nic, RunningGuest};
 

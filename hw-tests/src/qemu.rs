@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::initramfs::{build_run_initramfs, EXIT_MARKER};
+use crate::initramfs::{build_run_initramfs, GuestFile, EXIT_MARKER};
 use crate::netns::{self, NetNs};
 use crate::{cache_dir, require_testbed, target_dir};
 
@@ -83,7 +83,7 @@ pub struct Guest {
     pcap: bool,
     auto_bind: bool,
     script: String,
-    files: Vec<(String, Vec<u8>, u32)>,
+    files: Vec<GuestFile>,
     timeout: Duration,
 }
 
@@ -175,19 +175,34 @@ impl Guest {
         self
     }
     /// A file placed in the guest at `path` (absolute, e.g. `/data/file.bin`).
-    pub fn file(mut self, path: &str, contents: Vec<u8>) -> Self {
-        self.files.push((path.into(), contents, 0o100644));
-        self
+    pub fn file(self, path: &str, contents: Vec<u8>) -> Self {
+        self.entry(path, contents, 0o100644, 0)
+    }
+    /// A file with a given modification time (seconds since the epoch) and permission bits.
+    pub fn file_with_mtime(
+        self,
+        path: &str,
+        contents: Vec<u8>,
+        permissions: u32,
+        mtime: u32,
+    ) -> Self {
+        self.entry(path, contents, 0o100000 | (permissions & 0o7777), mtime)
     }
     /// A symbolic link in the guest at `path` pointing to `target`.
-    pub fn symlink(mut self, path: &str, target: &str) -> Self {
-        self.files
-            .push((path.into(), target.as_bytes().to_vec(), 0o120777));
-        self
+    pub fn symlink(self, path: &str, target: &str) -> Self {
+        self.entry(path, target.as_bytes().to_vec(), 0o120777, 0)
     }
     /// An empty directory in the guest.
-    pub fn dir(mut self, path: &str) -> Self {
-        self.files.push((path.into(), Vec::new(), 0o040755));
+    pub fn dir(self, path: &str) -> Self {
+        self.entry(path, Vec::new(), 0o040755, 0)
+    }
+    fn entry(mut self, path: &str, data: Vec<u8>, mode: u32, mtime: u32) -> Self {
+        self.files.push(GuestFile {
+            path: path.into(),
+            data,
+            mode,
+            mtime,
+        });
         self
     }
     pub fn timeout(mut self, t: Duration) -> Self {
@@ -411,6 +426,14 @@ impl RunningGuest {
     /// The last `n` console lines so far.
     pub fn console_tail(&self, n: usize) -> String {
         tail(&self.console.lines.lock().unwrap(), n)
+    }
+
+    /// Console lines from index `from` on (for following the console as it grows), and
+    /// the index to continue from.
+    pub fn console_lines_from(&self, from: usize) -> (Vec<String>, usize) {
+        let lines = self.console.lines.lock().unwrap();
+        let from = from.min(lines.len());
+        (lines[from..].to_vec(), lines.len())
     }
 
     /// Console lines so far that contain `needle`.

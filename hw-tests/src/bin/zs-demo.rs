@@ -1,8 +1,18 @@
 //! `scripts/demo`: boot a QEMU guest whose NIC sits behind an emulated VT-d IOMMU, run
 //! `zerosend serve` in it on a sample directory (or `--root DIR`), download a large file with
 //! curl from the host through a forwarded port, verify its sha256, and print the throughput
-//! and the server's counters. `--hold` keeps serving on `127.0.0.1:PORT` until interrupted.
+//! and the server's counters. `--hold` keeps serving on `127.0.0.1:PORT` until interrupted,
+//! showing the server's console lines as they come, and fails if the server dies.
+//!
+//! `scripts/demo [options] -- <serve flags>` passes the flags after `--` to `zerosend serve`
+//! (then the demo does not size `--cache-mb` itself if the flags name it), so any server
+//! configuration can be tried with the README's command.
+//!
+//! `--root DIR` keeps the tree as it is: symbolic links stay symbolic links (the server must
+//! refuse those that leave the root), and files keep their modification times and
+//! permission bits.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -29,6 +39,26 @@ struct Args {
     /// Size of the sample file in MiB.
     #[arg(long, default_value_t = 32)]
     sample_mb: usize,
+    /// Flags for `zerosend serve` (after `--`), e.g. `-- --cache-mb 32 --write-policy wait`.
+    #[arg(last = true)]
+    serve_flags: Vec<String>,
+}
+
+/// One entry of the served tree, as it goes into the guest under /data.
+enum Entry {
+    File {
+        path: String,
+        data: Vec<u8>,
+        permissions: u32,
+        mtime: u32,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    Dir {
+        path: String,
+    },
 }
 
 fn die(msg: &str) -> ! {
@@ -36,17 +66,35 @@ fn die(msg: &str) -> ! {
     std::process::exit(1)
 }
 
-/// Files of a host directory (recursively), as guest paths under /data.
-fn collect(dir: &Path, base: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+/// The entries of a host directory (recursively), as guest paths under /data. Symbolic
+/// links are kept as links (never followed: a link out of the tree must reach the guest as
+/// a link, for the server to refuse), files keep mtime and permissions.
+fn collect(dir: &Path, base: &Path, out: &mut Vec<Entry>) {
     let entries =
         std::fs::read_dir(dir).unwrap_or_else(|e| die(&format!("reading {}: {e}", dir.display())));
     for e in entries.flatten() {
         let p = e.path();
-        if p.is_dir() {
+        let path = format!("/data/{}", p.strip_prefix(base).unwrap().to_string_lossy());
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            let target =
+                std::fs::read_link(&p).unwrap_or_else(|e| die(&format!("{}: {e}", p.display())));
+            out.push(Entry::Symlink {
+                path,
+                target: target.to_string_lossy().into_owned(),
+            });
+        } else if meta.is_dir() {
+            out.push(Entry::Dir { path });
             collect(&p, base, out);
-        } else if p.is_file() {
-            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
-            out.push((format!("/data/{rel}"), std::fs::read(&p).unwrap()));
+        } else if meta.is_file() {
+            out.push(Entry::File {
+                path,
+                data: std::fs::read(&p).unwrap_or_else(|e| die(&format!("{}: {e}", p.display()))),
+                permissions: meta.permissions().mode() & 0o7777,
+                mtime: meta.mtime().clamp(0, u32::MAX as i64) as u32,
+            });
         }
     }
 }
@@ -68,39 +116,80 @@ fn main() {
             args.port
         ));
     }
-    let mut files = Vec::new();
-    let (probe_path, expected) = match &args.root {
-        Some(dir) => {
-            collect(dir, dir, &mut files);
-            files.sort_by_key(|(_, d)| std::cmp::Reverse(d.len()));
-            let Some((path, data)) = files.first() else {
-                die(&format!("{} has no files", dir.display()))
-            };
-            (path.trim_start_matches("/data").to_string(), data.clone())
-        }
+    let mut entries = Vec::new();
+    match &args.root {
+        Some(dir) => collect(dir, dir, &mut entries),
         None => {
-            let sample = random_bytes(2026, args.sample_mb << 20);
-            files.push(("/data/sample.bin".into(), sample.clone()));
-            files.push((
-                "/data/index.html".into(),
-                b"<h1>zerosend</h1><p><a href=\"/sample.bin\">sample.bin</a></p>\n".to_vec(),
-            ));
-            ("/sample.bin".to_string(), sample)
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as u32);
+            entries.push(Entry::File {
+                path: "/data/sample.bin".into(),
+                data: random_bytes(2026, args.sample_mb << 20),
+                permissions: 0o644,
+                mtime: now,
+            });
+            entries.push(Entry::File {
+                path: "/data/index.html".into(),
+                data: b"<h1>zerosend</h1><p><a href=\"/sample.bin\">sample.bin</a></p>\n".to_vec(),
+                permissions: 0o644,
+                mtime: now,
+            });
         }
-    };
-    let total: usize = files.iter().map(|(_, d)| d.len()).sum();
+    }
+    // The largest regular file is the one downloaded and verified.
+    let (probe_path, expected) = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::File { path, data, .. } => Some((path, data)),
+            _ => None,
+        })
+        .max_by_key(|(_, data)| data.len())
+        .map(|(path, data)| (path.trim_start_matches("/data").to_string(), data.clone()))
+        .unwrap_or_else(|| die("the served tree has no regular files"));
+    let total: usize = entries
+        .iter()
+        .map(|e| match e {
+            Entry::File { data, .. } => data.len(),
+            _ => 0,
+        })
+        .sum();
     let memory_mb = (1024 + 2 * (total >> 20)).min(8192) as u32;
-    let cache_mb = ((total >> 20) + 64).max(128);
+    let flags_name_cache = args.serve_flags.iter().any(|f| f.starts_with("--cache-mb"));
+    let mut serve =
+        String::from("zerosend serve --root /data --dhcp --port 80 --audit --stats-interval 5");
+    if !flags_name_cache {
+        let cache_mb = ((total >> 20) + 64).max(128);
+        serve.push_str(&format!(" --cache-mb {cache_mb}"));
+    }
+    for flag in &args.serve_flags {
+        serve.push(' ');
+        serve.push_str(&shell_quote(flag));
+    }
     println!("demo: booting a {} guest (QEMU TCG, q35, emulated VT-d IOMMU, user-mode network restrict=on)...", nic.name());
     let mut guest = Guest::new(&format!("demo-{}", nic.name()), nic)
         .mac("52:54:00:5a:e0:01")
         .memory_mb(memory_mb)
         .forward_from(80, Some(args.port))
-        .timeout(Duration::from_secs(if args.hold { 365 * 24 * 3600 } else { 900 }))
-        .run(&format!("zerosend serve --root /data --dhcp --port 80 --audit --cache-mb {cache_mb} --stats-interval 5"));
-    for (path, data) in files {
-        guest = guest.file(&path, data);
+        .timeout(Duration::from_secs(if args.hold {
+            365 * 24 * 3600
+        } else {
+            900
+        }))
+        .run(&serve);
+    for entry in entries {
+        guest = match entry {
+            Entry::File {
+                path,
+                data,
+                permissions,
+                mtime,
+            } => guest.file_with_mtime(&path, data, permissions, mtime),
+            Entry::Symlink { path, target } => guest.symlink(&path, &target),
+            Entry::Dir { path } => guest.dir(&path),
+        };
     }
+    println!("demo: guest runs: {serve}");
     let started = Instant::now();
     let guest = guest.start().unwrap_or_else(|e| die(&e));
     let line = guest.wait_for_console("zerosend: serving", Duration::from_secs(300));
@@ -113,11 +202,7 @@ fn main() {
 
     if args.hold {
         println!("demo: ready: zerosend serves on http://127.0.0.1:{}/ (try: curl -O {url}); Ctrl-C to stop", args.port);
-        let mut guest = guest;
-        while guest.is_running() {
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        return;
+        hold(guest);
     }
 
     let out_dir = hw_tests::target_dir()
@@ -172,6 +257,16 @@ fn main() {
     for line in metrics.lines().filter(|l| !l.starts_with('#')) {
         println!("  {line}");
     }
+    if guest
+        .console_lines_with(hw_tests::EXIT_MARKER)
+        .first()
+        .is_some()
+    {
+        die(&format!(
+            "FAILED: zerosend exited during the demo\n{}",
+            guest.console_tail(30)
+        ));
+    }
     let run = guest.stop().unwrap_or_else(|e| die(&e));
     println!("demo: guest console log: {}", run.console_path().display());
     if want != have {
@@ -181,4 +276,39 @@ fn main() {
         die("FAILED: the page audit reports violations (or metrics were unavailable)");
     }
     println!("demo: OK");
+}
+
+/// Follows the guest console (the server's log lines) until the guest ends; the server
+/// never ends by itself, so that is a failure.
+fn hold(mut guest: hw_tests::RunningGuest) -> ! {
+    let mut next = 0;
+    loop {
+        let (lines, upto) = guest.console_lines_from(next);
+        next = upto;
+        for line in &lines {
+            println!("guest: {line}");
+            if let Some(status) = line.strip_prefix(hw_tests::EXIT_MARKER) {
+                die(&format!(
+                    "zerosend exited with status {}; the guest stops",
+                    status.trim()
+                ));
+            }
+        }
+        if !guest.is_running() {
+            die("the guest (QEMU) stopped");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Quotes a word for the guest's shell.
+fn shell_quote(word: &str) -> String {
+    if word
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_=./:,".contains(c))
+    {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
