@@ -542,6 +542,23 @@ mod region_tests {
     }
 
     #[test]
+    fn read_iova_reads_only_live_regions_of_the_space() {
+        let dma = DmaSpace::new(SoftIommu::new());
+        let region = dma.allocate(PAGE_SIZE, DmaAccess::DeviceReads).unwrap();
+        region.write_bytes(100, b"headers");
+        let mut out = [0u8; 7];
+        dma.read_iova(region.iova() + 100, &mut out).unwrap();
+        assert_eq!(&out, b"headers");
+        let mut past_end = [0u8; 8];
+        assert!(dma
+            .read_iova(region.iova() + PAGE_SIZE as u64 - 6, &mut past_end)
+            .is_err());
+        let iova = region.iova();
+        drop(region);
+        assert!(dma.read_iova(iova + 100, &mut out).is_err(), "freed region");
+    }
+
+    #[test]
     fn unsafe_slice_sees_the_written_bytes() {
         let r = region(PAGE_SIZE);
         r.write_bytes(10, b"frame");
