@@ -29,10 +29,12 @@ use crate::virtio::VirtioNet;
 /// benchmarks can compare offloaded and software paths on the same device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OffloadSwitches {
+    /// IPv4 header checksum (Intel devices; virtio-net has none and ignores the switch).
     pub ipv4_header_checksum: bool,
     /// TCP and UDP checksums.
     pub l4_checksum: bool,
-    /// TCP segmentation (also needs the two checksum offloads).
+    /// TCP segmentation (also needs the L4 checksum offload, and on Intel devices the IPv4
+    /// header checksum offload).
     pub tso: bool,
 }
 

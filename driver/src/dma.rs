@@ -15,7 +15,10 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, Weak};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    MmapRegion, VolatileMemory, VolatileRef, VolatileSlice,
+};
 
 use crate::error::{DriverError, Result};
 use crate::queue::Iova;
@@ -158,7 +161,6 @@ impl DmaSpace {
         Ok(DmaRegion {
             space: Arc::clone(self),
             memory,
-            host,
             iova: iova.start,
             len,
             access,
@@ -210,20 +212,31 @@ fn allocate_host_memory(len: usize) -> Result<(MmapRegion, usize)> {
 
 /// Memory mapped for the device. Unmapped from the device when dropped, before the host
 /// memory itself is released.
+///
+/// # Access
+/// The device may read (and, for [`DmaAccess::DeviceReadsWrites`], write) this memory at any
+/// time, so the CPU side never forms a Rust reference (`&[u8]`, `&T`) to it: that would
+/// promise the compiler the bytes do not change, which a DMA write breaks. Every accessor
+/// goes through `vm-memory`'s volatile types instead: [`DmaRegion::volatile_slice`] hands out
+/// a [`VolatileSlice`] (`copy_to`/`copy_from`), [`DmaRegion::read_bytes`] and
+/// [`DmaRegion::write_bytes`] copy through one, and [`DmaRegion::read_volatile`] /
+/// [`DmaRegion::write_volatile`] load or store one scalar through a [`VolatileRef`]. All of
+/// them check bounds (and scalars their alignment) and panic on a violation: an offset
+/// outside the region is a driver bug, never a device-controlled value.
+///
+/// `Send` and `Sync` follow from the fields (`GuestMemoryMmap` is both): shared access only
+/// ever performs volatile operations, exactly what concurrent device access needs anyway.
 pub struct DmaRegion {
     space: Arc<DmaSpace>,
     memory: Arc<GuestMemoryMmap>,
-    host: *mut u8,
     iova: Iova,
     len: usize,
     access: DmaAccess,
 }
 
-// SAFETY: the raw pointer refers to the mmap owned by `memory` (Send + Sync); all access
-// through it goes through volatile reads/writes in this module.
-unsafe impl Send for DmaRegion {}
-// SAFETY: as above; shared access only performs volatile operations.
-unsafe impl Sync for DmaRegion {}
+/// Source of [`DmaRegion::zero`]'s copies (`VolatileSlice` has no fill operation).
+const ZEROES: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+const SCALAR: &str = "a slice of exactly size_of::<T>() bytes holds a T";
 
 impl DmaRegion {
     /// IOVA of the first byte.
@@ -253,54 +266,111 @@ impl DmaRegion {
         );
     }
 
+    /// The bytes `offset..offset + len` as a [`VolatileSlice`]: every access through it is a
+    /// volatile read or write, so it may be used while the device reads or writes the same
+    /// memory.
+    ///
+    /// # Panics
+    /// If the range is not inside the region.
+    pub fn volatile_slice(&self, offset: usize, len: usize) -> VolatileSlice<'_> {
+        self.check(offset, len);
+        // The region is one mmap, one `GuestRegionMmap` starting at our IOVA: the whole of it
+        // is one slice, and a sub-slice of an in-bounds range always exists (also an empty
+        // one at the very end, which `get_slice` at that address would refuse).
+        self.memory
+            .get_slice(GuestAddress(self.iova), self.len)
+            .and_then(|whole| Ok(whole.subslice(offset, len)?))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "DMA region {:#x}+{:#x}: vm-memory refused {offset}+{len}: {e}",
+                    self.iova, self.len
+                )
+            })
+    }
+
+    /// The `size_of::<T>()` bytes at `offset`, which must be aligned for `T` (the region
+    /// itself starts page-aligned), for one [`VolatileRef`] access. On x86-64 an aligned
+    /// volatile access of 2, 4 or 8 bytes is one instruction of that width, so neither the
+    /// device nor we see half of an update (a descriptor's status, a ring index).
+    fn scalar<T: ByteValued>(&self, offset: usize) -> VolatileSlice<'_> {
+        let slice = self.volatile_slice(offset, std::mem::size_of::<T>());
+        assert_eq!(
+            offset % std::mem::align_of::<T>(),
+            0,
+            "unaligned DMA access of {} bytes at offset {offset}",
+            std::mem::size_of::<T>()
+        );
+        slice
+    }
+
     /// Read a `T` at `offset` with a volatile load (the device may change it at any time).
-    pub fn read_volatile<T: Copy>(&self, offset: usize) -> T {
-        self.check(offset, std::mem::size_of::<T>());
-        assert_eq!(offset % std::mem::align_of::<T>(), 0, "unaligned DMA read");
-        // SAFETY: in bounds and aligned (checked above); the mapping lives as long as self;
-        // a volatile read of plain-old-data is valid whatever the device wrote.
-        unsafe { std::ptr::read_volatile(self.host.add(offset) as *const T) }
+    ///
+    /// # Panics
+    /// If `offset..offset + size_of::<T>()` is out of bounds or `offset` is not aligned for
+    /// `T`.
+    pub fn read_volatile<T: ByteValued>(&self, offset: usize) -> T {
+        let bytes = self.scalar::<T>(offset);
+        let value: VolatileRef<'_, T> = bytes.get_ref(0).expect(SCALAR);
+        value.load()
     }
 
     /// Write a `T` at `offset` with a volatile store.
-    pub fn write_volatile<T: Copy>(&self, offset: usize, value: T) {
-        self.check(offset, std::mem::size_of::<T>());
-        assert_eq!(offset % std::mem::align_of::<T>(), 0, "unaligned DMA write");
-        // SAFETY: in bounds and aligned (checked above); the mapping lives as long as self.
-        unsafe { std::ptr::write_volatile(self.host.add(offset) as *mut T, value) }
+    ///
+    /// # Panics
+    /// As [`DmaRegion::read_volatile`].
+    pub fn write_volatile<T: ByteValued>(&self, offset: usize, value: T) {
+        let bytes = self.scalar::<T>(offset);
+        let at: VolatileRef<'_, T> = bytes.get_ref(0).expect(SCALAR);
+        at.store(value)
     }
 
-    /// Copy `bytes` into the region at `offset` (e.g. building a frame header).
+    /// Copy `bytes` into the region at `offset` (e.g. building a frame header), with volatile
+    /// writes.
+    ///
+    /// # Panics
+    /// If `offset..offset + bytes.len()` is out of bounds.
     pub fn write_bytes(&self, offset: usize, bytes: &[u8]) {
-        self.check(offset, bytes.len());
-        // SAFETY: destination in bounds (checked); source is a distinct Rust slice so the
-        // ranges cannot overlap; no Rust reference to DMA memory is created.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.host.add(offset), bytes.len()) }
+        self.volatile_slice(offset, bytes.len()).copy_from(bytes);
     }
 
-    /// Copy bytes out of the region at `offset`.
+    /// Copy bytes out of the region at `offset` into `out`, with volatile reads.
+    ///
+    /// # Panics
+    /// If `offset..offset + out.len()` is out of bounds.
     pub fn read_bytes(&self, offset: usize, out: &mut [u8]) {
-        self.check(offset, out.len());
-        // SAFETY: source in bounds (checked); `out` is a distinct Rust slice.
-        unsafe { std::ptr::copy_nonoverlapping(self.host.add(offset), out.as_mut_ptr(), out.len()) }
+        let copied = self.volatile_slice(offset, out.len()).copy_to(out);
+        debug_assert_eq!(copied, out.len());
     }
 
-    /// Borrow `len` bytes at `offset` as a slice.
+    /// Borrow `len` bytes at `offset` as a slice. To be removed: its last users (in
+    /// `netstack`) move to [`DmaRegion::read_bytes`] / [`DmaRegion::volatile_slice`]; new code
+    /// must not use it.
     ///
     /// # Safety
-    /// The caller must ensure the device does not write these bytes while the slice lives
-    /// (true for read-only mappings, and for RX buffers the device has completed and that are
-    /// not yet handed back).
+    /// The caller must ensure neither the device nor the CPU writes these bytes while the
+    /// slice lives (true for read-only mappings whose bytes the CPU leaves alone, and for RX
+    /// buffers the device has completed and that are not yet handed back).
+    ///
+    /// # Panics
+    /// If the range is out of bounds.
     pub unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
-        self.check(offset, len);
-        // SAFETY: in bounds (checked); immutability is the caller's obligation (see above).
-        unsafe { std::slice::from_raw_parts(self.host.add(offset), len) }
+        let bytes = self.volatile_slice(offset, len);
+        let ptr = bytes.ptr_guard().as_ptr();
+        // SAFETY: `ptr..ptr + len` lies in the region's mmap (bounds checked by
+        // `volatile_slice`), which `self.memory` keeps mapped for the borrow's lifetime; the
+        // bytes are initialised (anonymous memory starts zeroed); that nothing writes them
+        // while the slice lives is the caller's obligation (see above).
+        unsafe { std::slice::from_raw_parts(ptr, len) }
     }
 
-    /// Fill with zeroes.
+    /// Fill with zeroes (volatile writes).
     pub fn zero(&self) {
-        // SAFETY: the whole region is ours and in bounds.
-        unsafe { std::ptr::write_bytes(self.host, 0, self.len) }
+        let mut at = 0;
+        while at < self.len {
+            let n = (self.len - at).min(ZEROES.len());
+            self.write_bytes(at, &ZEROES[..n]);
+            at += n;
+        }
     }
 }
 
@@ -322,6 +392,178 @@ impl Drop for DmaRegion {
             .lock()
             .unwrap()
             .free(self.iova..self.iova + self.len as u64);
+    }
+}
+
+/// [`DmaRegion`]'s accessors, on memory mapped into the software NIC's IOMMU.
+#[cfg(test)]
+mod region_tests {
+    use super::*;
+    use crate::softnic::SoftIommu;
+
+    fn region(len: usize) -> DmaRegion {
+        DmaSpace::new(SoftIommu::new())
+            .allocate(len, DmaAccess::DeviceReadsWrites)
+            .unwrap()
+    }
+
+    fn panics(f: impl FnOnce()) -> bool {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err()
+    }
+
+    #[test]
+    fn is_send_and_sync_without_unsafe_impls() {
+        fn both<T: Send + Sync>() {}
+        both::<DmaRegion>();
+    }
+
+    #[test]
+    fn bytes_round_trip_at_any_offset() {
+        let r = region(3 * PAGE_SIZE);
+        let data: Vec<u8> = (0..5000).map(|i| (i * 7 + 3) as u8).collect();
+        // Odd offset, across a page boundary.
+        r.write_bytes(PAGE_SIZE - 123, &data);
+        let mut back = vec![0u8; data.len()];
+        r.read_bytes(PAGE_SIZE - 123, &mut back);
+        assert_eq!(back, data);
+        // Through the volatile slice as well: the same bytes.
+        let mut via_slice = vec![0u8; data.len()];
+        let n = r
+            .volatile_slice(PAGE_SIZE - 123, data.len())
+            .copy_to(&mut via_slice);
+        assert_eq!((n, via_slice), (data.len(), data.clone()));
+        // And through vm-memory's view of the region (GuestAddress = IOVA).
+        let mut via_memory = vec![0u8; data.len()];
+        r.memory()
+            .read_slice(
+                &mut via_memory,
+                GuestAddress(r.iova() + PAGE_SIZE as u64 - 123),
+            )
+            .unwrap();
+        assert_eq!(via_memory, data);
+        // And through the DMA space's lookup by IOVA.
+        let mut via_space = [0u8; 16];
+        r.space
+            .read_iova(r.iova() + PAGE_SIZE as u64 - 123, &mut via_space)
+            .unwrap();
+        assert_eq!(via_space[..], data[..16]);
+    }
+
+    #[test]
+    fn volatile_slice_writes_are_seen_by_read_bytes() {
+        let r = region(PAGE_SIZE);
+        r.volatile_slice(100, 4).copy_from(&[1u8, 2, 3, 4]);
+        let mut back = [0u8; 6];
+        r.read_bytes(99, &mut back);
+        assert_eq!(back, [0, 1, 2, 3, 4, 0]);
+        assert_eq!(r.volatile_slice(100, 4).len(), 4);
+    }
+
+    #[test]
+    fn scalars_round_trip_in_native_byte_order() {
+        let r = region(PAGE_SIZE);
+        r.write_volatile(0, 0x1122_3344_5566_7788u64);
+        r.write_volatile(8, 0xaabb_ccddu32);
+        r.write_volatile(14, 0xeeffu16);
+        r.write_volatile(17, 0x42u8);
+        assert_eq!(r.read_volatile::<u64>(0), 0x1122_3344_5566_7788);
+        assert_eq!(r.read_volatile::<u32>(8), 0xaabb_ccdd);
+        assert_eq!(r.read_volatile::<u16>(14), 0xeeff);
+        assert_eq!(r.read_volatile::<u8>(17), 0x42);
+        let mut raw = [0u8; 4];
+        r.read_bytes(8, &mut raw);
+        assert_eq!(raw, 0xaabb_ccddu32.to_ne_bytes());
+        // The last aligned u64 of the region.
+        r.write_volatile(PAGE_SIZE - 8, u64::MAX);
+        assert_eq!(r.read_volatile::<u64>(PAGE_SIZE - 8), u64::MAX);
+    }
+
+    #[test]
+    fn zero_clears_every_byte_of_a_multi_page_region() {
+        let r = region(3 * PAGE_SIZE);
+        let ones = vec![0xffu8; r.len()];
+        r.write_bytes(0, &ones);
+        r.zero();
+        let mut back = vec![1u8; r.len()];
+        r.read_bytes(0, &mut back);
+        assert!(back.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn empty_accesses_are_allowed_up_to_the_end() {
+        let r = region(PAGE_SIZE);
+        r.write_bytes(PAGE_SIZE, &[]);
+        r.read_bytes(PAGE_SIZE, &mut []);
+        assert!(r.volatile_slice(PAGE_SIZE, 0).is_empty());
+        // SAFETY: an empty slice; nothing to be written while it lives.
+        assert!(unsafe { r.slice(PAGE_SIZE, 0) }.is_empty());
+    }
+
+    #[test]
+    fn out_of_bounds_accesses_panic() {
+        let r = region(PAGE_SIZE);
+        let mut buf = [0u8; 2];
+        assert!(panics(|| r.write_bytes(PAGE_SIZE - 1, &[1, 2])));
+        assert!(panics(|| r.read_bytes(PAGE_SIZE - 1, &mut buf)));
+        assert!(panics(|| r.read_bytes(PAGE_SIZE + 1, &mut [])));
+        assert!(panics(|| {
+            let _ = r.volatile_slice(1, PAGE_SIZE);
+        }));
+        assert!(panics(|| {
+            let _ = r.volatile_slice(usize::MAX, 2);
+        }));
+        assert!(panics(|| {
+            r.read_volatile::<u32>(PAGE_SIZE - 2);
+        }));
+        assert!(panics(|| r.write_volatile::<u64>(PAGE_SIZE, 0)));
+        assert!(panics(|| {
+            // SAFETY: the call panics before any slice exists.
+            let _ = unsafe { r.slice(PAGE_SIZE - 1, 2) };
+        }));
+        // Nothing was written by the refused calls.
+        let mut all = vec![1u8; PAGE_SIZE];
+        r.read_bytes(0, &mut all);
+        assert!(all.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn unaligned_scalar_accesses_panic() {
+        let r = region(PAGE_SIZE);
+        assert!(panics(|| {
+            r.read_volatile::<u16>(1);
+        }));
+        assert!(panics(|| {
+            r.read_volatile::<u32>(6);
+        }));
+        assert!(panics(|| r.write_volatile::<u64>(4, 0)));
+        // Bytes need no alignment.
+        r.write_volatile::<u8>(1, 7);
+        assert_eq!(r.read_volatile::<u8>(1), 7);
+    }
+
+    #[test]
+    fn read_iova_reads_only_live_regions_of_the_space() {
+        let dma = DmaSpace::new(SoftIommu::new());
+        let region = dma.allocate(PAGE_SIZE, DmaAccess::DeviceReads).unwrap();
+        region.write_bytes(100, b"headers");
+        let mut out = [0u8; 7];
+        dma.read_iova(region.iova() + 100, &mut out).unwrap();
+        assert_eq!(&out, b"headers");
+        let mut past_end = [0u8; 8];
+        assert!(dma
+            .read_iova(region.iova() + PAGE_SIZE as u64 - 6, &mut past_end)
+            .is_err());
+        let iova = region.iova();
+        drop(region);
+        assert!(dma.read_iova(iova + 100, &mut out).is_err(), "freed region");
+    }
+
+    #[test]
+    fn unsafe_slice_sees_the_written_bytes() {
+        let r = region(PAGE_SIZE);
+        r.write_bytes(10, b"frame");
+        // SAFETY: nothing writes the region while the slice lives (no device in this test).
+        assert_eq!(unsafe { r.slice(10, 5) }, b"frame");
     }
 }
 

@@ -24,15 +24,16 @@
 //! capped at the device's maximum (QEMU: 256).
 //!
 //! - **TX**: a frame is our `virtio_net_hdr` (in a driver-owned region the device may only
-//!   read, one 256-byte slot per ring descriptor) followed by the caller's segments, pointing
-//!   straight at the caller's IOVAs: no payload byte is copied. With INDIRECT_DESC (section
-//!   2.7.5.3) the whole chain lives in a per-slot indirect table and takes one ring
-//!   descriptor, so the ring holds as many frames as it has entries whatever their segment
-//!   count (QEMU caps the TX ring at 256; direct chains of two or more descriptors would
-//!   halve that or worse). Without it, chains take ring descriptors from a free list.
-//!   Frames are published in bursts with one notification per [`NetQueue::tx_flush`], none
-//!   while the device sets VIRTQ_USED_F_NO_NOTIFY. Completions may arrive in any order (we
-//!   do not negotiate VIRTIO_F_IN_ORDER); tokens are handed back strictly in submission order.
+//!   read, one 12-byte slot per ring descriptor) followed by the caller's segments,
+//!   unchanged, pointing straight at the caller's IOVAs: no byte of the frame is copied or
+//!   edited. With INDIRECT_DESC (section 2.7.5.3) the whole chain lives in a per-slot
+//!   indirect table and takes one ring descriptor, so the ring holds as many frames as it
+//!   has entries whatever their segment count (QEMU caps the TX ring at 256; direct chains
+//!   of two or more descriptors would halve that or worse). Without it, chains take ring
+//!   descriptors from a free list. Frames are published in bursts with one notification per
+//!   [`NetQueue::tx_flush`], none while the device sets VIRTQ_USED_F_NO_NOTIFY.
+//!   Completions may arrive in any order (we do not negotiate VIRTIO_F_IN_ORDER); tokens
+//!   are handed back strictly in submission order.
 //! - **RX**: one buffer of `rx_buffer_size` bytes (at least 12 + 1514) per ring entry, in a
 //!   region the device may write, descriptor *i* permanently describing buffer *i*, all
 //!   posted at start; a received buffer is lent to the caller and re-posted when recycled.
@@ -47,24 +48,36 @@
 //!   and `NicConfig::virtio_indirect` switch them off, for comparisons.
 //!
 //! # Offloads (section 5.1.6.2)
-//! - L4 checksum -> `VIRTIO_NET_HDR_F_NEEDS_CSUM` with `csum_start`/`csum_offset`; the
-//!   checksum field already holds the pseudo-header sum, exactly the queue API's contract.
-//!   TCP and UDP alike.
-//! - TSO -> `VIRTIO_NET_HDR_GSO_TCPV4` with `hdr_len`/`gso_size` (and NEEDS_CSUM, which
-//!   section 5.1.6.2.1 requires with GSO). The queue API's TSO contract (Intel's) leaves the
-//!   IPv4 total length and header checksum to the device and has the TCP pseudo-header sum
-//!   computed with a length of zero. A virtio device takes the packet as given and adjusts
-//!   it per segment (QEMU hands it to its TAP backend, where Linux's GSO does so): the IPv4
-//!   header must be valid for the whole packet and the pseudo-header sum must cover the whole
-//!   TCP length. So for TSO the driver copies the headers (`hdr_len` bytes, typically 54)
-//!   into its header slot right after the `virtio_net_hdr`, sets the total length and the
-//!   IPv4 checksum and adds the TCP length into the checksum field of the copy; the chain
-//!   continues with the rest of the caller's first segment. The payload is never copied.
-//! - IPv4 header checksum: virtio-net has no such offload. The driver computes it on a copy
-//!   of the headers the same way (20 bytes summed per frame), so the queue still offers it.
+//! An offload request is translated into the `virtio_net_hdr` and nothing else: the driver
+//! never reads or edits the frame's own headers, so the TX header slot holds only the
+//! `virtio_net_hdr` and the caller's segments follow unchanged.
+//! - L4 checksum -> `VIRTIO_NET_HDR_F_NEEDS_CSUM` with `csum_start` = where summing starts
+//!   and `csum_offset` = from there to the checksum field (section 5.1.6.2, item 2). The
+//!   field already holds the pseudo-header sum, exactly the queue API's contract and what
+//!   section 5.1.6.2.1 requires. TCP and UDP alike.
+//! - TSO -> `VIRTIO_NET_HDR_GSO_TCPV4` with `hdr_len` = [`Tso::header_len`] (Ethernet, IPv4
+//!   and TCP headers; without VIRTIO_NET_F_GUEST_HDRLEN any value not less than their
+//!   length) and `gso_size` = [`Tso::mss`] (item 3), always with NEEDS_CSUM (section
+//!   5.1.6.2.1: the driver MUST set NEEDS_CSUM when `gso_type` is not GSO_NONE). The
+//!   device cuts the packet as given, so its headers must describe the whole large packet:
+//!   [`Capabilities::tso_headers`] is [`TsoHeaders::WholePacket`] (IPv4 total length of the
+//!   whole packet, a valid IPv4 header checksum, the TCP checksum field holding the
+//!   pseudo-header sum over the whole TCP length; what Linux's virtio_net driver sends).
+//!   The specification leaves the IPv4 header of a GSO packet unsaid; QEMU hands the packet
+//!   and its `virtio_net_hdr` to its TAP backend, where the host kernel receives it like any
+//!   packet (header checksum verified, packet trimmed to the IPv4 total length) and its GSO
+//!   derives every segment's lengths and checksums from the whole packet's.
+//! - IPv4 header checksum: virtio-net has no such offload, so [`Capabilities`] says
+//!   `ipv4_header_checksum: false` and a request for it ([`TxOffload::ipv4_header`]) is
+//!   refused with [`DriverError::BadFrame`]: the caller fills the field in (smoltcp does).
 //!
-//! Both copies read the caller's bytes with [`DmaSpace::read_iova`]: the first segment must
-//! lie in memory allocated from this NIC's [`DmaSpace`].
+//! Requests are checked with what the request and the segment lengths say, never the
+//! frame's bytes: offsets inside the frame, the negotiated features, TSO only with a TCP
+//! checksum request, headers wholly in the first segment (the queue API's contract, which
+//! the Intel drivers need), a non-zero MSS whose segments fit the MTU, frame sizes. Two
+//! duties stay with the caller because checking them would mean reading the frame: the
+//! checksum field's pseudo-header sum, and clear ECN bits in TSO frames (section 5.1.6.2.1;
+//! VIRTIO_NET_F_HOST_ECN is not negotiated).
 //!
 //! # Errors and recovery
 //! A device that hits an error it cannot recover from (for instance a descriptor whose IOVA
@@ -77,6 +90,8 @@
 //! and [`NetQueue::tx_reap`] reports the error ([`DriverError::TxHang`] for the watchdog).
 //!
 //! [`NicConfig::offloads`]: crate::anynic::NicConfig
+//! [`Tso::header_len`]: crate::queue::Tso::header_len
+//! [`Tso::mss`]: crate::queue::Tso::mss
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -122,14 +137,13 @@ const S_LINK_UP: u16 = 1;
 const MAX_FRAME: u64 = 1514;
 /// Largest TSO frame: one IPv4 datagram (total length is 16 bits) plus the Ethernet header.
 const TSO_MAX_FRAME: u32 = 65535 + 14;
-/// Per-head TX header slot: the `virtio_net_hdr` plus room for copied packet headers.
-const TX_HDR_SLOT: usize = 256;
-const MAX_COPIED_HEADERS: usize = TX_HDR_SLOT - NET_HDR_LEN;
+/// Per-head TX header slot: exactly one `virtio_net_hdr`.
+const TX_HDR_SLOT: usize = NET_HDR_LEN;
 /// Most caller segments per frame (a 64 KiB TSO frame of 4 KiB pages needs 17 or 18).
 const MAX_TX_SEGMENTS: usize = 64;
-/// Bytes of one frame's indirect descriptor table: header descriptor, split first segment,
-/// the other segments.
-const INDIRECT_TABLE: usize = (MAX_TX_SEGMENTS + 2) * DESC_SIZE;
+/// Bytes of one frame's indirect descriptor table: the header descriptor, then one per
+/// caller segment.
+const INDIRECT_TABLE: usize = (MAX_TX_SEGMENTS + 1) * DESC_SIZE;
 /// How long the device must be idle before the poll paths read its status register.
 const STATUS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 
@@ -315,28 +329,6 @@ pub struct VirtioNet {
     last_status_check: Instant,
 }
 
-/// What a frame's header slot holds besides the `virtio_net_hdr`.
-struct HeaderCopy {
-    len: usize,
-    bytes: [u8; MAX_COPIED_HEADERS],
-}
-
-fn ones_complement_add(a: u16, b: u16) -> u16 {
-    let s = a as u32 + b as u32;
-    ((s & 0xffff) + (s >> 16)) as u16
-}
-
-fn ipv4_header_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32)
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 impl VirtioNet {
     /// Initialise the virtio-net function behind `pci` (section 3.1.1 with the network
     /// device's steps of section 5.1.5): reset, ACKNOWLEDGE, DRIVER, feature negotiation
@@ -446,15 +438,17 @@ impl VirtioNet {
         };
         let csum = negotiated & f::NET_F_CSUM != 0;
         let caps = Capabilities {
-            ipv4_header_checksum: config.offloads.ipv4_header_checksum,
+            // Section 5.1.6.2: virtio-net offers L4 checksums and segmentation only.
+            ipv4_header_checksum: false,
             tcp_checksum: csum,
             udp_checksum: csum,
             tso_max_frame: (negotiated & f::NET_F_HOST_TSO4 != 0).then_some(TSO_MAX_FRAME),
-            tso_headers: TsoHeaders::PerSegment,
+            tso_headers: TsoHeaders::WholePacket,
             max_tx_segments: if negotiated & f::F_INDIRECT_DESC != 0 {
                 MAX_TX_SEGMENTS
             } else {
-                MAX_TX_SEGMENTS.min(n - 2)
+                // A direct chain is the header descriptor plus one per segment.
+                MAX_TX_SEGMENTS.min(n - 1)
             },
             mtu: 1500,
         };
@@ -602,150 +596,104 @@ impl VirtioNet {
             });
         }
     }
+}
 
-    /// Build the header slot contents for one frame; returns the number of header bytes
-    /// copied from the caller's first segment.
-    fn prepare_header(
-        &self,
-        head: u16,
-        segments: &[TxSegment],
-        offload: &TxOffload,
-        total: u64,
-    ) -> Result<usize> {
-        let mut hdr = [0u8; NET_HDR_LEN];
-        let mut copy: Option<HeaderCopy> = None;
-        let first = segments[0];
-        let read_headers = |len: usize| -> Result<HeaderCopy> {
-            if len > first.len as usize || len > MAX_COPIED_HEADERS {
-                return Err(DriverError::BadFrame(format!(
-                    "the first segment ({} bytes) must hold the first {len} bytes of headers (at most {MAX_COPIED_HEADERS})",
-                    first.len
-                )));
-            }
-            let mut c = HeaderCopy {
-                len,
-                bytes: [0; MAX_COPIED_HEADERS],
-            };
-            self.pci.dma().read_iova(first.iova, &mut c.bytes[..len]).map_err(|e| {
-                DriverError::BadFrame(format!(
-                    "virtio-net patches the headers of frames with TSO or IPv4 header checksum requests, so the first segment must lie in memory allocated from this NIC's DmaSpace: {e}"
-                ))
-            })?;
-            Ok(c)
-        };
-
-        if let Some(c) = offload.l4_checksum {
-            if !self.caps.tcp_checksum {
-                return Err(DriverError::BadFrame(
-                    "L4 checksum offload requested but VIRTIO_NET_F_CSUM was not negotiated (see capabilities())".into(),
-                ));
-            }
-            if c.field < c.start || c.field as u64 + 2 > total {
-                return Err(DriverError::BadFrame(format!(
-                    "bad checksum offsets {c:?} for a {total}-byte frame"
-                )));
-            }
-            hdr[0] = HDR_F_NEEDS_CSUM;
-            hdr[6..8].copy_from_slice(&c.start.to_le_bytes());
-            hdr[8..10].copy_from_slice(&(c.field - c.start).to_le_bytes());
-        }
-        if let Some(tso) = offload.tso {
-            let Some(c) = offload
-                .l4_checksum
-                .filter(|c| c.protocol == L4Protocol::Tcp)
-            else {
-                return Err(DriverError::BadFrame(
-                    "TSO needs a TCP l4_checksum request".into(),
-                ));
-            };
-            if self.caps.tso_max_frame.is_none() {
-                return Err(DriverError::BadFrame(
-                    "TSO requested but VIRTIO_NET_F_HOST_TSO4 was not negotiated (see capabilities())".into(),
-                ));
-            }
-            if offload.ipv4_header.is_none()
-                || tso.mss == 0
-                || (c.field as usize + 2) > tso.header_len as usize
-            {
-                return Err(DriverError::BadFrame(format!(
-                    "bad TSO request {offload:?}"
-                )));
-            }
-            if total > TSO_MAX_FRAME as u64 {
-                return Err(DriverError::BadFrame(format!(
-                    "TSO frame of {total} bytes exceeds {TSO_MAX_FRAME}"
-                )));
-            }
-            hdr[1] = GSO_TCPV4;
-            hdr[2..4].copy_from_slice(&tso.header_len.to_le_bytes());
-            hdr[4..6].copy_from_slice(&tso.mss.to_le_bytes());
-            let mut h = read_headers(tso.header_len as usize)?;
-            // The device (Linux's GSO behind QEMU's TAP backend, like any receiver of the
-            // frame as given) takes the IPv4 header at face value: its total length must be
-            // the whole packet's, and its checksum valid. The queue API leaves both to the
-            // device, so set them here, on the copy.
-            let ip = offload.ipv4_header.unwrap() as usize;
-            let ihl = (h.bytes[ip] & 0x0f) as usize * 4;
-            if h.bytes[ip] >> 4 != 4 || ihl < 20 || ip + ihl > c.start as usize {
-                return Err(DriverError::BadFrame(format!(
-                    "no IPv4 header at offset {ip} of the TSO frame"
-                )));
-            }
-            h.bytes[ip + 2..ip + 4].copy_from_slice(&((total - ip as u64) as u16).to_be_bytes());
-            h.bytes[ip + 10..ip + 12].fill(0);
-            let sum = ipv4_header_checksum(&h.bytes[ip..ip + ihl]);
-            h.bytes[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
-            // Pseudo-header sum: queue API (TCP length 0) -> virtio (whole TCP length).
-            let field = c.field as usize;
-            let tcp_len = (total - c.start as u64) as u16;
-            let old = u16::from_be_bytes([h.bytes[field], h.bytes[field + 1]]);
-            h.bytes[field..field + 2]
-                .copy_from_slice(&ones_complement_add(old, tcp_len).to_be_bytes());
-            copy = Some(h);
-        } else {
-            if total > MAX_FRAME {
-                return Err(DriverError::BadFrame(format!(
-                    "{total}-byte frame without TSO exceeds {MAX_FRAME}"
-                )));
-            }
-            if let Some(ip) = offload.ipv4_header {
-                if !self.caps.ipv4_header_checksum {
-                    return Err(DriverError::BadFrame(
-                        "IPv4 header checksum offload is switched off".into(),
-                    ));
-                }
-                // virtio-net has no IPv4 header checksum offload: compute it on a copy.
-                let ip = ip as usize;
-                let probe = read_headers((ip + 1).min(first.len as usize))?;
-                let ihl = (probe.bytes.get(ip).copied().unwrap_or(0) & 0x0f) as usize * 4;
-                if probe.bytes.get(ip).map(|b| b >> 4) != Some(4) || ihl < 20 {
-                    return Err(DriverError::BadFrame(format!(
-                        "no IPv4 header at offset {ip}"
-                    )));
-                }
-                let mut h = read_headers(ip + ihl)?;
-                h.bytes[ip + 10..ip + 12].fill(0);
-                let sum = ipv4_header_checksum(&h.bytes[ip..ip + ihl]);
-                h.bytes[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
-                copy = Some(h);
-            }
-        }
-        // gso_type stays VIRTIO_NET_HDR_GSO_NONE without TSO (section 5.1.6.2.1: required
-        // when no GSO feature is negotiated); num_buffers (hdr[10..12]) is zero on transmit.
-        debug_assert!(offload.tso.is_some() || hdr[1] == GSO_NONE);
-        let slot = head as usize * TX_HDR_SLOT;
-        self.tx.headers.write_bytes(slot, &hdr);
-        let copied = match copy {
-            Some(h) => {
-                self.tx
-                    .headers
-                    .write_bytes(slot + NET_HDR_LEN, &h.bytes[..h.len]);
-                h.len
-            }
-            None => 0,
-        };
-        Ok(copied)
+/// The `virtio_net_hdr` of one transmitted frame of `total` bytes in `segments`, from the
+/// offload request alone (section 5.1.6.2): the frame's own bytes are neither read nor
+/// changed. `num_buffers` (bytes 10..12) stays zero, as section 5.1.6.2.1 requires on
+/// transmit.
+fn tx_net_hdr(
+    caps: &Capabilities,
+    segments: &[TxSegment],
+    offload: &TxOffload,
+    total: u64,
+) -> Result<[u8; NET_HDR_LEN]> {
+    if let Some(ip) = offload.ipv4_header {
+        return Err(DriverError::BadFrame(format!(
+            "IPv4 header checksum offload requested (header at offset {ip}), but virtio-net has none (VIRTIO 1.2 section 5.1.6.2 offers L4 checksums and segmentation only; capabilities().ipv4_header_checksum is false): fill in the IPv4 header checksum before enqueueing"
+        )));
     }
+    let mut hdr = [0u8; NET_HDR_LEN];
+    if let Some(c) = offload.l4_checksum {
+        let offered = match c.protocol {
+            L4Protocol::Tcp => caps.tcp_checksum,
+            L4Protocol::Udp => caps.udp_checksum,
+        };
+        if !offered {
+            return Err(DriverError::BadFrame(
+                "L4 checksum offload requested but VIRTIO_NET_F_CSUM was not negotiated (see capabilities())".into(),
+            ));
+        }
+        if c.field < c.start || c.field as u64 + 2 > total {
+            return Err(DriverError::BadFrame(format!(
+                "L4 checksum field at {} outside the L4 data ({}..{total})",
+                c.field, c.start
+            )));
+        }
+        // Section 5.1.6.2 item 2: the device sums from csum_start to the end of the packet
+        // and stores the result csum_offset bytes further on.
+        hdr[0] = HDR_F_NEEDS_CSUM;
+        hdr[6..8].copy_from_slice(&c.start.to_le_bytes());
+        hdr[8..10].copy_from_slice(&(c.field - c.start).to_le_bytes());
+    }
+    let Some(tso) = offload.tso else {
+        if total > MAX_FRAME {
+            return Err(DriverError::BadFrame(format!(
+                "{total}-byte frame without TSO exceeds {MAX_FRAME}"
+            )));
+        }
+        // Section 5.1.6.2.1: gso_type VIRTIO_NET_HDR_GSO_NONE; hdr_len and gso_size stay 0.
+        hdr[1] = GSO_NONE;
+        return Ok(hdr);
+    };
+    if caps.tso_max_frame.is_none() {
+        return Err(DriverError::BadFrame(
+            "TSO requested but VIRTIO_NET_F_HOST_TSO4 was not negotiated (see capabilities())"
+                .into(),
+        ));
+    }
+    // Section 5.1.6.2.1: with a gso_type other than GSO_NONE the driver MUST also set
+    // NEEDS_CSUM; and TCPV4 segmentation is of TCP.
+    let Some(c) = offload
+        .l4_checksum
+        .filter(|c| c.protocol == L4Protocol::Tcp)
+    else {
+        return Err(DriverError::BadFrame(
+            "TSO needs a TCP l4_checksum request".into(),
+        ));
+    };
+    let header_len = tso.header_len as u64;
+    if tso.mss == 0 || header_len >= total || c.field as u64 + 2 > header_len {
+        return Err(DriverError::BadFrame(format!(
+            "TSO with MSS {} and header length {} (TCP checksum field at {}) for a {total}-byte frame",
+            tso.mss, tso.header_len, c.field
+        )));
+    }
+    // Every segment the device emits must be a legal Ethernet frame.
+    if tso.header_len as usize + tso.mss as usize > caps.mtu + 14 {
+        return Err(DriverError::BadFrame(format!(
+            "TSO segments of {} header + {} MSS bytes exceed the {}-byte MTU",
+            tso.header_len, tso.mss, caps.mtu
+        )));
+    }
+    // The queue API's contract (the Intel drivers need it; virtio would not): a caller that
+    // works here works on every NIC.
+    if (segments[0].len as u64) < header_len {
+        return Err(DriverError::BadFrame(
+            "TSO headers must lie wholly in the first segment".into(),
+        ));
+    }
+    if total > TSO_MAX_FRAME as u64 {
+        return Err(DriverError::BadFrame(format!(
+            "TSO frame of {total} bytes exceeds {TSO_MAX_FRAME}"
+        )));
+    }
+    // Section 5.1.6.2 item 3: gso_type, hdr_len (at least the headers, TCP's included),
+    // gso_size (the MSS).
+    hdr[1] = GSO_TCPV4;
+    hdr[2..4].copy_from_slice(&tso.header_len.to_le_bytes());
+    hdr[4..6].copy_from_slice(&tso.mss.to_le_bytes());
+    Ok(hdr)
 }
 
 /// Feature negotiation (section 3.1.1 steps 2-6, section 2.2): ACKNOWLEDGE, DRIVER, read the
@@ -854,8 +802,8 @@ impl NetQueue for VirtioNet {
         if self.tx.indirect.is_some() {
             return self.tx.free.len();
         }
-        // Header descriptor + segments, + 1 when a header copy splits the first segment.
-        self.tx.free.len() / (segments + 2)
+        // The header descriptor, then one per segment.
+        self.tx.free.len() / (segments + 1)
     }
 
     fn tx_enqueue(
@@ -883,32 +831,19 @@ impl NetQueue for VirtioNet {
                 "{total}-byte frame is shorter than an Ethernet header"
             )));
         }
-        // Worst case: header descriptor, split first segment, the other segments (in the
-        // ring, or in the frame's indirect table behind one ring descriptor).
-        let ring_descs = if self.tx.indirect.is_some() {
-            1
-        } else {
-            segments.len() + 2
-        };
+        let hdr = tx_net_hdr(&self.caps, segments, offload, total)?;
+        // The chain: the header descriptor, then the caller's segments (in the ring, or in
+        // the frame's indirect table behind one ring descriptor).
+        let n = segments.len() + 1;
+        let ring_descs = if self.tx.indirect.is_some() { 1 } else { n };
         if self.tx.free.len() < ring_descs {
             return Err(DriverError::TxRingFull);
         }
         let head = *self.tx.free.last().unwrap();
-        let copied = self.prepare_header(head, segments, offload, total)?;
-
-        // The pieces of the chain, (iova, len): our header slot, then the caller's segments
-        // (the first one minus the headers copied into the slot).
-        let header = (
-            self.tx.headers.iova() + (head as usize * TX_HDR_SLOT) as u64,
-            (NET_HDR_LEN + copied) as u32,
-        );
-        let first_whole = segments[0].len as usize > copied;
-        let n = segments.len() + usize::from(first_whole);
-        let pieces =
-            std::iter::once(header).chain(segments.iter().enumerate().filter_map(|(i, s)| {
-                let skip = if i == 0 { copied as u32 } else { 0 };
-                (s.len > skip).then(|| (s.iova + skip as u64, s.len - skip))
-            }));
+        let slot = head as usize * TX_HDR_SLOT;
+        self.tx.headers.write_bytes(slot, &hdr);
+        let header = (self.tx.headers.iova() + slot as u64, NET_HDR_LEN as u32);
+        let pieces = std::iter::once(header).chain(segments.iter().map(|s| (s.iova, s.len)));
         let h = head as usize;
         if let Some(table) = &self.tx.indirect {
             // Section 2.7.5.3 (split): the table's descriptors chain by index within the
@@ -1139,36 +1074,203 @@ impl Drop for VirtioNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::{L4Checksum, Tso};
 
-    #[test]
-    fn ipv4_checksum_of_a_known_header() {
-        // Example header from RFC 1071 discussions / Wikipedia: checksum 0xb861.
-        let h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
-        ];
-        assert_eq!(ipv4_header_checksum(&h), 0xb861);
+    /// What `open` reports with CSUM and HOST_TSO4 negotiated.
+    fn caps() -> Capabilities {
+        Capabilities {
+            ipv4_header_checksum: false,
+            tcp_checksum: true,
+            udp_checksum: true,
+            tso_max_frame: Some(TSO_MAX_FRAME),
+            tso_headers: TsoHeaders::WholePacket,
+            max_tx_segments: MAX_TX_SEGMENTS,
+            mtu: 1500,
+        }
+    }
+
+    fn segs(lens: &[u32]) -> Vec<TxSegment> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &len)| TxSegment {
+                iova: 0x10_0000 * (i as u64 + 1),
+                len,
+            })
+            .collect()
+    }
+
+    fn tcp_csum() -> Option<L4Checksum> {
+        Some(L4Checksum {
+            protocol: L4Protocol::Tcp,
+            start: 34,
+            field: 50,
+        })
+    }
+
+    fn tso(mss: u16) -> TxOffload {
+        TxOffload {
+            ipv4_header: None,
+            l4_checksum: tcp_csum(),
+            tso: Some(Tso {
+                mss,
+                header_len: 54,
+            }),
+        }
+    }
+
+    /// (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers)
+    fn fields(h: [u8; NET_HDR_LEN]) -> (u8, u8, u16, u16, u16, u16, u16) {
+        let le = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
+        (h[0], h[1], le(2), le(4), le(6), le(8), le(10))
     }
 
     #[test]
-    fn header_copies_read_only_live_regions_of_the_dma_space() {
-        let dma = DmaSpace::new(crate::softnic::SoftIommu::new());
-        let region = dma.allocate(4096, DmaAccess::DeviceReads).unwrap();
-        region.write_bytes(100, b"headers");
-        let mut out = [0u8; 7];
-        dma.read_iova(region.iova() + 100, &mut out).unwrap();
-        assert_eq!(&out, b"headers");
-        let mut past_end = [0u8; 8];
-        assert!(dma.read_iova(region.iova() + 4090, &mut past_end).is_err());
-        let iova = region.iova();
-        drop(region);
-        assert!(dma.read_iova(iova + 100, &mut out).is_err(), "freed region");
+    fn plain_frames_get_an_all_zero_header() {
+        let h = tx_net_hdr(&caps(), &segs(&[60]), &TxOffload::default(), 60).unwrap();
+        assert_eq!(h, [0; NET_HDR_LEN]);
+        let err = tx_net_hdr(&caps(), &segs(&[1000, 515]), &TxOffload::default(), 1515);
+        assert!(
+            matches!(err, Err(DriverError::BadFrame(_))),
+            "1515 bytes without TSO"
+        );
     }
 
     #[test]
-    fn ones_complement_addition_wraps_the_carry() {
-        assert_eq!(ones_complement_add(0xffff, 0x0001), 0x0001);
-        assert_eq!(ones_complement_add(0x1234, 0x0100), 0x1334);
-        assert_eq!(ones_complement_add(0x8000, 0x8000), 0x0001);
+    fn l4_checksum_becomes_needs_csum_with_start_and_offset() {
+        // Section 5.1.6.2's own example: TCP after 14 + 20 header bytes.
+        let offload = TxOffload {
+            l4_checksum: tcp_csum(),
+            ..TxOffload::default()
+        };
+        let h = tx_net_hdr(&caps(), &segs(&[54, 500]), &offload, 554).unwrap();
+        assert_eq!(fields(h), (HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, 16, 0));
+        let udp = TxOffload {
+            l4_checksum: Some(L4Checksum {
+                protocol: L4Protocol::Udp,
+                start: 34,
+                field: 40,
+            }),
+            ..TxOffload::default()
+        };
+        let h = tx_net_hdr(&caps(), &segs(&[42, 8]), &udp, 50).unwrap();
+        assert_eq!(fields(h), (HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, 6, 0));
+    }
+
+    #[test]
+    fn tso_becomes_gso_tcpv4_with_hdr_len_and_gso_size() {
+        let total = 54 + 61440;
+        let h = tx_net_hdr(&caps(), &segs(&[54, 30720, 30720]), &tso(1448), total).unwrap();
+        assert_eq!(
+            fields(h),
+            (HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0)
+        );
+        // Headers followed by payload in the same segment are fine too.
+        tx_net_hdr(&caps(), &segs(&[1000, 60494]), &tso(1460), 61494).unwrap();
+    }
+
+    #[test]
+    fn ipv4_header_checksum_requests_are_refused() {
+        let offload = TxOffload {
+            ipv4_header: Some(14),
+            ..TxOffload::default()
+        };
+        let Err(DriverError::BadFrame(why)) = tx_net_hdr(&caps(), &segs(&[60]), &offload, 60)
+        else {
+            panic!("accepted an IPv4 header checksum request");
+        };
+        assert!(
+            why.contains("no") && why.contains("IPv4 header checksum"),
+            "{why}"
+        );
+        // With TSO just the same: the WholePacket convention has the caller fill it in.
+        let with_tso = TxOffload {
+            ipv4_header: Some(14),
+            ..tso(1448)
+        };
+        assert!(tx_net_hdr(&caps(), &segs(&[54, 10000]), &with_tso, 10054).is_err());
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_without_reading_the_frame() {
+        let bad = |offload: TxOffload, lens: &[u32], caps: Capabilities| {
+            let total = lens.iter().map(|&l| l as u64).sum();
+            matches!(
+                tx_net_hdr(&caps, &segs(lens), &offload, total),
+                Err(DriverError::BadFrame(_))
+            )
+        };
+        let field_past_end = TxOffload {
+            l4_checksum: Some(L4Checksum {
+                protocol: L4Protocol::Tcp,
+                start: 34,
+                field: 59,
+            }),
+            ..TxOffload::default()
+        };
+        assert!(bad(field_past_end, &[60], caps()), "field past the end");
+        let field_before_start = TxOffload {
+            l4_checksum: Some(L4Checksum {
+                protocol: L4Protocol::Tcp,
+                start: 34,
+                field: 20,
+            }),
+            ..TxOffload::default()
+        };
+        assert!(bad(field_before_start, &[60], caps()), "field before start");
+        let no_csum = Capabilities {
+            tcp_checksum: false,
+            udp_checksum: false,
+            tso_max_frame: None,
+            ..caps()
+        };
+        let csum_only = TxOffload {
+            l4_checksum: tcp_csum(),
+            ..TxOffload::default()
+        };
+        assert!(bad(csum_only, &[60], no_csum), "CSUM not negotiated");
+        let no_tso = Capabilities {
+            tso_max_frame: None,
+            ..caps()
+        };
+        assert!(
+            bad(tso(1448), &[54, 10000], no_tso),
+            "HOST_TSO4 not negotiated"
+        );
+        let tso_without_csum = TxOffload {
+            l4_checksum: None,
+            ..tso(1448)
+        };
+        assert!(bad(tso_without_csum, &[54, 10000], caps()), "no checksum");
+        let tso_udp = TxOffload {
+            l4_checksum: Some(L4Checksum {
+                protocol: L4Protocol::Udp,
+                start: 34,
+                field: 40,
+            }),
+            ..tso(1448)
+        };
+        assert!(bad(tso_udp, &[54, 10000], caps()), "TSO of UDP");
+        assert!(bad(tso(0), &[54, 10000], caps()), "MSS 0");
+        assert!(
+            bad(tso(1461), &[54, 10000], caps()),
+            "segments above the MTU"
+        );
+        assert!(bad(tso(1448), &[40, 10014], caps()), "headers split");
+        assert!(bad(tso(1448), &[54], caps()), "no payload");
+        let tcp_field_outside_headers = TxOffload {
+            tso: Some(Tso {
+                mss: 1448,
+                header_len: 50,
+            }),
+            ..tso(1448)
+        };
+        assert!(
+            bad(tcp_field_outside_headers, &[54, 10000], caps()),
+            "checksum field beyond hdr_len"
+        );
+        assert!(
+            bad(tso(1448), &[54, 65535], caps()),
+            "larger than one IPv4 datagram"
+        );
     }
 }

@@ -8,7 +8,7 @@ use driver::dma::DmaAccess;
 use driver::pci::{self, PciAddress};
 use driver::vfio::VfioPci;
 use driver::virtio::{features, VirtioPciTransport};
-use driver::{L4Checksum, L4Protocol, NicModel, Tso, TxOffload};
+use driver::{Capabilities, L4Checksum, L4Protocol, NicModel, Tso, TsoHeaders, TxOffload};
 
 mod nictest;
 mod stack;
@@ -150,14 +150,52 @@ fn checksum_offload(protocol: L4Protocol, ipv4_header: bool) -> TxOffload {
     }
 }
 
-/// TSO of a TCP frame with 54 bytes of headers (Ethernet, IPv4 and TCP without options), with
-/// both checksums offloaded as TSO requires.
-fn tso_offload(mss: u16) -> TxOffload {
+/// TSO of a TCP frame with 54 bytes of headers (Ethernet, IPv4 and TCP without options), for
+/// a device with `caps`: the TCP checksum offloaded as TSO requires, and the IPv4 header
+/// checksum too where the device's convention has it compute that per segment
+/// ([`TsoHeaders::PerSegment`]). Build the headers with [`TsoFields::new`].
+fn tso_offload(caps: &Capabilities, mss: u16) -> TxOffload {
     TxOffload {
         tso: Some(Tso {
             mss,
             header_len: 54,
         }),
-        ..checksum_offload(L4Protocol::Tcp, true)
+        ..checksum_offload(L4Protocol::Tcp, caps.tso_headers == TsoHeaders::PerSegment)
+    }
+}
+
+/// How the IPv4 and TCP headers of a TSO frame are filled in, per the device's
+/// [`TsoHeaders`] convention (see `driver::queue`).
+struct TsoFields {
+    /// IPv4 total length.
+    ip_total: u16,
+    /// Whether the IPv4 header checksum is computed here (else left zero for the device).
+    ip_checksum: bool,
+    /// TCP length in the pseudo-header sum that goes into the TCP checksum field.
+    pseudo_len: u16,
+}
+
+impl TsoFields {
+    /// For a large frame carrying `tcp_len` bytes of TCP (header and payload).
+    fn new(convention: TsoHeaders, tcp_len: usize) -> Result<TsoFields> {
+        Ok(match convention {
+            // Intel: the device writes every segment's total length and header checksum
+            // (the field must be zero) and adds each segment's TCP length to the sum.
+            TsoHeaders::PerSegment => TsoFields {
+                ip_total: (20 + tcp_len).min(65535) as u16,
+                ip_checksum: false,
+                pseudo_len: 0,
+            },
+            // virtio: the headers describe the whole large packet.
+            TsoHeaders::WholePacket => {
+                let ip_total = u16::try_from(20 + tcp_len)
+                    .with_context(|| format!("{tcp_len} TCP bytes exceed one IPv4 packet"))?;
+                TsoFields {
+                    ip_total,
+                    ip_checksum: true,
+                    pseudo_len: ip_total - 20,
+                }
+            }
+        })
     }
 }

@@ -14,13 +14,13 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use driver::anynic::{open_nic, AnyNic, FaultInjection, NicConfig};
 use driver::dma::{DmaAccess, DmaRegion};
-use driver::{DriverError, L4Protocol, NetQueue, TxOffload, TxSegment, TxToken};
+use driver::{DriverError, L4Protocol, NetQueue, TsoHeaders, TxOffload, TxSegment, TxToken};
 use hw_tests::wire::{
     self, ethernet, fnv64, fold, ipv4_header, pseudo_sum, sum16, Ipv4Frame, ETHERTYPE_IPV4,
     IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH,
 };
 
-use super::{checksum_offload, tso_offload};
+use super::{checksum_offload, tso_offload, TsoFields};
 
 #[derive(Subcommand)]
 pub enum NicCommand {
@@ -224,18 +224,25 @@ fn udp_headers(
     f
 }
 
-/// Ethernet + IPv4 + TCP header (54 bytes) of a TSO frame from the user-network guest to the
-/// gateway, per the TSO contract: the IPv4 header checksum is left to the device and the TCP
-/// checksum field holds the pseudo-header sum computed with a length of zero.
-fn tso_headers(src_mac: [u8; 6], ip_total: u16, id: u16, tcp_flags: u8) -> Vec<u8> {
+/// Ethernet + IPv4 + TCP header (54 bytes) of a TSO frame carrying `payload_len` bytes, from
+/// the user-network guest to the gateway, prepared as the device's TSO convention says
+/// ([`TsoFields`]).
+fn tso_headers(
+    convention: TsoHeaders,
+    src_mac: [u8; 6],
+    payload_len: usize,
+    id: u16,
+    tcp_flags: u8,
+) -> Result<Vec<u8>> {
+    let fields = TsoFields::new(convention, 20 + payload_len)?;
     let mut h = ethernet(USER_GATEWAY_MAC, src_mac, ETHERTYPE_IPV4).to_vec();
     h.extend_from_slice(&ipv4_header(
-        ip_total,
+        fields.ip_total,
         id,
         IPPROTO_TCP,
         USER_GUEST_IP,
         USER_GATEWAY_IP,
-        false,
+        fields.ip_checksum,
     ));
     h.extend_from_slice(&wire::tcp_header(
         TSO_PORT,
@@ -243,9 +250,14 @@ fn tso_headers(src_mac: [u8; 6], ip_total: u16, id: u16, tcp_flags: u8) -> Vec<u
         TSO_SEQ,
         0,
         tcp_flags,
-        pseudo_sum(USER_GUEST_IP, USER_GATEWAY_IP, IPPROTO_TCP, 0),
+        pseudo_sum(
+            USER_GUEST_IP,
+            USER_GATEWAY_IP,
+            IPPROTO_TCP,
+            fields.pseudo_len,
+        ),
     ));
-    h
+    Ok(h)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -322,14 +334,14 @@ fn csum() -> Result<()> {
             (IPPROTO_UDP, 8 + payload.len())
         };
         let mut h = ethernet(USER_GATEWAY_MAC, mac, ETHERTYPE_IPV4).to_vec();
-        // Checksum field left zero: the device fills it in.
+        // The IPv4 checksum field left zero for the device to fill in, where it can.
         h.extend_from_slice(&ipv4_header(
             20 + l4_len as u16,
             100 + n as u16,
             proto,
             USER_GUEST_IP,
             USER_GATEWAY_IP,
-            false,
+            !caps.ipv4_header_checksum,
         ));
         let ps = if pseudo {
             pseudo_sum(USER_GUEST_IP, USER_GATEWAY_IP, proto, l4_len as u16)
@@ -347,7 +359,7 @@ fn csum() -> Result<()> {
         } else {
             L4Protocol::Udp
         };
-        let offload = checksum_offload(protocol, true);
+        let offload = checksum_offload(protocol, caps.ipv4_header_checksum);
         let mut chain = Chain::new();
         chain.push(&nic, &h, 0, 4096)?;
         chain.push(&nic, &payload[..300], 5, 4096)?;
@@ -381,8 +393,14 @@ fn tso(payload_len: usize, mss: u16) -> Result<()> {
         bail!("{payload_len} bytes do not fit a TSO frame of at most {max}");
     }
     let mac = nic.mac_address().0;
-    let total = (40 + payload_len).min(65535) as u16;
-    let h = tso_headers(mac, total, 0x4000, TCP_PSH | TCP_ACK);
+    let caps = nic.capabilities();
+    let h = tso_headers(
+        caps.tso_headers,
+        mac,
+        payload_len,
+        0x4000,
+        TCP_PSH | TCP_ACK,
+    )?;
     let payload: Vec<u8> = (0..payload_len).map(tso_byte).collect();
     let mut chain = Chain::new();
     chain.push(&nic, &h, 0, 4096)?;
@@ -391,7 +409,7 @@ fn tso(payload_len: usize, mss: u16) -> Result<()> {
     for w in cuts.windows(2) {
         chain.push(&nic, &payload[w[0]..w[1]], 17, 4096)?;
     }
-    send_and_wait(&mut nic, &chain, &tso_offload(mss), 1)?;
+    send_and_wait(&mut nic, &chain, &tso_offload(&caps, mss), 1)?;
     println!(
         "TSO_SENT payload={payload_len} mss={mss} fnv={:016x}",
         fnv64(&payload)
@@ -660,21 +678,26 @@ fn bench(kind: &str, seconds: f64, ring: u16) -> Result<()> {
     };
     let mut nic = open(&config)?;
     let mac = nic.mac_address().0;
+    let caps = nic.capabilities();
     let (frame_len, offload, wire_segments) = match kind {
         "64" => (60usize, TxOffload::default(), 1u64),
         "1514" => (1514, TxOffload::default(), 1),
         "tso" => {
             let payload: usize = 65536 - 54;
-            (65536, tso_offload(1460), payload.div_ceil(1460) as u64)
+            (
+                65536,
+                tso_offload(&caps, 1460),
+                payload.div_ceil(1460) as u64,
+            )
         }
         other => bail!("unknown benchmark kind {other:?} (64, 1514 or tso)"),
     };
     // One frame in read-only memory, sent over and over (the device only reads it).
     let mut chain = Chain::new();
     if kind == "tso" {
-        let h = tso_headers(mac, 65535, 1, TCP_ACK);
-        chain.push(&nic, &h, 0, 4096)?;
         let payload: Vec<u8> = (0..frame_len - 54).map(tso_byte).collect();
+        let h = tso_headers(caps.tso_headers, mac, payload.len(), 1, TCP_ACK)?;
+        chain.push(&nic, &h, 0, 4096)?;
         chain.push(&nic, &payload, 0, payload.len())?;
     } else {
         let payload: Vec<u8> = (0..frame_len - 42).map(|j| chain_byte(1, 0, j)).collect();
