@@ -342,27 +342,6 @@ impl DmaRegion {
         debug_assert_eq!(copied, out.len());
     }
 
-    /// Borrow `len` bytes at `offset` as a slice. To be removed: its last users (in
-    /// `netstack`) move to [`DmaRegion::read_bytes`] / [`DmaRegion::volatile_slice`]; new code
-    /// must not use it.
-    ///
-    /// # Safety
-    /// The caller must ensure neither the device nor the CPU writes these bytes while the
-    /// slice lives (true for read-only mappings whose bytes the CPU leaves alone, and for RX
-    /// buffers the device has completed and that are not yet handed back).
-    ///
-    /// # Panics
-    /// If the range is out of bounds.
-    pub unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
-        let bytes = self.volatile_slice(offset, len);
-        let ptr = bytes.ptr_guard().as_ptr();
-        // SAFETY: `ptr..ptr + len` lies in the region's mmap (bounds checked by
-        // `volatile_slice`), which `self.memory` keeps mapped for the borrow's lifetime; the
-        // bytes are initialised (anonymous memory starts zeroed); that nothing writes them
-        // while the slice lives is the caller's obligation (see above).
-        unsafe { std::slice::from_raw_parts(ptr, len) }
-    }
-
     /// Fill with zeroes (volatile writes).
     pub fn zero(&self) {
         let mut at = 0;
@@ -495,8 +474,6 @@ mod region_tests {
         r.write_bytes(PAGE_SIZE, &[]);
         r.read_bytes(PAGE_SIZE, &mut []);
         assert!(r.volatile_slice(PAGE_SIZE, 0).is_empty());
-        // SAFETY: an empty slice; nothing to be written while it lives.
-        assert!(unsafe { r.slice(PAGE_SIZE, 0) }.is_empty());
     }
 
     #[test]
@@ -516,10 +493,6 @@ mod region_tests {
             r.read_volatile::<u32>(PAGE_SIZE - 2);
         }));
         assert!(panics(|| r.write_volatile::<u64>(PAGE_SIZE, 0)));
-        assert!(panics(|| {
-            // SAFETY: the call panics before any slice exists.
-            let _ = unsafe { r.slice(PAGE_SIZE - 1, 2) };
-        }));
         // Nothing was written by the refused calls.
         let mut all = vec![1u8; PAGE_SIZE];
         r.read_bytes(0, &mut all);
@@ -556,14 +529,6 @@ mod region_tests {
         let iova = region.iova();
         drop(region);
         assert!(dma.read_iova(iova + 100, &mut out).is_err(), "freed region");
-    }
-
-    #[test]
-    fn unsafe_slice_sees_the_written_bytes() {
-        let r = region(PAGE_SIZE);
-        r.write_bytes(10, b"frame");
-        // SAFETY: nothing writes the region while the slice lives (no device in this test).
-        assert_eq!(unsafe { r.slice(10, 5) }, b"frame");
     }
 }
 
