@@ -35,14 +35,23 @@ pub enum DmaAccess {
 }
 
 /// Makes host memory visible to a device at an IOVA.
+///
+/// Mapping is safe by ownership: the mapper is handed the `vm-memory` object that owns the
+/// memory and keeps a clone of its `Arc` until [`DmaMapper::unmap`], so the memory cannot be
+/// freed while the device may reach it.
 pub trait DmaMapper: Send + Sync {
-    /// Map `len` bytes at host address `host` to `iova`.
-    ///
-    /// # Safety
-    /// `host..host+len` must stay mapped in this process until [`DmaMapper::unmap`] of the
-    /// same range has returned; the device may access it at any time in between.
-    unsafe fn map(&self, iova: Iova, host: *mut u8, len: usize, access: DmaAccess) -> Result<()>;
-    /// Remove a mapping made by [`DmaMapper::map`] with the same `iova` and `len`.
+    /// Map `iova..iova+len` of `memory` (whose `GuestAddress` is the IOVA) for the device.
+    /// The range must lie in `memory`; the mapper holds `memory` until the range is unmapped.
+    fn map(
+        &self,
+        iova: Iova,
+        memory: &Arc<GuestMemoryMmap>,
+        len: usize,
+        access: DmaAccess,
+    ) -> Result<()>;
+    /// Remove a mapping made by [`DmaMapper::map`] with the same `iova` and `len`, and
+    /// release the mapper's reference to its memory. On error the mapping (and the
+    /// reference) stays.
     fn unmap(&self, iova: Iova, len: usize) -> Result<()>;
     /// IOVA ranges the device can use (IOMMU aperture minus reserved regions).
     fn usable_iova_ranges(&self) -> Vec<Range<Iova>>;
@@ -141,16 +150,14 @@ impl DmaSpace {
         let host = mmap.as_ptr();
         let region = GuestRegionMmap::new(mmap, GuestAddress(iova.start))
             .ok_or_else(|| DriverError::Dma("region does not fit the address space".into()))?;
-        let memory = GuestMemoryMmap::from_regions(vec![region])
-            .map_err(|e| DriverError::Dma(format!("building guest memory: {e}")))?;
-        // SAFETY: `memory` owns the mmap of `host..host+len` and is kept alive in the returned
-        // DmaRegion, whose Drop unmaps from the device before the memory is released.
-        let mapped = unsafe { self.mapper.map(iova.start, host, len, access) };
-        if let Err(e) = mapped {
+        let memory = Arc::new(
+            GuestMemoryMmap::from_regions(vec![region])
+                .map_err(|e| DriverError::Dma(format!("building guest memory: {e}")))?,
+        );
+        if let Err(e) = self.mapper.map(iova.start, &memory, len, access) {
             self.iovas.lock().unwrap().free(iova);
             return Err(e);
         }
-        let memory = Arc::new(memory);
         self.regions
             .lock()
             .unwrap()

@@ -28,6 +28,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
 use crate::dma::{DmaAccess, DmaMapper, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
 use crate::queue::{
@@ -62,10 +64,11 @@ pub struct DmaFault {
     pub kind: DmaFaultKind,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Mapping {
-    /// Host address as an integer (the pointer is only dereferenced under the map contract).
-    host: usize,
+    /// The memory the mapping reaches, held until unmap (the map contract). Its
+    /// `GuestAddress` is the IOVA.
+    memory: Arc<GuestMemoryMmap>,
     len: usize,
     access: DmaAccess,
 }
@@ -97,33 +100,27 @@ impl SoftIommu {
 
     /// Device read of `out.len()` bytes at `iova`.
     pub fn dma_read(&self, iova: Iova, out: &mut [u8]) -> std::result::Result<(), DmaFault> {
-        self.access(iova, out.len(), false, |host, done, n| {
-            // SAFETY: `host..host+n` lies inside a live mapping; the mapper contract keeps it
-            // mapped until unmap, which needs the table lock we hold. `out` is a distinct Rust
-            // buffer. A byte copy of any memory content is valid.
-            unsafe {
-                std::ptr::copy_nonoverlapping(host as *const u8, out.as_mut_ptr().add(done), n)
-            }
+        self.access(iova, out.len(), false, |memory, at, done, n| {
+            memory.read_slice(&mut out[done..done + n], GuestAddress(at))
         })
     }
 
     /// Device write of `data` at `iova`.
     pub fn dma_write(&self, iova: Iova, data: &[u8]) -> std::result::Result<(), DmaFault> {
-        self.access(iova, data.len(), true, |host, done, n| {
-            // SAFETY: as in `dma_read`; the mapping allows device writes (checked), and device
-            // memory is only ever accessed through raw pointers / volatile operations.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(done), host as *mut u8, n) }
+        self.access(iova, data.len(), true, |memory, at, done, n| {
+            memory.write_slice(&data[done..done + n], GuestAddress(at))
         })
     }
 
     /// Translates `iova..iova+len` piece by piece (a range may cross adjacent mappings, as
-    /// page-granular IOMMU translation allows) and calls `f(host, done, n)` for each piece.
+    /// page-granular IOMMU translation allows) and calls `f(memory, iova, done, n)` for each
+    /// piece: `n` bytes at `iova` of `memory`, `done` bytes into the access.
     fn access(
         &self,
         iova: Iova,
         len: usize,
         write: bool,
-        mut f: impl FnMut(usize, usize, usize),
+        mut f: impl FnMut(&GuestMemoryMmap, Iova, usize, usize) -> vm_memory::GuestMemoryResult<()>,
     ) -> std::result::Result<(), DmaFault> {
         let table = self.mappings.lock().unwrap();
         // Pass 1 checks the whole range, so a faulting access has no partial effect;
@@ -146,7 +143,8 @@ impl SoftIommu {
                 }
                 let n = (m.len - offset).min(len - done);
                 if perform {
-                    f(m.host + offset, done, n);
+                    // `map` checked that the whole mapping lies in its memory.
+                    f(&m.memory, at, done, n).expect("a mapping lies in its memory");
                 }
                 done += n;
             }
@@ -156,13 +154,24 @@ impl SoftIommu {
 }
 
 impl DmaMapper for SoftIommu {
-    unsafe fn map(&self, iova: Iova, host: *mut u8, len: usize, access: DmaAccess) -> Result<()> {
+    fn map(
+        &self,
+        iova: Iova,
+        memory: &Arc<GuestMemoryMmap>,
+        len: usize,
+        access: DmaAccess,
+    ) -> Result<()> {
         if len == 0
             || iova
                 .checked_add(len as u64)
                 .is_none_or(|end| end > IOVA_LIMIT)
         {
             return Err(DriverError::Dma(format!("bad mapping {iova:#x}+{len:#x}")));
+        }
+        if !memory.check_range(GuestAddress(iova), len) {
+            return Err(DriverError::Dma(format!(
+                "mapping {iova:#x}+{len:#x} is not backed by the memory given"
+            )));
         }
         let mut table = self.mappings.lock().unwrap();
         let end = iova + len as u64;
@@ -179,7 +188,7 @@ impl DmaMapper for SoftIommu {
         table.insert(
             iova,
             Mapping {
-                host: host as usize,
+                memory: Arc::clone(memory),
                 len,
                 access,
             },
