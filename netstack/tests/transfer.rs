@@ -3,10 +3,10 @@
 mod common;
 
 use common::*;
-use driver::softnic::{DmaTiming, Impairments, SoftNicConfig};
 use driver::{Capabilities, TsoHeaders};
 use netstack::{Event, SendOutcome};
 use pagecache::OpenOptions;
+use softnic::{DmaTiming, Impairments, SoftNicConfig};
 
 fn lossy_nic(probability: f64) -> SoftNicConfig {
     SoftNicConfig {

@@ -11,7 +11,7 @@
 //!   are enqueued: with [`DmaTiming::OnFlush`] at [`NetQueue::tx_flush`], with
 //!   [`DmaTiming::Manual`] only when the test calls [`SoftNic::device_step`]. Tests can change
 //!   memory between enqueue and DMA and see what a real NIC would have sent.
-//! - **Offloads, per the contract in [`crate::queue`]:** IPv4 header checksum, TCP/UDP
+//! - **Offloads, per the contract in [`driver::queue`]:** IPv4 header checksum, TCP/UDP
 //!   checksum from the pseudo-header sum already in the field, and TSO (segments of at most
 //!   `mss` payload bytes; IPv4 total length, identification and header checksum, TCP sequence
 //!   number, FIN/PSH only on the last segment, TCP checksum from the length-less pseudo sum).
@@ -20,9 +20,8 @@
 //!   Each direction has seeded [`Impairments`]: loss, duplication and reordering. Frames
 //!   larger than the MTU are dropped, in both directions.
 //!
-//! The peer is a plain frame queue; the `netstack` crate wraps it into a smoltcp
-//! `phy::Device` so a stock smoltcp interface can be the other end (the driver crate knows
-//! nothing about smoltcp).
+//! The peer is a plain frame queue; [`crate::smoltcp_peer`] wraps it into a smoltcp
+//! `phy::Device` so a stock smoltcp interface can be the other end.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
@@ -30,12 +29,12 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::dma::{DmaAccess, DmaMapper, DmaRegion, DmaSpace};
-use crate::error::{DriverError, Result};
-use crate::queue::{
+use driver::dma::{DmaAccess, DmaMapper, DmaRegion, DmaSpace};
+use driver::queue::{
     Capabilities, DeviceStats, Iova, L4Protocol, MacAddress, NetQueue, RxBuffer, TsoHeaders,
     TxOffload, TxSegment, TxToken,
 };
+use driver::{DriverError, Result};
 
 const ETHERNET_HEADER_LEN: usize = 14;
 /// The x86 MSI window every IOMMU group reserves; never handed out as IOVA.
@@ -973,7 +972,7 @@ fn apply_checksums(frame: &mut [u8], offload: &TxOffload, tso_tcp_len: Option<u3
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{L4Checksum, Tso};
+    use driver::queue::{L4Checksum, Tso};
 
     const IP: usize = 14;
     const TCP: usize = 34;

@@ -1,10 +1,7 @@
 //! The software NIC's far end as a smoltcp `phy::Device`, so that a stock smoltcp
-//! `Interface` and `tcp::Socket` can be the peer of a [`crate::Stack`] in tests and benches.
-//!
-//! (It lives here rather than in `driver::softnic` so the driver crate stays free of
-//! smoltcp.)
+//! `Interface` and `tcp::Socket` can be the peer of a `netstack::Stack` in tests and benches.
 
-use driver::softnic::SoftPeer;
+use crate::SoftPeer;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
