@@ -12,7 +12,8 @@
 //!   refused one is a [`DmaFault`], never undefined behaviour.
 //! - **A NIC with late DMA** ([`nic`]): [`SoftNic`] reads TX frames when the device
 //!   processes them (at flush, or when the test says so), not when they are enqueued.
-//! - **Offloads** ([`offload`]): checksum insertion and TSO.
+//! - **Offloads** ([`offload`]): checksum insertion and TSO, with either TSO header
+//!   convention (`driver::TsoHeaders`).
 //! - **The wire** ([`wire`]): seeded loss, duplication and reordering in each direction,
 //!   the MTU enforced, and a [`SoftPeer`] at the far end.
 //! - **A smoltcp peer** ([`smoltcp_peer`]): the far end as a smoltcp `phy::Device`

@@ -8,6 +8,10 @@
 //! are enqueued: with [`DmaTiming::OnFlush`] at [`NetQueue::tx_flush`], with
 //! [`DmaTiming::Manual`] only when the test calls [`SoftNic::device_step`]. Tests can change
 //! memory between enqueue and DMA and see what a real NIC would have sent.
+//!
+//! The TSO header convention is the one [`SoftNicConfig::capabilities`] announces in
+//! [`Capabilities::tso_headers`]: [`TsoHeaders::PerSegment`] by default (like the e1000
+//! family), [`TsoHeaders::WholePacket`] to play a virtio-net device.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -305,8 +309,13 @@ impl SoftNic {
                     return bad(format!("TSO frame of {total} bytes (max {max})"));
                 }
                 let tcp = matches!(offload.l4_checksum, Some(l4) if l4.protocol == L4Protocol::Tcp);
-                if offload.ipv4_header.is_none() || !tcp || tso.mss == 0 {
-                    return bad("TSO needs IPv4 header and TCP checksum offload and an MSS".into());
+                if !tcp || tso.mss == 0 {
+                    return bad("TSO needs TCP checksum offload and an MSS".into());
+                }
+                // Per-segment headers leave the IPv4 checksum to the device, which must be
+                // asked for it; whole-packet headers come with a valid one.
+                if caps.tso_headers == TsoHeaders::PerSegment && offload.ipv4_header.is_none() {
+                    return bad("per-segment TSO needs IPv4 header checksum offload".into());
                 }
                 if tso.header_len as u32 > segments[0].len {
                     return bad("TSO headers must lie in the first segment".into());
@@ -342,8 +351,10 @@ impl SoftNic {
         match offload.tso {
             Some(tso) if buffer.len() > tso.header_len as usize => {
                 self.counters.tso_frames += 1;
-                let segmented =
-                    offload::segment(&buffer, &offload, tso, |segment| self.put_on_wire(segment));
+                let convention = self.config.capabilities.tso_headers;
+                let segmented = offload::segment(&buffer, &offload, tso, convention, |segment| {
+                    self.put_on_wire(segment)
+                });
                 if let Err(e) = segmented {
                     tracing::debug!("soft NIC: TSO frame dropped: {e}");
                     self.counters.bad_frames += 1;
@@ -508,7 +519,7 @@ mod tests {
     use super::*;
     use crate::iommu::DmaFaultKind;
     use crate::test_frames::{
-        ipv4_header_ok, pseudo, tcp_checksum_ok, tcp_frame, tcp_offload, IP, TCP,
+        ipv4_header_ok, prepare_tso, pseudo, tcp_checksum_ok, tcp_frame, tcp_offload, IP, TCP,
     };
     use driver::queue::{L4Checksum, Tso};
     use inet_checksum::{fold, sum_be};
@@ -717,6 +728,94 @@ mod tests {
         assert_eq!(received, payload);
         assert_eq!(nic.counters().tso_frames, 1);
         assert_eq!(reap(&mut nic), vec![3]);
+    }
+
+    fn whole_packet_nic() -> SoftNicConfig {
+        let defaults = SoftNicConfig::default();
+        SoftNicConfig {
+            capabilities: Capabilities {
+                tso_headers: TsoHeaders::WholePacket,
+                ..defaults.capabilities
+            },
+            ..defaults
+        }
+    }
+
+    /// Sends a 5000-byte TSO frame prepared for `prepared` (headers and payload in separate
+    /// segments); returns what reached the peer.
+    fn send_tso(nic: &mut SoftNic, peer: &SoftPeer, prepared: TsoHeaders) -> Vec<Vec<u8>> {
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let mut frame = tcp_frame(&payload, 0x19, 1_000_000); // FIN|PSH|ACK
+        let offload = prepare_tso(&mut frame, prepared, 1460);
+        let headers = stage(nic, &frame[..54]);
+        let body = stage(nic, &frame[54..]);
+        let segs = [
+            TxSegment {
+                iova: headers.iova(),
+                len: 54,
+            },
+            TxSegment {
+                iova: body.iova(),
+                len: payload.len() as u32,
+            },
+        ];
+        send(nic, &segs, &offload, 3);
+        std::iter::from_fn(|| peer.recv()).collect()
+    }
+
+    #[test]
+    fn whole_packet_tso_splits_and_fixes_every_header_field() {
+        let (mut nic, peer) = nic(whole_packet_nic());
+        assert_eq!(nic.capabilities().tso_headers, TsoHeaders::WholePacket);
+        let segments = send_tso(&mut nic, &peer, TsoHeaders::WholePacket);
+        assert_eq!(segments.len(), 4);
+        let mut sent = 0;
+        for (i, seg) in segments.iter().enumerate() {
+            let last = i == 3;
+            assert!(seg.len() <= 1514);
+            assert!(ipv4_header_ok(seg), "segment {i}");
+            assert!(tcp_checksum_ok(seg), "segment {i}");
+            assert_eq!(
+                u16::from_be_bytes([seg[IP + 2], seg[IP + 3]]) as usize,
+                seg.len() - IP
+            );
+            assert_eq!(
+                u16::from_be_bytes([seg[IP + 4], seg[IP + 5]]),
+                0x1234 + i as u16
+            );
+            let seq = u32::from_be_bytes(seg[TCP + 4..TCP + 8].try_into().unwrap());
+            assert_eq!(seq, 1_000_000 + sent);
+            assert_eq!(seg[TCP + 13], if last { 0x19 } else { 0x10 });
+            sent += (seg.len() - 54) as u32;
+        }
+        assert_eq!(sent, 5000);
+        assert_eq!(nic.counters().tso_frames, 1);
+        assert_eq!(reap(&mut nic), vec![3]);
+    }
+
+    #[test]
+    fn tso_headers_of_the_wrong_convention_are_detectable() {
+        // Per-segment headers on a whole-packet NIC: every segment's checksums are bad.
+        let (mut whole_packet, peer) = nic(whole_packet_nic());
+        let segments = send_tso(&mut whole_packet, &peer, TsoHeaders::PerSegment);
+        assert_eq!(segments.len(), 4);
+        assert!(segments
+            .iter()
+            .all(|s| !tcp_checksum_ok(s) && !ipv4_header_ok(s)));
+        // Whole-packet headers on a per-segment NIC come without the IPv4 checksum request
+        // the per-segment convention needs: refused at enqueue.
+        let (mut nic, _peer) = nic(SoftNicConfig::default());
+        let mut frame = tcp_frame(&[0; 3000], 0x10, 1);
+        let offload = prepare_tso(&mut frame, TsoHeaders::WholePacket, 1460);
+        let region = stage(&nic, &frame);
+        let seg = TxSegment {
+            iova: region.iova(),
+            len: frame.len() as u32,
+        };
+        assert!(matches!(
+            nic.tx_enqueue(&[seg], &offload, 1),
+            Err(DriverError::BadFrame(_))
+        ));
     }
 
     #[test]

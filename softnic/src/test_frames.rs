@@ -2,7 +2,7 @@
 //! of what reaches the wire. The checks use `inet-checksum` (tested against its own
 //! independent reference) by full recomputation, never the device's incremental updates.
 
-use driver::{L4Checksum, L4Protocol, Tso, TxOffload};
+use driver::{L4Checksum, L4Protocol, Tso, TsoHeaders, TxOffload};
 use inet_checksum::{checksum, fold, ipv4_pseudo_header, sum_be};
 
 /// Offset of the IPv4 header (after a 14-byte Ethernet header).
@@ -77,11 +77,26 @@ pub(crate) fn tso_offload(mss: u16) -> TxOffload {
     }
 }
 
-/// Prepares the headers of a TSO [`tcp_frame`] the per-segment way (see
-/// [`driver::TsoHeaders::PerSegment`]), and returns the request that goes with them.
-pub(crate) fn prepare_tso(frame: &mut [u8], mss: u16) -> TxOffload {
-    frame[IP + 2..IP + 4].fill(0); // ignored by the device
-    frame[IP + 10..IP + 12].fill(0);
-    frame[TCP + 16..TCP + 18].copy_from_slice(&pseudo(6, 0).to_be_bytes());
-    tso_offload(mss)
+/// Prepares the headers of a TSO [`tcp_frame`] as `convention` asks (see
+/// [`TsoHeaders`]), and returns the request that goes with them.
+pub(crate) fn prepare_tso(frame: &mut [u8], convention: TsoHeaders, mss: u16) -> TxOffload {
+    let mut offload = tso_offload(mss);
+    match convention {
+        TsoHeaders::PerSegment => {
+            frame[IP + 2..IP + 4].fill(0); // ignored by the device
+            frame[IP + 10..IP + 12].fill(0);
+            frame[TCP + 16..TCP + 18].copy_from_slice(&pseudo(6, 0).to_be_bytes());
+        }
+        TsoHeaders::WholePacket => {
+            let total = (frame.len() - IP) as u16;
+            frame[IP + 2..IP + 4].copy_from_slice(&total.to_be_bytes());
+            frame[IP + 10..IP + 12].fill(0);
+            let sum = checksum(&frame[IP..IP + 20]);
+            frame[IP + 10..IP + 12].copy_from_slice(&sum.to_be_bytes());
+            let tcp_len = (frame.len() - TCP) as u32;
+            frame[TCP + 16..TCP + 18].copy_from_slice(&pseudo(6, tcp_len).to_be_bytes());
+            offload.ipv4_header = None;
+        }
+    }
+    offload
 }
