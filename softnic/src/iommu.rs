@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use driver::dma::{DmaAccess, DmaMapper};
 use driver::{DriverError, Iova, Result};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryResult};
 
 /// The x86 MSI window every IOMMU group reserves; never handed out as IOVA.
 const MSI_WINDOW: Range<Iova> = 0xfee0_0000..0xfef0_0000;
@@ -99,7 +99,7 @@ impl SoftIommu {
         iova: Iova,
         len: usize,
         write: bool,
-        mut copy: impl FnMut(&GuestMemoryMmap, Iova, usize, usize) -> vm_memory::GuestMemoryResult<()>,
+        mut copy: impl FnMut(&GuestMemoryMmap, Iova, usize, usize) -> GuestMemoryResult<()>,
     ) -> std::result::Result<(), DmaFault> {
         let table = self.mappings.lock().unwrap();
         // Pass 1 checks the whole range, so a faulting access has no partial effect;
