@@ -42,6 +42,8 @@ pub(crate) enum TsoError {
     NoIpv4HeaderRequest,
     #[error("no IPv4 header after the Ethernet header")]
     NotIpv4,
+    #[error("TSO with an MSS of zero")]
+    NoMss,
     #[error("IPv4 and TCP headers do not fit the {0}-byte TSO headers")]
     HeadersTooShort(usize),
     #[error("a {0}-byte large packet does not fit the IPv4 total length")]
@@ -80,10 +82,13 @@ pub(crate) fn segment(
     if ip + IPV4_MIN_HEADER_LEN > header_len || tcp + TCP_MIN_HEADER_LEN > header_len {
         return Err(TsoError::HeadersTooShort(header_len));
     }
-    let large = LargePacket::new(frame, ip, tcp);
+    if mss == 0 {
+        return Err(TsoError::NoMss);
+    }
     if convention == TsoHeaders::WholePacket && frame.len() - ip > u16::MAX as usize {
         return Err(TsoError::TooLong(frame.len() - ip));
     }
+    let large = LargePacket::new(frame, ip, tcp);
     let (headers, payload) = frame.split_at(header_len);
     let mut segment = Vec::with_capacity(header_len + mss);
     let count = payload.len().div_ceil(mss);
@@ -309,6 +314,11 @@ mod tests {
         assert_eq!(
             run(&offload, short, TsoHeaders::PerSegment),
             Err(TsoError::HeadersTooShort(TCP + 10))
+        );
+        let no_mss = Tso { mss: 0, ..tso };
+        assert_eq!(
+            run(&offload, no_mss, TsoHeaders::PerSegment),
+            Err(TsoError::NoMss)
         );
         offload.ipv4_header = None;
         assert_eq!(
