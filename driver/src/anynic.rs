@@ -48,7 +48,9 @@ impl Default for OffloadSwitches {
     }
 }
 
-/// Deliberate misconfiguration, for tests that prove the IOMMU confines the device.
+/// Deliberate misconfiguration, for tests that prove the IOMMU confines the device. Only
+/// with the `fault-injection` feature.
+#[cfg(feature = "fault-injection")]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FaultInjection {
     /// Normal operation.
@@ -82,6 +84,7 @@ pub struct NicConfig {
     /// this long (with the link up) make `tx_reap` reset the ring and report
     /// [`DriverError::TxHang`].
     pub tx_hang_timeout: Duration,
+    #[cfg(feature = "fault-injection")]
     pub fault_injection: FaultInjection,
     /// virtio-net: use indirect descriptor tables for TX when offered (one ring slot per
     /// frame, so 256 frames can be in flight).
@@ -99,6 +102,7 @@ impl Default for NicConfig {
             offloads: OffloadSwitches::default(),
             link_wait: Duration::from_secs(10),
             tx_hang_timeout: Duration::from_secs(1),
+            #[cfg(feature = "fault-injection")]
             fault_injection: FaultInjection::None,
             virtio_indirect: true,
             virtio_packed: true,

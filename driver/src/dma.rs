@@ -38,14 +38,23 @@ pub enum DmaAccess {
 }
 
 /// Makes host memory visible to a device at an IOVA.
+///
+/// Mapping is safe by ownership: the mapper is handed the `vm-memory` object that owns the
+/// memory and keeps a clone of its `Arc` until [`DmaMapper::unmap`], so the memory cannot be
+/// freed while the device may reach it.
 pub trait DmaMapper: Send + Sync {
-    /// Map `len` bytes at host address `host` to `iova`.
-    ///
-    /// # Safety
-    /// `host..host+len` must stay mapped in this process until [`DmaMapper::unmap`] of the
-    /// same range has returned; the device may access it at any time in between.
-    unsafe fn map(&self, iova: Iova, host: *mut u8, len: usize, access: DmaAccess) -> Result<()>;
-    /// Remove a mapping made by [`DmaMapper::map`] with the same `iova` and `len`.
+    /// Map `iova..iova+len` of `memory` (whose `GuestAddress` is the IOVA) for the device.
+    /// The range must lie in `memory`; the mapper holds `memory` until the range is unmapped.
+    fn map(
+        &self,
+        iova: Iova,
+        memory: &Arc<GuestMemoryMmap>,
+        len: usize,
+        access: DmaAccess,
+    ) -> Result<()>;
+    /// Remove a mapping made by [`DmaMapper::map`] with the same `iova` and `len`, and
+    /// release the mapper's reference to its memory. On error the mapping (and the
+    /// reference) stays.
     fn unmap(&self, iova: Iova, len: usize) -> Result<()>;
     /// IOVA ranges the device can use (IOMMU aperture minus reserved regions).
     fn usable_iova_ranges(&self) -> Vec<Range<Iova>>;
@@ -141,19 +150,16 @@ impl DmaSpace {
             .lock()
             .unwrap()
             .allocate(len as u64, align as u64)?;
-        let host = mmap.as_ptr();
         let region = GuestRegionMmap::new(mmap, GuestAddress(iova.start))
             .ok_or_else(|| DriverError::Dma("region does not fit the address space".into()))?;
-        let memory = GuestMemoryMmap::from_regions(vec![region])
-            .map_err(|e| DriverError::Dma(format!("building guest memory: {e}")))?;
-        // SAFETY: `memory` owns the mmap of `host..host+len` and is kept alive in the returned
-        // DmaRegion, whose Drop unmaps from the device before the memory is released.
-        let mapped = unsafe { self.mapper.map(iova.start, host, len, access) };
-        if let Err(e) = mapped {
+        let memory = Arc::new(
+            GuestMemoryMmap::from_regions(vec![region])
+                .map_err(|e| DriverError::Dma(format!("building guest memory: {e}")))?,
+        );
+        if let Err(e) = self.mapper.map(iova.start, &memory, len, access) {
             self.iovas.lock().unwrap().free(iova);
             return Err(e);
         }
-        let memory = Arc::new(memory);
         self.regions
             .lock()
             .unwrap()
@@ -374,16 +380,44 @@ impl Drop for DmaRegion {
     }
 }
 
-/// [`DmaRegion`]'s accessors, on memory mapped into the software NIC's IOMMU.
+/// [`DmaRegion`]'s accessors, on memory "mapped" by a mapper that maps nothing (the
+/// software NIC's IOMMU lives in the `softnic` crate, which depends on this one).
 #[cfg(test)]
 mod region_tests {
     use super::*;
-    use crate::softnic::SoftIommu;
+
+    /// Accepts every mapping and holds its memory until unmapped, like a real mapper.
+    #[derive(Default)]
+    struct HoldingMapper {
+        held: Mutex<BTreeMap<Iova, Arc<GuestMemoryMmap>>>,
+    }
+
+    impl DmaMapper for HoldingMapper {
+        fn map(
+            &self,
+            iova: Iova,
+            memory: &Arc<GuestMemoryMmap>,
+            _len: usize,
+            _access: DmaAccess,
+        ) -> Result<()> {
+            self.held.lock().unwrap().insert(iova, Arc::clone(memory));
+            Ok(())
+        }
+        fn unmap(&self, iova: Iova, _len: usize) -> Result<()> {
+            self.held.lock().unwrap().remove(&iova);
+            Ok(())
+        }
+        fn usable_iova_ranges(&self) -> Vec<Range<Iova>> {
+            vec![0..1 << 39]
+        }
+    }
+
+    fn space() -> Arc<DmaSpace> {
+        DmaSpace::new(Arc::new(HoldingMapper::default()))
+    }
 
     fn region(len: usize) -> DmaRegion {
-        DmaSpace::new(SoftIommu::new())
-            .allocate(len, DmaAccess::DeviceReadsWrites)
-            .unwrap()
+        space().allocate(len, DmaAccess::DeviceReadsWrites).unwrap()
     }
 
     fn panics(f: impl FnOnce()) -> bool {
@@ -516,7 +550,7 @@ mod region_tests {
 
     #[test]
     fn read_iova_reads_only_live_regions_of_the_space() {
-        let dma = DmaSpace::new(SoftIommu::new());
+        let dma = space();
         let region = dma.allocate(PAGE_SIZE, DmaAccess::DeviceReads).unwrap();
         region.write_bytes(100, b"headers");
         let mut out = [0u8; 7];

@@ -1,5 +1,6 @@
-//! zerosend's device layer: VFIO device access, DMA memory and IOVA management, the NIC
-//! drivers, and an in-process software NIC, all behind one queue API ([`queue::NetQueue`]).
+//! zerosend's device layer: VFIO device access, DMA memory and IOVA management and the NIC
+//! drivers, all behind one queue API ([`queue::NetQueue`]). (The in-process software NIC
+//! that tests and benchmarks use is the separate `softnic` crate, a dev-dependency only.)
 //!
 //! `unsafe` lives only in the modules that touch MMIO and DMA memory ([`mmio`], [`dma`]) and
 //! in the VFIO ioctl wrappers ([`vfio`]).
@@ -13,7 +14,6 @@ pub mod nic;
 pub mod pcap;
 pub mod pci;
 pub mod queue;
-pub mod softnic;
 pub mod vfio;
 pub mod virtio;
 

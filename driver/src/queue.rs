@@ -1,9 +1,9 @@
 //! The queue API: what every NIC driver offers the network stack.
 //!
 //! Implemented by the e1000 family driver, the virtio-net driver and the in-process
-//! [`SoftNic`](crate::softnic). The stack never sees descriptors or registers; it hands the
-//! driver *frames as chains of IOVA segments* and gets back *tokens* when the device has
-//! finished reading them.
+//! software NIC of the `softnic` crate (for tests). The stack never sees descriptors or
+//! registers; it hands the driver *frames as chains of IOVA segments* and gets back *tokens*
+//! when the device has finished reading them.
 //!
 //! # Transmit
 //! A frame is a chain of [`TxSegment`]s: typically a small header buffer (Ethernet + IPv4 +

@@ -6,10 +6,11 @@
 //! and BARs are `mmap`ed directly. Its DMA map always grants READ|WRITE, so mappings are made
 //! here with `VFIO_IOMMU_MAP_DMA` and exactly the access the memory needs.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vfio_bindings::bindings::vfio::{
     vfio_info_cap_header, vfio_iommu_type1_dma_map, vfio_iommu_type1_info, vfio_iova_range,
@@ -17,6 +18,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::dma::{DmaAccess, DmaMapper, DmaSpace};
 use crate::error::{DriverError, Result};
@@ -93,7 +95,11 @@ impl VfioPci {
             })?;
         let usable = usable_iova_ranges(container.as_raw_fd(), group)?;
         tracing::debug!(device = %address, ?usable, "VFIO device opened");
-        let dma = DmaSpace::new(Arc::new(VfioDmaMapper { container, usable }));
+        let dma = DmaSpace::new(Arc::new(VfioDmaMapper {
+            container,
+            usable,
+            mapped: Mutex::new(BTreeMap::new()),
+        }));
         Ok(VfioPci {
             address: address.clone(),
             ids,
@@ -251,10 +257,38 @@ impl VfioPci {
 struct VfioDmaMapper {
     container: Arc<VfioContainer>,
     usable: Vec<Range<Iova>>,
+    /// The memory behind each live mapping, by first IOVA: held until the mapping is gone,
+    /// so the host pages the IOMMU points at cannot be unmapped from this process first.
+    mapped: Mutex<BTreeMap<Iova, Arc<GuestMemoryMmap>>>,
+}
+
+/// The host address of `iova..iova+len` in `memory`, which must be one region (one
+/// contiguous host mapping, as `VFIO_IOMMU_MAP_DMA` takes).
+fn host_range(memory: &GuestMemoryMmap, iova: Iova, len: usize) -> Result<*mut u8> {
+    let bad = || {
+        DriverError::Dma(format!(
+            "{iova:#x}+{len:#x} is not one region of the memory"
+        ))
+    };
+    let region = memory.find_region(GuestAddress(iova)).ok_or_else(bad)?;
+    let end = iova.checked_add(len as u64).ok_or_else(bad)?;
+    if len == 0 || end > region.start_addr().0 + region.len() {
+        return Err(bad());
+    }
+    memory
+        .get_host_address(GuestAddress(iova))
+        .map_err(|e| DriverError::Dma(format!("host address of IOVA {iova:#x}: {e}")))
 }
 
 impl DmaMapper for VfioDmaMapper {
-    unsafe fn map(&self, iova: Iova, host: *mut u8, len: usize, access: DmaAccess) -> Result<()> {
+    fn map(
+        &self,
+        iova: Iova,
+        memory: &Arc<GuestMemoryMmap>,
+        len: usize,
+        access: DmaAccess,
+    ) -> Result<()> {
+        let host = host_range(memory, iova, len)?;
         let flags = match access {
             DmaAccess::DeviceReads => VFIO_DMA_MAP_FLAG_READ,
             DmaAccess::DeviceReadsWrites => VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
@@ -266,8 +300,12 @@ impl DmaMapper for VfioDmaMapper {
             iova,
             size: len as u64,
         };
-        // SAFETY: the ioctl reads a fully initialised request; the caller guarantees the host
-        // range stays mapped until unmapped (this function's contract).
+        // Held across the ioctl: orders this map against an unmap of the same IOVA.
+        let mut mapped = self.mapped.lock().unwrap();
+        // SAFETY: the ioctl reads a fully initialised request. `host..host+len` lies in one
+        // mmap of `memory` (checked by `host_range`), and the Arc of `memory` stored in
+        // `mapped` below keeps that mmap alive until `unmap` has removed the IOMMU entry, so
+        // the device never reaches pages this process has released.
         let rc = unsafe {
             libc::ioctl(
                 self.container.as_raw_fd(),
@@ -281,16 +319,21 @@ impl DmaMapper for VfioDmaMapper {
                 std::io::Error::last_os_error(),
             ));
         }
+        mapped.insert(iova, Arc::clone(memory));
         Ok(())
     }
 
     fn unmap(&self, iova: Iova, len: usize) -> Result<()> {
+        let mut mapped = self.mapped.lock().unwrap();
         self.container
             .vfio_dma_unmap(iova, len)
             .map_err(|e| DriverError::Vfio {
                 what: "VFIO_IOMMU_UNMAP_DMA",
                 detail: e.to_string(),
-            })
+            })?;
+        // The IOMMU entry is gone: the memory may go too.
+        mapped.remove(&iova);
+        Ok(())
     }
 
     fn usable_iova_ranges(&self) -> Vec<Range<Iova>> {

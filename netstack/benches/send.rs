@@ -14,9 +14,9 @@ mod common;
 use std::time::{Duration, Instant as WallInstant};
 
 use common::*;
-use driver::softnic::{DmaTiming, SoftNicConfig};
 use netstack::{Event, SendMode};
 use pagecache::OpenOptions;
+use softnic::{DmaTiming, SoftNicConfig};
 
 struct Figures {
     bytes: u64,

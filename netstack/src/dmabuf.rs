@@ -141,8 +141,8 @@ impl Drop for DmaBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use driver::softnic::{SoftNic, SoftNicConfig};
     use driver::NetQueue;
+    use softnic::{SoftNic, SoftNicConfig};
 
     #[test]
     fn buffers_return_on_drop_and_are_never_handed_out_twice() {

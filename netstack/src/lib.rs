@@ -23,7 +23,7 @@
 //! # Example (with the software NIC)
 //! ```no_run
 //! use netstack::{Instant, Ipv4Config, Stack, StackConfig, Event};
-//! use driver::softnic::{SoftNic, SoftNicConfig};
+//! use softnic::{SoftNic, SoftNicConfig};
 //! let (nic, _peer) = SoftNic::new(SoftNicConfig::default()).unwrap();
 //! let config = StackConfig::new(Ipv4Config::static_address([10, 0, 0, 1], 24, None));
 //! let mut stack = Stack::new(nic, config).unwrap();
@@ -45,7 +45,6 @@
 mod device;
 pub mod dmabuf;
 pub mod frame;
-pub mod peer;
 pub mod poison;
 pub mod sendq;
 mod stack;

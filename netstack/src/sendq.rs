@@ -448,9 +448,9 @@ impl SendQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use driver::softnic::{SoftNic, SoftNicConfig};
     use driver::NetQueue;
     use pagecache::{CacheConfig, FrameArena, OpenOptions, PageCache};
+    use softnic::{SoftNic, SoftNicConfig};
 
     struct Fixture {
         _dir: tempfile::TempDir,

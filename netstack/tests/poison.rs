@@ -8,9 +8,9 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::{pattern, sha256, Bed, BedConfig};
-use driver::softnic::SoftNicConfig;
 use netstack::BoundaryFault;
 use pagecache::OpenOptions;
+use softnic::SoftNicConfig;
 
 fn send_file_over(fault: BoundaryFault) -> (Bed, bool, u64) {
     let data = pattern(300_000, 21);

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use driver::softnic::{Impairments, SoftNicConfig};
 use netstack::{Event, SendOutcome};
 use pagecache::{OpenOptions, WritePolicy};
+use softnic::{Impairments, SoftNicConfig};
 
 const LEN: usize = 16 << 20;
 

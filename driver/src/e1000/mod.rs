@@ -26,7 +26,7 @@
 //!   stopped (TCTL.EN = 0), the ring is rewound (TDH = TDT = 0 is allowed while TCTL.EN is
 //!   0, SDM 13.4.39), every outstanding token is returned, and [`DriverError::TxHang`] is
 //!   reported. This is what a blocked descriptor fetch or completion write-back looks like
-//!   (tested with [`FaultInjection::TxRingReadOnly`]). A blocked *data* read is invisible
+//!   (tested with `FaultInjection::TxRingReadOnly`). A blocked *data* read is invisible
 //!   to the driver: real controllers may abort or hang (the watchdog catches that), QEMU's
 //!   models send zeroes in place of the unreadable bytes and complete the frame.
 //! - **Receive**: legacy descriptors (SDM 3.2.3) into driver-owned buffers of
@@ -68,7 +68,9 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::anynic::{FaultInjection, NicConfig};
+#[cfg(feature = "fault-injection")]
+use crate::anynic::FaultInjection;
+use crate::anynic::NicConfig;
 use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
 use crate::mmio::Mmio;
@@ -456,10 +458,13 @@ fn init_rx(bar0: &Mmio, dma: &Arc<DmaSpace>, config: &NicConfig) -> Result<RxRin
     let size = config.rx_ring_size;
     let ring = dma.allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)?;
     ring.zero();
+    #[cfg(feature = "fault-injection")]
     let buffer_access = match config.fault_injection {
         FaultInjection::RxBuffersReadOnly => DmaAccess::DeviceReads,
         _ => DmaAccess::DeviceReadsWrites,
     };
+    #[cfg(not(feature = "fault-injection"))]
+    let buffer_access = DmaAccess::DeviceReadsWrites;
     let count = size as usize; // one spare beyond the size-1 the ring can hold
     let buffers = dma.allocate(count * config.rx_buffer_size, buffer_access)?;
     let mut rx = RxRing {
@@ -499,10 +504,13 @@ fn init_tx(
     model: NicModel,
 ) -> Result<TxRing> {
     let size = config.tx_ring_size;
+    #[cfg(feature = "fault-injection")]
     let access = match config.fault_injection {
         FaultInjection::TxRingReadOnly => DmaAccess::DeviceReads,
         _ => DmaAccess::DeviceReadsWrites,
     };
+    #[cfg(not(feature = "fault-injection"))]
+    let access = DmaAccess::DeviceReadsWrites;
     let ring = dma.allocate(size as usize * DESC_LEN, access)?;
     ring.zero();
     let base = ring.iova();

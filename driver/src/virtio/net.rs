@@ -97,7 +97,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::anynic::{FaultInjection, NicConfig};
+#[cfg(feature = "fault-injection")]
+use crate::anynic::FaultInjection;
+use crate::anynic::NicConfig;
 use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
 use crate::queue::{
@@ -394,6 +396,7 @@ impl VirtioNet {
         let packed = negotiated & f::F_RING_PACKED != 0;
         // Fault injection: the device's writes into the receive buffers, or into the TX used
         // ring (its completions), are stopped by the IOMMU.
+        #[cfg(feature = "fault-injection")]
         let (rx_access, tx_used_access) = match config.fault_injection {
             FaultInjection::None => (DmaAccess::DeviceReadsWrites, DmaAccess::DeviceReadsWrites),
             FaultInjection::RxBuffersReadOnly => {
@@ -403,6 +406,9 @@ impl VirtioNet {
                 (DmaAccess::DeviceReadsWrites, DmaAccess::DeviceReads)
             }
         };
+        #[cfg(not(feature = "fault-injection"))]
+        let (rx_access, tx_used_access) =
+            (DmaAccess::DeviceReadsWrites, DmaAccess::DeviceReadsWrites);
         let rx = Rx {
             vq: Ring::new(
                 &dma,

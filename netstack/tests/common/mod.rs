@@ -8,15 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use driver::dma::{DmaAccess, DmaRegion};
-use driver::softnic::{SoftNic, SoftNicConfig};
 use driver::NetQueue;
-use netstack::peer::PeerDevice;
 use netstack::{ConnId, Event, Instant, Ipv4Config, Stack, StackConfig};
 use pagecache::{CacheConfig, FrameArena, PageCache};
 use sha2::{Digest, Sha256};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
+use softnic::{PeerDevice, SoftNic, SoftNicConfig};
 
 pub const SERVER_PORT: u16 = 80;
 pub const STACK_IP: [u8; 4] = [10, 0, 0, 1];

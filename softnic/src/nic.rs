@@ -1,395 +1,31 @@
-//! An in-process software NIC: the [`NetQueue`] contract implemented in software, for tests
-//! and benchmarks of the network stack without hardware.
+//! **The NIC.** [`SoftNic`] implements the [`NetQueue`] contract in software: TX frames are
+//! chains of IOVA segments read through the [`SoftIommu`], given the offloads they ask for
+//! (see [`crate::offload`]) and put on the wire to a [`SoftPeer`]; frames the peer sends come
+//! back as RX, written by "DMA" into receive buffers mapped [`DmaAccess::DeviceReadsWrites`].
+//! A DMA fault is counted, logged, and drops the frame.
 //!
-//! # What it models
-//! - **An IOMMU.** [`SoftIommu`] is the [`DmaMapper`] of the NIC's [`DmaSpace`]: a table of
-//!   `IOVA -> host memory` mappings with access rights. Every "DMA" of the device goes
-//!   through it, exactly like a device behind VT-d: an unmapped IOVA, or a write to a
-//!   [`DmaAccess::DeviceReads`] mapping, is a [`DmaFault`] (counted, logged, the frame is
-//!   dropped), never undefined behaviour.
-//! - **Late DMA.** Frames are read from memory when the device processes them, not when they
-//!   are enqueued: with [`DmaTiming::OnFlush`] at [`NetQueue::tx_flush`], with
-//!   [`DmaTiming::Manual`] only when the test calls [`SoftNic::device_step`]. Tests can change
-//!   memory between enqueue and DMA and see what a real NIC would have sent.
-//! - **Offloads, per the contract in [`crate::queue`]:** IPv4 header checksum, TCP/UDP
-//!   checksum from the pseudo-header sum already in the field, and TSO (segments of at most
-//!   `mss` payload bytes; IPv4 total length, identification and header checksum, TCP sequence
-//!   number, FIN/PSH only on the last segment, TCP checksum from the length-less pseudo sum).
-//! - **The wire.** Emitted frames go to a [`SoftPeer`]; frames the peer sends come back as
-//!   RX, written by "DMA" into receive buffers mapped [`DmaAccess::DeviceReadsWrites`].
-//!   Each direction has seeded [`Impairments`]: loss, duplication and reordering. Frames
-//!   larger than the MTU are dropped, in both directions.
+//! **Late DMA.** Frames are read from memory when the device processes them, not when they
+//! are enqueued: with [`DmaTiming::OnFlush`] at [`NetQueue::tx_flush`], with
+//! [`DmaTiming::Manual`] only when the test calls [`SoftNic::device_step`]. Tests can change
+//! memory between enqueue and DMA and see what a real NIC would have sent.
 //!
-//! The peer is a plain frame queue; the `netstack` crate wraps it into a smoltcp
-//! `phy::Device` so a stock smoltcp interface can be the other end (the driver crate knows
-//! nothing about smoltcp).
+//! The TSO header convention is the one [`SoftNicConfig::capabilities`] announces in
+//! [`Capabilities::tso_headers`]: [`TsoHeaders::PerSegment`] by default (like the e1000
+//! family), [`TsoHeaders::WholePacket`] to play a virtio-net device.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
 
-use crate::dma::{DmaAccess, DmaMapper, DmaRegion, DmaSpace};
-use crate::error::{DriverError, Result};
-use crate::queue::{
-    Capabilities, DeviceStats, Iova, L4Protocol, MacAddress, NetQueue, RxBuffer, TsoHeaders,
-    TxOffload, TxSegment, TxToken,
+use driver::dma::{DmaAccess, DmaRegion, DmaSpace};
+use driver::queue::{
+    Capabilities, DeviceStats, L4Protocol, MacAddress, NetQueue, RxBuffer, TsoHeaders, TxOffload,
+    TxSegment, TxToken,
 };
+use driver::{DriverError, Result};
 
-const ETHERNET_HEADER_LEN: usize = 14;
-/// The x86 MSI window every IOMMU group reserves; never handed out as IOVA.
-const MSI_WINDOW: Range<Iova> = 0xfee0_0000..0xfef0_0000;
-/// 39-bit address width, like QEMU 7.2's vIOMMU.
-const IOVA_LIMIT: Iova = 1 << 39;
-
-// ---------------------------------------------------------------------------------------
-// The IOMMU
-// ---------------------------------------------------------------------------------------
-
-/// Why a device access was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DmaFaultKind {
-    /// No mapping covers the address (VT-d: "PTE Read/Write access is not set" for an
-    /// absent entry).
-    Unmapped,
-    /// The mapping exists but is [`DmaAccess::DeviceReads`].
-    WriteToReadOnly,
-}
-
-/// A refused device access: the first byte that could not be translated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DmaFault {
-    pub iova: Iova,
-    pub kind: DmaFaultKind,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Mapping {
-    /// Host address as an integer (the pointer is only dereferenced under the map contract).
-    host: usize,
-    len: usize,
-    access: DmaAccess,
-}
-
-/// The software NIC's IOMMU: a translation table with access rights.
-#[derive(Default)]
-pub struct SoftIommu {
-    /// Keyed by first IOVA.
-    mappings: Mutex<BTreeMap<Iova, Mapping>>,
-}
-
-impl std::fmt::Debug for SoftIommu {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftIommu")
-            .field("mappings", &self.mappings.lock().unwrap().len())
-            .finish()
-    }
-}
-
-impl SoftIommu {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// Number of live mappings.
-    pub fn mapping_count(&self) -> usize {
-        self.mappings.lock().unwrap().len()
-    }
-
-    /// Device read of `out.len()` bytes at `iova`.
-    pub fn dma_read(&self, iova: Iova, out: &mut [u8]) -> std::result::Result<(), DmaFault> {
-        self.access(iova, out.len(), false, |host, done, n| {
-            // SAFETY: `host..host+n` lies inside a live mapping; the mapper contract keeps it
-            // mapped until unmap, which needs the table lock we hold. `out` is a distinct Rust
-            // buffer. A byte copy of any memory content is valid.
-            unsafe {
-                std::ptr::copy_nonoverlapping(host as *const u8, out.as_mut_ptr().add(done), n)
-            }
-        })
-    }
-
-    /// Device write of `data` at `iova`.
-    pub fn dma_write(&self, iova: Iova, data: &[u8]) -> std::result::Result<(), DmaFault> {
-        self.access(iova, data.len(), true, |host, done, n| {
-            // SAFETY: as in `dma_read`; the mapping allows device writes (checked), and device
-            // memory is only ever accessed through raw pointers / volatile operations.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(done), host as *mut u8, n) }
-        })
-    }
-
-    /// Translates `iova..iova+len` piece by piece (a range may cross adjacent mappings, as
-    /// page-granular IOMMU translation allows) and calls `f(host, done, n)` for each piece.
-    fn access(
-        &self,
-        iova: Iova,
-        len: usize,
-        write: bool,
-        mut f: impl FnMut(usize, usize, usize),
-    ) -> std::result::Result<(), DmaFault> {
-        let table = self.mappings.lock().unwrap();
-        // Pass 1 checks the whole range, so a faulting access has no partial effect;
-        // pass 2 (same lock held, same answers) performs it.
-        for perform in [false, true] {
-            let mut done = 0usize;
-            while done < len {
-                let at = iova + done as u64;
-                let fault = |kind| DmaFault { iova: at, kind };
-                let (&start, m) = table
-                    .range(..=at)
-                    .next_back()
-                    .ok_or(fault(DmaFaultKind::Unmapped))?;
-                let offset = (at - start) as usize;
-                if offset >= m.len {
-                    return Err(fault(DmaFaultKind::Unmapped));
-                }
-                if write && m.access == DmaAccess::DeviceReads {
-                    return Err(fault(DmaFaultKind::WriteToReadOnly));
-                }
-                let n = (m.len - offset).min(len - done);
-                if perform {
-                    f(m.host + offset, done, n);
-                }
-                done += n;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl DmaMapper for SoftIommu {
-    unsafe fn map(&self, iova: Iova, host: *mut u8, len: usize, access: DmaAccess) -> Result<()> {
-        if len == 0
-            || iova
-                .checked_add(len as u64)
-                .is_none_or(|end| end > IOVA_LIMIT)
-        {
-            return Err(DriverError::Dma(format!("bad mapping {iova:#x}+{len:#x}")));
-        }
-        let mut table = self.mappings.lock().unwrap();
-        let end = iova + len as u64;
-        let overlaps_before = table
-            .range(..iova)
-            .next_back()
-            .is_some_and(|(&s, m)| s + m.len as u64 > iova);
-        let overlaps_after = table.range(iova..end).next().is_some();
-        if overlaps_before || overlaps_after {
-            return Err(DriverError::Dma(format!(
-                "mapping {iova:#x}+{len:#x} overlaps an existing one"
-            )));
-        }
-        table.insert(
-            iova,
-            Mapping {
-                host: host as usize,
-                len,
-                access,
-            },
-        );
-        Ok(())
-    }
-
-    fn unmap(&self, iova: Iova, len: usize) -> Result<()> {
-        let mut table = self.mappings.lock().unwrap();
-        match table.get(&iova) {
-            Some(m) if m.len == len => {
-                table.remove(&iova);
-                Ok(())
-            }
-            _ => Err(DriverError::Dma(format!(
-                "no mapping {iova:#x}+{len:#x} to unmap"
-            ))),
-        }
-    }
-
-    fn usable_iova_ranges(&self) -> Vec<Range<Iova>> {
-        vec![0..MSI_WINDOW.start, MSI_WINDOW.end..IOVA_LIMIT]
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The wire
-// ---------------------------------------------------------------------------------------
-
-/// Seeded impairments of one direction of the wire. Probabilities are in `0.0..=1.0`.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Impairments {
-    /// Probability that a frame is lost.
-    pub loss: f64,
-    /// Probability that a frame is delivered twice.
-    pub duplicate: f64,
-    /// Probability that a frame is held back and delivered after the next one.
-    pub reorder: f64,
-    /// PRNG seed: the same seed and traffic give the same impairments.
-    pub seed: u64,
-}
-
-impl Impairments {
-    /// A perfect wire.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
-    /// The same probability of loss, duplication and reordering.
-    pub fn uniform(probability: f64, seed: u64) -> Self {
-        Self {
-            loss: probability,
-            duplicate: probability,
-            reorder: probability,
-            seed,
-        }
-    }
-}
-
-/// SplitMix64: small, fast, good enough for fault injection, and reproducible.
-#[derive(Clone, Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// True with probability `p`.
-    fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64) < p
-    }
-}
-
-/// Counters of one direction of the wire.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WireCounters {
-    /// Frames offered to the wire.
-    pub offered: u64,
-    /// Frames the wire lost on purpose.
-    pub lost: u64,
-    /// Extra copies the wire delivered.
-    pub duplicated: u64,
-    /// Frames delivered after a later frame.
-    pub reordered: u64,
-    /// Frames dropped for exceeding the MTU.
-    pub oversized: u64,
-}
-
-struct Channel {
-    queue: VecDeque<Vec<u8>>,
-    impairments: Impairments,
-    rng: SplitMix64,
-    held: Option<Vec<u8>>,
-    counters: WireCounters,
-    max_frame: usize,
-}
-
-impl Channel {
-    fn new(impairments: Impairments, max_frame: usize) -> Self {
-        Self {
-            queue: VecDeque::new(),
-            rng: SplitMix64(impairments.seed),
-            impairments,
-            held: None,
-            counters: WireCounters::default(),
-            max_frame,
-        }
-    }
-
-    fn push(&mut self, frame: Vec<u8>) {
-        self.counters.offered += 1;
-        if frame.len() > self.max_frame {
-            self.counters.oversized += 1;
-            return;
-        }
-        let i = self.impairments;
-        if self.rng.chance(i.loss) {
-            self.counters.lost += 1;
-            return;
-        }
-        let duplicate = self.rng.chance(i.duplicate);
-        if self.held.is_none() && self.rng.chance(i.reorder) {
-            // Deliver it after the next frame.
-            self.counters.reordered += 1;
-            if duplicate {
-                self.counters.duplicated += 1;
-                self.queue.push_back(frame.clone());
-            }
-            self.held = Some(frame);
-            return;
-        }
-        if duplicate {
-            self.counters.duplicated += 1;
-            self.queue.push_back(frame.clone());
-        }
-        self.queue.push_back(frame);
-        if let Some(held) = self.held.take() {
-            self.queue.push_back(held);
-        }
-    }
-
-    fn pop(&mut self) -> Option<Vec<u8>> {
-        // A held frame is only delayed, never lost: release it when nothing overtook it.
-        self.queue.pop_front().or_else(|| self.held.take())
-    }
-
-    fn is_empty(&self) -> bool {
-        self.queue.is_empty() && self.held.is_none()
-    }
-}
-
-struct Link {
-    to_peer: Channel,
-    to_nic: Channel,
-}
-
-/// The far end of the software NIC's wire: receives what the NIC transmits, and sends what
-/// the NIC receives. Cheap to clone; all clones share the wire.
-#[derive(Clone)]
-pub struct SoftPeer {
-    link: Arc<Mutex<Link>>,
-    mtu: usize,
-}
-
-impl std::fmt::Debug for SoftPeer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftPeer").field("mtu", &self.mtu).finish()
-    }
-}
-
-impl SoftPeer {
-    /// The next frame the NIC put on the wire (after impairments).
-    pub fn recv(&self) -> Option<Vec<u8>> {
-        self.link.lock().unwrap().to_peer.pop()
-    }
-
-    /// Whether a frame is waiting for the peer.
-    pub fn has_frames(&self) -> bool {
-        !self.link.lock().unwrap().to_peer.is_empty()
-    }
-
-    /// Put a frame on the wire towards the NIC (impairments apply).
-    pub fn send(&self, frame: Vec<u8>) {
-        self.link.lock().unwrap().to_nic.push(frame);
-    }
-
-    /// The IP MTU of the wire (the Ethernet frame may be 14 bytes longer).
-    pub fn mtu(&self) -> usize {
-        self.mtu
-    }
-
-    /// Counters of the NIC-to-peer direction.
-    pub fn to_peer_counters(&self) -> WireCounters {
-        self.link.lock().unwrap().to_peer.counters
-    }
-
-    /// Counters of the peer-to-NIC direction.
-    pub fn to_nic_counters(&self) -> WireCounters {
-        self.link.lock().unwrap().to_nic.counters
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The NIC
-// ---------------------------------------------------------------------------------------
+use crate::iommu::{DmaFault, SoftIommu};
+use crate::offload;
+use crate::wire::{self, Impairments, NicPort, SoftPeer, ETHERNET_HEADER_LEN};
 
 /// When the device reads (DMAs) a flushed TX frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -459,7 +95,8 @@ pub struct SoftNicCounters {
     pub fault_drops: u64,
     /// Frames (TX after segmentation, or RX) dropped for exceeding the MTU.
     pub mtu_drops: u64,
-    /// `tx_enqueue` calls refused as malformed.
+    /// `tx_enqueue` calls refused as malformed, and TSO frames whose headers the device
+    /// could not segment (dropped).
     pub bad_frames: u64,
     /// Frames the wire lost, in both directions.
     pub lost: u64,
@@ -484,7 +121,7 @@ pub struct SoftNic {
     config: SoftNicConfig,
     iommu: Arc<SoftIommu>,
     dma: Arc<DmaSpace>,
-    link: Arc<Mutex<Link>>,
+    port: NicPort,
     /// Frames on the TX ring: `[..posted]` were flushed (visible to the device).
     tx_ring: VecDeque<PendingTx>,
     tx_posted: usize,
@@ -540,14 +177,11 @@ impl SoftNic {
             config.rx_buffers * config.rx_buffer_size,
             DmaAccess::DeviceReadsWrites,
         )?;
-        let link = Arc::new(Mutex::new(Link {
-            to_peer: Channel::new(config.to_peer, max_frame),
-            to_nic: Channel::new(config.to_nic, max_frame),
-        }));
+        let (port, peer) = wire::wire(config.to_peer, config.to_nic, config.capabilities.mtu);
         let nic = SoftNic {
             iommu,
             dma,
-            link: link.clone(),
+            port,
             tx_ring: VecDeque::with_capacity(config.tx_descriptors),
             tx_posted: 0,
             tx_descriptors_used: 0,
@@ -563,10 +197,6 @@ impl SoftNic {
             counters: SoftNicCounters::default(),
             stats: DeviceStats::default(),
             config,
-        };
-        let peer = SoftPeer {
-            link,
-            mtu: config.capabilities.mtu,
         };
         Ok((nic, peer))
     }
@@ -615,9 +245,8 @@ impl SoftNic {
 
     /// Device counters, including the wire's.
     pub fn counters(&self) -> SoftNicCounters {
-        let link = self.link.lock().unwrap();
         let mut c = self.counters;
-        for w in [link.to_peer.counters, link.to_nic.counters] {
+        for w in self.port.counters() {
             c.lost += w.lost;
             c.duplicated += w.duplicated;
             c.reordered += w.reordered;
@@ -631,11 +260,7 @@ impl SoftNic {
         if self.faults.len() < FAULT_LOG_LIMIT {
             self.faults.push(fault);
         }
-        tracing::warn!(
-            "soft NIC: DMA fault {:?} at IOVA {:#x}",
-            fault.kind,
-            fault.iova
-        );
+        tracing::warn!("soft NIC: {fault}");
     }
 
     fn validate(&self, segments: &[TxSegment], offload: &TxOffload) -> Result<()> {
@@ -684,8 +309,13 @@ impl SoftNic {
                     return bad(format!("TSO frame of {total} bytes (max {max})"));
                 }
                 let tcp = matches!(offload.l4_checksum, Some(l4) if l4.protocol == L4Protocol::Tcp);
-                if offload.ipv4_header.is_none() || !tcp || tso.mss == 0 {
-                    return bad("TSO needs IPv4 header and TCP checksum offload and an MSS".into());
+                if !tcp || tso.mss == 0 {
+                    return bad("TSO needs TCP checksum offload and an MSS".into());
+                }
+                // Per-segment headers leave the IPv4 checksum to the device, which must be
+                // asked for it; whole-packet headers come with a valid one.
+                if caps.tso_headers == TsoHeaders::PerSegment && offload.ipv4_header.is_none() {
+                    return bad("per-segment TSO needs IPv4 header checksum offload".into());
                 }
                 if tso.header_len as u32 > segments[0].len {
                     return bad("TSO headers must lie in the first segment".into());
@@ -721,46 +351,21 @@ impl SoftNic {
         match offload.tso {
             Some(tso) if buffer.len() > tso.header_len as usize => {
                 self.counters.tso_frames += 1;
-                self.transmit_tso(&buffer, &offload, tso.header_len as usize, tso.mss as usize);
+                let convention = self.config.capabilities.tso_headers;
+                let segmented = offload::segment(&buffer, &offload, tso, convention, |segment| {
+                    self.put_on_wire(segment)
+                });
+                if let Err(e) = segmented {
+                    tracing::debug!("soft NIC: TSO frame dropped: {e}");
+                    self.counters.bad_frames += 1;
+                }
             }
             _ => {
-                apply_checksums(&mut buffer, &offload, None);
+                offload::insert_checksums(&mut buffer, &offload);
                 self.put_on_wire(&buffer);
             }
         }
         self.dma_buffer = buffer;
-    }
-
-    fn transmit_tso(&mut self, frame: &[u8], offload: &TxOffload, header_len: usize, mss: usize) {
-        let ip = offload.ipv4_header.expect("validated") as usize;
-        let tcp = offload.l4_checksum.expect("validated").start as usize;
-        let (headers, payload) = frame.split_at(header_len);
-        if tcp + 20 > header_len || ip + 20 > header_len {
-            self.counters.bad_frames += 1;
-            return;
-        }
-        let base_seq = u32::from_be_bytes(headers[tcp + 4..tcp + 8].try_into().unwrap());
-        let base_id = u16::from_be_bytes([headers[ip + 4], headers[ip + 5]]);
-        let flags = headers[tcp + 13];
-        let mut segment = Vec::with_capacity(header_len + mss);
-        let count = payload.len().div_ceil(mss);
-        for (i, chunk) in payload.chunks(mss).enumerate() {
-            let last = i + 1 == count;
-            segment.clear();
-            segment.extend_from_slice(headers);
-            segment.extend_from_slice(chunk);
-            let total_len = (segment.len() - ip) as u16;
-            segment[ip + 2..ip + 4].copy_from_slice(&total_len.to_be_bytes());
-            let id = base_id.wrapping_add(i as u16);
-            segment[ip + 4..ip + 6].copy_from_slice(&id.to_be_bytes());
-            let seq = base_seq.wrapping_add((i * mss) as u32);
-            segment[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
-            // FIN and PSH only on the last segment.
-            segment[tcp + 13] = if last { flags } else { flags & !0x09 };
-            let tcp_len = (segment.len() - tcp) as u32;
-            apply_checksums(&mut segment, offload, Some(tcp_len));
-            self.put_on_wire(&segment);
-        }
     }
 
     fn put_on_wire(&mut self, frame: &[u8]) {
@@ -775,14 +380,14 @@ impl SoftNic {
         }
         self.stats.tx_frames += 1;
         self.stats.tx_bytes += frame.len() as u64;
-        self.link.lock().unwrap().to_peer.push(frame.to_vec());
+        self.port.transmit(frame.to_vec());
     }
 
     /// Move frames from the wire into available RX buffers ("DMA writes").
     fn receive_from_wire(&mut self) {
         let max_frame = self.config.capabilities.mtu + ETHERNET_HEADER_LEN;
         while let Some(&slot) = self.rx_available.front() {
-            let Some(frame) = self.link.lock().unwrap().to_nic.pop() else {
+            let Some(frame) = self.port.receive() else {
                 break;
             };
             if frame.len() > max_frame {
@@ -909,109 +514,19 @@ impl NetQueue for SoftNic {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Checksums, as the device computes them
-// ---------------------------------------------------------------------------------------
-
-/// One's-complement sum of `bytes` (big-endian 16-bit words, odd tail padded), not folded.
-fn ones_sum(bytes: &[u8]) -> u64 {
-    let mut sum = 0u64;
-    let mut chunks = bytes.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u16::from_be_bytes([c[0], c[1]]) as u64;
-    }
-    if let [last] = chunks.remainder() {
-        sum += (*last as u64) << 8;
-    }
-    sum
-}
-
-fn fold(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// Fills in the checksums `offload` asks for. `tso_tcp_len` is the TCP length of a TSO
-/// segment, which the device adds to the length-less pseudo-header sum in the field.
-fn apply_checksums(frame: &mut [u8], offload: &TxOffload, tso_tcp_len: Option<u32>) {
-    if let Some(ip) = offload.ipv4_header {
-        let ip = ip as usize;
-        let header_len = ((frame[ip] & 0x0f) as usize) * 4;
-        if header_len >= 20 && ip + header_len <= frame.len() {
-            // Like Intel's IPCSO insertion: the header is summed as it is, so the stack must
-            // leave the field zero (a stale value gives a wrong checksum, as on hardware).
-            let sum = !fold(ones_sum(&frame[ip..ip + header_len]));
-            frame[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
-        }
-    }
-    if let Some(l4) = offload.l4_checksum {
-        let (start, field) = (l4.start as usize, l4.field as usize);
-        // The field holds the pseudo-header sum: summing over it adds it.
-        let mut sum = ones_sum(&frame[start..]);
-        if let Some(len) = tso_tcp_len {
-            sum += len as u64;
-        }
-        let mut checksum = !fold(sum);
-        if checksum == 0 && l4.protocol == L4Protocol::Udp {
-            checksum = 0xffff;
-        }
-        frame[field..field + 2].copy_from_slice(&checksum.to_be_bytes());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{L4Checksum, Tso};
-
-    const IP: usize = 14;
-    const TCP: usize = 34;
+    use crate::iommu::DmaFaultKind;
+    use crate::test_frames::{
+        ipv4_header_ok, prepare_tso, pseudo, tcp_checksum_ok, tcp_frame, tcp_offload, IP, TCP,
+    };
+    use driver::queue::{L4Checksum, Tso};
+    use inet_checksum::{fold, sum_be};
+    use std::sync::Mutex;
 
     fn nic(config: SoftNicConfig) -> (SoftNic, SoftPeer) {
         SoftNic::new(config).unwrap()
-    }
-
-    /// Pseudo-header sum (not inverted) for IPv4 10.0.0.1 -> 10.0.0.2.
-    fn pseudo(protocol: u8, len: u32) -> u16 {
-        let mut sum = ones_sum(&[10, 0, 0, 1, 10, 0, 0, 2]);
-        sum += protocol as u64 + len as u64;
-        fold(sum)
-    }
-
-    /// Ethernet + IPv4 + TCP (20-byte header) + payload; checksums left for the device.
-    fn tcp_frame(payload: &[u8], flags: u8, seq: u32) -> Vec<u8> {
-        let mut f = vec![0u8; TCP + 20];
-        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
-        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
-        f[12..14].copy_from_slice(&[0x08, 0x00]);
-        f[IP] = 0x45;
-        let total = (20 + 20 + payload.len()) as u16;
-        f[IP + 2..IP + 4].copy_from_slice(&total.to_be_bytes());
-        f[IP + 4..IP + 6].copy_from_slice(&0x1234u16.to_be_bytes());
-        f[IP + 8] = 64;
-        f[IP + 9] = 6;
-        f[IP + 12..IP + 16].copy_from_slice(&[10, 0, 0, 1]);
-        f[IP + 16..IP + 20].copy_from_slice(&[10, 0, 0, 2]);
-        f[TCP..TCP + 2].copy_from_slice(&80u16.to_be_bytes());
-        f[TCP + 2..TCP + 4].copy_from_slice(&4000u16.to_be_bytes());
-        f[TCP + 4..TCP + 8].copy_from_slice(&seq.to_be_bytes());
-        f[TCP + 12] = 5 << 4;
-        f[TCP + 13] = flags;
-        f[TCP + 14..TCP + 16].copy_from_slice(&0xffffu16.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
-
-    fn ipv4_header_ok(f: &[u8]) -> bool {
-        fold(ones_sum(&f[IP..IP + 20])) == 0xffff
-    }
-
-    fn tcp_checksum_ok(f: &[u8]) -> bool {
-        let tcp_len = (f.len() - TCP) as u32;
-        let sum = ones_sum(&f[TCP..]) + pseudo(6, tcp_len) as u64;
-        fold(sum) == 0xffff
     }
 
     /// Allocates device-readable memory holding `bytes`.
@@ -1033,18 +548,6 @@ mod tests {
         let mut tokens = Vec::new();
         nic.tx_reap(&mut |t| tokens.push(t)).unwrap();
         tokens
-    }
-
-    fn tcp_offload() -> TxOffload {
-        TxOffload {
-            ipv4_header: Some(IP as u16),
-            l4_checksum: Some(L4Checksum {
-                protocol: L4Protocol::Tcp,
-                start: TCP as u16,
-                field: (TCP + 16) as u16,
-            }),
-            tso: None,
-        }
     }
 
     #[test]
@@ -1167,7 +670,7 @@ mod tests {
             1,
         );
         let out = peer.recv().unwrap();
-        let sum = ones_sum(&out[TCP..]) + pseudo(17, udp_len as u32) as u64;
+        let sum = sum_be(&out[TCP..]) + pseudo(17, udp_len as u32) as u64;
         assert_eq!(fold(sum), 0xffff);
     }
 
@@ -1227,6 +730,94 @@ mod tests {
         assert_eq!(reap(&mut nic), vec![3]);
     }
 
+    fn whole_packet_nic() -> SoftNicConfig {
+        let defaults = SoftNicConfig::default();
+        SoftNicConfig {
+            capabilities: Capabilities {
+                tso_headers: TsoHeaders::WholePacket,
+                ..defaults.capabilities
+            },
+            ..defaults
+        }
+    }
+
+    /// Sends a 5000-byte TSO frame prepared for `prepared` (headers and payload in separate
+    /// segments); returns what reached the peer.
+    fn send_tso(nic: &mut SoftNic, peer: &SoftPeer, prepared: TsoHeaders) -> Vec<Vec<u8>> {
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let mut frame = tcp_frame(&payload, 0x19, 1_000_000); // FIN|PSH|ACK
+        let offload = prepare_tso(&mut frame, prepared, 1460);
+        let headers = stage(nic, &frame[..54]);
+        let body = stage(nic, &frame[54..]);
+        let segs = [
+            TxSegment {
+                iova: headers.iova(),
+                len: 54,
+            },
+            TxSegment {
+                iova: body.iova(),
+                len: payload.len() as u32,
+            },
+        ];
+        send(nic, &segs, &offload, 3);
+        std::iter::from_fn(|| peer.recv()).collect()
+    }
+
+    #[test]
+    fn whole_packet_tso_splits_and_fixes_every_header_field() {
+        let (mut nic, peer) = nic(whole_packet_nic());
+        assert_eq!(nic.capabilities().tso_headers, TsoHeaders::WholePacket);
+        let segments = send_tso(&mut nic, &peer, TsoHeaders::WholePacket);
+        assert_eq!(segments.len(), 4);
+        let mut sent = 0;
+        for (i, seg) in segments.iter().enumerate() {
+            let last = i == 3;
+            assert!(seg.len() <= 1514);
+            assert!(ipv4_header_ok(seg), "segment {i}");
+            assert!(tcp_checksum_ok(seg), "segment {i}");
+            assert_eq!(
+                u16::from_be_bytes([seg[IP + 2], seg[IP + 3]]) as usize,
+                seg.len() - IP
+            );
+            assert_eq!(
+                u16::from_be_bytes([seg[IP + 4], seg[IP + 5]]),
+                0x1234 + i as u16
+            );
+            let seq = u32::from_be_bytes(seg[TCP + 4..TCP + 8].try_into().unwrap());
+            assert_eq!(seq, 1_000_000 + sent);
+            assert_eq!(seg[TCP + 13], if last { 0x19 } else { 0x10 });
+            sent += (seg.len() - 54) as u32;
+        }
+        assert_eq!(sent, 5000);
+        assert_eq!(nic.counters().tso_frames, 1);
+        assert_eq!(reap(&mut nic), vec![3]);
+    }
+
+    #[test]
+    fn tso_headers_of_the_wrong_convention_are_detectable() {
+        // Per-segment headers on a whole-packet NIC: every segment's checksums are bad.
+        let (mut whole_packet, peer) = nic(whole_packet_nic());
+        let segments = send_tso(&mut whole_packet, &peer, TsoHeaders::PerSegment);
+        assert_eq!(segments.len(), 4);
+        assert!(segments
+            .iter()
+            .all(|s| !tcp_checksum_ok(s) && !ipv4_header_ok(s)));
+        // Whole-packet headers on a per-segment NIC come without the IPv4 checksum request
+        // the per-segment convention needs: refused at enqueue.
+        let (mut nic, _peer) = nic(SoftNicConfig::default());
+        let mut frame = tcp_frame(&[0; 3000], 0x10, 1);
+        let offload = prepare_tso(&mut frame, TsoHeaders::WholePacket, 1460);
+        let region = stage(&nic, &frame);
+        let seg = TxSegment {
+            iova: region.iova(),
+            len: frame.len() as u32,
+        };
+        assert!(matches!(
+            nic.tx_enqueue(&[seg], &offload, 1),
+            Err(DriverError::BadFrame(_))
+        ));
+    }
+
     #[test]
     fn unmapped_iova_faults_and_drops_the_frame() {
         let (mut nic, peer) = nic(SoftNicConfig::default());
@@ -1283,28 +874,6 @@ mod tests {
         send(&mut nic, &[seg], &TxOffload::default(), 1);
         assert!(peer.recv().is_none());
         assert_eq!(nic.counters().dma_faults, 1);
-    }
-
-    #[test]
-    fn device_write_to_read_only_mapping_faults() {
-        let (nic, _peer) = nic(SoftNicConfig::default());
-        let region = nic.dma().allocate(4096, DmaAccess::DeviceReads).unwrap();
-        region.write_bytes(0, &[1, 2, 3]);
-        let fault = nic
-            .iommu()
-            .dma_write(region.iova(), &[9, 9, 9])
-            .unwrap_err();
-        assert_eq!(fault.kind, DmaFaultKind::WriteToReadOnly);
-        let mut back = [0u8; 3];
-        region.read_bytes(0, &mut back);
-        assert_eq!(back, [1, 2, 3], "memory unchanged");
-        let rw = nic
-            .dma()
-            .allocate(4096, DmaAccess::DeviceReadsWrites)
-            .unwrap();
-        nic.iommu().dma_write(rw.iova(), &[9, 9, 9]).unwrap();
-        rw.read_bytes(0, &mut back);
-        assert_eq!(back, [9, 9, 9]);
     }
 
     #[test]

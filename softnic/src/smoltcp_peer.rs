@@ -1,10 +1,7 @@
 //! The software NIC's far end as a smoltcp `phy::Device`, so that a stock smoltcp
-//! `Interface` and `tcp::Socket` can be the peer of a [`crate::Stack`] in tests and benches.
-//!
-//! (It lives here rather than in `driver::softnic` so the driver crate stays free of
-//! smoltcp.)
+//! `Interface` and `tcp::Socket` can be the peer of a `netstack::Stack` in tests and benches.
 
-use driver::softnic::SoftPeer;
+use crate::SoftPeer;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
@@ -71,5 +68,43 @@ impl phy::Device for PeerDevice {
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.peer.mtu() + 14;
         caps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{SoftNic, SoftNicConfig};
+    use driver::dma::DmaAccess;
+    use driver::{NetQueue, TxOffload, TxSegment};
+    use phy::{Device, RxToken, TxToken};
+
+    #[test]
+    fn frames_cross_between_smoltcp_and_the_nic() {
+        let (mut nic, peer) = SoftNic::new(SoftNicConfig::default()).unwrap();
+        let mut device = PeerDevice::new(peer);
+        let caps = device.capabilities();
+        assert_eq!(caps.medium, Medium::Ethernet);
+        assert_eq!(caps.max_transmission_unit, 1514);
+
+        let token = device.transmit(Instant::from_millis(0)).unwrap();
+        token.consume(60, |frame| frame.fill(0xab));
+        let mut received = Vec::new();
+        assert_eq!(nic.rx_poll(8, &mut |f| received.push(f.to_vec())), 1);
+        assert_eq!(received, vec![vec![0xab; 60]]);
+
+        let region = nic.dma().allocate(60, DmaAccess::DeviceReads).unwrap();
+        region.write_bytes(0, &[0xcd; 60]);
+        let segment = TxSegment {
+            iova: region.iova(),
+            len: 60,
+        };
+        nic.tx_enqueue(&[segment], &TxOffload::default(), 1)
+            .unwrap();
+        nic.tx_flush();
+        let (rx, _tx) = device.receive(Instant::from_millis(0)).unwrap();
+        assert_eq!(rx.consume(|frame| frame.to_vec()), vec![0xcd; 60]);
+        assert!(device.receive(Instant::from_millis(0)).is_none());
+        assert_eq!((device.frames_sent, device.frames_received), (1, 1));
     }
 }
