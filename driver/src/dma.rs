@@ -408,7 +408,7 @@ mod region_tests {
             Ok(())
         }
         fn usable_iova_ranges(&self) -> Vec<Range<Iova>> {
-            vec![0..1 << 39]
+            std::iter::once(0..1 << 39).collect()
         }
     }
 
