@@ -103,3 +103,13 @@ fn which(program: &str) -> bool {
         .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
         .unwrap_or(false)
 }
+
+/// How many frames of a classic pcap carry the network stack's placeholder poison
+/// ([`netstack::poison`]): bytes that must never reach a wire. Every guest test that
+/// captures what the stack sent checks this is zero.
+pub fn poisoned_frames(pcap: &[u8]) -> Result<usize, String> {
+    Ok(wire::pcap_frames(pcap)?
+        .iter()
+        .filter(|f| netstack::poison::find_poison(f).is_some())
+        .count())
+}

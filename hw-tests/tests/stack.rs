@@ -96,6 +96,12 @@ fn stack_sends_file_to_linux(nic: Nic, extra: &str) {
     if !audit.ends_with("violations=0") {
         run.fail(&format!("audit: {audit}"));
     }
+    let pcap = std::fs::read(run.pcap_path()).unwrap_or_else(|e| run.fail(&e.to_string()));
+    match hw_tests::poisoned_frames(&pcap) {
+        Ok(0) => {}
+        Ok(n) => run.fail(&format!("{n} frames on the wire carry placeholder poison")),
+        Err(e) => run.fail(&format!("reading the capture: {e}")),
+    }
 }
 
 #[test]
