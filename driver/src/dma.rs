@@ -37,21 +37,24 @@ pub enum DmaAccess {
     DeviceReadsWrites,
 }
 
+/// One mapping request: `len` bytes at `iova`, with `access` for the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaMapping {
+    pub iova: Iova,
+    pub len: usize,
+    pub access: DmaAccess,
+}
+
 /// Makes host memory visible to a device at an IOVA.
 ///
 /// Mapping is safe by ownership: the mapper is handed the `vm-memory` object that owns the
 /// memory and keeps a clone of its `Arc` until [`DmaMapper::unmap`], so the memory cannot be
 /// freed while the device may reach it.
 pub trait DmaMapper: Send + Sync {
-    /// Map `iova..iova+len` of `memory` (whose `GuestAddress` is the IOVA) for the device.
-    /// The range must lie in `memory`; the mapper holds `memory` until the range is unmapped.
-    fn map(
-        &self,
-        iova: Iova,
-        memory: &Arc<GuestMemoryMmap>,
-        len: usize,
-        access: DmaAccess,
-    ) -> Result<()>;
+    /// Map `mapping.iova..+mapping.len` of `memory` (whose `GuestAddress` is the IOVA) for
+    /// the device. The range must lie in `memory`; the mapper holds `memory` until the range
+    /// is unmapped.
+    fn map(&self, mapping: DmaMapping, memory: &Arc<GuestMemoryMmap>) -> Result<()>;
     /// Remove a mapping made by [`DmaMapper::map`] with the same `iova` and `len`, and
     /// release the mapper's reference to its memory. On error the mapping (and the
     /// reference) stays.
@@ -156,7 +159,12 @@ impl DmaSpace {
             GuestMemoryMmap::from_regions(vec![region])
                 .map_err(|e| DriverError::Dma(format!("building guest memory: {e}")))?,
         );
-        if let Err(e) = self.mapper.map(iova.start, &memory, len, access) {
+        let mapping = DmaMapping {
+            iova: iova.start,
+            len,
+            access,
+        };
+        if let Err(e) = self.mapper.map(mapping, &memory) {
             self.iovas.lock().unwrap().free(iova);
             return Err(e);
         }
@@ -393,14 +401,9 @@ mod region_tests {
     }
 
     impl DmaMapper for HoldingMapper {
-        fn map(
-            &self,
-            iova: Iova,
-            memory: &Arc<GuestMemoryMmap>,
-            _len: usize,
-            _access: DmaAccess,
-        ) -> Result<()> {
-            self.held.lock().unwrap().insert(iova, Arc::clone(memory));
+        fn map(&self, mapping: DmaMapping, memory: &Arc<GuestMemoryMmap>) -> Result<()> {
+            let memory = Arc::clone(memory);
+            self.held.lock().unwrap().insert(mapping.iova, memory);
             Ok(())
         }
         fn unmap(&self, iova: Iova, _len: usize) -> Result<()> {

@@ -20,7 +20,7 @@ use vfio_bindings::bindings::vfio::{
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::dma::{DmaAccess, DmaMapper, DmaSpace};
+use crate::dma::{DmaAccess, DmaMapper, DmaMapping, DmaSpace};
 use crate::error::{DriverError, Result};
 use crate::mmio::Mmio;
 use crate::pci::{self, PciAddress};
@@ -281,13 +281,8 @@ fn host_range(memory: &GuestMemoryMmap, iova: Iova, len: usize) -> Result<*mut u
 }
 
 impl DmaMapper for VfioDmaMapper {
-    fn map(
-        &self,
-        iova: Iova,
-        memory: &Arc<GuestMemoryMmap>,
-        len: usize,
-        access: DmaAccess,
-    ) -> Result<()> {
+    fn map(&self, mapping: DmaMapping, memory: &Arc<GuestMemoryMmap>) -> Result<()> {
+        let DmaMapping { iova, len, access } = mapping;
         let host = host_range(memory, iova, len)?;
         let flags = match access {
             DmaAccess::DeviceReads => VFIO_DMA_MAP_FLAG_READ,

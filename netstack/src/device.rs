@@ -127,6 +127,14 @@ impl Frame {
     }
 }
 
+/// A zero-copy segment whose payload lies at `stream` in connection `conn`'s send queue.
+struct MappedSegment {
+    tcp: TcpFrame,
+    conn: u32,
+    stream: Range<u64>,
+    tso: Option<Tso>,
+}
+
 struct Staged {
     frame: Frame,
     segments: Range<usize>,
@@ -146,6 +154,8 @@ pub struct TxPath {
     staged_segments: Vec<TxSegment>,
     /// Frames smoltcp may still build this poll.
     budget: usize,
+    /// Where the segments of the frame being staged begin in `staged_segments`.
+    frame_start: usize,
     /// Where smoltcp builds every frame (ordinary memory); the boundary then writes the
     /// headers (or the whole frame) into the frame's DMA buffer.
     build: Vec<u8>,
@@ -242,6 +252,7 @@ impl TxPath {
             staged: VecDeque::with_capacity(config.slots),
             staged_segments: Vec::with_capacity(config.slots * 4),
             budget: 0,
+            frame_start: 0,
             build: vec![0; tso_frame.unwrap_or(SLOT_SIZE).max(SLOT_SIZE)],
             pool: copy_pool(dma, config.copy_blocks)?,
             conns: Vec::new(),
@@ -305,9 +316,9 @@ impl TxPath {
     }
 
     fn stage_frame(&mut self, slot: DmaBuffer, buffer: &mut [u8], tso_mss: Option<u16>) {
-        let segments_start = self.staged_segments.len();
+        self.frame_start = self.staged_segments.len();
         let Some(tcp) = frame::parse_tcp(buffer) else {
-            return self.stage_whole(slot, buffer, TxOffload::default(), segments_start);
+            return self.stage_whole(slot, buffer, TxOffload::default());
         };
         self.note_syn(&tcp);
         let conn_index = self.flows.get(&tcp.flow()).copied();
@@ -326,17 +337,14 @@ impl TxPath {
             let located =
                 conn_index.and_then(|i| Some((i, self.conns[i as usize].locate(tcp.seq)?)));
             match located {
-                Some((index, SegmentStart::Stream(start))) => {
-                    let stream = start..start + tcp.payload_len as u64;
-                    return self.stage_zero_copy(
-                        slot,
-                        buffer,
-                        &tcp,
-                        index,
-                        stream,
+                Some((conn, SegmentStart::Stream(start))) => {
+                    let segment = MappedSegment {
+                        tcp,
+                        conn,
+                        stream: start..start + tcp.payload_len as u64,
                         tso,
-                        segments_start,
-                    );
+                    };
+                    return self.stage_zero_copy(slot, buffer, segment);
                 }
                 Some((index, SegmentStart::KeepAlive)) if tcp.payload_len == 1 => {
                     // The probe's byte is the last acknowledged one: send the real byte.
@@ -345,7 +353,7 @@ impl TxPath {
                             buffer[tcp.header_len] = byte;
                             self.stats.keepalive_probes += 1;
                             let offload = self.prepare_tcp_checksum(buffer, &tcp, None, None);
-                            return self.stage_whole(slot, buffer, offload, segments_start);
+                            return self.stage_whole(slot, buffer, offload);
                         }
                         None => {
                             return self.drop_unmapped(&tcp, "keep-alive probe before any data")
@@ -366,17 +374,13 @@ impl TxPath {
             if let Some(index) = conn_index {
                 let conn = &mut self.conns[index as usize];
                 if let Some(start) = conn.stream_offset(tcp.seq) {
-                    account_sent(
-                        &mut self.stats,
-                        &mut conn.sendq,
-                        start,
-                        tcp.payload_len as u64,
-                    );
+                    let stream = start..start + tcp.payload_len as u64;
+                    account_sent(&mut self.stats, &mut conn.sendq, stream);
                 }
             }
         }
         let offload = self.prepare_tcp_checksum(buffer, &tcp, tso, None);
-        self.stage_whole(slot, buffer, offload, segments_start);
+        self.stage_whole(slot, buffer, offload);
     }
 
     /// Never put placeholders on the wire: drop a zero-copy segment whose payload cannot
@@ -429,13 +433,7 @@ impl TxPath {
 
     /// Stages a frame whose bytes are all in `buffer`: written into the slot, or into a
     /// jumbo buffer when larger.
-    fn stage_whole(
-        &mut self,
-        mut slot: DmaBuffer,
-        buffer: &[u8],
-        offload: TxOffload,
-        segments_start: usize,
-    ) {
+    fn stage_whole(&mut self, mut slot: DmaBuffer, buffer: &[u8], offload: TxOffload) {
         let mut jumbo = None;
         let iova = if buffer.len() <= SLOT_SIZE {
             slot.write(0, buffer);
@@ -460,48 +458,39 @@ impl TxPath {
             _jumbo: jumbo,
             reads: None,
         };
-        self.stage(frame, segments_start, offload);
+        self.stage(frame, offload);
     }
 
-    fn stage(&mut self, frame: Frame, segments_start: usize, offload: TxOffload) {
+    fn stage(&mut self, frame: Frame, offload: TxOffload) {
         self.budget = self.budget.saturating_sub(1);
         self.staged.push_back(Staged {
             frame,
-            segments: segments_start..self.staged_segments.len(),
+            segments: self.frame_start..self.staged_segments.len(),
             offload,
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn stage_zero_copy(
-        &mut self,
-        mut slot: DmaBuffer,
-        buffer: &mut [u8],
-        tcp: &TcpFrame,
-        index: u32,
-        stream: Range<u64>,
-        tso: Option<Tso>,
-        segments_start: usize,
-    ) {
+    /// Stages a zero-copy segment: headers in the slot, payload by IOVA from the send queue.
+    fn stage_zero_copy(&mut self, mut slot: DmaBuffer, buffer: &mut [u8], seg: MappedSegment) {
+        let (tcp, index, start) = (seg.tcp, seg.conn, self.frame_start);
         self.stats.placeholder_bytes_copied += tcp.payload_len as u64;
-        let header_len = tcp.header_len;
         // Header chain entry first; the payload comes from the send queue.
         self.staged_segments.push(TxSegment {
             iova: slot.iova(0),
-            len: header_len as u32,
+            len: tcp.header_len as u32,
         });
         let conn = &self.conns[index as usize];
         let segments = &mut self.staged_segments;
         let (sent_max, mut position, mut new_file_bytes) =
-            (conn.sendq.sent_max, stream.start, 0u64);
-        let mapped = conn.sendq.for_each_piece(stream.clone(), |piece| {
+            (conn.sendq.sent_max, seg.stream.start, 0u64);
+        let mapped = conn.sendq.for_each_piece(seg.stream.clone(), |piece| {
             let end = position + piece.len as u64;
             if piece.is_file() {
                 new_file_bytes += end.saturating_sub(position.max(sent_max));
             }
             position = end;
             // Merge pieces contiguous in IOVA space (but never into the header).
-            let has_payload = segments.len() > segments_start + 1;
+            let has_payload = segments.len() > start + 1;
             match segments.last_mut() {
                 Some(last) if has_payload && last.iova + last.len as u64 == piece.iova => {
                     last.len += piece.len as u32;
@@ -514,68 +503,46 @@ impl TxPath {
         });
         if mapped.is_err() {
             // smoltcp sent bytes we never queued: a bug; never put placeholders on the wire.
-            tracing::error!("TX segment {stream:?} is not in the send queue; frame dropped");
-            self.stats.tx_unmapped_drops += 1;
-            self.staged_segments.truncate(segments_start);
-            return;
+            self.staged_segments.truncate(start);
+            return self.drop_unmapped(&tcp, "segment not in the send queue");
         }
         self.stats.file_bytes_sent += new_file_bytes;
-        let too_many = self.staged_segments.len() - segments_start > self.caps.max_tx_segments;
-        if too_many {
+        if self.staged_segments.len() - start > self.caps.max_tx_segments {
             // Too fragmented for the NIC: linearize into the slot (or a jumbo buffer) like
             // skb_linearize. Counted as copied payload.
-            self.staged_segments.truncate(segments_start);
-            return self.linearize(slot, buffer, tcp, index, stream, tso, segments_start);
+            self.staged_segments.truncate(start);
+            return self.linearize(slot, buffer, seg);
         }
-        let offload = self.prepare_tcp_checksum(buffer, tcp, tso, Some((index, stream.clone())));
-        slot.write(0, &buffer[..header_len]);
+        let payload = Some((index, seg.stream.clone()));
+        let offload = self.prepare_tcp_checksum(buffer, &tcp, seg.tso, payload);
+        slot.write(0, &buffer[..tcp.header_len]);
         let conn = &mut self.conns[index as usize];
-        conn.sendq.add_dma_refs(stream.clone(), 1);
+        conn.sendq.add_dma_refs(seg.stream.clone(), 1);
         self.stats.zero_copy_frames += 1;
-        account_sent(
-            &mut self.stats,
-            &mut conn.sendq,
-            stream.start,
-            stream.end - stream.start,
-        );
+        account_sent(&mut self.stats, &mut conn.sendq, seg.stream.clone());
         let frame = Frame {
             slot,
             _jumbo: None,
-            reads: Some((index, conn.generation, stream)),
+            reads: Some((index, conn.generation, seg.stream)),
         };
-        self.stage(frame, segments_start, offload);
+        self.stage(frame, offload);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn linearize(
-        &mut self,
-        slot: DmaBuffer,
-        buffer: &mut [u8],
-        tcp: &TcpFrame,
-        index: u32,
-        stream: Range<u64>,
-        tso: Option<Tso>,
-        segments_start: usize,
-    ) {
-        let mut at = tcp.header_len;
-        let conn = &self.conns[index as usize];
+    /// Copies a mapped segment's payload into the frame and stages it whole.
+    fn linearize(&mut self, slot: DmaBuffer, buffer: &mut [u8], seg: MappedSegment) {
+        let mut at = seg.tcp.header_len;
+        let conn = &mut self.conns[seg.conn as usize];
         conn.sendq
-            .for_each_piece(stream.clone(), |piece| {
+            .for_each_piece(seg.stream.clone(), |piece| {
                 piece.with_bytes(|bytes| buffer[at..at + bytes.len()].copy_from_slice(bytes));
                 at += piece.len;
             })
             .expect("mapped just before");
         self.stats.linearized_frames += 1;
-        self.stats.payload_bytes_copied += tcp.payload_len as u64;
-        let conn = &mut self.conns[index as usize];
-        account_sent(
-            &mut self.stats,
-            &mut conn.sendq,
-            stream.start,
-            stream.end - stream.start,
-        );
-        let offload = self.prepare_tcp_checksum(buffer, tcp, tso, None);
-        self.stage_whole(slot, buffer, offload, segments_start);
+        self.stats.payload_bytes_copied += seg.tcp.payload_len as u64;
+        account_sent(&mut self.stats, &mut conn.sendq, seg.stream);
+        let offload = self.prepare_tcp_checksum(buffer, &seg.tcp, seg.tso, None);
+        self.stage_whole(slot, buffer, offload);
     }
 
     /// Fills the TCP checksum field: the pseudo-header sum for the NIC to complete, or the
@@ -637,9 +604,9 @@ impl TxPath {
     }
 }
 
-/// First transmissions and retransmissions of `start..start+len`.
-fn account_sent(stats: &mut StackStats, sendq: &mut SendQueue, start: u64, len: u64) {
-    let end = start + len;
+/// First transmissions and retransmissions of `stream`.
+fn account_sent(stats: &mut StackStats, sendq: &mut SendQueue, stream: Range<u64>) {
+    let (start, end) = (stream.start, stream.end);
     if start < sendq.sent_max {
         stats.retransmitted_segments += 1;
         stats.retransmitted_bytes += end.min(sendq.sent_max) - start;

@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 
 use common::{pattern, sha256, Bed, BedConfig};
 use netstack::BoundaryFault;
-use pagecache::OpenOptions;
 use softnic::SoftNicConfig;
 
 fn send_file_over(fault: BoundaryFault) -> (Bed, bool, u64) {
@@ -17,13 +16,7 @@ fn send_file_over(fault: BoundaryFault) -> (Bed, bool, u64) {
     let mut config = BedConfig::new(SoftNicConfig::default(), 1 << 20);
     config.stack.tx.fault = fault;
     let mut bed = Bed::new(config);
-    let path = bed.write_file("f", &data);
-    let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
-    let conn = bed.connect();
-    let pin = file.pin(0..data.len() as u64).unwrap();
-    bed.stack
-        .send_file(conn, &pin, 0..data.len() as u64)
-        .unwrap();
+    bed.connect_and_send_file("f", &data);
     let received = bed.receive_all(&data, |_, _| {});
     let intact = received.sha256 == sha256(&data);
     let poisoned = bed.poisoned_frames.load(Ordering::Relaxed);

@@ -39,9 +39,8 @@ fn hammered_transfer(policy: WritePolicy) -> Outcome {
     config.audit = true;
     config.capture_stream_len = Some(LEN);
     let mut bed = Bed::new(config);
-    let path = bed.write_file("hot", &data);
-    let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
-    let conn = bed.connect();
+    let (file, conn) = bed.open_and_connect("hot", &data);
+    let path = bed.dir.path().join("hot");
 
     // The version pinned at send time is what the peer must get.
     let pin = file.pin(0..LEN as u64).unwrap();

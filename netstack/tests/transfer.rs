@@ -37,9 +37,7 @@ fn transfer_64mib_with_loss_reordering_and_duplication_arrives_intact() {
     let mut config = BedConfig::new(lossy_nic(0.02), LEN + (8 << 20));
     config.capture_stream_len = Some(LEN);
     let mut bed = Bed::new(config);
-    let path = bed.write_file("big", &data);
-    let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
-    let conn = bed.connect();
+    let (file, conn) = bed.open_and_connect("big", &data);
     let pin = file.pin(0..LEN as u64).unwrap();
     let send_id = bed.stack.send_file(conn, &pin, 0..LEN as u64).unwrap();
     drop(pin); // the stack holds its own sub-pins
@@ -113,9 +111,7 @@ fn zero_copy_tso_with_whole_packet_headers_arrives_intact() {
     nic.capabilities.tso_headers = TsoHeaders::WholePacket;
     let mut bed = Bed::new(BedConfig::new(nic, LEN + (4 << 20)));
     assert!(bed.stack.tso_frame().is_some(), "TSO in use");
-    let path = bed.write_file("f", &data);
-    let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
-    let conn = bed.connect();
+    let (file, conn) = bed.open_and_connect("f", &data);
     let pin = file.pin(0..LEN as u64).unwrap();
     bed.stack.send_file(conn, &pin, 0..LEN as u64).unwrap();
     drop(pin);
@@ -163,9 +159,7 @@ fn software_checksums_and_mss_segmentation_when_the_nic_has_no_offloads() {
     };
     let mut bed = Bed::new(BedConfig::new(nic, LEN + (4 << 20)));
     assert_eq!(bed.stack.tso_frame(), None);
-    let path = bed.write_file("f", &data);
-    let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
-    let conn = bed.connect();
+    let (file, conn) = bed.open_and_connect("f", &data);
     let header = b"HTTP/1.1 200 OK\r\nContent-Length: 3145728\r\n\r\n";
     assert_eq!(bed.stack.send(conn, header).unwrap(), header.len());
     let pin = file.pin(1000..LEN as u64).unwrap();
@@ -193,13 +187,7 @@ fn software_checksums_and_mss_segmentation_when_the_nic_has_no_offloads() {
 fn close_after_send_delivers_everything_then_fin() {
     let data = pattern(200_000, 9);
     let mut bed = Bed::new(BedConfig::new(SoftNicConfig::default(), 1 << 20));
-    let path = bed.write_file("f", &data);
-    let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
-    let conn = bed.connect();
-    let pin = file.pin(0..data.len() as u64).unwrap();
-    bed.stack
-        .send_file(conn, &pin, 0..data.len() as u64)
-        .unwrap();
+    let conn = bed.connect_and_send_file("f", &data);
     bed.stack.close(conn).unwrap();
     assert!(bed.stack.send(conn, b"x").is_err(), "no sends after close");
     let received = bed.receive_all(&data, |_, _| {});
@@ -221,9 +209,7 @@ fn abort_releases_pins_and_reports_the_send_aborted() {
     const LEN: usize = 8 << 20;
     let data = pattern(LEN, 5);
     let mut bed = Bed::new(BedConfig::new(SoftNicConfig::default(), LEN + (2 << 20)));
-    let path = bed.write_file("f", &data);
-    let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
-    let conn = bed.connect();
+    let (file, conn) = bed.open_and_connect("f", &data);
     let pin = file.pin(0..LEN as u64).unwrap();
     let send_id = bed.stack.send_file(conn, &pin, 0..LEN as u64).unwrap();
     drop(pin);
@@ -265,28 +251,7 @@ fn pins_are_held_until_the_device_has_read_the_frames() {
     let path = bed.write_file("f", &data);
     let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
     // The handshake needs the device to run.
-    bed.stack.listen(SERVER_PORT).unwrap();
-    let conn = {
-        let remote = (
-            smoltcp::wire::IpAddress::from(smoltcp::wire::Ipv4Address::from(STACK_IP)),
-            SERVER_PORT,
-        );
-        let cx = bed.peer_iface.context();
-        bed.peer_sockets
-            .get_mut::<smoltcp::socket::tcp::Socket>(bed.peer_socket)
-            .connect(cx, remote, 40000)
-            .unwrap();
-        let mut conn = None;
-        bed.run_until(1000, |bed| {
-            bed.stack.nic_mut().device_step(usize::MAX);
-            conn = bed.stack.poll_events().find_map(|e| match e {
-                Event::Accepted { conn, .. } => Some(conn),
-                _ => None,
-            });
-            conn.is_some()
-        });
-        conn.unwrap()
-    };
+    let conn = bed.connect_with_device_running();
     let pin = file.pin(0..data.len() as u64).unwrap();
     bed.stack
         .send_file(conn, &pin, 0..data.len() as u64)
@@ -331,28 +296,7 @@ fn a_connection_without_send_progress_is_aborted_and_its_pins_released() {
     let path = bed.write_file("f", &data);
     let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
     // The handshake needs the device to run.
-    bed.stack.listen(SERVER_PORT).unwrap();
-    let conn = {
-        let remote = (
-            smoltcp::wire::IpAddress::from(smoltcp::wire::Ipv4Address::from(STACK_IP)),
-            SERVER_PORT,
-        );
-        let cx = bed.peer_iface.context();
-        bed.peer_sockets
-            .get_mut::<smoltcp::socket::tcp::Socket>(bed.peer_socket)
-            .connect(cx, remote, 40000)
-            .unwrap();
-        let mut conn = None;
-        bed.run_until(1000, |bed| {
-            bed.stack.nic_mut().device_step(usize::MAX);
-            conn = bed.stack.poll_events().find_map(|e| match e {
-                Event::Accepted { conn, .. } => Some(conn),
-                _ => None,
-            });
-            conn.is_some()
-        });
-        conn.unwrap()
-    };
+    let conn = bed.connect_with_device_running();
     let pin = file.pin(0..data.len() as u64).unwrap();
     bed.stack
         .send_file(conn, &pin, 0..data.len() as u64)
@@ -441,17 +385,9 @@ fn reconnecting_from_the_same_port_after_our_close_is_served_byte_exact() {
     let path = bed.write_file("f", &data);
     let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
     bed.stack.listen(SERVER_PORT).unwrap();
-    let remote = (
-        smoltcp::wire::IpAddress::from(smoltcp::wire::Ipv4Address::from(STACK_IP)),
-        SERVER_PORT,
-    );
     for round in 0..20 {
         let started = bed.now;
-        let cx = bed.peer_iface.context();
-        bed.peer_sockets
-            .get_mut::<smoltcp::socket::tcp::Socket>(bed.peer_socket)
-            .connect(cx, remote, 40001)
-            .unwrap();
+        bed.peer_connect(40001);
         let mut conn = None;
         bed.run_until(100_000, |bed| {
             conn = conn.or(bed.stack.poll_events().find_map(|e| match e {

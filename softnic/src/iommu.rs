@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use driver::dma::{DmaAccess, DmaMapper};
+use driver::dma::{DmaAccess, DmaMapper, DmaMapping};
 use driver::{DriverError, Iova, Result};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryResult};
 
@@ -133,13 +133,8 @@ impl SoftIommu {
 }
 
 impl DmaMapper for SoftIommu {
-    fn map(
-        &self,
-        iova: Iova,
-        memory: &Arc<GuestMemoryMmap>,
-        len: usize,
-        access: DmaAccess,
-    ) -> Result<()> {
+    fn map(&self, mapping: DmaMapping, memory: &Arc<GuestMemoryMmap>) -> Result<()> {
+        let DmaMapping { iova, len, access } = mapping;
         if len == 0
             || iova
                 .checked_add(len as u64)
@@ -196,6 +191,10 @@ impl DmaMapper for SoftIommu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mapping(iova: Iova, len: usize, access: DmaAccess) -> DmaMapping {
+        DmaMapping { iova, len, access }
+    }
     use driver::dma::DmaSpace;
 
     /// Two pages of memory at IOVA 0x1000, not yet mapped.
@@ -225,10 +224,13 @@ mod tests {
         let iommu = SoftIommu::new();
         let memory = two_pages();
         iommu
-            .map(0x1000, &memory, 0x1000, DmaAccess::DeviceReadsWrites)
+            .map(
+                mapping(0x1000, 0x1000, DmaAccess::DeviceReadsWrites),
+                &memory,
+            )
             .unwrap();
         iommu
-            .map(0x2000, &memory, 0x1000, DmaAccess::DeviceReads)
+            .map(mapping(0x2000, 0x1000, DmaAccess::DeviceReads), &memory)
             .unwrap();
         memory.write_slice(&[7; 32], GuestAddress(0x1ff0)).unwrap();
         let mut out = [0u8; 32];
@@ -259,11 +261,20 @@ mod tests {
         let iommu = SoftIommu::new();
         let memory = two_pages();
         let rw = DmaAccess::DeviceReadsWrites;
-        assert!(iommu.map(0x1000, &memory, 0x3000, rw).is_err(), "too long");
-        assert!(iommu.map(0x0, &memory, 0x1000, rw).is_err(), "below it");
-        assert!(iommu.map(0x1000, &memory, 0, rw).is_err(), "empty");
-        iommu.map(0x1000, &memory, 0x2000, rw).unwrap();
-        assert!(iommu.map(0x2000, &memory, 0x1000, rw).is_err(), "overlap");
+        assert!(
+            iommu.map(mapping(0x1000, 0x3000, rw), &memory).is_err(),
+            "too long"
+        );
+        assert!(
+            iommu.map(mapping(0x0, 0x1000, rw), &memory).is_err(),
+            "below it"
+        );
+        assert!(iommu.map(mapping(0x1000, 0, rw), &memory).is_err(), "empty");
+        iommu.map(mapping(0x1000, 0x2000, rw), &memory).unwrap();
+        assert!(
+            iommu.map(mapping(0x2000, 0x1000, rw), &memory).is_err(),
+            "overlap"
+        );
         assert!(
             iommu.unmap(0x1000, 0x1000).is_err(),
             "not the mapped length"
@@ -277,7 +288,7 @@ mod tests {
         let iommu = SoftIommu::new();
         let memory = two_pages();
         iommu
-            .map(0x1000, &memory, 0x2000, DmaAccess::DeviceReads)
+            .map(mapping(0x1000, 0x2000, DmaAccess::DeviceReads), &memory)
             .unwrap();
         let weak = Arc::downgrade(&memory);
         drop(memory);

@@ -232,9 +232,47 @@ impl Bed {
         self.peer_sockets.get_mut::<tcp::Socket>(self.peer_socket)
     }
 
-    /// The peer connects to the stack's listener; returns the accepted connection.
-    pub fn connect(&mut self) -> ConnId {
+    /// Writes `data` as file `name`, opens it in the cache and accepts the peer's
+    /// connection.
+    pub fn open_and_connect(&mut self, name: &str, data: &[u8]) -> (pagecache::CachedFile, ConnId) {
+        let path = self.write_file(name, data);
+        let file = self
+            .cache
+            .open(&path, pagecache::OpenOptions::read_only())
+            .unwrap();
+        (file, self.connect())
+    }
+
+    /// [`Bed::open_and_connect`], then the whole file queued with `send_file` (the pin is
+    /// dropped: the stack keeps its own).
+    pub fn connect_and_send_file(&mut self, name: &str, data: &[u8]) -> ConnId {
+        let (file, conn) = self.open_and_connect(name, data);
+        let pin = file.pin(0..data.len() as u64).unwrap();
+        self.stack
+            .send_file(conn, &pin, 0..data.len() as u64)
+            .unwrap();
+        conn
+    }
+
+    /// Like [`Bed::connect`], for a NIC with manual DMA: the device runs during the
+    /// handshake only (the client port is 40000).
+    pub fn connect_with_device_running(&mut self) -> ConnId {
         self.stack.listen(SERVER_PORT).unwrap();
+        self.peer_connect(40000);
+        let mut conn = None;
+        self.run_until(1000, |bed| {
+            bed.stack.nic_mut().device_step(usize::MAX);
+            conn = bed.stack.poll_events().find_map(|e| match e {
+                Event::Accepted { conn, .. } => Some(conn),
+                _ => None,
+            });
+            conn.is_some()
+        });
+        conn.expect("no connection accepted")
+    }
+
+    /// The peer's socket connects to the stack's port from `local_port`.
+    pub fn peer_connect(&mut self, local_port: u16) {
         let remote = (
             IpAddress::from(smoltcp::wire::Ipv4Address::from(STACK_IP)),
             SERVER_PORT,
@@ -242,8 +280,14 @@ impl Bed {
         let cx = self.peer_iface.context();
         self.peer_sockets
             .get_mut::<tcp::Socket>(self.peer_socket)
-            .connect(cx, remote, 49152)
+            .connect(cx, remote, local_port)
             .unwrap();
+    }
+
+    /// The peer connects to the stack's listener; returns the accepted connection.
+    pub fn connect(&mut self) -> ConnId {
+        self.stack.listen(SERVER_PORT).unwrap();
+        self.peer_connect(49152);
         for _ in 0..100_000 {
             self.step();
             while let Some(e) = self.stack.next_event() {
