@@ -497,6 +497,18 @@ impl RunningGuest {
         self.finish(true)
     }
 
+    /// [`RunningGuest::stop`] a guest that ran `zerosend serve`, failing (with the console
+    /// tail) if the server panicked at any point.
+    pub fn stop_server(self) -> GuestRun {
+        let run = self
+            .stop()
+            .unwrap_or_else(|e| panic!("stopping the guest: {e}"));
+        if run.console_contains("panicked") {
+            run.fail("the server panicked");
+        }
+        run
+    }
+
     /// Whether QEMU is still running.
     pub fn is_running(&mut self) -> bool {
         self.child
