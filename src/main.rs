@@ -1,5 +1,8 @@
 //! `zerosend`: the command-line program (file server and tools).
 
+// DMA, VFIO and MMIO live in the driver crates: the server itself is safe Rust.
+#![forbid(unsafe_code)]
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use driver::pci;
