@@ -33,6 +33,15 @@ pub struct ServeOptions {
     pub gateway: Option<Ipv4Addr>,
     pub port: u16,
     pub write_policy: WritePolicy,
+    /// What a request that needs a page-cache frame does when all are pinned.
+    pub backpressure: Backpressure,
+    /// Idle keep-alive connections are closed after this long.
+    pub idle_timeout: Duration,
+    /// A request head (or PUT body) must arrive within this long of its first byte.
+    pub request_timeout: Duration,
+    pub limits: Limits,
+    /// Send buffer of each TCP connection, in bytes.
+    pub tcp_send_buffer: usize,
     pub audit: bool,
     pub pcap: Option<PathBuf>,
     pub max_connections: usize,
@@ -117,15 +126,15 @@ fn run<Q: ServerNic>(
     let arena = FrameArena::from_shared(Arc::clone(region.memory()))?;
     let cache_config = CacheConfig {
         audit: options.audit,
-        backpressure: Backpressure::Wait {
-            timeout: Duration::from_secs(2),
-        },
+        backpressure: options.backpressure,
         ..CacheConfig::default()
     };
     let cache = PageCache::new(arena, cache_config)?;
     let root = ServeRoot::new(&options.root)
         .with_context(|| format!("--root {}", options.root.display()))?;
-    let mut core = ServerCore::new(root, cache.clone(), options.write_policy, Limits::default());
+    let mut core = ServerCore::new(root, cache.clone(), options.write_policy, options.limits);
+    core.idle_timeout = options.idle_timeout;
+    core.request_timeout = options.request_timeout;
 
     let ipv4 = match options.ip {
         Some((ip, prefix)) => {
@@ -137,7 +146,7 @@ fn run<Q: ServerNic>(
     // Room for a burst of simultaneous connection attempts (each beyond the limit still gets
     // its 503 rather than a reset).
     config.backlog = (options.max_connections + 16).min(256);
-    config.tcp_tx_buffer = 512 * 1024;
+    config.tcp_tx_buffer = options.tcp_send_buffer;
     let mut stack = Stack::new(nic, config)?;
     let listener = stack.listen(options.port)?;
     let started = Instant::now();
