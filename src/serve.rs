@@ -10,17 +10,29 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use driver::anynic::{open_nic, NicConfig};
-use driver::dma::DmaAccess;
+use driver::dma::{DmaAccess, DmaRegion};
 use driver::pcap::PcapTap;
 use driver::pci::{self, PciAddress};
 use driver::{NetQueue, NicModel};
-use netstack::{ConnId, Event, Ipv4Config, Stack, StackConfig};
+use netstack::{ConnId, Event, Ipv4Config, ListenerId, Stack, StackConfig};
 use pagecache::{Backpressure, CacheConfig, FrameArena, PageCache, WritePolicy};
 
 use crate::conn::{Connection, Outgoing, ServerCore, MAX_QUEUED_RESPONSES};
 use crate::http::{simple_response, Limits};
 use crate::metrics::{render_prometheus, Metric};
 use crate::root::ServeRoot;
+
+mod snapshot;
+use snapshot::stats_snapshot;
+
+/// Received bytes are read from the stack in chunks of this size.
+const RECV_CHUNK: usize = 64 * 1024;
+/// How often idle and slow connections are looked for.
+const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// Polls with nothing to do before the loop starts napping between polls.
+const SPINS_BEFORE_NAP: u32 = 64;
+/// The nap of an idle loop: short, so a new request waits at most this long.
+const IDLE_NAP: Duration = Duration::from_micros(200);
 
 /// Everything `zerosend serve` is told on the command line.
 #[derive(Clone, Debug)]
@@ -103,6 +115,7 @@ impl<Q: NetQueue> ServerNic for PcapTap<Q> {
     }
 }
 
+/// One accepted connection: its HTTP state and the responses not yet handed to the stack.
 struct ConnEntry {
     http: Connection,
     /// Response pieces not yet handed to the stack, and how much of the first was sent.
@@ -111,215 +124,343 @@ struct ConnEntry {
     closed_by_us: bool,
 }
 
+impl ConnEntry {
+    fn new(now: Instant) -> Self {
+        ConnEntry {
+            http: Connection::new(now),
+            out: VecDeque::new(),
+            sent_of_first: 0,
+            closed_by_us: false,
+        }
+    }
+
+    /// Close our sending half once, after everything queued.
+    fn close<Q: NetQueue>(&mut self, stack: &mut Stack<Q>, id: ConnId) {
+        if !self.closed_by_us {
+            let _ = stack.close(id);
+            self.closed_by_us = true;
+        }
+    }
+}
+
+/// Connection counts for the stats line and the metrics page.
+#[derive(Clone, Copy, Debug, Default)]
+struct ConnectionCounts {
+    accepted: u64,
+    /// Answered 503 over `--max-connections`.
+    rejected: u64,
+}
+
+/// The server's state between polls.
+struct Server<Q: NetQueue> {
+    stack: Stack<Q>,
+    listener: ListenerId,
+    cache: PageCache,
+    core: ServerCore,
+    conns: HashMap<ConnId, ConnEntry>,
+    counts: ConnectionCounts,
+    max_connections: usize,
+    recv_buf: Vec<u8>,
+    /// Reused every poll: the loop allocates nothing per iteration once warmed up.
+    ids: Vec<ConnId>,
+    /// The page cache's DMA memory. Dropping it removes its IOMMU mapping, so it lives as
+    /// long as the server and is dropped last (fields drop in order), after the stack and
+    /// the cache whose pins the NIC may still be reading.
+    _cache_dma: DmaRegion,
+}
+
 fn run<Q: ServerNic>(
     nic: Q,
     options: &ServeOptions,
     address: PciAddress,
     capturing: bool,
 ) -> Result<()> {
-    // The page cache's frames live in DMA memory mapped read-only for the NIC: the device can
-    // read file pages but never change them.
-    let region = nic
-        .dma()
-        .allocate(options.cache_mb << 20, DmaAccess::DeviceReads)
-        .context("allocating the page cache's DMA memory")?;
-    let arena = FrameArena::from_shared(Arc::clone(region.memory()))?;
-    let cache_config = CacheConfig {
-        audit: options.audit,
-        backpressure: options.backpressure,
-        ..CacheConfig::default()
-    };
-    let cache = PageCache::new(arena, cache_config)?;
-    let root = ServeRoot::new(&options.root)
-        .with_context(|| format!("--root {}", options.root.display()))?;
-    let mut core = ServerCore::new(root, cache.clone(), options.write_policy, options.limits);
-    core.idle_timeout = options.idle_timeout;
-    core.request_timeout = options.request_timeout;
-
-    let ipv4 = match options.ip {
-        Some((ip, prefix)) => {
-            Ipv4Config::static_address(ip.octets(), prefix, options.gateway.map(|g| g.octets()))
-        }
-        None => Ipv4Config::Dhcp,
-    };
-    let mut config = StackConfig::new(ipv4);
-    // Room for a burst of simultaneous connection attempts (each beyond the limit still gets
-    // its 503 rather than a reset).
-    config.backlog = (options.max_connections + 16).min(256);
-    config.tcp_tx_buffer = options.tcp_send_buffer;
-    let mut stack = Stack::new(nic, config)?;
-    let listener = stack.listen(options.port)?;
-    let started = Instant::now();
-    let mut conns: HashMap<ConnId, ConnEntry> = HashMap::new();
-    let mut rejected_connections = 0u64;
-    let mut accepted_connections = 0u64;
+    let mut server = Server::start(nic, options)?;
     let mut announced = false;
+    let mut stats = StatsLine::new(options.stats_interval);
     let mut last_timeouts = Instant::now();
-    let mut last_stats = Instant::now();
-    let mut last_tx_bytes = 0u64;
-    let mut recv_buf = vec![0u8; 64 * 1024];
-    let mut idle_polls = 0u32;
-    // Reused every poll: the loop allocates nothing per iteration once warmed up.
-    let mut ids: Vec<ConnId> = Vec::new();
-
+    let mut idle = IdleBackoff::default();
     loop {
         let now = Instant::now();
-        let mut work = stack.poll(netstack::Instant::now())?;
+        let mut work = server.stack.poll(netstack::Instant::now())?;
         if !announced {
-            if let Some(addr) = stack.ipv4_address() {
-                println!(
-                    "zerosend: serving {} on {}:{} (nic {address} {}, mac {}, write policy {:?}, audit {}, pcap {})",
-                    core.root.path().display(),
-                    addr.address(),
-                    options.port,
-                    stack.nic().capabilities().tso_max_frame.map(|_| "TSO").unwrap_or("no TSO"),
-                    stack.nic().mac_address(),
-                    options.write_policy,
-                    if options.audit { "on" } else { "off" },
-                    if capturing { "on" } else { "off" },
-                );
-                announced = true;
-            }
+            announced = server.announce(options, &address, capturing);
         }
-        while let Some(event) = stack.next_event() {
+        work |= server.dispatch_events(now);
+        work |= server.serve_connections(now);
+        if now.duration_since(last_timeouts) > TIMEOUT_CHECK_INTERVAL {
+            last_timeouts = now;
+            server.enforce_timeouts(now);
+        }
+        stats.print_when_due(now, &mut server);
+        idle.after_poll(work);
+    }
+}
+
+impl<Q: ServerNic> Server<Q> {
+    /// Page cache in DMA memory, the HTTP core, and the stack listening on the port.
+    fn start(nic: Q, options: &ServeOptions) -> Result<Self> {
+        // The page cache's frames live in DMA memory mapped read-only for the NIC: the device
+        // can read file pages but never change them.
+        let region = nic
+            .dma()
+            .allocate(options.cache_mb << 20, DmaAccess::DeviceReads)
+            .context("allocating the page cache's DMA memory")?;
+        let arena = FrameArena::from_shared(Arc::clone(region.memory()))?;
+        let cache_config = CacheConfig {
+            audit: options.audit,
+            backpressure: options.backpressure,
+            ..CacheConfig::default()
+        };
+        let cache = PageCache::new(arena, cache_config)?;
+        let root = ServeRoot::new(&options.root)
+            .with_context(|| format!("--root {}", options.root.display()))?;
+        let mut core = ServerCore::new(root, cache.clone(), options.write_policy, options.limits);
+        core.idle_timeout = options.idle_timeout;
+        core.request_timeout = options.request_timeout;
+
+        let ipv4 = match options.ip {
+            Some((ip, prefix)) => {
+                Ipv4Config::static_address(ip.octets(), prefix, options.gateway.map(|g| g.octets()))
+            }
+            None => Ipv4Config::Dhcp,
+        };
+        let mut config = StackConfig::new(ipv4);
+        // Room for a burst of simultaneous connection attempts (each beyond the limit still
+        // gets its 503 rather than a reset).
+        config.backlog = (options.max_connections + 16).min(256);
+        config.tcp_tx_buffer = options.tcp_send_buffer;
+        let mut stack = Stack::new(nic, config)?;
+        let listener = stack.listen(options.port)?;
+        Ok(Server {
+            stack,
+            listener,
+            cache,
+            core,
+            conns: HashMap::new(),
+            counts: ConnectionCounts::default(),
+            max_connections: options.max_connections,
+            recv_buf: vec![0u8; RECV_CHUNK],
+            ids: Vec::new(),
+            _cache_dma: region,
+        })
+    }
+
+    /// Print the "serving" line once the interface has an address; returns whether it did.
+    fn announce(&self, options: &ServeOptions, address: &PciAddress, capturing: bool) -> bool {
+        let Some(addr) = self.stack.ipv4_address() else {
+            return false;
+        };
+        let nic = self.stack.nic();
+        println!(
+            "zerosend: serving {} on {}:{} (nic {address} {}, mac {}, write policy {:?}, audit {}, pcap {})",
+            self.core.root.path().display(),
+            addr.address(),
+            options.port,
+            nic.capabilities().tso_max_frame.map(|_| "TSO").unwrap_or("no TSO"),
+            nic.mac_address(),
+            options.write_policy,
+            if options.audit { "on" } else { "off" },
+            if capturing { "on" } else { "off" },
+        );
+        true
+    }
+
+    /// New and closed connections.
+    fn dispatch_events(&mut self, now: Instant) -> bool {
+        let mut work = false;
+        while let Some(event) = self.stack.next_event() {
             work = true;
             match event {
-                Event::Accepted { listener: l, conn } if l == listener => {
-                    accepted_connections += 1;
-                    if conns.len() >= options.max_connections {
-                        // Over the limit: answer 503 and close, rather than refusing silently.
-                        rejected_connections += 1;
-                        let body = "503 Service Unavailable: too many connections\n";
-                        let _ = stack.send(
-                            conn,
-                            &simple_response(503, "Service Unavailable", body, false, false),
-                        );
-                        let _ = stack.close(conn);
-                        continue;
-                    }
-                    conns.insert(
-                        conn,
-                        ConnEntry {
-                            http: Connection::new(now),
-                            out: VecDeque::new(),
-                            sent_of_first: 0,
-                            closed_by_us: false,
-                        },
-                    );
+                Event::Accepted { listener, conn } if listener == self.listener => {
+                    self.accept(conn, now);
                 }
                 Event::Closed { conn } => {
-                    conns.remove(&conn);
+                    self.conns.remove(&conn);
                 }
                 _ => {}
             }
         }
+        work
+    }
 
+    fn accept(&mut self, conn: ConnId, now: Instant) {
+        self.counts.accepted += 1;
+        if self.conns.len() >= self.max_connections {
+            // Over the limit: answer 503 and close, rather than refusing silently.
+            self.counts.rejected += 1;
+            let body = "503 Service Unavailable: too many connections\n";
+            let _ = self.stack.send(
+                conn,
+                &simple_response(503, "Service Unavailable", body, false, false),
+            );
+            let _ = self.stack.close(conn);
+            return;
+        }
+        self.conns.insert(conn, ConnEntry::new(now));
+    }
+
+    /// Every connection: read requests, queue responses, hand them to the stack, close
+    /// finished connections.
+    fn serve_connections(&mut self, now: Instant) -> bool {
+        let mut work = false;
+        let mut ids = std::mem::take(&mut self.ids);
         ids.clear();
-        ids.extend(conns.keys().copied());
+        ids.extend(self.conns.keys().copied());
         for &id in &ids {
-            let entry = conns.get_mut(&id).unwrap();
-            // Receive what is there (bounded by what the HTTP layer will queue).
-            let mut new_out = Vec::new();
-            while entry.out.len() < MAX_QUEUED_RESPONSES && !entry.http.closing() {
-                match stack.recv(id, &mut recv_buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        work = true;
-                        entry.http.on_bytes(
-                            &recv_buf[..n],
-                            now,
-                            entry.out.len(),
-                            &mut core,
-                            &mut new_out,
-                        );
-                        entry.out.extend(new_out.drain(..));
-                    }
-                    Err(_) => break,
-                }
+            work |= self.serve_connection(id, now);
+        }
+        self.ids = ids;
+        work
+    }
+
+    fn serve_connection(&mut self, id: ConnId, now: Instant) -> bool {
+        let Server {
+            stack,
+            cache,
+            core,
+            conns,
+            counts,
+            recv_buf,
+            ..
+        } = self;
+        let entry = conns.get_mut(&id).expect("ids are taken from conns");
+        let mut work = receive_requests(stack, id, entry, recv_buf, core, now);
+        // Metrics are rendered only when a metrics response is queued.
+        let metrics = if entry
+            .out
+            .iter()
+            .any(|o| matches!(o, Outgoing::Metrics { .. }))
+        {
+            stats_snapshot(stack, cache, core, counts.accepted, counts.rejected)
+        } else {
+            Vec::new()
+        };
+        work |= pump(stack, id, entry, &metrics);
+        if entry.out.is_empty() && entry.http.closing() {
+            entry.close(stack, id);
+        }
+        if stack.peer_closed(id).unwrap_or(true) && entry.out.is_empty() {
+            entry.close(stack, id);
+        }
+        work
+    }
+
+    /// Close idle connections and answer slow requests with 408.
+    fn enforce_timeouts(&mut self, now: Instant) {
+        for (&id, entry) in self.conns.iter_mut() {
+            if !entry.out.is_empty() || self.stack.unacked(id).unwrap_or(0) > 0 {
+                // A response is still going out: the client is not idle.
+                entry.http.touch(now);
+                continue;
             }
-            if entry.out.is_empty() && !entry.http.closing() {
-                // Resume pipelined requests held back while the queue was full.
-                entry.http.on_bytes(&[], now, 0, &mut core, &mut new_out);
+            let (response, close) = entry.http.check_timeouts(now, &mut self.core);
+            if let Some(bytes) = response {
+                entry.out.push_back(Outgoing::Bytes(bytes));
+            }
+            if close && entry.out.is_empty() {
+                entry.close(&mut self.stack, id);
+            }
+        }
+    }
+}
+
+/// Receive what is there (bounded by what the HTTP layer will queue) and turn it into
+/// responses.
+fn receive_requests<Q: NetQueue>(
+    stack: &mut Stack<Q>,
+    id: ConnId,
+    entry: &mut ConnEntry,
+    recv_buf: &mut [u8],
+    core: &mut ServerCore,
+    now: Instant,
+) -> bool {
+    let mut work = false;
+    let mut new_out = Vec::new();
+    while entry.out.len() < MAX_QUEUED_RESPONSES && !entry.http.closing() {
+        match stack.recv(id, recv_buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                work = true;
+                entry
+                    .http
+                    .on_bytes(&recv_buf[..n], now, entry.out.len(), core, &mut new_out);
                 entry.out.extend(new_out.drain(..));
             }
-            // Metrics are rendered only when a metrics response is queued.
-            let metrics = if entry
-                .out
-                .iter()
-                .any(|o| matches!(o, Outgoing::Metrics { .. }))
-            {
-                stats_snapshot(
-                    &stack,
-                    &cache,
-                    &core,
-                    accepted_connections,
-                    rejected_connections,
-                )
-            } else {
-                Vec::new()
-            };
-            work |= pump(&mut stack, id, entry, &metrics);
-            let entry = conns.get_mut(&id).unwrap();
-            if entry.out.is_empty() && entry.http.closing() && !entry.closed_by_us {
-                let _ = stack.close(id);
-                entry.closed_by_us = true;
-            }
-            if stack.peer_closed(id).unwrap_or(true) && entry.out.is_empty() && !entry.closed_by_us
-            {
-                let _ = stack.close(id);
-                entry.closed_by_us = true;
-            }
+            Err(_) => break,
         }
+    }
+    if entry.out.is_empty() && !entry.http.closing() {
+        // Resume pipelined requests held back while the queue was full.
+        entry.http.on_bytes(&[], now, 0, core, &mut new_out);
+        entry.out.extend(new_out.drain(..));
+    }
+    work
+}
 
-        if now.duration_since(last_timeouts) > Duration::from_millis(500) {
-            last_timeouts = now;
-            for (&id, entry) in conns.iter_mut() {
-                if !entry.out.is_empty() || stack.unacked(id).unwrap_or(0) > 0 {
-                    // A response is still going out: the client is not idle.
-                    entry.http.touch(now);
-                    continue;
-                }
-                let (response, close) = entry.http.check_timeouts(now, &mut core);
-                if let Some(bytes) = response {
-                    entry.out.push_back(Outgoing::Bytes(bytes));
-                }
-                if close && entry.out.is_empty() && !entry.closed_by_us {
-                    let _ = stack.close(id);
-                    entry.closed_by_us = true;
-                }
-            }
+/// The periodic one-line summary on stdout.
+struct StatsLine {
+    interval: Duration,
+    started: Instant,
+    last: Instant,
+    last_tx_bytes: u64,
+}
+
+impl StatsLine {
+    fn new(interval: Duration) -> Self {
+        let now = Instant::now();
+        StatsLine {
+            interval,
+            started: now,
+            last: now,
+            last_tx_bytes: 0,
         }
-        if now.duration_since(last_stats) >= options.stats_interval {
-            let secs = now.duration_since(last_stats).as_secs_f64();
-            last_stats = now;
-            stack.nic_mut().flush_capture();
-            let s = stack.stats();
-            let c = cache.stats();
-            let tx_mbit = (s.payload_bytes_sent - last_tx_bytes) as f64 * 8.0 / secs / 1e6;
-            last_tx_bytes = s.payload_bytes_sent;
-            println!(
-                "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {accepted_connections}, rejected {rejected_connections}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
-                started.elapsed().as_secs_f64(),
-                conns.len(),
-                core.counters.requests,
-                c.pinned_pages_now,
-                c.cow_copies,
-                c.writer_waits,
-                s.retransmitted_segments,
-                c.audit_checks,
-                c.audit_violations,
-                s.payload_bytes_copied,
-                s.file_bytes_sent,
-            );
+    }
+
+    fn print_when_due<Q: ServerNic>(&mut self, now: Instant, server: &mut Server<Q>) {
+        if now.duration_since(self.last) < self.interval {
+            return;
         }
+        let secs = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        server.stack.nic_mut().flush_capture();
+        let s = server.stack.stats();
+        let c = server.cache.stats();
+        let tx_mbit = (s.payload_bytes_sent - self.last_tx_bytes) as f64 * 8.0 / secs / 1e6;
+        self.last_tx_bytes = s.payload_bytes_sent;
+        let ConnectionCounts { accepted, rejected } = server.counts;
+        println!(
+            "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {accepted}, rejected {rejected}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
+            self.started.elapsed().as_secs_f64(),
+            server.conns.len(),
+            server.core.counters.requests,
+            c.pinned_pages_now,
+            c.cow_copies,
+            c.writer_waits,
+            s.retransmitted_segments,
+            c.audit_checks,
+            c.audit_violations,
+            s.payload_bytes_copied,
+            s.file_bytes_sent,
+        );
+    }
+}
+
+/// Polling-mode NIC: spin briefly, then nap so an idle server does not burn a core.
+#[derive(Default)]
+struct IdleBackoff {
+    idle_polls: u32,
+}
+
+impl IdleBackoff {
+    fn after_poll(&mut self, work: bool) {
         if work {
-            idle_polls = 0;
-        } else {
-            // Polling-mode NIC: spin briefly, then nap so an idle server does not burn a core.
-            idle_polls += 1;
-            if idle_polls > 64 {
-                std::thread::sleep(Duration::from_micros(200));
-            }
+            self.idle_polls = 0;
+            return;
+        }
+        self.idle_polls += 1;
+        if self.idle_polls > SPINS_BEFORE_NAP {
+            std::thread::sleep(IDLE_NAP);
         }
     }
 }
@@ -380,133 +521,4 @@ fn pump<Q: NetQueue>(
         entry.sent_of_first = 0;
     }
     work
-}
-
-/// Every counter, for the metrics page.
-fn stats_snapshot<Q: NetQueue>(
-    stack: &Stack<Q>,
-    cache: &PageCache,
-    core: &ServerCore,
-    accepted: u64,
-    rejected: u64,
-) -> Vec<Metric> {
-    let s = stack.stats();
-    let c = cache.stats();
-    let h = core.counters;
-    vec![
-        Metric::counter(
-            "zerosend_http_requests_total",
-            "HTTP requests parsed.",
-            h.requests,
-        ),
-        Metric::counter(
-            "zerosend_http_responses_2xx_total",
-            "2xx responses.",
-            h.responses_2xx,
-        ),
-        Metric::counter(
-            "zerosend_http_responses_3xx_total",
-            "3xx responses.",
-            h.responses_3xx,
-        ),
-        Metric::counter(
-            "zerosend_http_responses_4xx_total",
-            "4xx responses.",
-            h.responses_4xx,
-        ),
-        Metric::counter(
-            "zerosend_http_responses_5xx_total",
-            "5xx responses.",
-            h.responses_5xx,
-        ),
-        Metric::counter("zerosend_http_puts_total", "PUT requests applied.", h.puts),
-        Metric::counter(
-            "zerosend_http_timeouts_total",
-            "Connections closed for idleness or slowness.",
-            h.timeouts,
-        ),
-        Metric::counter(
-            "zerosend_connections_accepted_total",
-            "TCP connections accepted.",
-            accepted,
-        ),
-        Metric::counter(
-            "zerosend_connections_rejected_total",
-            "Connections answered 503 over --max-connections.",
-            rejected,
-        ),
-        Metric::counter(
-            "zerosend_file_bytes_sent_total",
-            "File bytes transmitted (first transmission).",
-            s.file_bytes_sent,
-        ),
-        Metric::counter(
-            "zerosend_payload_bytes_sent_total",
-            "Stream bytes transmitted (first transmission).",
-            s.payload_bytes_sent,
-        ),
-        Metric::counter(
-            "zerosend_payload_bytes_copied_total",
-            "Payload bytes the CPU copied (zero for file data).",
-            s.payload_bytes_copied,
-        ),
-        Metric::counter(
-            "zerosend_tcp_retransmits_total",
-            "TCP segments retransmitted.",
-            s.retransmitted_segments,
-        ),
-        Metric::counter(
-            "zerosend_frames_tx_total",
-            "Frames handed to the NIC.",
-            s.frames_tx,
-        ),
-        Metric::counter("zerosend_frames_rx_total", "Frames received.", s.frames_rx),
-        Metric::gauge(
-            "zerosend_pins_held",
-            "Page-cache pins held by the stack.",
-            s.pins_held_now as f64,
-        ),
-        Metric::gauge(
-            "zerosend_pinned_pages",
-            "Page-cache pages pinned now.",
-            c.pinned_pages_now as f64,
-        ),
-        Metric::gauge(
-            "zerosend_resident_pages",
-            "Page-cache pages resident now.",
-            c.resident_pages_now as f64,
-        ),
-        Metric::counter("zerosend_pins_total", "Page-cache pins taken.", c.pins),
-        Metric::counter(
-            "zerosend_cow_copies_total",
-            "Pinned pages copied on write.",
-            c.cow_copies,
-        ),
-        Metric::counter(
-            "zerosend_writer_waits_total",
-            "Writers that waited for pins.",
-            c.writer_waits,
-        ),
-        Metric::gauge(
-            "zerosend_writer_wait_seconds_total",
-            "Time writers waited for pins.",
-            c.writer_wait_time.as_secs_f64(),
-        ),
-        Metric::counter(
-            "zerosend_write_timeouts_total",
-            "Writes that timed out waiting for pins.",
-            c.write_timeouts,
-        ),
-        Metric::counter("zerosend_evictions_total", "Pages evicted.", c.evictions),
-        Metric::counter(
-            "zerosend_audit_checks_total",
-            "Pages verified at last unpin (audit mode).",
-            c.audit_checks,
-        ),
-        Metric::counter(
-            "zerosend_audit_violations_total",
-            "Pages changed while pinned (must be 0).",
-            c.audit_violations,
-        ),
-    ]
 }
