@@ -24,7 +24,7 @@ struct Cli {
 enum Command {
     /// Serve the files under --root over HTTP/1.1, with file bodies sent zero-copy from the
     /// stable page cache by a NIC bound to vfio-pci.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// List PCI network devices, their driver binding and IOMMU group, and whether zerosend
     /// can drive them.
     Probe,
@@ -84,6 +84,11 @@ struct ServeArgs {
     /// Write every frame sent and received to this pcap file.
     #[arg(long)]
     pcap: Option<std::path::PathBuf>,
+    /// Access log: one line per response (client, request line, status, bytes, seconds) to
+    /// this file (appended to), or `-` for stdout. Lines are dropped, never waited for,
+    /// when the log cannot keep up.
+    #[arg(long, value_name = "PATH")]
+    access_log: Option<String>,
     /// Connections beyond this get a 503.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
@@ -133,6 +138,10 @@ impl ServeArgs {
             tcp_send_buffer: (self.tcp_send_buffer_kb as usize) << 10,
             audit: self.audit,
             pcap: self.pcap,
+            access_log: self
+                .access_log
+                .as_deref()
+                .map(accesslog::Destination::parse),
             max_connections: self.max_connections,
             cache_mb: self.cache_mb,
             stats_interval: Duration::from_secs(self.stats_interval.max(1)),
@@ -140,12 +149,15 @@ impl ServeArgs {
     }
 }
 
+mod accesslog;
 mod conn;
 mod http;
 mod metrics;
+mod process;
 mod respond;
 mod root;
 mod serve;
+mod warnings;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum PolicyArg {

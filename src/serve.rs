@@ -4,9 +4,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use driver::anynic::{open_nic, NicConfig};
@@ -17,10 +18,12 @@ use driver::{NetQueue, NicModel};
 use netstack::{ConnId, Event, Ipv4Config, ListenerId, Stack, StackConfig};
 use pagecache::{Backpressure, CacheConfig, FrameArena, PageCache, WritePolicy};
 
-use crate::conn::{Connection, Outgoing, ServerCore, MAX_QUEUED_RESPONSES};
+use crate::accesslog::{self, AccessLog};
+use crate::conn::{Connection, Outgoing, ResponseEnd, ServerCore, MAX_QUEUED_RESPONSES};
 use crate::http::{simple_response, Limits};
 use crate::metrics::{render_prometheus, Metric};
 use crate::root::ServeRoot;
+use crate::warnings::WarnKind;
 
 mod snapshot;
 use snapshot::stats_snapshot;
@@ -56,6 +59,8 @@ pub struct ServeOptions {
     pub tcp_send_buffer: usize,
     pub audit: bool,
     pub pcap: Option<PathBuf>,
+    /// One line per response, to a file or stdout.
+    pub access_log: Option<accesslog::Destination>,
     pub max_connections: usize,
     pub cache_mb: usize,
     pub stats_interval: Duration,
@@ -118,20 +123,70 @@ impl<Q: NetQueue> ServerNic for PcapTap<Q> {
 /// One accepted connection: its HTTP state and the responses not yet handed to the stack.
 struct ConnEntry {
     http: Connection,
+    /// The connection's number (the first accepted is 1), for the access log.
+    serial: u64,
     /// Response pieces not yet handed to the stack, and how much of the first was sent.
     out: VecDeque<Outgoing>,
     sent_of_first: usize,
+    /// Responses in `out` (its [`Outgoing::End`]s).
+    queued_responses: usize,
+    /// Stream bytes handed to the stack so far, and where the response being handed over
+    /// started.
+    stream_queued: u64,
+    response_start: u64,
+    /// Stream bytes the client acknowledged, as of the last look.
+    stream_acked: u64,
+    /// Responses handed over whose access-log lines wait for the client's acknowledgement
+    /// (empty when the access log is off).
+    unacknowledged: VecDeque<Unacknowledged>,
     closed_by_us: bool,
 }
 
+/// A response in the stream, and what its access-log line says.
+struct Unacknowledged {
+    stream: Range<u64>,
+    end: ResponseEnd,
+}
+
 impl ConnEntry {
-    fn new(now: Instant) -> Self {
+    fn new(serial: u64, now: Instant) -> Self {
         ConnEntry {
             http: Connection::new(now),
+            serial,
             out: VecDeque::new(),
             sent_of_first: 0,
+            queued_responses: 0,
+            stream_queued: 0,
+            response_start: 0,
+            stream_acked: 0,
+            unacknowledged: VecDeque::new(),
             closed_by_us: false,
         }
+    }
+
+    /// Append response pieces the HTTP layer produced.
+    fn queue(&mut self, pieces: &mut Vec<Outgoing>) {
+        self.queued_responses += pieces
+            .iter()
+            .filter(|p| matches!(p, Outgoing::End(_)))
+            .count();
+        self.out.extend(pieces.drain(..));
+    }
+
+    /// The stack refuses more (the connection is going away): drop what is queued, keeping
+    /// the access-log records of its responses.
+    fn abandon_queued(&mut self, logging: bool) {
+        let at = self.stream_queued;
+        for piece in self.out.drain(..) {
+            if let (Outgoing::End(end), true) = (piece, logging) {
+                self.unacknowledged.push_back(Unacknowledged {
+                    stream: at..at,
+                    end,
+                });
+            }
+        }
+        self.queued_responses = 0;
+        self.sent_of_first = 0;
     }
 
     /// Close our sending half once, after everything queued.
@@ -139,6 +194,41 @@ impl ConnEntry {
         if !self.closed_by_us {
             let _ = stack.close(id);
             self.closed_by_us = true;
+        }
+    }
+
+    /// Log the responses the client has acknowledged in full; when the connection is
+    /// `finished`, every response left, with the bytes that did get acknowledged.
+    fn log_acknowledged<Q: NetQueue>(
+        &mut self,
+        stack: &Stack<Q>,
+        id: ConnId,
+        log: &mut AccessLog,
+        now: Instant,
+        finished: bool,
+    ) {
+        if let Ok(unacked) = stack.unacked(id) {
+            self.stream_acked = self.stream_queued.saturating_sub(unacked);
+        }
+        if finished {
+            // Responses never handed to the stack: nothing of them reached the client.
+            self.abandon_queued(true);
+        }
+        while let Some(front) = self.unacknowledged.front() {
+            if !finished && front.stream.end > self.stream_acked {
+                break;
+            }
+            let Unacknowledged { stream, end } = self.unacknowledged.pop_front().unwrap();
+            log.record(&accesslog::Entry {
+                at: SystemTime::now(),
+                // The network stack does not tell a connection's peer address (yet).
+                client: None,
+                connection: self.serial,
+                request_line: end.request_line.as_deref(),
+                status: end.status,
+                bytes: self.stream_acked.clamp(stream.start, stream.end) - stream.start,
+                duration: now.saturating_duration_since(end.started),
+            });
         }
     }
 }
@@ -163,6 +253,9 @@ struct Server<Q: NetQueue> {
     recv_buf: Vec<u8>,
     /// Reused every poll: the loop allocates nothing per iteration once warmed up.
     ids: Vec<ConnId>,
+    access_log: Option<AccessLog>,
+    /// For the resident-memory gauge.
+    page_size: u64,
     /// The page cache's DMA memory. Dropping it removes its IOMMU mapping, so it lives as
     /// long as the server and is dropped last (fields drop in order), after the stack and
     /// the cache whose pins the NIC may still be reading.
@@ -218,6 +311,14 @@ impl<Q: ServerNic> Server<Q> {
         let mut core = ServerCore::new(root, cache.clone(), options.write_policy, options.limits);
         core.idle_timeout = options.idle_timeout;
         core.request_timeout = options.request_timeout;
+        let access_log = match &options.access_log {
+            Some(destination) => Some(
+                AccessLog::open(destination)
+                    .with_context(|| format!("--access-log {destination}"))?,
+            ),
+            None => None,
+        };
+        core.record_request_lines = access_log.is_some();
 
         let ipv4 = match options.ip {
             Some((ip, prefix)) => {
@@ -242,6 +343,8 @@ impl<Q: ServerNic> Server<Q> {
             max_connections: options.max_connections,
             recv_buf: vec![0u8; RECV_CHUNK],
             ids: Vec::new(),
+            access_log,
+            page_size: crate::process::page_size(),
             _cache_dma: region,
         })
     }
@@ -276,7 +379,11 @@ impl<Q: ServerNic> Server<Q> {
                     self.accept(conn, now);
                 }
                 Event::Closed { conn } => {
-                    self.conns.remove(&conn);
+                    if let Some(mut entry) = self.conns.remove(&conn) {
+                        if let Some(log) = &mut self.access_log {
+                            entry.log_acknowledged(&self.stack, conn, log, now, true);
+                        }
+                    }
                 }
                 _ => {}
             }
@@ -287,17 +394,35 @@ impl<Q: ServerNic> Server<Q> {
     fn accept(&mut self, conn: ConnId, now: Instant) {
         self.counts.accepted += 1;
         if self.conns.len() >= self.max_connections {
-            // Over the limit: answer 503 and close, rather than refusing silently.
-            self.counts.rejected += 1;
-            let body = "503 Service Unavailable: too many connections\n";
-            let _ = self.stack.send(
-                conn,
-                &simple_response(503, "Service Unavailable", body, false, false),
-            );
-            let _ = self.stack.close(conn);
+            self.reject(conn, now);
             return;
         }
-        self.conns.insert(conn, ConnEntry::new(now));
+        self.conns
+            .insert(conn, ConnEntry::new(self.counts.accepted, now));
+    }
+
+    /// Over the connection limit: answer 503 and close, rather than refusing silently.
+    fn reject(&mut self, conn: ConnId, now: Instant) {
+        self.counts.rejected += 1;
+        self.core.counters.count(503);
+        self.core
+            .warnings
+            .warn(WarnKind::ServiceUnavailable, now, "too many connections");
+        let body = "503 Service Unavailable: too many connections\n";
+        let response = simple_response(503, "Service Unavailable", body, false, false);
+        let sent = self.stack.send(conn, &response).unwrap_or(0);
+        let _ = self.stack.close(conn);
+        if let Some(log) = &mut self.access_log {
+            log.record(&accesslog::Entry {
+                at: SystemTime::now(),
+                client: None,
+                connection: self.counts.accepted,
+                request_line: None,
+                status: 503,
+                bytes: sent as u64,
+                duration: Duration::ZERO,
+            });
+        }
     }
 
     /// Every connection: read requests, queue responses, hand them to the stack, close
@@ -322,8 +447,11 @@ impl<Q: ServerNic> Server<Q> {
             conns,
             counts,
             recv_buf,
+            access_log,
+            page_size,
             ..
         } = self;
+        let open = conns.len() as u64;
         let entry = conns.get_mut(&id).expect("ids are taken from conns");
         let mut work = receive_requests(stack, id, entry, recv_buf, core, now);
         // Metrics are rendered only when a metrics response is queued.
@@ -332,15 +460,25 @@ impl<Q: ServerNic> Server<Q> {
             .iter()
             .any(|o| matches!(o, Outgoing::Metrics { .. }))
         {
-            stats_snapshot(stack, cache, core, counts.accepted, counts.rejected)
+            let server = snapshot::ServerCounts {
+                accepted: counts.accepted,
+                rejected: counts.rejected,
+                open,
+                access_log_dropped: access_log.as_ref().map_or(0, AccessLog::dropped),
+                page_size: *page_size,
+            };
+            stats_snapshot(stack, cache, core, &server)
         } else {
             Vec::new()
         };
-        work |= pump(stack, id, entry, &metrics);
-        if entry.out.is_empty() && entry.http.closing() {
-            entry.close(stack, id);
+        work |= pump(stack, id, entry, &metrics, access_log.is_some());
+        if let Some(log) = access_log {
+            entry.log_acknowledged(stack, id, log, now, false);
         }
-        if stack.peer_closed(id).unwrap_or(true) && entry.out.is_empty() {
+        // Close once everything received is answered: when HTTP says so, or when the peer
+        // has finished sending (a half-closed pipeline is still answered in full).
+        let peer_done = stack.peer_closed(id).unwrap_or(true) && !entry.http.held_back();
+        if entry.out.is_empty() && (entry.http.closing() || peer_done) {
             entry.close(stack, id);
         }
         work
@@ -348,23 +486,25 @@ impl<Q: ServerNic> Server<Q> {
 
     /// Close idle connections and answer slow requests with 408.
     fn enforce_timeouts(&mut self, now: Instant) {
-        for (&id, entry) in self.conns.iter_mut() {
-            if !entry.out.is_empty() || self.stack.unacked(id).unwrap_or(0) > 0 {
+        let Server {
+            stack, core, conns, ..
+        } = self;
+        let mut pieces = Vec::new();
+        for (&id, entry) in conns.iter_mut() {
+            if !entry.out.is_empty() || stack.unacked(id).unwrap_or(0) > 0 {
                 // A response is still going out: the client is not idle.
                 entry.http.touch(now);
                 continue;
             }
-            let (response, close) = entry.http.check_timeouts(now, &mut self.core);
-            if let Some(bytes) = response {
-                entry.out.push_back(Outgoing::Bytes(bytes));
-            }
+            let close = entry.http.check_timeouts(now, core, &mut pieces);
+            entry.queue(&mut pieces);
             if close && entry.out.is_empty() {
-                entry.close(&mut self.stack, id);
+                entry.close(stack, id);
             }
         }
+        core.warnings.flush(now);
     }
 }
-
 /// Receive what is there (bounded by what the HTTP layer will queue) and turn it into
 /// responses.
 fn receive_requests<Q: NetQueue>(
@@ -376,24 +516,31 @@ fn receive_requests<Q: NetQueue>(
     now: Instant,
 ) -> bool {
     let mut work = false;
-    let mut new_out = Vec::new();
-    while entry.out.len() < MAX_QUEUED_RESPONSES && !entry.http.closing() {
+    let mut pieces = Vec::new();
+    // Held-back requests are answered before more is read: what is buffered stays bounded.
+    while entry.queued_responses < MAX_QUEUED_RESPONSES
+        && !entry.http.closing()
+        && !entry.http.held_back()
+    {
         match stack.recv(id, recv_buf) {
             Ok(0) => break,
             Ok(n) => {
                 work = true;
+                let queued = entry.queued_responses;
                 entry
                     .http
-                    .on_bytes(&recv_buf[..n], now, entry.out.len(), core, &mut new_out);
-                entry.out.extend(new_out.drain(..));
+                    .on_bytes(&recv_buf[..n], now, queued, core, &mut pieces);
+                entry.queue(&mut pieces);
             }
             Err(_) => break,
         }
     }
-    if entry.out.is_empty() && !entry.http.closing() {
+    if entry.http.held_back() && entry.queued_responses < MAX_QUEUED_RESPONSES {
         // Resume pipelined requests held back while the queue was full.
-        entry.http.on_bytes(&[], now, 0, core, &mut new_out);
-        entry.out.extend(new_out.drain(..));
+        let queued = entry.queued_responses;
+        entry.http.on_bytes(&[], now, queued, core, &mut pieces);
+        work |= !pieces.is_empty();
+        entry.queue(&mut pieces);
     }
     work
 }
@@ -471,6 +618,7 @@ fn pump<Q: NetQueue>(
     id: ConnId,
     entry: &mut ConnEntry,
     metrics: &[Metric],
+    logging: bool,
 ) -> bool {
     let mut work = false;
     while let Some(front) = entry.out.front_mut() {
@@ -479,10 +627,11 @@ fn pump<Q: NetQueue>(
                 match stack.send(id, &bytes[entry.sent_of_first..]) {
                     Ok(n) => {
                         entry.sent_of_first += n;
+                        entry.stream_queued += n as u64;
                         work |= n > 0;
                     }
                     Err(_) => {
-                        entry.out.clear();
+                        entry.abandon_queued(logging);
                         break;
                     }
                 }
@@ -492,9 +641,10 @@ fn pump<Q: NetQueue>(
             }
             Outgoing::File { pin, range } => {
                 if stack.send_file(id, pin, range.clone()).is_err() {
-                    entry.out.clear();
+                    entry.abandon_queued(logging);
                     break;
                 }
+                entry.stream_queued += range.end - range.start;
                 work = true;
             }
             Outgoing::Metrics {
@@ -515,6 +665,20 @@ fn pump<Q: NetQueue>(
                 }
                 *front = Outgoing::Bytes(head);
                 continue;
+            }
+            Outgoing::End(end) => {
+                entry.queued_responses -= 1;
+                let stream = entry.response_start..entry.stream_queued;
+                entry.response_start = entry.stream_queued;
+                if logging {
+                    let end = ResponseEnd {
+                        request_line: end.request_line.take(),
+                        ..*end
+                    };
+                    entry
+                        .unacknowledged
+                        .push_back(Unacknowledged { stream, end });
+                }
             }
         }
         entry.out.pop_front();

@@ -7,23 +7,50 @@ use pagecache::PageCache;
 
 use crate::conn::ServerCore;
 use crate::metrics::Metric;
+use crate::warnings::WarnKind;
+
+/// What the event loop counts itself.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ServerCounts {
+    pub accepted: u64,
+    /// Answered 503 over `--max-connections`.
+    pub rejected: u64,
+    /// Connections open now.
+    pub open: u64,
+    pub access_log_dropped: u64,
+    pub page_size: u64,
+}
 
 /// Every counter, for the metrics page.
 pub(super) fn stats_snapshot<Q: NetQueue>(
     stack: &Stack<Q>,
     cache: &PageCache,
     core: &ServerCore,
-    accepted: u64,
-    rejected: u64,
+    server: &ServerCounts,
 ) -> Vec<Metric> {
     let s = stack.stats();
     let c = cache.stats();
-    let h = core.counters;
-    vec![
+    let h = &core.counters;
+    let mut metrics = vec![
         Metric::counter(
             "zerosend_http_requests_total",
             "HTTP requests parsed.",
             h.requests,
+        ),
+        Metric::counter(
+            "zerosend_http_request_bytes_total",
+            "Bytes received from clients (request heads and bodies).",
+            h.request_bytes,
+        ),
+        Metric::counter(
+            "zerosend_http_discarded_body_bytes_total",
+            "Request body bytes read and thrown away (bodies of requests other than PUT).",
+            h.discarded_body_bytes,
+        ),
+        Metric::counter(
+            "zerosend_http_responses_1xx_total",
+            "1xx (interim) responses.",
+            h.responses_1xx,
         ),
         Metric::counter(
             "zerosend_http_responses_2xx_total",
@@ -54,12 +81,22 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
         Metric::counter(
             "zerosend_connections_accepted_total",
             "TCP connections accepted.",
-            accepted,
+            server.accepted,
         ),
         Metric::counter(
             "zerosend_connections_rejected_total",
             "Connections answered 503 over --max-connections.",
-            rejected,
+            server.rejected,
+        ),
+        Metric::gauge(
+            "zerosend_connections_open",
+            "TCP connections open now.",
+            server.open as f64,
+        ),
+        Metric::counter(
+            "zerosend_access_log_lines_dropped_total",
+            "Access-log lines dropped because the writer was behind.",
+            server.access_log_dropped,
         ),
         Metric::counter(
             "zerosend_file_bytes_sent_total",
@@ -134,5 +171,29 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             "Pages changed while pinned (must be 0).",
             c.audit_violations,
         ),
-    ]
+    ];
+    if let Some(rss) = crate::process::resident_bytes(server.page_size) {
+        metrics.push(Metric::gauge(
+            "zerosend_process_resident_memory_bytes",
+            "Resident memory of the server process (from /proc/self/statm).",
+            rss as f64,
+        ));
+    }
+    metrics.extend(h.responses.iter().map(|(&code, &n)| {
+        Metric::counter(
+            "zerosend_http_responses_total",
+            "Responses by status code (every response, 503s of the connection limit included).",
+            n,
+        )
+        .with_label("code", code)
+    }));
+    metrics.extend(WarnKind::ALL.into_iter().map(|kind| {
+        Metric::counter(
+            "zerosend_warnings_total",
+            "Situations warned about (rate-limited in the log, all counted here).",
+            core.warnings.seen(kind),
+        )
+        .with_label("kind", kind.name())
+    }));
+    metrics
 }
