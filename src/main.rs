@@ -65,7 +65,8 @@ struct ServeArgs {
     /// Longest wait for a free page-cache frame under `--backpressure wait`, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     backpressure_timeout_ms: u64,
-    /// Idle keep-alive connections are closed after this many seconds.
+    /// Idle keep-alive connections are closed after this many seconds, and connections
+    /// whose client acknowledged nothing of a response for that long are reset.
     #[arg(long, default_value_t = 60)]
     idle_timeout_secs: u64,
     /// A request head or PUT body must arrive within this many seconds of its first byte

@@ -139,6 +139,7 @@ struct ConnEntry {
     /// Responses handed over whose access-log lines wait for the client's acknowledgement
     /// (empty when the access log is off).
     unacknowledged: VecDeque<Unacknowledged>,
+    send_progress: SendProgress,
     closed_by_us: bool,
 }
 
@@ -160,6 +161,7 @@ impl ConnEntry {
             response_start: 0,
             stream_acked: 0,
             unacknowledged: VecDeque::new(),
+            send_progress: SendProgress::new(now),
             closed_by_us: false,
         }
     }
@@ -230,6 +232,34 @@ impl ConnEntry {
                 duration: now.saturating_duration_since(end.started),
             });
         }
+    }
+}
+
+/// Whether a client still takes what we send. A client that stops acknowledging (a zero
+/// window, or gone without a reset) would otherwise hold its connection and the pins of its
+/// response for ever.
+#[derive(Clone, Copy, Debug)]
+struct SendProgress {
+    acked: u64,
+    since: Instant,
+}
+
+impl SendProgress {
+    fn new(now: Instant) -> Self {
+        SendProgress {
+            acked: 0,
+            since: now,
+        }
+    }
+
+    /// Note how much is acknowledged now and whether bytes are outstanding; returns how
+    /// long they have been outstanding without any acknowledgement.
+    fn stalled_for(&mut self, acked: u64, outstanding: bool, now: Instant) -> Duration {
+        if !outstanding || acked != self.acked {
+            self.acked = acked;
+            self.since = now;
+        }
+        now.saturating_duration_since(self.since)
     }
 }
 
@@ -484,14 +514,25 @@ impl<Q: ServerNic> Server<Q> {
         work
     }
 
-    /// Close idle connections and answer slow requests with 408.
+    /// Close idle connections and clients that stopped taking responses; answer slow
+    /// requests with 408.
     fn enforce_timeouts(&mut self, now: Instant) {
         let Server {
             stack, core, conns, ..
         } = self;
         let mut pieces = Vec::new();
         for (&id, entry) in conns.iter_mut() {
-            if !entry.out.is_empty() || stack.unacked(id).unwrap_or(0) > 0 {
+            let unacked = stack.unacked(id).unwrap_or(0);
+            let acked = entry.stream_queued.saturating_sub(unacked);
+            let stalled = entry.send_progress.stalled_for(acked, unacked > 0, now);
+            if stalled > core.idle_timeout && !entry.closed_by_us {
+                // Reset: a FIN would wait behind the bytes the client does not take.
+                core.counters.timeouts += 1;
+                let _ = stack.abort(id);
+                entry.closed_by_us = true;
+                continue;
+            }
+            if !entry.out.is_empty() || unacked > 0 {
                 // A response is still going out: the client is not idle.
                 entry.http.touch(now);
                 continue;
@@ -685,4 +726,38 @@ fn pump<Q: NetQueue>(
         entry.sent_of_first = 0;
     }
     work
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_send_stalls_only_while_bytes_are_outstanding_and_nothing_is_acknowledged() {
+        let t0 = Instant::now();
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        let mut progress = SendProgress::new(t0);
+        assert_eq!(
+            progress.stalled_for(0, true, secs(10)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            progress.stalled_for(500, true, secs(11)),
+            Duration::ZERO,
+            "an acknowledgement is progress"
+        );
+        assert_eq!(
+            progress.stalled_for(500, true, secs(71)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            progress.stalled_for(500, false, secs(200)),
+            Duration::ZERO,
+            "nothing outstanding: nothing to wait for"
+        );
+        assert_eq!(
+            progress.stalled_for(500, true, secs(205)),
+            Duration::from_secs(5)
+        );
+    }
 }
