@@ -1,12 +1,20 @@
 //! One HTTP/1.1 connection as a state machine over bytes: received bytes go in, response
 //! pieces come out as [`Outgoing`] items the server hands to the network stack in order
-//! (small heads as copied bytes, file bodies as page-cache pins sent zero-copy).
+//! (small heads as copied bytes, file bodies as page-cache pins sent zero-copy), each
+//! response closed by an [`Outgoing::End`] that says what it was.
+//!
+//! Framing: a request's body is framed by its `Content-Length` whatever the method (RFC 9112
+//! section 6.3), so a body is never read as a request. A PUT body is collected and applied;
+//! any other body is read and thrown away as it arrives, up to a limit (413 and close above
+//! it). `Transfer-Encoding` is refused (see [`crate::http::parse_request`]).
 //!
 //! Keep-alive and pipelining: requests are answered strictly in order; at most
 //! [`MAX_QUEUED_RESPONSES`] responses are queued before parsing pauses, so a client that
-//! pipelines without reading cannot make the server pin unbounded memory.
+//! pipelines without reading cannot make the server pin unbounded memory. Parsing resumes
+//! as the queue drains, also after the peer has closed its sending half: every request
+//! received is answered.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
@@ -15,9 +23,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use pagecache::{OpenOptions, PageCache, Pin, WritePolicy};
 
-use crate::http::{parse_request, simple_response, HttpError, Limits, Method, Parsed, Request};
+use crate::http::{
+    parse_request, simple_response, HttpError, Limits, Method, Parsed, Request, ResponseHead,
+    ALLOWED_METHODS,
+};
 use crate::respond::{content_type, plan_file_response, FileMeta};
 use crate::root::ServeRoot;
+use crate::warnings::{WarnKind, Warnings};
 
 /// Responses queued on one connection before it stops parsing further pipelined requests.
 pub const MAX_QUEUED_RESPONSES: usize = 16;
@@ -33,6 +45,19 @@ pub enum Outgoing {
     File { pin: Pin, range: Range<u64> },
     /// The metrics page; rendered by the server, which can see every counter.
     Metrics { keep_alive: bool, head_only: bool },
+    /// The end of one response (sends nothing).
+    End(ResponseEnd),
+}
+
+/// What the access log records of a response, known when it is queued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseEnd {
+    pub status: u16,
+    /// `GET /a HTTP/1.1`; `None` when no request line could be read, or when nobody asked
+    /// for request lines ([`ServerCore::record_request_lines`]).
+    pub request_line: Option<String>,
+    /// When the request's first byte arrived.
+    pub started: Instant,
 }
 
 /// Server-wide state shared by the connections.
@@ -43,18 +68,26 @@ pub struct ServerCore {
     pub limits: Limits,
     /// Idle keep-alive connections are closed after this long.
     pub idle_timeout: Duration,
-    /// A request head (or PUT body) must arrive within this long of its first byte.
+    /// A request head (or body) must arrive within this long of its first byte.
     pub request_timeout: Duration,
     pub counters: HttpCounters,
+    pub warnings: Warnings,
+    /// Whether [`ResponseEnd`]s carry the request line (the access log is on).
+    pub record_request_lines: bool,
     /// When each file was last written through the cache (its on-disk mtime lags behind
     /// until writeback).
     modified: HashMap<PathBuf, SystemTime>,
 }
 
 /// Request counters for logs and metrics.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct HttpCounters {
     pub requests: u64,
+    /// Bytes received from clients (heads and bodies).
+    pub request_bytes: u64,
+    /// Responses by status code (interim 100s included).
+    pub responses: BTreeMap<u16, u64>,
+    pub responses_1xx: u64,
     pub responses_2xx: u64,
     pub responses_3xx: u64,
     pub responses_4xx: u64,
@@ -62,12 +95,17 @@ pub struct HttpCounters {
     pub puts: u64,
     pub put_bytes: u64,
     pub file_body_bytes: u64,
+    /// Request bodies read and thrown away (bodies of requests other than PUT).
+    pub discarded_body_bytes: u64,
     pub timeouts: u64,
 }
 
 impl HttpCounters {
-    fn count(&mut self, status: u16) {
+    /// Count one response with this status.
+    pub fn count(&mut self, status: u16) {
+        *self.responses.entry(status).or_default() += 1;
         match status {
+            100..=199 => self.responses_1xx += 1,
             200..=299 => self.responses_2xx += 1,
             300..=399 => self.responses_3xx += 1,
             400..=499 => self.responses_4xx += 1,
@@ -86,23 +124,71 @@ impl ServerCore {
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(20),
             counters: HttpCounters::default(),
+            warnings: Warnings::default(),
+            record_request_lines: false,
             modified: HashMap::new(),
         }
     }
 
-    fn error(&mut self, e: &HttpError, keep_alive: bool, head_only: bool) -> Vec<u8> {
-        self.counters.count(e.status);
-        let body = format!("{} {}\n", e.status, e.reason);
-        simple_response(e.status, e.reason, &body, keep_alive, head_only)
+    /// Count a response and mark its end in the stream; warn about a 503.
+    fn finish(
+        &mut self,
+        status: u16,
+        request: Option<&Request>,
+        started: Instant,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        self.counters.count(status);
+        if status == 503 {
+            self.warnings.warn(
+                WarnKind::ServiceUnavailable,
+                now,
+                "the page cache is full or busy",
+            );
+        }
+        let request_line = request
+            .filter(|_| self.record_request_lines)
+            .map(Request::request_line);
+        out.push(Outgoing::End(ResponseEnd {
+            status,
+            request_line,
+            started,
+        }));
+    }
+
+    /// Answer `e` as a whole response (bytes, end) on its own.
+    fn answer_error(
+        &mut self,
+        e: &HttpError,
+        request: Option<&Request>,
+        keep_alive: bool,
+        started: Instant,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let head_only = request.is_some_and(|r| r.method == Method::Head);
+        out.push(Outgoing::Bytes(error_response(e, keep_alive, head_only)));
+        self.finish(e.status, request, started, now, out);
+    }
+
+    /// Map a page-cache error to its status, warning when the cache ran out of frames.
+    fn cache_error(&mut self, e: pagecache::Error) -> HttpError {
+        if matches!(e, pagecache::Error::OutOfFrames { .. }) {
+            self.warnings
+                .warn(WarnKind::OutOfFrames, Instant::now(), &e.to_string());
+        }
+        cache_error_status(e)
     }
 
     /// Answer a GET or HEAD of a file: pin a snapshot, then describe exactly that snapshot.
-    fn get(&mut self, req: &Request, out: &mut Vec<Outgoing>) -> Result<(), HttpError> {
+    /// Returns the status.
+    fn get(&mut self, req: &Request, out: &mut Vec<Outgoing>) -> Result<u16, HttpError> {
         let path = self.root.resolve(req.raw_path(), false)?;
-        let file = self
-            .cache
-            .open(&path, OpenOptions::read_only())
-            .map_err(cache_error)?;
+        let file = match self.cache.open(&path, OpenOptions::read_only()) {
+            Ok(file) => file,
+            Err(e) => return Err(self.cache_error(e)),
+        };
         let disk = fs::metadata(&path).map_err(|_| HttpError::new(404, "Not Found"))?;
         // Plan against a version, pin, and retry if a writer got in between, so the head
         // (length, ETag, range) always describes the pinned bytes.
@@ -125,20 +211,19 @@ impl ServerCore {
                 Some(range) => match file.pin(range.clone()) {
                     Ok(pin) => Some(pin),
                     Err(pagecache::Error::OutOfRange { .. }) => continue,
-                    Err(e) => return Err(cache_error(e)),
+                    Err(e) => return Err(self.cache_error(e)),
                 },
                 None => None,
             };
             if pin.as_ref().is_some_and(|p| p.version() != version) {
                 continue;
             }
-            self.counters.count(plan.status);
             out.push(Outgoing::Bytes(plan.head));
             if let (Some(pin), Some(range)) = (pin, plan.body) {
                 self.counters.file_body_bytes += range.end - range.start;
                 out.push(Outgoing::File { pin, range });
             }
-            return Ok(());
+            return Ok(plan.status);
         }
         Err(HttpError::new(503, "Service Unavailable"))
     }
@@ -155,18 +240,21 @@ impl ServerCore {
                 .open(&path)
                 .map_err(|_| HttpError::new(403, "Forbidden"))?;
         }
-        let file = self
-            .cache
-            .open(&path, OpenOptions::read_write(self.policy))
-            .map_err(cache_error)?;
-        match req.header("Content-Range") {
+        let file = match self.cache.open(&path, OpenOptions::read_write(self.policy)) {
+            Ok(file) => file,
+            Err(e) => return Err(self.cache_error(e)),
+        };
+        let written = match req.header("Content-Range") {
             Some(cr) => {
                 let offset = parse_put_content_range(cr, body.len() as u64)?;
-                file.write(offset, body).map_err(cache_error)?;
+                file.write(offset, body)
             }
-            None => file.replace_contents(body).map_err(cache_error)?,
+            None => file.replace_contents(body),
         }
-        file.fsync().map_err(cache_error)?;
+        .and_then(|()| file.fsync());
+        if let Err(e) = written {
+            return Err(self.cache_error(e));
+        }
         self.modified.insert(path, SystemTime::now());
         self.counters.puts += 1;
         self.counters.put_bytes += body.len() as u64;
@@ -174,7 +262,7 @@ impl ServerCore {
     }
 }
 
-fn cache_error(e: pagecache::Error) -> HttpError {
+fn cache_error_status(e: pagecache::Error) -> HttpError {
     match e {
         pagecache::Error::WriteTimeout { .. } | pagecache::Error::OutOfFrames { .. } => {
             HttpError::new(503, "Service Unavailable")
@@ -208,18 +296,92 @@ fn parse_put_content_range(value: &str, body_len: u64) -> Result<u64, HttpError>
     Ok(a)
 }
 
-struct PendingBody {
+/// A short text response naming the error.
+fn error_response(e: &HttpError, keep_alive: bool, head_only: bool) -> Vec<u8> {
+    let body = format!("{} {}\n", e.status, e.reason);
+    simple_response(e.status, e.reason, &body, keep_alive, head_only)
+}
+
+fn connection_header(keep_alive: bool) -> &'static str {
+    if keep_alive {
+        "keep-alive"
+    } else {
+        "close"
+    }
+}
+
+/// The answer to a PUT that was applied (201 Created or 204 No Content).
+fn put_response(status: u16, keep_alive: bool) -> Vec<u8> {
+    let reason = if status == 201 {
+        "Created"
+    } else {
+        "No Content"
+    };
+    let mut head =
+        ResponseHead::new(status, reason).header("Connection", connection_header(keep_alive));
+    if status == 201 {
+        head = head.header("Content-Length", 0);
+    }
+    head.finish()
+}
+
+/// The answer to OPTIONS (RFC 9110 section 9.3.7): what can be done, and no content.
+fn options_response(request: &Request, keep_alive: bool) -> Vec<u8> {
+    let allow = if request.raw_path() == METRICS_PATH {
+        "GET, HEAD, OPTIONS"
+    } else {
+        ALLOWED_METHODS
+    };
+    ResponseHead::new(200, "OK")
+        .header("Allow", allow)
+        .header("Content-Length", 0)
+        .header("Connection", connection_header(keep_alive))
+        .finish()
+}
+
+fn method_not_allowed(keep_alive: bool) -> Vec<u8> {
+    let body = "405 Method Not Allowed\n";
+    let mut bytes = ResponseHead::new(405, "Method Not Allowed")
+        .header("Allow", ALLOWED_METHODS)
+        .header("Content-Type", "text/plain; charset=utf-8")
+        .header("Content-Length", body.len())
+        .header("Connection", connection_header(keep_alive))
+        .finish();
+    bytes.extend_from_slice(body.as_bytes());
+    bytes
+}
+
+/// A PUT whose body is being collected.
+struct PendingPut {
     request: Request,
     body: Vec<u8>,
     remaining: u64,
+    /// When the request's first byte arrived.
+    started: Instant,
+}
+
+/// What the next received bytes are.
+#[derive(Default)]
+enum Body {
+    /// The start of a request head.
+    #[default]
+    None,
+    /// The rest of a PUT body.
+    Put(PendingPut),
+    /// The rest of a body no handler uses (a GET's, say): read and dropped, never parsed.
+    Discard { remaining: u64 },
 }
 
 /// One client connection.
 pub struct Connection {
+    /// Received bytes not yet consumed; bounded by what one read adds plus a request head,
+    /// as bodies are consumed as they arrive and parsing pauses only with a full queue.
     inbuf: Vec<u8>,
-    body: Option<PendingBody>,
+    body: Body,
     /// No further requests are read; close once the queued responses are sent.
     closing: bool,
+    /// Received requests wait for room in the response queue.
+    held_back: bool,
     /// When the first byte of the request being read arrived.
     request_started: Option<Instant>,
     last_activity: Instant,
@@ -229,8 +391,9 @@ impl Connection {
     pub fn new(now: Instant) -> Self {
         Connection {
             inbuf: Vec::new(),
-            body: None,
+            body: Body::None,
             closing: false,
+            held_back: false,
             request_started: None,
             last_activity: now,
         }
@@ -239,6 +402,13 @@ impl Connection {
     /// Whether the connection should be closed once everything queued has been sent.
     pub fn closing(&self) -> bool {
         self.closing
+    }
+
+    /// Whether requests already received wait for room in the response queue: call
+    /// [`Connection::on_bytes`] with no bytes once responses went out, and do not close the
+    /// connection for the peer's FIN before they are answered.
+    pub fn held_back(&self) -> bool {
+        self.held_back
     }
 
     /// Feed received bytes (possibly none, to resume after the send queue drained);
@@ -255,54 +425,58 @@ impl Connection {
             return;
         }
         if !data.is_empty() {
+            core.counters.request_bytes += data.len() as u64;
             self.last_activity = now;
             self.request_started.get_or_insert(now);
             self.inbuf.extend_from_slice(data);
         }
+        self.held_back = false;
         let mut answered = 0;
-        while !self.closing && queued + answered < MAX_QUEUED_RESPONSES {
-            if let Some(pending) = &mut self.body {
-                let take = (pending.remaining as usize).min(self.inbuf.len());
-                pending.body.extend_from_slice(&self.inbuf[..take]);
-                pending.remaining -= take as u64;
-                self.inbuf.drain(..take);
-                if pending.remaining > 0 {
-                    return;
-                }
-                let pending = self.body.take().unwrap();
-                let keep = pending.request.keep_alive;
-                let response = match core.put(&pending.request, &pending.body) {
-                    Ok(status) => {
-                        core.counters.count(status);
-                        let reason = if status == 201 {
-                            "Created"
-                        } else {
-                            "No Content"
+        while !self.closing {
+            let queue_full = queued + answered >= MAX_QUEUED_RESPONSES;
+            match std::mem::take(&mut self.body) {
+                Body::None => {}
+                Body::Discard { remaining } => {
+                    let take = remaining.min(self.inbuf.len() as u64);
+                    self.inbuf.drain(..take as usize);
+                    core.counters.discarded_body_bytes += take;
+                    if remaining > take {
+                        self.body = Body::Discard {
+                            remaining: remaining - take,
                         };
-                        let mut head = crate::http::ResponseHead::new(status, reason)
-                            .header("Connection", if keep { "keep-alive" } else { "close" });
-                        if status == 201 {
-                            head = head.header("Content-Length", 0);
-                        }
-                        head.finish()
+                        return;
                     }
-                    Err(e) => core.error(&e, keep, false),
-                };
-                out.push(Outgoing::Bytes(response));
-                answered += 1;
-                self.closing = !keep;
-                self.request_started = (!self.inbuf.is_empty()).then_some(now);
-                continue;
+                    self.request_started = (!self.inbuf.is_empty()).then_some(now);
+                    continue;
+                }
+                Body::Put(mut put) => {
+                    let take = put.remaining.min(self.inbuf.len() as u64);
+                    put.body.extend(self.inbuf.drain(..take as usize));
+                    put.remaining -= take;
+                    if put.remaining > 0 || queue_full {
+                        self.held_back = put.remaining == 0;
+                        self.body = Body::Put(put);
+                        return;
+                    }
+                    self.complete_put(put, now, core, out);
+                    answered += 1;
+                    continue;
+                }
             }
             if self.inbuf.is_empty() {
                 self.request_started = None;
                 return;
             }
+            if queue_full {
+                self.held_back = true;
+                return;
+            }
+            let started = self.request_started.unwrap_or(now);
             match parse_request(&self.inbuf, &core.limits) {
                 Ok(Parsed::Partial) => return,
                 Err(e) => {
                     // The stream is no longer in sync: answer and close.
-                    out.push(Outgoing::Bytes(core.error(&e, false, false)));
+                    core.answer_error(&e, None, false, started, now, out);
                     self.closing = true;
                     return;
                 }
@@ -310,7 +484,7 @@ impl Connection {
                     self.inbuf.drain(..head_len);
                     core.counters.requests += 1;
                     answered += 1;
-                    self.handle(request, now, core, out);
+                    self.handle(request, started, now, core, out);
                 }
             }
         }
@@ -319,95 +493,131 @@ impl Connection {
     fn handle(
         &mut self,
         request: Request,
+        started: Instant,
         now: Instant,
         core: &mut ServerCore,
         out: &mut Vec<Outgoing>,
     ) {
         let keep = request.keep_alive;
-        let head_only = request.method == Method::Head;
-        let result = match request.method {
+        let status = match request.method {
+            Method::Put => return self.start_put(request, started, now, core, out),
             Method::Get | Method::Head if request.raw_path() == METRICS_PATH => {
-                core.counters.count(200);
                 out.push(Outgoing::Metrics {
                     keep_alive: keep,
-                    head_only,
+                    head_only: request.method == Method::Head,
                 });
-                Ok(())
+                Ok(200)
             }
             Method::Get | Method::Head => core.get(&request, out),
-            Method::Put => {
-                let len = request.content_length.unwrap_or(0);
-                match core.root.resolve(request.raw_path(), true) {
-                    Err(e) => {
-                        // The body still follows on the wire; we cannot resync: close.
-                        out.push(Outgoing::Bytes(core.error(&e, false, false)));
-                        self.closing = true;
-                        return;
-                    }
-                    Ok(_) => {
-                        if request
-                            .header("Expect")
-                            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
-                        {
-                            out.push(Outgoing::Bytes(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()));
-                        }
-                        self.request_started = Some(now);
-                        self.body = Some(PendingBody {
-                            request,
-                            body: Vec::with_capacity(len as usize),
-                            remaining: len,
-                        });
-                        return;
-                    }
-                }
+            Method::Options => {
+                out.push(Outgoing::Bytes(options_response(&request, keep)));
+                Ok(200)
             }
             Method::Other => {
-                core.counters.count(405);
-                let body = "405 Method Not Allowed\n";
-                let head = crate::http::ResponseHead::new(405, "Method Not Allowed")
-                    .header("Allow", "GET, HEAD, PUT")
-                    .header("Content-Type", "text/plain; charset=utf-8")
-                    .header("Content-Length", body.len())
-                    .header("Connection", if keep { "keep-alive" } else { "close" })
-                    .finish();
-                let mut bytes = head;
-                bytes.extend_from_slice(body.as_bytes());
-                out.push(Outgoing::Bytes(bytes));
-                Ok(())
+                out.push(Outgoing::Bytes(method_not_allowed(keep)));
+                Ok(405)
             }
         };
-        if let Err(e) = result {
-            out.push(Outgoing::Bytes(core.error(&e, keep, head_only)));
+        match status {
+            Ok(status) => core.finish(status, Some(&request), started, now, out),
+            Err(e) => core.answer_error(&e, Some(&request), keep, started, now, out),
         }
         if !keep {
             self.closing = true;
+            return;
         }
+        // The body (the parser bounded it) is nobody's: skip it, so that it cannot be read
+        // as the next request.
+        if let Some(len) = request.content_length.filter(|&len| len > 0) {
+            self.body = Body::Discard { remaining: len };
+        }
+        let more = !self.inbuf.is_empty() || matches!(self.body, Body::Discard { .. });
+        self.request_started = more.then_some(now);
+    }
+
+    /// A PUT head: check where it writes, then collect its body.
+    fn start_put(
+        &mut self,
+        request: Request,
+        started: Instant,
+        now: Instant,
+        core: &mut ServerCore,
+        out: &mut Vec<Outgoing>,
+    ) {
+        if let Err(e) = core.root.resolve(request.raw_path(), true) {
+            // The body (up to the PUT limit) still follows on the wire: close rather than
+            // read it.
+            core.answer_error(&e, Some(&request), false, started, now, out);
+            self.closing = true;
+            return;
+        }
+        if request
+            .header("Expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+        {
+            core.counters.count(100);
+            out.push(Outgoing::Bytes(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()));
+        }
+        let len = request.content_length.unwrap_or(0);
+        self.request_started = Some(now);
+        self.body = Body::Put(PendingPut {
+            request,
+            body: Vec::with_capacity(len as usize),
+            remaining: len,
+            started,
+        });
+    }
+
+    /// A PUT body is complete: apply it and answer.
+    fn complete_put(
+        &mut self,
+        put: PendingPut,
+        now: Instant,
+        core: &mut ServerCore,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let keep = put.request.keep_alive;
+        match core.put(&put.request, &put.body) {
+            Ok(status) => {
+                out.push(Outgoing::Bytes(put_response(status, keep)));
+                core.finish(status, Some(&put.request), put.started, now, out);
+            }
+            Err(e) => core.answer_error(&e, Some(&put.request), keep, put.started, now, out),
+        }
+        self.closing = !keep;
         self.request_started = (!self.inbuf.is_empty()).then_some(now);
     }
 
-    /// Enforce the idle and slow-client timeouts. Returns a 408 to send (then close) when a
-    /// request is too slow, or `true` in `.1` when the connection should just be closed.
+    /// Enforce the idle and slow-client timeouts: a request too slow to arrive gets a 408
+    /// (appended to `out`). Returns whether the connection should be closed.
     pub fn check_timeouts(
         &mut self,
         now: Instant,
         core: &mut ServerCore,
-    ) -> (Option<Vec<u8>>, bool) {
+        out: &mut Vec<Outgoing>,
+    ) -> bool {
         if self.closing {
-            return (None, false);
+            return false;
         }
         if let Some(started) = self.request_started {
             if now.duration_since(started) > core.request_timeout {
                 core.counters.timeouts += 1;
+                core.warnings.warn(
+                    WarnKind::RequestTimeout,
+                    now,
+                    "a request head or body arrived too slowly",
+                );
                 self.closing = true;
                 let e = HttpError::new(408, "Request Timeout");
-                return (Some(core.error(&e, false, false)), true);
+                core.answer_error(&e, None, false, started, now, out);
+                return true;
             }
         } else if now.duration_since(self.last_activity) > core.idle_timeout {
             core.counters.timeouts += 1;
             self.closing = true;
-            return (None, true);
+            return true;
         }
-        (None, false)
+        false
     }
 
     /// Note that the connection sent or received something (resets the idle timer).
@@ -480,9 +690,36 @@ mod tests {
                     bodies.push(all[start..start + (range.end - range.start) as usize].to_vec());
                 }
                 Outgoing::Metrics { .. } => heads.push("METRICS".into()),
+                Outgoing::End(_) => {}
             }
         }
         (heads, bodies)
+    }
+
+    /// The statuses of the responses, from their end markers.
+    fn statuses(out: &[Outgoing]) -> Vec<u16> {
+        out.iter()
+            .filter_map(|o| match o {
+                Outgoing::End(end) => Some(end.status),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Everything a client would receive (metrics excepted), as text.
+    fn wire(out: &[Outgoing]) -> String {
+        let mut bytes = Vec::new();
+        for o in out {
+            match o {
+                Outgoing::Bytes(b) => bytes.extend_from_slice(b),
+                Outgoing::File { .. } => {
+                    bytes.extend_from_slice(&render(std::slice::from_ref(o)).1[0])
+                }
+                Outgoing::Metrics { .. } => bytes.extend_from_slice(b"METRICS"),
+                Outgoing::End(_) => {}
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     #[test]
@@ -614,19 +851,29 @@ mod tests {
         let mut f = fixture(WritePolicy::CopyOnWrite);
         f.send("GET /hello.txt HTTP/1.1\r\nHost:");
         let later = f.now + f.core.request_timeout + Duration::from_secs(1);
-        let (resp, close) = f.conn.check_timeouts(later, &mut f.core);
-        assert!(
-            close
-                && String::from_utf8(resp.unwrap())
-                    .unwrap()
-                    .starts_with("HTTP/1.1 408 ")
-        );
+        let mut out = Vec::new();
+        let close = f.conn.check_timeouts(later, &mut f.core, &mut out);
+        assert!(close && render(&out).0[0].starts_with("HTTP/1.1 408 "));
+        assert_eq!(statuses(&out), [408]);
+        assert_eq!(f.core.warnings.seen(WarnKind::RequestTimeout), 1);
         let mut f = fixture(WritePolicy::CopyOnWrite);
-        let (resp, close) = f.conn.check_timeouts(
+        let mut out = Vec::new();
+        let close = f.conn.check_timeouts(
             f.now + f.core.idle_timeout + Duration::from_secs(1),
             &mut f.core,
+            &mut out,
         );
-        assert!(close && resp.is_none());
+        assert!(close && out.is_empty());
+    }
+
+    #[test]
+    fn a_slow_body_being_discarded_times_out_too() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        f.send("GET /hello.txt HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc");
+        let mut out = Vec::new();
+        let later = f.now + f.core.request_timeout + Duration::from_secs(1);
+        assert!(f.conn.check_timeouts(later, &mut f.core, &mut out));
+        assert_eq!(statuses(&out), [408]);
     }
 
     #[test]
@@ -638,5 +885,213 @@ mod tests {
         assert_eq!(h.len(), 1, "nothing is answered after Connection: close");
         assert!(h[0].contains("Connection: close\r\n"));
         assert!(f.conn.closing());
+    }
+
+    /// The CL.0 desync of the issue: a body on a request that does not take one was read as
+    /// the next request. It must be skipped whole, however it arrives.
+    #[test]
+    fn a_body_on_any_method_is_framed_by_its_content_length_and_never_executed() {
+        let smuggled = "GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n";
+        for (first, status) in [
+            ("GET /hello.txt", 200),
+            ("HEAD /hello.txt", 200),
+            ("DELETE /hello.txt", 405),
+            ("GET /missing", 404),
+            ("OPTIONS *", 200),
+            (&format!("GET {METRICS_PATH}"), 200),
+        ] {
+            let mut f = fixture(WritePolicy::CopyOnWrite);
+            let out = f.send(&format!(
+                "{first} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{smuggled}GET /hello.txt HTTP/1.1\r\n\r\n",
+                smuggled.len()
+            ));
+            assert_eq!(statuses(&out), [status, 200], "{first}");
+            assert_eq!(f.core.counters.requests, 2, "{first}: the body was run");
+            assert_eq!(f.core.counters.discarded_body_bytes, smuggled.len() as u64);
+            assert!(!render(&out).1.iter().any(|b| b.len() == 50_000), "{first}");
+            assert!(!f.conn.closing());
+        }
+    }
+
+    #[test]
+    fn a_discarded_body_split_over_reads_is_still_skipped_whole() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        let body = "GET /big.bin HTTP/1.1\r\n\r\n";
+        let mut out = Vec::new();
+        let head = format!(
+            "DELETE /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        f.conn
+            .on_bytes(head.as_bytes(), f.now, 0, &mut f.core, &mut out);
+        for byte in body.as_bytes() {
+            f.conn
+                .on_bytes(std::slice::from_ref(byte), f.now, 0, &mut f.core, &mut out);
+        }
+        f.conn.on_bytes(
+            b"GET /hello.txt HTTP/1.1\r\n\r\n",
+            f.now,
+            0,
+            &mut f.core,
+            &mut out,
+        );
+        assert_eq!(statuses(&out), [405, 200]);
+        assert_eq!(render(&out).1, vec![b"hello, world\n".to_vec()]);
+    }
+
+    #[test]
+    fn a_body_over_the_discard_limit_is_refused_and_closes() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        let over = f.core.limits.max_discarded_body_bytes + 1;
+        let out = f.send(&format!(
+            "GET /hello.txt HTTP/1.1\r\nContent-Length: {over}\r\n\r\nGET /hello.txt HTTP/1.1\r\n\r\n"
+        ));
+        assert_eq!(statuses(&out), [413]);
+        assert!(f.conn.closing());
+    }
+
+    #[test]
+    fn transfer_encoding_requests_are_refused_and_close() {
+        for (req, status) in [
+            ("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+            (
+                "DELETE /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                501,
+            ),
+            (
+                "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                400,
+            ),
+            (
+                "PUT /x HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
+        ] {
+            let mut f = fixture(WritePolicy::CopyOnWrite);
+            let out = f.send(&format!("{req}0\r\n\r\nGET /hello.txt HTTP/1.1\r\n\r\n"));
+            assert_eq!(statuses(&out), [status], "{req:?}");
+            assert!(f.conn.closing(), "{req:?}");
+        }
+    }
+
+    /// Requests held back while the queue is full are flagged, so the server answers them
+    /// even after the peer's FIN (the 40-request half-closed pipeline of the issue).
+    #[test]
+    fn held_back_requests_are_flagged_until_all_are_answered() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        let many = "GET /hello.txt HTTP/1.1\r\n\r\n".repeat(40);
+        let mut answered = 0;
+        let mut out = Vec::new();
+        f.conn
+            .on_bytes(many.as_bytes(), f.now, 0, &mut f.core, &mut out);
+        loop {
+            answered += statuses(&out).len();
+            out.clear();
+            if !f.conn.held_back() {
+                break;
+            }
+            f.conn.on_bytes(&[], f.now, 0, &mut f.core, &mut out);
+        }
+        assert_eq!(answered, 40);
+        // A queue partly drained resumes partly.
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        f.conn
+            .on_bytes(many.as_bytes(), f.now, 0, &mut f.core, &mut out);
+        out.clear();
+        f.conn
+            .on_bytes(&[], f.now, MAX_QUEUED_RESPONSES - 3, &mut f.core, &mut out);
+        assert_eq!(statuses(&out).len(), 3);
+        assert!(f.conn.held_back());
+    }
+
+    #[test]
+    fn a_complete_put_waits_for_room_in_the_queue() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        let mut out = Vec::new();
+        f.conn.on_bytes(
+            b"PUT /new.txt HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            f.now,
+            MAX_QUEUED_RESPONSES,
+            &mut f.core,
+            &mut out,
+        );
+        assert!(out.is_empty() && f.conn.held_back());
+        f.conn.on_bytes(&[], f.now, 0, &mut f.core, &mut out);
+        assert_eq!(statuses(&out), [201]);
+        assert!(!f.conn.held_back());
+    }
+
+    #[test]
+    fn options_absolute_form_and_long_targets() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        let out = f.send("OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(
+            wire(&out),
+            "HTTP/1.1 200 OK\r\nServer: zerosend\r\nAllow: GET, HEAD, PUT, OPTIONS\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+        );
+        let (h, _) = render(&f.send("OPTIONS /hello.txt HTTP/1.1\r\n\r\n"));
+        assert!(h[0].contains("Allow: GET, HEAD, PUT, OPTIONS\r\n"));
+        let (h, _) = render(&f.send(&format!("OPTIONS {METRICS_PATH} HTTP/1.1\r\n\r\n")));
+        assert!(h[0].contains("Allow: GET, HEAD, OPTIONS\r\n"));
+        let (h, b) =
+            render(&f.send("GET http://guest:80/hello.txt?x=1 HTTP/1.1\r\nHost: other\r\n\r\n"));
+        assert!(h[0].starts_with("HTTP/1.1 200 "));
+        assert_eq!(b, vec![b"hello, world\n".to_vec()]);
+        let out = f.send(&format!("GET HTTP://guest{METRICS_PATH} HTTP/1.1\r\n\r\n"));
+        assert_eq!(render(&out).0, ["METRICS"]);
+        assert_eq!(statuses(&f.send("GET * HTTP/1.1\r\n\r\n")), [400]);
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
+        assert_eq!(statuses(&f.send(&long)), [414]);
+        assert!(f.conn.closing());
+    }
+
+    #[test]
+    fn every_response_is_counted_by_status_and_class() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        f.send("GET /hello.txt HTTP/1.1\r\n\r\n");
+        f.send("GET /hello.txt HTTP/1.1\r\n\r\n");
+        f.send("GET /missing HTTP/1.1\r\n\r\n");
+        f.send("OPTIONS * HTTP/1.1\r\n\r\n");
+        f.send("PUT /new.txt HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx");
+        f.send("BROKEN\r\n\r\n");
+        let c = &f.core.counters;
+        let by_code: Vec<(u16, u64)> = c.responses.iter().map(|(&k, &v)| (k, v)).collect();
+        assert_eq!(by_code, [(100, 1), (200, 3), (201, 1), (400, 1), (404, 1)]);
+        assert_eq!(
+            (
+                c.responses_1xx,
+                c.responses_2xx,
+                c.responses_4xx,
+                c.responses_5xx
+            ),
+            (1, 4, 2, 0)
+        );
+        let sent = "GET /hello.txt HTTP/1.1\r\n\r\n".len() * 2
+            + "GET /missing HTTP/1.1\r\n\r\n".len()
+            + "OPTIONS * HTTP/1.1\r\n\r\n".len()
+            + "PUT /new.txt HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx".len()
+            + "BROKEN\r\n\r\n".len();
+        assert_eq!(c.request_bytes, sent as u64);
+    }
+
+    #[test]
+    fn response_ends_carry_the_request_line_when_asked() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        let out = f.send("GET /hello.txt HTTP/1.1\r\n\r\n");
+        let Some(Outgoing::End(end)) = out.last() else {
+            panic!("no end marker")
+        };
+        assert_eq!((end.status, end.request_line.as_deref()), (200, None));
+        f.core.record_request_lines = true;
+        let out = f.send("GET http://h/hello.txt HTTP/1.0\r\n\r\n");
+        let Some(Outgoing::End(end)) = out.last() else {
+            panic!("no end marker")
+        };
+        assert_eq!(
+            end.request_line.as_deref(),
+            Some("GET http://h/hello.txt HTTP/1.0")
+        );
+        assert_eq!(end.started, f.now);
     }
 }

@@ -11,8 +11,14 @@ pub struct Limits {
     /// Request line plus headers.
     pub max_head_bytes: usize,
     pub max_headers: usize,
+    /// Longest request target (414 above).
+    pub max_target_bytes: usize,
     /// Largest PUT body accepted (413 above).
     pub max_body_bytes: u64,
+    /// Largest body of any other request. Such a body is read and thrown away as it arrives
+    /// (never buffered, never parsed as a request); above this, 413 and close, so a client
+    /// cannot keep a connection busy with a body nobody uses.
+    pub max_discarded_body_bytes: u64,
 }
 
 impl Default for Limits {
@@ -20,7 +26,10 @@ impl Default for Limits {
         Limits {
             max_head_bytes: 16 * 1024,
             max_headers: 64,
+            // RFC 9112 section 3 recommends supporting request lines of at least 8000 octets.
+            max_target_bytes: 8 * 1024,
             max_body_bytes: 256 << 20,
+            max_discarded_body_bytes: 64 * 1024,
         }
     }
 }
@@ -30,20 +39,29 @@ pub enum Method {
     Get,
     Head,
     Put,
+    Options,
     /// Anything else: answered with 405.
     Other,
 }
+
+/// The methods the server implements, for `Allow` headers.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, PUT, OPTIONS";
 
 /// A parsed request head.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
     pub method: Method,
-    /// The request target as sent (percent-encoded path plus optional query).
+    /// The method token as sent (`DELETE` for [`Method::Other`]).
+    pub method_name: String,
+    /// The request target as sent: origin-form (`/path?query`), absolute-form
+    /// (`http://host/path`) or asterisk-form (`*`, OPTIONS only).
     pub target: String,
+    /// Where the path starts in `target` (after `http://host` in absolute-form).
+    pub path_start: usize,
     /// HTTP/1.0 (0) or HTTP/1.1 (1).
     pub minor_version: u8,
     pub headers: Vec<(String, String)>,
-    /// Body length for PUT (`Content-Length`).
+    /// Body length (`Content-Length`), on any method.
     pub content_length: Option<u64>,
     /// Whether the connection stays open after the response.
     pub keep_alive: bool,
@@ -58,9 +76,26 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The path part of the target (before `?`), still percent-encoded.
+    /// The path part of the target (before `?`), still percent-encoded; `*` for
+    /// asterisk-form. An absolute-form target without a path names `/`.
     pub fn raw_path(&self) -> &str {
-        self.target.split(['?', '#']).next().unwrap_or("")
+        let path = self.target[self.path_start..]
+            .split(['?', '#'])
+            .next()
+            .unwrap_or("");
+        if path.is_empty() {
+            "/"
+        } else {
+            path
+        }
+    }
+
+    /// The request line as received, for the access log: `GET /a HTTP/1.1`.
+    pub fn request_line(&self) -> String {
+        format!(
+            "{} {} HTTP/1.{}",
+            self.method_name, self.target, self.minor_version
+        )
     }
 }
 
@@ -89,6 +124,11 @@ pub enum Parsed {
 
 /// Parse a request head from the start of `buf`.
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
+    // Before httparse, so that an endless target is refused as soon as it is too long
+    // rather than when the head limit is reached.
+    if target_len_so_far(buf) > limits.max_target_bytes {
+        return Err(HttpError::new(414, "URI Too Long"));
+    }
     let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
     let mut req = httparse::Request::new(&mut headers);
     let status = match req.parse(buf) {
@@ -110,16 +150,16 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
     if head_len > limits.max_head_bytes {
         return Err(HttpError::new(431, "Request Header Fields Too Large"));
     }
-    let method = match req.method.unwrap_or("") {
+    let method_name = req.method.unwrap_or("");
+    let method = match method_name {
         "GET" => Method::Get,
         "HEAD" => Method::Head,
         "PUT" => Method::Put,
+        "OPTIONS" => Method::Options,
         _ => Method::Other,
     };
     let target = req.path.unwrap_or("").to_string();
-    if !target.starts_with('/') {
-        return Err(HttpError::new(400, "Bad Request"));
-    }
+    let path_start = path_start(method, &target)?;
     let minor_version = req.version.unwrap_or(1);
     let mut out_headers = Vec::with_capacity(req.headers.len());
     for h in req.headers.iter() {
@@ -128,7 +168,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
     }
     let mut request = Request {
         method,
+        method_name: method_name.to_string(),
         target,
+        path_start,
         minor_version,
         headers: out_headers,
         content_length: None,
@@ -143,37 +185,119 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
             }
         }
     }
-    let lengths: Vec<&str> = request
+    request.content_length = content_length(&request)?;
+    check_transfer_encoding(&request)?;
+    match (request.method, request.content_length) {
+        (Method::Put, None) => return Err(HttpError::new(411, "Length Required")),
+        (Method::Put, Some(n)) if n > limits.max_body_bytes => {
+            return Err(HttpError::new(413, "Content Too Large"))
+        }
+        (Method::Put, Some(_)) => {}
+        (_, Some(n)) if n > limits.max_discarded_body_bytes => {
+            return Err(HttpError::new(413, "Content Too Large"))
+        }
+        _ => {}
+    }
+    Ok(Parsed::Complete { request, head_len })
+}
+
+/// How long the request target at the start of `buf` is, as far as it has arrived (0 before
+/// the method's end).
+fn target_len_so_far(buf: &[u8]) -> usize {
+    // httparse skips empty lines before a request line; so does this.
+    let line_start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let line = &buf[line_start..];
+    let method_end = line.iter().position(|&b| matches!(b, b' ' | b'\n'));
+    let Some(space) = method_end.filter(|&i| line[i] == b' ') else {
+        return 0;
+    };
+    let rest = &line[space + 1..];
+    rest.iter()
+        .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))
+        .unwrap_or(rest.len())
+}
+
+/// Where the path starts in a request target (RFC 9112 section 3.2): origin-form `/p`,
+/// absolute-form `http://host/p` (which a server must accept, section 3.2.2; the host in it
+/// is not used, as we serve one root), or `*` for OPTIONS.
+fn path_start(method: Method, target: &str) -> Result<usize, HttpError> {
+    let bad = HttpError::new(400, "Bad Request");
+    if target.starts_with('/') {
+        return Ok(0);
+    }
+    if target == "*" {
+        return if method == Method::Options {
+            Ok(0)
+        } else {
+            Err(bad)
+        };
+    }
+    let scheme_len = ["http://", "https://"]
+        .iter()
+        .find(|scheme| {
+            target
+                .get(..scheme.len())
+                .is_some_and(|t| t.eq_ignore_ascii_case(scheme))
+        })
+        .map(|scheme| scheme.len())
+        .ok_or(bad.clone())?;
+    let rest = &target[scheme_len..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_len];
+    // An http URI needs a host (RFC 9110 section 4.2.1); userinfo in it is a phishing
+    // vector we refuse (section 4.2.4).
+    if authority.is_empty() || authority.contains('@') {
+        return Err(bad);
+    }
+    Ok(scheme_len + authority_len)
+}
+
+/// The body length a `Content-Length` header gives, if any.
+fn content_length(request: &Request) -> Result<Option<u64>, HttpError> {
+    let bad = HttpError::new(400, "Bad Request");
+    let mut lengths = request
         .headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("Content-Length"))
-        .map(|(_, v)| v.as_str())
+        .map(|(_, v)| v.as_str());
+    let Some(first) = lengths.next() else {
+        return Ok(None);
+    };
+    // Differing duplicate Content-Length headers are a request-smuggling vector.
+    if lengths.any(|l| l != first) || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad);
+    }
+    first.parse().map(Some).map_err(|_| bad)
+}
+
+/// Refuse every request with `Transfer-Encoding` (RFC 9112 section 6): we frame request
+/// bodies by `Content-Length` only, and a body whose framing we do not follow would be read
+/// as the next request.
+fn check_transfer_encoding(request: &Request) -> Result<(), HttpError> {
+    let codings: Vec<&str> = request
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("Transfer-Encoding"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(str::trim)
         .collect();
-    if let Some(first) = lengths.first() {
-        // Differing duplicate Content-Length headers are a request-smuggling vector.
-        if lengths.iter().any(|l| l != first) || !first.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(HttpError::new(400, "Bad Request"));
-        }
-        request.content_length = Some(
-            first
-                .parse()
-                .map_err(|_| HttpError::new(400, "Bad Request"))?,
-        );
+    let Some(last) = codings.last() else {
+        return Ok(());
+    };
+    // Both framings at once is how requests are smuggled past a proxy: always refused
+    // (section 6.3, rule 3). Without chunked last, the length cannot be known (rule 4).
+    if request.content_length.is_some() || !last.eq_ignore_ascii_case("chunked") {
+        return Err(HttpError::new(400, "Bad Request"));
     }
-    if request.header("Transfer-Encoding").is_some() {
-        // Bodies must come with a Content-Length; chunked uploads are not supported.
-        return Err(HttpError::new(411, "Length Required"));
-    }
-    if request.method == Method::Put {
-        match request.content_length {
-            None => return Err(HttpError::new(411, "Length Required")),
-            Some(n) if n > limits.max_body_bytes => {
-                return Err(HttpError::new(413, "Content Too Large"))
-            }
-            _ => {}
-        }
-    }
-    Ok(Parsed::Complete { request, head_len })
+    Err(if request.method == Method::Put {
+        // An upload we would take with a length.
+        HttpError::new(411, "Length Required")
+    } else {
+        HttpError::new(501, "Not Implemented")
+    })
 }
 
 /// A response head being built.
@@ -301,9 +425,112 @@ mod tests {
     }
 
     #[test]
+    fn bodies_are_framed_by_content_length_on_every_method() {
+        let (r, _) = complete("GET /a HTTP/1.1\r\nContent-Length: 37\r\n\r\n");
+        assert_eq!(r.content_length, Some(37));
+        let (r, _) = complete("DELETE /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(r.content_length, Some(0));
+        let limit = Limits::default().max_discarded_body_bytes;
+        let over = format!("GET /a HTTP/1.1\r\nContent-Length: {}\r\n\r\n", limit + 1);
+        assert_eq!(parse(&over).unwrap_err().status, 413);
+        let at = format!("GET /a HTTP/1.1\r\nContent-Length: {limit}\r\n\r\n");
+        assert!(parse(&at).is_ok());
+        assert_eq!(
+            parse("GET /a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+                .unwrap_err()
+                .status,
+            400
+        );
+    }
+
+    /// RFC 9112 section 6.3: Transfer-Encoding with Content-Length is always refused;
+    /// chunked not last, 400; chunked (which we do not take) on a PUT, 411, else 501.
+    #[test]
+    fn transfer_encoding_is_refused() {
+        let status = |head: &str| parse(&format!("{head}\r\n\r\n")).unwrap_err().status;
+        assert_eq!(status("GET / HTTP/1.1\r\nTransfer-Encoding: chunked"), 501);
+        assert_eq!(
+            status("DELETE / HTTP/1.1\r\ntransfer-encoding: CHUNKED"),
+            501
+        );
+        assert_eq!(status("PUT /f HTTP/1.1\r\nTransfer-Encoding: chunked"), 411);
+        assert_eq!(status("GET / HTTP/1.1\r\nTransfer-Encoding: gzip"), 400);
+        assert_eq!(
+            status("GET / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip"),
+            400
+        );
+        assert_eq!(
+            status("GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked"),
+            501,
+            "the last coding of all the fields counts"
+        );
+        for te_and_cl in [
+            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5",
+            "PUT /f HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked",
+            "DELETE / HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: identity",
+        ] {
+            assert_eq!(status(te_and_cl), 400, "{te_and_cl:?}");
+        }
+    }
+
+    #[test]
+    fn request_target_forms() {
+        let (r, _) = complete("GET http://example.com:8080/a%20b?q=1 HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            (r.raw_path(), r.target.as_str()),
+            ("/a%20b", "http://example.com:8080/a%20b?q=1")
+        );
+        let (r, _) = complete("GET HTTPS://h HTTP/1.1\r\n\r\n");
+        assert_eq!(r.raw_path(), "/", "no path: the root");
+        let (r, _) = complete("HEAD http://h?x HTTP/1.1\r\n\r\n");
+        assert_eq!(r.raw_path(), "/");
+        let (r, _) = complete("OPTIONS * HTTP/1.1\r\n\r\n");
+        assert_eq!((r.method, r.raw_path()), (Method::Options, "*"));
+        assert_eq!(r.request_line(), "OPTIONS * HTTP/1.1");
+        for bad in [
+            "GET * HTTP/1.1",
+            "GET http:///a HTTP/1.1",
+            "GET http://user@h/a HTTP/1.1",
+            "GET ftp://h/a HTTP/1.1",
+            "GET h:80 HTTP/1.1",
+        ] {
+            assert_eq!(
+                parse(&format!("{bad}\r\n\r\n")).unwrap_err().status,
+                400,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_targets_get_414_even_before_the_line_ends() {
+        let max = Limits::default().max_target_bytes;
+        let at = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(max - 1));
+        assert!(parse(&at).is_ok());
+        let over = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(max));
+        assert_eq!(parse(&over).unwrap_err().status, 414);
+        let unfinished = format!("GET /{}", "a".repeat(max));
+        assert_eq!(parse(&unfinished).unwrap_err().status, 414);
+        let absolute = format!("GET http://h/{} HTTP/1.1\r\n\r\n", "a".repeat(max));
+        assert_eq!(parse(&absolute).unwrap_err().status, 414);
+        // A long header is not a long target.
+        let header = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(max + 10));
+        assert!(parse(&header).is_ok());
+        let no_space_first = format!("GARBAGE\r\nX: {}\r\n\r\n", "a".repeat(max + 10));
+        assert_eq!(parse(&no_space_first).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn options_is_a_method_of_its_own() {
+        let (r, _) = complete("OPTIONS /x HTTP/1.1\r\n\r\n");
+        assert_eq!(r.method, Method::Options);
+    }
+
+    #[test]
     fn other_methods_are_parsed_for_a_405() {
         let (r, _) = complete("DELETE /x HTTP/1.1\r\n\r\n");
         assert_eq!(r.method, Method::Other);
+        assert_eq!(r.request_line(), "DELETE /x HTTP/1.1");
     }
 
     #[test]

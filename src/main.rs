@@ -1,5 +1,10 @@
 //! `zerosend`: the command-line program (file server and tools).
 
+// DMA, VFIO and MMIO live in the driver crates: the server itself is safe Rust.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use driver::pci;
@@ -19,63 +24,152 @@ struct Cli {
 enum Command {
     /// Serve the files under --root over HTTP/1.1, with file bodies sent zero-copy from the
     /// stable page cache by a NIC bound to vfio-pci.
-    Serve {
-        /// PCI address of the NIC (bound to vfio-pci), or `auto` for the first one.
-        #[arg(long, default_value = "auto")]
-        nic: String,
-        /// Directory to serve.
-        #[arg(long)]
-        root: std::path::PathBuf,
-        /// Static address with prefix length, e.g. 10.0.2.15/24 (or use --dhcp).
-        #[arg(long, conflicts_with = "dhcp")]
-        ip: Option<String>,
-        /// Default gateway for --ip.
-        #[arg(long, requires = "ip")]
-        gateway: Option<std::net::Ipv4Addr>,
-        /// Get the address from a DHCP server.
-        #[arg(long)]
-        dhcp: bool,
-        #[arg(long, default_value_t = 80)]
-        port: u16,
-        /// What a PUT does to pages an in-flight response still uses: wait (bounded) or
-        /// copy-on-write.
-        #[arg(long, value_enum, default_value = "cow")]
-        write_policy: PolicyArg,
-        /// How long a `wait` writer waits for in-flight pages, in milliseconds.
-        #[arg(long, default_value_t = 2000)]
-        wait_timeout_ms: u64,
-        /// Audit mode: checksum every page at pin and verify it at release.
-        #[arg(long)]
-        audit: bool,
-        /// Write every frame sent and received to this pcap file.
-        #[arg(long)]
-        pcap: Option<std::path::PathBuf>,
-        /// Connections beyond this get a 503.
-        #[arg(long, default_value_t = 256)]
-        max_connections: usize,
-        /// Page-cache size in MiB (DMA memory the NIC can read).
-        #[arg(long, default_value_t = 256)]
-        cache_mb: usize,
-        /// Seconds between stats lines.
-        #[arg(long, default_value_t = 5)]
-        stats_interval: u64,
-    },
+    Serve(Box<ServeArgs>),
     /// List PCI network devices, their driver binding and IOMMU group, and whether zerosend
     /// can drive them.
     Probe,
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// PCI address of the NIC (bound to vfio-pci), or `auto` for the first one.
+    #[arg(long, default_value = "auto")]
+    nic: String,
+    /// Directory to serve.
+    #[arg(long)]
+    root: std::path::PathBuf,
+    /// Static address with prefix length, e.g. 10.0.2.15/24 (or use --dhcp).
+    #[arg(long, conflicts_with = "dhcp")]
+    ip: Option<String>,
+    /// Default gateway for --ip.
+    #[arg(long, requires = "ip")]
+    gateway: Option<std::net::Ipv4Addr>,
+    /// Get the address from a DHCP server.
+    #[arg(long)]
+    dhcp: bool,
+    /// TCP port to listen on.
+    #[arg(long, default_value_t = 80)]
+    port: u16,
+    /// What a PUT does to pages an in-flight response still uses: wait (bounded) or
+    /// copy-on-write.
+    #[arg(long, value_enum, default_value = "cow")]
+    write_policy: PolicyArg,
+    /// How long a `wait` writer waits for in-flight pages, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    wait_timeout_ms: u64,
+    /// What a request does when every page-cache frame is pinned: wait (up to
+    /// --backpressure-timeout-ms) for pins to be released, or fail at once; either way it
+    /// gets a 503 if no frame comes free.
+    #[arg(long, value_enum, default_value = "wait")]
+    backpressure: BackpressureArg,
+    /// Longest wait for a free page-cache frame under `--backpressure wait`, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    backpressure_timeout_ms: u64,
+    /// Idle keep-alive connections are closed after this many seconds, and connections
+    /// whose client acknowledged nothing of a response for that long are reset.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// A request head or PUT body must arrive within this many seconds of its first byte
+    /// (408 otherwise).
+    #[arg(long, default_value_t = 20)]
+    request_timeout_secs: u64,
+    /// Largest PUT body accepted, in MiB (413 above).
+    #[arg(long, default_value_t = 256)]
+    max_put_mb: u64,
+    /// Send buffer of each TCP connection in KiB: bytes in flight plus queued at most.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    tcp_send_buffer_kb: u64,
+    /// Audit mode: checksum every page at pin and verify it at release.
+    #[arg(long)]
+    audit: bool,
+    /// Write every frame sent and received to this pcap file.
+    #[arg(long)]
+    pcap: Option<std::path::PathBuf>,
+    /// Access log: one line per response (client, request line, status, bytes, seconds) to
+    /// this file (appended to), or `-` for stdout. Lines are dropped, never waited for,
+    /// when the log cannot keep up.
+    #[arg(long, value_name = "PATH")]
+    access_log: Option<String>,
+    /// Connections beyond this get a 503.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Page-cache size in MiB (DMA memory the NIC can read).
+    #[arg(long, default_value_t = 256)]
+    cache_mb: usize,
+    /// Seconds between stats lines.
+    #[arg(long, default_value_t = 5)]
+    stats_interval: u64,
+}
+
+impl ServeArgs {
+    /// The server's options, with the flags checked against each other.
+    fn options(self) -> Result<serve::ServeOptions> {
+        let ip = match (self.ip, self.dhcp) {
+            (Some(text), false) => Some(parse_cidr(&text)?),
+            (None, true) => None,
+            _ => anyhow::bail!("give --ip ADDR/PREFIX or --dhcp"),
+        };
+        let write_policy = match self.write_policy {
+            PolicyArg::Cow => pagecache::WritePolicy::CopyOnWrite,
+            PolicyArg::Wait => pagecache::WritePolicy::Wait {
+                timeout: Duration::from_millis(self.wait_timeout_ms),
+            },
+        };
+        let backpressure = match self.backpressure {
+            BackpressureArg::Wait => pagecache::Backpressure::Wait {
+                timeout: Duration::from_millis(self.backpressure_timeout_ms),
+            },
+            BackpressureArg::Error => pagecache::Backpressure::Error,
+        };
+        let limits = http::Limits {
+            max_body_bytes: self.max_put_mb << 20,
+            ..http::Limits::default()
+        };
+        Ok(serve::ServeOptions {
+            nic: self.nic,
+            root: self.root,
+            ip,
+            gateway: self.gateway,
+            port: self.port,
+            write_policy,
+            backpressure,
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            limits,
+            tcp_send_buffer: (self.tcp_send_buffer_kb as usize) << 10,
+            audit: self.audit,
+            pcap: self.pcap,
+            access_log: self
+                .access_log
+                .as_deref()
+                .map(accesslog::Destination::parse),
+            max_connections: self.max_connections,
+            cache_mb: self.cache_mb,
+            stats_interval: Duration::from_secs(self.stats_interval.max(1)),
+        })
+    }
+}
+
+mod accesslog;
 mod conn;
 mod http;
 mod metrics;
+mod process;
 mod respond;
 mod root;
 mod serve;
+mod warnings;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum PolicyArg {
     Wait,
     Cow,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum BackpressureArg {
+    Wait,
+    Error,
 }
 
 fn main() {
@@ -89,46 +183,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe => probe(),
-        Command::Serve {
-            nic,
-            root,
-            ip,
-            gateway,
-            dhcp,
-            port,
-            write_policy,
-            wait_timeout_ms,
-            audit,
-            pcap,
-            max_connections,
-            cache_mb,
-            stats_interval,
-        } => (|| {
-            let ip = match (ip, dhcp) {
-                (Some(text), false) => Some(parse_cidr(&text)?),
-                (None, true) => None,
-                _ => anyhow::bail!("give --ip ADDR/PREFIX or --dhcp"),
-            };
-            let write_policy = match write_policy {
-                PolicyArg::Cow => pagecache::WritePolicy::CopyOnWrite,
-                PolicyArg::Wait => pagecache::WritePolicy::Wait {
-                    timeout: std::time::Duration::from_millis(wait_timeout_ms),
-                },
-            };
-            serve::serve(serve::ServeOptions {
-                nic,
-                root,
-                ip,
-                gateway,
-                port,
-                write_policy,
-                audit,
-                pcap,
-                max_connections,
-                cache_mb,
-                stats_interval: std::time::Duration::from_secs(stats_interval.max(1)),
-            })
-        })(),
+        Command::Serve(args) => args.options().and_then(serve::serve),
     };
     if let Err(e) = result {
         eprintln!("zerosend: error: {e:#}");

@@ -4,23 +4,38 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use driver::anynic::{open_nic, NicConfig};
-use driver::dma::DmaAccess;
+use driver::dma::{DmaAccess, DmaRegion};
 use driver::pcap::PcapTap;
 use driver::pci::{self, PciAddress};
 use driver::{NetQueue, NicModel};
-use netstack::{ConnId, Event, Ipv4Config, Stack, StackConfig};
+use netstack::{ConnId, Event, Ipv4Config, ListenerId, Stack, StackConfig};
 use pagecache::{Backpressure, CacheConfig, FrameArena, PageCache, WritePolicy};
 
-use crate::conn::{Connection, Outgoing, ServerCore, MAX_QUEUED_RESPONSES};
+use crate::accesslog::{self, AccessLog};
+use crate::conn::{Connection, Outgoing, ResponseEnd, ServerCore, MAX_QUEUED_RESPONSES};
 use crate::http::{simple_response, Limits};
 use crate::metrics::{render_prometheus, Metric};
 use crate::root::ServeRoot;
+use crate::warnings::WarnKind;
+
+mod snapshot;
+use snapshot::stats_snapshot;
+
+/// Received bytes are read from the stack in chunks of this size.
+const RECV_CHUNK: usize = 64 * 1024;
+/// How often idle and slow connections are looked for.
+const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// Polls with nothing to do before the loop starts napping between polls.
+const SPINS_BEFORE_NAP: u32 = 64;
+/// The nap of an idle loop: short, so a new request waits at most this long.
+const IDLE_NAP: Duration = Duration::from_micros(200);
 
 /// Everything `zerosend serve` is told on the command line.
 #[derive(Clone, Debug)]
@@ -33,8 +48,19 @@ pub struct ServeOptions {
     pub gateway: Option<Ipv4Addr>,
     pub port: u16,
     pub write_policy: WritePolicy,
+    /// What a request that needs a page-cache frame does when all are pinned.
+    pub backpressure: Backpressure,
+    /// Idle keep-alive connections are closed after this long.
+    pub idle_timeout: Duration,
+    /// A request head (or PUT body) must arrive within this long of its first byte.
+    pub request_timeout: Duration,
+    pub limits: Limits,
+    /// Send buffer of each TCP connection, in bytes.
+    pub tcp_send_buffer: usize,
     pub audit: bool,
     pub pcap: Option<PathBuf>,
+    /// One line per response, to a file or stdout.
+    pub access_log: Option<accesslog::Destination>,
     pub max_connections: usize,
     pub cache_mb: usize,
     pub stats_interval: Duration,
@@ -94,12 +120,176 @@ impl<Q: NetQueue> ServerNic for PcapTap<Q> {
     }
 }
 
+/// One accepted connection: its HTTP state and the responses not yet handed to the stack.
 struct ConnEntry {
     http: Connection,
+    /// The connection's number (the first accepted is 1), for the access log.
+    serial: u64,
     /// Response pieces not yet handed to the stack, and how much of the first was sent.
     out: VecDeque<Outgoing>,
     sent_of_first: usize,
+    /// Responses in `out` (its [`Outgoing::End`]s).
+    queued_responses: usize,
+    /// Stream bytes handed to the stack so far, and where the response being handed over
+    /// started.
+    stream_queued: u64,
+    response_start: u64,
+    /// Stream bytes the client acknowledged, as of the last look.
+    stream_acked: u64,
+    /// Responses handed over whose access-log lines wait for the client's acknowledgement
+    /// (empty when the access log is off).
+    unacknowledged: VecDeque<Unacknowledged>,
+    send_progress: SendProgress,
     closed_by_us: bool,
+}
+
+/// A response in the stream, and what its access-log line says.
+struct Unacknowledged {
+    stream: Range<u64>,
+    end: ResponseEnd,
+}
+
+impl ConnEntry {
+    fn new(serial: u64, now: Instant) -> Self {
+        ConnEntry {
+            http: Connection::new(now),
+            serial,
+            out: VecDeque::new(),
+            sent_of_first: 0,
+            queued_responses: 0,
+            stream_queued: 0,
+            response_start: 0,
+            stream_acked: 0,
+            unacknowledged: VecDeque::new(),
+            send_progress: SendProgress::new(now),
+            closed_by_us: false,
+        }
+    }
+
+    /// Append response pieces the HTTP layer produced.
+    fn queue(&mut self, pieces: &mut Vec<Outgoing>) {
+        self.queued_responses += pieces
+            .iter()
+            .filter(|p| matches!(p, Outgoing::End(_)))
+            .count();
+        self.out.extend(pieces.drain(..));
+    }
+
+    /// The stack refuses more (the connection is going away): drop what is queued, keeping
+    /// the access-log records of its responses.
+    fn abandon_queued(&mut self, logging: bool) {
+        let at = self.stream_queued;
+        for piece in self.out.drain(..) {
+            if let (Outgoing::End(end), true) = (piece, logging) {
+                self.unacknowledged.push_back(Unacknowledged {
+                    stream: at..at,
+                    end,
+                });
+            }
+        }
+        self.queued_responses = 0;
+        self.sent_of_first = 0;
+    }
+
+    /// Close our sending half once, after everything queued.
+    fn close<Q: NetQueue>(&mut self, stack: &mut Stack<Q>, id: ConnId) {
+        if !self.closed_by_us {
+            let _ = stack.close(id);
+            self.closed_by_us = true;
+        }
+    }
+
+    /// Log the responses the client has acknowledged in full; when the connection is
+    /// `finished`, every response left, with the bytes that did get acknowledged.
+    fn log_acknowledged<Q: NetQueue>(
+        &mut self,
+        stack: &Stack<Q>,
+        id: ConnId,
+        log: &mut AccessLog,
+        now: Instant,
+        finished: bool,
+    ) {
+        if let Ok(unacked) = stack.unacked(id) {
+            self.stream_acked = self.stream_queued.saturating_sub(unacked);
+        }
+        if finished {
+            // Responses never handed to the stack: nothing of them reached the client.
+            self.abandon_queued(true);
+        }
+        while let Some(front) = self.unacknowledged.front() {
+            if !finished && front.stream.end > self.stream_acked {
+                break;
+            }
+            let Unacknowledged { stream, end } = self.unacknowledged.pop_front().unwrap();
+            log.record(&accesslog::Entry {
+                at: SystemTime::now(),
+                // The network stack does not tell a connection's peer address (yet).
+                client: None,
+                connection: self.serial,
+                request_line: end.request_line.as_deref(),
+                status: end.status,
+                bytes: self.stream_acked.clamp(stream.start, stream.end) - stream.start,
+                duration: now.saturating_duration_since(end.started),
+            });
+        }
+    }
+}
+
+/// Whether a client still takes what we send. A client that stops acknowledging (a zero
+/// window, or gone without a reset) would otherwise hold its connection and the pins of its
+/// response for ever.
+#[derive(Clone, Copy, Debug)]
+struct SendProgress {
+    acked: u64,
+    since: Instant,
+}
+
+impl SendProgress {
+    fn new(now: Instant) -> Self {
+        SendProgress {
+            acked: 0,
+            since: now,
+        }
+    }
+
+    /// Note how much is acknowledged now and whether bytes are outstanding; returns how
+    /// long they have been outstanding without any acknowledgement.
+    fn stalled_for(&mut self, acked: u64, outstanding: bool, now: Instant) -> Duration {
+        if !outstanding || acked != self.acked {
+            self.acked = acked;
+            self.since = now;
+        }
+        now.saturating_duration_since(self.since)
+    }
+}
+
+/// Connection counts for the stats line and the metrics page.
+#[derive(Clone, Copy, Debug, Default)]
+struct ConnectionCounts {
+    accepted: u64,
+    /// Answered 503 over `--max-connections`.
+    rejected: u64,
+}
+
+/// The server's state between polls.
+struct Server<Q: NetQueue> {
+    stack: Stack<Q>,
+    listener: ListenerId,
+    cache: PageCache,
+    core: ServerCore,
+    conns: HashMap<ConnId, ConnEntry>,
+    counts: ConnectionCounts,
+    max_connections: usize,
+    recv_buf: Vec<u8>,
+    /// Reused every poll: the loop allocates nothing per iteration once warmed up.
+    ids: Vec<ConnId>,
+    access_log: Option<AccessLog>,
+    /// For the resident-memory gauge.
+    page_size: u64,
+    /// The page cache's DMA memory. Dropping it removes its IOMMU mapping, so it lives as
+    /// long as the server and is dropped last (fields drop in order), after the stack and
+    /// the cache whose pins the NIC may still be reading.
+    _cache_dma: DmaRegion,
 }
 
 fn run<Q: ServerNic>(
@@ -108,209 +298,357 @@ fn run<Q: ServerNic>(
     address: PciAddress,
     capturing: bool,
 ) -> Result<()> {
-    // The page cache's frames live in DMA memory mapped read-only for the NIC: the device can
-    // read file pages but never change them.
-    let region = nic
-        .dma()
-        .allocate(options.cache_mb << 20, DmaAccess::DeviceReads)
-        .context("allocating the page cache's DMA memory")?;
-    let arena = FrameArena::from_shared(Arc::clone(region.memory()))?;
-    let cache_config = CacheConfig {
-        audit: options.audit,
-        backpressure: Backpressure::Wait {
-            timeout: Duration::from_secs(2),
-        },
-        ..CacheConfig::default()
-    };
-    let cache = PageCache::new(arena, cache_config)?;
-    let root = ServeRoot::new(&options.root)
-        .with_context(|| format!("--root {}", options.root.display()))?;
-    let mut core = ServerCore::new(root, cache.clone(), options.write_policy, Limits::default());
-
-    let ipv4 = match options.ip {
-        Some((ip, prefix)) => {
-            Ipv4Config::static_address(ip.octets(), prefix, options.gateway.map(|g| g.octets()))
-        }
-        None => Ipv4Config::Dhcp,
-    };
-    let mut config = StackConfig::new(ipv4);
-    // Room for a burst of simultaneous connection attempts (each beyond the limit still gets
-    // its 503 rather than a reset).
-    config.backlog = (options.max_connections + 16).min(256);
-    config.tcp_tx_buffer = 512 * 1024;
-    let mut stack = Stack::new(nic, config)?;
-    let listener = stack.listen(options.port)?;
-    let started = Instant::now();
-    let mut conns: HashMap<ConnId, ConnEntry> = HashMap::new();
-    let mut rejected_connections = 0u64;
-    let mut accepted_connections = 0u64;
+    let mut server = Server::start(nic, options)?;
     let mut announced = false;
+    let mut stats = StatsLine::new(options.stats_interval);
     let mut last_timeouts = Instant::now();
-    let mut last_stats = Instant::now();
-    let mut last_tx_bytes = 0u64;
-    let mut recv_buf = vec![0u8; 64 * 1024];
-    let mut idle_polls = 0u32;
-    // Reused every poll: the loop allocates nothing per iteration once warmed up.
-    let mut ids: Vec<ConnId> = Vec::new();
-
+    let mut idle = IdleBackoff::default();
     loop {
         let now = Instant::now();
-        let mut work = stack.poll(netstack::Instant::now())?;
+        let mut work = server.stack.poll(netstack::Instant::now())?;
         if !announced {
-            if let Some(addr) = stack.ipv4_address() {
-                println!(
-                    "zerosend: serving {} on {}:{} (nic {address} {}, mac {}, write policy {:?}, audit {}, pcap {})",
-                    core.root.path().display(),
-                    addr.address(),
-                    options.port,
-                    stack.nic().capabilities().tso_max_frame.map(|_| "TSO").unwrap_or("no TSO"),
-                    stack.nic().mac_address(),
-                    options.write_policy,
-                    if options.audit { "on" } else { "off" },
-                    if capturing { "on" } else { "off" },
-                );
-                announced = true;
-            }
+            announced = server.announce(options, &address, capturing);
         }
-        while let Some(event) = stack.next_event() {
+        work |= server.dispatch_events(now);
+        work |= server.serve_connections(now);
+        if now.duration_since(last_timeouts) > TIMEOUT_CHECK_INTERVAL {
+            last_timeouts = now;
+            server.enforce_timeouts(now);
+        }
+        stats.print_when_due(now, &mut server);
+        idle.after_poll(work);
+    }
+}
+
+impl<Q: ServerNic> Server<Q> {
+    /// Page cache in DMA memory, the HTTP core, and the stack listening on the port.
+    fn start(nic: Q, options: &ServeOptions) -> Result<Self> {
+        // The page cache's frames live in DMA memory mapped read-only for the NIC: the device
+        // can read file pages but never change them.
+        let region = nic
+            .dma()
+            .allocate(options.cache_mb << 20, DmaAccess::DeviceReads)
+            .context("allocating the page cache's DMA memory")?;
+        let arena = FrameArena::from_shared(Arc::clone(region.memory()))?;
+        let cache_config = CacheConfig {
+            audit: options.audit,
+            backpressure: options.backpressure,
+            ..CacheConfig::default()
+        };
+        let cache = PageCache::new(arena, cache_config)?;
+        let root = ServeRoot::new(&options.root)
+            .with_context(|| format!("--root {}", options.root.display()))?;
+        let mut core = ServerCore::new(root, cache.clone(), options.write_policy, options.limits);
+        core.idle_timeout = options.idle_timeout;
+        core.request_timeout = options.request_timeout;
+        let access_log = match &options.access_log {
+            Some(destination) => Some(
+                AccessLog::open(destination)
+                    .with_context(|| format!("--access-log {destination}"))?,
+            ),
+            None => None,
+        };
+        core.record_request_lines = access_log.is_some();
+
+        let ipv4 = match options.ip {
+            Some((ip, prefix)) => {
+                Ipv4Config::static_address(ip.octets(), prefix, options.gateway.map(|g| g.octets()))
+            }
+            None => Ipv4Config::Dhcp,
+        };
+        let mut config = StackConfig::new(ipv4);
+        // Room for a burst of simultaneous connection attempts (each beyond the limit still
+        // gets its 503 rather than a reset).
+        config.backlog = (options.max_connections + 16).min(256);
+        config.tcp_tx_buffer = options.tcp_send_buffer;
+        let mut stack = Stack::new(nic, config)?;
+        let listener = stack.listen(options.port)?;
+        Ok(Server {
+            stack,
+            listener,
+            cache,
+            core,
+            conns: HashMap::new(),
+            counts: ConnectionCounts::default(),
+            max_connections: options.max_connections,
+            recv_buf: vec![0u8; RECV_CHUNK],
+            ids: Vec::new(),
+            access_log,
+            page_size: crate::process::page_size(),
+            _cache_dma: region,
+        })
+    }
+
+    /// Print the "serving" line once the interface has an address; returns whether it did.
+    fn announce(&self, options: &ServeOptions, address: &PciAddress, capturing: bool) -> bool {
+        let Some(addr) = self.stack.ipv4_address() else {
+            return false;
+        };
+        let nic = self.stack.nic();
+        println!(
+            "zerosend: serving {} on {}:{} (nic {address} {}, mac {}, write policy {:?}, audit {}, pcap {})",
+            self.core.root.path().display(),
+            addr.address(),
+            options.port,
+            nic.capabilities().tso_max_frame.map(|_| "TSO").unwrap_or("no TSO"),
+            nic.mac_address(),
+            options.write_policy,
+            if options.audit { "on" } else { "off" },
+            if capturing { "on" } else { "off" },
+        );
+        true
+    }
+
+    /// New and closed connections.
+    fn dispatch_events(&mut self, now: Instant) -> bool {
+        let mut work = false;
+        while let Some(event) = self.stack.next_event() {
             work = true;
             match event {
-                Event::Accepted { listener: l, conn } if l == listener => {
-                    accepted_connections += 1;
-                    if conns.len() >= options.max_connections {
-                        // Over the limit: answer 503 and close, rather than refusing silently.
-                        rejected_connections += 1;
-                        let body = "503 Service Unavailable: too many connections\n";
-                        let _ = stack.send(
-                            conn,
-                            &simple_response(503, "Service Unavailable", body, false, false),
-                        );
-                        let _ = stack.close(conn);
-                        continue;
-                    }
-                    conns.insert(
-                        conn,
-                        ConnEntry {
-                            http: Connection::new(now),
-                            out: VecDeque::new(),
-                            sent_of_first: 0,
-                            closed_by_us: false,
-                        },
-                    );
+                Event::Accepted { listener, conn } if listener == self.listener => {
+                    self.accept(conn, now);
                 }
                 Event::Closed { conn } => {
-                    conns.remove(&conn);
+                    if let Some(mut entry) = self.conns.remove(&conn) {
+                        if let Some(log) = &mut self.access_log {
+                            entry.log_acknowledged(&self.stack, conn, log, now, true);
+                        }
+                    }
                 }
                 _ => {}
             }
         }
+        work
+    }
 
+    fn accept(&mut self, conn: ConnId, now: Instant) {
+        self.counts.accepted += 1;
+        if self.conns.len() >= self.max_connections {
+            self.reject(conn, now);
+            return;
+        }
+        self.conns
+            .insert(conn, ConnEntry::new(self.counts.accepted, now));
+    }
+
+    /// Over the connection limit: answer 503 and close, rather than refusing silently.
+    fn reject(&mut self, conn: ConnId, now: Instant) {
+        self.counts.rejected += 1;
+        self.core.counters.count(503);
+        self.core
+            .warnings
+            .warn(WarnKind::ServiceUnavailable, now, "too many connections");
+        let body = "503 Service Unavailable: too many connections\n";
+        let response = simple_response(503, "Service Unavailable", body, false, false);
+        let sent = self.stack.send(conn, &response).unwrap_or(0);
+        let _ = self.stack.close(conn);
+        if let Some(log) = &mut self.access_log {
+            log.record(&accesslog::Entry {
+                at: SystemTime::now(),
+                client: None,
+                connection: self.counts.accepted,
+                request_line: None,
+                status: 503,
+                bytes: sent as u64,
+                duration: Duration::ZERO,
+            });
+        }
+    }
+
+    /// Every connection: read requests, queue responses, hand them to the stack, close
+    /// finished connections.
+    fn serve_connections(&mut self, now: Instant) -> bool {
+        let mut work = false;
+        let mut ids = std::mem::take(&mut self.ids);
         ids.clear();
-        ids.extend(conns.keys().copied());
+        ids.extend(self.conns.keys().copied());
         for &id in &ids {
-            let entry = conns.get_mut(&id).unwrap();
-            // Receive what is there (bounded by what the HTTP layer will queue).
-            let mut new_out = Vec::new();
-            while entry.out.len() < MAX_QUEUED_RESPONSES && !entry.http.closing() {
-                match stack.recv(id, &mut recv_buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        work = true;
-                        entry.http.on_bytes(
-                            &recv_buf[..n],
-                            now,
-                            entry.out.len(),
-                            &mut core,
-                            &mut new_out,
-                        );
-                        entry.out.extend(new_out.drain(..));
-                    }
-                    Err(_) => break,
-                }
-            }
-            if entry.out.is_empty() && !entry.http.closing() {
-                // Resume pipelined requests held back while the queue was full.
-                entry.http.on_bytes(&[], now, 0, &mut core, &mut new_out);
-                entry.out.extend(new_out.drain(..));
-            }
-            // Metrics are rendered only when a metrics response is queued.
-            let metrics = if entry
-                .out
-                .iter()
-                .any(|o| matches!(o, Outgoing::Metrics { .. }))
-            {
-                stats_snapshot(
-                    &stack,
-                    &cache,
-                    &core,
-                    accepted_connections,
-                    rejected_connections,
-                )
-            } else {
-                Vec::new()
-            };
-            work |= pump(&mut stack, id, entry, &metrics);
-            let entry = conns.get_mut(&id).unwrap();
-            if entry.out.is_empty() && entry.http.closing() && !entry.closed_by_us {
-                let _ = stack.close(id);
-                entry.closed_by_us = true;
-            }
-            if stack.peer_closed(id).unwrap_or(true) && entry.out.is_empty() && !entry.closed_by_us
-            {
-                let _ = stack.close(id);
-                entry.closed_by_us = true;
-            }
+            work |= self.serve_connection(id, now);
         }
+        self.ids = ids;
+        work
+    }
 
-        if now.duration_since(last_timeouts) > Duration::from_millis(500) {
-            last_timeouts = now;
-            for (&id, entry) in conns.iter_mut() {
-                if !entry.out.is_empty() || stack.unacked(id).unwrap_or(0) > 0 {
-                    // A response is still going out: the client is not idle.
-                    entry.http.touch(now);
-                    continue;
-                }
-                let (response, close) = entry.http.check_timeouts(now, &mut core);
-                if let Some(bytes) = response {
-                    entry.out.push_back(Outgoing::Bytes(bytes));
-                }
-                if close && entry.out.is_empty() && !entry.closed_by_us {
-                    let _ = stack.close(id);
-                    entry.closed_by_us = true;
-                }
-            }
-        }
-        if now.duration_since(last_stats) >= options.stats_interval {
-            let secs = now.duration_since(last_stats).as_secs_f64();
-            last_stats = now;
-            stack.nic_mut().flush_capture();
-            let s = stack.stats();
-            let c = cache.stats();
-            let tx_mbit = (s.payload_bytes_sent - last_tx_bytes) as f64 * 8.0 / secs / 1e6;
-            last_tx_bytes = s.payload_bytes_sent;
-            println!(
-                "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {accepted_connections}, rejected {rejected_connections}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
-                started.elapsed().as_secs_f64(),
-                conns.len(),
-                core.counters.requests,
-                c.pinned_pages_now,
-                c.cow_copies,
-                c.writer_waits,
-                s.retransmitted_segments,
-                c.audit_checks,
-                c.audit_violations,
-                s.payload_bytes_copied,
-                s.file_bytes_sent,
-            );
-        }
-        if work {
-            idle_polls = 0;
+    fn serve_connection(&mut self, id: ConnId, now: Instant) -> bool {
+        let Server {
+            stack,
+            cache,
+            core,
+            conns,
+            counts,
+            recv_buf,
+            access_log,
+            page_size,
+            ..
+        } = self;
+        let open = conns.len() as u64;
+        let entry = conns.get_mut(&id).expect("ids are taken from conns");
+        let mut work = receive_requests(stack, id, entry, recv_buf, core, now);
+        // Metrics are rendered only when a metrics response is queued.
+        let metrics = if entry
+            .out
+            .iter()
+            .any(|o| matches!(o, Outgoing::Metrics { .. }))
+        {
+            let server = snapshot::ServerCounts {
+                accepted: counts.accepted,
+                rejected: counts.rejected,
+                open,
+                access_log_dropped: access_log.as_ref().map_or(0, AccessLog::dropped),
+                page_size: *page_size,
+            };
+            stats_snapshot(stack, cache, core, &server)
         } else {
-            // Polling-mode NIC: spin briefly, then nap so an idle server does not burn a core.
-            idle_polls += 1;
-            if idle_polls > 64 {
-                std::thread::sleep(Duration::from_micros(200));
+            Vec::new()
+        };
+        work |= pump(stack, id, entry, &metrics, access_log.is_some());
+        if let Some(log) = access_log {
+            entry.log_acknowledged(stack, id, log, now, false);
+        }
+        // Close once everything received is answered: when HTTP says so, or when the peer
+        // has finished sending (a half-closed pipeline is still answered in full).
+        let peer_done = stack.peer_closed(id).unwrap_or(true) && !entry.http.held_back();
+        if entry.out.is_empty() && (entry.http.closing() || peer_done) {
+            entry.close(stack, id);
+        }
+        work
+    }
+
+    /// Close idle connections and clients that stopped taking responses; answer slow
+    /// requests with 408.
+    fn enforce_timeouts(&mut self, now: Instant) {
+        let Server {
+            stack, core, conns, ..
+        } = self;
+        let mut pieces = Vec::new();
+        for (&id, entry) in conns.iter_mut() {
+            let unacked = stack.unacked(id).unwrap_or(0);
+            let acked = entry.stream_queued.saturating_sub(unacked);
+            let stalled = entry.send_progress.stalled_for(acked, unacked > 0, now);
+            if stalled > core.idle_timeout && !entry.closed_by_us {
+                // Reset: a FIN would wait behind the bytes the client does not take.
+                core.counters.timeouts += 1;
+                let _ = stack.abort(id);
+                entry.closed_by_us = true;
+                continue;
             }
+            if !entry.out.is_empty() || unacked > 0 {
+                // A response is still going out: the client is not idle.
+                entry.http.touch(now);
+                continue;
+            }
+            let close = entry.http.check_timeouts(now, core, &mut pieces);
+            entry.queue(&mut pieces);
+            if close && entry.out.is_empty() {
+                entry.close(stack, id);
+            }
+        }
+        core.warnings.flush(now);
+    }
+}
+/// Receive what is there (bounded by what the HTTP layer will queue) and turn it into
+/// responses.
+fn receive_requests<Q: NetQueue>(
+    stack: &mut Stack<Q>,
+    id: ConnId,
+    entry: &mut ConnEntry,
+    recv_buf: &mut [u8],
+    core: &mut ServerCore,
+    now: Instant,
+) -> bool {
+    let mut work = false;
+    let mut pieces = Vec::new();
+    // Held-back requests are answered before more is read: what is buffered stays bounded.
+    while entry.queued_responses < MAX_QUEUED_RESPONSES
+        && !entry.http.closing()
+        && !entry.http.held_back()
+    {
+        match stack.recv(id, recv_buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                work = true;
+                let queued = entry.queued_responses;
+                entry
+                    .http
+                    .on_bytes(&recv_buf[..n], now, queued, core, &mut pieces);
+                entry.queue(&mut pieces);
+            }
+            Err(_) => break,
+        }
+    }
+    if entry.http.held_back() && entry.queued_responses < MAX_QUEUED_RESPONSES {
+        // Resume pipelined requests held back while the queue was full.
+        let queued = entry.queued_responses;
+        entry.http.on_bytes(&[], now, queued, core, &mut pieces);
+        work |= !pieces.is_empty();
+        entry.queue(&mut pieces);
+    }
+    work
+}
+
+/// The periodic one-line summary on stdout.
+struct StatsLine {
+    interval: Duration,
+    started: Instant,
+    last: Instant,
+    last_tx_bytes: u64,
+}
+
+impl StatsLine {
+    fn new(interval: Duration) -> Self {
+        let now = Instant::now();
+        StatsLine {
+            interval,
+            started: now,
+            last: now,
+            last_tx_bytes: 0,
+        }
+    }
+
+    fn print_when_due<Q: ServerNic>(&mut self, now: Instant, server: &mut Server<Q>) {
+        if now.duration_since(self.last) < self.interval {
+            return;
+        }
+        let secs = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        server.stack.nic_mut().flush_capture();
+        let s = server.stack.stats();
+        let c = server.cache.stats();
+        let tx_mbit = (s.payload_bytes_sent - self.last_tx_bytes) as f64 * 8.0 / secs / 1e6;
+        self.last_tx_bytes = s.payload_bytes_sent;
+        let ConnectionCounts { accepted, rejected } = server.counts;
+        println!(
+            "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {accepted}, rejected {rejected}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
+            self.started.elapsed().as_secs_f64(),
+            server.conns.len(),
+            server.core.counters.requests,
+            c.pinned_pages_now,
+            c.cow_copies,
+            c.writer_waits,
+            s.retransmitted_segments,
+            c.audit_checks,
+            c.audit_violations,
+            s.payload_bytes_copied,
+            s.file_bytes_sent,
+        );
+    }
+}
+
+/// Polling-mode NIC: spin briefly, then nap so an idle server does not burn a core.
+#[derive(Default)]
+struct IdleBackoff {
+    idle_polls: u32,
+}
+
+impl IdleBackoff {
+    fn after_poll(&mut self, work: bool) {
+        if work {
+            self.idle_polls = 0;
+            return;
+        }
+        self.idle_polls += 1;
+        if self.idle_polls > SPINS_BEFORE_NAP {
+            std::thread::sleep(IDLE_NAP);
         }
     }
 }
@@ -321,6 +659,7 @@ fn pump<Q: NetQueue>(
     id: ConnId,
     entry: &mut ConnEntry,
     metrics: &[Metric],
+    logging: bool,
 ) -> bool {
     let mut work = false;
     while let Some(front) = entry.out.front_mut() {
@@ -329,10 +668,11 @@ fn pump<Q: NetQueue>(
                 match stack.send(id, &bytes[entry.sent_of_first..]) {
                     Ok(n) => {
                         entry.sent_of_first += n;
+                        entry.stream_queued += n as u64;
                         work |= n > 0;
                     }
                     Err(_) => {
-                        entry.out.clear();
+                        entry.abandon_queued(logging);
                         break;
                     }
                 }
@@ -342,9 +682,10 @@ fn pump<Q: NetQueue>(
             }
             Outgoing::File { pin, range } => {
                 if stack.send_file(id, pin, range.clone()).is_err() {
-                    entry.out.clear();
+                    entry.abandon_queued(logging);
                     break;
                 }
+                entry.stream_queued += range.end - range.start;
                 work = true;
             }
             Outgoing::Metrics {
@@ -366,6 +707,20 @@ fn pump<Q: NetQueue>(
                 *front = Outgoing::Bytes(head);
                 continue;
             }
+            Outgoing::End(end) => {
+                entry.queued_responses -= 1;
+                let stream = entry.response_start..entry.stream_queued;
+                entry.response_start = entry.stream_queued;
+                if logging {
+                    let end = ResponseEnd {
+                        request_line: end.request_line.take(),
+                        ..*end
+                    };
+                    entry
+                        .unacknowledged
+                        .push_back(Unacknowledged { stream, end });
+                }
+            }
         }
         entry.out.pop_front();
         entry.sent_of_first = 0;
@@ -373,131 +728,36 @@ fn pump<Q: NetQueue>(
     work
 }
 
-/// Every counter, for the metrics page.
-fn stats_snapshot<Q: NetQueue>(
-    stack: &Stack<Q>,
-    cache: &PageCache,
-    core: &ServerCore,
-    accepted: u64,
-    rejected: u64,
-) -> Vec<Metric> {
-    let s = stack.stats();
-    let c = cache.stats();
-    let h = core.counters;
-    vec![
-        Metric::counter(
-            "zerosend_http_requests_total",
-            "HTTP requests parsed.",
-            h.requests,
-        ),
-        Metric::counter(
-            "zerosend_http_responses_2xx_total",
-            "2xx responses.",
-            h.responses_2xx,
-        ),
-        Metric::counter(
-            "zerosend_http_responses_3xx_total",
-            "3xx responses.",
-            h.responses_3xx,
-        ),
-        Metric::counter(
-            "zerosend_http_responses_4xx_total",
-            "4xx responses.",
-            h.responses_4xx,
-        ),
-        Metric::counter(
-            "zerosend_http_responses_5xx_total",
-            "5xx responses.",
-            h.responses_5xx,
-        ),
-        Metric::counter("zerosend_http_puts_total", "PUT requests applied.", h.puts),
-        Metric::counter(
-            "zerosend_http_timeouts_total",
-            "Connections closed for idleness or slowness.",
-            h.timeouts,
-        ),
-        Metric::counter(
-            "zerosend_connections_accepted_total",
-            "TCP connections accepted.",
-            accepted,
-        ),
-        Metric::counter(
-            "zerosend_connections_rejected_total",
-            "Connections answered 503 over --max-connections.",
-            rejected,
-        ),
-        Metric::counter(
-            "zerosend_file_bytes_sent_total",
-            "File bytes transmitted (first transmission).",
-            s.file_bytes_sent,
-        ),
-        Metric::counter(
-            "zerosend_payload_bytes_sent_total",
-            "Stream bytes transmitted (first transmission).",
-            s.payload_bytes_sent,
-        ),
-        Metric::counter(
-            "zerosend_payload_bytes_copied_total",
-            "Payload bytes the CPU copied (zero for file data).",
-            s.payload_bytes_copied,
-        ),
-        Metric::counter(
-            "zerosend_tcp_retransmits_total",
-            "TCP segments retransmitted.",
-            s.retransmitted_segments,
-        ),
-        Metric::counter(
-            "zerosend_frames_tx_total",
-            "Frames handed to the NIC.",
-            s.frames_tx,
-        ),
-        Metric::counter("zerosend_frames_rx_total", "Frames received.", s.frames_rx),
-        Metric::gauge(
-            "zerosend_pins_held",
-            "Page-cache pins held by the stack.",
-            s.pins_held_now as f64,
-        ),
-        Metric::gauge(
-            "zerosend_pinned_pages",
-            "Page-cache pages pinned now.",
-            c.pinned_pages_now as f64,
-        ),
-        Metric::gauge(
-            "zerosend_resident_pages",
-            "Page-cache pages resident now.",
-            c.resident_pages_now as f64,
-        ),
-        Metric::counter("zerosend_pins_total", "Page-cache pins taken.", c.pins),
-        Metric::counter(
-            "zerosend_cow_copies_total",
-            "Pinned pages copied on write.",
-            c.cow_copies,
-        ),
-        Metric::counter(
-            "zerosend_writer_waits_total",
-            "Writers that waited for pins.",
-            c.writer_waits,
-        ),
-        Metric::gauge(
-            "zerosend_writer_wait_seconds_total",
-            "Time writers waited for pins.",
-            c.writer_wait_time.as_secs_f64(),
-        ),
-        Metric::counter(
-            "zerosend_write_timeouts_total",
-            "Writes that timed out waiting for pins.",
-            c.write_timeouts,
-        ),
-        Metric::counter("zerosend_evictions_total", "Pages evicted.", c.evictions),
-        Metric::counter(
-            "zerosend_audit_checks_total",
-            "Pages verified at last unpin (audit mode).",
-            c.audit_checks,
-        ),
-        Metric::counter(
-            "zerosend_audit_violations_total",
-            "Pages changed while pinned (must be 0).",
-            c.audit_violations,
-        ),
-    ]
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_send_stalls_only_while_bytes_are_outstanding_and_nothing_is_acknowledged() {
+        let t0 = Instant::now();
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        let mut progress = SendProgress::new(t0);
+        assert_eq!(
+            progress.stalled_for(0, true, secs(10)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            progress.stalled_for(500, true, secs(11)),
+            Duration::ZERO,
+            "an acknowledgement is progress"
+        );
+        assert_eq!(
+            progress.stalled_for(500, true, secs(71)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            progress.stalled_for(500, false, secs(200)),
+            Duration::ZERO,
+            "nothing outstanding: nothing to wait for"
+        );
+        assert_eq!(
+            progress.stalled_for(500, true, secs(205)),
+            Duration::from_secs(5)
+        );
+    }
 }

@@ -42,7 +42,8 @@ impl Server {
             .symlink("/data/escape", "/secret.txt")
             .run(&format!(
                 "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
-                 --audit --pcap /data/capture.pcap --max-connections 100 --write-policy cow"
+                 --audit --pcap /data/capture.pcap --max-connections 100 --write-policy cow \
+                 --access-log /data/access.log"
             ))
             .start()
             .unwrap();
@@ -118,6 +119,208 @@ fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Vec<u8>) {
         assert!(n > 0, "connection closed before a response");
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Send `request` on a fresh connection, close our sending half, and return every byte the
+/// server sends until it closes (or until a reset or the read timeout: what came first).
+fn exchange(srv: &Server, request: Vec<u8>) -> Vec<u8> {
+    srv.tcp(move |mut s| {
+        s.write_all(&request).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 65536];
+        while let Ok(n) = s.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        got
+    })
+}
+
+/// `Date:` is the only header whose value differs between two answers to one request.
+fn without_dates(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .split("\r\n")
+        .map(|line| {
+            if line.starts_with("Date: ") {
+                "Date: *"
+            } else {
+                line
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// The server's exact error response (a short text body naming the status).
+fn error_response(status: u16, reason: &str, keep_alive: bool) -> String {
+    let body = format!("{status} {reason}\n");
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nServer: zerosend\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+        body.len(),
+        if keep_alive { "keep-alive" } else { "close" }
+    )
+}
+
+#[track_caller]
+fn check_bytes(srv: &Server, got: &[u8], expected: &str, what: &str) {
+    srv.check(
+        got == expected.as_bytes(),
+        &format!(
+            "{what}: got {:?}, expected {expected:?}",
+            String::from_utf8_lossy(got)
+        ),
+    );
+}
+
+/// The CL.0 desync of the issue: a body is framed by its Content-Length whatever the method,
+/// so a body that is itself a request is never executed.
+fn bodies_are_never_requests(srv: &Server) {
+    let smuggled = "GET /hello.txt HTTP/1.1\r\nHost: xy\r\n\r\n";
+    assert_eq!(smuggled.len(), 37, "the issue's Content-Length");
+    let last = "GET /nope-last HTTP/1.1\r\nConnection: close\r\n\r\n";
+    let with_body = |first: &str| {
+        format!("{first} HTTP/1.1\r\nHost: guest\r\nContent-Length: 37\r\n\r\n{smuggled}{last}")
+            .into_bytes()
+    };
+    let method_not_allowed = "HTTP/1.1 405 Method Not Allowed\r\nServer: zerosend\r\n\
+        Allow: GET, HEAD, PUT, OPTIONS\r\nContent-Type: text/plain; charset=utf-8\r\n\
+        Content-Length: 23\r\nConnection: keep-alive\r\n\r\n405 Method Not Allowed\n";
+    let last_answer = error_response(404, "Not Found", false);
+    check_bytes(
+        srv,
+        &exchange(srv, with_body("DELETE /hello.txt")),
+        &format!("{method_not_allowed}{last_answer}"),
+        "DELETE with a request as its body",
+    );
+    check_bytes(
+        srv,
+        &exchange(srv, with_body("GET /nope")),
+        &format!("{}{last_answer}", error_response(404, "Not Found", true)),
+        "404 with a request as its body",
+    );
+    // A GET of a file gets exactly what the same GET without a body gets.
+    let reference = exchange(
+        srv,
+        format!("GET /hello.txt HTTP/1.1\r\nHost: guest\r\n\r\n{last}").into_bytes(),
+    );
+    let got = exchange(srv, with_body("GET /hello.txt"));
+    srv.check(
+        reference.starts_with(b"HTTP/1.1 200 ") && without_dates(&got) == without_dates(&reference),
+        &format!(
+            "GET with a request as its body: got {:?}, expected {:?}",
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&reference)
+        ),
+    );
+    // Over the discard limit (64 KiB): refused, and the connection closed.
+    check_bytes(
+        srv,
+        &exchange(
+            srv,
+            format!("GET /hello.txt HTTP/1.1\r\nContent-Length: 100000\r\n\r\n{last}").into_bytes(),
+        ),
+        &error_response(413, "Content Too Large", false),
+        "GET with a body over the limit",
+    );
+    // Transfer-Encoding on a GET (RFC 9112 section 6.3): refused, and closed.
+    check_bytes(
+        srv,
+        &exchange(
+            srv,
+            format!("GET /hello.txt HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{last}")
+                .into_bytes(),
+        ),
+        &error_response(501, "Not Implemented", false),
+        "GET with Transfer-Encoding",
+    );
+    check_bytes(
+        srv,
+        &exchange(
+            srv,
+            format!(
+                "PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n{last}"
+            )
+            .into_bytes(),
+        ),
+        &error_response(400, "Bad Request", false),
+        "Transfer-Encoding with Content-Length",
+    );
+}
+
+/// The issue's 40 pipelined requests followed by `shutdown(SHUT_WR)`: every one is answered
+/// before the server closes, byte for byte.
+fn half_closed_pipeline_of_40(srv: &Server) {
+    let hello = "GET /hello.txt HTTP/1.1\r\nHost: guest\r\n\r\n";
+    let missing = "GET /nope HTTP/1.1\r\nHost: guest\r\n\r\n";
+    let hello_answer = exchange(srv, hello.as_bytes().to_vec());
+    srv.check(
+        hello_answer.starts_with(b"HTTP/1.1 200 ")
+            && hello_answer.ends_with(b"hello from zerosend\n"),
+        "one GET of /hello.txt",
+    );
+    let mut pipeline = String::new();
+    let mut expected = Vec::new();
+    for i in 0..40 {
+        if i % 2 == 0 {
+            pipeline.push_str(hello);
+            expected.extend_from_slice(&hello_answer);
+        } else {
+            pipeline.push_str(missing);
+            expected.extend_from_slice(error_response(404, "Not Found", true).as_bytes());
+        }
+    }
+    let got = exchange(srv, pipeline.into_bytes());
+    let answered = String::from_utf8_lossy(&got).matches("HTTP/1.1 ").count();
+    srv.check(
+        without_dates(&got) == without_dates(&expected),
+        &format!(
+            "40 pipelined requests, then FIN: {answered} answered, {} of {} bytes",
+            got.len(),
+            expected.len()
+        ),
+    );
+}
+
+/// OPTIONS (also `*`), absolute-form targets, and 414 for a target over 8 KiB.
+fn options_and_request_targets(srv: &Server) {
+    let options = |target: &str| {
+        exchange(
+            srv,
+            format!("OPTIONS {target} HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n")
+                .into_bytes(),
+        )
+    };
+    let allowed = "HTTP/1.1 200 OK\r\nServer: zerosend\r\nAllow: GET, HEAD, PUT, OPTIONS\r\n\
+        Content-Length: 0\r\nConnection: close\r\n\r\n";
+    check_bytes(srv, &options("*"), allowed, "OPTIONS *");
+    check_bytes(srv, &options("/hello.txt"), allowed, "OPTIONS /hello.txt");
+    let get = |target: &str| {
+        exchange(
+            srv,
+            format!("GET {target} HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n")
+                .into_bytes(),
+        )
+    };
+    let origin_form = get("/hello.txt");
+    let absolute_form = get(&format!("http://{GUEST_IP}:{PORT}/hello.txt"));
+    srv.check(
+        origin_form.ends_with(b"\r\n\r\nhello from zerosend\n")
+            && without_dates(&absolute_form) == without_dates(&origin_form),
+        &format!(
+            "absolute-form GET: {:?}",
+            String::from_utf8_lossy(&absolute_form)
+        ),
+    );
+    check_bytes(
+        srv,
+        &get(&format!("/{}", "a".repeat(10_000))),
+        &error_response(414, "URI Too Long", false),
+        "a 10 000-byte target",
+    );
 }
 
 fn full_download(srv: &Server) {
@@ -478,6 +681,52 @@ fn bad_requests_and_limits(srv: &Server) {
         o.stdout == b"hello from zerosend\n",
         "server stopped serving after bad input",
     );
+    // Every 503 is counted, by code and in the 5xx total.
+    let metrics = Metrics::fetch(srv);
+    let code_503 = metrics.value("zerosend_http_responses_total{code=\"503\"}");
+    let class_5xx = metrics.value("zerosend_http_responses_5xx_total");
+    let over_limit = metrics.value("zerosend_connections_rejected_total");
+    srv.check(
+        over_limit >= rejected && code_503 >= over_limit && class_5xx >= code_503,
+        &format!(
+            "{rejected} 503s seen by clients, {over_limit} over the limit, counted \
+             {code_503} by code and {class_5xx} as 5xx:\n{}",
+            metrics.text
+        ),
+    );
+    // The warnings about them are rate-limited, with the count held back reported.
+    srv.guest
+        .wait_for_console("not logged", Duration::from_secs(30));
+    let lines = srv
+        .guest
+        .console_lines_with("answered 503 Service Unavailable");
+    srv.check(
+        !lines.is_empty() && (lines.len() as u64) < rejected,
+        &format!("{} warning lines for {rejected} 503s", lines.len()),
+    );
+}
+
+/// The metrics page, parsed just enough to read samples.
+struct Metrics {
+    text: String,
+}
+
+impl Metrics {
+    fn fetch(srv: &Server) -> Metrics {
+        let o = srv.curl(&[&url("/_zerosend/metrics")]);
+        Metrics {
+            text: String::from_utf8_lossy(&o.stdout).into_owned(),
+        }
+    }
+
+    /// The value of a sample (`name` or `name{label="value"}`); 0 when absent.
+    fn value(&self, sample: &str) -> u64 {
+        self.text
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
 }
 
 fn metrics_and_pcap(srv: &Server) {
@@ -489,6 +738,8 @@ fn metrics_and_pcap(srv: &Server) {
         "zerosend_cow_copies_total",
         "zerosend_tcp_retransmits_total",
         "zerosend_audit_checks_total",
+        "zerosend_connections_open",
+        "zerosend_http_responses_total{code=\"200\"}",
     ] {
         srv.check(
             text.contains(name),
@@ -502,6 +753,14 @@ fn metrics_and_pcap(srv: &Server) {
     srv.check(
         text.contains("zerosend_payload_bytes_copied_total"),
         "copy counter missing",
+    );
+    let metrics = Metrics { text: text.clone() };
+    let rss = metrics.value("zerosend_process_resident_memory_bytes");
+    let received = metrics.value("zerosend_http_request_bytes_total");
+    let open = metrics.value("zerosend_connections_open");
+    srv.check(
+        rss > 1 << 20 && received > 300_000 && open >= 1,
+        &format!("resident {rss} B, received {received} B, open {open}"),
     );
     let dir = srv.scratch_dir("pcap");
     std::fs::create_dir_all(&dir).unwrap();
@@ -525,16 +784,73 @@ fn metrics_and_pcap(srv: &Server) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--access-log`: one line per response, `<time> <client> c<n> "<request line>" <status>
+/// <bytes> <seconds>`.
+fn access_log(srv: &Server) {
+    let o = srv.curl(&[&url("/access.log")]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut lines = 0;
+    let mut big_downloads = 0;
+    for line in text.lines() {
+        lines += 1;
+        let fields = (|| {
+            let (head, rest) = line.split_once(" \"")?;
+            let (request, tail) = rest.rsplit_once("\" ")?;
+            let mut head = head.split(' ');
+            let time: f64 = head.next()?.parse().ok()?;
+            let client = head.next()?;
+            let conn: u64 = head.next()?.strip_prefix('c')?.parse().ok()?;
+            let mut tail = tail.split(' ');
+            let status: u16 = tail.next()?.parse().ok()?;
+            let bytes: u64 = tail.next()?.parse().ok()?;
+            let seconds: f64 = tail.next()?.parse().ok()?;
+            let complete = tail.next().is_none() && head.next().is_none();
+            Some((
+                time, client, conn, request, status, bytes, seconds, complete,
+            ))
+        })();
+        let Some((time, client, conn, request, status, bytes, seconds, true)) = fields else {
+            srv.guest
+                .fail(&format!("malformed access-log line {line:?}"));
+        };
+        srv.check(
+            time > 1.6e9
+                && client == "-"
+                && conn >= 1
+                && (100..600).contains(&status)
+                && seconds >= 0.0,
+            &format!("access-log line {line:?}"),
+        );
+        if request == "GET /big.bin HTTP/1.1" && status == 200 && bytes > BIG_LEN as u64 {
+            big_downloads += 1;
+        }
+    }
+    let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    srv.check(
+        lines > 300
+            && big_downloads >= 1
+            && count("\"OPTIONS * HTTP/1.1\" 200 ") >= 1
+            && count("\"GET /nope HTTP/1.1\" 404 ") >= 20
+            && count("\"-\" 503 ") >= 10
+            && count("\"-\" 414 ") >= 1,
+        &format!("access log ({lines} lines) lacks expected entries:\n{text}"),
+    );
+}
+
 fn end_to_end(nic: Nic) {
     let srv = Server::boot(nic);
     full_download(&srv);
     ranges_head_conditional(&srv);
     keep_alive_200_requests(&srv);
+    bodies_are_never_requests(&srv);
+    half_closed_pipeline_of_40(&srv);
+    options_and_request_targets(&srv);
     parallel_64(&srv);
     put_then_get(&srv);
     concurrent_writers_and_readers(&srv);
     bad_requests_and_limits(&srv);
     metrics_and_pcap(&srv);
+    access_log(&srv);
     let run = srv.guest.stop().unwrap();
     if run.console_contains("panicked") {
         run.fail("the server panicked");

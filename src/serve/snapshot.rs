@@ -1,0 +1,199 @@
+//! What the server knows about itself: every counter for the metrics page, and the one-line
+//! summary it prints every `--stats-interval`.
+
+use driver::NetQueue;
+use netstack::Stack;
+use pagecache::PageCache;
+
+use crate::conn::ServerCore;
+use crate::metrics::Metric;
+use crate::warnings::WarnKind;
+
+/// What the event loop counts itself.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ServerCounts {
+    pub accepted: u64,
+    /// Answered 503 over `--max-connections`.
+    pub rejected: u64,
+    /// Connections open now.
+    pub open: u64,
+    pub access_log_dropped: u64,
+    pub page_size: u64,
+}
+
+/// Every counter, for the metrics page.
+pub(super) fn stats_snapshot<Q: NetQueue>(
+    stack: &Stack<Q>,
+    cache: &PageCache,
+    core: &ServerCore,
+    server: &ServerCounts,
+) -> Vec<Metric> {
+    let s = stack.stats();
+    let c = cache.stats();
+    let h = &core.counters;
+    let mut metrics = vec![
+        Metric::counter(
+            "zerosend_http_requests_total",
+            "HTTP requests parsed.",
+            h.requests,
+        ),
+        Metric::counter(
+            "zerosend_http_request_bytes_total",
+            "Bytes received from clients (request heads and bodies).",
+            h.request_bytes,
+        ),
+        Metric::counter(
+            "zerosend_http_discarded_body_bytes_total",
+            "Request body bytes read and thrown away (bodies of requests other than PUT).",
+            h.discarded_body_bytes,
+        ),
+        Metric::counter(
+            "zerosend_http_responses_1xx_total",
+            "1xx (interim) responses.",
+            h.responses_1xx,
+        ),
+        Metric::counter(
+            "zerosend_http_responses_2xx_total",
+            "2xx responses.",
+            h.responses_2xx,
+        ),
+        Metric::counter(
+            "zerosend_http_responses_3xx_total",
+            "3xx responses.",
+            h.responses_3xx,
+        ),
+        Metric::counter(
+            "zerosend_http_responses_4xx_total",
+            "4xx responses.",
+            h.responses_4xx,
+        ),
+        Metric::counter(
+            "zerosend_http_responses_5xx_total",
+            "5xx responses.",
+            h.responses_5xx,
+        ),
+        Metric::counter("zerosend_http_puts_total", "PUT requests applied.", h.puts),
+        Metric::counter(
+            "zerosend_http_timeouts_total",
+            "Connections closed for idleness or slowness.",
+            h.timeouts,
+        ),
+        Metric::counter(
+            "zerosend_connections_accepted_total",
+            "TCP connections accepted.",
+            server.accepted,
+        ),
+        Metric::counter(
+            "zerosend_connections_rejected_total",
+            "Connections answered 503 over --max-connections.",
+            server.rejected,
+        ),
+        Metric::gauge(
+            "zerosend_connections_open",
+            "TCP connections open now.",
+            server.open as f64,
+        ),
+        Metric::counter(
+            "zerosend_access_log_lines_dropped_total",
+            "Access-log lines dropped because the writer was behind.",
+            server.access_log_dropped,
+        ),
+        Metric::counter(
+            "zerosend_file_bytes_sent_total",
+            "File bytes transmitted (first transmission).",
+            s.file_bytes_sent,
+        ),
+        Metric::counter(
+            "zerosend_payload_bytes_sent_total",
+            "Stream bytes transmitted (first transmission).",
+            s.payload_bytes_sent,
+        ),
+        Metric::counter(
+            "zerosend_payload_bytes_copied_total",
+            "Payload bytes the CPU copied (zero for file data).",
+            s.payload_bytes_copied,
+        ),
+        Metric::counter(
+            "zerosend_tcp_retransmits_total",
+            "TCP segments retransmitted.",
+            s.retransmitted_segments,
+        ),
+        Metric::counter(
+            "zerosend_frames_tx_total",
+            "Frames handed to the NIC.",
+            s.frames_tx,
+        ),
+        Metric::counter("zerosend_frames_rx_total", "Frames received.", s.frames_rx),
+        Metric::gauge(
+            "zerosend_pins_held",
+            "Page-cache pins held by the stack.",
+            s.pins_held_now as f64,
+        ),
+        Metric::gauge(
+            "zerosend_pinned_pages",
+            "Page-cache pages pinned now.",
+            c.pinned_pages_now as f64,
+        ),
+        Metric::gauge(
+            "zerosend_resident_pages",
+            "Page-cache pages resident now.",
+            c.resident_pages_now as f64,
+        ),
+        Metric::counter("zerosend_pins_total", "Page-cache pins taken.", c.pins),
+        Metric::counter(
+            "zerosend_cow_copies_total",
+            "Pinned pages copied on write.",
+            c.cow_copies,
+        ),
+        Metric::counter(
+            "zerosend_writer_waits_total",
+            "Writers that waited for pins.",
+            c.writer_waits,
+        ),
+        Metric::gauge(
+            "zerosend_writer_wait_seconds_total",
+            "Time writers waited for pins.",
+            c.writer_wait_time.as_secs_f64(),
+        ),
+        Metric::counter(
+            "zerosend_write_timeouts_total",
+            "Writes that timed out waiting for pins.",
+            c.write_timeouts,
+        ),
+        Metric::counter("zerosend_evictions_total", "Pages evicted.", c.evictions),
+        Metric::counter(
+            "zerosend_audit_checks_total",
+            "Pages verified at last unpin (audit mode).",
+            c.audit_checks,
+        ),
+        Metric::counter(
+            "zerosend_audit_violations_total",
+            "Pages changed while pinned (must be 0).",
+            c.audit_violations,
+        ),
+    ];
+    if let Some(rss) = crate::process::resident_bytes(server.page_size) {
+        metrics.push(Metric::gauge(
+            "zerosend_process_resident_memory_bytes",
+            "Resident memory of the server process (from /proc/self/statm).",
+            rss as f64,
+        ));
+    }
+    metrics.extend(h.responses.iter().map(|(&code, &n)| {
+        Metric::counter(
+            "zerosend_http_responses_total",
+            "Responses by status code (every response, 503s of the connection limit included).",
+            n,
+        )
+        .with_label("code", code)
+    }));
+    metrics.extend(WarnKind::ALL.into_iter().map(|kind| {
+        Metric::counter(
+            "zerosend_warnings_total",
+            "Situations warned about (rate-limited in the log, all counted here).",
+            core.warnings.seen(kind),
+        )
+        .with_label("kind", kind.name())
+    }));
+    metrics
+}
