@@ -77,6 +77,25 @@ pub struct ServerCore {
     /// When each file was last written through the cache (its on-disk mtime lags behind
     /// until writeback).
     modified: HashMap<PathBuf, SystemTime>,
+    /// PUT bodies are collected in memory: bytes reserved for those being received, shared
+    /// by every connection and bounded by `put_memory_limit` (a PUT that does not fit gets
+    /// 503), so the server's memory stays within its budget whatever clients send.
+    put_memory: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub put_memory_limit: u64,
+}
+
+/// Bytes of the PUT memory budget held by one body being received; returned on drop
+/// (completed, failed or abandoned with its connection).
+struct PutReservation {
+    bytes: u64,
+    pool: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for PutReservation {
+    fn drop(&mut self) {
+        self.pool
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Request counters for logs and metrics.
@@ -115,6 +134,26 @@ impl HttpCounters {
 }
 
 impl ServerCore {
+    /// Reserves `bytes` of the PUT memory budget, if they fit.
+    fn reserve_put_memory(&self, bytes: u64) -> Option<PutReservation> {
+        use std::sync::atomic::Ordering;
+        let limit = self.put_memory_limit;
+        self.put_memory
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held + bytes <= limit).then_some(held + bytes)
+            })
+            .ok()?;
+        Some(PutReservation {
+            bytes,
+            pool: std::sync::Arc::clone(&self.put_memory),
+        })
+    }
+
+    /// Bytes of PUT bodies being received now.
+    pub fn put_memory_held(&self) -> u64 {
+        self.put_memory.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn new(root: ServeRoot, cache: PageCache, policy: WritePolicy, limits: Limits) -> Self {
         ServerCore {
             root,
@@ -127,6 +166,8 @@ impl ServerCore {
             warnings: Warnings::default(),
             record_request_lines: false,
             modified: HashMap::new(),
+            put_memory: Default::default(),
+            put_memory_limit: 64 << 20,
         }
     }
 
@@ -355,6 +396,7 @@ fn method_not_allowed(keep_alive: bool) -> Vec<u8> {
 struct PendingPut {
     request: Request,
     body: Vec<u8>,
+    _reservation: PutReservation,
     remaining: u64,
     /// When the request's first byte arrived.
     started: Instant,
@@ -559,10 +601,24 @@ impl Connection {
             out.push(Outgoing::Bytes(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()));
         }
         let len = request.content_length.unwrap_or(0);
+        let Some(reservation) = core.reserve_put_memory(len) else {
+            // Other PUT bodies hold the memory: refuse rather than exceed the budget; the
+            // body follows on the wire, so close.
+            core.warnings.warn(
+                WarnKind::ServiceUnavailable,
+                now,
+                "PUT bodies fill their memory budget",
+            );
+            let e = HttpError::new(503, "Service Unavailable");
+            core.answer_error(&e, Some(&request), false, started, now, out);
+            self.closing = true;
+            return;
+        };
         self.request_started = Some(now);
         self.body = Body::Put(PendingPut {
             request,
             body: Vec::with_capacity(len as usize),
+            _reservation: reservation,
             remaining: len,
             started,
         });
@@ -618,6 +674,16 @@ impl Connection {
             return true;
         }
         false
+    }
+
+    /// Since when the connection has been waiting for a request (idle, or receiving a head):
+    /// `None` while it receives a body or is closing. The server evicts the longest waiting
+    /// one when a new connection would exceed the limit.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        if self.closing || !matches!(self.body, Body::None) || self.held_back {
+            return None;
+        }
+        Some(self.request_started.unwrap_or(self.last_activity))
     }
 
     /// Note that the connection sent or received something (resets the idle timer).

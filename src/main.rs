@@ -79,6 +79,17 @@ struct ServeArgs {
     /// Send buffer of each TCP connection in KiB: bytes in flight plus queued at most.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     tcp_send_buffer_kb: u64,
+    /// A client that acknowledges nothing of what is outstanding for this many seconds (a
+    /// zero window, or gone without a reset) is reset, and the pins of its response go.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    send_stall_timeout_secs: u64,
+    /// Listening sockets kept ready for simultaneous connection attempts (more are reset).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    listen_backlog: u64,
+    /// Memory for PUT bodies being received, all connections together, in MiB (a PUT that
+    /// does not fit gets 503).
+    #[arg(long, default_value_t = 64)]
+    put_memory_mb: u64,
     /// Audit mode: checksum every page at pin and verify it at release.
     #[arg(long)]
     audit: bool,
@@ -137,6 +148,9 @@ impl ServeArgs {
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             limits,
             tcp_send_buffer: (self.tcp_send_buffer_kb as usize) << 10,
+            send_stall_timeout: Duration::from_secs(self.send_stall_timeout_secs),
+            listen_backlog: self.listen_backlog as usize,
+            put_memory: self.put_memory_mb << 20,
             audit: self.audit,
             pcap: self.pcap,
             access_log: self

@@ -30,6 +30,10 @@ use snapshot::stats_snapshot;
 
 /// Received bytes are read from the stack in chunks of this size.
 const RECV_CHUNK: usize = 64 * 1024;
+/// Memory budget allowances: per connection for its entry, HTTP state and queued pieces;
+/// for the whole process, allocator slack and bookkeeping (metrics, registry, log queue).
+const CONNECTION_STATE: usize = 16 * 1024;
+const SLACK: u64 = 16 << 20;
 /// How often idle and slow connections are looked for.
 const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Polls with nothing to do before the loop starts napping between polls.
@@ -57,6 +61,13 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Send buffer of each TCP connection, in bytes.
     pub tcp_send_buffer: usize,
+    /// A connection whose client acknowledges nothing of what is outstanding for this long
+    /// (a zero window, or gone) is reset and its pins released.
+    pub send_stall_timeout: Duration,
+    /// Listening sockets kept ready: simultaneous connection attempts beyond it are reset.
+    pub listen_backlog: usize,
+    /// Memory for PUT bodies being received, all connections together.
+    pub put_memory: u64,
     pub audit: bool,
     pub pcap: Option<PathBuf>,
     /// One line per response, to a file or stdout.
@@ -139,7 +150,6 @@ struct ConnEntry {
     /// Responses handed over whose access-log lines wait for the client's acknowledgement
     /// (empty when the access log is off).
     unacknowledged: VecDeque<Unacknowledged>,
-    send_progress: SendProgress,
     closed_by_us: bool,
 }
 
@@ -161,7 +171,6 @@ impl ConnEntry {
             response_start: 0,
             stream_acked: 0,
             unacknowledged: VecDeque::new(),
-            send_progress: SendProgress::new(now),
             closed_by_us: false,
         }
     }
@@ -223,8 +232,11 @@ impl ConnEntry {
             let Unacknowledged { stream, end } = self.unacknowledged.pop_front().unwrap();
             log.record(&accesslog::Entry {
                 at: SystemTime::now(),
-                // The network stack does not tell a connection's peer address (yet).
-                client: None,
+                client: stack
+                    .remote_endpoint(id)
+                    .ok()
+                    .flatten()
+                    .map(|(ip, port)| std::net::SocketAddr::from((ip, port))),
                 connection: self.serial,
                 request_line: end.request_line.as_deref(),
                 status: end.status,
@@ -235,40 +247,14 @@ impl ConnEntry {
     }
 }
 
-/// Whether a client still takes what we send. A client that stops acknowledging (a zero
-/// window, or gone without a reset) would otherwise hold its connection and the pins of its
-/// response for ever.
-#[derive(Clone, Copy, Debug)]
-struct SendProgress {
-    acked: u64,
-    since: Instant,
-}
-
-impl SendProgress {
-    fn new(now: Instant) -> Self {
-        SendProgress {
-            acked: 0,
-            since: now,
-        }
-    }
-
-    /// Note how much is acknowledged now and whether bytes are outstanding; returns how
-    /// long they have been outstanding without any acknowledgement.
-    fn stalled_for(&mut self, acked: u64, outstanding: bool, now: Instant) -> Duration {
-        if !outstanding || acked != self.acked {
-            self.acked = acked;
-            self.since = now;
-        }
-        now.saturating_duration_since(self.since)
-    }
-}
-
 /// Connection counts for the stats line and the metrics page.
 #[derive(Clone, Copy, Debug, Default)]
 struct ConnectionCounts {
     accepted: u64,
     /// Answered 503 over `--max-connections`.
     rejected: u64,
+    /// Reset to make room for a new connection at `--max-connections`.
+    evicted: u64,
 }
 
 /// The server's state between polls.
@@ -349,6 +335,7 @@ impl<Q: ServerNic> Server<Q> {
             None => None,
         };
         core.record_request_lines = access_log.is_some();
+        core.put_memory_limit = options.put_memory;
 
         let ipv4 = match options.ip {
             Some((ip, prefix)) => {
@@ -358,11 +345,20 @@ impl<Q: ServerNic> Server<Q> {
         };
         let mut config = StackConfig::new(ipv4);
         // Room for a burst of simultaneous connection attempts (each beyond the limit still
-        // gets its 503 rather than a reset).
-        config.backlog = (options.max_connections + 16).min(256);
+        // gets its 503 rather than a reset). Idle listening sockets cost address space, not
+        // memory: their buffers are untouched until used.
+        config.backlog = options.listen_backlog.max(1);
         config.tcp_tx_buffer = options.tcp_send_buffer;
+        config.send_stall_timeout = Some(netstack::Duration::from_micros(
+            options.send_stall_timeout.as_micros() as u64,
+        ));
         let mut stack = Stack::new(nic, config)?;
         let listener = stack.listen(options.port)?;
+        let page_size = crate::process::page_size();
+        let resident =
+            crate::process::resident_bytes(page_size).unwrap_or((options.cache_mb as u64) << 20);
+        let budget = MemoryBudget::compute(&stack, options, resident);
+        println!("zerosend: memory budget: {budget}");
         Ok(Server {
             stack,
             listener,
@@ -414,6 +410,9 @@ impl<Q: ServerNic> Server<Q> {
                             entry.log_acknowledged(&self.stack, conn, log, now, true);
                         }
                     }
+                    // Done with the handle: its socket and buffers go back at once, unread
+                    // data or not.
+                    let _ = self.stack.release(conn);
                 }
                 _ => {}
             }
@@ -423,12 +422,38 @@ impl<Q: ServerNic> Server<Q> {
 
     fn accept(&mut self, conn: ConnId, now: Instant) {
         self.counts.accepted += 1;
-        if self.conns.len() >= self.max_connections {
+        if self.conns.len() >= self.max_connections && !self.evict_longest_waiting(now) {
             self.reject(conn, now);
             return;
         }
         self.conns
             .insert(conn, ConnEntry::new(self.counts.accepted, now));
+    }
+
+    /// At the connection limit, a new client takes the place of the connection that has
+    /// waited longest for a request of its own (idle, or sending its head byte by byte):
+    /// slow clients cannot keep others out by holding every slot. Connections with a
+    /// response or a body in progress are never evicted. Returns whether one was.
+    fn evict_longest_waiting(&mut self, now: Instant) -> bool {
+        let stack = &self.stack;
+        let victim = self
+            .conns
+            .iter()
+            .filter(|(id, e)| e.out.is_empty() && stack.unacked(**id).unwrap_or(0) == 0)
+            .filter_map(|(id, e)| Some((e.http.waiting_since()?, *id)))
+            .min_by_key(|(since, _)| *since);
+        let Some((_, victim)) = victim else {
+            return false;
+        };
+        self.counts.evicted += 1;
+        self.core.warnings.warn(
+            WarnKind::ServiceUnavailable,
+            now,
+            "connection limit: evicted the longest-waiting connection",
+        );
+        let _ = self.stack.release(victim);
+        self.conns.remove(&victim);
+        true
     }
 
     /// Over the connection limit: answer 503 and close, rather than refusing silently.
@@ -493,6 +518,7 @@ impl<Q: ServerNic> Server<Q> {
             let server = snapshot::ServerCounts {
                 accepted: counts.accepted,
                 rejected: counts.rejected,
+                evicted: counts.evicted,
                 open,
                 access_log_dropped: access_log.as_ref().map_or(0, AccessLog::dropped),
                 page_size: *page_size,
@@ -521,17 +547,10 @@ impl<Q: ServerNic> Server<Q> {
             stack, core, conns, ..
         } = self;
         let mut pieces = Vec::new();
+        // (A client that stops taking what is sent is reset by the stack's send-stall
+        // timeout, `--send-stall-timeout-secs`.)
         for (&id, entry) in conns.iter_mut() {
             let unacked = stack.unacked(id).unwrap_or(0);
-            let acked = entry.stream_queued.saturating_sub(unacked);
-            let stalled = entry.send_progress.stalled_for(acked, unacked > 0, now);
-            if stalled > core.idle_timeout && !entry.closed_by_us {
-                // Reset: a FIN would wait behind the bytes the client does not take.
-                core.counters.timeouts += 1;
-                let _ = stack.abort(id);
-                entry.closed_by_us = true;
-                continue;
-            }
             if !entry.out.is_empty() || unacked > 0 {
                 // A response is still going out: the client is not idle.
                 entry.http.touch(now);
@@ -616,9 +635,13 @@ impl StatsLine {
         let c = server.cache.stats();
         let tx_mbit = (s.payload_bytes_sent - self.last_tx_bytes) as f64 * 8.0 / secs / 1e6;
         self.last_tx_bytes = s.payload_bytes_sent;
-        let ConnectionCounts { accepted, rejected } = server.counts;
+        let ConnectionCounts {
+            accepted,
+            rejected,
+            evicted,
+        } = server.counts;
         println!(
-            "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {accepted}, rejected {rejected}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
+            "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {accepted}, rejected {rejected}, evicted {evicted}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
             self.started.elapsed().as_secs_f64(),
             server.conns.len(),
             server.core.counters.requests,
@@ -728,36 +751,47 @@ fn pump<Q: NetQueue>(
     work
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What the server may use at most, from its flags: the process as it stands once set up
+/// (page cache and DMA buffers are allocated and touched up front), plus for every
+/// connection its socket buffers, its request buffers and its share of the copy pool,
+/// plus the memory PUT bodies may take. Printed at start (`total=` in bytes, for tools).
+struct MemoryBudget {
+    baseline: u64,
+    connections: u64,
+    per_connection: u64,
+    put_memory: u64,
+}
 
-    #[test]
-    fn a_send_stalls_only_while_bytes_are_outstanding_and_nothing_is_acknowledged() {
-        let t0 = Instant::now();
-        let secs = |n: u64| t0 + Duration::from_secs(n);
-        let mut progress = SendProgress::new(t0);
-        assert_eq!(
-            progress.stalled_for(0, true, secs(10)),
-            Duration::from_secs(10)
-        );
-        assert_eq!(
-            progress.stalled_for(500, true, secs(11)),
-            Duration::ZERO,
-            "an acknowledgement is progress"
-        );
-        assert_eq!(
-            progress.stalled_for(500, true, secs(71)),
-            Duration::from_secs(60)
-        );
-        assert_eq!(
-            progress.stalled_for(500, false, secs(200)),
-            Duration::ZERO,
-            "nothing outstanding: nothing to wait for"
-        );
-        assert_eq!(
-            progress.stalled_for(500, true, secs(205)),
-            Duration::from_secs(5)
-        );
+impl MemoryBudget {
+    fn compute<Q: NetQueue>(stack: &Stack<Q>, options: &ServeOptions, resident: u64) -> Self {
+        // Request head, the HTTP state and queued response pieces of a connection.
+        let http = (options.limits.max_head_bytes + CONNECTION_STATE) as u64;
+        MemoryBudget {
+            baseline: resident,
+            connections: (options.max_connections + options.listen_backlog) as u64,
+            per_connection: stack.memory_per_connection() as u64 + http,
+            put_memory: options.put_memory,
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.baseline + self.connections * self.per_connection + self.put_memory + SLACK
+    }
+}
+
+impl std::fmt::Display for MemoryBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        write!(
+            f,
+            "{:.1} MiB = {:.1} MiB set up (page cache, DMA buffers, program) + {} connections (limit + listen backlog) x {:.0} KiB + {:.1} MiB PUT bodies + {:.0} MiB slack; total={}",
+            mib(self.total()),
+            mib(self.baseline),
+            self.connections,
+            self.per_connection as f64 / 1024.0,
+            mib(self.put_memory),
+            mib(SLACK),
+            self.total()
+        )
     }
 }

@@ -12,8 +12,20 @@ pub const PLACEHOLDER_POISON: [u8; 16] = *b"\xa5zs-placeholder\x5a";
 
 /// Fills `ring` with the repeated [`PLACEHOLDER_POISON`].
 pub fn fill(ring: &mut [u8]) {
-    for (i, byte) in ring.iter_mut().enumerate() {
-        *byte = PLACEHOLDER_POISON[i % PLACEHOLDER_POISON.len()];
+    fill_at(ring, 0)
+}
+
+/// Fills `bytes`, which hold stream offsets `offset..`, with the poison pattern in phase
+/// with the stream, so that pieces filled separately still form one unbroken pattern.
+pub fn fill_at(bytes: &mut [u8], offset: u64) {
+    let period = PLACEHOLDER_POISON.len();
+    let mut phased = [0u8; 16];
+    let phase = (offset % period as u64) as usize;
+    for (i, b) in phased.iter_mut().enumerate() {
+        *b = PLACEHOLDER_POISON[(phase + i) % period];
+    }
+    for chunk in bytes.chunks_mut(period) {
+        chunk.copy_from_slice(&phased[..chunk.len()]);
     }
 }
 
@@ -38,6 +50,14 @@ mod tests {
             assert!(find_poison(&frame).is_some(), "start {start}");
         }
         assert_eq!(find_poison(&[0u8; 1500]), None);
+        // Filled in small pieces, in phase with the stream: still one pattern.
+        let mut pieces = [0u8; 64];
+        let mut at = 0;
+        for len in [3usize, 7, 1, 20, 33] {
+            fill_at(&mut pieces[at..at + len], 1000 + at as u64);
+            at += len;
+        }
+        assert!(find_poison(&pieces[1..33]).is_some());
         assert_eq!(find_poison(&ring[..15]), None);
     }
 }

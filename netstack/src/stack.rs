@@ -148,12 +148,11 @@ fn listening_socket(config: &StackConfig, port: u16) -> Result<tcp::Socket<'stat
 }
 
 fn tcp_socket(config: &StackConfig) -> tcp::Socket<'static> {
+    // Zeroed allocations of this size are fresh anonymous pages: they cost no memory until
+    // touched, so idle and listening sockets stay cheap. The send ring is filled with poison
+    // as zero-copy claims it (see `feed_sockets`).
     let rx = tcp::SocketBuffer::new(vec![0; config.tcp_rx_buffer]);
-    // Zero-copy mode never writes the send ring: what smoltcp copies from it is poison that
-    // the device boundary must never let through (see `crate::poison`).
-    let mut ring = vec![0; config.tcp_tx_buffer];
-    crate::poison::fill(&mut ring);
-    let tx = tcp::SocketBuffer::new(ring);
+    let tx = tcp::SocketBuffer::new(vec![0; config.tcp_tx_buffer]);
     let mut socket = tcp::Socket::new(rx, tx);
     socket.set_nagle_enabled(config.nagle);
     socket.set_congestion_control(tcp::CongestionControl::Cubic);
@@ -414,6 +413,37 @@ impl<Q: NetQueue> Stack<Q> {
         Ok(())
     }
 
+    /// The application is done with the handle: a connection still open is reset (as
+    /// [`Stack::abort`]); a closed one is reclaimed as soon as nothing is under DMA, unread
+    /// data or not. After this the handle is invalid.
+    pub fn release(&mut self, id: ConnId) -> Result<()> {
+        if self.is_open(id)? {
+            return self.abort(id);
+        }
+        self.conn_mut(id)?.released_by_app = true;
+        Ok(())
+    }
+
+    /// The peer's address and port.
+    pub fn remote_endpoint(&self, id: ConnId) -> Result<Option<(Ipv4Address, u16)>> {
+        Ok(self
+            .socket(id)?
+            .remote_endpoint()
+            .and_then(|e| match e.addr {
+                smoltcp::wire::IpAddress::Ipv4(a) => Some((a, e.port)),
+                #[allow(unreachable_patterns)]
+                _ => None,
+            }))
+    }
+
+    /// Memory one connection may use at most, in bytes: its socket buffers and its share of
+    /// the copy pool (the application's own buffers come on top).
+    pub fn memory_per_connection(&self) -> usize {
+        self.config.tcp_rx_buffer
+            + self.config.tcp_tx_buffer
+            + self.config.tx.copy_blocks_per_conn * crate::sendq::COPY_BLOCK
+    }
+
     /// smoltcp's TCP state of the connection.
     pub fn state(&self, id: ConnId) -> Result<ConnState> {
         Ok(self.socket(id)?.state())
@@ -616,11 +646,19 @@ impl<Q: NetQueue> Stack<Q> {
                     if unfed == 0 {
                         break;
                     }
+                    let ring_len = self.config.tcp_tx_buffer as u64;
+                    let fed_before = ctx.sendq.fed;
                     let fed = match ctx.sendq.mode {
                         SendMode::ZeroCopy => socket
                             .send(|ring| {
-                                // Placeholders: claim ring space without writing it.
+                                // Placeholders: claim ring space without writing real data.
+                                // Until the ring has wrapped once, the space claimed was
+                                // never written: poison it (`crate::poison`), so smoltcp's
+                                // copy of it is unmistakable should it ever reach a wire.
                                 let n = (ring.len() as u64).min(unfed) as usize;
+                                if fed_before < ring_len {
+                                    crate::poison::fill_at(&mut ring[..n], fed_before);
+                                }
                                 (n, n)
                             })
                             .unwrap_or(0),

@@ -15,6 +15,8 @@ pub(super) struct ServerCounts {
     pub accepted: u64,
     /// Answered 503 over `--max-connections`.
     pub rejected: u64,
+    /// Reset to make room for a new connection at `--max-connections`.
+    pub evicted: u64,
     /// Connections open now.
     pub open: u64,
     pub access_log_dropped: u64,
@@ -88,6 +90,16 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             "Connections answered 503 over --max-connections.",
             server.rejected,
         ),
+        Metric::counter(
+            "zerosend_connections_evicted_total",
+            "Connections waiting longest for a request, reset to make room at --max-connections.",
+            server.evicted,
+        ),
+        Metric::gauge(
+            "zerosend_put_memory_bytes",
+            "Memory reserved for PUT bodies being received (bounded by --put-memory-mb).",
+            core.put_memory_held() as f64,
+        ),
         Metric::gauge(
             "zerosend_connections_open",
             "TCP connections open now.",
@@ -122,6 +134,21 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             "zerosend_frames_tx_total",
             "Frames handed to the NIC.",
             s.frames_tx,
+        ),
+        Metric::counter(
+            "zerosend_tx_unmapped_drops_total",
+            "Zero-copy segments dropped because their payload could not be mapped (placeholders never reach the wire; must stay 0).",
+            s.tx_unmapped_drops,
+        ),
+        Metric::counter(
+            "zerosend_send_stall_aborts_total",
+            "Connections reset for acknowledging nothing within --send-stall-timeout-secs.",
+            s.send_stall_aborts,
+        ),
+        Metric::counter(
+            "zerosend_device_resets_total",
+            "NIC faults the driver recovered from (TX hang, device reset).",
+            s.device_resets,
         ),
         Metric::counter("zerosend_frames_rx_total", "Frames received.", s.frames_rx),
         Metric::gauge(
