@@ -30,6 +30,24 @@ fn wait_for_completion(bed: &mut Bed, events: &mut Vec<Event>) -> Option<SendOut
     found(events)
 }
 
+/// Asserts the peer received exactly `data`, then waits for the send to be acknowledged;
+/// returns every event seen.
+fn intact_and_acknowledged(bed: &mut Bed, received: Received, data: &[u8]) -> Vec<Event> {
+    assert_eq!(received.bytes, data.len() as u64);
+    assert_eq!(received.mismatched_bytes, 0);
+    assert_eq!(
+        received.sha256,
+        sha256(data),
+        "sha256 of what the peer received"
+    );
+    let mut events = received.events;
+    assert_eq!(
+        wait_for_completion(bed, &mut events),
+        Some(SendOutcome::Acknowledged)
+    );
+    events
+}
+
 #[test]
 fn transfer_64mib_with_loss_reordering_and_duplication_arrives_intact() {
     const LEN: usize = 64 << 20;
@@ -44,19 +62,7 @@ fn transfer_64mib_with_loss_reordering_and_duplication_arrives_intact() {
     let started = std::time::Instant::now();
     let received = bed.receive_all(&data, |_, _| {});
     let elapsed = started.elapsed();
-    assert_eq!(received.bytes, LEN as u64);
-    assert_eq!(received.mismatched_bytes, 0);
-    assert_eq!(
-        received.sha256,
-        sha256(&data),
-        "sha256 of what the peer received"
-    );
-
-    let mut events = received.events;
-    assert_eq!(
-        wait_for_completion(&mut bed, &mut events),
-        Some(SendOutcome::Acknowledged)
-    );
+    let events = intact_and_acknowledged(&mut bed, received, &data);
     assert!(events.contains(&Event::SendComplete {
         conn,
         send_id,
@@ -116,18 +122,7 @@ fn zero_copy_tso_with_whole_packet_headers_arrives_intact() {
     bed.stack.send_file(conn, &pin, 0..LEN as u64).unwrap();
     drop(pin);
     let received = bed.receive_all(&data, |_, _| {});
-    assert_eq!(received.bytes, LEN as u64);
-    assert_eq!(received.mismatched_bytes, 0);
-    assert_eq!(
-        received.sha256,
-        sha256(&data),
-        "sha256 of what the peer received"
-    );
-    let mut events = received.events;
-    assert_eq!(
-        wait_for_completion(&mut bed, &mut events),
-        Some(SendOutcome::Acknowledged)
-    );
+    intact_and_acknowledged(&mut bed, received, &data);
     let stats = bed.stack.stats();
     assert_eq!(
         stats.payload_bytes_copied, 0,
@@ -237,26 +232,31 @@ fn abort_releases_pins_and_reports_the_send_aborted() {
     );
 }
 
-#[test]
-fn pins_are_held_until_the_device_has_read_the_frames() {
-    let data = pattern(256 * 1024, 11);
+/// A bed whose NIC does DMA only when the test steps it, with `data` queued on an accepted
+/// connection (the device ran for the handshake only).
+fn sending_on_a_stopped_device(data: &[u8], send_stall_timeout: Option<netstack::Duration>) -> Bed {
     let nic = SoftNicConfig {
         dma_timing: DmaTiming::Manual,
         ..SoftNicConfig::default()
     };
     let mut config = BedConfig::new(nic, 2 << 20);
-    // The device is stopped on purpose for many (simulated) retransmission timeouts.
-    config.stack.send_stall_timeout = None;
+    config.stack.send_stall_timeout = send_stall_timeout;
     let mut bed = Bed::new(config);
-    let path = bed.write_file("f", &data);
+    let path = bed.write_file("f", data);
     let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
-    // The handshake needs the device to run.
     let conn = bed.connect_with_device_running();
     let pin = file.pin(0..data.len() as u64).unwrap();
     bed.stack
         .send_file(conn, &pin, 0..data.len() as u64)
         .unwrap();
-    drop(pin);
+    bed
+}
+
+#[test]
+fn pins_are_held_until_the_device_has_read_the_frames() {
+    let data = pattern(256 * 1024, 11);
+    // The device is stopped on purpose for many (simulated) retransmission timeouts.
+    let mut bed = sending_on_a_stopped_device(&data, None);
     for _ in 0..20 {
         bed.step(); // the device never runs: nothing is read, nothing acknowledged
     }
@@ -286,22 +286,7 @@ fn pins_are_held_until_the_device_has_read_the_frames() {
 #[test]
 fn a_connection_without_send_progress_is_aborted_and_its_pins_released() {
     let data = pattern(256 * 1024, 11);
-    let nic = SoftNicConfig {
-        dma_timing: DmaTiming::Manual,
-        ..SoftNicConfig::default()
-    };
-    let mut config = BedConfig::new(nic, 2 << 20);
-    config.stack.send_stall_timeout = Some(netstack::Duration::from_secs(30));
-    let mut bed = Bed::new(config);
-    let path = bed.write_file("f", &data);
-    let file = bed.cache.open(&path, OpenOptions::read_only()).unwrap();
-    // The handshake needs the device to run.
-    let conn = bed.connect_with_device_running();
-    let pin = file.pin(0..data.len() as u64).unwrap();
-    bed.stack
-        .send_file(conn, &pin, 0..data.len() as u64)
-        .unwrap();
-    drop(pin);
+    let mut bed = sending_on_a_stopped_device(&data, Some(netstack::Duration::from_secs(30)));
     // The device never runs: nothing is read, nothing acknowledged, and simulated time
     // runs through smoltcp's growing retransmission timeouts past the stall timeout.
     let mut events = Vec::new();
