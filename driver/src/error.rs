@@ -93,6 +93,21 @@ impl DriverError {
         )
     }
 
+    /// A recovered fault that also dropped `more` frames (two resets reported as one).
+    pub(crate) fn with_more_lost(self, more: usize) -> Self {
+        match self {
+            DriverError::TxHang { ms, lost } => DriverError::TxHang {
+                ms,
+                lost: lost + more,
+            },
+            DriverError::DeviceReset { reason, lost } => DriverError::DeviceReset {
+                reason,
+                lost: lost + more,
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         DriverError::Io {
             what: what.into(),

@@ -137,6 +137,55 @@ impl TxRing {
         self.size as usize - 1 - self.used as usize
     }
 
+    /// Hand back the tokens of completed frames, oldest first: a frame is complete when the
+    /// device has set DD in its last descriptor (SDM 3.3.3.2; the RS bit asks for that
+    /// write-back). Frames complete in ring order, so the first incomplete one ends the scan.
+    /// Progress (at `now`) restarts the watchdog's clock.
+    fn reap(&mut self, done: &mut dyn FnMut(TxToken), now: Instant) -> usize {
+        let mut n = 0;
+        while self.frames.len() > self.unflushed {
+            let front = &self.frames[0];
+            let word1: u64 = self.ring.read_volatile(front.eop as usize * DESC_LEN + 8);
+            if word1 & desc::TX_STA_DD == 0 {
+                break;
+            }
+            fence(Ordering::Acquire);
+            let f = self.frames.pop_front().expect("checked non-empty");
+            self.used -= f.descs;
+            done(f.token);
+            n += 1;
+        }
+        if n > 0 {
+            self.last_progress = now;
+        }
+        n
+    }
+
+    /// The watchdog's verdict: how long frames the device was told about (flushed) have
+    /// made no progress, if that is longer than `timeout`. Frames not yet flushed do not
+    /// count: the device knows nothing of them.
+    fn stalled(&self, now: Instant, timeout: Duration) -> Option<Duration> {
+        let outstanding = self.frames.len() - self.unflushed;
+        let stalled = now.duration_since(self.last_progress);
+        (outstanding > 0 && stalled > timeout).then_some(stalled)
+    }
+
+    /// Forget every frame on the ring (the transmitter is stopped): hand each token to `done`,
+    /// oldest first, flushed or not, and start again with an empty ring at descriptor 0 (the
+    /// caller rewinds TDH and TDT to match). Returns how many frames were dropped.
+    fn rewind(&mut self, done: &mut dyn FnMut(TxToken)) -> usize {
+        let lost = self.frames.len();
+        for f in self.frames.drain(..) {
+            done(f.token);
+        }
+        self.ring.zero();
+        self.tail = 0;
+        self.used = 0;
+        self.unflushed = 0;
+        self.csum_context = None;
+        lost
+    }
+
     /// Write one descriptor (its two 64-bit words) at the tail.
     fn write(&mut self, word0: u64, word1: u64) {
         let at = self.tail as usize * DESC_LEN;
@@ -321,19 +370,12 @@ impl E1000 {
     fn reset_tx_ring(&mut self, done: &mut dyn FnMut(TxToken)) -> usize {
         let tctl = self.bar0.read32(regs::TCTL);
         self.bar0.write32(regs::TCTL, tctl & !regs::TCTL_EN);
-        let _ = self.bar0.read32(regs::STATUS); // flush the posted write
-                                                // TCTL.EN = 0 stops after the frame in progress (SDM 13.4.33); give a stalled DMA
-                                                // engine time to settle before the memory goes back to the caller.
+        // Flush the posted write.
+        let _ = self.bar0.read32(regs::STATUS);
+        // TCTL.EN = 0 stops after the frame in progress (SDM 13.4.33); give a stalled DMA
+        // engine time to settle before the memory goes back to the caller.
         std::thread::sleep(Duration::from_millis(10));
-        let lost = self.tx.frames.len();
-        for f in self.tx.frames.drain(..) {
-            done(f.token);
-        }
-        self.tx.ring.zero();
-        self.tx.tail = 0;
-        self.tx.used = 0;
-        self.tx.unflushed = 0;
-        self.tx.csum_context = None;
+        let lost = self.tx.rewind(done);
         self.bar0.write32(regs::TDH, 0);
         self.bar0.write32(regs::TDT, 0);
         self.bar0.write32(regs::TCTL, tctl | regs::TCTL_EN);
@@ -710,43 +752,25 @@ impl NetQueue for E1000 {
     }
 
     fn tx_reap(&mut self, done: &mut dyn FnMut(TxToken)) -> Result<usize> {
-        let mut n = 0;
-        while self.tx.frames.len() > self.tx.unflushed {
-            let front = &self.tx.frames[0];
-            let word1: u64 = self
-                .tx
-                .ring
-                .read_volatile(front.eop as usize * DESC_LEN + 8);
-            if word1 & desc::TX_STA_DD == 0 {
-                break;
-            }
-            fence(Ordering::Acquire);
-            let f = self.tx.frames.pop_front().expect("checked non-empty");
-            self.tx.used -= f.descs;
-            done(f.token);
-            n += 1;
-        }
         let now = Instant::now();
+        let n = self.tx.reap(done, now);
         if n > 0 {
-            self.tx.last_progress = now;
             return Ok(n);
         }
-        let outstanding = self.tx.frames.len() - self.tx.unflushed;
-        let stalled = now.duration_since(self.tx.last_progress);
-        if outstanding > 0 && stalled > self.config.tx_hang_timeout {
-            if !self.link_up() {
-                // No link, no progress expected: start counting again when it returns.
-                self.tx.last_progress = now;
-                return Ok(0);
-            }
-            let lost = self.reset_tx_ring(done);
-            tracing::error!(device = %self.pci.address(), lost, "TX hang: no completion for {stalled:?}; TX ring reset");
-            return Err(DriverError::TxHang {
-                ms: stalled.as_millis() as u64,
-                lost,
-            });
+        let Some(stalled) = self.tx.stalled(now, self.config.tx_hang_timeout) else {
+            return Ok(0);
+        };
+        if !self.link_up() {
+            // No link, no progress expected: start counting again when it returns.
+            self.tx.last_progress = now;
+            return Ok(0);
         }
-        Ok(0)
+        let lost = self.reset_tx_ring(done);
+        tracing::error!(device = %self.pci.address(), lost, "TX hang: no completion for {stalled:?}; TX ring reset");
+        Err(DriverError::TxHang {
+            ms: stalled.as_millis() as u64,
+            lost,
+        })
     }
 
     fn rx_next(&mut self) -> Option<RxBuffer> {
@@ -840,5 +864,116 @@ impl NetQueue for E1000 {
     fn stats(&mut self) -> DeviceStats {
         self.read_counters();
         self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::softnic::SoftIommu;
+
+    fn ring(size: u16) -> TxRing {
+        let dma = DmaSpace::new(SoftIommu::new());
+        let ring = dma
+            .allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)
+            .unwrap();
+        TxRing {
+            ring,
+            size,
+            tail: 0,
+            used: 0,
+            frames: VecDeque::new(),
+            unflushed: 0,
+            csum_context: None,
+            last_progress: Instant::now(),
+        }
+    }
+
+    /// Queue a frame of `descs` legacy descriptors, as `tx_enqueue` does (not flushed).
+    fn enqueue(tx: &mut TxRing, descs: u16, token: TxToken) {
+        for k in 0..descs {
+            let cmd = if k + 1 == descs {
+                desc::CMD_EOP | desc::CMD_RS
+            } else {
+                0
+            };
+            tx.write(0x10_0000, desc::legacy_tx(60, cmd | desc::CMD_IFCS));
+        }
+        let eop = (tx.tail + tx.size - 1) % tx.size;
+        tx.frames.push_back(TxFrame { eop, descs, token });
+        tx.unflushed += 1;
+    }
+
+    /// What the device does when it has sent a frame: DD in its last descriptor.
+    fn complete(tx: &TxRing, frame: usize) {
+        let at = tx.frames[frame].eop as usize * DESC_LEN + 8;
+        let word1: u64 = tx.ring.read_volatile(at);
+        tx.ring.write_volatile(at, word1 | desc::TX_STA_DD);
+    }
+
+    fn reap(tx: &mut TxRing) -> Vec<TxToken> {
+        let mut tokens = Vec::new();
+        tx.reap(&mut |t| tokens.push(t), Instant::now());
+        tokens
+    }
+
+    #[test]
+    fn reap_returns_completed_frames_in_order_and_stops_at_the_first_incomplete() {
+        let mut tx = ring(16);
+        for token in [10, 11, 12] {
+            enqueue(&mut tx, 2, token);
+        }
+        tx.unflushed = 0;
+        complete(&tx, 0);
+        complete(&tx, 2); // cannot happen on a real ring; must not overtake frame 1
+        assert_eq!(reap(&mut tx), [10]);
+        assert_eq!(tx.used, 4);
+        complete(&tx, 0); // frame 11, now at the front
+        assert_eq!(reap(&mut tx), [11, 12]);
+        assert_eq!(tx.free(), 15);
+    }
+
+    #[test]
+    fn unflushed_frames_are_never_reaped_nor_watched() {
+        let mut tx = ring(16);
+        enqueue(&mut tx, 1, 1);
+        complete(&tx, 0); // stale memory must not complete a frame the device never saw
+        assert_eq!(reap(&mut tx), Vec::<TxToken>::new());
+        let later = Instant::now() + Duration::from_secs(5);
+        assert_eq!(tx.stalled(later, Duration::from_secs(1)), None);
+        tx.unflushed = 0;
+        assert!(tx.stalled(later, Duration::from_secs(1)).unwrap() >= Duration::from_secs(4));
+        assert_eq!(tx.stalled(later, Duration::from_secs(10)), None);
+    }
+
+    #[test]
+    fn rewind_returns_every_outstanding_token_oldest_first() {
+        let mut tx = ring(16);
+        for token in [20, 21, 22, 23] {
+            enqueue(&mut tx, 3, token);
+        }
+        // Three flushed, one not; the first completed.
+        tx.unflushed = 1;
+        complete(&tx, 0);
+        assert_eq!(reap(&mut tx), [20]);
+        let mut lost = Vec::new();
+        assert_eq!(tx.rewind(&mut |t| lost.push(t)), 3);
+        assert_eq!(
+            lost,
+            [21, 22, 23],
+            "flushed and unflushed, in submission order"
+        );
+        assert_eq!((tx.tail, tx.used, tx.unflushed), (0, 0, 0));
+        assert_eq!(tx.free(), 15);
+        assert!(tx.frames.is_empty());
+        // No descriptor the device wrote back survives to complete a later frame.
+        for i in 0..16 {
+            assert_eq!(tx.ring.read_volatile::<u64>(i * DESC_LEN + 8), 0);
+        }
+        enqueue(&mut tx, 1, 30);
+        tx.unflushed = 0;
+        assert_eq!(reap(&mut tx), Vec::<TxToken>::new());
+        complete(&tx, 0);
+        assert_eq!(reap(&mut tx), [30]);
     }
 }
