@@ -228,6 +228,9 @@ pub struct E1000 {
     stats: DeviceStats,
     /// Frames dropped by the receive integrity check (part of `stats.rx_errors`).
     rx_integrity_drops: u64,
+    /// Test-only run-time faults ([`crate::faults`]).
+    #[cfg(feature = "fault-injection")]
+    faults: crate::faults::FaultInjector,
     /// Last: the VFIO device (and with it the IOMMU domain) outlives every mapping above.
     pci: VfioPci,
 }
@@ -311,6 +314,8 @@ impl E1000 {
             rx,
             stats: DeviceStats::default(),
             rx_integrity_drops: 0,
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
             pci,
         };
         // Receiver on, once (QEMU's e1000 refuses frames for a second after every RCTL write).
@@ -343,6 +348,28 @@ impl E1000 {
     /// included in [`DeviceStats::rx_errors`].
     pub fn rx_integrity_drops(&self) -> u64 {
         self.rx_integrity_drops
+    }
+
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn fault_injector(&mut self) -> &mut crate::faults::FaultInjector {
+        &mut self.faults
+    }
+
+    /// Test hook ([`crate::faults`]): produce a fault that strikes before this doorbell.
+    #[cfg(feature = "fault-injection")]
+    fn inject_before_doorbell(&mut self) {
+        use crate::faults::Fault;
+        match self.faults.before_doorbell(self.tx.unflushed) {
+            Some(Fault::TxHang) => {
+                // TCTL.EN = 0: the transmit unit stops fetching descriptors (SDM 13.4.33,
+                // SDM 3.4), so the frames of this and later doorbells never complete. Only
+                // the watchdog's reset (`reset_tx_ring`) enables it again.
+                let tctl = self.bar0.read32(regs::TCTL);
+                self.bar0.write32(regs::TCTL, tctl & !regs::TCTL_EN);
+            }
+            // Refused by `AnyNic::inject_fault`: the e1000 family has no such fault.
+            Some(Fault::DeviceError) | None => {}
+        }
     }
 
     /// Read the clear-on-read counters (SDM 13.7) into `self.stats`.
@@ -379,6 +406,8 @@ impl E1000 {
         self.bar0.write32(regs::TDH, 0);
         self.bar0.write32(regs::TDT, 0);
         self.bar0.write32(regs::TCTL, tctl | regs::TCTL_EN);
+        #[cfg(feature = "fault-injection")]
+        self.faults.on_reset();
         self.stats.watchdog_resets += 1;
         self.tx.last_progress = Instant::now();
         lost
@@ -744,6 +773,8 @@ impl NetQueue for E1000 {
             // The ring was idle: the watchdog measures from now.
             self.tx.last_progress = Instant::now();
         }
+        #[cfg(feature = "fault-injection")]
+        self.inject_before_doorbell();
         // Descriptors must be visible before the device sees the new tail.
         fence(Ordering::SeqCst);
         self.bar0.write32(regs::TDT, self.tx.tail as u32);

@@ -344,6 +344,9 @@ pub struct VirtioNet {
     /// Set when re-initialisation failed: the device is unusable.
     dead: Option<String>,
     last_status_check: Instant,
+    /// Test-only run-time faults ([`crate::faults`]).
+    #[cfg(feature = "fault-injection")]
+    faults: crate::faults::FaultInjector,
 }
 
 impl VirtioNet {
@@ -486,6 +489,8 @@ impl VirtioNet {
             pending_error: None,
             dead: None,
             last_status_check: Instant::now(),
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
         };
         if let Err(e) = nic.start_queues() {
             nic.transport.fail();
@@ -523,6 +528,41 @@ impl VirtioNet {
     /// The PCI function.
     pub fn pci(&self) -> &VfioPci {
         &self.pci
+    }
+
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn fault_injector(&mut self) -> &mut crate::faults::FaultInjector {
+        &mut self.faults
+    }
+
+    /// Whether [`crate::faults::Fault::DeviceError`] can be produced: it corrupts the
+    /// indirect-table length of a split-queue ring descriptor.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn can_inject_device_error(&self) -> bool {
+        self.tx.indirect.is_some() && matches!(self.tx.vq, Ring::Split(_))
+    }
+
+    /// Test hook ([`crate::faults`]): produce a fault that strikes at this doorbell, before
+    /// the new frames are published. Returns false if the notification must be withheld.
+    #[cfg(feature = "fault-injection")]
+    fn inject_before_doorbell(&mut self) -> bool {
+        use crate::faults::Fault;
+        let new = self.tx.vq.unpublished() as usize;
+        if new > 0 && self.faults.before_doorbell(new) == Some(Fault::DeviceError) {
+            // The first new frame's ring descriptor announces an indirect table of half a
+            // descriptor: not an array of `struct virtq_desc` (section 2.7.5.3), so the
+            // device cannot use the buffer and reports DEVICE_NEEDS_RESET (section 2.1.2).
+            let head = self.tx.order[self.tx.order.len() - new];
+            let table = self.tx.indirect.as_ref().expect("checked when armed");
+            let iova = table.iova() + (head as usize * INDIRECT_TABLE) as u64;
+            self.tx
+                .vq
+                .split()
+                .set_desc(head, iova, DESC_SIZE as u32 / 2, DESC_F_INDIRECT, 0);
+        }
+        // TX hang: no available buffer notification reaches the device (section 2.7.13.4)
+        // until the driver resets it.
+        !self.faults.is_active(Fault::TxHang)
     }
 
     /// Set up both virtqueues, post every receive buffer not lent out, and set DRIVER_OK
@@ -567,6 +607,8 @@ impl VirtioNet {
         self.stats.watchdog_resets += 1;
         self.tx.vq.reset();
         self.rx.vq.reset();
+        #[cfg(feature = "fault-injection")]
+        self.faults.on_reset();
         let err = error(lost);
         tracing::warn!("virtio-net: {err}");
         let restarted = reset
@@ -924,6 +966,11 @@ impl NetQueue for VirtioNet {
     }
 
     fn tx_flush(&mut self) {
+        #[cfg(feature = "fault-injection")]
+        if !self.inject_before_doorbell() {
+            self.tx.vq.publish();
+            return;
+        }
         if self.tx.vq.publish() && self.tx.vq.device_wants_notification() {
             self.transport.notify(self.tx_notify, TX_QUEUE);
             self.stats.doorbells += 1;
