@@ -59,6 +59,11 @@ enum Command {
         /// Seconds between stats lines.
         #[arg(long, default_value_t = 5)]
         stats_interval: u64,
+        /// Test hook: after this many more transmitted frames the NIC stops completing
+        /// transmissions (driver::faults::Fault::TxHang); the driver must recover.
+        #[cfg(feature = "test-hooks")]
+        #[arg(long, hide = true)]
+        inject_tx_hang_after_frames: Option<u64>,
     },
     /// List PCI network devices, their driver binding and IOMMU group, and whether zerosend
     /// can drive them.
@@ -103,6 +108,8 @@ fn main() {
             max_connections,
             cache_mb,
             stats_interval,
+            #[cfg(feature = "test-hooks")]
+            inject_tx_hang_after_frames,
         } => (|| {
             let ip = match (ip, dhcp) {
                 (Some(text), false) => Some(parse_cidr(&text)?),
@@ -127,6 +134,8 @@ fn main() {
                 max_connections,
                 cache_mb,
                 stats_interval: std::time::Duration::from_secs(stats_interval.max(1)),
+                #[cfg(feature = "test-hooks")]
+                inject_tx_hang_after_frames,
             })
         })(),
     };

@@ -38,6 +38,9 @@ pub struct ServeOptions {
     pub max_connections: usize,
     pub cache_mb: usize,
     pub stats_interval: Duration,
+    /// Test hook: arm a TX hang after this many frames (`driver::faults`).
+    #[cfg(feature = "test-hooks")]
+    pub inject_tx_hang_after_frames: Option<u64>,
 }
 
 /// Find the NIC to drive.
@@ -73,6 +76,12 @@ pub fn serve(options: ServeOptions) -> Result<()> {
     let nic = open_nic(&address, &NicConfig::default())
         .with_context(|| format!("opening NIC {address}"))?;
     tracing::info!(nic = %address, model = ?nic.model(), mac = %nic.mac_address(), "NIC opened");
+    #[cfg(feature = "test-hooks")]
+    let mut nic = nic;
+    #[cfg(feature = "test-hooks")]
+    if let Some(frames) = options.inject_tx_hang_after_frames {
+        nic.inject_fault(driver::faults::Fault::TxHang, frames)?;
+    }
     match options.pcap.clone() {
         Some(path) => {
             let tap = PcapTap::new(nic, &path)
@@ -452,6 +461,11 @@ fn stats_snapshot<Q: NetQueue>(
             s.frames_tx,
         ),
         Metric::counter("zerosend_frames_rx_total", "Frames received.", s.frames_rx),
+        Metric::counter(
+            "zerosend_device_resets_total",
+            "NIC faults the driver recovered from (TX hang, device reset).",
+            s.device_resets,
+        ),
         Metric::gauge(
             "zerosend_pins_held",
             "Page-cache pins held by the stack.",
