@@ -68,7 +68,7 @@ pub enum DriverError {
     #[error("frame rejected: {0}")]
     BadFrame(String),
 
-    #[error("TX hang: the device made no progress for {ms} ms; the ring was reset and {lost} frames were dropped")]
+    #[error("TX hang: the device made no progress for {ms} ms; the driver reset its transmit path (e1000: the TX ring; virtio-net: the device) and {lost} frames were dropped")]
     TxHang { ms: u64, lost: usize },
 
     #[error("timed out waiting for {0}")]
