@@ -257,11 +257,7 @@ fn main() {
     for line in metrics.lines().filter(|l| !l.starts_with('#')) {
         println!("  {line}");
     }
-    if guest
-        .console_lines_with(hw_tests::EXIT_MARKER)
-        .first()
-        .is_some()
-    {
+    if !guest.console_lines_with(hw_tests::EXIT_MARKER).is_empty() {
         die(&format!(
             "FAILED: zerosend exited during the demo\n{}",
             guest.console_tail(30)
