@@ -53,6 +53,9 @@
 //! offloaded IPv4/TCP/UDP checksums, 60 KiB TSO (MSS segments on the e1000 model; QEMU 7.2's
 //! e1000e model emits IPv4 fragments instead, a model bug), reception from the host, and
 //! IOMMU refusals (unmapped TX segment, read-only RX buffers, read-only TX ring -> watchdog).
+//! `hw-tests/tests/faults.rs` stops the transmitter mid-stream (`driver::faults`, feature
+//! `fault-injection`): the watchdog must hand back every token and report the hang, and a
+//! server download across it must arrive byte-exact.
 //! `scripts/bench-nic` measures TX throughput.
 //!
 //! # No `unsafe`

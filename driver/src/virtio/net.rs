@@ -87,7 +87,11 @@
 //! that is not an outstanding chain, or published frames making no progress for
 //! `tx_hang_timeout`, the driver resets the device (so it no longer touches any buffer),
 //! hands back the tokens of the frames it dropped, re-initialises with the same features,
-//! and [`NetQueue::tx_reap`] reports the error ([`DriverError::TxHang`] for the watchdog).
+//! and [`NetQueue::tx_reap`] reports the error ([`DriverError::TxHang`] for the watchdog,
+//! [`DriverError::DeviceReset`] otherwise) after the tokens; only a device that cannot be
+//! re-initialised is reported as [`DriverError::Device`]. `hw-tests/tests/faults.rs`
+//! produces both at run time (withheld notifications, a malformed descriptor; see
+//! `driver::faults`, feature `fault-injection`).
 //!
 //! [`NicConfig::offloads`]: crate::anynic::NicConfig
 //! [`Tso::header_len`]: crate::queue::Tso::header_len
