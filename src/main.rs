@@ -110,6 +110,11 @@ struct ServeArgs {
     /// Seconds between stats lines.
     #[arg(long, default_value_t = 5)]
     stats_interval: u64,
+    /// Test hook: after this many more transmitted frames the NIC stops completing
+    /// transmissions (driver::faults::Fault::TxHang); the driver must recover.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true)]
+    inject_tx_hang_after_frames: Option<u64>,
 }
 
 impl ServeArgs {
@@ -160,6 +165,8 @@ impl ServeArgs {
             max_connections: self.max_connections,
             cache_mb: self.cache_mb,
             stats_interval: Duration::from_secs(self.stats_interval.max(1)),
+            #[cfg(feature = "test-hooks")]
+            inject_tx_hang_after_frames: self.inject_tx_hang_after_frames,
         })
     }
 }

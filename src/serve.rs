@@ -75,6 +75,9 @@ pub struct ServeOptions {
     pub max_connections: usize,
     pub cache_mb: usize,
     pub stats_interval: Duration,
+    /// Test hook: arm a TX hang after this many frames (`driver::faults`).
+    #[cfg(feature = "test-hooks")]
+    pub inject_tx_hang_after_frames: Option<u64>,
 }
 
 /// Find the NIC to drive.
@@ -110,6 +113,12 @@ pub fn serve(options: ServeOptions) -> Result<()> {
     let nic = open_nic(&address, &NicConfig::default())
         .with_context(|| format!("opening NIC {address}"))?;
     tracing::info!(nic = %address, model = ?nic.model(), mac = %nic.mac_address(), "NIC opened");
+    #[cfg(feature = "test-hooks")]
+    let mut nic = nic;
+    #[cfg(feature = "test-hooks")]
+    if let Some(frames) = options.inject_tx_hang_after_frames {
+        nic.inject_fault(driver::faults::Fault::TxHang, frames)?;
+    }
     match options.pcap.clone() {
         Some(path) => {
             let tap = PcapTap::new(nic, &path)

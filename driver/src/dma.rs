@@ -394,29 +394,8 @@ impl Drop for DmaRegion {
 mod region_tests {
     use super::*;
 
-    /// Accepts every mapping and holds its memory until unmapped, like a real mapper.
-    #[derive(Default)]
-    struct HoldingMapper {
-        held: Mutex<BTreeMap<Iova, Arc<GuestMemoryMmap>>>,
-    }
-
-    impl DmaMapper for HoldingMapper {
-        fn map(&self, mapping: DmaMapping, memory: &Arc<GuestMemoryMmap>) -> Result<()> {
-            let memory = Arc::clone(memory);
-            self.held.lock().unwrap().insert(mapping.iova, memory);
-            Ok(())
-        }
-        fn unmap(&self, iova: Iova, _len: usize) -> Result<()> {
-            self.held.lock().unwrap().remove(&iova);
-            Ok(())
-        }
-        fn usable_iova_ranges(&self) -> Vec<Range<Iova>> {
-            std::iter::once(0..1 << 39).collect()
-        }
-    }
-
     fn space() -> Arc<DmaSpace> {
-        DmaSpace::new(Arc::new(HoldingMapper::default()))
+        test_space()
     }
 
     fn region(len: usize) -> DmaRegion {
@@ -589,5 +568,38 @@ mod tests {
         assert_eq!(a.allocate(0x20_0000, 0x1000).unwrap(), 0x20_0000..0x40_0000);
         let all = a.allocate(0xff000, 0x1000).unwrap();
         assert_eq!(all, 0x1000..0x10_0000, "freed neighbours were coalesced");
+    }
+}
+
+/// A DMA space whose mapper maps nothing (no device), for the driver's own unit tests (the
+/// software NIC's IOMMU lives in the `softnic` crate, which depends on this one).
+#[cfg(test)]
+pub(crate) fn test_space() -> Arc<DmaSpace> {
+    DmaSpace::new(Arc::new(test_mapper::HoldingMapper::default()))
+}
+
+#[cfg(test)]
+mod test_mapper {
+    use super::*;
+
+    /// Accepts every mapping and holds its memory until unmapped, like a real mapper.
+    #[derive(Default)]
+    pub(super) struct HoldingMapper {
+        held: Mutex<BTreeMap<Iova, Arc<GuestMemoryMmap>>>,
+    }
+
+    impl DmaMapper for HoldingMapper {
+        fn map(&self, mapping: DmaMapping, memory: &Arc<GuestMemoryMmap>) -> Result<()> {
+            let memory = Arc::clone(memory);
+            self.held.lock().unwrap().insert(mapping.iova, memory);
+            Ok(())
+        }
+        fn unmap(&self, iova: Iova, _len: usize) -> Result<()> {
+            self.held.lock().unwrap().remove(&iova);
+            Ok(())
+        }
+        fn usable_iova_ranges(&self) -> Vec<Range<Iova>> {
+            std::iter::once(0..1 << 39).collect()
+        }
     }
 }

@@ -68,7 +68,7 @@ pub enum DriverError {
     #[error("frame rejected: {0}")]
     BadFrame(String),
 
-    #[error("TX hang: the device made no progress for {ms} ms; the ring was reset and {lost} frames were dropped")]
+    #[error("TX hang: the device made no progress for {ms} ms; the driver reset its transmit path (e1000: the TX ring; virtio-net: the device) and {lost} frames were dropped")]
     TxHang { ms: u64, lost: usize },
 
     #[error("timed out waiting for {0}")]
@@ -91,6 +91,21 @@ impl DriverError {
             self,
             DriverError::TxHang { .. } | DriverError::DeviceReset { .. }
         )
+    }
+
+    /// A recovered fault that also dropped `more` frames (two resets reported as one).
+    pub(crate) fn with_more_lost(self, more: usize) -> Self {
+        match self {
+            DriverError::TxHang { ms, lost } => DriverError::TxHang {
+                ms,
+                lost: lost + more,
+            },
+            DriverError::DeviceReset { reason, lost } => DriverError::DeviceReset {
+                reason,
+                lost: lost + more,
+            },
+            other => other,
+        }
     }
 
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {

@@ -9,6 +9,8 @@ pub mod anynic;
 pub mod dma;
 pub mod e1000;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod mmio;
 pub mod nic;
 pub mod pcap;

@@ -35,6 +35,9 @@ fn build() -> Result<GuestPrograms, String> {
         .args([
             "-p", "hw-tests", "--bin", "zs-guest", "-p", "zerosend", "--bin", "zerosend",
         ])
+        // The test hooks (hidden `serve` flags, `zs-guest` subcommands) that arm the
+        // drivers' run-time fault injection: dormant unless a test asks for a fault.
+        .args(["--features", "zerosend/test-hooks,hw-tests/fault-injection"])
         // Static glibc binaries run in the busybox initramfs; with an explicit --target the
         // flags do not reach build scripts or proc-macros, which run on the host.
         .env(

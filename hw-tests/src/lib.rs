@@ -26,6 +26,7 @@ mod guest_programs;
 mod initramfs;
 pub mod netns;
 mod qemu;
+mod qmp;
 pub mod wire;
 
 pub use guest_programs::guest_programs;

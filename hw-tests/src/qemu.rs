@@ -1,5 +1,8 @@
 //! Boot a QEMU guest (q35, emulated VT-d, TCG) with one NIC, run one command in it, and
 //! collect its console, exit status and pcap.
+//!
+//! Every guest has a QEMU monitor: QMP on a unix socket (`-qmp unix:...,server=on,
+//! wait=off`), used through [`RunningGuest::monitor_command`] and [`RunningGuest::set_link`].
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -12,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::initramfs::{build_run_initramfs, GuestFile, EXIT_MARKER};
 use crate::netns::{self, NetNs};
+use crate::qmp::{json_string, Qmp};
 use crate::{cache_dir, require_testbed, target_dir};
 
 /// NIC models QEMU emulates for us.
@@ -227,6 +231,8 @@ impl Guest {
 
         let kernel = cache_dir().join("kernel/current/vmlinuz");
         let pcap = self.pcap.then(|| dir.join("nic.pcap"));
+        let qmp_path = qmp_socket_path(&dir);
+        let _ = std::fs::remove_file(&qmp_path);
         let mut host_ports = HashMap::new();
         let netns = match &self.network {
             Network::Tap => Some(NetNs::create()?),
@@ -246,6 +252,11 @@ impl Guest {
             "none",
         ])
         .args(["-serial", "stdio", "-monitor", "none", "-no-reboot"])
+        // The machine monitor; QEMU does not wait for a client (wait=off).
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp_path.display()),
+        ])
         .args([
             "-m",
             &self.memory_mb.to_string(),
@@ -360,11 +371,28 @@ impl Guest {
             host_ports,
             netns,
             pcap,
+            qmp_path,
+            qmp: Mutex::new(None),
             started,
             deadline: started + self.timeout,
             _slot: slot,
         })
     }
+}
+
+/// The QMP socket of a guest whose files are in `dir`: in `dir` unless that path is too long
+/// for a unix socket address (108 bytes with the terminating NUL), else in the temp dir.
+fn qmp_socket_path(dir: &Path) -> PathBuf {
+    let path = dir.join("qmp.sock");
+    if path.as_os_str().len() < 100 {
+        return path;
+    }
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "zs-qmp-{}-{}.sock",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ))
 }
 
 fn free_port() -> u16 {
@@ -402,12 +430,38 @@ pub struct RunningGuest {
     host_ports: HashMap<u16, u16>,
     netns: Option<NetNs>,
     pcap: Option<PathBuf>,
+    qmp_path: PathBuf,
+    /// Connected on first use.
+    qmp: Mutex<Option<Qmp>>,
     started: Instant,
     deadline: Instant,
     _slot: GuestSlot,
 }
 
 impl RunningGuest {
+    /// Send one QMP command, written as a JSON object (e.g.
+    /// `{"execute": "query-status"}`), to the guest's QEMU and return the response line
+    /// (`{"return": ...}`); an `{"error": ...}` response is an `Err` with that line.
+    pub fn monitor_command(&self, command: &str) -> Result<String, String> {
+        let mut qmp = self.qmp.lock().unwrap();
+        if qmp.is_none() {
+            *qmp = Some(Qmp::connect(&self.qmp_path, Duration::from_secs(10))?);
+        }
+        qmp.as_mut().unwrap().execute(command)
+    }
+
+    /// Take the NIC's link down or bring it back up, as pulling and replugging the cable
+    /// would: QMP `set_link` on the netdev `n0`, which QEMU applies to the NIC too (its
+    /// link-status bit changes for the guest: STATUS.LU on e1000, VIRTIO_NET_S_LINK_UP on
+    /// virtio-net), and frames in either direction are dropped while it is down.
+    pub fn set_link(&self, up: bool) -> Result<(), String> {
+        self.monitor_command(&format!(
+            r#"{{"execute": "set_link", "arguments": {{"name": {}, "up": {up}}}}}"#,
+            json_string("n0")
+        ))
+        .map(drop)
+    }
+
     /// The 127.0.0.1 port forwarded to `guest_port`.
     pub fn host_port(&self, guest_port: u16) -> u16 {
         *self

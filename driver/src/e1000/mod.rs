@@ -53,6 +53,9 @@
 //! offloaded IPv4/TCP/UDP checksums, 60 KiB TSO (MSS segments on the e1000 model; QEMU 7.2's
 //! e1000e model emits IPv4 fragments instead, a model bug), reception from the host, and
 //! IOMMU refusals (unmapped TX segment, read-only RX buffers, read-only TX ring -> watchdog).
+//! `hw-tests/tests/faults.rs` stops the transmitter mid-stream (`driver::faults`, feature
+//! `fault-injection`): the watchdog must hand back every token and report the hang, and a
+//! server download across it must arrive byte-exact.
 //! `scripts/bench-nic` measures TX throughput.
 //!
 //! # No `unsafe`
@@ -139,6 +142,55 @@ impl TxRing {
         self.size as usize - 1 - self.used as usize
     }
 
+    /// Hand back the tokens of completed frames, oldest first: a frame is complete when the
+    /// device has set DD in its last descriptor (SDM 3.3.3.2; the RS bit asks for that
+    /// write-back). Frames complete in ring order, so the first incomplete one ends the scan.
+    /// Progress (at `now`) restarts the watchdog's clock.
+    fn reap(&mut self, done: &mut dyn FnMut(TxToken), now: Instant) -> usize {
+        let mut n = 0;
+        while self.frames.len() > self.unflushed {
+            let front = &self.frames[0];
+            let word1: u64 = self.ring.read_volatile(front.eop as usize * DESC_LEN + 8);
+            if word1 & desc::TX_STA_DD == 0 {
+                break;
+            }
+            fence(Ordering::Acquire);
+            let f = self.frames.pop_front().expect("checked non-empty");
+            self.used -= f.descs;
+            done(f.token);
+            n += 1;
+        }
+        if n > 0 {
+            self.last_progress = now;
+        }
+        n
+    }
+
+    /// The watchdog's verdict: how long frames the device was told about (flushed) have
+    /// made no progress, if that is longer than `timeout`. Frames not yet flushed do not
+    /// count: the device knows nothing of them.
+    fn stalled(&self, now: Instant, timeout: Duration) -> Option<Duration> {
+        let outstanding = self.frames.len() - self.unflushed;
+        let stalled = now.duration_since(self.last_progress);
+        (outstanding > 0 && stalled > timeout).then_some(stalled)
+    }
+
+    /// Forget every frame on the ring (the transmitter is stopped): hand each token to `done`,
+    /// oldest first, flushed or not, and start again with an empty ring at descriptor 0 (the
+    /// caller rewinds TDH and TDT to match). Returns how many frames were dropped.
+    fn rewind(&mut self, done: &mut dyn FnMut(TxToken)) -> usize {
+        let lost = self.frames.len();
+        for f in self.frames.drain(..) {
+            done(f.token);
+        }
+        self.ring.zero();
+        self.tail = 0;
+        self.used = 0;
+        self.unflushed = 0;
+        self.csum_context = None;
+        lost
+    }
+
     /// Write one descriptor (its two 64-bit words) at the tail.
     fn write(&mut self, word0: u64, word1: u64) {
         let at = self.tail as usize * DESC_LEN;
@@ -181,6 +233,9 @@ pub struct E1000 {
     stats: DeviceStats,
     /// Frames dropped by the receive integrity check (part of `stats.rx_errors`).
     rx_integrity_drops: u64,
+    /// Test-only run-time faults ([`crate::faults`]).
+    #[cfg(feature = "fault-injection")]
+    faults: crate::faults::FaultInjector,
     /// Last: the VFIO device (and with it the IOMMU domain) outlives every mapping above.
     pci: VfioPci,
 }
@@ -264,6 +319,8 @@ impl E1000 {
             rx,
             stats: DeviceStats::default(),
             rx_integrity_drops: 0,
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
             pci,
         };
         // Receiver on, once (QEMU's e1000 refuses frames for a second after every RCTL write).
@@ -298,6 +355,28 @@ impl E1000 {
         self.rx_integrity_drops
     }
 
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn fault_injector(&mut self) -> &mut crate::faults::FaultInjector {
+        &mut self.faults
+    }
+
+    /// Test hook ([`crate::faults`]): produce a fault that strikes before this doorbell.
+    #[cfg(feature = "fault-injection")]
+    fn inject_before_doorbell(&mut self) {
+        use crate::faults::Fault;
+        match self.faults.before_doorbell(self.tx.unflushed) {
+            Some(Fault::TxHang) => {
+                // TCTL.EN = 0: the transmit unit stops fetching descriptors (SDM 13.4.33,
+                // SDM 3.4), so the frames of this and later doorbells never complete. Only
+                // the watchdog's reset (`reset_tx_ring`) enables it again.
+                let tctl = self.bar0.read32(regs::TCTL);
+                self.bar0.write32(regs::TCTL, tctl & !regs::TCTL_EN);
+            }
+            // Refused by `AnyNic::inject_fault`: the e1000 family has no such fault.
+            Some(Fault::DeviceError) | None => {}
+        }
+    }
+
     /// Read the clear-on-read counters (SDM 13.7) into `self.stats`.
     fn read_counters(&mut self) {
         let r = |reg| self.bar0.read32(reg) as u64;
@@ -323,22 +402,17 @@ impl E1000 {
     fn reset_tx_ring(&mut self, done: &mut dyn FnMut(TxToken)) -> usize {
         let tctl = self.bar0.read32(regs::TCTL);
         self.bar0.write32(regs::TCTL, tctl & !regs::TCTL_EN);
-        let _ = self.bar0.read32(regs::STATUS); // flush the posted write
-                                                // TCTL.EN = 0 stops after the frame in progress (SDM 13.4.33); give a stalled DMA
-                                                // engine time to settle before the memory goes back to the caller.
+        // Flush the posted write.
+        let _ = self.bar0.read32(regs::STATUS);
+        // TCTL.EN = 0 stops after the frame in progress (SDM 13.4.33); give a stalled DMA
+        // engine time to settle before the memory goes back to the caller.
         std::thread::sleep(Duration::from_millis(10));
-        let lost = self.tx.frames.len();
-        for f in self.tx.frames.drain(..) {
-            done(f.token);
-        }
-        self.tx.ring.zero();
-        self.tx.tail = 0;
-        self.tx.used = 0;
-        self.tx.unflushed = 0;
-        self.tx.csum_context = None;
+        let lost = self.tx.rewind(done);
         self.bar0.write32(regs::TDH, 0);
         self.bar0.write32(regs::TDT, 0);
         self.bar0.write32(regs::TCTL, tctl | regs::TCTL_EN);
+        #[cfg(feature = "fault-injection")]
+        self.faults.on_reset();
         self.stats.watchdog_resets += 1;
         self.tx.last_progress = Instant::now();
         lost
@@ -710,6 +784,8 @@ impl NetQueue for E1000 {
             // The ring was idle: the watchdog measures from now.
             self.tx.last_progress = Instant::now();
         }
+        #[cfg(feature = "fault-injection")]
+        self.inject_before_doorbell();
         // Descriptors must be visible before the device sees the new tail.
         fence(Ordering::SeqCst);
         self.bar0.write32(regs::TDT, self.tx.tail as u32);
@@ -718,43 +794,25 @@ impl NetQueue for E1000 {
     }
 
     fn tx_reap(&mut self, done: &mut dyn FnMut(TxToken)) -> Result<usize> {
-        let mut n = 0;
-        while self.tx.frames.len() > self.tx.unflushed {
-            let front = &self.tx.frames[0];
-            let word1: u64 = self
-                .tx
-                .ring
-                .read_volatile(front.eop as usize * DESC_LEN + 8);
-            if word1 & desc::TX_STA_DD == 0 {
-                break;
-            }
-            fence(Ordering::Acquire);
-            let f = self.tx.frames.pop_front().expect("checked non-empty");
-            self.tx.used -= f.descs;
-            done(f.token);
-            n += 1;
-        }
         let now = Instant::now();
+        let n = self.tx.reap(done, now);
         if n > 0 {
-            self.tx.last_progress = now;
             return Ok(n);
         }
-        let outstanding = self.tx.frames.len() - self.tx.unflushed;
-        let stalled = now.duration_since(self.tx.last_progress);
-        if outstanding > 0 && stalled > self.config.tx_hang_timeout {
-            if !self.link_up() {
-                // No link, no progress expected: start counting again when it returns.
-                self.tx.last_progress = now;
-                return Ok(0);
-            }
-            let lost = self.reset_tx_ring(done);
-            tracing::error!(device = %self.pci.address(), lost, "TX hang: no completion for {stalled:?}; TX ring reset");
-            return Err(DriverError::TxHang {
-                ms: stalled.as_millis() as u64,
-                lost,
-            });
+        let Some(stalled) = self.tx.stalled(now, self.config.tx_hang_timeout) else {
+            return Ok(0);
+        };
+        if !self.link_up() {
+            // No link, no progress expected: start counting again when it returns.
+            self.tx.last_progress = now;
+            return Ok(0);
         }
-        Ok(0)
+        let lost = self.reset_tx_ring(done);
+        tracing::error!(device = %self.pci.address(), lost, "TX hang: no completion for {stalled:?}; TX ring reset");
+        Err(DriverError::TxHang {
+            ms: stalled.as_millis() as u64,
+            lost,
+        })
     }
 
     fn rx_next(&mut self) -> Option<RxBuffer> {
@@ -848,5 +906,115 @@ impl NetQueue for E1000 {
     fn stats(&mut self) -> DeviceStats {
         self.read_counters();
         self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(size: u16) -> TxRing {
+        let dma = crate::dma::test_space();
+        let ring = dma
+            .allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)
+            .unwrap();
+        TxRing {
+            ring,
+            size,
+            tail: 0,
+            used: 0,
+            frames: VecDeque::new(),
+            unflushed: 0,
+            csum_context: None,
+            last_progress: Instant::now(),
+        }
+    }
+
+    /// Queue a frame of `descs` legacy descriptors, as `tx_enqueue` does (not flushed).
+    fn enqueue(tx: &mut TxRing, descs: u16, token: TxToken) {
+        for k in 0..descs {
+            let cmd = if k + 1 == descs {
+                desc::CMD_EOP | desc::CMD_RS
+            } else {
+                0
+            };
+            tx.write(0x10_0000, desc::legacy_tx(60, cmd | desc::CMD_IFCS));
+        }
+        let eop = (tx.tail + tx.size - 1) % tx.size;
+        tx.frames.push_back(TxFrame { eop, descs, token });
+        tx.unflushed += 1;
+    }
+
+    /// What the device does when it has sent a frame: DD in its last descriptor.
+    fn complete(tx: &TxRing, frame: usize) {
+        let at = tx.frames[frame].eop as usize * DESC_LEN + 8;
+        let word1: u64 = tx.ring.read_volatile(at);
+        tx.ring.write_volatile(at, word1 | desc::TX_STA_DD);
+    }
+
+    fn reap(tx: &mut TxRing) -> Vec<TxToken> {
+        let mut tokens = Vec::new();
+        tx.reap(&mut |t| tokens.push(t), Instant::now());
+        tokens
+    }
+
+    #[test]
+    fn reap_returns_completed_frames_in_order_and_stops_at_the_first_incomplete() {
+        let mut tx = ring(16);
+        for token in [10, 11, 12] {
+            enqueue(&mut tx, 2, token);
+        }
+        tx.unflushed = 0;
+        complete(&tx, 0);
+        complete(&tx, 2); // cannot happen on a real ring; must not overtake frame 1
+        assert_eq!(reap(&mut tx), [10]);
+        assert_eq!(tx.used, 4);
+        complete(&tx, 0); // frame 11, now at the front
+        assert_eq!(reap(&mut tx), [11, 12]);
+        assert_eq!(tx.free(), 15);
+    }
+
+    #[test]
+    fn unflushed_frames_are_never_reaped_nor_watched() {
+        let mut tx = ring(16);
+        enqueue(&mut tx, 1, 1);
+        complete(&tx, 0); // stale memory must not complete a frame the device never saw
+        assert_eq!(reap(&mut tx), Vec::<TxToken>::new());
+        let later = Instant::now() + Duration::from_secs(5);
+        assert_eq!(tx.stalled(later, Duration::from_secs(1)), None);
+        tx.unflushed = 0;
+        assert!(tx.stalled(later, Duration::from_secs(1)).unwrap() >= Duration::from_secs(4));
+        assert_eq!(tx.stalled(later, Duration::from_secs(10)), None);
+    }
+
+    #[test]
+    fn rewind_returns_every_outstanding_token_oldest_first() {
+        let mut tx = ring(16);
+        for token in [20, 21, 22, 23] {
+            enqueue(&mut tx, 3, token);
+        }
+        // Three flushed, one not; the first completed.
+        tx.unflushed = 1;
+        complete(&tx, 0);
+        assert_eq!(reap(&mut tx), [20]);
+        let mut lost = Vec::new();
+        assert_eq!(tx.rewind(&mut |t| lost.push(t)), 3);
+        assert_eq!(
+            lost,
+            [21, 22, 23],
+            "flushed and unflushed, in submission order"
+        );
+        assert_eq!((tx.tail, tx.used, tx.unflushed), (0, 0, 0));
+        assert_eq!(tx.free(), 15);
+        assert!(tx.frames.is_empty());
+        // No descriptor the device wrote back survives to complete a later frame.
+        for i in 0..16 {
+            assert_eq!(tx.ring.read_volatile::<u64>(i * DESC_LEN + 8), 0);
+        }
+        enqueue(&mut tx, 1, 30);
+        tx.unflushed = 0;
+        assert_eq!(reap(&mut tx), Vec::<TxToken>::new());
+        complete(&tx, 0);
+        assert_eq!(reap(&mut tx), [30]);
     }
 }

@@ -87,7 +87,11 @@
 //! that is not an outstanding chain, or published frames making no progress for
 //! `tx_hang_timeout`, the driver resets the device (so it no longer touches any buffer),
 //! hands back the tokens of the frames it dropped, re-initialises with the same features,
-//! and [`NetQueue::tx_reap`] reports the error ([`DriverError::TxHang`] for the watchdog).
+//! and [`NetQueue::tx_reap`] reports the error ([`DriverError::TxHang`] for the watchdog,
+//! [`DriverError::DeviceReset`] otherwise) after the tokens; only a device that cannot be
+//! re-initialised is reported as [`DriverError::Device`]. `hw-tests/tests/faults.rs`
+//! produces both at run time (withheld notifications, a malformed descriptor; see
+//! `driver::faults`, feature `fault-injection`).
 //!
 //! [`NicConfig::offloads`]: crate::anynic::NicConfig
 //! [`Tso::header_len`]: crate::queue::Tso::header_len
@@ -266,6 +270,23 @@ struct Tx {
     last_progress: Instant,
 }
 
+impl Tx {
+    /// Forget every frame (the device has been reset and no longer reads any of them):
+    /// append each token to `lost` in submission order (completed but not yet handed back,
+    /// in flight, or not yet published alike) and free every descriptor. The caller resets
+    /// the ring itself. Returns how many frames were dropped.
+    fn drop_all(&mut self, lost: &mut VecDeque<TxToken>) -> usize {
+        let n = self.order.len();
+        while let Some(head) = self.order.pop_front() {
+            lost.push_back(self.token[head as usize]);
+            self.in_flight[head as usize] = false;
+            self.done[head as usize] = false;
+        }
+        self.free = (0..self.vq.size()).rev().collect();
+        n
+    }
+}
+
 /// Receive side state.
 struct Rx {
     vq: Ring,
@@ -329,6 +350,9 @@ pub struct VirtioNet {
     /// Set when re-initialisation failed: the device is unusable.
     dead: Option<String>,
     last_status_check: Instant,
+    /// Test-only run-time faults ([`crate::faults`]).
+    #[cfg(feature = "fault-injection")]
+    faults: crate::faults::FaultInjector,
 }
 
 impl VirtioNet {
@@ -475,6 +499,8 @@ impl VirtioNet {
             pending_error: None,
             dead: None,
             last_status_check: Instant::now(),
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
         };
         if let Err(e) = nic.start_queues() {
             nic.transport.fail();
@@ -514,6 +540,41 @@ impl VirtioNet {
         &self.pci
     }
 
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn fault_injector(&mut self) -> &mut crate::faults::FaultInjector {
+        &mut self.faults
+    }
+
+    /// Whether [`crate::faults::Fault::DeviceError`] can be produced: it corrupts the
+    /// indirect-table length of a split-queue ring descriptor.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn can_inject_device_error(&self) -> bool {
+        self.tx.indirect.is_some() && matches!(self.tx.vq, Ring::Split(_))
+    }
+
+    /// Test hook ([`crate::faults`]): produce a fault that strikes at this doorbell, before
+    /// the new frames are published. Returns false if the notification must be withheld.
+    #[cfg(feature = "fault-injection")]
+    fn inject_before_doorbell(&mut self) -> bool {
+        use crate::faults::Fault;
+        let new = self.tx.vq.unpublished() as usize;
+        if new > 0 && self.faults.before_doorbell(new) == Some(Fault::DeviceError) {
+            // The first new frame's ring descriptor announces an indirect table of half a
+            // descriptor: not an array of `struct virtq_desc` (section 2.7.5.3), so the
+            // device cannot use the buffer and reports DEVICE_NEEDS_RESET (section 2.1.2).
+            let head = self.tx.order[self.tx.order.len() - new];
+            let table = self.tx.indirect.as_ref().expect("checked when armed");
+            let iova = table.iova() + (head as usize * INDIRECT_TABLE) as u64;
+            self.tx
+                .vq
+                .split()
+                .set_desc(head, iova, DESC_SIZE as u32 / 2, DESC_F_INDIRECT, 0);
+        }
+        // TX hang: no available buffer notification reaches the device (section 2.7.13.4)
+        // until the driver resets it.
+        !self.faults.is_active(Fault::TxHang)
+    }
+
     /// Set up both virtqueues, post every receive buffer not lent out, and set DRIVER_OK
     /// (section 3.1.1 steps 7-8, section 5.1.5 step 5). The device is between FEATURES_OK
     /// and DRIVER_OK, its queues disabled; our rings are zeroed.
@@ -551,29 +612,37 @@ impl VirtioNet {
         // Reset first: once the status reads 0 the device no longer touches any buffer, so
         // the dropped frames' memory may be reused by the caller (section 2.4).
         let reset = self.transport.reset();
-        let lost = self.tx.order.len();
-        while let Some(head) = self.tx.order.pop_front() {
-            self.lost.push_back(self.tx.token[head as usize]);
-            self.tx.in_flight[head as usize] = false;
-            self.tx.done[head as usize] = false;
-        }
+        let lost = self.tx.drop_all(&mut self.lost);
         self.stats.tx_errors += lost as u64;
         self.stats.watchdog_resets += 1;
-        self.tx.free = (0..self.tx.vq.size()).rev().collect();
         self.tx.vq.reset();
         self.rx.vq.reset();
+        #[cfg(feature = "fault-injection")]
+        self.faults.on_reset();
         let err = error(lost);
         tracing::warn!("virtio-net: {err}");
-        self.pending_error = Some(err);
         let restarted = reset
             .and_then(|()| negotiate(&self.transport, &self.config, Some(self.negotiated)))
             .and_then(|_| self.start_queues());
-        if let Err(e) = restarted {
-            self.transport.fail();
-            tracing::error!("virtio-net: re-initialisation after reset failed: {e}");
-            self.dead = Some(format!(
-                "virtio-net could not be re-initialised after a reset: {e}"
-            ));
+        match restarted {
+            // Recovered: `tx_reap` reports it (once, with every frame dropped since the
+            // last report) after handing back the tokens.
+            Ok(()) => {
+                self.pending_error = Some(match self.pending_error.take() {
+                    Some(earlier) => earlier.with_more_lost(lost),
+                    None => err,
+                })
+            }
+            // Not recovered: the device is unusable, and `tx_reap` must say so
+            // (`DriverError::Device`) rather than report a recovered fault.
+            Err(e) => {
+                self.transport.fail();
+                tracing::error!("virtio-net: re-initialisation after reset failed: {e}");
+                self.pending_error = None;
+                self.dead = Some(format!(
+                    "virtio-net could not be re-initialised after a reset ({err}): {e}"
+                ));
+            }
         }
         self.tx.last_progress = Instant::now();
     }
@@ -907,6 +976,11 @@ impl NetQueue for VirtioNet {
     }
 
     fn tx_flush(&mut self) {
+        #[cfg(feature = "fault-injection")]
+        if !self.inject_before_doorbell() {
+            self.tx.vq.publish();
+            return;
+        }
         if self.tx.vq.publish() && self.tx.vq.device_wants_notification() {
             self.transport.notify(self.tx_notify, TX_QUEUE);
             self.stats.doorbells += 1;
@@ -963,14 +1037,15 @@ impl NetQueue for VirtioNet {
             return Ok(n);
         }
         self.check_status();
-        if self.pending_error.is_none() {
+        if self.pending_error.is_none() && self.dead.is_none() {
             let stalled = self.tx.last_progress.elapsed();
             if stalled > self.config.tx_hang_timeout {
                 let ms = stalled.as_millis() as u64;
                 self.recover(|lost| DriverError::TxHang { ms, lost });
             }
         }
-        if self.pending_error.is_some() {
+        if self.pending_error.is_some() || self.dead.is_some() || !self.lost.is_empty() {
+            // A reset happened: hand back its tokens and report it (or the dead device).
             return self.tx_reap(done).map(|m| m + n);
         }
         Ok(n)
@@ -1128,6 +1203,72 @@ mod tests {
     fn fields(h: [u8; NET_HDR_LEN]) -> (u8, u8, u16, u16, u16, u16, u16) {
         let le = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
         (h[0], h[1], le(2), le(4), le(6), le(8), le(10))
+    }
+
+    fn tx(size: u16) -> Tx {
+        let dma = crate::dma::test_space();
+        let n = size as usize;
+        Tx {
+            vq: Ring::new(&dma, TX_QUEUE, size, false, DmaAccess::DeviceReadsWrites).unwrap(),
+            headers: dma
+                .allocate(n * TX_HDR_SLOT, DmaAccess::DeviceReads)
+                .unwrap(),
+            indirect: None,
+            free: (0..size).rev().collect(),
+            next: vec![0; n],
+            chain_len: vec![0; n],
+            token: vec![0; n],
+            bytes: vec![0; n],
+            in_flight: vec![false; n],
+            done: vec![false; n],
+            order: VecDeque::new(),
+            last_progress: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_reset_drops_every_frame_and_returns_its_token_in_submission_order() {
+        let mut tx = tx(8);
+        // Five one-descriptor frames, submitted in the order the free list hands out heads.
+        for token in [100, 101, 102, 103, 104] {
+            let head = tx.free.pop().unwrap();
+            let h = head as usize;
+            tx.chain_len[h] = 1;
+            tx.token[h] = token;
+            tx.in_flight[h] = true;
+            tx.order.push_back(head);
+        }
+        // The device completed the second out of order (not yet handed back: the first is
+        // still in flight); the last was never published. All are dropped alike.
+        let second = tx.order[1] as usize;
+        tx.done[second] = true;
+        let mut lost = VecDeque::from([7]); // from an earlier reset, not yet handed back
+        assert_eq!(tx.drop_all(&mut lost), 5);
+        assert_eq!(Vec::from(lost), [7, 100, 101, 102, 103, 104]);
+        assert!(tx.order.is_empty());
+        assert!(tx.in_flight.iter().chain(&tx.done).all(|&b| !b));
+        let mut free = tx.free.clone();
+        free.sort();
+        assert_eq!(
+            free,
+            (0..8).collect::<Vec<u16>>(),
+            "every descriptor free again"
+        );
+    }
+
+    #[test]
+    fn two_resets_before_a_report_become_one_report_with_every_lost_frame() {
+        let hang = DriverError::TxHang { ms: 1200, lost: 3 }.with_more_lost(2);
+        assert!(matches!(hang, DriverError::TxHang { ms: 1200, lost: 5 }));
+        assert!(hang.is_recovered());
+        let reset = DriverError::DeviceReset {
+            reason: "DEVICE_NEEDS_RESET".into(),
+            lost: 0,
+        }
+        .with_more_lost(4);
+        assert!(matches!(reset, DriverError::DeviceReset { lost: 4, .. }));
+        let other = DriverError::Device("gone".into()).with_more_lost(1);
+        assert!(!other.is_recovered());
     }
 
     #[test]

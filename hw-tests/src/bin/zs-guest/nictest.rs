@@ -59,6 +59,22 @@ pub enum NicCommand {
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
     },
+    /// Arm a run-time fault (`driver::faults`) that strikes after `--after` frames, keep
+    /// frames flowing, and check that the driver recovers: every token back exactly once and
+    /// in order, one recovered error (`TxHang` or `DeviceReset`) naming the frames it
+    /// dropped, then frames completing normally again. Prints one `FAULT_RESULT` line (or
+    /// `INJECT_REFUSED` where the device cannot produce the fault).
+    #[cfg(feature = "fault-injection")]
+    #[command(name = "nic-fault")]
+    Fault {
+        /// `tx-hang` or `device-error`.
+        #[arg(long)]
+        fault: String,
+        #[arg(long, default_value_t = 24)]
+        after: u64,
+        #[arg(long, default_value_t = 96)]
+        frames: u64,
+    },
     /// TX benchmark: `--kind 64`, `1514` or `tso` (64 KiB TCP frames).
     #[command(name = "nic-bench")]
     Bench {
@@ -82,6 +98,12 @@ pub fn run(cmd: NicCommand) -> Result<()> {
         } => rx(count, Duration::from_secs(timeout_secs)),
         NicCommand::IommuTx => iommu_tx(),
         NicCommand::IommuRx { timeout_secs } => iommu_rx(Duration::from_secs(timeout_secs)),
+        #[cfg(feature = "fault-injection")]
+        NicCommand::Fault {
+            fault,
+            after,
+            frames,
+        } => inject_fault(&fault, after, frames),
         NicCommand::Bench {
             kind,
             seconds,
@@ -653,6 +675,90 @@ fn iommu_rx(timeout: Duration) -> Result<()> {
     if errors == 0 {
         bail!("no refused frame was seen");
     }
+    Ok(())
+}
+
+/// UDP source port of `nic-fault`'s frames (tx-hang; device-error uses the next one).
+#[cfg(feature = "fault-injection")]
+pub const FAULT_PORT: u16 = 44004;
+
+#[cfg(feature = "fault-injection")]
+fn inject_fault(kind: &str, after: u64, frames: u64) -> Result<()> {
+    use driver::faults::Fault;
+    // Each fault's frames come from a port of their own, for the host's capture check.
+    let (fault, port) = match kind {
+        "tx-hang" => (Fault::TxHang, FAULT_PORT),
+        "device-error" => (Fault::DeviceError, FAULT_PORT + 1),
+        other => bail!("unknown fault {other:?} (tx-hang or device-error)"),
+    };
+    let mut nic = open(&NicConfig::default())?;
+    let mac = nic.mac_address().0;
+    let payload: Vec<u8> = (0..200).map(|j| chain_byte(9, 0, j)).collect();
+    // One frame in read-only memory, sent under every token (the device only reads it).
+    let frame = udp_chain(&nic, mac, port, &payload, 9)?;
+    if let Err(e) = nic.inject_fault(fault, after) {
+        println!("INJECT_REFUSED {e}");
+        return Ok(());
+    }
+    println!("INJECT_ARMED {fault:?} after={after}");
+
+    // Keep at most 16 frames outstanding, four per doorbell, so the fault finds frames in
+    // flight whenever it strikes.
+    let total = frames + 32;
+    let mut returned: Vec<TxToken> = Vec::new();
+    let mut errors = Vec::new();
+    let mut returned_with_error = 0;
+    let mut next = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (returned.len() as u64) < total {
+        if next == frames && returned.len() as u64 == frames && errors.is_empty() {
+            bail!("all {frames} frames completed and no fault was reported");
+        }
+        // The last 32 frames go out only after the fault was recovered.
+        let limit = if errors.is_empty() { frames } else { total };
+        let mut queued = 0;
+        while next < limit && queued < 4 && next - (returned.len() as u64) < 16 {
+            nic.tx_enqueue(&frame.segments, &TxOffload::default(), next)?;
+            next += 1;
+            queued += 1;
+        }
+        if queued > 0 {
+            nic.tx_flush();
+        }
+        let before = returned.len();
+        match nic.tx_reap(&mut |t| returned.push(t)) {
+            Ok(_) => {}
+            Err(e) if e.is_recovered() => {
+                println!("RECOVERED {e}");
+                returned_with_error = returned.len() - before;
+                errors.push(e);
+            }
+            Err(e) => return Err(e).context("tx_reap: an unrecovered error"),
+        }
+        drain_rx(&mut nic);
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {total} tokens came back within 120 s ({} errors)",
+                returned.len(),
+                errors.len()
+            );
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let in_order = returned.iter().copied().eq(0..total);
+    let (error, lost) = match errors.first() {
+        Some(DriverError::TxHang { lost, .. }) => ("TxHang", *lost),
+        Some(DriverError::DeviceReset { lost, .. }) => ("DeviceReset", *lost),
+        _ => ("none", 0),
+    };
+    println!(
+        "FAULT_RESULT kind={kind} struck={} errors={} error={error} lost={lost} returned_with_error={returned_with_error} tokens={} in_order={}",
+        nic.faults_struck(),
+        errors.len(),
+        returned.len(),
+        if in_order { "yes" } else { "no" }
+    );
+    print_stats(&mut nic);
     Ok(())
 }
 
