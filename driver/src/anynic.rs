@@ -18,9 +18,7 @@ use crate::e1000::E1000;
 use crate::error::{DriverError, Result};
 use crate::nic::NicModel;
 use crate::pci::PciAddress;
-use crate::queue::{
-    Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TxOffload, TxSegment, TxToken,
-};
+use crate::queue::{Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TxFrame, TxToken};
 use crate::vfio::VfioPci;
 use crate::virtio::VirtioNet;
 
@@ -200,13 +198,8 @@ impl NetQueue for AnyNic {
     fn tx_capacity(&self, segments: usize) -> usize {
         self.queue().tx_capacity(segments)
     }
-    fn tx_enqueue(
-        &mut self,
-        segments: &[TxSegment],
-        offload: &TxOffload,
-        token: TxToken,
-    ) -> Result<()> {
-        self.queue_mut().tx_enqueue(segments, offload, token)
+    fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
+        self.queue_mut().tx_enqueue(frame)
     }
     fn tx_flush(&mut self) {
         self.queue_mut().tx_flush()

@@ -23,5 +23,5 @@ pub use error::{DriverError, Result};
 pub use nic::NicModel;
 pub use queue::{
     Capabilities, DeviceStats, Iova, L4Checksum, L4Protocol, MacAddress, NetQueue, RxBuffer, Tso,
-    TsoHeaders, TxOffload, TxSegment, TxToken,
+    TsoHeaders, TxFrame, TxOffload, TxSegment, TxToken,
 };

@@ -17,9 +17,7 @@ use pcap_file::DataLink;
 
 use crate::dma::DmaSpace;
 use crate::error::{DriverError, Result};
-use crate::queue::{
-    Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TxOffload, TxSegment, TxToken,
-};
+use crate::queue::{Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TxFrame, TxToken};
 
 /// Largest frame recorded (a full TSO frame).
 const SNAPLEN: u32 = 65_535 + 14;
@@ -133,13 +131,9 @@ impl<Q: NetQueue> NetQueue for PcapTap<Q> {
     fn tx_capacity(&self, segments: usize) -> usize {
         self.inner.tx_capacity(segments)
     }
-    fn tx_enqueue(
-        &mut self,
-        segments: &[TxSegment],
-        offload: &TxOffload,
-        token: TxToken,
-    ) -> Result<()> {
-        self.inner.tx_enqueue(segments, offload, token)?;
+    fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
+        self.inner.tx_enqueue(frame)?;
+        let segments = frame.segments;
         self.scratch.clear();
         let mut ok = true;
         for s in segments {

@@ -102,6 +102,25 @@ pub struct TxSegment {
     pub len: u32,
 }
 
+/// One frame for [`NetQueue::tx_enqueue`]: its pieces in device memory, the offloads asked
+/// for, and the token the device hands back when it has read the frame.
+#[derive(Clone, Copy, Debug)]
+pub struct TxFrame<'a> {
+    pub segments: &'a [TxSegment],
+    pub offload: &'a TxOffload,
+    pub token: TxToken,
+}
+
+impl<'a> TxFrame<'a> {
+    pub fn new(segments: &'a [TxSegment], offload: &'a TxOffload, token: TxToken) -> Self {
+        TxFrame {
+            segments,
+            offload,
+            token,
+        }
+    }
+}
+
 /// Which transport protocol an L4 checksum or TSO request is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4Protocol {
@@ -210,12 +229,7 @@ pub trait NetQueue {
     /// How many more frames of `segments` segments fit on the TX ring now.
     fn tx_capacity(&self, segments: usize) -> usize;
     /// Place a frame on the TX ring (no doorbell). On error nothing was queued.
-    fn tx_enqueue(
-        &mut self,
-        segments: &[TxSegment],
-        offload: &TxOffload,
-        token: TxToken,
-    ) -> Result<(), DriverError>;
+    fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<(), DriverError>;
     /// Tell the device about every frame queued since the last flush (one doorbell).
     fn tx_flush(&mut self);
     /// Report completed frames, oldest first, by calling `done(token)`; returns how many.

@@ -27,7 +27,8 @@ use std::ops::Range;
 
 use driver::dma::DmaSpace;
 use driver::{
-    Capabilities, L4Checksum, L4Protocol, NetQueue, RxBuffer, Tso, TsoHeaders, TxOffload, TxSegment,
+    Capabilities, L4Checksum, L4Protocol, NetQueue, RxBuffer, Tso, TsoHeaders, TxFrame, TxOffload,
+    TxSegment,
 };
 use inet_checksum::{ipv4_pseudo_header, Checksum};
 use smoltcp::phy::{
@@ -646,7 +647,10 @@ impl<Q: NetQueue> NicDevice<Q> {
         while let Some(staged) = self.tx.staged.front() {
             let segments = &self.tx.staged_segments[staged.segments.clone()];
             let token = staged.frame.token();
-            match self.nic.tx_enqueue(segments, &staged.offload, token) {
+            match self
+                .nic
+                .tx_enqueue(TxFrame::new(segments, &staged.offload, token))
+            {
                 Ok(()) => {
                     let staged = self.tx.staged.pop_front().expect("front exists");
                     self.tx.in_flight[token as usize] = Some(staged.frame);

@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use driver::dma::{DmaAccess, DmaRegion, DmaSpace};
 use driver::queue::{
-    Capabilities, DeviceStats, L4Protocol, MacAddress, NetQueue, RxBuffer, TsoHeaders, TxOffload,
-    TxSegment, TxToken,
+    Capabilities, DeviceStats, L4Protocol, MacAddress, NetQueue, RxBuffer, TsoHeaders, TxFrame,
+    TxOffload, TxSegment, TxToken,
 };
 use driver::{DriverError, Result};
 
@@ -436,12 +436,12 @@ impl NetQueue for SoftNic {
         (self.config.tx_descriptors - self.tx_descriptors_used) / (segments + 1)
     }
 
-    fn tx_enqueue(
-        &mut self,
-        segments: &[TxSegment],
-        offload: &TxOffload,
-        token: TxToken,
-    ) -> Result<()> {
+    fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
+        let TxFrame {
+            segments,
+            offload,
+            token,
+        } = frame;
         if let Err(e) = self.validate(segments, offload) {
             self.counters.bad_frames += 1;
             return Err(e);
@@ -540,7 +540,8 @@ mod tests {
     }
 
     fn send(nic: &mut SoftNic, segments: &[TxSegment], offload: &TxOffload, token: u64) {
-        nic.tx_enqueue(segments, offload, token).unwrap();
+        nic.tx_enqueue(TxFrame::new(segments, offload, token))
+            .unwrap();
         nic.tx_flush();
     }
 
@@ -813,7 +814,7 @@ mod tests {
             len: frame.len() as u32,
         };
         assert!(matches!(
-            nic.tx_enqueue(&[seg], &offload, 1),
+            nic.tx_enqueue(TxFrame::new(&[seg], &offload, 1)),
             Err(DriverError::BadFrame(_))
         ));
     }
@@ -925,7 +926,7 @@ mod tests {
             len: frame.len() as u32,
         };
         assert!(matches!(
-            nic.tx_enqueue(&[seg], &TxOffload::default(), 1),
+            nic.tx_enqueue(TxFrame::new(&[seg], &TxOffload::default(), 1)),
             Err(DriverError::BadFrame(_))
         ));
         // A TSO MSS that makes oversized segments: the device drops them.
@@ -979,7 +980,8 @@ mod tests {
             len: 60,
         }];
         assert!(
-            nic.tx_enqueue(&seg, &tcp_offload(), 1).is_err(),
+            nic.tx_enqueue(TxFrame::new(&seg, &tcp_offload(), 1))
+                .is_err(),
             "TCP checksum not offered"
         );
         let mut tso = TxOffload {
@@ -989,10 +991,12 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert!(nic.tx_enqueue(&seg, &tso, 1).is_err());
+        assert!(nic.tx_enqueue(TxFrame::new(&seg, &tso, 1)).is_err());
         tso.ipv4_header = Some(14);
-        assert!(nic.tx_enqueue(&seg, &tso, 1).is_err());
-        assert!(nic.tx_enqueue(&[], &TxOffload::default(), 1).is_err());
+        assert!(nic.tx_enqueue(TxFrame::new(&seg, &tso, 1)).is_err());
+        assert!(nic
+            .tx_enqueue(TxFrame::new(&[], &TxOffload::default(), 1))
+            .is_err());
         assert_eq!(nic.counters().bad_frames, 4);
         assert_eq!(nic.counters().tx_enqueued, 0);
     }
@@ -1012,11 +1016,12 @@ mod tests {
         }];
         assert_eq!(nic.tx_capacity(1), 4);
         for t in 0..4 {
-            nic.tx_enqueue(&seg, &tcp_offload(), t).unwrap();
+            nic.tx_enqueue(TxFrame::new(&seg, &tcp_offload(), t))
+                .unwrap();
         }
         assert_eq!(nic.tx_capacity(1), 0);
         assert!(matches!(
-            nic.tx_enqueue(&seg, &tcp_offload(), 9),
+            nic.tx_enqueue(TxFrame::new(&seg, &tcp_offload(), 9)),
             Err(DriverError::TxRingFull)
         ));
         nic.tx_flush();

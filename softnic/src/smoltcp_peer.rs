@@ -76,7 +76,7 @@ mod tests {
     use super::*;
     use crate::{SoftNic, SoftNicConfig};
     use driver::dma::DmaAccess;
-    use driver::{NetQueue, TxOffload, TxSegment};
+    use driver::{NetQueue, TxFrame, TxOffload, TxSegment};
     use phy::{Device, RxToken, TxToken};
 
     #[test]
@@ -99,7 +99,7 @@ mod tests {
             iova: region.iova(),
             len: 60,
         };
-        nic.tx_enqueue(&[segment], &TxOffload::default(), 1)
+        nic.tx_enqueue(TxFrame::new(&[segment], &TxOffload::default(), 1))
             .unwrap();
         nic.tx_flush();
         let (rx, _tx) = device.receive(Instant::from_millis(0)).unwrap();

@@ -79,7 +79,7 @@ use crate::error::{DriverError, Result};
 use crate::mmio::Mmio;
 use crate::nic::NicModel;
 use crate::queue::{
-    Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TsoHeaders, TxOffload, TxSegment,
+    Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TsoHeaders, TxFrame, TxSegment,
     TxToken,
 };
 use crate::vfio::VfioPci;
@@ -112,7 +112,7 @@ pub const MTU: usize = 1500;
 
 /// A frame handed to the ring, in submission order.
 #[derive(Debug)]
-struct TxFrame {
+struct RingFrame {
     /// Index of its last descriptor (the one with EOP and RS).
     eop: u16,
     /// Descriptors it occupies (context descriptor included).
@@ -127,7 +127,7 @@ struct TxRing {
     tail: u16,
     /// Descriptors in use (written and not yet reclaimed).
     used: u16,
-    frames: VecDeque<TxFrame>,
+    frames: VecDeque<RingFrame>,
     /// Frames at the back of `frames` whose descriptors the device has not been told about.
     unflushed: usize,
     /// The checksum (non-TSO) context the device holds, if known.
@@ -684,12 +684,12 @@ impl NetQueue for E1000 {
         self.tx.free() / (2 * segments.max(1) + 1)
     }
 
-    fn tx_enqueue(
-        &mut self,
-        segments: &[TxSegment],
-        offload: &TxOffload,
-        token: TxToken,
-    ) -> Result<()> {
+    fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
+        let TxFrame {
+            segments,
+            offload,
+            token,
+        } = frame;
         if segments.is_empty() || segments.len() > MAX_TX_SEGMENTS {
             return Err(DriverError::BadFrame(format!(
                 "{} segments (1..={MAX_TX_SEGMENTS} allowed)",
@@ -767,7 +767,7 @@ impl NetQueue for E1000 {
             });
         }
         let eop = (self.tx.tail + self.tx.size - 1) % self.tx.size;
-        self.tx.frames.push_back(TxFrame {
+        self.tx.frames.push_back(RingFrame {
             eop,
             descs: needed as u16,
             token,
@@ -941,7 +941,7 @@ mod tests {
             tx.write(0x10_0000, desc::legacy_tx(60, cmd | desc::CMD_IFCS));
         }
         let eop = (tx.tail + tx.size - 1) % tx.size;
-        tx.frames.push_back(TxFrame { eop, descs, token });
+        tx.frames.push_back(RingFrame { eop, descs, token });
         tx.unflushed += 1;
     }
 

@@ -107,8 +107,8 @@ use crate::anynic::NicConfig;
 use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
 use crate::queue::{
-    Capabilities, DeviceStats, L4Protocol, MacAddress, NetQueue, RxBuffer, TsoHeaders, TxOffload,
-    TxSegment, TxToken,
+    Capabilities, DeviceStats, L4Protocol, MacAddress, NetQueue, RxBuffer, TsoHeaders, TxFrame,
+    TxOffload, TxSegment, TxToken,
 };
 use crate::vfio::VfioPci;
 
@@ -881,12 +881,12 @@ impl NetQueue for VirtioNet {
         self.tx.free.len() / (segments + 1)
     }
 
-    fn tx_enqueue(
-        &mut self,
-        segments: &[TxSegment],
-        offload: &TxOffload,
-        token: TxToken,
-    ) -> Result<()> {
+    fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
+        let TxFrame {
+            segments,
+            offload,
+            token,
+        } = frame;
         if let Some(why) = &self.dead {
             return Err(DriverError::Device(why.clone()));
         }

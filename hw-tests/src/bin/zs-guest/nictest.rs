@@ -14,7 +14,9 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use driver::anynic::{open_nic, AnyNic, FaultInjection, NicConfig};
 use driver::dma::{DmaAccess, DmaRegion};
-use driver::{DriverError, L4Protocol, NetQueue, TsoHeaders, TxOffload, TxSegment, TxToken};
+use driver::{
+    DriverError, L4Protocol, NetQueue, TsoHeaders, TxFrame, TxOffload, TxSegment, TxToken,
+};
 use hw_tests::wire::{
     self, ethernet, fnv64, fold, ipv4_header, pseudo_sum, sum16, Ipv4Frame, ETHERTYPE_IPV4,
     IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH,
@@ -186,7 +188,7 @@ fn send_and_wait(
     offload: &TxOffload,
     token: TxToken,
 ) -> Result<()> {
-    nic.tx_enqueue(&chain.segments, offload, token)?;
+    nic.tx_enqueue(TxFrame::new(&chain.segments, offload, token))?;
     nic.tx_flush();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -530,7 +532,7 @@ fn rx(count: u32, timeout: Duration) -> Result<()> {
                     iova: arp_buffer.iova(),
                     len: r.len() as u32,
                 };
-                nic.tx_enqueue(&[seg], &TxOffload::default(), token)?;
+                nic.tx_enqueue(TxFrame::new(&[seg], &TxOffload::default(), token))?;
                 nic.tx_flush();
                 tx_busy = true;
                 arp_replies += 1;
@@ -619,7 +621,7 @@ fn iommu_tx() -> Result<()> {
         len: payload.len() as u32,
     });
     println!("BAD_IOVA {unmapped:#x}");
-    nic.tx_enqueue(&bad.segments, &TxOffload::default(), 1)?;
+    nic.tx_enqueue(TxFrame::new(&bad.segments, &TxOffload::default(), 1))?;
     nic.tx_flush();
     completion_or_hang(&mut nic, 1, "TX_UNMAPPED")?;
     send_and_wait(&mut nic, &recover, &TxOffload::default(), 2)?;
@@ -644,7 +646,7 @@ fn iommu_tx() -> Result<()> {
     };
     let mut nic = open(&config)?;
     let frame = udp_chain(&nic, mac, IOMMU_RO_RING_PORT, &payload, 3)?;
-    nic.tx_enqueue(&frame.segments, &TxOffload::default(), 3)?;
+    nic.tx_enqueue(TxFrame::new(&frame.segments, &TxOffload::default(), 3))?;
     nic.tx_flush();
     completion_or_hang(&mut nic, 3, "TX_RO_RING")?;
     print_stats(&mut nic);
@@ -718,7 +720,7 @@ fn inject_fault(kind: &str, after: u64, frames: u64) -> Result<()> {
         let limit = if errors.is_empty() { frames } else { total };
         let mut queued = 0;
         while next < limit && queued < 4 && next - (returned.len() as u64) < 16 {
-            nic.tx_enqueue(&frame.segments, &TxOffload::default(), next)?;
+            nic.tx_enqueue(TxFrame::new(&frame.segments, &TxOffload::default(), next))?;
             next += 1;
             queued += 1;
         }
@@ -818,7 +820,7 @@ fn bench(kind: &str, seconds: f64, ring: u16) -> Result<()> {
     let (mut sent, mut done, mut hangs) = (0u64, 0u64, 0u64);
     while start.elapsed() < run {
         while nic.tx_capacity(segs) > 0 {
-            match nic.tx_enqueue(&chain.segments, &offload, sent) {
+            match nic.tx_enqueue(TxFrame::new(&chain.segments, &offload, sent)) {
                 Ok(()) => sent += 1,
                 Err(DriverError::TxRingFull) => break,
                 Err(e) => return Err(e.into()),

@@ -12,7 +12,7 @@ use driver::anynic::NicConfig;
 use driver::dma::{DmaAccess, DmaRegion};
 use driver::vfio::VfioPci;
 use driver::virtio::{features, VirtioNet};
-use driver::{L4Protocol, MacAddress, NetQueue, TxOffload, TxSegment};
+use driver::{L4Protocol, MacAddress, NetQueue, TxFrame, TxOffload, TxSegment};
 use hw_tests::wire::{
     self, ethernet, ipv4_header, pseudo_sum, ETHERTYPE_IPV4, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
     TCP_PSH,
@@ -331,7 +331,7 @@ fn tx_multiseg(pci: Option<&str>, frames: u32) -> Result<()> {
             let upto = next_expected + 1;
             reap_all(&mut nic, &mut next_expected, upto, deadline)?;
         }
-        nic.tx_enqueue(&segments, &TxOffload::default(), k as u64)?;
+        nic.tx_enqueue(TxFrame::new(&segments, &TxOffload::default(), k as u64))?;
         if k % 8 == 7 {
             nic.tx_flush();
         }
@@ -403,7 +403,7 @@ fn offload(pci: Option<&str>, tso_bytes: u32, mss: u16) -> Result<()> {
             segs.push(payloads.put(&payload[cut.max(1)..], 0)?);
         }
         let offload = checksum_offload(L4Protocol::Udp, ip_offload);
-        nic.tx_enqueue(&segs, &offload, token)?;
+        nic.tx_enqueue(TxFrame::new(&segs, &offload, token))?;
         token += 1;
     }
     reap_all(&mut nic, &mut reaped, token, deadline)?;
@@ -426,7 +426,7 @@ fn offload(pci: Option<&str>, tso_bytes: u32, mss: u16) -> Result<()> {
         let payload: Vec<u8> = (0..plen).map(|i| pattern(2000 + k, i)).collect();
         let segs = [headers.put(&h, 0)?, payloads.put(&payload, 1)?];
         let offload = checksum_offload(L4Protocol::Tcp, false);
-        nic.tx_enqueue(&segs, &offload, token)?;
+        nic.tx_enqueue(TxFrame::new(&segs, &offload, token))?;
         token += 1;
     }
     reap_all(&mut nic, &mut reaped, token, deadline)?;
@@ -457,7 +457,7 @@ fn offload(pci: Option<&str>, tso_bytes: u32, mss: u16) -> Result<()> {
             len: chunk.len() as u32,
         });
     }
-    nic.tx_enqueue(&segs, &tso_offload(&caps, mss), token)?;
+    nic.tx_enqueue(TxFrame::new(&segs, &tso_offload(&caps, mss), token))?;
     token += 1;
     reap_all(&mut nic, &mut reaped, token, deadline)?;
     println!(
@@ -563,7 +563,7 @@ fn iommu_fault(pci: Option<&str>) -> Result<()> {
     // A: good.
     let a = make(b"GOOD-A");
     let a_segs = [arena.put(&a[..30], 0)?, arena.put(&a[30..], 0)?];
-    nic.tx_enqueue(&a_segs, &TxOffload::default(), 0)?;
+    nic.tx_enqueue(TxFrame::new(&a_segs, &TxOffload::default(), 0))?;
     reap_all(&mut nic, &mut next, 1, deadline)?;
     println!("SENT_A");
 
@@ -613,7 +613,7 @@ fn iommu_fault(pci: Option<&str>) -> Result<()> {
     ];
     let canary_len = canary.len();
     for (token, (name, segs)) in (1u64..).zip(cases) {
-        nic.tx_enqueue(&segs, &TxOffload::default(), token)?;
+        nic.tx_enqueue(TxFrame::new(&segs, &TxOffload::default(), token))?;
         nic.tx_flush();
         println!("SENT_{name} unmapped_iova={:#x}", segs[1].iova & !0xfff);
         // A device may report the failed read (DEVICE_NEEDS_RESET: the driver resets it and
@@ -650,7 +650,7 @@ fn iommu_fault(pci: Option<&str>) -> Result<()> {
     let c = make(b"GOOD-C");
     let c_segs = [arena.put(&c[..30], 0)?, arena.put(&c[30..], 0)?];
     let mut next = 3u64;
-    nic.tx_enqueue(&c_segs, &TxOffload::default(), 3)?;
+    nic.tx_enqueue(TxFrame::new(&c_segs, &TxOffload::default(), 3))?;
     reap_all(&mut nic, &mut next, 4, deadline)?;
     println!("SENT_C");
     println!("STATS {:?}", nic.stats());
