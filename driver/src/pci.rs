@@ -116,8 +116,12 @@ impl std::fmt::Display for PciAddress {
 
 /// All PCI devices, sorted by address.
 pub fn all_devices() -> Result<Vec<PciAddress>> {
-    let entries = fs::read_dir(SYSFS_PCI_DEVICES)
-        .map_err(|e| DriverError::io(format!("listing {SYSFS_PCI_DEVICES}"), e))?;
+    addresses_in(SYSFS_PCI_DEVICES)
+}
+
+/// The PCI addresses named by the entries of a sysfs directory, sorted.
+fn addresses_in(dir: &str) -> Result<Vec<PciAddress>> {
+    let entries = fs::read_dir(dir).map_err(|e| DriverError::io(format!("listing {dir}"), e))?;
     let mut out: Vec<PciAddress> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| PciAddress::parse(&e.file_name().to_string_lossy()).ok())
@@ -136,14 +140,7 @@ pub fn find_devices(vendor: u16, device: u16) -> Result<Vec<PciAddress>> {
 
 /// The other devices in an IOMMU group.
 pub fn iommu_group_devices(group: u32) -> Result<Vec<PciAddress>> {
-    let dir = format!("/sys/kernel/iommu_groups/{group}/devices");
-    let entries = fs::read_dir(&dir).map_err(|e| DriverError::io(format!("listing {dir}"), e))?;
-    let mut out: Vec<PciAddress> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| PciAddress::parse(&e.file_name().to_string_lossy()).ok())
-        .collect();
-    out.sort();
-    Ok(out)
+    addresses_in(&format!("/sys/kernel/iommu_groups/{group}/devices"))
 }
 
 /// A device in a VFIO group may be bound to vfio-pci, to pci-stub, or to nothing; anything

@@ -214,6 +214,13 @@ impl Guest {
         self
     }
 
+    /// Boot the guest and wait for its command to finish; panics if QEMU cannot start.
+    pub fn run_to_end(self) -> GuestRun {
+        self.start()
+            .and_then(RunningGuest::wait)
+            .unwrap_or_else(|e| panic!("guest: {e}"))
+    }
+
     /// Boot the guest. Returns once QEMU is running; the command runs in the background.
     pub fn start(self) -> Result<RunningGuest, String> {
         require_testbed();

@@ -9,10 +9,7 @@ fn identify(nic: Nic, mac: &str) -> hw_tests::GuestRun {
     let run = Guest::new(&format!("smoke-{}", nic.name()), nic)
         .mac(mac)
         .run("zs-guest identify")
-        .start()
-        .unwrap()
-        .wait()
-        .unwrap();
+        .run_to_end();
     run.expect_success();
     let (v, d) = nic.pci_ids();
     run.expect_eq(
@@ -78,10 +75,7 @@ fn virtio_without_iommu_platform_is_refused() {
     let run = Guest::new("smoke-virtio-no-iommu-platform", Nic::Virtio)
         .without_virtio_iommu_platform()
         .run("zs-guest identify")
-        .start()
-        .unwrap()
-        .wait()
-        .unwrap();
+        .run_to_end();
     run.expect_failure();
     if !run.console_contains("iommu_platform=on") || !run.console_contains("ACCESS_PLATFORM") {
         run.fail("the refusal does not name ACCESS_PLATFORM and the fix (iommu_platform=on)");
@@ -93,10 +87,7 @@ fn nic_without_viommu_is_refused() {
     let run = Guest::new("smoke-e1000-no-viommu", Nic::E1000)
         .without_iommu()
         .run("zs-guest identify")
-        .start()
-        .unwrap()
-        .wait()
-        .unwrap();
+        .run_to_end();
     run.expect_failure();
     if !run.console_contains("no IOMMU") || !run.console_contains("intel-iommu") {
         run.fail("the refusal does not say the IOMMU is missing and how to add it");

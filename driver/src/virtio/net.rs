@@ -1346,24 +1346,22 @@ mod tests {
                 Err(DriverError::BadFrame(_))
             )
         };
-        let field_past_end = TxOffload {
+        let tcp_checksum_at = |start, field| TxOffload {
             l4_checksum: Some(L4Checksum {
                 protocol: L4Protocol::Tcp,
-                start: 34,
-                field: 59,
+                start,
+                field,
             }),
             ..TxOffload::default()
         };
-        assert!(bad(field_past_end, &[60], caps()), "field past the end");
-        let field_before_start = TxOffload {
-            l4_checksum: Some(L4Checksum {
-                protocol: L4Protocol::Tcp,
-                start: 34,
-                field: 20,
-            }),
-            ..TxOffload::default()
-        };
-        assert!(bad(field_before_start, &[60], caps()), "field before start");
+        assert!(
+            bad(tcp_checksum_at(34, 59), &[60], caps()),
+            "field past the end"
+        );
+        assert!(
+            bad(tcp_checksum_at(34, 20), &[60], caps()),
+            "field before start"
+        );
         let no_csum = Capabilities {
             tcp_checksum: false,
             udp_checksum: false,
