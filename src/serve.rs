@@ -160,6 +160,9 @@ struct ConnEntry {
     /// (empty when the access log is off).
     unacknowledged: VecDeque<Unacknowledged>,
     closed_by_us: bool,
+    /// The client's address, for the access log (read at accept: a closed connection no
+    /// longer has one).
+    peer: Option<std::net::SocketAddr>,
 }
 
 /// A response in the stream, and what its access-log line says.
@@ -181,6 +184,7 @@ impl ConnEntry {
             stream_acked: 0,
             unacknowledged: VecDeque::new(),
             closed_by_us: false,
+            peer: None,
         }
     }
 
@@ -241,11 +245,7 @@ impl ConnEntry {
             let Unacknowledged { stream, end } = self.unacknowledged.pop_front().unwrap();
             log.record(&accesslog::Entry {
                 at: SystemTime::now(),
-                client: stack
-                    .remote_endpoint(id)
-                    .ok()
-                    .flatten()
-                    .map(|(ip, port)| std::net::SocketAddr::from((ip, port))),
+                client: self.peer,
                 connection: self.serial,
                 request_line: end.request_line.as_deref(),
                 status: end.status,
@@ -435,8 +435,14 @@ impl<Q: ServerNic> Server<Q> {
             self.reject(conn, now);
             return;
         }
-        self.conns
-            .insert(conn, ConnEntry::new(self.counts.accepted, now));
+        let mut entry = ConnEntry::new(self.counts.accepted, now);
+        entry.peer = self
+            .stack
+            .remote_endpoint(conn)
+            .ok()
+            .flatten()
+            .map(|(ip, port)| std::net::SocketAddr::from((ip, port)));
+        self.conns.insert(conn, entry);
     }
 
     /// At the connection limit, a new client takes the place of the connection that has
@@ -445,12 +451,18 @@ impl<Q: ServerNic> Server<Q> {
     /// response or a body in progress are never evicted. Returns whether one was.
     fn evict_longest_waiting(&mut self, now: Instant) -> bool {
         let stack = &self.stack;
+        // Connections we are already closing go first, then the longest waiting.
         let victim = self
             .conns
             .iter()
-            .filter(|(id, e)| e.out.is_empty() && stack.unacked(**id).unwrap_or(0) == 0)
-            .filter_map(|(id, e)| Some((e.http.waiting_since()?, *id)))
-            .min_by_key(|(since, _)| *since);
+            .filter_map(|(id, e)| {
+                if e.closed_by_us {
+                    return Some(((0, now), *id));
+                }
+                let idle = e.out.is_empty() && stack.unacked(*id).unwrap_or(0) == 0;
+                Some(((1, e.http.waiting_since().filter(|_| idle)?), *id))
+            })
+            .min_by_key(|(key, _)| *key);
         let Some((_, victim)) = victim else {
             return false;
         };
@@ -474,12 +486,18 @@ impl<Q: ServerNic> Server<Q> {
             .warn(WarnKind::ServiceUnavailable, now, "too many connections");
         let body = "503 Service Unavailable: too many connections\n";
         let response = simple_response(503, "Service Unavailable", body, false, false);
+        let client = self
+            .stack
+            .remote_endpoint(conn)
+            .ok()
+            .flatten()
+            .map(|(ip, port)| std::net::SocketAddr::from((ip, port)));
         let sent = self.stack.send(conn, &response).unwrap_or(0);
         let _ = self.stack.close(conn);
         if let Some(log) = &mut self.access_log {
             log.record(&accesslog::Entry {
                 at: SystemTime::now(),
-                client: None,
+                client,
                 connection: self.counts.accepted,
                 request_line: None,
                 status: 503,

@@ -716,8 +716,13 @@ fn bad_requests_and_limits(srv: &Server) {
         rejected >= 10,
         &format!("only {rejected} of 10 connections over a limit of busy ones got 503"),
     );
-    // The server still serves.
-    let o = srv.curl(&[&url("/hello.txt")]);
+    // The server still serves (once it has seen the busy clients go).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut o = srv.curl(&[&url("/hello.txt")]);
+    while o.stdout != b"hello from zerosend\n" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        o = srv.curl(&[&url("/hello.txt")]);
+    }
     srv.check(
         o.stdout == b"hello from zerosend\n",
         "server stopped serving after bad input",
