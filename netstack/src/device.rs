@@ -399,6 +399,27 @@ impl TxPath {
         );
     }
 
+    /// Whether a received frame is a connection request (SYN without ACK) for a 4-tuple that
+    /// has a live connection. Such a SYN is a duplicate (a peer's retransmission that crossed
+    /// our SYN-ACK): smoltcp would hand it to the first socket that accepts it, which may be
+    /// a listening socket ahead of the connection in its socket set, and that socket would
+    /// answer it as a second connection of the same 4-tuple whose replies the peer then
+    /// drops. The connection itself has its SYN already; the frame is dropped. A SYN for a
+    /// 4-tuple whose connection is closed or closing (`sendq` aborted) is a new incarnation
+    /// and goes through.
+    fn is_duplicate_syn(&self, frame: &[u8]) -> bool {
+        let Some(tcp) = frame::parse_tcp(frame) else {
+            return false;
+        };
+        if !tcp.syn || tcp.ack {
+            return false;
+        }
+        let flow = FlowKey::new(tcp.dst_port, tcp.src.octets(), tcp.src_port);
+        self.flows
+            .get(&flow)
+            .is_some_and(|&index| !self.conns[index as usize].sendq.is_aborted())
+    }
+
     /// Learns the ISS of a connection from the SYN (or SYN-ACK) smoltcp sends.
     fn note_syn(&mut self, tcp: &TcpFrame) {
         if !tcp.syn {
@@ -680,13 +701,13 @@ impl<Q: NetQueue> NicDevice<Q> {
 pub struct NicRxToken<'a, Q: NetQueue> {
     nic: &'a mut Q,
     buffer: RxBuffer,
-    /// Where the frame is copied out of device-writable memory for smoltcp to parse.
-    frame: &'a mut [u8],
+    /// The frame, already copied out of device-writable memory for smoltcp to parse.
+    frame: &'a [u8],
 }
 
 impl<Q: NetQueue> phy::RxToken for NicRxToken<'_, Q> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let result = f(self.nic.rx_read(&self.buffer, self.frame));
+        let result = f(self.frame);
         self.nic.rx_recycle(self.buffer);
         result
     }
@@ -725,13 +746,22 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
         Self: 'a;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let buffer = self.nic.rx_next()?;
-        self.tx.stats.frames_rx += 1;
+        let (buffer, len) = loop {
+            let buffer = self.nic.rx_next()?;
+            self.tx.stats.frames_rx += 1;
+            let len = self.nic.rx_read(&buffer, &mut self.rx_frame).len();
+            if self.tx.is_duplicate_syn(&self.rx_frame[..len]) {
+                self.tx.stats.rx_duplicate_syns += 1;
+                self.nic.rx_recycle(buffer);
+                continue;
+            }
+            break (buffer, len);
+        };
         Some((
             NicRxToken {
                 nic: &mut self.nic,
                 buffer,
-                frame: &mut self.rx_frame[..],
+                frame: &self.rx_frame[..len],
             },
             NicTxToken {
                 tx: &mut self.tx,

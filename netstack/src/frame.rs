@@ -25,6 +25,7 @@ pub struct TcpFrame {
     pub dst_port: u16,
     pub seq: u32,
     pub syn: bool,
+    pub ack: bool,
 }
 
 impl TcpFrame {
@@ -100,6 +101,7 @@ pub fn parse_tcp(frame: &[u8]) -> Option<TcpFrame> {
         dst_port: tcp.dst_port(),
         seq: tcp.seq_number().0 as u32,
         syn: tcp.syn(),
+        ack: tcp.ack(),
     })
 }
 
