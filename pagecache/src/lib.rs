@@ -69,17 +69,27 @@ mod audit;
 mod cache;
 mod error;
 mod file;
+mod fill;
 mod frames;
+mod identity;
+mod io_pool;
+mod open_files;
 mod pin;
+mod snapshot;
 mod stats;
+mod ticket;
+mod write;
 mod writeback;
 
 pub use arena::{FrameArena, PAGE_SIZE};
-pub use cache::{Backpressure, CacheConfig, PageCache};
+pub use cache::{Backpressure, CacheConfig, OldVersionPolicy, PageCache};
 pub use error::{Error, Result};
 pub use file::{CachedFile, OpenOptions, WritePolicy};
+pub use identity::FileIdentity;
 pub use pin::{Pin, Span, Spans};
+pub use snapshot::{InvalidationReason, Snapshot};
 pub use stats::CacheStats;
+pub use ticket::{Attempt, Pending, PendingReason};
 
 #[cfg(test)]
 mod tests;
