@@ -119,6 +119,10 @@ pub(crate) struct FileState {
     pub pages: PageTable,
     pub filling: FillTable,
     pub dirty: BTreeSet<u64>,
+    /// Pages a writeback is writing now (it collected them under the lock and writes them
+    /// without it). Eviction must not write a newer version of such a page: the older write
+    /// could land after it and leave stale bytes on disk.
+    pub writing_back: BTreeSet<u64>,
     /// Open snapshots and the old versions they hold.
     pub snapshots: Snapshots,
     /// The file on disk as last seen (after our own writes, refreshed by fstat).
@@ -256,6 +260,7 @@ impl FileShared {
                 pages: PageTable::default(),
                 filling: FillTable::default(),
                 dirty: BTreeSet::new(),
+                writing_back: BTreeSet::new(),
                 snapshots: Snapshots::default(),
                 disk,
                 disk_version: 1,

@@ -225,7 +225,8 @@ impl CachedFile {
         } else {
             None
         };
-        let shrink = match self.prepare_shrink(st, new_len, io, false) {
+        // Page 0 on is protected: the write prepared above refers to those frames.
+        let shrink = match self.prepare_shrink(st, new_len, io, false, 0) {
             Ok(shrink) => shrink,
             Err(stall) => {
                 if let Some(write) = write {
@@ -254,7 +255,7 @@ impl CachedFile {
         new_len: u64,
         io: Io,
     ) -> Result<(), Stall> {
-        let shrink = self.prepare_shrink(st, new_len, io, true)?;
+        let shrink = self.prepare_shrink(st, new_len, io, true, new_len / PAGE)?;
         if let Err(stall) = self.truncate_on_disk(st, new_len) {
             shrink.discard(&self.cache);
             return Err(stall);
@@ -571,13 +572,15 @@ impl CachedFile {
     }
 
     /// Plans a change of length to `new_len`: zeroing the tail of the new last page (if
-    /// `zero_tail`) and the old versions of the pages it drops or changes on disk.
+    /// `zero_tail`) and the old versions of the pages it drops or changes on disk. Pages from
+    /// `protect_from` on are not evicted to make room (a prepared change refers to them).
     fn prepare_shrink(
         &self,
         st: &mut FileState,
         new_len: u64,
         io: Io,
         zero_tail: bool,
+        protect_from: u64,
     ) -> Result<PreparedShrink, Stall> {
         if new_len >= st.len {
             return Ok(PreparedShrink {
@@ -631,7 +634,7 @@ impl CachedFile {
             }
             let needed = keep.from_disk.len();
             let allocated = {
-                let protect = tail_page..old_pages;
+                let protect = protect_from.min(tail_page)..old_pages;
                 let mut own = self.shared.own(st, protect, true);
                 self.cache.alloc_frames(needed, &mut own)
             };

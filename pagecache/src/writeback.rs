@@ -22,6 +22,36 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// not during the I/O.
 pub(crate) fn writeback_file(cache: &CacheShared, file: &Arc<FileShared>) -> Result<usize> {
     let _io = file.io_lock.lock();
+    writeback_io_locked(cache, file)
+}
+
+/// [`writeback_file`] for the I/O pool: `None` (doing nothing) if the file's I/O lock is
+/// taken. A pool thread must never wait for that lock: its holder (a blocking `set_len` or
+/// `replace_contents`) may itself be waiting for a fill queued behind this job.
+fn writeback_if_idle(cache: &CacheShared, file: &Arc<FileShared>) -> Option<Result<usize>> {
+    let _io = file.io_lock.try_lock()?;
+    Some(writeback_io_locked(cache, file))
+}
+
+/// Runs `job` on the I/O pool; if it reports the file busy, queues it again behind whatever
+/// was queued meanwhile (the fill its blocker may be waiting for).
+fn submit_retrying(
+    cache: &CacheShared,
+    job: impl FnMut(&Arc<CacheShared>) -> bool + Send + 'static,
+) -> bool {
+    fn run(
+        cache: &Arc<CacheShared>,
+        mut job: impl FnMut(&Arc<CacheShared>) -> bool + Send + 'static,
+    ) {
+        if !job(cache) {
+            std::thread::yield_now();
+            cache.io.submit(Box::new(move |cache| run(cache, job)));
+        }
+    }
+    cache.io.submit(Box::new(move |cache| run(cache, job)))
+}
+
+fn writeback_io_locked(cache: &CacheShared, file: &Arc<FileShared>) -> Result<usize> {
     let (fd, runs, len) = {
         let mut st = file.state.lock();
         if st.dirty.is_empty() {
@@ -43,7 +73,7 @@ pub(crate) fn writeback_file(cache: &CacheShared, file: &Arc<FileShared>) -> Res
                 _ => runs.push((page, vec![frame])),
             }
         }
-        st.dirty.clear();
+        st.writing_back = std::mem::take(&mut st.dirty);
         (fd, runs, st.len)
     };
 
@@ -70,6 +100,7 @@ pub(crate) fn writeback_file(cache: &CacheShared, file: &Arc<FileShared>) -> Res
 
     {
         let mut st = file.state.lock();
+        st.writing_back.clear();
         for index in failed {
             let (start, frames) = &runs[index];
             for (i, &frame) in frames.iter().enumerate() {
@@ -101,24 +132,32 @@ pub(crate) fn schedule_writeback(cache: &CacheShared, file: &Arc<FileShared>) {
         return;
     }
     let file = file.clone();
-    cache.io.submit(Box::new(move |cache| {
+    submit_retrying(cache, move |cache| {
+        let Some(outcome) = writeback_if_idle(cache, &file) else {
+            return false;
+        };
         file.writeback_queued.store(false, Ordering::SeqCst);
-        if let Err(e) = writeback_file(cache, &file) {
+        if let Err(e) = outcome {
             tracing::warn!(error = %e, "pagecache: background writeback failed");
         }
         cache.events.notify();
-    }));
+        true
+    });
 }
 
 /// Writes back and `fdatasync`s a file on the I/O pool; `ticket` completes with the outcome.
 pub(crate) fn schedule_fsync(cache: &CacheShared, file: &Arc<FileShared>, ticket: Ticket) {
     let job_file = file.clone();
     let job_ticket = ticket.clone();
-    let queued = cache.io.submit(Box::new(move |cache| {
-        let outcome = fsync_file(cache, &job_file);
+    let queued = submit_retrying(cache, move |cache| {
+        let Some(written) = writeback_if_idle(cache, &job_file) else {
+            return false;
+        };
+        let outcome = written.and_then(|_| sync_data(cache, &job_file));
         cache.events.notify();
         job_ticket.complete(outcome.err().map(|e| IoFailure::from_error(&e)));
-    }));
+        true
+    });
     if !queued {
         ticket.complete(Some(IoFailure::from_error(&Error::io(
             "fdatasync",
@@ -131,6 +170,10 @@ pub(crate) fn schedule_fsync(cache: &CacheShared, file: &Arc<FileShared>, ticket
 /// Writes dirty pages back and makes them durable.
 pub(crate) fn fsync_file(cache: &CacheShared, file: &Arc<FileShared>) -> Result<()> {
     writeback_file(cache, file)?;
+    sync_data(cache, file)
+}
+
+fn sync_data(cache: &CacheShared, file: &Arc<FileShared>) -> Result<()> {
     let fd = {
         let mut st = file.state.lock();
         match st.io_fd(cache, file) {
@@ -170,6 +213,9 @@ pub(crate) fn evict_page(
         return false;
     }
     if st.dirty.contains(&page) {
+        if st.writing_back.contains(&page) {
+            return false; // an older version of it is being written: do not overtake it
+        }
         if !allow_io {
             schedule_writeback(cache, file);
             return false;
