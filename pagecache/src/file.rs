@@ -123,6 +123,9 @@ pub(crate) struct FileState {
     /// without it). Eviction must not write a newer version of such a page: the older write
     /// could land after it and leave stale bytes on disk.
     pub writing_back: BTreeSet<u64>,
+    /// Counts the cache's own changes to the file on disk (writebacks, truncation), so a
+    /// background fill can tell an identity change it did not cause (see `fill`).
+    pub own_disk_writes: u64,
     /// Open snapshots and the old versions they hold.
     pub snapshots: Snapshots,
     /// The file on disk as last seen (after our own writes, refreshed by fstat).
@@ -261,6 +264,7 @@ impl FileShared {
                 filling: FillTable::default(),
                 dirty: BTreeSet::new(),
                 writing_back: BTreeSet::new(),
+                own_disk_writes: 0,
                 snapshots: Snapshots::default(),
                 disk,
                 disk_version: 1,

@@ -7,6 +7,12 @@
 //! page was meanwhile cancelled (external change); then it completes the ticket. Writers and
 //! truncations that touch a page being filled wait for its ticket first, so a fill can never
 //! install bytes older than a write.
+//!
+//! After reading, the I/O thread stats the descriptor: if the file's identity changed and the
+//! cache itself wrote nothing to it since the fill started, another process edited the file
+//! while it was being streamed. The fill is then dropped and the change applied as an
+//! external change (snapshots that needed bytes not in memory are invalidated), so a body
+//! never mixes the bytes of two on-disk versions that stat can tell apart.
 
 use std::ops::Range;
 use std::os::fd::AsRawFd;
@@ -14,7 +20,8 @@ use std::sync::Arc;
 
 use crate::arena::{FrameId, PAGE_SIZE};
 use crate::cache::CacheShared;
-use crate::file::{FileShared, FileState, Stall};
+use crate::file::{apply_external_change, FileShared, FileState, Stall};
+use crate::identity::DiskIdentity;
 use crate::stats::StatCounters;
 use crate::ticket::{IoFailure, Ticket};
 
@@ -90,6 +97,8 @@ pub(crate) fn start_fills(
             first: page,
             frames,
             len: st.len,
+            disk: st.disk,
+            own_disk_writes: st.own_disk_writes,
             ticket,
         };
         if !cache.io.submit(Box::new(move |cache| job.run(cache))) {
@@ -112,6 +121,9 @@ struct FillJob {
     frames: Vec<FrameId>,
     /// File length when the fill started: bytes past it read as zero.
     len: u64,
+    /// The file's identity and the count of the cache's own disk writes when it started.
+    disk: DiskIdentity,
+    own_disk_writes: u64,
     ticket: Ticket,
 }
 
@@ -136,8 +148,19 @@ impl FillJob {
                 }
             }
         }
+        let seen_after = self.fd.metadata().ok().map(|m| DiskIdentity::of(&m));
         let failure = {
             let mut st = self.file.state.lock();
+            let edited_elsewhere = read.is_ok()
+                && st.disk == self.disk
+                && st.own_disk_writes == self.own_disk_writes
+                && st.writing_back.is_empty()
+                && seen_after.is_some_and(|now| now != st.disk);
+            if edited_elsewhere {
+                // Cancels this fill's pages (the loop below then gives the frames back).
+                let now = seen_after.expect("checked above");
+                apply_external_change(cache, &self.file.path, &mut st, now);
+            }
             let mut unused = Vec::new();
             let mut installed = 0u64;
             for (i, &frame) in self.frames.iter().enumerate() {

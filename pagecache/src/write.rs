@@ -266,6 +266,7 @@ impl CachedFile {
 
     fn truncate_on_disk(&self, st: &mut FileState, new_len: u64) -> Result<(), Stall> {
         let fd = st.io_fd(&self.cache, &self.shared)?;
+        st.own_disk_writes += 1;
         fd.set_len(new_len)
             .map_err(|e| Error::io("ftruncate", &self.shared.path, e).into())
     }

@@ -74,6 +74,7 @@ fn writeback_io_locked(cache: &CacheShared, file: &Arc<FileShared>) -> Result<us
             }
         }
         st.writing_back = std::mem::take(&mut st.dirty);
+        st.own_disk_writes += 1;
         (fd, runs, st.len)
     };
 
@@ -101,6 +102,7 @@ fn writeback_io_locked(cache: &CacheShared, file: &Arc<FileShared>) -> Result<us
     {
         let mut st = file.state.lock();
         st.writing_back.clear();
+        st.own_disk_writes += 1;
         for index in failed {
             let (start, frames) = &runs[index];
             for (i, &frame) in frames.iter().enumerate() {
@@ -228,6 +230,7 @@ pub(crate) fn evict_page(
         }
         let offset = page * PAGE;
         let n = st.len.saturating_sub(offset).min(PAGE) as usize;
+        st.own_disk_writes += 1;
         // SAFETY: we hold the file lock and the frame is unpinned, so nobody writes it.
         let written = unsafe {
             cache
