@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,9 @@ use crate::arena::{FrameArena, FrameId};
 use crate::audit;
 use crate::error::{Error, Result};
 use crate::file::{CachedFile, FileShared, FileState, OpenOptions};
-use crate::frames::{Events, FrameTable, Owner, ORPHAN, PIN_MASK};
+use crate::frames::{Events, FrameTable, Owner, HELD, ORPHAN, PIN_MASK};
+use crate::io_pool::IoPool;
+use crate::open_files::OpenFiles;
 use crate::stats::{CacheStats, StatCounters};
 use crate::writeback;
 
@@ -31,6 +33,24 @@ pub enum Backpressure {
     },
 }
 
+/// What happens when keeping the old versions that open snapshots need would exceed
+/// [`CacheConfig::old_version_limit_pages`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OldVersionPolicy {
+    /// The writer waits for snapshots to let old versions go: non-blocking writes return
+    /// [`crate::Attempt::Pending`] with [`crate::PendingReason::OldVersionLimit`] (and a
+    /// deadline `timeout` from the call); blocking writes wait up to `timeout`, then fail
+    /// with [`Error::OldVersionLimit`] having written nothing. Readers are never cut short.
+    WriterWaits {
+        /// Longest time a blocking writer waits (and the deadline of a pending one).
+        timeout: Duration,
+    },
+    /// The write goes ahead at once; the oldest snapshots that need the room are
+    /// invalidated (their next pin fails with [`Error::SnapshotInvalidated`]; bytes they
+    /// already pinned stay valid).
+    InvalidateSnapshots,
+}
+
 /// Configuration of a [`PageCache`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheConfig {
@@ -43,6 +63,16 @@ pub struct CacheConfig {
     pub audit: bool,
     /// Largest read-ahead window, in pages, for sequential pins (0 disables read-ahead).
     pub readahead_max_pages: usize,
+    /// Most frames that may hold old versions kept for open snapshots
+    /// ([`CacheStats::old_version_pages_now`]); `None` means a quarter of the arena.
+    pub old_version_limit_pages: Option<usize>,
+    /// What a write does when the old-version limit is reached.
+    pub old_version_policy: OldVersionPolicy,
+    /// Threads of the cache's I/O pool (background fills, writeback, fsync); at least 1.
+    pub io_threads: usize,
+    /// Most file descriptors the cache keeps open; least recently used ones are closed and
+    /// reopened on demand.
+    pub max_open_files: usize,
 }
 
 impl Default for CacheConfig {
@@ -52,6 +82,12 @@ impl Default for CacheConfig {
             backpressure: Backpressure::Error,
             audit: false,
             readahead_max_pages: 32,
+            old_version_limit_pages: None,
+            old_version_policy: OldVersionPolicy::WriterWaits {
+                timeout: Duration::from_secs(2),
+            },
+            io_threads: 2,
+            max_open_files: 512,
         }
     }
 }
@@ -71,16 +107,26 @@ pub(crate) struct CacheShared {
     pub events: Events,
     pub config: CacheConfig,
     pub soft_limit: usize,
+    /// Resolved [`CacheConfig::old_version_limit_pages`].
+    pub old_version_limit: usize,
+    /// Old-version frames held or reserved for open snapshots.
+    old_versions: AtomicUsize,
+    old_versions_peak: AtomicUsize,
+    next_snapshot: AtomicU64,
+    pub open_files: OpenFiles,
+    pub io: IoPool,
     registry: Mutex<Registry>,
 }
 
 /// The file a frame allocation is made for: its lock is already held by the caller, and
-/// pages in `protect` (those the operation is about to use) must not be evicted.
+/// pages in `protect` (those the operation is about to use) must not be evicted. Without
+/// `allow_io` (non-blocking callers) eviction skips dirty pages and has them written back in
+/// the background instead of writing them on the caller's thread.
 pub(crate) struct OwnFile<'a> {
-    pub id: u32,
-    pub path: &'a Path,
+    pub file: &'a Arc<FileShared>,
     pub state: &'a mut FileState,
     pub protect: Range<u64>,
+    pub allow_io: bool,
 }
 
 /// A stable-page cache of files, storing pages in a [`FrameArena`].
@@ -108,14 +154,24 @@ impl PageCache {
             .soft_limit_frames
             .unwrap_or(frame_count)
             .clamp(1, frame_count);
+        let old_version_limit = config
+            .old_version_limit_pages
+            .unwrap_or(frame_count / 4)
+            .min(frame_count);
         Ok(Self {
-            shared: Arc::new(CacheShared {
+            shared: Arc::new_cyclic(|cache| CacheShared {
                 frames: FrameTable::new(frame_count),
                 arena,
                 stats: StatCounters::default(),
                 events: Events::default(),
                 config,
                 soft_limit,
+                old_version_limit,
+                old_versions: AtomicUsize::new(0),
+                old_versions_peak: AtomicUsize::new(0),
+                next_snapshot: AtomicU64::new(1),
+                open_files: OpenFiles::new(config.max_open_files),
+                io: IoPool::start(config.io_threads, cache.clone()),
                 registry: Mutex::new(Registry::default()),
             }),
         })
@@ -132,7 +188,7 @@ impl PageCache {
         let file = match existing {
             Some(file) => {
                 if options.writable {
-                    file.ensure_writable_fd()?;
+                    file.ensure_writable_fd(&self.shared)?;
                 }
                 file
             }
@@ -143,7 +199,7 @@ impl PageCache {
                     // Another thread opened it meanwhile: use theirs.
                     drop(registry);
                     if options.writable {
-                        raced.ensure_writable_fd()?;
+                        raced.ensure_writable_fd(&self.shared)?;
                     }
                     raced
                 } else {
@@ -152,6 +208,9 @@ impl PageCache {
                     let file = Arc::new(fresh.with_id(id));
                     registry.by_path.insert(canonical, file.clone());
                     registry.by_id.insert(id, file.clone());
+                    drop(registry);
+                    let closed = self.shared.open_files.used(&file);
+                    StatCounters::add(&self.shared.stats.files_closed, closed as u64);
                     file
                 }
             }
@@ -200,8 +259,77 @@ impl PageCache {
 impl CacheShared {
     pub fn stats_snapshot(&self) -> CacheStats {
         let free = self.frames.free_count() as u64;
-        self.stats
-            .snapshot(self.arena.frame_count() as u64 - free, free)
+        let mut stats = self
+            .stats
+            .snapshot(self.arena.frame_count() as u64 - free, free);
+        stats.old_version_pages_now = self.old_versions_now() as u64;
+        stats.old_version_pages_peak = self.old_versions_peak.load(Ordering::Relaxed) as u64;
+        stats.open_files_now = self.open_files.open_count() as u64;
+        stats
+    }
+
+    pub fn next_snapshot_id(&self) -> u64 {
+        self.next_snapshot.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn old_versions_now(&self) -> usize {
+        self.old_versions.load(Ordering::SeqCst)
+    }
+
+    /// Reserves room for `n` old-version frames under the limit; all or nothing. Reserving
+    /// before deciding (rather than counting after) keeps the limit exact with writers on
+    /// several files at once.
+    pub fn reserve_old(&self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let reserved = self
+            .old_versions
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+                (now + n <= self.old_version_limit).then_some(now + n)
+            });
+        match reserved {
+            Ok(before) => {
+                self.old_versions_peak
+                    .fetch_max(before + n, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Gives back reserved room (a prepared change that was discarded).
+    pub fn unreserve_old(&self, n: usize) {
+        if n > 0 {
+            self.old_versions.fetch_sub(n, Ordering::SeqCst);
+            self.events.notify();
+        }
+    }
+
+    /// Marks `frame` as an old version held for snapshots (its room was reserved). A frame
+    /// still mapped in a page table is orphaned by the caller right after (the change that
+    /// replaces it); a `fresh` frame (read from disk just for the snapshots) is orphaned here.
+    pub fn hold(&self, frame: FrameId, fresh: bool) {
+        let flags = if fresh { HELD | ORPHAN } else { HELD };
+        self.frames
+            .meta(frame)
+            .state
+            .fetch_or(flags, Ordering::SeqCst);
+    }
+
+    /// The last snapshot let go of an old-version frame: free it unless a pin still holds
+    /// it (then its last unpin frees it).
+    pub fn release_hold(&self, frame: FrameId) {
+        let meta = self.frames.meta(frame);
+        let previous = meta.state.fetch_and(!HELD, Ordering::SeqCst);
+        debug_assert!(previous & HELD != 0, "release_hold of a frame not held");
+        debug_assert!(previous & ORPHAN != 0, "a held frame is always an orphan");
+        if previous & PIN_MASK == 0 {
+            meta.state.store(0, Ordering::SeqCst);
+            self.frames.put_free(&[frame]);
+        }
+        self.old_versions.fetch_sub(1, Ordering::SeqCst);
+        self.events.notify();
     }
 
     fn file_by_id(&self, id: u32) -> Option<Arc<FileShared>> {
@@ -266,7 +394,7 @@ impl CacheShared {
         debug_assert!(previous & PIN_MASK != 0, "unpin of an unpinned frame");
         if previous & PIN_MASK == 1 {
             self.stats.pinned_pages_now.fetch_sub(1, Ordering::Relaxed);
-            if previous & ORPHAN != 0 {
+            if previous & ORPHAN != 0 && previous & HELD == 0 {
                 // We were the last holder of a frame no file maps any more.
                 meta.state.store(0, Ordering::SeqCst);
                 self.frames.put_free(&[frame]);
@@ -277,7 +405,8 @@ impl CacheShared {
 
     /// Detaches a frame from its file page (copy-on-write replacement, truncation,
     /// invalidation). Called under the file's lock after removing it from the page table.
-    /// The frame is freed now if unpinned, else by its last unpin.
+    /// The frame is freed now if unpinned and not held for snapshots, else by its last unpin
+    /// or [`CacheShared::release_hold`].
     pub fn orphan(&self, frame: FrameId) {
         self.frames.set_owner(frame, None);
         let previous = self
@@ -285,7 +414,7 @@ impl CacheShared {
             .meta(frame)
             .state
             .fetch_or(ORPHAN, Ordering::SeqCst);
-        if previous & PIN_MASK == 0 {
+        if previous & PIN_MASK == 0 && previous & HELD == 0 {
             self.frames.meta(frame).state.store(0, Ordering::SeqCst);
             self.frames.put_free(&[frame]);
             self.events.notify();
@@ -354,9 +483,9 @@ impl CacheShared {
     }
 
     fn evict_candidate(&self, frame: FrameId, owner: Owner, own: &mut OwnFile<'_>) -> bool {
-        let evicted = if owner.file_id == own.id {
+        let evicted = if owner.file_id == own.file.id {
             !own.protect.contains(&owner.page)
-                && writeback::evict_page(self, own.path, own.state, owner.page, frame)
+                && writeback::evict_page(self, own.file, own.state, owner.page, frame, own.allow_io)
         } else {
             let Some(file) = self.file_by_id(owner.file_id) else {
                 return false;
@@ -365,7 +494,7 @@ impl CacheShared {
             let Some(mut state) = file.state.try_lock() else {
                 return false;
             };
-            writeback::evict_page(self, &file.path, &mut state, owner.page, frame)
+            writeback::evict_page(self, &file, &mut state, owner.page, frame, own.allow_io)
         };
         if evicted {
             StatCounters::add(&self.stats.evictions, 1);

@@ -51,6 +51,38 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// The snapshot was invalidated: its next bytes cannot be served as its version. Bytes
+    /// already pinned stay valid; a server resets the connection (never a torn body).
+    #[error("snapshot invalidated: {reason}")]
+    SnapshotInvalidated {
+        /// Why.
+        reason: crate::InvalidationReason,
+    },
+
+    /// A writer under [`crate::OldVersionPolicy::WriterWaits`] gave up: keeping the old
+    /// versions open snapshots need would have exceeded the limit. Nothing was written.
+    #[error(
+        "old-version limit: {needed} more old page(s) needed, limit {limit}; nothing was written"
+    )]
+    OldVersionLimit {
+        /// Old-version pages the write would have had to keep.
+        needed: usize,
+        /// [`crate::CacheConfig::old_version_limit_pages`] in force.
+        limit: usize,
+    },
+
+    /// A snapshot pin asked for bytes it had released
+    /// ([`crate::Snapshot::release_before`]).
+    #[error(
+        "bytes from {start} were released from the snapshot (released before {released_before})"
+    )]
+    Released {
+        /// Start of the requested range.
+        start: u64,
+        /// Offset before which the snapshot was released.
+        released_before: u64,
+    },
+
     /// A byte range reaches beyond the file or pin it was applied to.
     #[error("byte range {start}..{end} is outside 0..{len}")]
     OutOfRange {

@@ -1,24 +1,28 @@
-//! Cached files: opening, filling pages from disk (with read-ahead), pinning, writing with a
-//! per-handle [`WritePolicy`], truncation and revalidation against the file on disk.
+//! Cached files: opening, filling pages from disk (with read-ahead), pinning, snapshots,
+//! revalidation against the file on disk, and the loops that retry an operation after a
+//! stall (blocking) or report it as pending (non-blocking). Writes live in `write`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use crate::arena::{FrameId, PAGE_SIZE};
-use crate::cache::{Backpressure, CacheShared, OwnFile};
+use crate::cache::{Backpressure, CacheShared, OldVersionPolicy, OwnFile};
 use crate::error::{Error, Result};
-use crate::frames::{Ticket, PIN_MASK};
+use crate::frames::{Waiter, PIN_MASK};
+use crate::identity::{DiskIdentity, FileIdentity};
 use crate::pin::Pin;
+use crate::snapshot::{Snapshot, Snapshots};
 use crate::stats::StatCounters;
+use crate::ticket::{Attempt, Pending, PendingReason, Ticket};
 use crate::writeback;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -77,28 +81,6 @@ impl OpenOptions {
     }
 }
 
-/// What identifies a version of a file on disk, for revalidation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct DiskIdentity {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl DiskIdentity {
-    pub fn of(meta: &fs::Metadata) -> Self {
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        }
-    }
-}
-
 /// Cheap hasher for page indices (the page table is hit on every pin).
 #[derive(Default)]
 pub(crate) struct PageIndexHasher(u64);
@@ -119,25 +101,139 @@ impl Hasher for PageIndexHasher {
 }
 
 pub(crate) type PageTable = HashMap<u64, FrameId, BuildHasherDefault<PageIndexHasher>>;
+/// Pages being read by the I/O pool, with the ticket of their fill.
+pub(crate) type FillTable = HashMap<u64, Ticket, BuildHasherDefault<PageIndexHasher>>;
 
 /// Mutable state of a cached file, behind its lock. Every operation that changes which bytes
 /// the file holds (write, truncate, invalidate) and every pin takes this lock, which is what
 /// makes a multi-page pin an atomic snapshot.
 pub(crate) struct FileState {
-    pub fd: Arc<fs::File>,
+    /// `None` while closed by the open-file bound ([`crate::CacheConfig::max_open_files`]);
+    /// reopened by [`FileState::io_fd`].
+    pub fd: Option<Arc<fs::File>>,
     pub fd_writable: bool,
     /// Length of the file as seen through the cache (may exceed the disk's until writeback).
     pub len: u64,
     /// Incremented on every change of content or length.
     pub version: u64,
     pub pages: PageTable,
+    pub filling: FillTable,
     pub dirty: BTreeSet<u64>,
+    /// Pages a writeback is writing now (it collected them under the lock and writes them
+    /// without it). Eviction must not write a newer version of such a page: the older write
+    /// could land after it and leave stale bytes on disk.
+    pub writing_back: BTreeSet<u64>,
+    /// Counts the cache's own changes to the file on disk (writebacks, truncation), so a
+    /// background fill can tell an identity change it did not cause (see `fill`).
+    pub own_disk_writes: u64,
+    /// Open snapshots and the old versions they hold.
+    pub snapshots: Snapshots,
     /// The file on disk as last seen (after our own writes, refreshed by fstat).
     pub disk: DiskIdentity,
+    /// The version whose bytes `disk` describes (see [`FileIdentity::matches_disk`]).
+    pub disk_version: u64,
     /// Page after the last pin, to detect sequential access.
     next_sequential_page: u64,
     /// Current read-ahead window in pages.
     readahead_pages: usize,
+}
+
+impl FileState {
+    pub fn identity(&self) -> FileIdentity {
+        FileIdentity::new(
+            &self.disk,
+            self.len,
+            self.version,
+            self.disk_version == self.version,
+        )
+    }
+
+    /// The descriptor for I/O, reopened if the open-file bound closed it. Reopening checks
+    /// the file's identity: if it changed while closed, the change is applied as an external
+    /// change and [`Stall::Restart`] returned (the caller starts over with the new state).
+    pub fn io_fd(
+        &mut self,
+        cache: &CacheShared,
+        file: &Arc<FileShared>,
+    ) -> Result<Arc<fs::File>, Stall> {
+        if let Some(fd) = &self.fd {
+            let fd = fd.clone();
+            let closed = cache.open_files.used(file);
+            StatCounters::add(&cache.stats.files_closed, closed as u64);
+            return Ok(fd);
+        }
+        let fd = open_fd(&file.path, self.fd_writable)?;
+        let meta = fd
+            .metadata()
+            .map_err(|e| Error::io("fstat", &file.path, e))?;
+        let now = DiskIdentity::of(&meta);
+        let fd = Arc::new(fd);
+        self.fd = Some(fd.clone());
+        StatCounters::add(&cache.stats.files_reopened, 1);
+        let closed = cache.open_files.used(file);
+        StatCounters::add(&cache.stats.files_closed, closed as u64);
+        if now != self.disk {
+            apply_external_change(cache, &file.path, self, now);
+            return Err(Stall::Restart);
+        }
+        Ok(fd)
+    }
+
+    /// After our own writes, remember the file's new identity so revalidation does not take
+    /// it for an external change; if nothing is dirty and the identity visibly changed, it
+    /// now describes the current version.
+    pub fn refresh_disk_identity(&mut self, fd: &fs::File) {
+        if let Ok(meta) = fd.metadata() {
+            let now = DiskIdentity::of(&meta);
+            let changed = now != self.disk;
+            self.disk = now;
+            if changed && self.dirty.is_empty() {
+                self.disk_version = self.version;
+            }
+        }
+    }
+}
+
+fn open_fd(path: &Path, writable: bool) -> Result<fs::File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))
+}
+
+/// The file on disk is not what the cache saw: the external writer wins. Snapshots keep the
+/// resident pages they need (or are invalidated), cached pages are dropped (pins keep their
+/// bytes), fills in flight are cancelled, unwritten cached writes are discarded (with a
+/// warning) and the version moves on.
+pub(crate) fn apply_external_change(
+    cache: &CacheShared,
+    path: &Path,
+    st: &mut FileState,
+    now: DiskIdentity,
+) {
+    st.snapshots.keep_for_external_change(cache, &st.pages);
+    if !st.dirty.is_empty() {
+        tracing::warn!(
+            path = %path.display(),
+            dirty_pages = st.dirty.len(),
+            "pagecache: file changed on disk; discarding unwritten cached writes"
+        );
+        st.dirty.clear();
+    }
+    let pages: Vec<(u64, FrameId)> = st.pages.drain().collect();
+    for (_, frame) in pages {
+        cache.orphan(frame);
+    }
+    st.filling.clear();
+    st.len = now.size;
+    st.version += 1;
+    st.disk = now;
+    st.disk_version = st.version;
+    st.next_sequential_page = 0;
+    st.readahead_pages = 0;
+    StatCounters::add(&cache.stats.external_changes, 1);
+    tracing::debug!(path = %path.display(), "pagecache: external change detected");
 }
 
 /// A cached file, shared by all its handles.
@@ -148,32 +244,36 @@ pub(crate) struct FileShared {
     /// Serializes writeback against truncation, so a writeback in flight cannot re-extend a
     /// file that was just truncated.
     pub io_lock: Mutex<()>,
+    /// A background writeback is queued (see `writeback::schedule_writeback`).
+    pub writeback_queued: AtomicBool,
 }
 
 impl FileShared {
     pub fn open(id: u32, path: PathBuf, writable: bool) -> Result<Self> {
-        let fd = fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(&path)
-            .map_err(|e| Error::io("open", &path, e))?;
+        let fd = open_fd(&path, writable)?;
         let meta = fd.metadata().map_err(|e| Error::io("fstat", &path, e))?;
         let disk = DiskIdentity::of(&meta);
         Ok(Self {
             id,
             state: Mutex::new(FileState {
-                fd: Arc::new(fd),
+                fd: Some(Arc::new(fd)),
                 fd_writable: writable,
                 len: disk.size,
                 version: 1,
                 pages: PageTable::default(),
+                filling: FillTable::default(),
                 dirty: BTreeSet::new(),
+                writing_back: BTreeSet::new(),
+                own_disk_writes: 0,
+                snapshots: Snapshots::default(),
                 disk,
+                disk_version: 1,
                 next_sequential_page: 0,
                 readahead_pages: 0,
             }),
             path,
             io_lock: Mutex::new(()),
+            writeback_queued: AtomicBool::new(false),
         })
     }
 
@@ -183,19 +283,31 @@ impl FileShared {
     }
 
     /// Upgrades the shared descriptor to read-write if a writable handle is opened on a file
-    /// first opened read-only.
-    pub fn ensure_writable_fd(&self) -> Result<()> {
+    /// first opened read-only (or reopens it, if the open-file bound had closed it).
+    pub fn ensure_writable_fd(self: &Arc<Self>, cache: &CacheShared) -> Result<()> {
         let mut st = self.state.lock();
         if !st.fd_writable {
-            let fd = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&self.path)
-                .map_err(|e| Error::io("open", &self.path, e))?;
-            st.fd = Arc::new(fd);
+            st.fd = Some(Arc::new(open_fd(&self.path, true)?));
             st.fd_writable = true;
+            let closed = cache.open_files.used(self);
+            StatCounters::add(&cache.stats.files_closed, closed as u64);
         }
         Ok(())
+    }
+
+    /// The file an allocation under this file's lock is made for.
+    pub fn own<'a>(
+        self: &'a Arc<Self>,
+        st: &'a mut FileState,
+        protect: Range<u64>,
+        allow_io: bool,
+    ) -> OwnFile<'a> {
+        OwnFile {
+            file: self,
+            state: st,
+            protect,
+            allow_io,
+        }
     }
 }
 
@@ -205,6 +317,17 @@ pub(crate) enum Stall {
     NeedFrames(usize),
     /// A `Wait` writer found this many touched pages pinned.
     Pinned(usize),
+    /// A page the operation needs is being read by the I/O pool.
+    Filling(Ticket),
+    /// Keeping old versions for snapshots would exceed the limit by this many pages
+    /// ([`OldVersionPolicy::WriterWaits`]).
+    OldVersions(usize),
+    /// The file's state changed under the attempt (an external change found on reopening
+    /// its descriptor); try again at once.
+    Restart,
+    /// Another operation on the file (a writeback) is running; only non-blocking callers
+    /// see this, instead of waiting for its lock.
+    Busy,
 }
 
 impl From<Error> for Stall {
@@ -213,12 +336,20 @@ impl From<Error> for Stall {
     }
 }
 
+/// Whether an operation may do disk I/O on the caller's thread (the blocking API, as before)
+/// or must leave it to the I/O pool and report the operation as pending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Io {
+    Inline,
+    Background,
+}
+
 /// A handle on a cached file. Cheap to clone; `Send + Sync`.
 #[derive(Clone)]
 pub struct CachedFile {
-    cache: Arc<CacheShared>,
-    shared: Arc<FileShared>,
-    options: OpenOptions,
+    pub(crate) cache: Arc<CacheShared>,
+    pub(crate) shared: Arc<FileShared>,
+    pub(crate) options: OpenOptions,
 }
 
 impl std::fmt::Debug for CachedFile {
@@ -230,41 +361,16 @@ impl std::fmt::Debug for CachedFile {
     }
 }
 
-/// What a planned write does to one page.
-enum PageAction {
-    /// Write into the page's current frame.
-    InPlace(FrameId),
-    /// Write into a new frame that replaces `old` (if the page was resident).
-    Replace { old: Option<FrameId>, new: FrameId },
-}
-
-/// A write whose checks passed and whose frames are allocated and prepared; applying it
-/// cannot fail, which is how writes are all-or-nothing.
-struct PreparedWrite {
-    offset: u64,
-    steps: Vec<(u64, PageAction)>,
-}
-
-impl PreparedWrite {
-    fn discard(self, cache: &CacheShared) {
-        let new: Vec<FrameId> = self
-            .steps
-            .iter()
-            .filter_map(|(_, action)| match action {
-                PageAction::Replace { new, .. } => Some(*new),
-                PageAction::InPlace(_) => None,
-            })
-            .collect();
-        cache.release_unused(&new);
-    }
-}
-
-fn pages_covering(range: &Range<u64>) -> Range<u64> {
+pub(crate) fn pages_covering(range: &Range<u64>) -> Range<u64> {
     if range.is_empty() {
         return range.start / PAGE..range.start / PAGE;
     }
     range.start / PAGE..(range.end - 1) / PAGE + 1
 }
+
+/// How long a blocking caller waits for a fill before looking again (fills end by
+/// themselves; this only bounds a wait on a ticket that a shutdown dropped).
+const FILL_WAIT: Duration = Duration::from_secs(5);
 
 impl CachedFile {
     pub(crate) fn new(
@@ -304,6 +410,12 @@ impl CachedFile {
         self.shared.state.lock().version
     }
 
+    /// The identity of the file's current version (device, inode, size and mtime on disk,
+    /// in-process version), for validators that survive restarts; see [`FileIdentity`].
+    pub fn identity(&self) -> FileIdentity {
+        self.shared.state.lock().identity()
+    }
+
     /// Pins `range` (byte offsets) as an atomic snapshot: every page comes from the same
     /// version of the file, and none of the pinned bytes change until the returned [`Pin`]
     /// (and all its clones and sub-pins) are dropped. Missing pages are read from disk.
@@ -315,52 +427,13 @@ impl CachedFile {
         self.run(|this, st| this.try_pin(st, &range))
     }
 
-    /// Writes `data` at `offset`, extending the file if needed. All or nothing: on error,
-    /// nothing was written. Pinned pages are handled per the handle's [`WritePolicy`].
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.check_writable()?;
-        if data.is_empty() {
-            return Ok(());
-        }
-        offset
-            .checked_add(data.len() as u64)
-            .ok_or(Error::OutOfRange {
-                start: offset,
-                end: u64::MAX,
-                len: u64::MAX,
-            })?;
-        self.run(|this, st| {
-            let prepared = this.prepare_write(st, offset, data.len())?;
-            this.apply_write(st, prepared, data);
-            Ok(())
-        })
-    }
-
-    /// Truncates or extends the file (on disk at once, with `ftruncate`). Pins of pages past
-    /// the new end keep their bytes; zeroing the tail of a pinned last page follows the
-    /// write policy.
-    pub fn set_len(&self, new_len: u64) -> Result<()> {
-        self.check_writable()?;
-        let _io = self.shared.io_lock.lock();
-        self.run(|this, st| this.try_set_len(st, new_len))
-    }
-
-    /// Replaces the whole content with `data` as one atomic step: a pin taken at any moment
-    /// sees either the old content or `data`, never a mix or an intermediate length (a
-    /// `write` followed by `set_len` could be observed in between). Used for HTTP PUT.
-    pub fn replace_contents(&self, data: &[u8]) -> Result<()> {
-        self.check_writable()?;
-        let _io = self.shared.io_lock.lock();
-        self.run(|this, st| {
-            if !data.is_empty() {
-                let prepared = this.prepare_write(st, 0, data.len())?;
-                this.apply_write(st, prepared, data);
-            }
-            // Cannot stall now: the page holding the new end was just written, so it is
-            // unpinned (Wait) or a fresh unpinned copy (CopyOnWrite), and zeroing its tail
-            // needs no new frame.
-            this.try_set_len(st, data.len() as u64)
-        })
+    /// Takes a [`Snapshot`] of `range`: fixes the current version of every page in it
+    /// without pinning anything or reading anything (cheap). Pin it progressively with
+    /// [`Snapshot::pin_next`]. Fails with [`Error::OutOfRange`] if the range reaches past the
+    /// end of the file.
+    pub fn snapshot(&self, range: Range<u64>) -> Result<Snapshot> {
+        let mut st = self.shared.state.lock();
+        Snapshot::open(self.cache.clone(), self.shared.clone(), &mut st, range)
     }
 
     /// Writes the file's dirty pages back to disk (`pwrite`), without waiting for durability.
@@ -371,15 +444,24 @@ impl CachedFile {
     /// Writes dirty pages back and makes them durable (`fdatasync`).
     pub fn fsync(&self) -> Result<()> {
         self.check_writable()?;
-        writeback::writeback_file(&self.cache, &self.shared)?;
-        let fd = self.shared.state.lock().fd.clone();
-        fd.sync_data()
-            .map_err(|e| Error::io("fdatasync", &self.shared.path, e))
+        writeback::fsync_file(&self.cache, &self.shared)
+    }
+
+    /// [`CachedFile::fsync`] on the cache's I/O threads: returns at once; the [`Pending`]
+    /// (reason [`PendingReason::Io`]) becomes ready when the data is durable, and its
+    /// [`Pending::outcome`] tells whether it worked.
+    pub fn start_fsync(&self) -> Result<Pending> {
+        self.check_writable()?;
+        let ticket = Ticket::new();
+        writeback::schedule_fsync(&self.cache, &self.shared, ticket.clone());
+        Ok(Pending::new(ticket, PendingReason::Io, None))
     }
 
     /// Checks the file on disk (size, mtime, ctime, inode). If another process changed it,
     /// the cached pages are dropped (pins keep their bytes), the version is bumped and later
-    /// pins read the new data. Returns whether a change was found.
+    /// pins read the new data. Returns whether a change was found. Open snapshots keep the
+    /// pages they need if those are all in memory, else they are invalidated
+    /// ([`crate::InvalidationReason::ExternalChange`]).
     ///
     /// Dirty pages not yet written back are discarded on such a change: the external writer
     /// wins (a warning is logged).
@@ -391,38 +473,17 @@ impl CachedFile {
         if now == st.disk {
             return Ok(false);
         }
-        if now.ino != st.disk.ino || now.dev != st.disk.dev {
+        if (now.ino != st.disk.ino || now.dev != st.disk.dev) && st.fd.is_some() {
             // The path now names another file (e.g. replaced by rename).
-            let fd = fs::OpenOptions::new()
-                .read(true)
-                .write(st.fd_writable)
-                .open(path)
-                .map_err(|e| Error::io("open", path, e))?;
-            st.fd = Arc::new(fd);
+            st.fd = Some(Arc::new(open_fd(path, st.fd_writable)?));
+            let closed = self.cache.open_files.used(&self.shared);
+            StatCounters::add(&self.cache.stats.files_closed, closed as u64);
         }
-        if !st.dirty.is_empty() {
-            tracing::warn!(
-                path = %path.display(),
-                dirty_pages = st.dirty.len(),
-                "pagecache: file changed on disk; discarding unwritten cached writes"
-            );
-            st.dirty.clear();
-        }
-        let pages: Vec<(u64, FrameId)> = st.pages.drain().collect();
-        for (_, frame) in pages {
-            self.cache.orphan(frame);
-        }
-        st.len = now.size;
-        st.version += 1;
-        st.disk = now;
-        st.next_sequential_page = 0;
-        st.readahead_pages = 0;
-        StatCounters::add(&self.cache.stats.external_changes, 1);
-        tracing::debug!(path = %path.display(), "pagecache: external change detected");
+        apply_external_change(&self.cache, path, &mut st, now);
         Ok(true)
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.options.writable {
             Ok(())
         } else {
@@ -432,18 +493,41 @@ impl CachedFile {
         }
     }
 
-    /// Runs `attempt` under the file lock, and when it stalls (no frames, or pinned pages for
-    /// a `Wait` writer) drops the lock, waits for a pin release / frame free, and retries,
-    /// within the configured bounds.
-    fn run<T>(
+    /// How long a writer may wait at the old-version limit.
+    fn old_version_timeout(&self) -> Duration {
+        match self.cache.config.old_version_policy {
+            OldVersionPolicy::WriterWaits { timeout } => timeout,
+            OldVersionPolicy::InvalidateSnapshots => Duration::ZERO,
+        }
+    }
+
+    fn frames_timeout(&self) -> Duration {
+        match self.cache.config.backpressure {
+            Backpressure::Error => Duration::ZERO,
+            Backpressure::Wait { timeout } => timeout,
+        }
+    }
+
+    fn pins_timeout(&self) -> Duration {
+        match self.options.policy {
+            WritePolicy::Wait { timeout } => timeout,
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Runs `attempt` under the file lock, and when it stalls (no frames, pinned pages for
+    /// a `Wait` writer, the old-version limit, a fill in flight) drops the lock, waits for
+    /// the event that may unblock it, and retries, within the configured bounds.
+    pub(crate) fn run<T>(
         &self,
         mut attempt: impl FnMut(&Self, &mut FileState) -> Result<T, Stall>,
     ) -> Result<T> {
         let cache = &*self.cache;
         let start = Instant::now();
-        let mut ticket: Option<Ticket<'_>> = None;
+        let mut waiter: Option<Waiter<'_>> = None;
         let mut waited_for_pins = false;
         let mut waited_for_frames = false;
+        let mut waited_for_old = false;
         let finish_pin_wait = |waited: bool| {
             if waited {
                 StatCounters::add(
@@ -466,11 +550,18 @@ impl CachedFile {
                     finish_pin_wait(waited_for_pins);
                     return Err(e);
                 }
+                Err(Stall::Restart | Stall::Busy) => continue,
+                Err(Stall::Filling(ticket)) => {
+                    waiter = None;
+                    ticket.wait_until(Instant::now() + FILL_WAIT);
+                    if let Some(Err(e)) = ticket.outcome() {
+                        finish_pin_wait(waited_for_pins);
+                        return Err(e);
+                    }
+                    continue;
+                }
                 Err(Stall::NeedFrames(needed)) => {
-                    let timeout = match cache.config.backpressure {
-                        Backpressure::Error => Duration::ZERO,
-                        Backpressure::Wait { timeout } => timeout,
-                    };
+                    let timeout = self.frames_timeout();
                     if start.elapsed() >= timeout {
                         finish_pin_wait(waited_for_pins);
                         StatCounters::add(&cache.stats.out_of_frames, 1);
@@ -483,10 +574,7 @@ impl CachedFile {
                     start + timeout
                 }
                 Err(Stall::Pinned(pinned_pages)) => {
-                    let timeout = match self.options.policy {
-                        WritePolicy::Wait { timeout } => timeout,
-                        _ => Duration::ZERO,
-                    };
+                    let timeout = self.pins_timeout();
                     let waited = start.elapsed();
                     if waited >= timeout {
                         finish_pin_wait(waited_for_pins);
@@ -502,22 +590,95 @@ impl CachedFile {
                     }
                     start + timeout
                 }
+                Err(Stall::OldVersions(needed)) => {
+                    if !waited_for_old {
+                        waited_for_old = true;
+                        StatCounters::add(&cache.stats.old_version_waits, 1);
+                    }
+                    let timeout = self.old_version_timeout();
+                    if start.elapsed() >= timeout {
+                        finish_pin_wait(waited_for_pins);
+                        return Err(Error::OldVersionLimit {
+                            needed,
+                            limit: cache.old_version_limit,
+                        });
+                    }
+                    start + timeout
+                }
             };
-            // The ticket taken before this attempt tells us whether anything was released
-            // since; the first stall has no ticket yet and simply retries with one.
-            if let Some(ticket) = ticket.take() {
-                ticket.wait_until(deadline);
+            // The waiter registered before this attempt tells us whether anything was
+            // released since; the first stall has none yet and simply retries with one.
+            if let Some(waiter) = waiter.take() {
+                waiter.wait_until(deadline);
             }
-            ticket = Some(cache.events.ticket());
+            waiter = Some(cache.events.waiter());
         }
     }
 
-    fn own<'a>(&'a self, st: &'a mut FileState, protect: Range<u64>) -> OwnFile<'a> {
-        OwnFile {
-            id: self.shared.id,
-            path: &self.shared.path,
-            state: st,
-            protect,
+    /// Runs `attempt` once under the file lock without waiting; a stall becomes a
+    /// [`Pending`] whose deadline is measured from this call (a caller retrying should keep
+    /// the deadline of its first attempt).
+    pub(crate) fn run_now<T>(
+        &self,
+        mut attempt: impl FnMut(&Self, &mut FileState) -> Result<T, Stall>,
+    ) -> Result<Attempt<T>> {
+        let cache = &*self.cache;
+        loop {
+            let seen = cache.events.generation();
+            let outcome = {
+                let mut st = self.shared.state.lock();
+                attempt(self, &mut st)
+            };
+            let now = Instant::now();
+            let (reason, deadline) = match outcome {
+                Ok(value) => return Ok(Attempt::Ready(value)),
+                Err(Stall::Fatal(e)) => return Err(e),
+                Err(Stall::Restart) => continue,
+                Err(Stall::Busy) => {
+                    let ticket = Ticket::new();
+                    cache.events.park(&ticket, seen);
+                    return Ok(Attempt::Pending(Pending::new(
+                        ticket,
+                        PendingReason::Io,
+                        None,
+                    )));
+                }
+                Err(Stall::Filling(ticket)) => {
+                    if let Some(Err(e)) = ticket.outcome() {
+                        return Err(e);
+                    }
+                    return Ok(Attempt::Pending(Pending::new(
+                        ticket,
+                        PendingReason::Filling,
+                        None,
+                    )));
+                }
+                Err(Stall::NeedFrames(needed)) => {
+                    StatCounters::add(&cache.stats.frame_waits, 1);
+                    (
+                        PendingReason::OutOfFrames { needed },
+                        now + self.frames_timeout(),
+                    )
+                }
+                Err(Stall::Pinned(pages)) => {
+                    StatCounters::add(&cache.stats.writer_waits, 1);
+                    (PendingReason::Pinned { pages }, now + self.pins_timeout())
+                }
+                Err(Stall::OldVersions(needed)) => {
+                    StatCounters::add(&cache.stats.old_version_waits, 1);
+                    (
+                        PendingReason::OldVersionLimit { needed },
+                        now + self.old_version_timeout(),
+                    )
+                }
+            };
+            let ticket = Ticket::new();
+            cache.events.park(&ticket, seen);
+            return Ok(Attempt::Pending(Pending::new(
+                ticket,
+                reason,
+                Some(deadline),
+            )));
         }
     }
 
@@ -570,13 +731,18 @@ impl CachedFile {
         pages: Range<u64>,
         readahead: usize,
     ) -> Result<(), Stall> {
+        if let Some(ticket) = pages.clone().find_map(|p| st.filling.get(&p)) {
+            return Err(Stall::Filling(ticket.clone()));
+        }
         let missing = pages.clone().filter(|p| !st.pages.contains_key(p)).count();
         if missing > 0 {
-            let mut own = self.own(st, pages.clone());
-            let frames = self
-                .cache
-                .alloc_frames(missing, &mut own)
-                .ok_or(Stall::NeedFrames(missing))?;
+            let fd = st.io_fd(&self.cache, &self.shared)?;
+            let frames = {
+                let mut own = self.shared.own(st, pages.clone(), true);
+                self.cache
+                    .alloc_frames(missing, &mut own)
+                    .ok_or(Stall::NeedFrames(missing))?
+            };
             let mut unused = &frames[..];
             let mut page = pages.start;
             while page < pages.end {
@@ -589,7 +755,7 @@ impl CachedFile {
                     run_end += 1;
                 }
                 let (run, rest) = unused.split_at((run_end - page) as usize);
-                if let Err(e) = self.fill(st, page, run) {
+                if let Err(e) = self.fill(st, &fd, page, run) {
                     self.cache.release_unused(unused);
                     return Err(e.into());
                 }
@@ -601,15 +767,21 @@ impl CachedFile {
             let file_pages = st.len.div_ceil(PAGE);
             let end = (pages.end + readahead as u64).min(file_pages);
             let mut run_end = pages.end;
-            while run_end < end && !st.pages.contains_key(&run_end) {
+            while run_end < end
+                && !st.pages.contains_key(&run_end)
+                && !st.filling.contains_key(&run_end)
+            {
                 run_end += 1;
             }
             let want = (run_end - pages.end) as usize;
             if want > 0 {
-                let mut own = self.own(st, pages.start..run_end);
-                let frames = self.cache.alloc_best_effort(want, &mut own);
+                let fd = st.io_fd(&self.cache, &self.shared)?;
+                let frames = {
+                    let mut own = self.shared.own(st, pages.start..run_end, true);
+                    self.cache.alloc_best_effort(want, &mut own)
+                };
                 if !frames.is_empty() {
-                    if let Err(e) = self.fill(st, pages.end, &frames) {
+                    if let Err(e) = self.fill(st, &fd, pages.end, &frames) {
                         // Read-ahead is only a hint; the pinned range is already resident.
                         self.cache.release_unused(&frames);
                         tracing::debug!(error = %e, "pagecache: read-ahead failed");
@@ -622,7 +794,13 @@ impl CachedFile {
 
     /// Reads pages `first ..` into `frames` (freshly allocated) and maps them. Bytes beyond
     /// the end of the file are zero, an invariant writes and truncation rely on.
-    fn fill(&self, st: &mut FileState, first: u64, frames: &[FrameId]) -> Result<()> {
+    fn fill(
+        &self,
+        st: &mut FileState,
+        fd: &fs::File,
+        first: u64,
+        frames: &[FrameId],
+    ) -> Result<()> {
         let offset = first * PAGE;
         let wanted = st
             .len
@@ -631,7 +809,7 @@ impl CachedFile {
         let arena = &self.cache.arena;
         // SAFETY: the frames were just allocated and are not mapped anywhere yet, so we have
         // exclusive access.
-        let read = unsafe { arena.read_from_file(st.fd.as_raw_fd(), frames, offset, wanted) }
+        let read = unsafe { arena.read_from_file(fd.as_raw_fd(), frames, offset, wanted) }
             .map_err(|e| Error::io("pread", &self.shared.path, e))?;
         for (i, &frame) in frames.iter().enumerate() {
             let filled = read.saturating_sub(i * PAGE_SIZE).min(PAGE_SIZE);
@@ -649,7 +827,7 @@ impl CachedFile {
         Ok(())
     }
 
-    fn is_pinned(&self, frame: FrameId) -> bool {
+    pub(crate) fn is_pinned(&self, frame: FrameId) -> bool {
         self.cache
             .frames
             .meta(frame)
@@ -657,167 +835,5 @@ impl CachedFile {
             .load(std::sync::atomic::Ordering::SeqCst)
             & PIN_MASK
             != 0
-    }
-
-    /// Checks the write policy and allocates and prepares new frames for a write of `len`
-    /// bytes at `offset`, without changing anything visible.
-    fn prepare_write(
-        &self,
-        st: &mut FileState,
-        offset: u64,
-        len: usize,
-    ) -> Result<PreparedWrite, Stall> {
-        let end = offset + len as u64;
-        let pages = pages_covering(&(offset..end));
-        if let WritePolicy::Wait { .. } = self.options.policy {
-            let pinned = pages
-                .clone()
-                .filter(|p| st.pages.get(p).is_some_and(|&f| self.is_pinned(f)))
-                .count();
-            if pinned > 0 {
-                return Err(Stall::Pinned(pinned));
-            }
-        }
-        // Decide per page; pins can only go away meanwhile (pinning needs our lock), so a
-        // decision to copy stays safe even if the pin is released before we apply.
-        let mut needs_frame = Vec::new();
-        for page in pages.clone() {
-            let copy = match st.pages.get(&page) {
-                None => true,
-                Some(&frame) => match self.options.policy {
-                    WritePolicy::CopyOnWrite => self.is_pinned(frame),
-                    WritePolicy::Wait { .. } => false,
-                    #[cfg(any(test, feature = "test-hooks"))]
-                    WritePolicy::InPlaceUnsafe => false,
-                },
-            };
-            needs_frame.push(copy);
-        }
-        let needed = needs_frame.iter().filter(|&&c| c).count();
-        let mut own = self.own(st, pages.clone());
-        let mut new_frames = self
-            .cache
-            .alloc_frames(needed, &mut own)
-            .ok_or(Stall::NeedFrames(needed))?
-            .into_iter();
-        let mut prepared = PreparedWrite {
-            offset,
-            steps: Vec::with_capacity(needs_frame.len()),
-        };
-        for (page, copy) in pages.zip(needs_frame) {
-            let old = st.pages.get(&page).copied();
-            if !copy {
-                prepared
-                    .steps
-                    .push((page, PageAction::InPlace(old.expect("resident"))));
-                continue;
-            }
-            let new = new_frames
-                .next()
-                .expect("allocated one frame per copied page");
-            prepared
-                .steps
-                .push((page, PageAction::Replace { old, new }));
-            let page_start = page * PAGE;
-            let whole_page = offset <= page_start && end >= page_start + PAGE;
-            if whole_page {
-                continue; // every byte will be overwritten
-            }
-            if let Some(old) = old {
-                // SAFETY: `old` is pinned (bytes immutable) or we hold the file lock (no
-                // writer); `new` is freshly allocated and exclusively ours.
-                unsafe { self.cache.arena.copy_frame(old, new) };
-            } else if let Err(e) = self.read_page_into(st, page, new) {
-                prepared.discard(&self.cache);
-                return Err(e.into());
-            }
-        }
-        Ok(prepared)
-    }
-
-    /// Reads a page's current on-disk bytes into a private frame, zero-filling past EOF.
-    fn read_page_into(&self, st: &FileState, page: u64, frame: FrameId) -> Result<()> {
-        let page_start = page * PAGE;
-        let available = st.len.saturating_sub(page_start).min(PAGE) as usize;
-        let arena = &self.cache.arena;
-        // SAFETY: `frame` was just allocated and is exclusively ours.
-        let read =
-            unsafe { arena.read_from_file(st.fd.as_raw_fd(), &[frame], page_start, available) }
-                .map_err(|e| Error::io("pread", &self.shared.path, e))?;
-        // SAFETY: as above.
-        unsafe { arena.zero_from(frame, read) };
-        StatCounters::add(&self.cache.stats.bytes_read, read as u64);
-        Ok(())
-    }
-
-    /// Applies a prepared write; cannot fail.
-    fn apply_write(&self, st: &mut FileState, prepared: PreparedWrite, data: &[u8]) {
-        let arena = &self.cache.arena;
-        let offset = prepared.offset;
-        let end = offset + data.len() as u64;
-        for (page, action) in prepared.steps {
-            let page_start = page * PAGE;
-            let from = offset.max(page_start);
-            let to = end.min(page_start + PAGE);
-            let chunk = &data[(from - offset) as usize..(to - offset) as usize];
-            let in_page = (from - page_start) as usize;
-            match action {
-                PageAction::InPlace(frame) => {
-                    // SAFETY: under the Wait and CopyOnWrite policies the frame is unpinned
-                    // (checked under the file lock we hold, and pinning needs that lock), so
-                    // we have exclusive access. Under the test-only InPlaceUnsafe policy this
-                    // deliberately writes pinned bytes.
-                    unsafe { arena.write(frame, in_page, chunk) };
-                }
-                PageAction::Replace { old, new } => {
-                    // SAFETY: `new` is freshly allocated and not yet mapped: exclusively ours.
-                    unsafe { arena.write(new, in_page, chunk) };
-                    st.pages.insert(page, new);
-                    self.cache.frames.set_owners(&[new], self.shared.id, page);
-                    if let Some(old) = old {
-                        self.cache.orphan(old);
-                        StatCounters::add(&self.cache.stats.cow_copies, 1);
-                    }
-                }
-            }
-            st.dirty.insert(page);
-        }
-        st.len = st.len.max(end);
-        st.version += 1;
-    }
-
-    fn try_set_len(&self, st: &mut FileState, new_len: u64) -> Result<(), Stall> {
-        let mut tail_zeroing = None;
-        let ends_mid_page = new_len & (PAGE - 1) != 0;
-        if new_len < st.len && ends_mid_page && st.pages.contains_key(&(new_len / PAGE)) {
-            // The bytes of the new last page past the new end must read as zero later.
-            let zero_to = st.len.min((new_len / PAGE + 1) * PAGE);
-            let zeros = (zero_to - new_len) as usize;
-            tail_zeroing = Some((self.prepare_write(st, new_len, zeros)?, zeros));
-        }
-        if let Err(e) = st.fd.set_len(new_len) {
-            if let Some((prepared, _)) = tail_zeroing {
-                prepared.discard(&self.cache);
-            }
-            return Err(Error::io("ftruncate", &self.shared.path, e).into());
-        }
-        if let Some((prepared, zeros)) = tail_zeroing {
-            self.apply_write(st, prepared, &[0u8; PAGE_SIZE][..zeros]);
-        }
-        if new_len < st.len {
-            let keep = new_len.div_ceil(PAGE);
-            let doomed: Vec<u64> = st.pages.keys().copied().filter(|&p| p >= keep).collect();
-            for page in doomed {
-                let frame = st.pages.remove(&page).expect("listed above");
-                self.cache.orphan(frame);
-            }
-            st.dirty.split_off(&keep);
-        }
-        st.len = new_len;
-        st.version += 1;
-        if let Ok(meta) = st.fd.metadata() {
-            st.disk = DiskIdentity::of(&meta);
-        }
-        Ok(())
     }
 }

@@ -1,19 +1,24 @@
 //! The frame table: per-frame pin state, the free list, frame ownership and the clock hand
 //! used for eviction, plus the event channel that wakes waiting writers and allocators.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::arena::FrameId;
+use crate::ticket::Ticket;
 
 /// Flag in a frame's state word: the frame no longer belongs to any file page (it was
 /// replaced by copy-on-write, truncated away or invalidated) and is freed by whoever drops
 /// its last pin.
 pub(crate) const ORPHAN: u32 = 1 << 31;
+/// Flag in a frame's state word: the frame holds an old version of a page that open
+/// snapshots still need (see `snapshot`). A held frame is never written, evicted or freed;
+/// when the last snapshot lets go the flag is cleared and the frame is freed with its last pin.
+pub(crate) const HELD: u32 = 1 << 30;
 /// Mask of the pin count in a frame's state word.
-pub(crate) const PIN_MASK: u32 = ORPHAN - 1;
+pub(crate) const PIN_MASK: u32 = HELD - 1;
 
 /// Lock-free per-frame metadata.
 #[derive(Default)]
@@ -141,61 +146,91 @@ impl FrameTable {
     }
 }
 
-/// Wakes threads waiting for "a pin was released or a frame was freed".
+/// Wakes whoever waits for "a pin was released, a frame was freed or an old version was let
+/// go": blocking callers (a [`Waiter`] on the condition variable) and non-blocking ones (a
+/// parked [`Ticket`], completed so that its holder retries).
 ///
-/// Waiters register (`ticket`) *before* re-checking their condition under the file lock;
-/// notifiers only take the mutex when someone is registered, so releasing a pin stays a
-/// couple of atomic operations. Both sides use `SeqCst`, so either the notifier sees the
-/// registration or the waiter sees the released pin / freed frame.
+/// The generation counter moves on every event, unconditionally: a non-blocking caller reads
+/// it before its attempt and, having parked its ticket after a stall, compares again, so an
+/// event between the two is never lost. The mutex is only taken when someone waits, so
+/// releasing a pin stays a few atomic operations. Both sides use `SeqCst`.
 #[derive(Default)]
 pub(crate) struct Events {
+    generation: AtomicU64,
     waiters: AtomicUsize,
-    generation: Mutex<u64>,
+    parked: Mutex<Vec<Ticket>>,
     changed: Condvar,
 }
 
-pub(crate) struct Ticket<'a> {
+/// A blocking wait registration (see [`Events::waiter`]).
+pub(crate) struct Waiter<'a> {
     events: &'a Events,
     generation: u64,
 }
 
 impl Events {
     pub fn notify(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            *self.generation.lock() += 1;
-            self.changed.notify_all();
+            let woken = {
+                let mut parked = self.parked.lock();
+                self.changed.notify_all();
+                std::mem::take(&mut *parked)
+            };
+            self.waiters.fetch_sub(woken.len(), Ordering::SeqCst);
+            for ticket in woken {
+                ticket.complete(None);
+            }
         }
     }
 
-    pub fn ticket(&self) -> Ticket<'_> {
+    /// The current generation, to be read before an attempt that may park a ticket.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Registers a blocking waiter; take it *before* re-checking the condition.
+    pub fn waiter(&self) -> Waiter<'_> {
         self.waiters.fetch_add(1, Ordering::SeqCst);
-        let generation = *self.generation.lock();
-        Ticket {
+        Waiter {
             events: self,
-            generation,
+            generation: self.generation(),
+        }
+    }
+
+    /// Parks `ticket` until the next event; completes it at once if an event happened since
+    /// generation `seen`.
+    pub fn park(&self, ticket: &Ticket, seen: u64) {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        self.parked.lock().push(ticket.clone());
+        if self.generation() != seen {
+            let mut parked = self.parked.lock();
+            if let Some(at) = parked.iter().position(|t| t.same(ticket)) {
+                parked.swap_remove(at);
+                drop(parked);
+                self.waiters.fetch_sub(1, Ordering::SeqCst);
+                ticket.complete(None);
+            }
         }
     }
 }
 
-impl Ticket<'_> {
-    /// Waits until something happened after the ticket was taken. Returns false on timeout.
+impl Waiter<'_> {
+    /// Waits until something happened after the waiter was registered. Returns false on
+    /// timeout.
     pub fn wait_until(self, deadline: Instant) -> bool {
-        let mut generation = self.events.generation.lock();
-        while *generation == self.generation {
-            if self
-                .events
-                .changed
-                .wait_until(&mut generation, deadline)
-                .timed_out()
-            {
-                return *generation != self.generation;
+        let events = self.events;
+        let mut parked = events.parked.lock();
+        while events.generation() == self.generation {
+            if events.changed.wait_until(&mut parked, deadline).timed_out() {
+                return events.generation() != self.generation;
             }
         }
         true
     }
 }
 
-impl Drop for Ticket<'_> {
+impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         self.events.waiters.fetch_sub(1, Ordering::SeqCst);
     }

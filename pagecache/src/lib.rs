@@ -45,6 +45,42 @@
 //! # Ok::<(), pagecache::Error>(())
 //! ```
 //!
+//! # Streaming: snapshots and non-blocking calls
+//! A response body does not have to be pinned whole. [`CachedFile::snapshot`] fixes one
+//! version of a range without pinning or reading anything; [`Snapshot::pin_next`] then pins
+//! it a window at a time, and writers keep the old versions an open snapshot still needs
+//! (bounded by [`CacheConfig::old_version_limit_pages`], see [`OldVersionPolicy`]). Cold pages
+//! are read by the cache's I/O threads: a pin that must wait returns [`Attempt::Pending`],
+//! whose [`Pending`] can be polled or can send a token to a `std::sync::mpsc` channel.
+//!
+//! ```
+//! use pagecache::{Attempt, CacheConfig, FrameArena, OpenOptions, PageCache, WritePolicy};
+//! # let dir = std::env::temp_dir().join(format!("pagecache-doc-stream-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir).unwrap();
+//! # let path = dir.join("big.bin");
+//! # std::fs::write(&path, vec![7u8; 64 * 4096]).unwrap();
+//! let cache = PageCache::new(FrameArena::anonymous(0x1000_0000, 16 * 4096)?, CacheConfig::default())?;
+//! let file = cache.open(&path, OpenOptions::read_write(WritePolicy::CopyOnWrite))?;
+//! let mut snapshot = file.snapshot(0..file.len())?; // 256 KiB through a 64 KiB cache
+//! let etag = snapshot.identity().etag();             // the head, before any byte is read
+//! let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+//! let mut body = Vec::new();
+//! while snapshot.remaining() > 0 {
+//!     match snapshot.pin_next(8 * 4096)? {
+//!         Attempt::Ready(pin) => body.extend(pin.to_vec()), // send; drop after the ACK
+//!         Attempt::Pending(pending) => {
+//!             pending.notify(&ready_tx, 1);                 // an event loop moves on here
+//!             ready_rx.recv().unwrap();
+//!         }
+//!     }
+//!     file.write(60 * 4096, b"later")?; // a writer: the snapshot keeps its version
+//! }
+//! assert!(body.iter().all(|&b| b == 7));
+//! # drop(etag);
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok::<(), pagecache::Error>(())
+//! ```
+//!
 //! The driver maps [`FrameArena::memory`] (a vm-memory [`vm_memory::GuestMemoryMmap`] whose
 //! guest addresses are the IOVAs) read-only into the IOMMU for the NIC.
 //!
@@ -69,17 +105,27 @@ mod audit;
 mod cache;
 mod error;
 mod file;
+mod fill;
 mod frames;
+mod identity;
+mod io_pool;
+mod open_files;
 mod pin;
+mod snapshot;
 mod stats;
+mod ticket;
+mod write;
 mod writeback;
 
 pub use arena::{FrameArena, PAGE_SIZE};
-pub use cache::{Backpressure, CacheConfig, PageCache};
+pub use cache::{Backpressure, CacheConfig, OldVersionPolicy, PageCache};
 pub use error::{Error, Result};
 pub use file::{CachedFile, OpenOptions, WritePolicy};
+pub use identity::FileIdentity;
 pub use pin::{Pin, Span, Spans};
+pub use snapshot::{InvalidationReason, Snapshot};
 pub use stats::CacheStats;
+pub use ticket::{Attempt, Pending, PendingReason};
 
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// A snapshot of the cache's counters. Counters are cumulative since the cache was created,
-/// except the `*_now` fields which are current values.
+/// except the `*_now` and `*_peak` fields.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
     /// `pin` and `sub_pin` calls that succeeded.
@@ -44,6 +44,24 @@ pub struct CacheStats {
     pub audit_violations: u64,
     /// Times an external change of a file was detected by revalidation.
     pub external_changes: u64,
+    /// Pages filled by the I/O pool (included in `fills`).
+    pub background_fills: u64,
+    /// Snapshots taken.
+    pub snapshots: u64,
+    /// Snapshots invalidated (old-version limit or external change).
+    pub snapshots_invalidated: u64,
+    /// Frames currently holding (or reserved for) old versions that open snapshots need.
+    pub old_version_pages_now: u64,
+    /// Highest `old_version_pages_now` seen.
+    pub old_version_pages_peak: u64,
+    /// Writes that found the old-version limit reached and had to wait (or were pending).
+    pub old_version_waits: u64,
+    /// File descriptors the cache currently keeps open.
+    pub open_files_now: u64,
+    /// Descriptors closed to stay under `max_open_files`.
+    pub files_closed: u64,
+    /// Descriptors reopened on demand after such a close.
+    pub files_reopened: u64,
 }
 
 #[derive(Default)]
@@ -64,6 +82,12 @@ pub(crate) struct StatCounters {
     pub audit_checks: AtomicU64,
     pub audit_violations: AtomicU64,
     pub external_changes: AtomicU64,
+    pub background_fills: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub snapshots_invalidated: AtomicU64,
+    pub old_version_waits: AtomicU64,
+    pub files_closed: AtomicU64,
+    pub files_reopened: AtomicU64,
 }
 
 impl StatCounters {
@@ -92,6 +116,15 @@ impl StatCounters {
             audit_checks: self.audit_checks.load(Relaxed),
             audit_violations: self.audit_violations.load(Relaxed),
             external_changes: self.external_changes.load(Relaxed),
+            background_fills: self.background_fills.load(Relaxed),
+            snapshots: self.snapshots.load(Relaxed),
+            snapshots_invalidated: self.snapshots_invalidated.load(Relaxed),
+            old_version_pages_now: 0,
+            old_version_pages_peak: 0,
+            old_version_waits: self.old_version_waits.load(Relaxed),
+            open_files_now: 0,
+            files_closed: self.files_closed.load(Relaxed),
+            files_reopened: self.files_reopened.load(Relaxed),
         }
     }
 }

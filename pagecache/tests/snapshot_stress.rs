@@ -1,0 +1,219 @@
+//! Concurrency stress of streaming snapshots: reader threads stream whole-file and partial
+//! snapshots in small windows (holding a few pins, releasing the oldest), while writer
+//! threads write whole-file versions (blocking and non-blocking), under a small arena
+//! (eviction, background fills and writeback) and a small old-version limit, with audit on.
+//! Every body must be exactly one version; the limit must hold; everything returns to zero.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pagecache::{
+    Attempt, Backpressure, CacheConfig, Error, FrameArena, OldVersionPolicy, OpenOptions,
+    PageCache, Pin, WritePolicy, PAGE_SIZE,
+};
+
+const FILE_PAGES: usize = 16;
+const FILE_LEN: usize = FILE_PAGES * PAGE_SIZE;
+const WORD: usize = 8;
+const OLD_LIMIT: usize = 24;
+
+/// Version `v`: every word holds `v` xor its index, so torn bodies cannot pass.
+fn version_bytes(v: u64) -> Vec<u8> {
+    (0..FILE_LEN / WORD)
+        .flat_map(|i| (v ^ ((i as u64) << 40)).to_le_bytes())
+        .collect()
+}
+
+fn versions_in(at: usize, bytes: &[u8]) -> Vec<u64> {
+    let mut seen: Vec<u64> = Vec::new();
+    for (k, word) in bytes.chunks_exact(WORD).enumerate() {
+        let index = (at / WORD + k) as u64;
+        let v = u64::from_le_bytes(word.try_into().unwrap()) ^ (index << 40);
+        if seen.last() != Some(&v) {
+            seen.push(v);
+        }
+    }
+    seen
+}
+
+fn stress(policy: OldVersionPolicy, run_for: Duration) -> pagecache::CacheStats {
+    let dir = common::temp_dir("pagecache-snapstress");
+    let path = common::make_file(&dir, "versions", &version_bytes(0));
+    let config = CacheConfig {
+        audit: true,
+        backpressure: Backpressure::Wait {
+            timeout: Duration::from_secs(10),
+        },
+        old_version_limit_pages: Some(OLD_LIMIT),
+        old_version_policy: policy,
+        readahead_max_pages: 4,
+        ..CacheConfig::default()
+    };
+    // Room for the file, the old-version limit and the readers' windows, not much more:
+    // eviction, background fills and writeback happen.
+    let arena = FrameArena::anonymous(0x1_0000_0000, 3 * FILE_LEN + 8 * PAGE_SIZE).unwrap();
+    let cache = PageCache::new(arena, config).unwrap();
+    let file = cache
+        .open(&path, OpenOptions::read_write(WritePolicy::CopyOnWrite))
+        .unwrap();
+    let next_version = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let bodies = Arc::new(AtomicU64::new(0));
+    let cut_short = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+
+    for writer in 0..2 {
+        let (file, next, stop) = (file.clone(), next_version.clone(), stop.clone());
+        threads.push(thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let v = next.fetch_add(1, Ordering::SeqCst);
+                let data = version_bytes(v);
+                if writer == 0 {
+                    match file.write(0, &data) {
+                        Ok(()) | Err(Error::OldVersionLimit { .. }) => {}
+                        Err(e) => panic!("writer: {e}"),
+                    }
+                } else {
+                    // Non-blocking: retry when told, give up at the deadline.
+                    loop {
+                        match file.try_write(0, &data).unwrap() {
+                            Attempt::Ready(()) => break,
+                            Attempt::Pending(p) => {
+                                let until = p
+                                    .deadline()
+                                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(5));
+                                if !p.wait_until(until) {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    if v % 8 == 0 {
+                        let synced = file.start_fsync().unwrap();
+                        assert!(synced.wait_until(Instant::now() + Duration::from_secs(10)));
+                    }
+                }
+            }
+        }));
+    }
+
+    for reader in 0..3u64 {
+        let (file, stop, bodies, cut_short, issued) = (
+            file.clone(),
+            stop.clone(),
+            bodies.clone(),
+            cut_short.clone(),
+            next_version.clone(),
+        );
+        threads.push(thread::spawn(move || {
+            let mut rng = (reader + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            while !stop.load(Ordering::Relaxed) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let start = if rng % 2 == 0 {
+                    0
+                } else {
+                    (rng as usize >> 8) % (FILE_LEN / 2) / WORD * WORD
+                };
+                let mut snapshot = file.snapshot(start as u64..FILE_LEN as u64).unwrap();
+                let window = (1 + (rng >> 20) % 3) * PAGE_SIZE as u64;
+                let mut body = Vec::new();
+                let mut held: Vec<Pin> = Vec::new();
+                let complete = loop {
+                    if snapshot.remaining() == 0 {
+                        break true;
+                    }
+                    match snapshot.pin_next(window) {
+                        Ok(Attempt::Ready(pin)) => {
+                            body.extend(pin.to_vec());
+                            held.push(pin);
+                            if held.len() > 2 {
+                                held.remove(0);
+                            }
+                        }
+                        Ok(Attempt::Pending(p)) => {
+                            let until = p
+                                .deadline()
+                                .unwrap_or_else(|| Instant::now() + Duration::from_secs(10));
+                            p.wait_until(until);
+                        }
+                        Err(Error::SnapshotInvalidated { .. } | Error::OutOfFrames { .. }) => {
+                            break false
+                        }
+                        Err(e) => panic!("reader {reader}: {e}"),
+                    }
+                    if rng % 5 == 0 {
+                        thread::yield_now(); // a slow reader
+                    }
+                };
+                let versions = versions_in(start, &body);
+                // A body cut short (invalidated, out of frames) is a prefix of one version.
+                assert!(
+                    versions.len() <= 1,
+                    "reader {reader}: torn body {versions:?}"
+                );
+                assert!(!complete || versions.len() == 1);
+                assert!(versions.iter().all(|&v| v < issued.load(Ordering::SeqCst)));
+                if complete {
+                    bodies.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    cut_short.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+
+    let started = Instant::now();
+    while started.elapsed() < run_for {
+        thread::sleep(Duration::from_millis(20));
+        let stats = cache.stats();
+        assert!(stats.old_version_pages_now <= OLD_LIMIT as u64, "{stats:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    file.fsync().unwrap();
+    let stats = cache.stats();
+    assert!(
+        bodies.load(Ordering::Relaxed) > 20,
+        "too few bodies: {stats:?}"
+    );
+    assert_eq!(stats.pinned_pages_now, 0, "{stats:?}");
+    assert_eq!(stats.old_version_pages_now, 0, "{stats:?}");
+    assert!(
+        stats.old_version_pages_peak <= OLD_LIMIT as u64,
+        "{stats:?}"
+    );
+    assert_eq!(stats.audit_violations, 0, "{stats:?}");
+    eprintln!(
+        "{policy:?}: {} bodies, {} cut short, {stats:?}",
+        bodies.load(Ordering::Relaxed),
+        cut_short.load(Ordering::Relaxed)
+    );
+    stats
+}
+
+#[test]
+fn stress_snapshots_writer_waits() {
+    let stats = stress(
+        OldVersionPolicy::WriterWaits {
+            timeout: Duration::from_millis(100),
+        },
+        Duration::from_millis(1500),
+    );
+    assert_eq!(stats.snapshots_invalidated, 0);
+}
+
+#[test]
+fn stress_snapshots_invalidated() {
+    stress(
+        OldVersionPolicy::InvalidateSnapshots,
+        Duration::from_millis(1500),
+    );
+}
