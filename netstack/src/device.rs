@@ -165,6 +165,8 @@ pub struct TxPath {
     pub flows: HashMap<FlowKey, u32, FlowHashBuilder>,
     /// ISS of flows whose connection is not bound yet (accepted sockets).
     pub pending_iss: HashMap<FlowKey, u32, FlowHashBuilder>,
+    /// Flows whose handshake a listening socket is in the middle of (as of the last poll).
+    pub handshaking: std::collections::HashSet<FlowKey, FlowHashBuilder>,
     /// How connections without a send queue entry transmit (the stack's mode).
     default_mode: SendMode,
     fault: BoundaryFault,
@@ -259,6 +261,7 @@ impl TxPath {
             conns: Vec::new(),
             flows: HashMap::default(),
             pending_iss: HashMap::default(),
+            handshaking: Default::default(),
             default_mode,
             fault: config.fault,
             stats: StackStats::default(),
@@ -406,7 +409,8 @@ impl TxPath {
     /// answer it as a second connection of the same 4-tuple whose replies the peer then
     /// drops. The connection itself has its SYN already; the frame is dropped. A SYN for a
     /// 4-tuple whose connection is closed or closing (`sendq` aborted) is a new incarnation
-    /// and goes through.
+    /// and goes through. The same holds for a SYN of a 4-tuple whose handshake a listening
+    /// socket is in the middle of: that socket retransmits its SYN-ACK on its own.
     fn is_duplicate_syn(&self, frame: &[u8]) -> bool {
         let Some(tcp) = frame::parse_tcp(frame) else {
             return false;
@@ -415,9 +419,11 @@ impl TxPath {
             return false;
         }
         let flow = FlowKey::new(tcp.dst_port, tcp.src.octets(), tcp.src_port);
-        self.flows
-            .get(&flow)
-            .is_some_and(|&index| !self.conns[index as usize].sendq.is_aborted())
+        self.handshaking.contains(&flow)
+            || self
+                .flows
+                .get(&flow)
+                .is_some_and(|&index| !self.conns[index as usize].sendq.is_aborted())
     }
 
     /// Learns the ISS of a connection from the SYN (or SYN-ACK) smoltcp sends.

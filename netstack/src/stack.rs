@@ -593,12 +593,26 @@ impl<Q: NetQueue> Stack<Q> {
 
     /// Turns listening sockets that completed a handshake into connections.
     fn service_listeners(&mut self, now: Instant) {
+        self.device.tx.handshaking.clear();
         for li in 0..self.listeners.len() {
             for si in 0..self.listeners[li].sockets.len() {
                 let handle = self.listeners[li].sockets[si];
                 let socket = self.sockets.get_mut::<tcp::Socket>(handle);
                 match socket.state() {
-                    tcp::State::Listen | tcp::State::SynReceived => continue,
+                    tcp::State::Listen => continue,
+                    tcp::State::SynReceived => {
+                        // Its handshake is under way: a retransmitted SYN of this 4-tuple
+                        // must not start a second one on another listening socket.
+                        if let (Some(local), Some(remote)) =
+                            (socket.local_endpoint(), socket.remote_endpoint())
+                        {
+                            if let smoltcp::wire::IpAddress::Ipv4(ip) = remote.addr {
+                                let flow = FlowKey::new(local.port, ip.octets(), remote.port);
+                                self.device.tx.handshaking.insert(flow);
+                            }
+                        }
+                        continue;
+                    }
                     tcp::State::Closed => {
                         // Reset or timed out during the handshake: listen again.
                         let port = self.listeners[li].port;
