@@ -107,10 +107,11 @@ fn which(program: &str) -> bool {
 
 /// How many frames of a classic pcap carry the network stack's placeholder poison
 /// ([`netstack::poison`]): bytes that must never reach a wire. Every guest test that
-/// captures what the stack sent checks this is zero.
+/// captures what the stack sent checks this is zero. (Of a frame larger than the capture's
+/// snaplen, the captured part is scanned.)
 pub fn poisoned_frames(pcap: &[u8]) -> Result<usize, String> {
-    Ok(wire::pcap_frames(pcap)?
+    Ok(wire::pcap_records(pcap)?
         .iter()
-        .filter(|f| netstack::poison::find_poison(f).is_some())
+        .filter(|(_, f)| netstack::poison::find_poison(f).is_some())
         .count())
 }

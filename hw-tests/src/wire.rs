@@ -167,6 +167,24 @@ pub fn fnv64(data: &[u8]) -> u64 {
 /// killed mid-write); a record captured shorter than the frame was is an error, since its
 /// bytes cannot be checked.
 pub fn pcap_frames(data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    pcap_records(data)?
+        .into_iter()
+        .map(|(orig, frame)| {
+            if frame.len() == orig {
+                Ok(frame)
+            } else {
+                Err(format!(
+                    "pcap record truncated ({} of {orig} bytes)",
+                    frame.len()
+                ))
+            }
+        })
+        .collect()
+}
+
+/// The records of a classic pcap as (length on the wire, the bytes captured): a record may
+/// hold only the first snaplen bytes of a large (TSO) frame.
+pub fn pcap_records(data: &[u8]) -> Result<Vec<(usize, Vec<u8>)>, String> {
     if data.len() < 24 {
         return Err("pcap shorter than its header".into());
     }
@@ -193,10 +211,7 @@ pub fn pcap_frames(data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
         if at + incl > data.len() {
             break; // QEMU was killed mid-record
         }
-        if incl != orig {
-            return Err(format!("pcap record truncated ({incl} of {orig} bytes)"));
-        }
-        frames.push(data[at..at + incl].to_vec());
+        frames.push((orig, data[at..at + incl].to_vec()));
         at += incl;
     }
     Ok(frames)
