@@ -41,7 +41,7 @@
 //!   [`DeviceStats`]; byte counts exclude the 4-byte FCS the device counts.
 //!
 //! # Offload contract details (beyond [`crate::queue`])
-//! - The IPv4 header checksum field must be **zero** when [`TxOffload::ipv4_header`] is
+//! - The IPv4 header checksum field must be **zero** when [`TxOffload::ipv4_header`](crate::queue::TxOffload::ipv4_header) is
 //!   requested. The header is taken to end where the L4 header starts; without an L4 request
 //!   a 20-byte header is assumed.
 //! - Offsets of the IPv4 header, the L4 header and the L4 checksum field must be below 256
