@@ -437,11 +437,7 @@ impl NetQueue for SoftNic {
     }
 
     fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
-        let TxFrame {
-            segments,
-            offload,
-            token,
-        } = frame;
+        let (segments, offload, token) = (frame.segments, frame.offload, frame.token);
         if let Err(e) = self.validate(segments, offload) {
             self.counters.bad_frames += 1;
             return Err(e);

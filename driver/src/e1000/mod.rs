@@ -685,11 +685,7 @@ impl NetQueue for E1000 {
     }
 
     fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
-        let TxFrame {
-            segments,
-            offload,
-            token,
-        } = frame;
+        let (segments, offload, token) = (frame.segments, frame.offload, frame.token);
         if segments.is_empty() || segments.len() > MAX_TX_SEGMENTS {
             return Err(DriverError::BadFrame(format!(
                 "{} segments (1..={MAX_TX_SEGMENTS} allowed)",

@@ -882,11 +882,7 @@ impl NetQueue for VirtioNet {
     }
 
     fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
-        let TxFrame {
-            segments,
-            offload,
-            token,
-        } = frame;
+        let (segments, offload, token) = (frame.segments, frame.offload, frame.token);
         if let Some(why) = &self.dead {
             return Err(DriverError::Device(why.clone()));
         }
