@@ -97,6 +97,9 @@ struct Registry {
     by_path: HashMap<PathBuf, Arc<FileShared>>,
     by_id: HashMap<u32, Arc<FileShared>>,
     next_id: u32,
+    /// Files replaced by [`PageCache::install`]: no longer under their path, still in
+    /// `by_id` (their pages stay evictable) until nothing refers to them.
+    replaced: Vec<Arc<FileShared>>,
 }
 
 /// State shared by the cache, its file handles and its pins.
@@ -183,6 +186,7 @@ impl PageCache {
     /// (size, mtime, ctime, inode); on a change, later pins see the new data.
     pub fn open(&self, path: impl AsRef<Path>, options: OpenOptions) -> Result<CachedFile> {
         let path = path.as_ref();
+        self.sweep_replaced();
         let canonical = std::fs::canonicalize(path).map_err(|e| Error::io("open", path, e))?;
         let existing = self.shared.registry.lock().by_path.get(&canonical).cloned();
         let file = match existing {
@@ -218,6 +222,94 @@ impl PageCache {
         let handle = CachedFile::new(self.shared.clone(), file, options);
         handle.revalidate()?;
         Ok(handle)
+    }
+
+    /// Replaces the file at `target` with the file at `new` by `rename(2)`: the way to
+    /// publish a new version written elsewhere (a PUT received into a temporary file), atomic
+    /// on disk, and without disturbing readers of the old version. The old file's entry is
+    /// detached from the path first, its descriptor held open on the old inode (exempt from
+    /// the open-file bound), so its open snapshots, handles and pins go on reading exactly the
+    /// old contents however much of them was in memory; later opens of `target` see the new
+    /// file. A detached entry goes away once nothing uses it
+    /// ([`CacheStats::replaced_files_now`]). The parent directory is synced, so once this
+    /// returns the replacement is durable (sync `new` itself before).
+    ///
+    /// Blocking (a rename and a directory sync): call it from an I/O thread. If the rename
+    /// fails, snapshots of the old file are invalidated (the entry could no longer tell a
+    /// change of its inode) and the error returned; `target` is unchanged.
+    pub fn install(&self, new: &Path, target: &Path) -> Result<()> {
+        self.sweep_replaced();
+        let detached = match std::fs::canonicalize(target) {
+            Ok(canonical) => self.detach(&canonical),
+            Err(_) => None, // nothing there yet
+        };
+        if let Err(e) = std::fs::rename(new, target) {
+            if let Some(file) = detached {
+                let mut st = file.state.lock();
+                let ids: Vec<u64> = st.snapshots.entries.keys().copied().collect();
+                for id in ids {
+                    st.snapshots.invalidate(
+                        &self.shared,
+                        id,
+                        crate::InvalidationReason::ExternalChange,
+                    );
+                }
+            }
+            return Err(Error::io("rename", target, e));
+        }
+        StatCounters::add(&self.shared.stats.installs, 1);
+        if let Some(parent) = target.parent() {
+            let dir = std::fs::File::open(parent).map_err(|e| Error::io("open", parent, e))?;
+            dir.sync_all().map_err(|e| Error::io("fsync", parent, e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the entry of `canonical` off its path for [`PageCache::install`], keeping its
+    /// descriptor open on the file the path names now (the old one).
+    fn detach(&self, canonical: &Path) -> Option<Arc<FileShared>> {
+        let file = self.shared.registry.lock().by_path.remove(canonical)?;
+        // Before leaving the open-file bound, so its closing loop skips the file from now on.
+        file.detached.store(true, Ordering::SeqCst);
+        self.shared.open_files.forget(&file);
+        {
+            let mut st = file.state.lock();
+            if st.fd.is_none() {
+                // The bound had closed it; the path still names the old file. A change found on
+                // reopening is applied as an external change (snapshots keep or are invalidated).
+                let _ = st.io_fd(&self.shared, &file);
+            }
+        }
+        self.shared.registry.lock().replaced.push(file.clone());
+        Some(file)
+    }
+
+    /// Drops replaced files nothing refers to any more: their pages (old contents no path
+    /// names) are freed and their descriptors closed.
+    fn sweep_replaced(&self) {
+        let mut registry = self.shared.registry.lock();
+        let Registry {
+            replaced, by_id, ..
+        } = &mut *registry;
+        replaced.retain(|file| {
+            // Held only by `by_id` and this list: no handle, snapshot or I/O job is left.
+            if Arc::strong_count(file) > 2 {
+                return true;
+            }
+            let Some(mut st) = file.state.try_lock() else {
+                return true;
+            };
+            if !st.dirty.is_empty() || !st.writing_back.is_empty() || !st.filling.is_empty() {
+                return true; // writeback still has work on the old inode; later
+            }
+            let pages: Vec<(u64, FrameId)> = st.pages.drain().collect();
+            for (_, frame) in pages {
+                self.shared.orphan(frame);
+            }
+            drop(st);
+            by_id.remove(&file.id);
+            false
+        });
     }
 
     /// Writes back the dirty pages of every cached file (without fsync).
@@ -265,6 +357,7 @@ impl CacheShared {
         stats.old_version_pages_now = self.old_versions_now() as u64;
         stats.old_version_pages_peak = self.old_versions_peak.load(Ordering::Relaxed) as u64;
         stats.open_files_now = self.open_files.open_count() as u64;
+        stats.replaced_files_now = self.registry.lock().replaced.len() as u64;
         stats
     }
 
@@ -344,7 +437,10 @@ impl CacheShared {
         let previous = meta.state.fetch_add(1, Ordering::SeqCst);
         debug_assert!(previous & PIN_MASK < PIN_MASK, "pin count overflow");
         if previous & PIN_MASK == 0 {
-            StatCounters::add(&self.stats.pinned_pages_now, 1);
+            let pinned = self.stats.pinned_pages_now.fetch_add(1, Ordering::Relaxed) + 1;
+            self.stats
+                .pinned_pages_peak
+                .fetch_max(pinned, Ordering::Relaxed);
             if self.config.audit {
                 audit::record(&self.arena, frame, meta);
             }

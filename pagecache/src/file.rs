@@ -246,6 +246,9 @@ pub(crate) struct FileShared {
     pub io_lock: Mutex<()>,
     /// A background writeback is queued (see `writeback::schedule_writeback`).
     pub writeback_queued: AtomicBool,
+    /// Replaced by [`crate::PageCache::install`]: no path names this file any more; its
+    /// descriptor stays open on the old inode and it is never revalidated against the path.
+    pub detached: AtomicBool,
 }
 
 impl FileShared {
@@ -274,6 +277,7 @@ impl FileShared {
             path,
             io_lock: Mutex::new(()),
             writeback_queued: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
         })
     }
 
@@ -466,6 +470,9 @@ impl CachedFile {
     /// Dirty pages not yet written back are discarded on such a change: the external writer
     /// wins (a warning is logged).
     pub fn revalidate(&self) -> Result<bool> {
+        if self.shared.detached.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(false); // the path names another file now; this one cannot change
+        }
         let path = &self.shared.path;
         let meta = fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
         let now = DiskIdentity::of(&meta);

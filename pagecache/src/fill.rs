@@ -151,7 +151,11 @@ impl FillJob {
         let seen_after = self.fd.metadata().ok().map(|m| DiskIdentity::of(&m));
         let failure = {
             let mut st = self.file.state.lock();
+            // A replaced file's old inode changes its ctime when the rename unlinks it; no
+            // path names it any more, so nobody else edits it (see `PageCache::install`).
+            let detached = self.file.detached.load(std::sync::atomic::Ordering::SeqCst);
             let edited_elsewhere = read.is_ok()
+                && !detached
                 && st.disk == self.disk
                 && st.own_disk_writes == self.own_disk_writes
                 && st.writing_back.is_empty()

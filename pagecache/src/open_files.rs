@@ -48,6 +48,9 @@ impl OpenFiles {
     /// May be called with `file`'s lock held: other files' locks are only tried, never
     /// waited for.
     pub fn used(&self, file: &Arc<FileShared>) -> usize {
+        if file.detached.load(std::sync::atomic::Ordering::SeqCst) {
+            return 0; // a replaced file keeps its descriptor: the path names another file
+        }
         let mut lru = self.lru.lock();
         lru.clock += 1;
         let now = lru.clock;
@@ -70,6 +73,9 @@ impl OpenFiles {
             if over == 0 {
                 break;
             }
+            if victim.detached.load(std::sync::atomic::Ordering::SeqCst) {
+                continue; // being detached (see `forget`)
+            }
             let Some(mut st) = victim.state.try_lock() else {
                 continue; // busy: try the next one
             };
@@ -85,6 +91,14 @@ impl OpenFiles {
             over -= 1;
         }
         closed
+    }
+
+    /// Takes `file` out of the bound for good (it was replaced and keeps its descriptor).
+    pub fn forget(&self, file: &FileShared) {
+        let mut lru = self.lru.lock();
+        if let Some(tick) = lru.last_use.remove(&file.id) {
+            lru.by_use.remove(&tick);
+        }
     }
 
     /// Number of descriptors the cache currently keeps open.

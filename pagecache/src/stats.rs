@@ -11,6 +11,8 @@ pub struct CacheStats {
     pub pins: u64,
     /// Frames currently pinned (by `Pin`s or by writeback in flight).
     pub pinned_pages_now: u64,
+    /// Highest `pinned_pages_now` seen.
+    pub pinned_pages_peak: u64,
     /// Frames currently holding file pages (including pinned copy-on-write orphans).
     pub resident_pages_now: u64,
     /// Frames currently free.
@@ -62,12 +64,18 @@ pub struct CacheStats {
     pub files_closed: u64,
     /// Descriptors reopened on demand after such a close.
     pub files_reopened: u64,
+    /// Files replaced with [`crate::PageCache::install`] whose old contents are still kept
+    /// (open on their old inode) for snapshots, handles or pages not yet let go.
+    pub replaced_files_now: u64,
+    /// Files replaced with [`crate::PageCache::install`].
+    pub installs: u64,
 }
 
 #[derive(Default)]
 pub(crate) struct StatCounters {
     pub pins: AtomicU64,
     pub pinned_pages_now: AtomicU64,
+    pub pinned_pages_peak: AtomicU64,
     pub cow_copies: AtomicU64,
     pub writer_waits: AtomicU64,
     pub writer_wait_nanos: AtomicU64,
@@ -88,6 +96,7 @@ pub(crate) struct StatCounters {
     pub old_version_waits: AtomicU64,
     pub files_closed: AtomicU64,
     pub files_reopened: AtomicU64,
+    pub installs: AtomicU64,
 }
 
 impl StatCounters {
@@ -100,6 +109,7 @@ impl StatCounters {
         CacheStats {
             pins: self.pins.load(Relaxed),
             pinned_pages_now: self.pinned_pages_now.load(Relaxed),
+            pinned_pages_peak: self.pinned_pages_peak.load(Relaxed),
             resident_pages_now: resident,
             free_frames_now: free,
             cow_copies: self.cow_copies.load(Relaxed),
@@ -125,6 +135,8 @@ impl StatCounters {
             open_files_now: 0,
             files_closed: self.files_closed.load(Relaxed),
             files_reopened: self.files_reopened.load(Relaxed),
+            replaced_files_now: 0,
+            installs: self.installs.load(Relaxed),
         }
     }
 }
