@@ -4,6 +4,7 @@
 //! parsed [`Request`] or an [`HttpError`] carrying the status to answer with.
 
 use std::fmt::Write as _;
+use std::ops::Range;
 
 /// Limits that protect the server from oversized input.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +64,8 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     /// Body length (`Content-Length`), on any method.
     pub content_length: Option<u64>,
+    /// The body is `Transfer-Encoding: chunked` (PUT only; see [`ChunkedDecoder`]).
+    pub chunked: bool,
     /// Whether the connection stays open after the response.
     pub keep_alive: bool,
 }
@@ -174,6 +177,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
         minor_version,
         headers: out_headers,
         content_length: None,
+        chunked: false,
         keep_alive: minor_version >= 1,
     };
     if let Some(conn) = request.header("Connection").map(str::to_owned) {
@@ -186,9 +190,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
         }
     }
     request.content_length = content_length(&request)?;
-    check_transfer_encoding(&request)?;
+    request.chunked = check_transfer_encoding(&request)?;
     match (request.method, request.content_length) {
-        (Method::Put, None) => return Err(HttpError::new(411, "Length Required")),
+        (Method::Put, None) if !request.chunked => {
+            return Err(HttpError::new(411, "Length Required"))
+        }
         (Method::Put, Some(n)) if n > limits.max_body_bytes => {
             return Err(HttpError::new(413, "Content Too Large"))
         }
@@ -273,10 +279,10 @@ fn content_length(request: &Request) -> Result<Option<u64>, HttpError> {
     first.parse().map(Some).map_err(|_| bad)
 }
 
-/// Refuse every request with `Transfer-Encoding` (RFC 9112 section 6): we frame request
-/// bodies by `Content-Length` only, and a body whose framing we do not follow would be read
-/// as the next request.
-fn check_transfer_encoding(request: &Request) -> Result<(), HttpError> {
+/// `Transfer-Encoding` (RFC 9112 section 6): only a PUT body may be chunked (returns `true`);
+/// any other request with it is refused, as a body whose framing we do not follow would be
+/// read as the next request.
+fn check_transfer_encoding(request: &Request) -> Result<bool, HttpError> {
     let codings: Vec<&str> = request
         .headers
         .iter()
@@ -285,19 +291,22 @@ fn check_transfer_encoding(request: &Request) -> Result<(), HttpError> {
         .map(str::trim)
         .collect();
     let Some(last) = codings.last() else {
-        return Ok(());
+        return Ok(false);
     };
     // Both framings at once is how requests are smuggled past a proxy: always refused
     // (section 6.3, rule 3). Without chunked last, the length cannot be known (rule 4).
     if request.content_length.is_some() || !last.eq_ignore_ascii_case("chunked") {
         return Err(HttpError::new(400, "Bad Request"));
     }
-    Err(if request.method == Method::Put {
-        // An upload we would take with a length.
-        HttpError::new(411, "Length Required")
+    // Other codings under chunked (gzip, ...) would have to be undone to store the body.
+    if codings.len() > 1 {
+        return Err(HttpError::new(501, "Not Implemented"));
+    }
+    if request.method == Method::Put {
+        Ok(true)
     } else {
-        HttpError::new(501, "Not Implemented")
-    })
+        Err(HttpError::new(501, "Not Implemented"))
+    }
 }
 
 /// A response head being built.
@@ -343,6 +352,107 @@ pub fn simple_response(
         out.extend_from_slice(body.as_bytes());
     }
     out
+}
+
+/// What [`ChunkedDecoder::step`] found at the start of the input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkStep {
+    /// Body bytes: `input[range]` (then consume `range.end`).
+    Data(Range<usize>),
+    /// This many framing bytes (a size line, a CRLF, a trailer line), to consume.
+    Framing(usize),
+    /// The input ends inside a size or trailer line: wait for more.
+    NeedMore,
+    /// The last chunk and the trailers end after this many bytes (to consume); the body is
+    /// complete.
+    Done(usize),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data { remaining: u64 },
+    DataEnd,
+    Trailers,
+}
+
+/// Decodes a `Transfer-Encoding: chunked` body (RFC 9112 section 7.1) as it arrives, without
+/// copying: the caller feeds what it has buffered and consumes what each step names. Size
+/// lines (`httparse::parse_chunk_size`, extensions ignored) and trailer lines are bounded by
+/// `max_line`; trailers are read and dropped.
+#[derive(Clone, Debug)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    max_line: usize,
+}
+
+impl ChunkedDecoder {
+    pub fn new(max_line: usize) -> Self {
+        ChunkedDecoder {
+            state: ChunkState::Size,
+            max_line,
+        }
+    }
+
+    /// The next step over `input` (what is buffered), giving at most `max_data` body bytes.
+    pub fn step(&mut self, input: &[u8], max_data: usize) -> Result<ChunkStep, HttpError> {
+        let bad = || HttpError::new(400, "Bad Request");
+        match self.state {
+            ChunkState::Size => match httparse::parse_chunk_size(input) {
+                Ok(httparse::Status::Complete((len, 0))) => {
+                    self.state = ChunkState::Trailers;
+                    Ok(ChunkStep::Framing(len))
+                }
+                Ok(httparse::Status::Complete((len, size))) => {
+                    self.state = ChunkState::Data { remaining: size };
+                    Ok(ChunkStep::Framing(len))
+                }
+                Ok(httparse::Status::Partial) if input.len() <= self.max_line => {
+                    Ok(ChunkStep::NeedMore)
+                }
+                _ => Err(bad()),
+            },
+            ChunkState::Data { remaining } => {
+                let take = remaining.min(input.len() as u64).min(max_data as u64) as usize;
+                if take == 0 {
+                    return Ok(ChunkStep::NeedMore);
+                }
+                let remaining = remaining - take as u64;
+                self.state = if remaining == 0 {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data { remaining }
+                };
+                Ok(ChunkStep::Data(0..take))
+            }
+            ChunkState::DataEnd => match input {
+                [b'\r', b'\n', ..] => {
+                    self.state = ChunkState::Size;
+                    Ok(ChunkStep::Framing(2))
+                }
+                [] | [b'\r'] => Ok(ChunkStep::NeedMore),
+                _ => Err(bad()),
+            },
+            ChunkState::Trailers => {
+                let Some(end) = input.windows(2).position(|w| w == b"\r\n") else {
+                    return if input.len() <= self.max_line {
+                        Ok(ChunkStep::NeedMore)
+                    } else {
+                        Err(bad())
+                    };
+                };
+                if end > self.max_line {
+                    return Err(bad());
+                }
+                if end == 0 {
+                    self.state = ChunkState::Size;
+                    Ok(ChunkStep::Done(2))
+                } else {
+                    Ok(ChunkStep::Framing(end + 2))
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -398,12 +508,12 @@ mod tests {
         let long = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(20_000));
         assert_eq!(parse(&long).unwrap_err().status, 431);
         assert_eq!(parse("PUT /f HTTP/1.1\r\n\r\n").unwrap_err().status, 411);
-        assert_eq!(
-            parse("PUT /f HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-                .unwrap_err()
-                .status,
-            411
-        );
+        let Parsed::Complete { request, .. } =
+            parse("PUT /f HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap()
+        else {
+            panic!("partial")
+        };
+        assert!(request.chunked && request.content_length.is_none());
         assert_eq!(
             parse("PUT /f HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n")
                 .unwrap_err()
@@ -444,7 +554,7 @@ mod tests {
     }
 
     /// RFC 9112 section 6.3: Transfer-Encoding with Content-Length is always refused;
-    /// chunked not last, 400; chunked (which we do not take) on a PUT, 411, else 501.
+    /// chunked not last, 400; chunked is taken on a PUT only, else 501.
     #[test]
     fn transfer_encoding_is_refused() {
         let status = |head: &str| parse(&format!("{head}\r\n\r\n")).unwrap_err().status;
@@ -453,7 +563,10 @@ mod tests {
             status("DELETE / HTTP/1.1\r\ntransfer-encoding: CHUNKED"),
             501
         );
-        assert_eq!(status("PUT /f HTTP/1.1\r\nTransfer-Encoding: chunked"), 411);
+        assert_eq!(
+            status("PUT /f HTTP/1.1\r\nTransfer-Encoding: gzip, chunked"),
+            501
+        );
         assert_eq!(status("GET / HTTP/1.1\r\nTransfer-Encoding: gzip"), 400);
         assert_eq!(
             status("GET / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip"),
@@ -462,7 +575,7 @@ mod tests {
         assert_eq!(
             status("GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked"),
             501,
-            "the last coding of all the fields counts"
+            "the last coding of all the fields counts (and gzip is not undone)"
         );
         for te_and_cl in [
             "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5",
@@ -542,5 +655,58 @@ mod tests {
             h,
             b"HTTP/1.1 200 OK\r\nServer: zerosend\r\nContent-Length: 5\r\n\r\n"
         );
+    }
+    /// Decodes `body` fed in pieces of `piece` bytes, like a connection receiving it.
+    fn dechunk(body: &[u8], piece: usize) -> Result<Vec<u8>, HttpError> {
+        let mut decoder = ChunkedDecoder::new(64);
+        let mut buffered = Vec::new();
+        let mut out = Vec::new();
+        for part in body.chunks(piece) {
+            buffered.extend_from_slice(part);
+            loop {
+                match decoder.step(&buffered, 5)? {
+                    ChunkStep::Data(r) => {
+                        out.extend_from_slice(&buffered[r.clone()]);
+                        buffered.drain(..r.end);
+                    }
+                    ChunkStep::Framing(n) => drop(buffered.drain(..n)),
+                    ChunkStep::NeedMore => break,
+                    ChunkStep::Done(n) => {
+                        buffered.drain(..n);
+                        assert!(buffered.is_empty(), "bytes after the body");
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Err(HttpError::new(0, "incomplete"))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_they_arrive() {
+        let body =
+            b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Trailer: t\r\n\r\n";
+        for piece in [1, 2, 3, 7, body.len()] {
+            assert_eq!(
+                dechunk(body, piece).unwrap(),
+                b"helloabcdefghijklmnopqrstuvwxyz",
+                "{piece}"
+            );
+        }
+        assert_eq!(dechunk(b"0\r\n\r\n", 1).unwrap(), b"");
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_400() {
+        for bad in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"ffffffffffffffffffff\r\n",
+            b"5                                                                                 ",
+        ] {
+            assert_eq!(dechunk(bad, 3).unwrap_err().status, 400, "{bad:?}");
+        }
+        let long_trailer = format!("0\r\nX: {}\r\n\r\n", "a".repeat(100));
+        assert_eq!(dechunk(long_trailer.as_bytes(), 4).unwrap_err().status, 400);
     }
 }

@@ -69,8 +69,9 @@ struct ServeArgs {
     /// whose client acknowledged nothing of a response for that long are reset.
     #[arg(long, default_value_t = 60)]
     idle_timeout_secs: u64,
-    /// A request head or PUT body must arrive within this many seconds of its first byte
-    /// (408 otherwise).
+    /// A request head must arrive within this many seconds of its first byte, and a request
+    /// body must make progress at least this often (408 otherwise); a response waiting for
+    /// the page cache (frames, a `wait` write) gets 503 after as long.
     #[arg(long, default_value_t = 20)]
     request_timeout_secs: u64,
     /// Largest PUT body accepted, in MiB (413 above).
@@ -79,6 +80,20 @@ struct ServeArgs {
     /// Send buffer of each TCP connection in KiB: bytes in flight plus queued at most.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     tcp_send_buffer_kb: u64,
+    /// Most bytes of a response a connection keeps pinned in the page cache, in KiB: a body
+    /// is pinned piece by piece as acknowledgements make room, whatever the file's size.
+    /// Default: the TCP send buffer plus 128 KiB.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
+    pin_window_kb: Option<u64>,
+    /// Most page-cache memory kept for old versions that open responses still need while
+    /// writers change a file, in MiB (default: a quarter of the cache).
+    #[arg(long)]
+    old_versions_mb: Option<u64>,
+    /// At that bound: `wait` parks the writer (its PUT gets 503 after --wait-timeout-ms), or
+    /// `reset` lets it go ahead and resets the oldest responses that needed the old bytes
+    /// (never a torn body).
+    #[arg(long, value_enum, default_value = "wait")]
+    old_versions_full: OldVersionsArg,
     /// A client that acknowledges nothing of what is outstanding for this many seconds (a
     /// zero window, or gone without a reset) is reset, and the pins of its response go.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
@@ -86,8 +101,9 @@ struct ServeArgs {
     /// Listening sockets kept ready for simultaneous connection attempts (more are reset).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     listen_backlog: u64,
-    /// Memory for PUT bodies being received, all connections together, in MiB (a PUT that
-    /// does not fit gets 503).
+    /// Memory for PUT bodies being received, all connections together, in MiB: a
+    /// Content-Range body is held whole, a whole-file upload streams to a temporary file
+    /// through a 1 MiB window (a PUT that does not fit gets 503).
     #[arg(long, default_value_t = 64)]
     put_memory_mb: u64,
     /// Audit mode: checksum every page at pin and verify it at release.
@@ -153,6 +169,16 @@ impl ServeArgs {
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             limits,
             tcp_send_buffer: (self.tcp_send_buffer_kb as usize) << 10,
+            pin_window: self.pin_window_kb.unwrap_or(self.tcp_send_buffer_kb + 128) << 10,
+            old_version_limit_pages: self
+                .old_versions_mb
+                .map(|mb| (mb << 20) as usize / pagecache::PAGE_SIZE),
+            old_version_policy: match self.old_versions_full {
+                OldVersionsArg::Wait => pagecache::OldVersionPolicy::WriterWaits {
+                    timeout: Duration::from_millis(self.wait_timeout_ms),
+                },
+                OldVersionsArg::Reset => pagecache::OldVersionPolicy::InvalidateSnapshots,
+            },
             send_stall_timeout: Duration::from_secs(self.send_stall_timeout_secs),
             listen_backlog: self.listen_backlog as usize,
             put_memory: self.put_memory_mb << 20,
@@ -179,6 +205,7 @@ mod process;
 mod respond;
 mod root;
 mod serve;
+mod upload;
 mod warnings;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -191,6 +218,12 @@ enum PolicyArg {
 enum BackpressureArg {
     Wait,
     Error,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OldVersionsArg {
+    Wait,
+    Reset,
 }
 
 fn main() {

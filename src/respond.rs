@@ -11,17 +11,9 @@ use crate::http::{Method, Request, ResponseHead};
 #[derive(Clone, Debug)]
 pub struct FileMeta {
     pub len: u64,
-    /// Strong validator of this version, quoted (e.g. `"1a2b-7-1000"`).
+    /// Strong validator of this version, quoted ([`pagecache::FileIdentity::etag`]).
     pub etag: String,
     pub modified: SystemTime,
-}
-
-impl FileMeta {
-    /// An ETag that changes whenever the content can have changed: inode, cache version,
-    /// length.
-    pub fn etag_for(inode: u64, version: u64, len: u64) -> String {
-        format!("\"{inode:x}-{version:x}-{len:x}\"")
-    }
 }
 
 /// The response decided for a file request.
@@ -228,7 +220,7 @@ mod tests {
     fn meta() -> FileMeta {
         FileMeta {
             len: 1000,
-            etag: FileMeta::etag_for(7, 3, 1000),
+            etag: String::from("\"7-3-3e8\""),
             modified: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         }
     }

@@ -66,6 +66,14 @@ impl ServeRoot {
         if !canonical.starts_with(&self.root) {
             return Err(forbidden);
         }
+        // Uploads in progress are nobody's to read or overwrite.
+        let is_upload = canonical.file_name().is_some_and(|n| {
+            n.to_string_lossy()
+                .starts_with(crate::upload::UPLOAD_PREFIX)
+        });
+        if is_upload {
+            return Err(if for_write { forbidden } else { not_found });
+        }
         if canonical.is_dir() {
             let index = canonical.join("index.html");
             return if !for_write && index.is_file() {

@@ -16,10 +16,10 @@ use driver::pcap::PcapTap;
 use driver::pci::{self, PciAddress};
 use driver::{NetQueue, NicModel};
 use netstack::{ConnId, Event, Ipv4Config, ListenerId, Stack, StackConfig};
-use pagecache::{Backpressure, CacheConfig, FrameArena, PageCache, WritePolicy};
+use pagecache::{Attempt, Backpressure, CacheConfig, FrameArena, PageCache, Pending, WritePolicy};
 
 use crate::accesslog::{self, AccessLog};
-use crate::conn::{Connection, Outgoing, ResponseEnd, ServerCore, MAX_QUEUED_RESPONSES};
+use crate::conn::{Connection, FileBody, Outgoing, ResponseEnd, ServerCore, MAX_QUEUED_RESPONSES};
 use crate::http::{simple_response, Limits};
 use crate::metrics::{render_prometheus, Metric};
 use crate::root::ServeRoot;
@@ -34,6 +34,10 @@ const RECV_CHUNK: usize = 64 * 1024;
 /// for the whole process, allocator slack and bookkeeping (metrics, registry, log queue).
 const CONNECTION_STATE: usize = 16 * 1024;
 const SLACK: u64 = 16 << 20;
+/// A body is pinned in pieces of at least this much room in the pin window (or what is
+/// left of it), and at most this much at a time.
+const MIN_PIN_BYTES: u64 = 16 * 1024;
+const MAX_PIN_BYTES: u64 = 256 * 1024;
 /// How often idle and slow connections are looked for.
 const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Polls with nothing to do before the loop starts napping between polls.
@@ -61,6 +65,13 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Send buffer of each TCP connection, in bytes.
     pub tcp_send_buffer: usize,
+    /// Most bytes a connection has queued and unacknowledged (what its response body keeps
+    /// pinned); bodies are pinned piece by piece within it.
+    pub pin_window: u64,
+    /// Bound on page-cache frames kept for old versions (`None`: a quarter of the cache).
+    pub old_version_limit_pages: Option<usize>,
+    /// What a writer does at that bound.
+    pub old_version_policy: pagecache::OldVersionPolicy,
     /// A connection whose client acknowledges nothing of what is outstanding for this long
     /// (a zero window, or gone) is reset and its pins released.
     pub send_stall_timeout: Duration,
@@ -150,6 +161,8 @@ struct ConnEntry {
     sent_of_first: usize,
     /// Responses in `out` (its [`Outgoing::End`]s).
     queued_responses: usize,
+    /// The next piece of the body being sent is not ready (being read, or frames short).
+    body_wait: Option<Pending>,
     /// Stream bytes handed to the stack so far, and where the response being handed over
     /// started.
     stream_queued: u64,
@@ -179,6 +192,7 @@ impl ConnEntry {
             out: VecDeque::new(),
             sent_of_first: 0,
             queued_responses: 0,
+            body_wait: None,
             stream_queued: 0,
             response_start: 0,
             stream_acked: 0,
@@ -211,6 +225,7 @@ impl ConnEntry {
         }
         self.queued_responses = 0;
         self.sent_of_first = 0;
+        self.body_wait = None;
     }
 
     /// Close our sending half once, after everything queued.
@@ -264,6 +279,8 @@ struct ConnectionCounts {
     rejected: u64,
     /// Reset to make room for a new connection at `--max-connections`.
     evicted: u64,
+    /// Reset mid-response because the rest of a body could not be had (see `send_body`).
+    body_aborts: u64,
 }
 
 /// The server's state between polls.
@@ -281,6 +298,8 @@ struct Server<Q: NetQueue> {
     access_log: Option<AccessLog>,
     /// For the resident-memory gauge.
     page_size: u64,
+    /// Most bytes queued and unacknowledged per connection, hence pinned by its body.
+    pin_window: u64,
     /// The page cache's DMA memory. Dropping it removes its IOMMU mapping, so it lives as
     /// long as the server and is dropped last (fields drop in order), after the stack and
     /// the cache whose pins the NIC may still be reading.
@@ -328,6 +347,8 @@ impl<Q: ServerNic> Server<Q> {
         let cache_config = CacheConfig {
             audit: options.audit,
             backpressure: options.backpressure,
+            old_version_limit_pages: options.old_version_limit_pages,
+            old_version_policy: options.old_version_policy,
             ..CacheConfig::default()
         };
         let cache = PageCache::new(arena, cache_config)?;
@@ -380,6 +401,7 @@ impl<Q: ServerNic> Server<Q> {
             ids: Vec::new(),
             access_log,
             page_size: crate::process::page_size(),
+            pin_window: options.pin_window,
             _cache_dma: region,
         })
     }
@@ -531,17 +553,18 @@ impl<Q: ServerNic> Server<Q> {
             recv_buf,
             access_log,
             page_size,
+            pin_window,
             ..
         } = self;
         let open = conns.len() as u64;
         let entry = conns.get_mut(&id).expect("ids are taken from conns");
         let mut work = receive_requests(stack, id, entry, recv_buf, core, now);
         // Metrics are rendered only when a metrics response is queued.
-        let metrics = if entry
+        let wants_metrics = entry
             .out
             .iter()
-            .any(|o| matches!(o, Outgoing::Metrics { .. }))
-        {
+            .any(|o| matches!(o, Outgoing::Metrics { .. }));
+        let metrics = if wants_metrics {
             let server = snapshot::ServerCounts {
                 accepted: counts.accepted,
                 rejected: counts.rejected,
@@ -549,12 +572,22 @@ impl<Q: ServerNic> Server<Q> {
                 open,
                 access_log_dropped: access_log.as_ref().map_or(0, AccessLog::dropped),
                 page_size: *page_size,
+                parked: conns.values().filter(|e| e.http.is_parked()).count() as u64,
+                body_aborts: counts.body_aborts,
+                pin_window: *pin_window,
             };
             stats_snapshot(stack, cache, core, &server)
         } else {
             Vec::new()
         };
-        work |= pump(stack, id, entry, &metrics, access_log.is_some());
+        let entry = conns.get_mut(&id).expect("ids are taken from conns");
+        let how = Pumping {
+            metrics: &metrics,
+            logging: access_log.is_some(),
+            window: *pin_window,
+            now,
+        };
+        work |= pump(stack, id, entry, &how, &mut counts.body_aborts);
         if let Some(log) = access_log {
             entry.log_acknowledged(stack, id, log, now, false);
         }
@@ -604,11 +637,15 @@ fn receive_requests<Q: NetQueue>(
 ) -> bool {
     let mut work = false;
     let mut pieces = Vec::new();
-    // Held-back requests are answered before more is read: what is buffered stays bounded.
-    while entry.queued_responses < MAX_QUEUED_RESPONSES
-        && !entry.http.closing()
-        && !entry.http.held_back()
-    {
+    // Parked responses and held-back requests go on before more is read: what is buffered
+    // stays bounded.
+    if entry.http.held_back() && entry.queued_responses < MAX_QUEUED_RESPONSES {
+        let queued = entry.queued_responses;
+        entry.http.on_bytes(&[], now, queued, core, &mut pieces);
+        work |= !pieces.is_empty();
+        entry.queue(&mut pieces);
+    }
+    while entry.queued_responses < MAX_QUEUED_RESPONSES && entry.http.wants_input() {
         match stack.recv(id, recv_buf) {
             Ok(0) => break,
             Ok(n) => {
@@ -621,13 +658,6 @@ fn receive_requests<Q: NetQueue>(
             }
             Err(_) => break,
         }
-    }
-    if entry.http.held_back() && entry.queued_responses < MAX_QUEUED_RESPONSES {
-        // Resume pipelined requests held back while the queue was full.
-        let queued = entry.queued_responses;
-        entry.http.on_bytes(&[], now, queued, core, &mut pieces);
-        work |= !pieces.is_empty();
-        entry.queue(&mut pieces);
     }
     work
 }
@@ -666,6 +696,7 @@ impl StatsLine {
             accepted,
             rejected,
             evicted,
+            ..
         } = server.counts;
         println!(
             "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {accepted}, rejected {rejected}, evicted {evicted}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
@@ -703,14 +734,88 @@ impl IdleBackoff {
     }
 }
 
-/// Hand queued response pieces to the stack, in order, as far as it takes them.
+/// Why a body stopped.
+enum BodyError {
+    /// The stack refuses more (the connection is going away).
+    Connection,
+    /// The page cache cannot give the rest of the snapshot.
+    Cache(pagecache::Error),
+}
+
+/// Pins and hands over as much of a body as the connection's pin window allows: bytes
+/// queued on the connection and not yet acknowledged (what holds pins) stay under `window`.
+/// Returns whether the body is all handed over; `false` when the window is full or the next
+/// piece is pending (`wait`: retried when ready or past its deadline).
+fn send_body<Q: NetQueue>(
+    stack: &mut Stack<Q>,
+    id: ConnId,
+    body: &mut FileBody,
+    queued: &mut u64,
+    window: u64,
+    wait: &mut Option<Pending>,
+    now: Instant,
+) -> Result<bool, BodyError> {
+    if let Some(pending) = wait {
+        if !pending.is_ready() && pending.deadline().is_none_or(|d| now < d) {
+            return Ok(false);
+        }
+        *wait = None;
+    }
+    let hand_over = |stack: &mut Stack<Q>, queued: &mut u64, pin: &pagecache::Pin| {
+        stack
+            .send_file(id, pin, pin.range())
+            .map_err(|_| BodyError::Connection)?;
+        *queued += pin.len();
+        Ok(())
+    };
+    if let Some(first) = body.first.take() {
+        hand_over(stack, queued, &first)?;
+    }
+    while body.snapshot.remaining() > 0 {
+        let in_flight = stack.unacked(id).map_err(|_| BodyError::Connection)?;
+        let room = window.saturating_sub(in_flight);
+        // Not in crumbs: wait for a worthwhile piece of room (or the end of the body).
+        if room < MIN_PIN_BYTES.min(body.snapshot.remaining()) {
+            return Ok(false);
+        }
+        match body.snapshot.pin_next(room.min(MAX_PIN_BYTES)) {
+            Ok(Attempt::Ready(pin)) => hand_over(stack, queued, &pin)?,
+            Ok(Attempt::Pending(pending)) => {
+                *wait = Some(pending);
+                return Ok(false);
+            }
+            Err(e) => return Err(BodyError::Cache(e)),
+        }
+    }
+    Ok(true)
+}
+
+/// What [`pump`] needs to know beside the connection.
+struct Pumping<'a> {
+    /// Rendered when a metrics response is queued.
+    metrics: &'a [Metric],
+    /// The access log is on (responses are remembered until acknowledged).
+    logging: bool,
+    /// `--pin-window-kb`, in bytes.
+    window: u64,
+    now: Instant,
+}
+
+/// Hand queued response pieces to the stack, in order, as far as it takes them; counts
+/// connections reset because a body could not be completed in `body_aborts`.
 fn pump<Q: NetQueue>(
     stack: &mut Stack<Q>,
     id: ConnId,
     entry: &mut ConnEntry,
-    metrics: &[Metric],
-    logging: bool,
+    how: &Pumping,
+    body_aborts: &mut u64,
 ) -> bool {
+    let Pumping {
+        metrics,
+        logging,
+        window,
+        now,
+    } = *how;
     let mut work = false;
     while let Some(front) = entry.out.front_mut() {
         match front {
@@ -730,13 +835,36 @@ fn pump<Q: NetQueue>(
                     break; // the stack's buffers are full; continue next poll
                 }
             }
-            Outgoing::File { pin, range } => {
-                if stack.send_file(id, pin, range.clone()).is_err() {
-                    entry.abandon_queued(logging);
-                    break;
+            Outgoing::File(body) => {
+                let before = entry.stream_queued;
+                let sent = send_body(
+                    stack,
+                    id,
+                    body,
+                    &mut entry.stream_queued,
+                    window,
+                    &mut entry.body_wait,
+                    now,
+                );
+                work |= entry.stream_queued > before;
+                match sent {
+                    Ok(true) => {}
+                    Ok(false) => break, // the pin window is full, or the next piece is not ready
+                    Err(BodyError::Connection) => {
+                        entry.abandon_queued(logging);
+                        break;
+                    }
+                    Err(BodyError::Cache(e)) => {
+                        // Part of this response is on the wire and the rest cannot be had from
+                        // its version (invalidated, or no frame before the deadline): reset, so
+                        // the client sees a failed transfer, never wrong or missing bytes.
+                        tracing::debug!(error = %e, "aborting a response whose body cannot be completed");
+                        *body_aborts += 1;
+                        let _ = stack.abort(id);
+                        entry.abandon_queued(logging);
+                        break;
+                    }
                 }
-                entry.stream_queued += range.end - range.start;
-                work = true;
             }
             Outgoing::Metrics {
                 keep_alive,

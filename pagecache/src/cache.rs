@@ -342,6 +342,12 @@ impl PageCache {
         &self.shared.arena
     }
 
+    /// Most frames that may hold old versions for open snapshots (the resolved
+    /// [`CacheConfig::old_version_limit_pages`]).
+    pub fn old_version_limit(&self) -> usize {
+        self.shared.old_version_limit
+    }
+
     /// The configuration the cache was created with.
     pub fn config(&self) -> &CacheConfig {
         &self.shared.config

@@ -470,7 +470,11 @@ impl CachedFile {
     /// Dirty pages not yet written back are discarded on such a change: the external writer
     /// wins (a warning is logged).
     pub fn revalidate(&self) -> Result<bool> {
-        if self.shared.detached.load(std::sync::atomic::Ordering::SeqCst) {
+        if self
+            .shared
+            .detached
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             return Ok(false); // the path names another file now; this one cannot change
         }
         let path = &self.shared.path;

@@ -114,7 +114,9 @@ fn install_of_a_new_path_and_a_failed_rename() {
     // Renaming a file that does not exist fails and leaves the target as it was.
     let err = cache.install(&dir.path().join("missing.tmp"), &dir.path().join("new.txt"));
     assert!(matches!(err, Err(Error::Io { .. })));
-    let file = cache.open(dir.path().join("new.txt"), OpenOptions::read_only()).unwrap();
+    let file = cache
+        .open(dir.path().join("new.txt"), OpenOptions::read_only())
+        .unwrap();
     assert_eq!(file.pin(0..5).unwrap().to_vec(), b"first");
 }
 

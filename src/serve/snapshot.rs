@@ -21,6 +21,12 @@ pub(super) struct ServerCounts {
     pub open: u64,
     pub access_log_dropped: u64,
     pub page_size: u64,
+    /// Responses parked now (waiting for the page cache or the disk).
+    pub parked: u64,
+    /// Connections reset mid-response because the rest of a body could not be had.
+    pub body_aborts: u64,
+    /// `--pin-window-kb`, in bytes.
+    pub pin_window: u64,
 }
 
 /// Every counter, for the metrics page.
@@ -160,6 +166,66 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             "zerosend_pinned_pages",
             "Page-cache pages pinned now.",
             c.pinned_pages_now as f64,
+        ),
+        Metric::gauge(
+            "zerosend_pinned_pages_peak",
+            "Most page-cache pages pinned at once since start (bounded by connections x --pin-window-kb).",
+            c.pinned_pages_peak as f64,
+        ),
+        Metric::gauge(
+            "zerosend_pin_window_bytes",
+            "Most bytes one connection keeps queued and unacknowledged, hence pinned (--pin-window-kb).",
+            server.pin_window as f64,
+        ),
+        Metric::gauge(
+            "zerosend_old_version_pages",
+            "Page-cache frames kept for old versions that open responses still need.",
+            c.old_version_pages_now as f64,
+        ),
+        Metric::gauge(
+            "zerosend_old_version_pages_peak",
+            "Most frames kept for old versions at once since start.",
+            c.old_version_pages_peak as f64,
+        ),
+        Metric::gauge(
+            "zerosend_old_version_pages_limit",
+            "Bound on frames kept for old versions (--old-versions-mb).",
+            cache.old_version_limit() as f64,
+        ),
+        Metric::counter(
+            "zerosend_old_version_waits_total",
+            "Writes that found the old-version bound reached.",
+            c.old_version_waits,
+        ),
+        Metric::counter(
+            "zerosend_snapshots_invalidated_total",
+            "Responses whose old version could not be kept (reset, never torn).",
+            c.snapshots_invalidated,
+        ),
+        Metric::gauge(
+            "zerosend_replaced_files_held",
+            "Files replaced by a PUT whose old version is still read by responses.",
+            c.replaced_files_now as f64,
+        ),
+        Metric::gauge(
+            "zerosend_responses_parked",
+            "Responses waiting now for the page cache or the disk (the loop never blocks).",
+            server.parked as f64,
+        ),
+        Metric::counter(
+            "zerosend_http_parked_total",
+            "Responses that had to wait for the page cache or the disk.",
+            h.parked,
+        ),
+        Metric::counter(
+            "zerosend_body_aborts_total",
+            "Connections reset mid-response because the rest of the body could not be had from its version.",
+            server.body_aborts,
+        ),
+        Metric::counter(
+            "zerosend_fills_total",
+            "Pages read from disk.",
+            c.fills,
         ),
         Metric::gauge(
             "zerosend_resident_pages",
