@@ -31,12 +31,17 @@ pub const STAMP_BLOCK: usize = 4096;
 pub fn stamped_version(version: u32, blocks: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(blocks * STAMP_BLOCK);
     for i in 0..blocks {
-        let mut block = vec![b'a' + (version % 26) as u8; STAMP_BLOCK];
-        let stamp = format!("version {version:08} block {i:06}\n");
-        block[..stamp.len()].copy_from_slice(stamp.as_bytes());
-        out.extend_from_slice(&block);
+        out.extend_from_slice(&stamped_block(version, i));
     }
     out
+}
+
+/// Block `index` of [`stamped_version`]`(version, _)`, for files too large to build whole.
+pub fn stamped_block(version: u32, index: usize) -> [u8; STAMP_BLOCK] {
+    let mut block = [b'a' + (version % 26) as u8; STAMP_BLOCK];
+    let stamp = format!("version {version:08} block {index:06}\n");
+    block[..stamp.len()].copy_from_slice(stamp.as_bytes());
+    block
 }
 
 /// The single version every block of `body` carries, or an error describing the tear.
