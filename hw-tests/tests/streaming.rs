@@ -177,19 +177,26 @@ fn files_far_larger_than_the_cache_stream_as_one_version_each() {
             let (stop, next_version) = (stop.clone(), next_version.clone());
             bed.guest.netns().spawn(move || {
                 let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+                let mut busy = Duration::ZERO;
                 let mut i = usize::from(in_place);
                 while !stop.load(Ordering::Relaxed) {
                     let v = next_version.fetch_add(1, Ordering::Relaxed);
+                    let started = Instant::now();
                     let status = put(&path(i % FILES), &stamped_version(v, FILE_BLOCKS), in_place);
+                    busy += started.elapsed();
                     *statuses.entry(status).or_default() += 1;
                     i += 2;
                 }
-                statuses
+                (statuses, busy)
             })
         })
         .collect();
     let mut versions_seen = std::collections::BTreeSet::new();
-    for round in 0..3 {
+    let mut rounds = 0;
+    // At least 3 rounds, and on until the readers have seen new versions (bounded).
+    while rounds < 3 || (versions_seen.len() < 3 && rounds < 12) {
+        let round = rounds;
+        rounds += 1;
         for (i, (status, version)) in download_all(&bed).into_iter().enumerate() {
             bed.check(
                 status.starts_with("HTTP/1.1 200") && version.is_ok(),
@@ -200,12 +207,19 @@ fn files_far_larger_than_the_cache_stream_as_one_version_each() {
     }
     stop.store(true, Ordering::Relaxed);
     let written: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let per_put = |(statuses, busy): &(std::collections::BTreeMap<u16, u32>, Duration)| {
+        busy.as_secs_f64() / statuses.values().sum::<u32>().max(1) as f64
+    };
     println!(
-        "under two writers (whole-file {:?}, in-place {:?}): 48 downloads all 200, each exactly one version; {} distinct versions seen",
-        written[0],
-        written[1],
+        "under two writers (whole-file {:?} at {:.2} s per 8 MiB PUT, in-place {:?} at {:.2} s): {} downloads all 200, each exactly one version; {} distinct versions seen",
+        written[0].0,
+        per_put(&written[0]),
+        written[1].0,
+        per_put(&written[1]),
+        rounds * FILES,
         versions_seen.len()
     );
+    let written: Vec<_> = written.into_iter().map(|(statuses, _)| statuses).collect();
     bed.check(
         written[0].get(&204).is_some_and(|&n| n > 0) && written[1].get(&204).is_some_and(|&n| n > 0),
         "both writers got versions in",

@@ -310,7 +310,7 @@ impl TxPath {
     fn finish_frame(&mut self, len: usize, tso_mss: Option<u16>) {
         self.stats.frames_tx += 1;
         let Some(slot) = self.slots.take() else {
-            // Only reachable through the TX token of an RX pair: built, then dropped.
+            // Not reachable: `receive` and `transmit` hand out tokens only with a slot free.
             self.stats.tx_dropped_no_buffer += 1;
             return;
         };
@@ -752,6 +752,14 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
         Self: 'a;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        // smoltcp answers a received frame at once through the paired TX token (a SYN-ACK,
+        // an ACK, a RST). Without room to build that answer it would be built and dropped,
+        // and a dropped SYN-ACK leaves the peer retransmitting SYNs that the handshaking
+        // filter below then drops too: receive only when the answer can go out (the frame
+        // waits in the RX ring meanwhile).
+        if !self.tx.can_build() {
+            return None;
+        }
         let (buffer, len) = loop {
             let buffer = self.nic.rx_next()?;
             self.tx.stats.frames_rx += 1;

@@ -147,6 +147,11 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             s.tx_unmapped_drops,
         ),
         Metric::counter(
+            "zerosend_tx_dropped_no_buffer_total",
+            "Frames smoltcp built with no TX buffer to put them in (dropped; must stay 0).",
+            s.tx_dropped_no_buffer,
+        ),
+        Metric::counter(
             "zerosend_send_stall_aborts_total",
             "Connections reset for acknowledging nothing within --send-stall-timeout-secs.",
             s.send_stall_aborts,
