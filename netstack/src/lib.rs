@@ -48,6 +48,7 @@ pub mod frame;
 pub mod poison;
 pub mod sendq;
 mod stack;
+pub mod tls;
 
 pub use device::{BoundaryFault, TxConfig, SLOT_SIZE};
 pub use sendq::{SendMode, SendOutcome};
