@@ -79,6 +79,12 @@ pub enum AeadError {
 pub trait RecordAead: Send + Sync {
     fn algorithm(&self) -> Algorithm;
 
+    /// Whether [`RecordAead::seal_pieces`] copies the plaintext into the output before
+    /// sealing it there (an in-place-only AEAD): one more CPU write per byte.
+    fn gathers(&self) -> bool {
+        false
+    }
+
     /// Seals the inner plaintext formed by `pieces` (concatenated; their total length is
     /// `out.len()`) into `out`, out of place; returns the tag.
     fn seal_pieces(&self, nonce: &Nonce, aad: &[u8], pieces: &[&[u8]], out: &mut [u8]) -> Tag;
@@ -258,6 +264,10 @@ impl RingAead {
 impl RecordAead for RingAead {
     fn algorithm(&self) -> Algorithm {
         self.algorithm
+    }
+
+    fn gathers(&self) -> bool {
+        true
     }
 
     fn seal_pieces(&self, nonce: &Nonce, aad: &[u8], pieces: &[&[u8]], out: &mut [u8]) -> Tag {
