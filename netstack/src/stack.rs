@@ -824,15 +824,16 @@ impl<Q: NetQueue> Stack<Q> {
                     break;
                 }
             }
-            let progress = tls.process(stats);
+            tls.process(stats);
             if !socket.may_recv() && socket.recv_queue() == 0 {
                 tls.peer_fin();
             }
+            tls.flush_handshake(&mut ctx.sendq, &self.device.tx.pool, stats);
             let id = ConnId {
                 index: index as u32,
                 generation: *generation,
             };
-            if progress.established && !conn.announced {
+            if tls.is_ready() && !conn.announced {
                 conn.announced = true;
                 conn.released_by_app = false;
                 if let Some(listener) = conn.listener {

@@ -7,7 +7,8 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use common::*;
-use netstack::tls::{Algorithm, Backend};
+use netstack::tls::record::AlertDescription;
+use netstack::tls::{Algorithm, Backend, TlsError};
 use netstack::{ConnId, Event, SendOutcome, StackStats};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use sha2::{Digest, Sha256};
@@ -66,6 +67,8 @@ struct Client {
     error: Option<rustls::Error>,
     /// Raw bytes to send instead of (after) what rustls writes: forged records.
     inject: Vec<u8>,
+    /// Every TLS byte received (for diagnostics).
+    raw: Vec<u8>,
 }
 
 impl Client {
@@ -79,6 +82,7 @@ impl Client {
             mismatched: 0,
             error: None,
             inject: Vec::new(),
+            raw: Vec::new(),
         }
     }
 
@@ -88,9 +92,11 @@ impl Client {
         let socket = bed.peer_socket();
         while self.error.is_none() && socket.can_recv() {
             let tls = &mut self.tls;
+            let raw = &mut self.raw;
             let n = socket
                 .recv(|bytes| {
                     let n = tls.read_tls(&mut &bytes[..]).unwrap_or(0);
+                    raw.extend_from_slice(&bytes[..n]);
                     (n, n)
                 })
                 .unwrap();
@@ -230,6 +236,27 @@ impl TlsBed {
         assert!(self.run(&expected, |t| t.client.received >= total
             && t.completed(id).is_some()
             || t.client.error.is_some()));
+        if self.client.error.is_some() {
+            let c = self.bed.capture.as_ref().map(|c| {
+                let c = c.lock().unwrap();
+                (c.compared_bytes, c.differing_bytes)
+            });
+            let mut at = 0;
+            while at + 5 <= self.client.raw.len() {
+                let len =
+                    u16::from_be_bytes([self.client.raw[at + 3], self.client.raw[at + 4]]) as usize;
+                eprintln!(
+                    "record at {at}: {:02x?} len {len}",
+                    &self.client.raw[at..at + 5]
+                );
+                at += 5 + len;
+            }
+            eprintln!(
+                "capture (compared, differing): {c:?}; received {}; stats {:#?}",
+                self.client.received,
+                self.bed.stack.stats()
+            );
+        }
         assert_eq!(self.client.error, None, "client TLS error");
         assert_eq!(self.client.received, total);
         assert_eq!(self.client.mismatched, 0, "plaintext byte-exact");
@@ -272,4 +299,380 @@ fn handshake_then_request_and_file_download_byte_exact() {
         assert_eq!(stats.tx_unmapped_drops, 0);
         assert_eq!(stats.pins_held_now, 0);
     }
+}
+
+fn lossy(probability: f64) -> SoftNicConfig {
+    SoftNicConfig {
+        to_peer: Impairments::uniform(probability, 0x7111),
+        to_nic: Impairments::uniform(probability, 0x7222),
+        ..SoftNicConfig::default()
+    }
+}
+
+/// A bed for `len` bytes of file with every server frame captured by TCP stream offset.
+fn captured(nic: SoftNicConfig, len: usize) -> BedConfig {
+    let mut config = BedConfig::new(nic, len + (8 << 20));
+    // Records add 22 bytes per 16 KiB, the handshake a few KiB.
+    config.capture_stream_len = Some(len + len / 512 + (64 << 10));
+    config
+}
+
+/// Asserts every retransmitted byte on the wire equals its first transmission; returns how
+/// many were compared.
+fn retransmissions_identical(bed: &Bed) -> u64 {
+    let capture = bed.capture.as_ref().unwrap().lock().unwrap();
+    assert_eq!(
+        capture.differing_bytes, 0,
+        "retransmitted TLS bytes identical to their first transmission"
+    );
+    capture.compared_bytes
+}
+
+#[test]
+fn tls_64mib_with_loss_reordering_and_duplication_retransmits_identical_bytes() {
+    const LEN: usize = 64 << 20;
+    let body = pattern(LEN, 64);
+    let mut t = tls_bed(captured(lossy(0.02), LEN), Algorithm::Aes128Gcm);
+    let started = std::time::Instant::now();
+    let stats = t.download(b"HTTP/1.1 200 OK\r\n\r\n", &body);
+    let nic = t.bed.stack.nic().counters();
+    eprintln!(
+        "{:.2?} wall, stack {stats:#?}\nnic {nic:#?}",
+        started.elapsed()
+    );
+    assert!(nic.lost > 0 && nic.duplicated > 0 && nic.reordered > 0);
+    assert!(
+        stats.retransmitted_bytes > 0,
+        "2% loss must cause retransmissions"
+    );
+    assert!(stats.tls_ctr_bytes > 0, "retransmissions recomputed by CTR");
+    let compared = retransmissions_identical(&t.bed);
+    assert!(compared > 0, "retransmissions were compared");
+    eprintln!("retransmitted TLS bytes compared with their first transmission: {compared}");
+    assert_eq!(
+        stats.tls_ciphertext_held_now, 0,
+        "no ciphertext held after TX completion"
+    );
+    assert_eq!(stats.frames_in_flight_now, 0);
+    assert_eq!(stats.tx_unmapped_drops, 0);
+    assert_eq!(stats.pins_held_now, 0, "every pin released after ACK");
+    assert_eq!(
+        stats.tls_records_sealed as usize,
+        (LEN + 19) / 16384 + 8,
+        "each record sealed once (8 small ones first)"
+    );
+    assert_eq!(t.bed.cache.stats().pinned_pages_now, 0);
+}
+
+#[test]
+fn ciphertext_is_held_only_while_frames_are_in_flight() {
+    // The counter watched above is not constant zero: with the NIC's DMA run by hand,
+    // frames stay in flight and their TLS bytes are counted until the NIC completes them.
+    let mut config = BedConfig::new(SoftNicConfig::default(), 8 << 20);
+    config.nic.dma_timing = softnic::DmaTiming::Manual;
+    let mut bed = Bed::new(config);
+    let (server, client) = configs(Algorithm::Aes128Gcm);
+    bed.stack.listen_tls(SERVER_PORT, server).unwrap();
+    bed.peer_connect(49152);
+    let mut client = Client::new(client);
+    let mut conn = None;
+    for _ in 0..20_000 {
+        bed.step();
+        bed.stack.nic_mut().device_step(usize::MAX);
+        client.pump(&mut bed, &[]);
+        for e in bed.stack.poll_events() {
+            if let Event::Accepted { conn: c, .. } = e {
+                conn = Some(c);
+            }
+        }
+        if conn.is_some() && !client.tls.is_handshaking() {
+            break;
+        }
+    }
+    let conn = conn.unwrap();
+    let body = pattern(1 << 20, 3);
+    let path = bed.write_file("f", &body);
+    let file = bed
+        .cache
+        .open(&path, pagecache::OpenOptions::read_only())
+        .unwrap();
+    let pin = file.pin(0..body.len() as u64).unwrap();
+    bed.stack
+        .send_file(conn, &pin, 0..body.len() as u64)
+        .unwrap();
+    drop(pin);
+    let mut held_max = 0;
+    while client.received < body.len() as u64 && bed.now < netstack::Instant::from_secs(600) {
+        bed.step();
+        let held = bed.stack.stats().tls_ciphertext_held_now;
+        held_max = held_max.max(held);
+        assert!(held <= bed.stack.stats().frames_in_flight_now * 65536);
+        bed.stack.nic_mut().device_step(usize::MAX);
+        bed.stack.poll(bed.now).unwrap();
+        client.pump(&mut bed, &body);
+    }
+    assert_eq!(client.mismatched, 0);
+    assert_eq!(client.received, body.len() as u64);
+    assert!(held_max > 0, "frames in flight hold their TLS bytes");
+    bed.stack.nic_mut().device_step(usize::MAX);
+    bed.stack.poll(bed.now).unwrap();
+    assert_eq!(bed.stack.stats().tls_ciphertext_held_now, 0);
+}
+
+#[test]
+fn key_updates_both_ways_mid_transfer() {
+    let body = pattern(8 << 20, 21);
+    let mut t = tls_bed(captured(lossy(0.005), 8 << 20), Algorithm::Aes256Gcm);
+    let initial = t.bed.stack.tls_key_positions(t.conn).unwrap().unwrap();
+    assert_eq!((initial.0 .0, initial.1 .0), (0, 0), "epoch 0 both ways");
+    t.bed
+        .stack
+        .send(t.conn, b"HTTP/1.1 200 OK\r\n\r\n")
+        .unwrap();
+    let id = t.send_file("body", &body);
+    let mut expected = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+    expected.extend_from_slice(&body);
+    // A third in: the server updates its key and asks the client to update too.
+    assert!(t.run(&expected, |t| t.client.received > (3 << 20)));
+    t.bed.stack.tls_key_update(t.conn, true).unwrap();
+    // Two thirds in: the client updates its key (rustls requests an update back).
+    assert!(t.run(&expected, |t| t.client.received > (6 << 20)));
+    t.client.tls.refresh_traffic_keys().unwrap();
+    let total = expected.len() as u64;
+    assert!(t.run(&expected, |t| (t.client.received >= total
+        && t.completed(id).is_some())
+        || t.client.error.is_some()));
+    assert_eq!(t.client.error, None);
+    assert_eq!(t.client.mismatched, 0);
+    assert_eq!(t.client.received, total);
+    // And the connection still works both ways on the new keys.
+    t.client.write(b"ping");
+    let mut got = Vec::new();
+    assert!(t.run(&[], |t| {
+        let mut buf = [0u8; 16];
+        if let Ok(n) = t.bed.stack.recv(t.conn, &mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        got == b"ping"
+    }));
+    let ((tx_epoch, _), (rx_epoch, _)) = t.bed.stack.tls_key_positions(t.conn).unwrap().unwrap();
+    let stats = t.bed.stack.stats();
+    assert_eq!(
+        stats.tls_key_updates_sent, 2,
+        "ours, and the answer to the client's"
+    );
+    assert_eq!(tx_epoch, 2);
+    assert!(
+        stats.tls_key_updates_received >= 2,
+        "the client's answer and its own"
+    );
+    assert_eq!(rx_epoch, stats.tls_key_updates_received);
+    retransmissions_identical(&t.bed);
+    assert_eq!(stats.tls_ciphertext_held_now, 0);
+}
+
+#[test]
+fn record_limit_updates_keys_and_old_epochs_retransmit_identically() {
+    // A low limit stands in for AES-GCM's 2^24 records per key: many epochs, with loss, so
+    // records of older epochs are retransmitted after the key moved on.
+    let len = 6 << 20;
+    let body = pattern(len, 5);
+    let mut config = captured(lossy(0.02), len);
+    config.stack.tls.key_update_after = 40;
+    let mut t = tls_bed(config, Algorithm::Aes128Gcm);
+    let stats = t.download(b"", &body);
+    let records = stats.tls_records_sealed;
+    assert!(stats.tls_key_updates_sent >= records / 41, "{stats:#?}");
+    let ((tx_epoch, tx_seq), _) = t.bed.stack.tls_key_positions(t.conn).unwrap().unwrap();
+    assert_eq!(tx_epoch, stats.tls_key_updates_sent);
+    assert!(tx_seq <= 40);
+    assert!(stats.retransmitted_bytes > 0);
+    assert!(retransmissions_identical(&t.bed) > 0);
+    assert_eq!(stats.tls_ciphertext_held_now, 0);
+}
+
+/// The client's view of how the server ended the connection.
+fn client_alert(t: &TlsBed) -> Option<rustls::AlertDescription> {
+    match &t.client.error {
+        Some(rustls::Error::AlertReceived(a)) => Some(*a),
+        _ => None,
+    }
+}
+
+/// Sends raw `bytes` on the client's TCP stream (after what rustls sent), optionally then
+/// FIN, and runs until the client saw the stack's alert; then until the stack's FIN.
+/// Returns the bed and the stack's view of the failure at the time of the alert.
+fn bad_input(bytes: &[u8], fin: bool) -> (TlsBed, Option<TlsError>) {
+    let mut t = tls_bed(
+        BedConfig::new(SoftNicConfig::default(), 4 << 20),
+        Algorithm::Aes128Gcm,
+    );
+    t.client.inject = bytes.to_vec();
+    t.client.pump(&mut t.bed, &[]);
+    if fin {
+        t.run(&[], |t| t.client.outgoing.is_empty());
+        t.bed.peer_socket().close();
+    }
+    assert!(t.run(&[], |t| t.client.error.is_some()));
+    let error = t.bed.stack.tls_error(t.conn).unwrap();
+    assert!(
+        t.run(&[], |t| !t.bed.peer_socket().may_recv()),
+        "FIN after the alert"
+    );
+    (t, error)
+}
+
+#[test]
+fn forged_record_gets_bad_record_mac_and_close() {
+    let mut forged = vec![0x17, 3, 3, 0, 40];
+    forged.extend((0..40).map(|i| i as u8));
+    let (t, error) = bad_input(&forged, false);
+    assert_eq!(
+        error,
+        Some(TlsError::BadRecord(AlertDescription::BadRecordMac))
+    );
+    assert_eq!(
+        client_alert(&t),
+        Some(rustls::AlertDescription::BadRecordMac)
+    );
+    assert_eq!(t.bed.stack.stats().tls_alerts_sent, 1);
+}
+
+#[test]
+fn oversized_record_gets_record_overflow() {
+    let (t, _) = bad_input(&[0x17, 3, 3, 0x41, 0x01, 0, 0, 0], false);
+    assert_eq!(
+        client_alert(&t),
+        Some(rustls::AlertDescription::RecordOverflow)
+    );
+}
+
+#[test]
+fn truncated_record_at_fin_gets_decode_error() {
+    let mut partial = vec![0x17, 3, 3, 0, 100];
+    partial.extend([7u8; 50]);
+    let (t, error) = bad_input(&partial, true);
+    assert_eq!(error, Some(TlsError::Truncated));
+    assert_eq!(
+        client_alert(&t),
+        Some(rustls::AlertDescription::DecodeError)
+    );
+}
+
+#[test]
+fn too_short_and_plaintext_records_are_refused() {
+    let (t, _) = bad_input(&[0x17, 3, 3, 0, 5, 1, 2, 3, 4, 5], false);
+    assert_eq!(
+        client_alert(&t),
+        Some(rustls::AlertDescription::DecodeError)
+    );
+    let (t, _) = bad_input(&[0x16, 3, 3, 0, 4, 1, 2, 3, 4], false);
+    assert_eq!(
+        client_alert(&t),
+        Some(rustls::AlertDescription::UnexpectedMessage)
+    );
+}
+
+#[test]
+fn replayed_record_gets_bad_record_mac() {
+    let mut t = tls_bed(
+        BedConfig::new(SoftNicConfig::default(), 4 << 20),
+        Algorithm::Aes128Gcm,
+    );
+    t.client.write(b"GET / HTTP/1.1\r\n\r\n");
+    let mut record = Vec::new();
+    while t.client.tls.wants_write() {
+        t.client.tls.write_tls(&mut record).unwrap();
+    }
+    // The record, then the same record again.
+    t.client.inject = [record.clone(), record].concat();
+    let conn = t.conn;
+    assert!(t.run(&[], |t| t.client.error.is_some()));
+    assert_eq!(
+        client_alert(&t),
+        Some(rustls::AlertDescription::BadRecordMac)
+    );
+    let mut buf = [0u8; 64];
+    let n = t.bed.stack.recv(conn, &mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        b"GET / HTTP/1.1\r\n\r\n",
+        "the first copy was accepted"
+    );
+    assert_eq!(
+        t.bed.stack.tls_error(conn).unwrap(),
+        Some(TlsError::BadRecord(AlertDescription::BadRecordMac))
+    );
+}
+
+#[test]
+fn close_sends_close_notify_then_fin() {
+    let mut t = tls_bed(
+        BedConfig::new(SoftNicConfig::default(), 4 << 20),
+        Algorithm::Aes128Gcm,
+    );
+    t.bed.stack.send(t.conn, b"bye").unwrap();
+    t.bed.stack.close(t.conn).unwrap();
+    let mut closed_cleanly = false;
+    assert!(t.run(b"bye", |t| {
+        closed_cleanly = t
+            .client
+            .tls
+            .reader()
+            .read(&mut [0u8; 8])
+            .is_ok_and(|n| n == 0);
+        closed_cleanly
+    }));
+    assert_eq!(t.client.received, 3);
+    assert_eq!(t.client.error, None);
+    assert!(!t.bed.peer_socket().may_recv(), "FIN after close_notify");
+}
+
+#[test]
+fn aes_gcm_backend_downloads_byte_exact() {
+    let mut config = captured(lossy(0.01), 4 << 20);
+    config.stack.tls.backend = Backend::AesGcm;
+    let mut t = tls_bed(config, Algorithm::Aes128Gcm);
+    let stats = t.download(b"head", &pattern(4 << 20, 9));
+    assert!(retransmissions_identical(&t.bed) > 0);
+    assert_eq!(stats.tls_ciphertext_held_now, 0);
+}
+
+/// The checks above can fail: a record path that recomputes retransmitted slices at the
+/// wrong counter puts different bytes on the wire, and the client refuses the records.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn wrong_counter_on_retransmission_is_caught_by_the_capture_and_the_client() {
+    let len = 4 << 20;
+    let mut config = captured(lossy(0.02), len);
+    config.stack.tls.fault = netstack::tls::TlsFault::WrongCounter;
+    let mut t = tls_bed(config, Algorithm::Aes128Gcm);
+    t.bed
+        .stack
+        .send_file(
+            t.conn,
+            &{
+                let path = t.bed.write_file("f", &pattern(len, 1));
+                let file = t
+                    .bed
+                    .cache
+                    .open(&path, pagecache::OpenOptions::read_only())
+                    .unwrap();
+                file.pin(0..len as u64).unwrap()
+            },
+            0..len as u64,
+        )
+        .unwrap();
+    assert!(t.run(&[], |t| t.client.error.is_some()));
+    assert_eq!(client_alert(&t), None);
+    assert!(
+        matches!(t.client.error, Some(rustls::Error::DecryptError)),
+        "{:?}",
+        t.client.error
+    );
+    let capture = t.bed.capture.as_ref().unwrap().lock().unwrap();
+    assert!(
+        capture.differing_bytes > 0,
+        "the capture sees the changed retransmission"
+    );
 }

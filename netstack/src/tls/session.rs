@@ -438,16 +438,7 @@ impl TlsConn {
         room: u64,
         stats: &mut StackStats,
     ) {
-        if !self.pending_out.is_empty() {
-            let n = sendq.push_copy(&self.pending_out, pool);
-            stats.payload_bytes_copied += n as u64;
-            self.pending_out.drain(..n);
-            self.tx.frame_raw(sendq);
-            if !self.pending_out.is_empty() {
-                return;
-            }
-        }
-        if !self.tx.has_key() || self.tx_closed {
+        if !self.flush_handshake(sendq, pool, stats) || !self.tx.has_key() || self.tx_closed {
             return;
         }
         while self.tx.unfed() < room {
@@ -476,6 +467,31 @@ impl TlsConn {
             }
             return;
         }
+    }
+
+    /// Moves the handshake bytes rustls encoded into the send queue, framed as raw bytes.
+    /// Returns whether all of them are there. The send queue holds nothing else until the
+    /// connection is announced (the application cannot send before), so no plaintext of
+    /// the application can be framed raw.
+    pub fn flush_handshake(
+        &mut self,
+        sendq: &mut SendQueue,
+        pool: &CopyPool,
+        stats: &mut StackStats,
+    ) -> bool {
+        if !self.pending_out.is_empty() {
+            let n = sendq.push_copy(&self.pending_out, pool);
+            stats.payload_bytes_copied += n as u64;
+            self.pending_out.drain(..n);
+            self.tx.frame_raw(sendq);
+        }
+        self.pending_out.is_empty()
+    }
+
+    /// Whether the connection may be handed to the application: handshake complete and
+    /// every handshake byte (session tickets included) queued ahead of any data.
+    pub fn is_ready(&self) -> bool {
+        self.is_established() && self.pending_out.is_empty() && self.error.is_none()
     }
 
     /// Frames a KeyUpdate under the current key, then switches to the next one.
