@@ -102,6 +102,13 @@ pub trait RecordAead: Send + Sync {
     /// The tag of a record whose whole body ciphertext is `ciphertext`.
     fn tag_of(&self, nonce: &Nonce, aad: &[u8], ciphertext: &[u8]) -> Tag;
 
+    /// Starts a tag computed over ciphertext that arrives in pieces, in order
+    /// ([`TagState::update`]): a record whose first transmission is split across frames.
+    fn tag_begin(&self, aad: &[u8]) -> TagState;
+
+    /// Finishes a [`RecordAead::tag_begin`] tag.
+    fn tag_finish(&self, nonce: &Nonce, state: TagState) -> Tag;
+
     /// Verifies `tag` and decrypts `buf` in place. On failure `buf` is unspecified.
     fn open_in_place(
         &self,
@@ -230,6 +237,89 @@ impl CtrGhash {
     }
 }
 
+/// GHASH over a record's AAD and ciphertext, fed in pieces of any length.
+#[derive(Clone)]
+pub struct TagState {
+    ghash: ghash::GHash,
+    /// Bytes of an incomplete block.
+    partial: [u8; 16],
+    partial_len: usize,
+    aad_len: u64,
+    /// Ciphertext bytes fed so far.
+    len: u64,
+}
+
+impl TagState {
+    /// Ciphertext bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Feeds the next ciphertext bytes.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        if self.partial_len > 0 {
+            let n = (16 - self.partial_len).min(bytes.len());
+            self.partial[self.partial_len..self.partial_len + n].copy_from_slice(&bytes[..n]);
+            self.partial_len += n;
+            bytes = &bytes[n..];
+            if self.partial_len < 16 {
+                return;
+            }
+            self.ghash.update(&[self.partial.into()]);
+            self.partial_len = 0;
+        }
+        let whole = bytes.len() / 16 * 16;
+        if whole > 0 {
+            // `update_padded` of a multiple of 16 bytes is plain GHASH of those blocks.
+            self.ghash.update_padded(&bytes[..whole]);
+        }
+        let rest = &bytes[whole..];
+        self.partial[..rest.len()].copy_from_slice(rest);
+        self.partial_len = rest.len();
+    }
+}
+
+impl CtrGhash {
+    fn tag_begin(&self, aad: &[u8]) -> TagState {
+        let mut ghash = self.ghash.clone();
+        ghash.update_padded(aad);
+        TagState {
+            ghash,
+            partial: [0; 16],
+            partial_len: 0,
+            aad_len: aad.len() as u64,
+            len: 0,
+        }
+    }
+
+    fn tag_finish(&self, nonce: &Nonce, state: TagState) -> Tag {
+        let TagState {
+            mut ghash,
+            partial,
+            partial_len,
+            aad_len,
+            len,
+        } = state;
+        ghash.update_padded(&partial[..partial_len]);
+        let mut lengths = ghash::Block::default();
+        lengths[..8].copy_from_slice(&(aad_len * 8).to_be_bytes());
+        lengths[8..].copy_from_slice(&(len * 8).to_be_bytes());
+        ghash.update(&[lengths]);
+        let mut tag: Tag = ghash.finalize().into();
+        let mut mask: aes::Block = counter_block(nonce, 1).into();
+        self.aes.encrypt(&mut mask);
+        for (t, m) in tag.iter_mut().zip(mask.iter()) {
+            *t ^= m;
+        }
+        tag
+    }
+}
+
 impl AesKey {
     fn encrypt(&self, block: &mut aes::Block) {
         match self {
@@ -304,6 +394,14 @@ impl RecordAead for RingAead {
 
     fn tag_of(&self, nonce: &Nonce, aad: &[u8], ciphertext: &[u8]) -> Tag {
         self.parts.tag_of(nonce, aad, ciphertext)
+    }
+
+    fn tag_begin(&self, aad: &[u8]) -> TagState {
+        self.parts.tag_begin(aad)
+    }
+
+    fn tag_finish(&self, nonce: &Nonce, state: TagState) -> Tag {
+        self.parts.tag_finish(nonce, state)
     }
 
     fn open_in_place(
@@ -410,6 +508,14 @@ impl RecordAead for RustCryptoAead {
 
     fn tag_of(&self, nonce: &Nonce, aad: &[u8], ciphertext: &[u8]) -> Tag {
         self.parts.tag_of(nonce, aad, ciphertext)
+    }
+
+    fn tag_begin(&self, aad: &[u8]) -> TagState {
+        self.parts.tag_begin(aad)
+    }
+
+    fn tag_finish(&self, nonce: &Nonce, state: TagState) -> Tag {
+        self.parts.tag_finish(nonce, state)
     }
 
     fn open_in_place(
@@ -527,6 +633,17 @@ mod tests {
                     assert_eq!(in_place, slice);
                 }
                 assert_eq!(aead.tag_of(&nonce, b"aad", &sealed), tag);
+                // Fed in pieces of odd lengths, the incremental tag is the same.
+                for cuts in [&[0usize][..], &[1, 17, 4000], &[15, 16, 16 * 1024]] {
+                    let mut state = aead.tag_begin(b"aad");
+                    let mut at = 0;
+                    for &cut in cuts.iter().chain([&sealed.len()]) {
+                        state.update(&sealed[at..cut.max(at)]);
+                        at = cut.max(at);
+                    }
+                    assert_eq!(state.len(), sealed.len() as u64);
+                    assert_eq!(aead.tag_finish(&nonce, state), tag, "{cuts:?}");
+                }
             }
         }
     }

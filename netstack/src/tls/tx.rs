@@ -17,7 +17,9 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
-use super::aead::{new_aead, AeadError, Algorithm, Backend, Nonce, RecordAead, Tag, TAG_LEN};
+use super::aead::{
+    new_aead, AeadError, Algorithm, Backend, Nonce, RecordAead, Tag, TagState, TAG_LEN,
+};
 use super::record::{self, HEADER_LEN, MAX_PLAINTEXT, OVERHEAD};
 use crate::sendq::{PieceBytes, SendQueue, Unmapped};
 use crate::StackStats;
@@ -142,6 +144,10 @@ pub struct TlsTx {
     data_records: u64,
     /// Last byte of the unit released last (for keep-alive probes).
     last_released: Option<(u64, u8)>,
+    /// The tag of the record whose first transmission is split across frames, as far as
+    /// its ciphertext went out: `(the record's TCP start, GHASH so far)`. First
+    /// transmissions go in stream order, so there is at most one.
+    open_tag: Option<(u64, TagState)>,
     fault: TlsFault,
 }
 
@@ -157,6 +163,7 @@ impl TlsTx {
             next_seq: 0,
             data_records: 0,
             last_released: None,
+            open_tag: None,
             fault,
         }
     }
@@ -329,7 +336,11 @@ impl TlsTx {
         }
         let retransmission = range.start < self.sent_max;
         let Self {
-            units, keys, fault, ..
+            units,
+            keys,
+            fault,
+            open_tag,
+            ..
         } = self;
         let mut at = range.start;
         for unit in units.range_mut(first..) {
@@ -352,12 +363,13 @@ impl TlsTx {
                         .expect("keys of unacknowledged records are kept");
                     let slice = RecordSlice {
                         key,
+                        unit: unit.tcp_start,
                         plain_start: unit.plain_start,
                         plain_len: unit.plain_len as usize,
                         local: local.start as usize..local.end as usize,
                         wrong_counter: retransmission && *fault != TlsFault::None,
                     };
-                    slice.build(rec, sendq, dst, scratch, stats)?;
+                    slice.build(rec, sendq, dst, scratch, open_tag, stats)?;
                 }
             }
             at = unit.tcp_start + local.end;
@@ -390,6 +402,8 @@ fn copy_plain(sendq: &SendQueue, plain: Range<u64>, dst: &mut [u8]) -> Result<()
 /// One record's part of a frame.
 struct RecordSlice<'k> {
     key: &'k TrafficKey,
+    /// The record's TCP start (names it).
+    unit: u64,
     plain_start: u64,
     plain_len: usize,
     /// Range of the record's TCP bytes (header, body, tag) to write.
@@ -410,6 +424,7 @@ impl RecordSlice<'_> {
         sendq: &SendQueue,
         dst: &mut [u8],
         scratch: &mut Vec<u8>,
+        open_tag: &mut Option<(u64, TagState)>,
         stats: &mut StackStats,
     ) -> Result<(), Unmapped> {
         let inner_len = self.plain_len + 1;
@@ -420,27 +435,52 @@ impl RecordSlice<'_> {
         let base = self.local.start;
         // Header bytes: the length is the record's, the rest constant.
         if let Some(h) = overlap(&self.local, 0..HEADER_LEN) {
-            dst[h.start + 0 - base..h.end - base].copy_from_slice(&header[h.clone()]);
+            dst[h.start - base..h.end - base].copy_from_slice(&header[h.clone()]);
         }
         let body_part = overlap(&self.local, body.clone());
         let tag_needed = body_part.is_some() || overlap(&self.local, tag_at.clone()).is_some();
         if let Some(part) = body_part.clone() {
             let out_at = body.start + part.start - base;
             let out = &mut dst[out_at..out_at + part.len()];
-            if rec.tag.is_none() {
-                let whole = part == (0..inner_len);
-                rec.tag = Some(self.seal(
-                    rec,
-                    sendq,
-                    &header,
-                    whole.then_some(&mut *out),
-                    scratch,
-                    stats,
-                )?);
-                if !whole {
-                    out.copy_from_slice(&scratch[part.clone()]);
-                    stats.tls_cpu_bytes_written += part.len() as u64;
+            // How far this record's split first transmission went (its GHASH position).
+            let ghash_at = match open_tag {
+                Some((unit, state)) if *unit == self.unit => Some(state.len() as usize),
+                _ => None,
+            };
+            let in_order = part.start <= ghash_at.unwrap_or(0);
+            if rec.tag.is_none() && ghash_at.is_none() && part == (0..inner_len) {
+                // The whole record in this frame: sealed straight into it.
+                rec.tag = Some(self.seal(rec, sendq, &header, Some(out), scratch, stats)?);
+            } else if rec.tag.is_none() && in_order {
+                // Part of a record, continuing its first transmission in order: CTR into
+                // the frame, and GHASH of the new ciphertext; the tag once it is complete.
+                self.ctr(rec, sendq, &nonce, part.clone(), out)?;
+                stats.tls_ctr_bytes += part.len() as u64;
+                stats.tls_cpu_bytes_written += part.len() as u64;
+                let aead = self.key.aead();
+                if ghash_at.is_none() {
+                    *open_tag = Some((self.unit, aead.tag_begin(&header)));
                 }
+                let (_, state) = open_tag.as_mut().expect("set above");
+                let from = ghash_at.unwrap_or(0);
+                if part.end > from {
+                    state.update(&out[from - part.start..]);
+                }
+                if state.len() as usize == inner_len {
+                    let (_, state) = open_tag.take().expect("just used");
+                    stats.tls_records_sealed += 1;
+                    stats.tls_bytes_sealed += inner_len as u64;
+                    rec.tag = Some(aead.tag_finish(&nonce, state));
+                }
+            } else if rec.tag.is_none() {
+                // Out of order (first transmissions go in stream order, so not reached by
+                // them): seal the whole record aside for its tag.
+                rec.tag = Some(self.seal(rec, sendq, &header, None, scratch, stats)?);
+                if ghash_at.is_some() {
+                    *open_tag = None;
+                }
+                out.copy_from_slice(&scratch[part.clone()]);
+                stats.tls_cpu_bytes_written += part.len() as u64;
             } else {
                 self.ctr(rec, sendq, &nonce, part.clone(), out)?;
                 stats.tls_ctr_bytes += part.len() as u64;
@@ -448,6 +488,9 @@ impl RecordSlice<'_> {
             }
         } else if tag_needed && rec.tag.is_none() {
             rec.tag = Some(self.seal(rec, sendq, &header, None, scratch, stats)?);
+            if matches!(open_tag, Some((unit, _)) if *unit == self.unit) {
+                *open_tag = None;
+            }
         }
         if let Some(t) = overlap(&self.local, tag_at.clone()) {
             let tag = rec.tag.expect("sealed above");
