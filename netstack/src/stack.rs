@@ -117,6 +117,8 @@ struct Conn {
     /// The application knows the connection (a TLS connection is reported only once its
     /// handshake is complete); no events before.
     announced: bool,
+    /// When the connection was accepted (or made).
+    accepted_at: Instant,
 }
 
 enum ConnSlot {
@@ -310,15 +312,20 @@ impl<Q: NetQueue> Stack<Q> {
         }
     }
 
-    /// Transmit and receive key positions of a TLS connection: `((tx epoch, next tx
-    /// sequence), (rx epoch, next rx sequence))`, for tests and diagnostics.
-    pub fn tls_key_positions(&self, id: ConnId) -> Result<Option<((u64, u64), (u64, u64))>> {
+    /// Where a TLS connection's keys are in both directions (`None` before the handshake
+    /// is complete), for tests and diagnostics.
+    pub fn tls_key_positions(&self, id: ConnId) -> Result<Option<crate::tls::KeyPositions>> {
         self.conn(id)?;
         let Some(tls) = self.device.tx.conns[id.index as usize].tls.as_ref() else {
             return Err(Error::NotTls);
         };
         Ok(match (tls.tx.epoch(), tls.rx_position()) {
-            (Some(epoch), Some(rx)) => Some(((epoch, tls.tx.next_seq()), rx)),
+            (Some(tx_epoch), Some((rx_epoch, rx_seq))) => Some(crate::tls::KeyPositions {
+                tx_epoch,
+                tx_seq: tls.tx.next_seq(),
+                rx_epoch,
+                rx_seq,
+            }),
             _ => None,
         })
     }
@@ -363,6 +370,7 @@ impl<Q: NetQueue> Stack<Q> {
             progress_at: now,
             closed_at: None,
             announced: true,
+            accepted_at: now,
         };
         let index = match self
             .conns
@@ -841,12 +849,22 @@ impl<Q: NetQueue> Stack<Q> {
                         .push_back(Event::Accepted { listener, conn: id });
                 }
             }
+            // A TLS handshake has the TCP handshake's time limit too, from the accept on,
+            // so a client that connects and says nothing cannot hold a connection.
+            let handshake_expired =
+                !conn.announced && self.now - conn.accepted_at > self.config.handshake_timeout;
+            if handshake_expired && socket.is_open() {
+                tracing::debug!("connection {id:?}: TLS handshake timed out");
+                stats.tls_handshake_failures += 1;
+                socket.abort();
+                ctx.sendq.abort();
+            }
             if tls.is_dead() && !conn.close_requested {
-                // A fatal alert goes out (if there is a record layer to send it), then FIN.
-                // A handshake that failed, or an alert from the peer, ends it at once.
+                // A fatal alert goes out (rustls' for a failed handshake, ours after it),
+                // then FIN. An alert from the peer ends the connection at once.
                 conn.close_requested = true;
                 let peer_alert = matches!(tls.error, Some(crate::tls::TlsError::PeerAlert(_)));
-                if !tls.is_established() || peer_alert {
+                if peer_alert {
                     socket.abort();
                     ctx.sendq.abort();
                 }

@@ -424,7 +424,11 @@ fn key_updates_both_ways_mid_transfer() {
     let body = pattern(8 << 20, 21);
     let mut t = tls_bed(captured(lossy(0.005), 8 << 20), Algorithm::Aes256Gcm);
     let initial = t.bed.stack.tls_key_positions(t.conn).unwrap().unwrap();
-    assert_eq!((initial.0 .0, initial.1 .0), (0, 0), "epoch 0 both ways");
+    assert_eq!(
+        (initial.tx_epoch, initial.rx_epoch),
+        (0, 0),
+        "epoch 0 both ways"
+    );
     t.bed
         .stack
         .send(t.conn, b"HTTP/1.1 200 OK\r\n\r\n")
@@ -455,18 +459,18 @@ fn key_updates_both_ways_mid_transfer() {
         }
         got == b"ping"
     }));
-    let ((tx_epoch, _), (rx_epoch, _)) = t.bed.stack.tls_key_positions(t.conn).unwrap().unwrap();
+    let positions = t.bed.stack.tls_key_positions(t.conn).unwrap().unwrap();
     let stats = t.bed.stack.stats();
     assert_eq!(
         stats.tls_key_updates_sent, 2,
         "ours, and the answer to the client's"
     );
-    assert_eq!(tx_epoch, 2);
+    assert_eq!(positions.tx_epoch, 2);
     assert!(
         stats.tls_key_updates_received >= 2,
         "the client's answer and its own"
     );
-    assert_eq!(rx_epoch, stats.tls_key_updates_received);
+    assert_eq!(positions.rx_epoch, stats.tls_key_updates_received);
     retransmissions_identical(&t.bed);
     assert_eq!(stats.tls_ciphertext_held_now, 0);
 }
@@ -483,9 +487,9 @@ fn record_limit_updates_keys_and_old_epochs_retransmit_identically() {
     let stats = t.download(b"", &body);
     let records = stats.tls_records_sealed;
     assert!(stats.tls_key_updates_sent >= records / 41, "{stats:#?}");
-    let ((tx_epoch, tx_seq), _) = t.bed.stack.tls_key_positions(t.conn).unwrap().unwrap();
-    assert_eq!(tx_epoch, stats.tls_key_updates_sent);
-    assert!(tx_seq <= 40);
+    let positions = t.bed.stack.tls_key_positions(t.conn).unwrap().unwrap();
+    assert_eq!(positions.tx_epoch, stats.tls_key_updates_sent);
+    assert!(positions.tx_seq <= 40);
     assert!(stats.retransmitted_bytes > 0);
     assert!(retransmissions_identical(&t.bed) > 0);
     assert_eq!(stats.tls_ciphertext_held_now, 0);
@@ -675,4 +679,104 @@ fn wrong_counter_on_retransmission_is_caught_by_the_capture_and_the_client() {
         capture.differing_bytes > 0,
         "the capture sees the changed retransmission"
     );
+}
+
+#[test]
+fn handshake_failure_gets_rustls_alert_and_the_listener_goes_on() {
+    // A client offering only ChaCha20-Poly1305, which the record layer (and so the
+    // server's config) does not do.
+    let mut bed = Bed::new(BedConfig::new(SoftNicConfig::default(), 4 << 20));
+    let (server, good_client) = configs(Algorithm::Aes128Gcm);
+    bed.stack.listen_tls(SERVER_PORT, server).unwrap();
+    let chacha = Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: vec![rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256],
+        ..rustls::crypto::ring::default_provider()
+    });
+    let chacha_client = rustls::ClientConfig::builder_with_provider(chacha)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    bed.peer_connect(49152);
+    let mut client = Client::new(Arc::new(chacha_client));
+    let mut events = Vec::new();
+    for _ in 0..20_000 {
+        if client.error.is_some() && !bed.peer_socket().may_recv() {
+            break;
+        }
+        bed.step();
+        client.pump(&mut bed, &[]);
+        events.extend(bed.stack.poll_events());
+    }
+    assert!(
+        matches!(
+            client.error,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::HandshakeFailure
+            ))
+        ),
+        "{:?}",
+        client.error
+    );
+    assert!(!bed.peer_socket().may_recv(), "FIN after the alert");
+    assert!(
+        events
+            .iter()
+            .all(|e| matches!(e, Event::AddressConfigured { .. })),
+        "a failed handshake is never announced: {events:?}"
+    );
+    assert_eq!(bed.stack.stats().tls_handshake_failures, 1);
+
+    // The listener goes on: the next client gets through.
+    bed.peer_socket().abort();
+    for _ in 0..100 {
+        bed.step();
+    }
+    bed.peer_connect(49153);
+    let mut client = Client::new(good_client);
+    let mut accepted = false;
+    for _ in 0..20_000 {
+        bed.step();
+        client.pump(&mut bed, &[]);
+        accepted |= bed
+            .stack
+            .poll_events()
+            .any(|e| matches!(e, Event::Accepted { .. }));
+        if accepted && !client.tls.is_handshaking() {
+            break;
+        }
+    }
+    assert!(accepted && client.error.is_none());
+}
+
+#[test]
+fn silent_client_is_dropped_after_the_handshake_timeout() {
+    let mut bed = Bed::new(BedConfig::new(SoftNicConfig::default(), 4 << 20));
+    let (server, _) = configs(Algorithm::Aes128Gcm);
+    bed.stack.listen_tls(SERVER_PORT, server).unwrap();
+    bed.peer_connect(49152);
+    // TCP connects; no ClientHello comes for longer than the handshake timeout (10 s).
+    let limit = bed.now + netstack::Duration::from_secs(15);
+    while bed.now < limit {
+        bed.step();
+    }
+    assert_eq!(
+        bed.peer_socket().state(),
+        smoltcp::socket::tcp::State::Established
+    );
+    // The connection is gone on the stack's side: what the client sends now is reset.
+    bed.peer_socket().send_slice(b"late hello").unwrap();
+    let limit = bed.now + netstack::Duration::from_secs(5);
+    while bed.now < limit && bed.peer_socket().is_open() {
+        bed.step();
+    }
+    assert!(
+        !bed.peer_socket().is_open(),
+        "reset after the handshake timeout"
+    );
+    assert_eq!(bed.stack.stats().tls_handshake_failures, 1);
+    assert!(bed
+        .stack
+        .poll_events()
+        .all(|e| matches!(e, Event::AddressConfigured { .. })));
 }

@@ -90,3 +90,13 @@ pub struct TlsInfo {
     /// the SNI name; a `ResolvesServerCert` in the config sees it.)
     pub alpn: Option<Vec<u8>>,
 }
+
+/// Key epochs (0 = the handshake's traffic keys, +1 per KeyUpdate) and next record
+/// sequence numbers of a TLS connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyPositions {
+    pub tx_epoch: u64,
+    pub tx_seq: u64,
+    pub rx_epoch: u64,
+    pub rx_seq: u64,
+}
