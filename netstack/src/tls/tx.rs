@@ -627,3 +627,163 @@ impl RecordSlice<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sendq::{copy_pool, SendMode};
+    use crate::tls::record::{AlertDescription, ContentType};
+    use crate::SendId;
+    use driver::NetQueue;
+    use pagecache::{CacheConfig, FrameArena, OpenOptions, PageCache};
+    use softnic::{SoftNic, SoftNicConfig};
+
+    const LEN: usize = 300_000;
+
+    fn key(epoch: u64, backend: Backend) -> TrafficKey {
+        let k = [epoch as u8 + 1; 16];
+        TrafficKey::new(epoch, backend, Algorithm::Aes128Gcm, &k, &[7; 12]).unwrap()
+    }
+
+    /// A queue holding a copied head and a file, framed into records; the key changes
+    /// (epoch 1, as after a KeyUpdate) half-way; a close_notify ends it. Returns the
+    /// records framed under the first key.
+    fn framed(sendq: &mut SendQueue, backend: Backend) -> (TlsTx, u64) {
+        let mut tx = TlsTx::new(TlsFault::None);
+        tx.install_key(key(0, backend), 5);
+        let mut first_epoch = 0;
+        while tx.frame_data(sendq) > 0 {
+            first_epoch += 1;
+            if first_epoch == 12 {
+                tx.install_key(key(1, backend), 0);
+            }
+        }
+        let close = record::alert(AlertDescription::CloseNotify);
+        tx.frame_inline(ContentType::Alert, &close);
+        (tx, 12)
+    }
+
+    #[test]
+    fn any_split_and_any_retransmission_build_the_same_records_which_decrypt() {
+        let (nic, _peer) = SoftNic::new(SoftNicConfig::default()).unwrap();
+        let pool = copy_pool(nic.dma(), 8).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..LEN).map(|i| (i * 7 % 253) as u8).collect();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &data).unwrap();
+        let arena = FrameArena::anonymous(0x4000_0000, 512 * 4096).unwrap();
+        let cache = PageCache::new(arena, CacheConfig::default()).unwrap();
+        let file = cache.open(&path, OpenOptions::read_only()).unwrap();
+        let pin = file.pin(0..LEN as u64).unwrap();
+        let head = b"HTTP/1.1 200 OK\r\n\r\n";
+        let mut plaintext = head.to_vec();
+        plaintext.extend_from_slice(&data);
+
+        for backend in [Backend::Ring, Backend::AesGcm] {
+            let queue = || {
+                let mut q = SendQueue::new(SendMode::ZeroCopy, usize::MAX);
+                assert_eq!(q.push_copy(head, &pool), head.len());
+                q.push_file(&pin, 0..LEN as u64, SendId(1));
+                q
+            };
+            let mut stats = StackStats::default();
+            let mut scratch = Vec::new();
+            // Reference: the whole stream in one build (every record sealed whole).
+            let mut q_ref = queue();
+            let (mut reference_tx, first_epoch) = framed(&mut q_ref, backend);
+            let end = reference_tx.framed_end;
+            let mut reference = vec![0u8; end as usize];
+            reference_tx
+                .build(&q_ref, 0..end, &mut reference, &mut scratch, &mut stats)
+                .unwrap();
+
+            // The same stream in frames of uneven sizes, each followed by a
+            // retransmission of an earlier range; every byte as in the reference.
+            let mut q = queue();
+            let (mut tx, _) = framed(&mut q, backend);
+            let mut x = 0x9e37_79b9_u64;
+            let mut at = 0u64;
+            let mut out = vec![0u8; 70_000];
+            while at < end {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let n = (x % 66_000 + 1).min(end - at);
+                tx.build(
+                    &q,
+                    at..at + n,
+                    &mut out[..n as usize],
+                    &mut scratch,
+                    &mut stats,
+                )
+                .unwrap();
+                assert_eq!(
+                    &out[..n as usize],
+                    &reference[at as usize..(at + n) as usize]
+                );
+                tx.account_sent(at..at + n, &mut stats);
+                at += n;
+                let from = x % at;
+                let len = (x >> 20) % 3000 + 1;
+                let again = from..(from + len).min(at);
+                let k = (again.end - again.start) as usize;
+                tx.build(&q, again.clone(), &mut out[..k], &mut scratch, &mut stats)
+                    .unwrap();
+                assert_eq!(
+                    &out[..k],
+                    &reference[again.start as usize..again.end as usize],
+                    "{backend:?} retransmission {again:?}"
+                );
+            }
+            assert!(tx
+                .build(&q, end..end + 1, &mut [0], &mut scratch, &mut stats)
+                .is_err());
+
+            // Decrypt the reference record by record, with the epoch's key and sequence.
+            let mut got = Vec::new();
+            let mut records = 0u64;
+            let mut rest = &reference[..];
+            let mut last_type = 0;
+            while !rest.is_empty() {
+                let h = record::parse_header(rest).unwrap().unwrap();
+                let (epoch, seq) = if records < first_epoch {
+                    (0, 5 + records)
+                } else {
+                    (1, records - first_epoch)
+                };
+                let k = key(epoch, backend);
+                let mut body = rest[HEADER_LEN..HEADER_LEN + h.len - TAG_LEN].to_vec();
+                let tag: Tag = rest[HEADER_LEN + h.len - TAG_LEN..HEADER_LEN + h.len]
+                    .try_into()
+                    .unwrap();
+                k.aead()
+                    .open_in_place(&k.nonce(seq), &rest[..HEADER_LEN], &mut body, &tag)
+                    .unwrap();
+                let (content, content_type) = record::split_inner(&body).unwrap();
+                if records < SMALL_RECORDS {
+                    assert_eq!(content.len(), SMALL_RECORD, "small records first");
+                }
+                last_type = content_type;
+                if content_type == ContentType::ApplicationData as u8 {
+                    got.extend_from_slice(content);
+                } else {
+                    assert_eq!(content, [1, 0], "close_notify last");
+                }
+                records += 1;
+                rest = &rest[HEADER_LEN + h.len..];
+            }
+            assert_eq!(last_type, ContentType::Alert as u8);
+            assert_eq!(got, plaintext, "{backend:?}");
+
+            // Acknowledging releases records and the old key once none of its records
+            // is left; the send queue's plaintext is acknowledged a record at a time.
+            assert_eq!(tx.keys_held(), 2);
+            tx.ack(end / 2, &mut q);
+            assert_eq!(tx.keys_held(), 1, "epoch 0's records are all acknowledged");
+            assert!(q.acked > 0 && q.acked < plaintext.len() as u64);
+            tx.ack(end, &mut q);
+            assert_eq!(tx.units_held(), 0);
+            assert_eq!(q.acked, plaintext.len() as u64);
+        }
+    }
+}
