@@ -46,8 +46,29 @@
 //! a new config (new connections use it).
 //!
 //! # Figures
-//! `cargo bench -p netstack --bench tls` (see its output in the report of the work that
-//! added this module, and `benches/tls.rs`).
+//! `cargo bench -p netstack --bench tls`, on this 2-core machine under load from other
+//! work (lower bounds; GB/s of plaintext):
+//!
+//! | AES-128-GCM | record path | bare seal, same run | CPU bytes written / byte |
+//! | --- | --- | --- | --- |
+//! | ring, frames of 3 whole records | 2.87 | 3.55 | 3.00 |
+//! | ring, 65160-byte TSO frames (records split) | 2.40 | 3.82 | 3.25 |
+//! | aes-gcm, 65160-byte TSO frames | 1.14 | 1.39 | 2.00 |
+//!
+//! A retransmitted 1448-byte slice is rebuilt in about 1.2 us (AES-CTR from the pins).
+//! The bytes written: the AEAD's output into the frame being built (ring gathers the
+//! plaintext there first: it seals in place only), then one copy into the frame's DMA
+//! buffer (29 GB/s). The last copy goes once the driver lends a `&mut [u8]` of an owned
+//! device-read DMA buffer: netstack forbids unsafe code and reaches DMA memory only
+//! through the driver's volatile accessors.
+//!
+//! # Record boundaries and frames
+//! A record split across two first-transmission frames is sealed aside at its first touch
+//! with ring (its fused AES-GCM is faster than CTR and GHASH apart), the part in the frame
+//! copied; with aes-gcm its tag is GHASHed as its ciphertext goes out
+//! ([`aead::TagState`]), so nothing is written twice. Records are not aligned to TSO
+//! frames: smoltcp sizes segments by window and congestion window, which the record
+//! framer does not know when it frames.
 
 pub mod aead;
 pub mod record;

@@ -345,6 +345,11 @@ impl TlsConn {
                 let alert = AlertDescription::UnexpectedMessage;
                 return self.fail(alert, TlsError::BadRecord(alert));
             };
+            if content.len() > record::MAX_PLAINTEXT {
+                // RFC 8446 section 5.4: at most 2^14 bytes of plaintext, padding aside.
+                let alert = AlertDescription::RecordOverflow;
+                return self.fail(alert, TlsError::BadRecord(alert));
+            }
             let outcome = match ContentType::from_u8(content_type) {
                 Some(ContentType::ApplicationData) => {
                     self.plain.extend(content);

@@ -3,7 +3,7 @@
 //!
 //! A connection in TLS mode has two streams. The send queue holds the *plaintext* stream
 //! (pins and copy blocks, as without TLS); the TCP stream that smoltcp accounts for is a
-//! sequence of [`Unit`]s: raw bytes (the handshake flight rustls encoded, sent as they are)
+//! sequence of units: raw bytes (the handshake flight rustls encoded, sent as they are)
 //! and records this module frames. A record keeps only where its plaintext lies, its key
 //! epoch, its sequence number and, once computed, its tag: never ciphertext.
 //!
