@@ -780,3 +780,62 @@ fn silent_client_is_dropped_after_the_handshake_timeout() {
         .poll_events()
         .all(|e| matches!(e, Event::AddressConfigured { .. })));
 }
+
+#[test]
+fn nic_without_offloads_carries_records_in_header_slots_with_software_checksums() {
+    // No TSO and no checksum offload (e1000 without offloads): every frame's TLS bytes go
+    // in its header slot, and the TCP checksum is computed over the ciphertext in software.
+    let len = 2 << 20;
+    let mut nic = lossy(0.01);
+    nic.capabilities.tso_max_frame = None;
+    nic.capabilities.tcp_checksum = false;
+    let mut t = tls_bed(captured(nic, len), Algorithm::Aes128Gcm);
+    assert!(t.bed.stack.tso_frame().is_none());
+    let stats = t.download(b"head\r\n\r\n", &pattern(len, 2));
+    assert!(stats.software_checksum_bytes > len as u64);
+    assert!(retransmissions_identical(&t.bed) > 0);
+    assert_eq!(stats.tls_ciphertext_held_now, 0);
+}
+
+#[test]
+fn session_tickets_sent_before_extraction_resume_the_next_connection() {
+    let mut bed = Bed::new(BedConfig::new(SoftNicConfig::default(), 4 << 20));
+    let (server, client) = configs(Algorithm::Aes128Gcm);
+    bed.stack.listen_tls(SERVER_PORT, server).unwrap();
+    // One client config (one session store) for both connections.
+    let mut kinds = Vec::new();
+    for port in [49152, 49153] {
+        bed.peer_connect(port);
+        let mut c = Client::new(client.clone());
+        let mut conn = None;
+        for _ in 0..20_000 {
+            bed.step();
+            c.pump(&mut bed, b"hi");
+            let events: Vec<Event> = bed.stack.poll_events().collect();
+            for e in events {
+                if let Event::Accepted { conn: id, .. } = e {
+                    conn = Some(id);
+                    bed.stack.send(id, b"hi").unwrap();
+                    bed.stack.close(id).unwrap();
+                }
+            }
+            // The tickets came before the data: the client has them once it read "hi".
+            if c.received == 2 {
+                break;
+            }
+        }
+        assert!(conn.is_some() && c.error.is_none() && c.received == 2);
+        kinds.push(c.tls.handshake_kind());
+        bed.peer_socket().abort();
+        for _ in 0..100 {
+            bed.step();
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+}
