@@ -39,6 +39,7 @@ use smoltcp::time::Instant;
 use crate::dmabuf::{BufferPool, DmaBuffer};
 use crate::frame::{self, FlowKey, TcpFrame, ETHERNET_HEADER_LEN};
 use crate::sendq::{copy_pool, CopyPool, SendMode, SendQueue};
+use crate::tls::session::TlsConn;
 use crate::StackStats;
 
 /// Size of a header slot; also holds any whole frame up to an Ethernet MTU of 1500.
@@ -57,17 +58,28 @@ pub struct ConnTx {
     /// Initial send sequence number (from the SYN or SYN-ACK smoltcp sent).
     pub iss: Option<u32>,
     pub sendq: SendQueue,
+    /// TLS mode: the TCP stream is records (see [`crate::tls`]); `sendq` holds plaintext.
+    pub tls: Option<Box<TlsConn>>,
 }
 
 impl ConnTx {
+    /// TCP stream bytes acknowledged.
+    fn acked(&self) -> u64 {
+        match &self.tls {
+            Some(tls) => tls.tx.acked,
+            None => self.sendq.acked,
+        }
+    }
+
     /// Where a segment starting at `seq` lies in the stream, relative to what is known
     /// acknowledged. `None` if the ISS is unknown.
     fn locate(&self, seq: u32) -> Option<SegmentStart> {
         let iss = self.iss?;
-        let acked_seq = iss.wrapping_add(1).wrapping_add(self.sendq.acked as u32);
+        let acked = self.acked();
+        let acked_seq = iss.wrapping_add(1).wrapping_add(acked as u32);
         let delta = seq.wrapping_sub(acked_seq) as i32;
         Some(if delta >= 0 {
-            SegmentStart::Stream(self.sendq.acked + delta as u64)
+            SegmentStart::Stream(acked + delta as u64)
         } else if delta == -1 {
             SegmentStart::KeepAlive
         } else {
@@ -118,6 +130,11 @@ struct Frame {
     /// A jumbo buffer holding the whole frame (TSO-sized frames built inline). Held only
     /// to keep it from the pool until the NIC is done with it.
     _jumbo: Option<DmaBuffer>,
+    /// The DMA buffer holding a TSO frame's TLS bytes. Held only to keep it from the pool
+    /// until the NIC is done with it.
+    _cipher: Option<DmaBuffer>,
+    /// TLS bytes this frame's buffers hold (counted in `tls_ciphertext_held_now`).
+    tls_held: u32,
     /// `(connection index, generation, stream range)` of the send-queue items it reads.
     reads: Option<(u32, u32, Range<u64>)>,
 }
@@ -170,6 +187,11 @@ pub struct TxPath {
     /// How connections without a send queue entry transmit (the stack's mode).
     default_mode: SendMode,
     fault: BoundaryFault,
+    dma: std::sync::Arc<DmaSpace>,
+    /// DMA buffers for the TLS bytes of TSO-sized frames (see [`TxPath::enable_tls`]).
+    cipher: Option<BufferPool>,
+    /// Working memory of records sealed in part.
+    tls_scratch: Vec<u8>,
     pub stats: StackStats,
 }
 
@@ -264,8 +286,27 @@ impl TxPath {
             handshaking: Default::default(),
             default_mode,
             fault: config.fault,
+            dma: std::sync::Arc::clone(dma),
+            cipher: None,
+            tls_scratch: Vec::new(),
             stats: StackStats::default(),
         })
+    }
+
+    /// Prepares for TLS connections: `buffers` DMA buffers for the TLS bytes of TSO-sized
+    /// frames (smaller frames carry them in their header slot).
+    pub fn enable_tls(&mut self, buffers: usize) -> driver::Result<()> {
+        if self.cipher.is_some() {
+            return Ok(());
+        }
+        if let Some(size) = self.tso_frame {
+            self.cipher = Some(BufferPool::new(
+                &self.dma,
+                buffers.max(1),
+                size.div_ceil(4096) * 4096,
+            )?);
+        }
+        Ok(())
     }
 
     /// Largest frame handed to the NIC with TSO, if TSO is used.
@@ -279,7 +320,11 @@ impl TxPath {
     }
 
     fn can_build(&self) -> bool {
-        self.budget > 0 && self.slots.free_count() > 0
+        // With TLS connections, a frame may need a cipher buffer: build none without one
+        // (dropping a built frame would cost a retransmission timeout).
+        self.budget > 0
+            && self.slots.free_count() > 0
+            && self.cipher.as_ref().is_none_or(|c| c.free_count() > 0)
     }
 
     /// The NIC finished reading the frame with this token.
@@ -297,6 +342,7 @@ impl TxPath {
     /// Drops a frame the NIC no longer reads: its items lose a DMA reference, its buffers
     /// go back to their pools.
     fn retire(&mut self, frame: Frame) {
+        self.stats.tls_ciphertext_held_now -= frame.tls_held as u64;
         if let Some((index, generation, stream)) = &frame.reads {
             if let Some(conn) = self.conns.get_mut(*index as usize) {
                 if conn.generation == *generation {
@@ -330,6 +376,13 @@ impl TxPath {
             mss,
             header_len: tcp.header_len as u16,
         });
+
+        // A TLS connection's data segment: records built from the plaintext.
+        if let Some(index) = conn_index {
+            if tcp.payload_len > 0 && self.conns[index as usize].tls.is_some() {
+                return self.stage_tls(slot, buffer, tcp, index, tso);
+            }
+        }
 
         // A zero-copy data segment carries placeholders: it goes out only with its payload
         // mapped to the send queue, or not at all.
@@ -484,6 +537,8 @@ impl TxPath {
         let frame = Frame {
             slot,
             _jumbo: jumbo,
+            _cipher: None,
+            tls_held: 0,
             reads: None,
         };
         self.stage(frame, offload);
@@ -551,7 +606,95 @@ impl TxPath {
         let frame = Frame {
             slot,
             _jumbo: None,
+            _cipher: None,
+            tls_held: 0,
             reads: Some((index, conn.generation, seg.stream)),
+        };
+        self.stage(frame, offload);
+    }
+
+    /// Stages a data segment of a TLS connection: its TLS bytes (record headers, ciphertext,
+    /// tags) are computed from the pinned plaintext into the frame being built, then written
+    /// once into DMA memory: the header slot for a small frame, a cipher buffer for a TSO
+    /// frame. Both go back to their pools at TX completion.
+    fn stage_tls(
+        &mut self,
+        mut slot: DmaBuffer,
+        buffer: &mut [u8],
+        tcp: TcpFrame,
+        index: u32,
+        tso: Option<Tso>,
+    ) {
+        let conn = &mut self.conns[index as usize];
+        let located = conn.locate(tcp.seq);
+        let Some(tls) = conn.tls.as_mut() else {
+            return;
+        };
+        let start = match located {
+            Some(SegmentStart::Stream(start)) => start,
+            Some(SegmentStart::KeepAlive) if tcp.payload_len == 1 => {
+                match tls.tx.keepalive_byte(&conn.sendq, &mut self.stats) {
+                    Some(byte) => {
+                        buffer[tcp.header_len] = byte;
+                        self.stats.keepalive_probes += 1;
+                        let offload = self.prepare_tcp_checksum(buffer, &tcp, None, None);
+                        return self.stage_whole(slot, buffer, offload);
+                    }
+                    None => return self.drop_unmapped(&tcp, "TLS keep-alive probe"),
+                }
+            }
+            Some(_) => return self.drop_unmapped(&tcp, "segment of acknowledged bytes"),
+            None => return self.drop_unmapped(&tcp, "segment of a flow whose ISS is unknown"),
+        };
+        let range = start..start + tcp.payload_len as u64;
+        let payload = &mut buffer[tcp.header_len..tcp.header_len + tcp.payload_len];
+        let built = tls.tx.build(
+            &conn.sendq,
+            range.clone(),
+            payload,
+            &mut self.tls_scratch,
+            &mut self.stats,
+        );
+        if built.is_err() {
+            return self.drop_unmapped(&tcp, "TLS segment not in the record map");
+        }
+        tls.tx.account_sent(range, &mut self.stats);
+        let offload = self.prepare_tcp_checksum(buffer, &tcp, tso, None);
+        let frame_len = tcp.header_len + tcp.payload_len;
+        let cipher = if frame_len <= SLOT_SIZE {
+            slot.write(0, &buffer[..frame_len]);
+            self.staged_segments.push(TxSegment {
+                iova: slot.iova(0),
+                len: frame_len as u32,
+            });
+            None
+        } else {
+            let Some(mut cipher) = self.cipher.as_ref().and_then(BufferPool::take) else {
+                self.stats.tx_dropped_no_buffer += 1;
+                return;
+            };
+            slot.write(0, &buffer[..tcp.header_len]);
+            cipher.write(0, &buffer[tcp.header_len..frame_len]);
+            self.staged_segments.push(TxSegment {
+                iova: slot.iova(0),
+                len: tcp.header_len as u32,
+            });
+            self.staged_segments.push(TxSegment {
+                iova: cipher.iova(0),
+                len: tcp.payload_len as u32,
+            });
+            Some(cipher)
+        };
+        let tls_bytes = tcp.payload_len as u64;
+        self.stats.tls_dma_bytes_written += tls_bytes;
+        self.stats.tls_cpu_bytes_written += tls_bytes;
+        self.stats.tls_ciphertext_held_now += tls_bytes;
+        let frame = Frame {
+            slot,
+            _jumbo: None,
+            _cipher: cipher,
+            tls_held: tcp.payload_len as u32,
+            reads: None,
         };
         self.stage(frame, offload);
     }

@@ -48,12 +48,14 @@ pub mod frame;
 pub mod poison;
 pub mod sendq;
 mod stack;
+pub mod tls;
 
 pub use device::{BoundaryFault, TxConfig, SLOT_SIZE};
 pub use sendq::{SendMode, SendOutcome};
 pub use smoltcp::time::{Duration, Instant};
 pub use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
 pub use stack::{ConnState, Ipv4Config, Stack, StackConfig};
+pub use tls::{TlsConfig, TlsInfo};
 
 /// Names one connection of a [`Stack`]. Stale handles (of reclaimed connections) are
 /// refused with [`Error::InvalidConnection`].
@@ -148,6 +150,28 @@ pub struct StackStats {
     pub pins_held_now: u64,
     /// Frames the NIC may still be reading now.
     pub frames_in_flight_now: u64,
+    /// TLS handshakes completed (secrets extracted), and failed.
+    pub tls_handshakes: u64,
+    pub tls_handshake_failures: u64,
+    /// Records sealed whole (once each: the first time any byte of one is transmitted),
+    /// and the inner plaintext bytes they held.
+    pub tls_records_sealed: u64,
+    pub tls_bytes_sealed: u64,
+    /// Record body bytes recomputed by AES-CTR (retransmissions, and the rest of records
+    /// whose first transmission was split across frames).
+    pub tls_ctr_bytes: u64,
+    /// Bytes the CPU wrote to produce TLS payload: the AEAD's output, gathers, copies of
+    /// partly sealed records, and the copy of each frame's TLS bytes into DMA memory.
+    pub tls_cpu_bytes_written: u64,
+    /// TLS bytes written into frames' DMA buffers (each frame's payload, once).
+    pub tls_dma_bytes_written: u64,
+    /// TLS bytes in DMA buffers of frames the NIC has not completed. Nothing encrypted is
+    /// kept past TX completion: 0 once the NIC is idle.
+    pub tls_ciphertext_held_now: u64,
+    pub tls_records_received: u64,
+    pub tls_key_updates_sent: u64,
+    pub tls_key_updates_received: u64,
+    pub tls_alerts_sent: u64,
 }
 
 /// Errors of the stack's API.
@@ -174,6 +198,12 @@ pub enum Error {
     NoAddress,
     #[error(transparent)]
     Driver(#[from] driver::DriverError),
+    #[error("TLS configuration refused: {0}")]
+    TlsConfig(String),
+    #[error("not a TLS connection")]
+    NotTls,
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

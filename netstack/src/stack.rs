@@ -13,6 +13,8 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, Ipv4Ad
 use crate::device::{BoundaryFault, ConnTx, NicDevice, TxConfig, TxPath};
 use crate::frame::FlowKey;
 use crate::sendq::{SendMode, SendQueue};
+use crate::tls::session::TlsConn;
+use crate::tls::{TlsConfig, TlsInfo};
 use crate::{ConnId, Error, Event, ListenerId, Result, SendId, StackStats};
 
 /// How the interface gets its IPv4 address.
@@ -63,6 +65,8 @@ pub struct StackConfig {
     /// A closed connection whose unread data the application never collects is reclaimed
     /// after this long anyway.
     pub closed_linger: Duration,
+    /// The TLS record layer of [`Stack::listen_tls`] connections.
+    pub tls: TlsConfig,
 }
 
 impl StackConfig {
@@ -86,6 +90,7 @@ impl StackConfig {
             handshake_timeout: Duration::from_secs(10),
             send_stall_timeout: Some(Duration::from_secs(60)),
             closed_linger: Duration::from_secs(30),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -109,6 +114,11 @@ struct Conn {
     progress_at: Instant,
     /// When the connection was first seen closed.
     closed_at: Option<Instant>,
+    /// The application knows the connection (a TLS connection is reported only once its
+    /// handshake is complete); no events before.
+    announced: bool,
+    /// When the connection was accepted (or made).
+    accepted_at: Instant,
 }
 
 enum ConnSlot {
@@ -119,6 +129,8 @@ enum ConnSlot {
 struct Listener {
     port: u16,
     sockets: Vec<SocketHandle>,
+    /// TLS listener: accepted connections run this handshake first.
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// A TCP/IP stack on one NIC. Generic over the NIC's queue type: static dispatch on the hot
@@ -238,8 +250,93 @@ impl<Q: NetQueue> Stack<Q> {
             let socket = listening_socket(&self.config, port)?;
             sockets.push(self.sockets.add(socket));
         }
-        self.listeners.push(Listener { port, sockets });
+        self.listeners.push(Listener {
+            port,
+            sockets,
+            tls: None,
+        });
         Ok(ListenerId(self.listeners.len() as u32 - 1))
+    }
+
+    /// Listen on `port` for TLS 1.3 (see [`crate::tls`]). Accepted connections run the
+    /// handshake with `config` and are reported by [`Event::Accepted`] once it is complete;
+    /// `recv`, `send`, `send_file` and `close` then work on plaintext as for TCP.
+    ///
+    /// The config must offer TLS 1.3 only and only AES-GCM suites (the record layer's);
+    /// secret extraction is turned on in a copy of it.
+    pub fn listen_tls(
+        &mut self,
+        port: u16,
+        config: std::sync::Arc<rustls::ServerConfig>,
+    ) -> Result<ListenerId> {
+        for suite in &config.crypto_provider().cipher_suites {
+            let name = suite.suite();
+            let ok = matches!(
+                name,
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                    | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+            );
+            if !ok {
+                return Err(Error::TlsConfig(format!(
+                    "cipher suite {name:?}: the record layer does TLS 1.3 AES-GCM only"
+                )));
+            }
+        }
+        let mut config = std::sync::Arc::unwrap_or_clone(config);
+        config.enable_secret_extraction = true;
+        self.device.tx.enable_tls(self.config.tls.cipher_buffers)?;
+        let listener = self.listen(port)?;
+        self.listeners[listener.0 as usize].tls = Some(std::sync::Arc::new(config));
+        Ok(listener)
+    }
+
+    /// What a TLS connection negotiated (`None` for a TCP connection).
+    pub fn tls_info(&self, id: ConnId) -> Result<Option<TlsInfo>> {
+        self.conn(id)?;
+        Ok(self.device.tx.conns[id.index as usize]
+            .tls
+            .as_ref()
+            .and_then(|t| t.info().cloned()))
+    }
+
+    /// Sends a KeyUpdate on a TLS connection: records after it use the next sending key;
+    /// `request_peer` asks the client to update its sending key too.
+    pub fn tls_key_update(&mut self, id: ConnId, request_peer: bool) -> Result<()> {
+        self.conn(id)?;
+        match self.device.tx.conns[id.index as usize].tls.as_mut() {
+            Some(tls) => {
+                tls.key_update(request_peer);
+                Ok(())
+            }
+            None => Err(Error::NotTls),
+        }
+    }
+
+    /// Where a TLS connection's keys are in both directions (`None` before the handshake
+    /// is complete), for tests and diagnostics.
+    pub fn tls_key_positions(&self, id: ConnId) -> Result<Option<crate::tls::KeyPositions>> {
+        self.conn(id)?;
+        let Some(tls) = self.device.tx.conns[id.index as usize].tls.as_ref() else {
+            return Err(Error::NotTls);
+        };
+        Ok(match (tls.tx.epoch(), tls.rx_position()) {
+            (Some(tx_epoch), Some((rx_epoch, rx_seq))) => Some(crate::tls::KeyPositions {
+                tx_epoch,
+                tx_seq: tls.tx.next_seq(),
+                rx_epoch,
+                rx_seq,
+            }),
+            _ => None,
+        })
+    }
+
+    /// Why a TLS connection failed, if it did.
+    pub fn tls_error(&self, id: ConnId) -> Result<Option<crate::tls::TlsError>> {
+        self.conn(id)?;
+        Ok(self.device.tx.conns[id.index as usize]
+            .tls
+            .as_ref()
+            .and_then(|t| t.error.clone()))
     }
 
     /// Connect to `remote` from `local_port`; [`Event::Connected`] reports success.
@@ -249,7 +346,7 @@ impl<Q: NetQueue> Stack<Q> {
         socket.connect(self.iface.context(), endpoint, local_port)?;
         let handle = self.sockets.add(socket);
         let flow = FlowKey::new(local_port, remote.0.octets(), remote.1);
-        Ok(self.add_conn(handle, None, flow, self.now))
+        Ok(self.add_conn(handle, None, flow, self.now, None))
     }
 
     fn add_conn(
@@ -258,6 +355,7 @@ impl<Q: NetQueue> Stack<Q> {
         listener: Option<ListenerId>,
         flow: FlowKey,
         now: Instant,
+        tls: Option<Box<TlsConn>>,
     ) -> ConnId {
         let conn = Conn {
             socket,
@@ -271,6 +369,8 @@ impl<Q: NetQueue> Stack<Q> {
             released_by_app: false,
             progress_at: now,
             closed_at: None,
+            announced: true,
+            accepted_at: now,
         };
         let index = match self
             .conns
@@ -285,6 +385,7 @@ impl<Q: NetQueue> Stack<Q> {
                     flow: None,
                     iss: None,
                     sendq: SendQueue::new(self.config.send_mode, 0),
+                    tls: None,
                 });
                 self.conns.len() - 1
             }
@@ -293,11 +394,19 @@ impl<Q: NetQueue> Stack<Q> {
         self.conns[index] = (generation, ConnSlot::Used(conn));
         let tx = &mut self.device.tx;
         let iss = tx.pending_iss.remove(&flow);
+        // A TLS connection's plaintext is never copied into smoltcp's ring: records are
+        // built at the device boundary, whatever the stack's mode.
+        let mode = if tls.is_some() {
+            SendMode::ZeroCopy
+        } else {
+            self.config.send_mode
+        };
         tx.conns[index] = ConnTx {
             generation,
             flow: Some(flow),
             iss,
-            sendq: SendQueue::new(self.config.send_mode, self.config.tx.copy_blocks_per_conn),
+            sendq: SendQueue::new(mode, self.config.tx.copy_blocks_per_conn),
+            tls,
         };
         if let Some(old) = tx.flows.insert(flow, index as u32) {
             // An older incarnation of the 4-tuple still waiting to be reclaimed: it keeps
@@ -336,6 +445,23 @@ impl<Q: NetQueue> Stack<Q> {
         let conn = self.conn_mut(id)?;
         let handle = conn.socket;
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        if let Some(tls) = self.device.tx.conns[id.index as usize].tls.as_mut() {
+            if tls.plain.is_empty() {
+                let finished = tls.peer_closed || tls.is_dead() || !socket.may_recv();
+                if finished {
+                    return Err(Error::Recv(tcp::RecvError::Finished));
+                }
+                return Ok(0);
+            }
+            let n = buffer.len().min(tls.plain.len());
+            for (out, byte) in buffer.iter_mut().zip(tls.plain.drain(..n)) {
+                *out = byte;
+            }
+            if tls.plain.is_empty() {
+                self.conn_mut(id)?.readable_reported = false;
+            }
+            return Ok(n);
+        }
         if !socket.can_recv() {
             if !socket.may_recv() && socket.recv_queue() == 0 {
                 return Err(Error::Recv(tcp::RecvError::Finished));
@@ -391,6 +517,10 @@ impl<Q: NetQueue> Stack<Q> {
         if conn.close_requested || !open {
             return Err(Error::CannotSend);
         }
+        let tls = self.device.tx.conns[id.index as usize].tls.as_ref();
+        if tls.is_some_and(|t| t.is_dead() || !t.is_established()) {
+            return Err(Error::CannotSend);
+        }
         Ok(())
     }
 
@@ -399,6 +529,10 @@ impl<Q: NetQueue> Stack<Q> {
         let conn = self.conn_mut(id)?;
         conn.close_requested = true;
         conn.released_by_app = true;
+        if let Some(tls) = self.device.tx.conns[id.index as usize].tls.as_mut() {
+            // close_notify after the last plaintext byte, then FIN.
+            tls.close();
+        }
         Ok(())
     }
 
@@ -484,7 +618,11 @@ impl<Q: NetQueue> Stack<Q> {
 
     /// Bytes buffered for [`Stack::recv`].
     pub fn recv_queue(&self, id: ConnId) -> Result<usize> {
-        Ok(self.socket(id)?.recv_queue())
+        let socket = self.socket(id)?;
+        Ok(match &self.device.tx.conns[id.index as usize].tls {
+            Some(tls) => tls.plain.len(),
+            None => socket.recv_queue(),
+        })
     }
 
     /// The next event, if any.
@@ -508,7 +646,10 @@ impl<Q: NetQueue> Stack<Q> {
 
     /// When to poll next at the latest (smoltcp's timers), `None` if idle.
     pub fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
-        let busy = self.device.tx.conns.iter().any(|c| c.sendq.unfed() > 0);
+        let busy = self.device.tx.conns.iter().any(|c| match &c.tls {
+            Some(tls) => tls.has_tx_work(&c.sendq),
+            None => c.sendq.unfed() > 0,
+        });
         if busy {
             return Some(Duration::ZERO);
         }
@@ -533,6 +674,7 @@ impl<Q: NetQueue> Stack<Q> {
         self.device.nic.rx_flush();
         self.device.submit();
         self.reap()?;
+        self.service_tls();
         self.service_dhcp();
         self.update_connections(now);
         let after = (
@@ -637,11 +779,95 @@ impl<Q: NetQueue> Stack<Q> {
                     .expect("port was listenable");
                 self.listeners[li].sockets[si] = self.sockets.add(fresh);
                 let listener = ListenerId(li as u32);
-                let conn = self.add_conn(handle, Some(listener), flow, now);
+                let tls = match &self.listeners[li].tls {
+                    Some(config) => match TlsConn::new(config.clone(), &self.config.tls) {
+                        Ok(tls) => Some(Box::new(tls)),
+                        Err(e) => {
+                            tracing::warn!("TLS connection refused: {e}");
+                            self.sockets.get_mut::<tcp::Socket>(handle).abort();
+                            self.sockets.remove(handle);
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                let is_tls = tls.is_some();
+                let conn = self.add_conn(handle, Some(listener), flow, now, tls);
                 if let Ok(c) = self.conn_mut(conn) {
                     c.established_reported = true;
+                    // A TLS connection is the application's once its handshake is done
+                    // (`service_tls`); until then it is reclaimed as soon as it closes.
+                    c.announced = !is_tls;
+                    c.released_by_app = is_tls;
                 }
-                self.events.push_back(Event::Accepted { listener, conn });
+                if !is_tls {
+                    self.events.push_back(Event::Accepted { listener, conn });
+                }
+            }
+        }
+    }
+
+    /// TLS connections: received bytes through the handshake or the record layer; a
+    /// completed handshake announces the connection.
+    fn service_tls(&mut self) {
+        for (index, (generation, slot)) in self.conns.iter_mut().enumerate() {
+            let ConnSlot::Used(conn) = slot else { continue };
+            let ctx = &mut self.device.tx.conns[index];
+            let Some(tls) = ctx.tls.as_mut() else {
+                continue;
+            };
+            let socket = self.sockets.get_mut::<tcp::Socket>(conn.socket);
+            let stats = &mut self.device.tx.stats;
+            for _ in 0..2 {
+                // Twice: the ring's data may wrap around.
+                let room = tls.rx_room();
+                if room == 0 || !socket.can_recv() {
+                    break;
+                }
+                let taken = socket.recv(|bytes| {
+                    let n = tls.take_input(&bytes[..bytes.len().min(room)]);
+                    (n, n)
+                });
+                if taken.unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+            tls.process(stats);
+            if !socket.may_recv() && socket.recv_queue() == 0 {
+                tls.peer_fin();
+            }
+            tls.flush_handshake(&mut ctx.sendq, &self.device.tx.pool, stats);
+            let id = ConnId {
+                index: index as u32,
+                generation: *generation,
+            };
+            if tls.is_ready() && !conn.announced {
+                conn.announced = true;
+                conn.released_by_app = false;
+                if let Some(listener) = conn.listener {
+                    self.events
+                        .push_back(Event::Accepted { listener, conn: id });
+                }
+            }
+            // A TLS handshake has the TCP handshake's time limit too, from the accept on,
+            // so a client that connects and says nothing cannot hold a connection.
+            let handshake_expired =
+                !conn.announced && self.now - conn.accepted_at > self.config.handshake_timeout;
+            if handshake_expired && socket.is_open() {
+                tracing::debug!("connection {id:?}: TLS handshake timed out");
+                stats.tls_handshake_failures += 1;
+                socket.abort();
+                ctx.sendq.abort();
+            }
+            if tls.is_dead() && !conn.close_requested {
+                // A fatal alert goes out (rustls' for a failed handshake, ours after it),
+                // then FIN. An alert from the peer ends the connection at once.
+                conn.close_requested = true;
+                let peer_alert = matches!(tls.error, Some(crate::tls::TlsError::PeerAlert(_)));
+                if peer_alert {
+                    socket.abort();
+                    ctx.sendq.abort();
+                }
             }
         }
     }
@@ -653,6 +879,23 @@ impl<Q: NetQueue> Stack<Q> {
             let socket = self.sockets.get_mut::<tcp::Socket>(conn.socket);
             let tx = &mut self.device.tx;
             let ctx = &mut tx.conns[index];
+            if let Some(tls) = ctx.tls.as_mut() {
+                if socket.may_send() && !ctx.sendq.is_aborted() {
+                    let room = (socket.send_capacity() - socket.send_queue()) as u64;
+                    tls.frame(&mut ctx.sendq, &tx.pool, room, &mut tx.stats);
+                    feed_placeholders(
+                        socket,
+                        &mut tls.tx.fed,
+                        tls.tx.framed_end,
+                        self.config.tcp_tx_buffer,
+                    );
+                }
+                if conn.close_requested && !conn.close_issued && tls.may_send_fin() {
+                    socket.close();
+                    conn.close_issued = true;
+                }
+                continue;
+            }
             if socket.may_send() && !ctx.sendq.is_aborted() {
                 for _ in 0..2 {
                     // Twice: the free space of the ring may wrap around.
@@ -720,12 +963,25 @@ impl<Q: NetQueue> Stack<Q> {
             if !ctx.sendq.is_aborted() {
                 // Everything fed and no longer in smoltcp's ring was acknowledged.
                 let in_ring = socket.send_queue() as u64;
-                let acked = ctx.sendq.fed.saturating_sub(in_ring);
-                if acked > ctx.sendq.acked || ctx.sendq.unacked() == 0 {
-                    conn.progress_at = now;
-                }
-                if acked > ctx.sendq.acked {
-                    ctx.sendq.acked = acked;
+                match ctx.tls.as_mut() {
+                    Some(tls) => {
+                        // TCP acknowledges records; the send queue's plaintext is
+                        // acknowledged a whole record at a time.
+                        let acked = tls.tx.fed.saturating_sub(in_ring);
+                        if acked > tls.tx.acked || tls.tx.framed_end == tls.tx.acked {
+                            conn.progress_at = now;
+                        }
+                        tls.tx.ack(acked, &mut ctx.sendq);
+                    }
+                    None => {
+                        let acked = ctx.sendq.fed.saturating_sub(in_ring);
+                        if acked > ctx.sendq.acked || ctx.sendq.unacked() == 0 {
+                            conn.progress_at = now;
+                        }
+                        if acked > ctx.sendq.acked {
+                            ctx.sendq.acked = acked;
+                        }
+                    }
                 }
                 let stalled = self
                     .config
@@ -752,38 +1008,49 @@ impl<Q: NetQueue> Stack<Q> {
             }
             let events = &mut self.events;
             let stats = &mut tx.stats;
+            let announced = conn.announced;
             ctx.sendq.release(|send_id, outcome| {
                 stats.sends_completed += 1;
-                events.push_back(Event::SendComplete {
-                    conn: id,
-                    send_id,
-                    outcome,
-                });
+                if announced {
+                    events.push_back(Event::SendComplete {
+                        conn: id,
+                        send_id,
+                        outcome,
+                    });
+                }
             });
 
-            if !conn.established_reported && state == tcp::State::Established {
-                conn.established_reported = true;
-                self.events.push_back(Event::Connected { conn: id });
-            }
-            if !conn.readable_reported && socket.recv_queue() > 0 {
-                conn.readable_reported = true;
-                self.events.push_back(Event::Readable { conn: id });
-            }
-            let peer_done = matches!(
-                state,
-                tcp::State::CloseWait
-                    | tcp::State::LastAck
-                    | tcp::State::Closing
-                    | tcp::State::TimeWait
-            );
-            if peer_done && !conn.peer_closed_reported {
-                conn.peer_closed_reported = true;
-                self.events.push_back(Event::PeerClosed { conn: id });
-            }
+            // What the application reads: TLS plaintext, or the socket's bytes.
+            let (readable, tls_peer_closed) = match &ctx.tls {
+                Some(tls) => (tls.plain.len(), tls.peer_closed),
+                None => (socket.recv_queue(), false),
+            };
             let closed = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
-            if closed && !conn.closed_reported {
-                conn.closed_reported = true;
-                self.events.push_back(Event::Closed { conn: id });
+            if conn.announced {
+                if !conn.established_reported && state == tcp::State::Established {
+                    conn.established_reported = true;
+                    self.events.push_back(Event::Connected { conn: id });
+                }
+                if !conn.readable_reported && readable > 0 {
+                    conn.readable_reported = true;
+                    self.events.push_back(Event::Readable { conn: id });
+                }
+                let peer_done = tls_peer_closed
+                    || matches!(
+                        state,
+                        tcp::State::CloseWait
+                            | tcp::State::LastAck
+                            | tcp::State::Closing
+                            | tcp::State::TimeWait
+                    );
+                if peer_done && !conn.peer_closed_reported {
+                    conn.peer_closed_reported = true;
+                    self.events.push_back(Event::PeerClosed { conn: id });
+                }
+                if closed && !conn.closed_reported {
+                    conn.closed_reported = true;
+                    self.events.push_back(Event::Closed { conn: id });
+                }
             }
             let closed_at = if closed {
                 *conn.closed_at.get_or_insert(now)
@@ -797,7 +1064,7 @@ impl<Q: NetQueue> Stack<Q> {
             // exhaust memory. A late duplicate FIN then gets a RST, which the peer ignores
             // once closed; a new SYN on the same 4-tuple meets the listener, not a
             // TIME-WAIT socket that would only answer it with an ACK.
-            let unread_abandoned = socket.recv_queue() == 0
+            let unread_abandoned = readable == 0
                 || conn.released_by_app
                 || now - closed_at >= self.config.closed_linger;
             let reclaim = closed && ctx.sendq.is_idle() && unread_abandoned;
@@ -815,5 +1082,31 @@ impl<Q: NetQueue> Stack<Q> {
                 self.conns[index].1 = ConnSlot::Free;
             }
         }
+    }
+}
+
+/// Feeds placeholders for stream bytes `*fed .. end` into smoltcp's ring (as much as it
+/// takes), advancing `*fed`. The ring's first pass is poisoned (`crate::poison`).
+fn feed_placeholders(socket: &mut tcp::Socket<'static>, fed: &mut u64, end: u64, ring_len: usize) {
+    for _ in 0..2 {
+        // Twice: the free space of the ring may wrap around.
+        let unfed = end - *fed;
+        if unfed == 0 {
+            break;
+        }
+        let fed_before = *fed;
+        let n = socket
+            .send(|ring| {
+                let n = (ring.len() as u64).min(unfed) as usize;
+                if fed_before < ring_len as u64 {
+                    crate::poison::fill_at(&mut ring[..n], fed_before);
+                }
+                (n, n)
+            })
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        *fed += n as u64;
     }
 }
