@@ -4,6 +4,7 @@
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 /// The host end's address inside the namespace, and the address tests give the guest.
@@ -14,6 +15,18 @@ pub const TAP_NAME: &str = "zstap0";
 
 pub struct NetNs {
     name: String,
+}
+
+/// Namespaces this process created and has not deleted yet. A process that ends through
+/// `std::process::exit` or a signal runs no destructors, so it calls
+/// [`NetNs::delete_all_created`] on the way out instead.
+static CREATED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn created() -> std::sync::MutexGuard<'static, Vec<String>> {
+    // The list stays valid even if a thread panicked while holding the lock.
+    CREATED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -42,6 +55,7 @@ impl NetNs {
         );
         ip(&["netns", "add", &name])
             .map_err(|e| format!("{e} (creating a network namespace needs root)"))?;
+        created().push(name.clone());
         let ns = NetNs { name };
         let cidr = format!("{HOST_IP}/{PREFIX_LEN}");
         ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
@@ -55,6 +69,16 @@ impl NetNs {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Delete every namespace this process created that is still there (their [`NetNs`]
+    /// values are left with nothing to delete). For exits that skip destructors: a
+    /// namespace outlives the process otherwise. Processes still inside one (QEMU) keep it
+    /// alive, unnamed, until they end.
+    pub fn delete_all_created() {
+        for name in created().drain(..) {
+            let _ = ip(&["netns", "del", &name]);
+        }
     }
 
     /// A command that runs inside the namespace.
@@ -89,6 +113,10 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
+        let mut created = created();
+        if let Some(i) = created.iter().position(|n| *n == self.name) {
+            created.swap_remove(i);
+            let _ = ip(&["netns", "del", &self.name]);
+        }
     }
 }

@@ -4,6 +4,12 @@
 //! and the server's counters. `--hold` keeps serving on `127.0.0.1:PORT` until interrupted,
 //! showing the server's console lines as they come, and fails if the server dies.
 //!
+//! `--tap` puts the NIC on a TAP device in a network namespace the demo creates instead of
+//! QEMU's user-mode network (whose NAT loses requests under heavy connection churn, see
+//! `scripts/soak`): the server takes the static address [`GUEST_IP`], and curl runs inside
+//! the namespace (`ip netns exec`). The namespace is deleted when the demo ends, also on
+//! an error, Ctrl-C or SIGTERM.
+//!
 //! `scripts/demo [options] -- <serve flags>` passes the flags after `--` to `zerosend serve`
 //! (then the demo does not size `--cache-mb` itself if the flags name it), so any server
 //! configuration can be tried with the README's command.
@@ -15,11 +21,13 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hw_tests::content::{random_bytes, sha256_hex};
-use hw_tests::{Guest, Nic};
+use hw_tests::netns::{GUEST_IP, PREFIX_LEN};
+use hw_tests::{Guest, NetNs, Network, Nic, RunningGuest};
 
 #[derive(Parser)]
 #[command(about = "zerosend demo: a zero-copy file server in a QEMU guest")]
@@ -34,8 +42,12 @@ struct Args {
     #[arg(long)]
     hold: bool,
     /// Host port forwarded to the guest's port 80 (127.0.0.1 only).
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = 8080, conflicts_with = "tap")]
     port: u16,
+    /// Attach the NIC to a TAP device in a network namespace of the demo's own (deleted on
+    /// exit) instead of the user-mode network; clients run in it with `ip netns exec`.
+    #[arg(long)]
+    tap: bool,
     /// Size of the sample file in MiB.
     #[arg(long, default_value_t = 32)]
     sample_mb: usize,
@@ -62,8 +74,62 @@ enum Entry {
 }
 
 fn die(msg: &str) -> ! {
+    // A Ctrl-C also reaches QEMU and curl (same process group), and what fails because of
+    // it is no failure of the demo's.
+    if STOP_SIGNAL.load(Ordering::SeqCst) != 0 {
+        stop_on_signal();
+    }
     eprintln!("demo: {msg}");
+    NetNs::delete_all_created();
     std::process::exit(1)
+}
+
+/// The signal (SIGINT, SIGTERM or SIGHUP) that asked the demo to stop, 0 if none.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn note_stop_signal(signal: libc::c_int) {
+    // Only an atomic store: anything more is not async-signal-safe.
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
+}
+
+/// The demo's exit on a stop signal: the TAP namespace is deleted (the default action of
+/// the signal would leave it behind, as exits run no destructors); QEMU, whose parent-death
+/// signal is SIGKILL, ends with the process.
+fn stop_on_signal() -> ! {
+    let signal = STOP_SIGNAL.load(Ordering::SeqCst);
+    NetNs::delete_all_created();
+    eprintln!("demo: stopped by signal {signal}");
+    std::process::exit(128 + signal)
+}
+
+/// Catch the stop signals, and act on them from a thread of their own: the main thread may
+/// be blocked in a boot wait or a download for minutes.
+fn handle_stop_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic; the action struct is fully
+        // initialised (zeroed: empty mask, no flags) before the call.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = note_stop_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+    std::thread::spawn(|| loop {
+        if STOP_SIGNAL.load(Ordering::SeqCst) != 0 {
+            stop_on_signal();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
+}
+
+/// A curl command that reaches the server: from the host (user-mode network) or inside the
+/// guest's namespace (TAP).
+fn curl(guest: &RunningGuest, tap: bool) -> Command {
+    if tap {
+        guest.netns().command("curl")
+    } else {
+        Command::new("curl")
+    }
 }
 
 /// The entries of a host directory (recursively), as guest paths under /data. Symbolic
@@ -110,7 +176,8 @@ fn main() {
     if let Err(e) = hw_tests::testbed_ready() {
         die(&e);
     }
-    if std::net::TcpListener::bind(("127.0.0.1", args.port)).is_err() {
+    handle_stop_signals();
+    if !args.tap && std::net::TcpListener::bind(("127.0.0.1", args.port)).is_err() {
         die(&format!(
             "127.0.0.1:{} is in use; pick another with --port",
             args.port
@@ -156,8 +223,14 @@ fn main() {
         .sum();
     let memory_mb = (1024 + 2 * (total >> 20)).min(8192) as u32;
     let flags_name_cache = args.serve_flags.iter().any(|f| f.starts_with("--cache-mb"));
+    // The namespace has no DHCP server: there the guest takes the harness's static address.
+    let address = if args.tap {
+        format!("--ip {GUEST_IP}/{PREFIX_LEN}")
+    } else {
+        "--dhcp".to_string()
+    };
     let mut serve =
-        String::from("zerosend serve --root /data --dhcp --port 80 --audit --stats-interval 5");
+        format!("zerosend serve --root /data {address} --port 80 --audit --stats-interval 5");
     if !flags_name_cache {
         let cache_mb = ((total >> 20) + 64).max(128);
         serve.push_str(&format!(" --cache-mb {cache_mb}"));
@@ -166,11 +239,24 @@ fn main() {
         serve.push(' ');
         serve.push_str(&shell_quote(flag));
     }
-    println!("demo: booting a {} guest (QEMU TCG, q35, emulated VT-d IOMMU, user-mode network restrict=on)...", nic.name());
+    let network = if args.tap {
+        "TAP in a network namespace of its own"
+    } else {
+        "user-mode network restrict=on"
+    };
+    println!(
+        "demo: booting a {} guest (QEMU TCG, q35, emulated VT-d IOMMU, {network})...",
+        nic.name()
+    );
     let mut guest = Guest::new(&format!("demo-{}", nic.name()), nic)
         .mac("52:54:00:5a:e0:01")
-        .memory_mb(memory_mb)
-        .forward_from(80, Some(args.port))
+        .memory_mb(memory_mb);
+    guest = if args.tap {
+        guest.network(Network::Tap)
+    } else {
+        guest.forward_from(80, Some(args.port))
+    };
+    let mut guest = guest
         .timeout(Duration::from_secs(if args.hold {
             365 * 24 * 3600
         } else {
@@ -198,10 +284,22 @@ fn main() {
         started.elapsed(),
         line.trim_start_matches("zerosend: ")
     );
-    let url = format!("http://127.0.0.1:{}{probe_path}", args.port);
+    let base = if args.tap {
+        format!("http://{GUEST_IP}")
+    } else {
+        format!("http://127.0.0.1:{}", args.port)
+    };
+    let url = format!("{base}{probe_path}");
 
     if args.hold {
-        println!("demo: ready: zerosend serves on http://127.0.0.1:{}/ (try: curl -O {url}); Ctrl-C to stop", args.port);
+        if args.tap {
+            let ns = guest.netns().name();
+            println!("demo: ready: zerosend serves on {base}/ in network namespace {ns} (try: ip netns exec {ns} curl -O {url}); Ctrl-C to stop and delete the namespace");
+        } else {
+            println!(
+                "demo: ready: zerosend serves on {base}/ (try: curl -O {url}); Ctrl-C to stop"
+            );
+        }
         hold(guest);
     }
 
@@ -211,7 +309,7 @@ fn main() {
     std::fs::create_dir_all(&out_dir).unwrap();
     let out_file = out_dir.join("download.bin");
     let t = Instant::now();
-    let curl = Command::new("curl")
+    let download = curl(&guest, args.tap)
         .args(["-sS", "--max-time", "600", "-o"])
         .arg(&out_file)
         .args([
@@ -223,10 +321,10 @@ fn main() {
         .unwrap_or_else(|e| die(&format!("running curl: {e}")));
     let secs = t.elapsed().as_secs_f64();
     let got = std::fs::read(&out_file).unwrap_or_default();
-    let summary = String::from_utf8_lossy(&curl.stdout).to_string();
+    let summary = String::from_utf8_lossy(&download.stdout).to_string();
     println!(
         "demo: curl {url}: {summary} ({})",
-        String::from_utf8_lossy(&curl.stderr).trim()
+        String::from_utf8_lossy(&download.stderr).trim()
     );
     let (want, have) = (sha256_hex(&expected), sha256_hex(&got));
     let mbit = got.len() as f64 * 8.0 / secs / 1e6;
@@ -243,12 +341,12 @@ fn main() {
             "(MISMATCH)"
         }
     );
-    let metrics = Command::new("curl")
+    let metrics = curl(&guest, args.tap)
         .args([
             "-sS",
             "--max-time",
             "30",
-            &format!("http://127.0.0.1:{}/_zerosend/metrics", args.port),
+            &format!("{base}/_zerosend/metrics"),
         ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
@@ -263,6 +361,7 @@ fn main() {
             guest.console_tail(30)
         ));
     }
+    // Stopping the guest also deletes its namespace (TAP).
     let run = guest.stop().unwrap_or_else(|e| die(&e));
     println!("demo: guest console log: {}", run.console_path().display());
     if want != have {
@@ -276,7 +375,7 @@ fn main() {
 
 /// Follows the guest console (the server's log lines) until the guest ends; the server
 /// never ends by itself, so that is a failure.
-fn hold(mut guest: hw_tests::RunningGuest) -> ! {
+fn hold(mut guest: RunningGuest) -> ! {
     let mut next = 0;
     loop {
         let (lines, upto) = guest.console_lines_from(next);
