@@ -600,6 +600,14 @@ impl PendingPut {
                 if self.received > limits.max_body_bytes {
                     return Err(HttpError::new(413, "Content Too Large"));
                 }
+                if let Some(why) = upload.failure() {
+                    // The disk refused the body so far: say so now rather than after the rest.
+                    return Err(if why.contains("No space left") {
+                        HttpError::new(507, "Insufficient Storage")
+                    } else {
+                        HttpError::new(500, "Internal Server Error")
+                    });
+                }
                 upload.write(data);
             }
         }

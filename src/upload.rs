@@ -133,6 +133,15 @@ impl Upload {
         });
     }
 
+    /// Why the upload failed already (writing the temporary file), before its body ended:
+    /// the rest of the body is not worth receiving.
+    pub fn failure(&self) -> Option<String> {
+        match &*self.shared.outcome.lock().expect("not poisoned") {
+            Some(Outcome::Failed(why)) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
     /// `Some` once a committed upload has been published (or failed).
     pub fn outcome(&self) -> Option<Outcome> {
         self.shared.outcome.lock().expect("not poisoned").clone()
@@ -179,6 +188,11 @@ fn run(queue: Receiver<(Arc<Shared>, Job)>, cache: PageCache) {
                                 tmp.error = Some(format!("writing {}: {e}", tmp.path.display()))
                             }
                         }
+                    }
+                    if let Some(e) = &tmp.error {
+                        // Told at once, so the server stops receiving a body it cannot store.
+                        *shared.outcome.lock().expect("not poisoned") =
+                            Some(Outcome::Failed(e.clone()));
                     }
                 }
                 shared
