@@ -236,30 +236,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn per_segment_headers_on_a_per_segment_device_give_valid_segments() {
+    /// Headers prepared for the device's own `convention` give valid segments, whatever the
+    /// payload's length.
+    fn assert_own_convention_gives_valid_segments(convention: TsoHeaders) {
         for payload_len in [1, MSS, 3 * MSS + 1, 40_000] {
-            let s = segments(
-                payload_len,
-                TsoHeaders::PerSegment,
-                TsoHeaders::PerSegment,
-                false,
-            );
+            let s = segments(payload_len, convention, convention, false);
             assert_valid_segments(&s, payload_len);
         }
     }
 
     #[test]
+    fn per_segment_headers_on_a_per_segment_device_give_valid_segments() {
+        assert_own_convention_gives_valid_segments(TsoHeaders::PerSegment);
+    }
+
+    #[test]
     fn whole_packet_headers_on_a_whole_packet_device_give_valid_segments() {
-        for payload_len in [1, MSS, 3 * MSS + 1, 40_000] {
-            let s = segments(
-                payload_len,
-                TsoHeaders::WholePacket,
-                TsoHeaders::WholePacket,
-                false,
-            );
-            assert_valid_segments(&s, payload_len);
-        }
+        assert_own_convention_gives_valid_segments(TsoHeaders::WholePacket);
     }
 
     #[test]
