@@ -14,9 +14,9 @@
 
 use std::path::PathBuf;
 use std::process::Output;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::content::random_bytes;
+use crate::content::{random_bytes, sha256_hex};
 use crate::netns::GUEST_IP;
 use crate::{Guest, Network, Nic, RunningGuest};
 
@@ -73,6 +73,38 @@ impl ServerGuest {
     #[track_caller]
     pub fn check(&self, ok: bool, what: &str) {
         self.guest.check(ok, what);
+    }
+
+    /// Downloads `/big.bin` with curl to a scratch file and checks that it arrived whole
+    /// (status 200, [`BIG_LEN`] bytes) and byte-exact (sha256); `what` names the download in
+    /// a failure. Returns the seconds it took.
+    pub fn download_big(&self, what: &str) -> f64 {
+        let dir = self.scratch_dir("download");
+        let out = dir.join("big.bin");
+        let started = Instant::now();
+        let o = self.curl(&[
+            "-o",
+            out.to_str().unwrap(),
+            "-w",
+            "%{http_code} %{size_download}",
+            &url("/big.bin"),
+        ]);
+        let secs = started.elapsed().as_secs_f64();
+        let got = std::fs::read(&out).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        self.check(
+            String::from_utf8_lossy(&o.stdout) == format!("200 {BIG_LEN}"),
+            &format!(
+                "{what}: curl: {} {}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        );
+        self.check(
+            sha256_hex(&got) == sha256_hex(&self.big),
+            &format!("{what}: sha256 of the download differs"),
+        );
+        secs
     }
 
     /// A host directory of this server's own, `what` for: the NIC models run in parallel in

@@ -20,7 +20,6 @@
 
 use std::time::{Duration, Instant};
 
-use hw_tests::content::sha256_hex;
 use hw_tests::netns::GUEST_IP;
 use hw_tests::serve_guest::{url, ServerGuest, BIG_LEN, PORT};
 use hw_tests::wire::{pcap_frames, Ipv4Frame, IPPROTO_UDP};
@@ -148,32 +147,9 @@ fn boot(nic: Nic) -> ServerGuest {
     })
 }
 
-/// Download big.bin and check it byte for byte (sha256); returns the seconds taken.
+/// Download big.bin and check it byte for byte; returns the seconds taken.
 fn download_big(srv: &ServerGuest, what: &str) -> f64 {
-    let out = srv.scratch_dir("faults").join("big.bin");
-    let started = Instant::now();
-    let o = srv.curl(&[
-        "-o",
-        out.to_str().unwrap(),
-        "-w",
-        "%{http_code} %{size_download}",
-        &url("/big.bin"),
-    ]);
-    let secs = started.elapsed().as_secs_f64();
-    let got = std::fs::read(&out).unwrap_or_default();
-    let _ = std::fs::remove_file(&out);
-    srv.check(
-        String::from_utf8_lossy(&o.stdout) == format!("200 {BIG_LEN}"),
-        &format!(
-            "{what}: curl: {} {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    );
-    srv.check(
-        sha256_hex(&got) == sha256_hex(&srv.big),
-        &format!("{what}: sha256 of the download differs"),
-    );
+    let secs = srv.download_big(what);
     eprintln!(
         "faults: {} {what}: 8 MiB byte-exact in {secs:.2}s",
         srv.nic.name()

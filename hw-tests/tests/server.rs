@@ -272,38 +272,13 @@ fn options_and_request_targets(srv: &ServerGuest) {
 }
 
 fn full_download(srv: &ServerGuest) {
-    let dir = srv.scratch_dir("download");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("big.bin");
-    let started = Instant::now();
-    let o = srv.curl(&[
-        "-o",
-        out.to_str().unwrap(),
-        "-w",
-        "%{http_code} %{size_download}",
-        &url("/big.bin"),
-    ]);
-    let secs = started.elapsed().as_secs_f64();
-    let got = std::fs::read(&out).unwrap_or_default();
-    srv.check(
-        String::from_utf8_lossy(&o.stdout) == format!("200 {BIG_LEN}"),
-        &format!(
-            "curl: {} {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    );
-    srv.check(
-        sha256_hex(&got) == sha256_hex(&srv.big),
-        "sha256 of the download differs",
-    );
+    let secs = srv.download_big("full download");
     eprintln!(
         "e2e: downloaded {} MiB in {secs:.2}s ({:.1} Mbit/s), sha256 {}",
         BIG_LEN >> 20,
         BIG_LEN as f64 * 8.0 / secs / 1e6,
-        sha256_hex(&got)
+        sha256_hex(&srv.big)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn ranges_head_conditional(srv: &ServerGuest) {
