@@ -132,11 +132,7 @@ fn tx_chain_arrives_byte_exact(nic: Nic) {
     let pcap = read_pcap(&run);
     let frames = guest_frames(&pcap, &mac);
     for i in 0..frames_sent {
-        let line = run
-            .lines
-            .iter()
-            .find_map(|l| l.strip_prefix(&format!("TX_FRAME {i} ")))
-            .unwrap_or_else(|| run.fail(&format!("no TX_FRAME {i} line")));
+        let line = run.require(&format!("TX_FRAME {i}"));
         let len: usize = parse_kv(line, "len").unwrap().parse().unwrap();
         let fnv = u64::from_str_radix(parse_kv(line, "fnv").unwrap(), 16).unwrap();
         let matching: Vec<&Ipv4Frame> = frames
@@ -466,11 +462,8 @@ fn rx_receives_host_datagrams(nic: Nic) {
         run.fail("the guest never answered ARP");
     }
     for idx in 0..count {
-        let line = run
-            .lines
-            .iter()
-            .find_map(|l| l.strip_prefix(&format!("RX_DGRAM {idx} ")))
-            .unwrap_or_else(|| run.fail(&format!("datagram {idx} not received")));
+        // A datagram not received has no line.
+        let line = run.require(&format!("RX_DGRAM {idx}"));
         let p = rx_payload(idx);
         run.expect_eq(
             &format!("datagram {idx} length"),
