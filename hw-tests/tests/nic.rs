@@ -60,10 +60,7 @@ fn run_captured(name: &str, nic: Nic, mac: &str, command: &str) -> GuestRun {
         .timeout(GUEST_TIMEOUT)
         .append(KERNEL_ARGS)
         .run(command)
-        .start()
-        .unwrap()
-        .wait()
-        .unwrap();
+        .run_to_end();
     run.expect_success();
     run
 }

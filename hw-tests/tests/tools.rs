@@ -12,10 +12,7 @@ fn run_with_vfio_bind(guest: Guest, script: &str) -> GuestRun {
         .no_auto_bind()
         .file("/data/vfio-bind", vfio_bind)
         .run(script)
-        .start()
-        .unwrap()
-        .wait()
-        .unwrap();
+        .run_to_end();
     run.expect_success();
     run
 }
