@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::dma::DmaSpace;
+use crate::dma::{DmaAccess, DmaSpace};
 use crate::e1000::E1000;
 use crate::error::{DriverError, Result};
 use crate::nic::NicModel;
@@ -133,6 +133,28 @@ impl NicConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The device's access to the receive buffers: read-only under
+    /// `FaultInjection::RxBuffersReadOnly` (the IOMMU then stops its writes), else read-write.
+    pub(crate) fn rx_buffer_access(&self) -> DmaAccess {
+        #[cfg(feature = "fault-injection")]
+        if self.fault_injection == FaultInjection::RxBuffersReadOnly {
+            return DmaAccess::DeviceReads;
+        }
+        DmaAccess::DeviceReadsWrites
+    }
+
+    /// The device's access to the transmit ring's memory it writes completions to (e1000:
+    /// the descriptor ring; virtio-net: the used ring): read-only under
+    /// `FaultInjection::TxRingReadOnly` (the IOMMU then stops its completion writes), else
+    /// read-write.
+    pub(crate) fn tx_completion_access(&self) -> DmaAccess {
+        #[cfg(feature = "fault-injection")]
+        if self.fault_injection == FaultInjection::TxRingReadOnly {
+            return DmaAccess::DeviceReads;
+        }
+        DmaAccess::DeviceReadsWrites
     }
 }
 

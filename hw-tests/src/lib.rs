@@ -27,6 +27,7 @@ mod initramfs;
 pub mod netns;
 mod qemu;
 mod qmp;
+pub mod serve_guest;
 pub mod wire;
 
 pub use guest_programs::guest_programs;
@@ -35,6 +36,36 @@ pub use netns::NetNs;
 pub use qemu::{Guest, GuestRun, Network, Nic, RunningGuest};
 
 use std::path::PathBuf;
+
+/// One `#[test]` per NIC model of [`Nic::ALL`] for each check `fn(Nic)` named: a module
+/// named after the check, with tests `e1000`, `e1000e` and `virtio`. A check that cannot
+/// hold for QEMU's virtio-net as written names, after `=> virtio ignored:`, why and where
+/// virtio is covered instead.
+///
+/// ```ignore
+/// fn end_to_end(nic: Nic) { /* ... */ }
+/// hw_tests::for_each_nic!(end_to_end); // end_to_end::e1000, end_to_end::e1000e, ...
+/// ```
+#[macro_export]
+macro_rules! for_each_nic {
+    ($($check:ident $(=> virtio ignored: $why:literal)?),* $(,)?) => {$(
+        mod $check {
+            #[test]
+            fn e1000() {
+                super::$check($crate::Nic::E1000)
+            }
+            #[test]
+            fn e1000e() {
+                super::$check($crate::Nic::E1000e)
+            }
+            #[test]
+            $(#[ignore = $why])?
+            fn virtio() {
+                super::$check($crate::Nic::Virtio)
+            }
+        }
+    )*};
+}
 
 /// The workspace root (this crate's parent directory).
 pub fn workspace_root() -> PathBuf {

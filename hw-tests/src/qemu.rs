@@ -115,68 +115,62 @@ impl Guest {
         }
     }
 
-    pub fn mac(mut self, mac: &str) -> Self {
-        self.mac = mac.into();
+    /// What every setter does: change the builder with `set` and hand it back.
+    fn with(mut self, set: impl FnOnce(&mut Self)) -> Self {
+        set(&mut self);
         self
+    }
+
+    pub fn mac(self, mac: &str) -> Self {
+        self.with(|g| g.mac = mac.into())
     }
     /// Leave out the emulated IOMMU (to test that zerosend refuses to run without one).
-    pub fn without_iommu(mut self) -> Self {
-        self.iommu = false;
-        self
+    pub fn without_iommu(self) -> Self {
+        self.with(|g| g.iommu = false)
     }
     /// virtio-net without `iommu_platform=on` (to test the refusal).
-    pub fn without_virtio_iommu_platform(mut self) -> Self {
-        self.virtio_iommu_platform = false;
-        self
+    pub fn without_virtio_iommu_platform(self) -> Self {
+        self.with(|g| g.virtio_iommu_platform = false)
     }
     /// virtio-net with packed virtqueues offered (`packed=on`, VIRTIO_F_RING_PACKED).
-    pub fn virtio_packed(mut self) -> Self {
-        self.virtio_packed = true;
-        self
+    pub fn virtio_packed(self) -> Self {
+        self.with(|g| g.virtio_packed = true)
     }
-    pub fn memory_mb(mut self, mb: u32) -> Self {
-        self.memory_mb = mb;
-        self
+    pub fn memory_mb(self, mb: u32) -> Self {
+        self.with(|g| g.memory_mb = mb)
     }
-    pub fn cpus(mut self, n: u32) -> Self {
-        self.cpus = n;
-        self
+    pub fn cpus(self, n: u32) -> Self {
+        self.with(|g| g.cpus = n)
     }
     /// Extra kernel command line.
-    pub fn append(mut self, args: &str) -> Self {
-        self.append = args.into();
-        self
+    pub fn append(self, args: &str) -> Self {
+        self.with(|g| g.append = args.into())
     }
-    pub fn network(mut self, network: Network) -> Self {
-        self.network = network;
-        self
+    pub fn network(self, network: Network) -> Self {
+        self.with(|g| g.network = network)
     }
     /// Forward a guest TCP port from 127.0.0.1 (user-mode network).
     pub fn forward(self, guest_port: u16) -> Self {
         self.forward_from(guest_port, None)
     }
     /// Forward a guest TCP port from a given port on 127.0.0.1 (`None`: any free port).
-    pub fn forward_from(mut self, guest_port: u16, host_port: Option<u16>) -> Self {
-        match &mut self.network {
+    pub fn forward_from(self, guest_port: u16, host_port: Option<u16>) -> Self {
+        self.with(|g| match &mut g.network {
             Network::User { forwards } => forwards.push((guest_port, host_port)),
             Network::Tap => panic!("port forwards need the user-mode network"),
-        }
-        self
+        })
     }
     /// Record every frame on the NIC's netdev (QEMU `filter-dump`).
-    pub fn pcap(mut self) -> Self {
-        self.pcap = true;
-        self
+    pub fn pcap(self) -> Self {
+        self.with(|g| g.pcap = true)
     }
     /// Leave the NIC unbound at boot (tests of `scripts/vfio-bind` and `zerosend probe`).
-    pub fn no_auto_bind(mut self) -> Self {
-        self.auto_bind = false;
-        self
+    pub fn no_auto_bind(self) -> Self {
+        self.with(|g| g.auto_bind = false)
     }
     /// The shell command(s) the guest runs (with `set -e`); its exit status is the run's.
-    pub fn run(mut self, script: &str) -> Self {
-        self.script = script.into();
-        self
+    pub fn run(self, script: &str) -> Self {
+        self.with(|g| g.script = script.into())
     }
     /// A file placed in the guest at `path` (absolute, e.g. `/data/file.bin`).
     pub fn file(self, path: &str, contents: Vec<u8>) -> Self {
@@ -200,18 +194,18 @@ impl Guest {
     pub fn dir(self, path: &str) -> Self {
         self.entry(path, Vec::new(), 0o040755, 0)
     }
-    fn entry(mut self, path: &str, data: Vec<u8>, mode: u32, mtime: u32) -> Self {
-        self.files.push(GuestFile {
-            path: path.into(),
-            data,
-            mode,
-            mtime,
-        });
-        self
+    fn entry(self, path: &str, data: Vec<u8>, mode: u32, mtime: u32) -> Self {
+        self.with(|g| {
+            g.files.push(GuestFile {
+                path: path.into(),
+                data,
+                mode,
+                mtime,
+            })
+        })
     }
-    pub fn timeout(mut self, t: Duration) -> Self {
-        self.timeout = t;
-        self
+    pub fn timeout(self, t: Duration) -> Self {
+        self.with(|g| g.timeout = t)
     }
 
     /// Boot the guest and wait for its command to finish; panics if QEMU cannot start.
@@ -512,12 +506,7 @@ impl RunningGuest {
     /// Panic with `message` and the console tail.
     #[track_caller]
     pub fn fail(&self, message: &str) -> ! {
-        panic!(
-            "guest {}: {message}\n--- console tail ({}) ---\n{}\n--- end ---",
-            self.name,
-            self.dir.join("console.log").display(),
-            self.console_tail(40)
-        )
+        fail_with_console_tail(&self.name, &self.dir, message, &self.console_tail(40))
     }
 
     /// Wait until a console line contains `needle`; returns that line. On timeout or guest
@@ -643,6 +632,16 @@ fn tail(lines: &[String], n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Panics with `message` about guest `name` (whose files are in `dir`), its console `tail`
+/// and where the whole console log is.
+#[track_caller]
+fn fail_with_console_tail(name: &str, dir: &Path, message: &str, tail: &str) -> ! {
+    panic!(
+        "guest {name}: {message}\n--- console tail ({}) ---\n{tail}\n--- end ---",
+        dir.join("console.log").display(),
+    )
+}
+
 /// What a finished guest left behind.
 #[derive(Debug)]
 pub struct GuestRun {
@@ -669,12 +668,7 @@ impl GuestRun {
     /// Panic with `message` and the console tail.
     #[track_caller]
     pub fn fail(&self, message: &str) -> ! {
-        panic!(
-            "guest {}: {message}\n--- console tail ({}) ---\n{}\n--- end ---",
-            self.name,
-            self.dir.join("console.log").display(),
-            self.tail(40)
-        )
+        fail_with_console_tail(&self.name, &self.dir, message, &self.tail(40))
     }
 
     /// Panic with the console tail unless the command exited 0.

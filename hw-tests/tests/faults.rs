@@ -18,16 +18,12 @@
 //! recovered faults the server exits at the hang and the download fails; without the
 //! driver's recovery nothing completes after the hang and curl times out.
 
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use hw_tests::content::{random_bytes, sha256_hex};
 use hw_tests::netns::GUEST_IP;
+use hw_tests::serve_guest::{url, ServerGuest, BIG_LEN, PORT};
 use hw_tests::wire::{pcap_frames, Ipv4Frame, IPPROTO_UDP};
-use hw_tests::{Guest, GuestRun, Network, Nic, RunningGuest};
-
-const BIG_LEN: usize = 8 << 20;
-const PORT: u16 = 80;
+use hw_tests::{Guest, GuestRun, Nic};
 /// The server's TX hang strikes after this many frames. Chosen to fall inside the first
 /// 8 MiB download (which takes a few hundred frames with TSO, thousands without) and well
 /// after the metrics request made before it; the test checks both.
@@ -136,157 +132,72 @@ fn driver_recovers(nic: Nic) {
     );
 }
 
-#[test]
-fn driver_recovers_e1000() {
-    driver_recovers(Nic::E1000);
-}
-
-#[test]
-fn driver_recovers_e1000e() {
-    driver_recovers(Nic::E1000e);
-}
-
-#[test]
-fn driver_recovers_virtio() {
-    driver_recovers(Nic::Virtio);
-}
+hw_tests::for_each_nic!(driver_recovers);
 
 // ---------------------------------------------------------------------------------------
 // Server level
 // ---------------------------------------------------------------------------------------
 
-fn url(path: &str) -> String {
-    format!("http://{GUEST_IP}:{PORT}{path}")
+fn boot(nic: Nic) -> ServerGuest {
+    ServerGuest::boot("faults-server", nic, 4242, |guest| {
+        guest.run(&format!(
+            "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
+             --inject-tx-hang-after-frames {HANG_AFTER_FRAMES}"
+        ))
+    })
 }
 
-struct Server {
-    nic: Nic,
-    guest: RunningGuest,
-    big: Vec<u8>,
+/// Download big.bin and check it byte for byte; returns the seconds taken.
+fn download_big(srv: &ServerGuest, what: &str) -> f64 {
+    let secs = srv.download_big(what);
+    eprintln!(
+        "faults: {} {what}: 8 MiB byte-exact in {secs:.2}s",
+        srv.nic.name()
+    );
+    secs
 }
 
-impl Server {
-    fn boot(nic: Nic) -> Server {
-        let big = random_bytes(4242, BIG_LEN);
-        let guest = Guest::new(&format!("faults-server-{}", nic.name()), nic)
-            .network(Network::Tap)
-            .memory_mb(1024)
-            .timeout(Duration::from_secs(900))
-            .file("/data/big.bin", big.clone())
-            .file("/data/hello.txt", b"hello from zerosend\n".to_vec())
-            .run(&format!(
-                "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
-                 --inject-tx-hang-after-frames {HANG_AFTER_FRAMES}"
-            ))
-            .start()
-            .unwrap();
-        guest.wait_for_console("zerosend: serving", Duration::from_secs(180));
-        Server { nic, guest, big }
-    }
+/// The server's metrics page.
+fn metrics(srv: &ServerGuest) -> String {
+    let o = srv.curl(&[&url("/_zerosend/metrics")]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    srv.check(
+        text.contains("zerosend_frames_tx_total"),
+        &format!("no metrics: {text} {}", String::from_utf8_lossy(&o.stderr)),
+    );
+    text
+}
 
-    /// Run curl inside the namespace.
-    fn curl(&self, args: &[&str]) -> Output {
-        self.guest
-            .netns()
-            .command("curl")
-            .args(["-sS", "--max-time", "120"])
-            .args(args)
-            .output()
-            .unwrap()
-    }
+/// One sample of the metrics page.
+fn metric(srv: &ServerGuest, text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| srv.guest.fail(&format!("metric {name} missing:\n{text}")))
+}
 
-    fn scratch(&self, what: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "zs-faults-{}-{}",
-            std::process::id(),
-            self.nic.name()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(what)
-    }
-
-    #[track_caller]
-    fn check(&self, ok: bool, what: &str) {
-        if !ok {
-            self.guest.fail(what);
-        }
-    }
-
-    /// Download big.bin and check it byte for byte (sha256); returns the seconds taken.
-    fn download_big(&self, what: &str) -> f64 {
-        let out = self.scratch("big.bin");
-        let started = Instant::now();
-        let o = self.curl(&[
-            "-o",
-            out.to_str().unwrap(),
-            "-w",
-            "%{http_code} %{size_download}",
-            &url("/big.bin"),
-        ]);
-        let secs = started.elapsed().as_secs_f64();
-        let got = std::fs::read(&out).unwrap_or_default();
-        let _ = std::fs::remove_file(&out);
-        self.check(
-            String::from_utf8_lossy(&o.stdout) == format!("200 {BIG_LEN}"),
-            &format!(
-                "{what}: curl: {} {}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        );
-        self.check(
-            sha256_hex(&got) == sha256_hex(&self.big),
-            &format!("{what}: sha256 of the download differs"),
-        );
-        eprintln!(
-            "faults: {} {what}: 8 MiB byte-exact in {secs:.2}s",
-            self.nic.name()
-        );
-        secs
-    }
-
-    /// The server's metrics page.
-    fn metrics(&self) -> String {
-        let o = self.curl(&[&url("/_zerosend/metrics")]);
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        self.check(
-            text.contains("zerosend_frames_tx_total"),
-            &format!("no metrics: {text} {}", String::from_utf8_lossy(&o.stderr)),
-        );
-        text
-    }
-
-    /// One sample of the metrics page.
-    fn metric(&self, text: &str, name: &str) -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| self.guest.fail(&format!("metric {name} missing:\n{text}")))
-    }
-
-    /// No page-cache pin outlives the responses: the frames dropped by a reset were handed
-    /// back (their tokens returned) and released their pins.
-    fn check_no_pins(&self, what: &str) {
-        let m = self.metrics();
-        for name in ["zerosend_pins_held", "zerosend_pinned_pages"] {
-            let v = self.metric(&m, name);
-            self.check(v == 0, &format!("{what}: {name} is {v}, not 0"));
-        }
+/// No page-cache pin outlives the responses: the frames dropped by a reset were handed
+/// back (their tokens returned) and released their pins.
+fn check_no_pins(srv: &ServerGuest, what: &str) {
+    let m = metrics(srv);
+    for name in ["zerosend_pins_held", "zerosend_pinned_pages"] {
+        let v = metric(srv, &m, name);
+        srv.check(v == 0, &format!("{what}: {name} is {v}, not 0"));
     }
 }
 
 /// (a) A TX hang strikes in the middle of an 8 MiB download.
-fn tx_hang_mid_download(srv: &Server) {
+fn tx_hang_mid_download(srv: &ServerGuest) {
     let strike = "fault injection: TxHang strikes now";
-    let before = srv.metrics();
-    let frames_before = srv.metric(&before, "zerosend_frames_tx_total");
+    let before = metrics(srv);
+    let frames_before = metric(srv, &before, "zerosend_frames_tx_total");
     srv.check(
         srv.guest.console_lines_with(strike).is_empty() && frames_before + 10 < HANG_AFTER_FRAMES,
         &format!("the TX hang struck before the download ({frames_before} frames sent)"),
     );
-    srv.download_big("download across a TX hang");
-    let after = srv.metrics();
-    let frames_after = srv.metric(&after, "zerosend_frames_tx_total");
+    download_big(srv, "download across a TX hang");
+    let after = metrics(srv);
+    let frames_after = metric(srv, &after, "zerosend_frames_tx_total");
     srv.check(
         !srv.guest.console_lines_with(strike).is_empty(),
         "the injected TX hang never struck",
@@ -310,13 +221,13 @@ fn tx_hang_mid_download(srv: &Server) {
             .is_empty(),
         "the stack did not report a recovered NIC fault",
     );
-    let resets = srv.metric(&after, "zerosend_device_resets_total");
+    let resets = metric(srv, &after, "zerosend_device_resets_total");
     srv.check(
         resets == 1,
         &format!("zerosend_device_resets_total is {resets}, expected 1"),
     );
-    srv.check_no_pins("after the TX hang");
-    srv.download_big("second download after the TX hang");
+    check_no_pins(srv, "after the TX hang");
+    download_big(srv, "second download after the TX hang");
     eprintln!(
         "faults: {} TX hang after frame {HANG_AFTER_FRAMES} of {frames_after}: recovered, counted once, pins 0",
         srv.nic.name()
@@ -324,9 +235,9 @@ fn tx_hang_mid_download(srv: &Server) {
 }
 
 /// (b) The link goes down for 3 s in the middle of a download.
-fn link_down_mid_download(srv: &Server) {
-    let retransmits_before = srv.metric(&srv.metrics(), "zerosend_tcp_retransmits_total");
-    let out = srv.scratch("flap.bin");
+fn link_down_mid_download(srv: &ServerGuest) {
+    let retransmits_before = metric(srv, &metrics(srv), "zerosend_tcp_retransmits_total");
+    let out = srv.scratch_dir("faults").join("flap.bin");
     let _ = std::fs::remove_file(&out);
     // curl reads at most 1 MiB/s, so the download takes about 8 s and the link goes down
     // in its middle, whatever the speed of the guest.
@@ -386,7 +297,7 @@ fn link_down_mid_download(srv: &Server) {
         );
         "reset cleanly"
     };
-    let retransmits = srv.metric(&srv.metrics(), "zerosend_tcp_retransmits_total");
+    let retransmits = metric(srv, &metrics(srv), "zerosend_tcp_retransmits_total");
     srv.check(
         retransmits > retransmits_before,
         "no TCP retransmission: the link outage lost nothing?",
@@ -406,13 +317,13 @@ fn link_down_mid_download(srv: &Server) {
             String::from_utf8_lossy(&o.stderr)
         ),
     );
-    srv.download_big("download after the link outage");
-    srv.check_no_pins("after the link outage");
+    download_big(srv, "download after the link outage");
+    check_no_pins(srv, "after the link outage");
 }
 
 fn server_survives_faults(nic: Nic) {
     let started = Instant::now();
-    let srv = Server::boot(nic);
+    let srv = boot(nic);
     tx_hang_mid_download(&srv);
     link_down_mid_download(&srv);
     let run = srv.guest.stop().unwrap();
@@ -426,17 +337,4 @@ fn server_survives_faults(nic: Nic) {
     );
 }
 
-#[test]
-fn server_survives_tx_hang_and_link_loss_e1000() {
-    server_survives_faults(Nic::E1000);
-}
-
-#[test]
-fn server_survives_tx_hang_and_link_loss_e1000e() {
-    server_survives_faults(Nic::E1000e);
-}
-
-#[test]
-fn server_survives_tx_hang_and_link_loss_virtio() {
-    server_survives_faults(Nic::Virtio);
-}
+hw_tests::for_each_nic!(server_survives_faults);

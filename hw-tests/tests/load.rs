@@ -14,15 +14,10 @@ use std::time::{Duration, Instant};
 
 use hw_tests::content::{random_bytes, sha256_hex};
 use hw_tests::netns::GUEST_IP;
-use hw_tests::{Guest, Network, Nic, RunningGuest};
+use hw_tests::serve_guest::{url, ServerGuest, PORT};
+use hw_tests::{Nic, RunningGuest};
 
-const PORT: u16 = 80;
-const BIG_LEN: usize = 8 << 20;
 const MEDIUM_LEN: usize = 64 << 10;
-
-fn url(path: &str) -> String {
-    format!("http://{GUEST_IP}:{PORT}{path}")
-}
 
 struct Server {
     guest: RunningGuest,
@@ -34,21 +29,14 @@ struct Server {
 impl Server {
     fn boot(nic: Nic) -> Server {
         let medium = random_bytes(7, MEDIUM_LEN);
-        let guest = Guest::new(&format!("load-{}", nic.name()), nic)
-            .network(Network::Tap)
-            .memory_mb(1024)
-            .timeout(Duration::from_secs(900))
-            .file("/data/big.bin", random_bytes(8, BIG_LEN))
-            .file("/data/medium.bin", medium.clone())
-            .file("/data/hello.txt", b"hello from zerosend\n".to_vec())
-            .run(&format!(
+        let guest = ServerGuest::boot("load", nic, 8, |guest| {
+            guest.file("/data/medium.bin", medium.clone()).run(&format!(
                 "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
                  --cache-mb 96 --request-timeout-secs 8 --idle-timeout-secs 10 \
                  --send-stall-timeout-secs 5 --pcap /data/capture.pcap"
             ))
-            .start()
-            .unwrap();
-        guest.wait_for_console("zerosend: serving", Duration::from_secs(180));
+        })
+        .guest;
         let line = guest.wait_for_console("zerosend: memory budget", Duration::from_secs(5));
         let budget = line
             .split_whitespace()
@@ -64,19 +52,11 @@ impl Server {
 
     #[track_caller]
     fn check(&self, ok: bool, what: &str) {
-        if !ok {
-            self.guest.fail(what);
-        }
+        self.guest.check(ok, what);
     }
 
     fn curl(&self, args: &[&str]) -> std::process::Output {
-        self.guest
-            .netns()
-            .command("curl")
-            .args(["-sS", "--max-time", "60"])
-            .args(args)
-            .output()
-            .unwrap()
+        self.guest.curl(Duration::from_secs(60), args)
     }
 
     /// One metric's value from `/_zerosend/metrics`.

@@ -2,7 +2,8 @@
 //!
 //! The guest side is `zs-guest nic-*` (hw-tests/src/bin/zs-guest/nictest.rs), written only
 //! against `NetQueue` + `open_nic`, so each check below is a function of the NIC model and
-//! [`for_each_nic!`] instantiates it per model. Adding a model is one line in that macro.
+//! [`hw_tests::for_each_nic!`] instantiates it per model. Adding a model is one line in that
+//! macro.
 //!
 //! What reached the wire is read from QEMU's own capture (`filter-dump`, a pcap of every
 //! frame on the NIC's netdev), so a frame counts only if the emulated NIC really put it
@@ -28,31 +29,7 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(420);
 /// Interrupt-remapped IO-APIC"); the timer is fine, so skip the check.
 const KERNEL_ARGS: &str = "no_timer_check";
 
-/// One `#[test]` per NIC model for a check `fn(Nic)`. A check that cannot hold for QEMU's
-/// virtio-net as written names, after `=> virtio ignored:`, why and where virtio is covered
-/// instead.
-macro_rules! for_each_nic {
-    ($($check:ident $(=> virtio ignored: $why:literal)?),* $(,)?) => {$(
-        mod $check {
-            use super::*;
-            #[test]
-            fn e1000() {
-                super::$check(Nic::E1000)
-            }
-            #[test]
-            fn e1000e() {
-                super::$check(Nic::E1000e)
-            }
-            #[test]
-            $(#[ignore = $why])?
-            fn virtio() {
-                super::$check(Nic::Virtio)
-            }
-        }
-    )*};
-}
-
-for_each_nic!(
+hw_tests::for_each_nic!(
     tx_chain_arrives_byte_exact,
     offloaded_checksums_are_valid => virtio ignored: "QEMU's virtio-net leaves checksums to its TAP peer (vnet header) and offers none on the user network, so its pcap cannot show them; see tests/virtio.rs virtio_checksum_offload_and_tso_checked_by_the_host_kernel",
     tso_60k_arrives_as_mss_segments => virtio ignored: "QEMU's virtio-net leaves segmentation to its TAP peer (vnet header) and offers no TSO on the user network; see tests/virtio.rs virtio_checksum_offload_and_tso_checked_by_the_host_kernel",
@@ -83,10 +60,7 @@ fn run_captured(name: &str, nic: Nic, mac: &str, command: &str) -> GuestRun {
         .timeout(GUEST_TIMEOUT)
         .append(KERNEL_ARGS)
         .run(command)
-        .start()
-        .unwrap()
-        .wait()
-        .unwrap();
+        .run_to_end();
     run.expect_success();
     run
 }
@@ -155,11 +129,7 @@ fn tx_chain_arrives_byte_exact(nic: Nic) {
     let pcap = read_pcap(&run);
     let frames = guest_frames(&pcap, &mac);
     for i in 0..frames_sent {
-        let line = run
-            .lines
-            .iter()
-            .find_map(|l| l.strip_prefix(&format!("TX_FRAME {i} ")))
-            .unwrap_or_else(|| run.fail(&format!("no TX_FRAME {i} line")));
+        let line = run.require(&format!("TX_FRAME {i}"));
         let len: usize = parse_kv(line, "len").unwrap().parse().unwrap();
         let fnv = u64::from_str_radix(parse_kv(line, "fnv").unwrap(), 16).unwrap();
         let matching: Vec<&Ipv4Frame> = frames
@@ -489,11 +459,8 @@ fn rx_receives_host_datagrams(nic: Nic) {
         run.fail("the guest never answered ARP");
     }
     for idx in 0..count {
-        let line = run
-            .lines
-            .iter()
-            .find_map(|l| l.strip_prefix(&format!("RX_DGRAM {idx} ")))
-            .unwrap_or_else(|| run.fail(&format!("datagram {idx} not received")));
+        // A datagram not received has no line.
+        let line = run.require(&format!("RX_DGRAM {idx}"));
         let p = rx_payload(idx);
         run.expect_eq(
             &format!("datagram {idx} length"),

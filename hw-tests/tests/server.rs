@@ -4,38 +4,20 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hw_tests::content::{check_stamped, random_bytes, sha256_hex, stamped_version};
 use hw_tests::netns::GUEST_IP;
-use hw_tests::{Guest, Network, Nic, RunningGuest};
+use hw_tests::serve_guest::{url, ServerGuest, BIG_LEN, PORT};
+use hw_tests::Nic;
 
-const BIG_LEN: usize = 8 << 20;
 const STAMP_BLOCKS: usize = 64; // 256 KiB version-stamped file
-const PORT: u16 = 80;
 
-fn url(path: &str) -> String {
-    format!("http://{GUEST_IP}:{PORT}{path}")
-}
-
-struct Server {
-    nic: Nic,
-    guest: RunningGuest,
-    big: Vec<u8>,
-}
-
-impl Server {
-    fn boot(nic: Nic) -> Server {
-        let big = random_bytes(42, BIG_LEN);
-        let guest = Guest::new(&format!("server-{}", nic.name()), nic)
-            .network(Network::Tap)
-            .memory_mb(1024)
-            .timeout(Duration::from_secs(900))
-            .file("/data/big.bin", big.clone())
-            .file("/data/hello.txt", b"hello from zerosend\n".to_vec())
+fn boot(nic: Nic) -> ServerGuest {
+    ServerGuest::boot("server", nic, 42, |guest| {
+        guest
             .file("/data/sub/index.html", b"<h1>index</h1>\n".to_vec())
             .file("/data/versioned.bin", stamped_version(0, STAMP_BLOCKS))
             .file("/secret.txt", b"outside the root\n".to_vec())
@@ -45,54 +27,20 @@ impl Server {
                  --audit --pcap /data/capture.pcap --max-connections 100 --write-policy cow \
                  --access-log /data/access.log"
             ))
-            .start()
-            .unwrap();
-        guest.wait_for_console("zerosend: serving", Duration::from_secs(180));
-        Server { nic, guest, big }
-    }
+    })
+}
 
-    /// Run curl inside the namespace.
-    fn curl(&self, args: &[&str]) -> Output {
-        self.guest
-            .netns()
-            .command("curl")
-            .args(["-sS", "--max-time", "120"])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// A raw TCP connection from inside the namespace; `f` runs there.
-    fn tcp<T: Send + 'static>(&self, f: impl FnOnce(TcpStream) -> T + Send + 'static) -> T {
-        self.guest
-            .netns()
-            .spawn(move || {
-                let s = TcpStream::connect((GUEST_IP, PORT)).expect("connect to the guest");
-                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-                f(s)
-            })
-            .join()
-            .unwrap()
-    }
-
-    /// A host directory of this server's own: the three NIC models run in parallel in one
-    /// process, so shared paths would mix their downloads.
-    fn scratch_dir(&self, what: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "zs-e2e-{}-{}-{what}",
-            std::process::id(),
-            self.nic.name()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    #[track_caller]
-    fn check(&self, ok: bool, what: &str) {
-        if !ok {
-            self.guest.fail(what);
-        }
-    }
+/// A raw TCP connection from inside the namespace; `f` runs there.
+fn tcp<T: Send + 'static>(srv: &ServerGuest, f: impl FnOnce(TcpStream) -> T + Send + 'static) -> T {
+    srv.guest
+        .netns()
+        .spawn(move || {
+            let s = TcpStream::connect((GUEST_IP, PORT)).expect("connect to the guest");
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            f(s)
+        })
+        .join()
+        .unwrap()
 }
 
 /// Read one HTTP response (head + Content-Length body) from a stream.
@@ -123,8 +71,8 @@ fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Vec<u8>) {
 
 /// Send `request` on a fresh connection, close our sending half, and return every byte the
 /// server sends until it closes (or until a reset or the read timeout: what came first).
-fn exchange(srv: &Server, request: Vec<u8>) -> Vec<u8> {
-    srv.tcp(move |mut s| {
+fn exchange(srv: &ServerGuest, request: Vec<u8>) -> Vec<u8> {
+    tcp(srv, move |mut s| {
         s.write_all(&request).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
         let mut got = Vec::new();
@@ -166,7 +114,7 @@ fn error_response(status: u16, reason: &str, keep_alive: bool) -> String {
 }
 
 #[track_caller]
-fn check_bytes(srv: &Server, got: &[u8], expected: &str, what: &str) {
+fn check_bytes(srv: &ServerGuest, got: &[u8], expected: &str, what: &str) {
     srv.check(
         got == expected.as_bytes(),
         &format!(
@@ -178,7 +126,7 @@ fn check_bytes(srv: &Server, got: &[u8], expected: &str, what: &str) {
 
 /// The CL.0 desync of the issue: a body is framed by its Content-Length whatever the method,
 /// so a body that is itself a request is never executed.
-fn bodies_are_never_requests(srv: &Server) {
+fn bodies_are_never_requests(srv: &ServerGuest) {
     let smuggled = "GET /hello.txt HTTP/1.1\r\nHost: xy\r\n\r\n";
     assert_eq!(smuggled.len(), 37, "the issue's Content-Length");
     let last = "GET /nope-last HTTP/1.1\r\nConnection: close\r\n\r\n";
@@ -253,7 +201,7 @@ fn bodies_are_never_requests(srv: &Server) {
 
 /// The issue's 40 pipelined requests followed by `shutdown(SHUT_WR)`: every one is answered
 /// before the server closes, byte for byte.
-fn half_closed_pipeline_of_40(srv: &Server) {
+fn half_closed_pipeline_of_40(srv: &ServerGuest) {
     let hello = "GET /hello.txt HTTP/1.1\r\nHost: guest\r\n\r\n";
     let missing = "GET /nope HTTP/1.1\r\nHost: guest\r\n\r\n";
     let hello_answer = exchange(srv, hello.as_bytes().to_vec());
@@ -286,7 +234,7 @@ fn half_closed_pipeline_of_40(srv: &Server) {
 }
 
 /// OPTIONS (also `*`), absolute-form targets, and 414 for a target over 8 KiB.
-fn options_and_request_targets(srv: &Server) {
+fn options_and_request_targets(srv: &ServerGuest) {
     let options = |target: &str| {
         exchange(
             srv,
@@ -323,42 +271,17 @@ fn options_and_request_targets(srv: &Server) {
     );
 }
 
-fn full_download(srv: &Server) {
-    let dir = srv.scratch_dir("download");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("big.bin");
-    let started = Instant::now();
-    let o = srv.curl(&[
-        "-o",
-        out.to_str().unwrap(),
-        "-w",
-        "%{http_code} %{size_download}",
-        &url("/big.bin"),
-    ]);
-    let secs = started.elapsed().as_secs_f64();
-    let got = std::fs::read(&out).unwrap_or_default();
-    srv.check(
-        String::from_utf8_lossy(&o.stdout) == format!("200 {BIG_LEN}"),
-        &format!(
-            "curl: {} {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    );
-    srv.check(
-        sha256_hex(&got) == sha256_hex(&srv.big),
-        "sha256 of the download differs",
-    );
+fn full_download(srv: &ServerGuest) {
+    let secs = srv.download_big("full download");
     eprintln!(
         "e2e: downloaded {} MiB in {secs:.2}s ({:.1} Mbit/s), sha256 {}",
         BIG_LEN >> 20,
         BIG_LEN as f64 * 8.0 / secs / 1e6,
-        sha256_hex(&got)
+        sha256_hex(&srv.big)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn ranges_head_conditional(srv: &Server) {
+fn ranges_head_conditional(srv: &ServerGuest) {
     let o = srv.curl(&["-r", "1000-1999", &url("/big.bin")]);
     srv.check(o.stdout == srv.big[1000..2000], "range 1000-1999 wrong");
     let o = srv.curl(&["-r", "-100", &url("/big.bin")]);
@@ -421,9 +344,9 @@ fn ranges_head_conditional(srv: &Server) {
     srv.check(o.stdout == b"<h1>index</h1>\n", "directory index");
 }
 
-fn keep_alive_200_requests(srv: &Server) {
+fn keep_alive_200_requests(srv: &ServerGuest) {
     let expected = b"hello from zerosend\n".to_vec();
-    let bad = srv.tcp(move |mut s| {
+    let bad = tcp(srv, move |mut s| {
         let mut buf = Vec::new();
         let mut bad = 0;
         for i in 0..200 {
@@ -448,7 +371,7 @@ fn keep_alive_200_requests(srv: &Server) {
     );
 }
 
-fn parallel_64(srv: &Server) {
+fn parallel_64(srv: &ServerGuest) {
     let big = Arc::new(srv.big.clone());
     let handles: Vec<_> = (0..64)
         .map(|i| {
@@ -479,7 +402,7 @@ fn parallel_64(srv: &Server) {
     );
 }
 
-fn put_then_get(srv: &Server) {
+fn put_then_get(srv: &ServerGuest) {
     let body = random_bytes(7, 300_000);
     let dir = srv.scratch_dir("put");
     std::fs::create_dir_all(&dir).unwrap();
@@ -526,7 +449,7 @@ fn put_then_get(srv: &Server) {
 
 /// Writers PUT new versions of a file while readers download it: every body must be exactly
 /// one version (the snapshot pinned when its response started).
-fn concurrent_writers_and_readers(srv: &Server) {
+fn concurrent_writers_and_readers(srv: &ServerGuest) {
     let stop = Arc::new(AtomicBool::new(false));
     let version = Arc::new(AtomicU32::new(1));
     let writers: Vec<_> = (0..2)
@@ -593,9 +516,9 @@ fn concurrent_writers_and_readers(srv: &Server) {
     );
 }
 
-fn bad_requests_and_limits(srv: &Server) {
+fn bad_requests_and_limits(srv: &ServerGuest) {
     let status = |req: Vec<u8>| -> String {
-        srv.tcp(move |mut s| {
+        tcp(srv, move |mut s| {
             s.write_all(&req).unwrap();
             let mut buf = Vec::new();
             let _ = s.read_to_end(&mut buf);
@@ -758,7 +681,7 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn fetch(srv: &Server) -> Metrics {
+    fn fetch(srv: &ServerGuest) -> Metrics {
         let o = srv.curl(&[&url("/_zerosend/metrics")]);
         Metrics {
             text: String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -775,7 +698,7 @@ impl Metrics {
     }
 }
 
-fn metrics_and_pcap(srv: &Server) {
+fn metrics_and_pcap(srv: &ServerGuest) {
     let o = srv.curl(&[&url("/_zerosend/metrics")]);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     for name in [
@@ -838,7 +761,7 @@ fn metrics_and_pcap(srv: &Server) {
 
 /// `--access-log`: one line per response, `<time> <client> c<n> "<request line>" <status>
 /// <bytes> <seconds>`.
-fn access_log(srv: &Server) {
+fn access_log(srv: &ServerGuest) {
     let o = srv.curl(&[&url("/access.log")]);
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     let mut lines = 0;
@@ -890,7 +813,7 @@ fn access_log(srv: &Server) {
 }
 
 fn end_to_end(nic: Nic) {
-    let srv = Server::boot(nic);
+    let srv = boot(nic);
     full_download(&srv);
     ranges_head_conditional(&srv);
     keep_alive_200_requests(&srv);
@@ -906,17 +829,4 @@ fn end_to_end(nic: Nic) {
     srv.guest.stop_server();
 }
 
-#[test]
-fn server_end_to_end_e1000() {
-    end_to_end(Nic::E1000);
-}
-
-#[test]
-fn server_end_to_end_e1000e() {
-    end_to_end(Nic::E1000e);
-}
-
-#[test]
-fn server_end_to_end_virtio() {
-    end_to_end(Nic::Virtio);
-}
+hw_tests::for_each_nic!(end_to_end);

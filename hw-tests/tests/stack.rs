@@ -104,22 +104,13 @@ fn stack_sends_file_to_linux(nic: Nic, extra: &str) {
     }
 }
 
-#[test]
-fn e1000_stack_sends_a_file_to_linux_tcp() {
-    stack_sends_file_to_linux(Nic::E1000, "");
+fn stack_sends_a_file_to_linux_tcp(nic: Nic) {
+    stack_sends_file_to_linux(nic, "");
 }
 
-#[test]
-fn e1000e_stack_sends_a_file_to_linux_tcp() {
-    stack_sends_file_to_linux(Nic::E1000e, "");
-}
+hw_tests::for_each_nic!(stack_sends_a_file_to_linux_tcp);
 
 #[test]
 fn e1000_stack_without_tso_sends_a_file_to_linux_tcp() {
     stack_sends_file_to_linux(Nic::E1000, "--no-tso");
-}
-
-#[test]
-fn virtio_stack_sends_a_file_to_linux_tcp() {
-    stack_sends_file_to_linux(Nic::Virtio, "");
 }

@@ -2,10 +2,19 @@
 //! unbound, probe says how to bind it, vfio-bind binds it, zerosend can then open it, and
 //! unbinding releases it. Without an IOMMU both refuse and say why.
 
-use hw_tests::{workspace_root, Guest, Nic};
+use hw_tests::{workspace_root, Guest, GuestRun, Nic};
 
-fn vfio_bind_script() -> Vec<u8> {
-    std::fs::read(workspace_root().join("scripts/vfio-bind")).unwrap()
+/// Runs `script` in `guest` with its NIC left unbound at boot and `scripts/vfio-bind` at
+/// `/data/vfio-bind`; the script must succeed.
+fn run_with_vfio_bind(guest: Guest, script: &str) -> GuestRun {
+    let vfio_bind = std::fs::read(workspace_root().join("scripts/vfio-bind")).unwrap();
+    let run = guest
+        .no_auto_bind()
+        .file("/data/vfio-bind", vfio_bind)
+        .run(script)
+        .run_to_end();
+    run.expect_success();
+    run
 }
 
 #[test]
@@ -21,15 +30,7 @@ zs-guest identify --pci $addr
 sh /data/vfio-bind --unbind $addr
 echo "PROBE_UNBOUND $(zerosend probe | grep 8086:100e)"
 "#;
-    let run = Guest::new("tools-vfio-bind", Nic::E1000)
-        .no_auto_bind()
-        .file("/data/vfio-bind", vfio_bind_script())
-        .run(script)
-        .start()
-        .unwrap()
-        .wait()
-        .unwrap();
-    run.expect_success();
+    let run = run_with_vfio_bind(Guest::new("tools-vfio-bind", Nic::E1000), script);
     let before = run.require("PROBE_BEFORE");
     if !before.contains("driver=none") || !before.contains("bind it: scripts/vfio-bind 0000:") {
         run.fail(&format!(
@@ -66,16 +67,10 @@ echo "PROBE $(zerosend probe | grep 8086:100e)"
 if sh /data/vfio-bind $addr 2>/tmp/err; then echo BOUND_WITHOUT_IOMMU; fi
 echo "REFUSAL $(cat /tmp/err)"
 "#;
-    let run = Guest::new("tools-vfio-bind-no-iommu", Nic::E1000)
-        .without_iommu()
-        .no_auto_bind()
-        .file("/data/vfio-bind", vfio_bind_script())
-        .run(script)
-        .start()
-        .unwrap()
-        .wait()
-        .unwrap();
-    run.expect_success();
+    let run = run_with_vfio_bind(
+        Guest::new("tools-vfio-bind-no-iommu", Nic::E1000).without_iommu(),
+        script,
+    );
     if run.console_contains("BOUND_WITHOUT_IOMMU") {
         run.fail("vfio-bind bound a device that no IOMMU translates for");
     }

@@ -4,6 +4,8 @@
 //! the comparison is "pread into our frames + page-table work" versus "pread into a buffer".
 //! Run with `cargo bench -p pagecache --bench cold_fill`.
 
+mod common;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
@@ -22,12 +24,7 @@ fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs us with no args: keep that quick.
     let quick = !std::env::args().any(|a| a == "--bench");
     let file_bytes = if quick { 4 << 20 } else { FILE_BYTES };
-    let dir = tempfile::Builder::new()
-        .prefix("pagecache-coldfill")
-        .tempdir_in(std::env::temp_dir())
-        .unwrap();
-    let path = dir.path().join("f");
-    std::fs::write(&path, vec![0xa5u8; file_bytes]).unwrap();
+    let (_dir, path) = common::temp_file("pagecache-coldfill", file_bytes, 0xa5);
 
     let mut best_fill = Duration::MAX;
     let mut best_pread = Duration::MAX;

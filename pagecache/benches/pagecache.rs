@@ -2,8 +2,9 @@
 //!
 //! Run with `cargo bench -p pagecache --bench pagecache`.
 
+mod common;
+
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -22,12 +23,7 @@ struct Fixture {
 }
 
 fn fixture(file_bytes: usize, policy: WritePolicy) -> Fixture {
-    let dir = tempfile::Builder::new()
-        .prefix("pagecache-bench")
-        .tempdir_in(std::env::temp_dir())
-        .unwrap();
-    let path: PathBuf = dir.path().join("f");
-    std::fs::write(&path, vec![0x5a; file_bytes]).unwrap();
+    let (dir, path) = common::temp_file("pagecache-bench", file_bytes, 0x5a);
     let arena = FrameArena::anonymous(1 << 32, 4 * file_bytes + 64 * PAGE_SIZE).unwrap();
     let cache = PageCache::new(arena, CacheConfig::default()).unwrap();
     let file = cache.open(&path, OpenOptions::read_write(policy)).unwrap();
@@ -102,16 +98,9 @@ fn concurrent_pins(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(20)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::criterion(Duration::from_secs(1));
     targets = pin_release, copy_on_write, snapshot_1mib, concurrent_pins
 }
 criterion_main!(benches);

@@ -3,6 +3,8 @@
 //!
 //! Run with `cargo bench -p pagecache --bench snapshot`.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -11,16 +13,6 @@ use pagecache::{Attempt, CacheConfig, FrameArena, OpenOptions, PageCache, Snapsh
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const MIB: u64 = 1 << 20;
-
-fn temp_file(bytes: usize) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::Builder::new()
-        .prefix("pagecache-bench-snap")
-        .tempdir_in(std::env::temp_dir())
-        .unwrap();
-    let path = dir.path().join("f");
-    std::fs::write(&path, vec![0x3c; bytes]).unwrap();
-    (dir, path)
-}
 
 /// Pins the next piece, waiting (blocking) while pending: the bench's stand-in for an event
 /// loop that would do other work meanwhile.
@@ -36,7 +28,7 @@ fn next(snapshot: &mut Snapshot, max: u64) -> pagecache::Pin {
 }
 
 fn warm_cache_benches(c: &mut Criterion) {
-    let (_dir, path) = temp_file(MIB as usize);
+    let (_dir, path) = common::temp_file("pagecache-bench-snap", MIB as usize, 0x3c);
     let arena = FrameArena::anonymous(1 << 32, 4 * MIB as usize).unwrap();
     let cache = PageCache::new(arena, CacheConfig::default()).unwrap();
     let file = cache.open(&path, OpenOptions::read_only()).unwrap();
@@ -74,7 +66,7 @@ fn cold_stream(c: &mut Criterion) {
     // `cargo test --benches` runs benches once in test mode: keep that small.
     let cache_bytes = 16 * MIB as usize;
     let file_bytes = 4 * cache_bytes;
-    let (_dir, path) = temp_file(file_bytes);
+    let (_dir, path) = common::temp_file("pagecache-bench-snap", file_bytes, 0x3c);
     let memory = std::sync::Arc::clone(
         FrameArena::anonymous(1 << 32, cache_bytes)
             .unwrap()
@@ -114,16 +106,9 @@ fn cold_stream(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(20)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::criterion(Duration::from_secs(2));
     targets = warm_cache_benches, cold_stream
 }
 criterion_main!(benches);

@@ -202,33 +202,9 @@ impl FrameArena {
         offset: u64,
         len: usize,
     ) -> io::Result<usize> {
-        assert!(len <= frames.len() * PAGE_SIZE);
-        let mut done = 0usize;
-        while done < len {
-            let iov = self.iovecs(frames, done, len);
-            // SAFETY: every iovec points into a frame we have exclusive access to, within
-            // its PAGE_SIZE bytes; the kernel writes at most the iovec lengths.
-            let n = unsafe {
-                libc::preadv(
-                    fd,
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                break; // end of file
-            }
-            done += n as usize;
-        }
-        Ok(done)
+        // SAFETY: the caller has exclusive access to `frames` (so the kernel may write them)
+        // and `len` fits in them.
+        unsafe { self.transfer(libc::preadv, fd, frames, offset, len) }
     }
 
     /// Writes the first `len` bytes of consecutive frames to the file at `offset` with
@@ -244,14 +220,46 @@ impl FrameArena {
         offset: u64,
         len: usize,
     ) -> io::Result<()> {
+        // SAFETY: nobody writes `frames` during the call (the kernel only reads them) and
+        // `len` fits in them.
+        let done = unsafe { self.transfer(libc::pwritev, fd, frames, offset, len) }?;
+        if done < len {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        Ok(())
+    }
+
+    /// Moves file bytes `offset .. offset + len` to or from consecutive frames with
+    /// `vectored_io` (`preadv` or `pwritev`), retrying interrupted and short transfers,
+    /// until all are moved or a call moves nothing (end of file, for a read). Returns the
+    /// bytes moved.
+    ///
+    /// # Safety
+    /// `len <= frames.len() * PAGE_SIZE`, and the frames' bytes may be accessed as
+    /// `vectored_io` does: for `preadv` the caller has exclusive access to every frame; for
+    /// `pwritev` nobody writes them during the call.
+    unsafe fn transfer(
+        &self,
+        vectored_io: unsafe extern "C" fn(
+            libc::c_int,
+            *const libc::iovec,
+            libc::c_int,
+            libc::off_t,
+        ) -> libc::ssize_t,
+        fd: RawFd,
+        frames: &[FrameId],
+        offset: u64,
+        len: usize,
+    ) -> io::Result<usize> {
         assert!(len <= frames.len() * PAGE_SIZE);
         let mut done = 0usize;
         while done < len {
             let iov = self.iovecs(frames, done, len);
-            // SAFETY: every iovec points into a live frame's PAGE_SIZE bytes, which nobody
-            // writes during the call; the kernel only reads them.
+            // SAFETY: every iovec points into a live frame's PAGE_SIZE bytes, which the
+            // caller lets the kernel read or write as `vectored_io` does; the kernel
+            // accesses at most the iovec lengths.
             let n = unsafe {
-                libc::pwritev(
+                vectored_io(
                     fd,
                     iov.as_ptr(),
                     iov.len() as libc::c_int,
@@ -266,11 +274,11 @@ impl FrameArena {
                 return Err(err);
             }
             if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+                break;
             }
             done += n as usize;
         }
-        Ok(())
+        Ok(done)
     }
 
     /// I/O vectors covering bytes `from .. to` of the concatenation of `frames`, at most

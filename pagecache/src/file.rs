@@ -654,16 +654,7 @@ impl CachedFile {
                         None,
                     )));
                 }
-                Err(Stall::Filling(ticket)) => {
-                    if let Some(Err(e)) = ticket.outcome() {
-                        return Err(e);
-                    }
-                    return Ok(Attempt::Pending(Pending::new(
-                        ticket,
-                        PendingReason::Filling,
-                        None,
-                    )));
-                }
+                Err(Stall::Filling(ticket)) => return Attempt::after_fill(ticket),
                 Err(Stall::NeedFrames(needed)) => {
                     StatCounters::add(&cache.stats.frame_waits, 1);
                     (

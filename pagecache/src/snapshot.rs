@@ -388,16 +388,7 @@ impl Snapshot {
                 }
                 Err(Stall::Restart) => continue,
                 Err(Stall::Fatal(e)) => return Err(e),
-                Err(Stall::Filling(ticket)) => {
-                    if let Some(Err(e)) = ticket.outcome() {
-                        return Err(e);
-                    }
-                    return Ok(Attempt::Pending(Pending::new(
-                        ticket,
-                        PendingReason::Filling,
-                        None,
-                    )));
-                }
+                Err(Stall::Filling(ticket)) => return Attempt::after_fill(ticket),
                 Err(Stall::NeedFrames(needed)) => {
                     let now = Instant::now();
                     let since = *self.frames_short_since.get_or_insert(now);

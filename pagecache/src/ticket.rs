@@ -41,6 +41,19 @@ impl<T> Attempt<T> {
     pub fn is_pending(&self) -> bool {
         matches!(self, Attempt::Pending(_))
     }
+
+    /// An attempt that found a page it needs being read by the I/O pool (`fill`): the
+    /// fill's error if it has already failed, else pending until the fill ends.
+    pub(crate) fn after_fill(fill: Ticket) -> Result<Attempt<T>, Error> {
+        if let Some(Err(e)) = fill.outcome() {
+            return Err(e);
+        }
+        Ok(Attempt::Pending(Pending::new(
+            fill,
+            PendingReason::Filling,
+            None,
+        )))
+    }
 }
 
 /// Why a non-blocking operation is pending.

@@ -4,12 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use pagecache::{
-    Backpressure, CacheConfig, Error, FrameArena, OpenOptions, PageCache, Pin, WritePolicy,
-    PAGE_SIZE,
-};
+use pagecache::{Error, Pin, PAGE_SIZE};
 use proptest::prelude::*;
 
 const MAX_LEN: u64 = 6 * PAGE_SIZE as u64;
@@ -87,29 +82,8 @@ fn run(ops: Vec<Op>, frames: usize) {
     let dir = common::temp_dir("pagecache-model");
     let initial = bytes(2 * PAGE_SIZE + 100, 200);
     let path = common::make_file(&dir, "model", &initial);
-    let config = CacheConfig {
-        audit: true,
-        backpressure: Backpressure::Error,
-        readahead_max_pages: 2,
-        ..CacheConfig::default()
-    };
-    let cache = PageCache::new(
-        FrameArena::anonymous(1 << 30, frames * PAGE_SIZE).unwrap(),
-        config,
-    )
-    .unwrap();
-    let cow = cache
-        .open(&path, OpenOptions::read_write(WritePolicy::CopyOnWrite))
-        .unwrap();
-    // A Wait writer with a zero timeout: fails at once on pinned pages, writing nothing.
-    let wait = cache
-        .open(
-            &path,
-            OpenOptions::read_write(WritePolicy::Wait {
-                timeout: Duration::ZERO,
-            }),
-        )
-        .unwrap();
+    let cache = common::cache(frames, common::model_config());
+    let (cow, wait) = common::cow_and_impatient_writers(&cache, &path);
     let mut model = initial;
     let mut held: Vec<HeldPin> = Vec::new();
 
@@ -163,11 +137,7 @@ fn run(ops: Vec<Op>, frames: usize) {
                 let handle = if use_cow { &cow } else { &wait };
                 match handle.write(offset, &data) {
                     Ok(()) => {
-                        let end = offset as usize + len;
-                        if model.len() < end {
-                            model.resize(end, 0);
-                        }
-                        model[offset as usize..end].copy_from_slice(&data);
+                        common::write_to_model(&mut model, offset as usize, &data);
                     }
                     Err(Error::WriteTimeout { .. }) if !use_cow => {}
                     Err(Error::OutOfFrames { .. }) => {}
@@ -193,14 +163,7 @@ fn run(ops: Vec<Op>, frames: usize) {
                 // the model stays simple, then let "another process" replace the content.
                 cow.fsync().unwrap();
                 let data = bytes(len as usize, seed);
-                std::fs::write(&path, &data).unwrap();
-                // Make sure the change is visible even on coarse-mtime file systems.
-                let f = std::fs::File::options().write(true).open(&path).unwrap();
-                f.set_modified(
-                    std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(seed) + 1),
-                )
-                .unwrap();
-                drop(f);
+                common::change_externally(&path, &data, u64::from(seed) + 1);
                 assert!(cow.revalidate().unwrap());
                 model = data;
             }
@@ -224,9 +187,7 @@ fn run(ops: Vec<Op>, frames: usize) {
     drop(held);
     cow.fsync().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), model);
-    let stats = cache.stats();
-    assert_eq!(stats.pinned_pages_now, 0);
-    assert_eq!(stats.audit_violations, 0);
+    common::assert_settled(&cache.stats());
 }
 
 proptest! {

@@ -12,8 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use pagecache::{
-    Attempt, Backpressure, CacheConfig, CachedFile, Error, FrameArena, OldVersionPolicy,
-    OpenOptions, PageCache, Pin, Snapshot, WritePolicy, PAGE_SIZE,
+    Attempt, CacheConfig, CachedFile, Error, OldVersionPolicy, PageCache, Pin, Snapshot, PAGE_SIZE,
 };
 use proptest::prelude::*;
 
@@ -132,30 +131,13 @@ fn run(ops: Vec<Op>, frames: usize, policy: OldVersionPolicy) {
     let initial = bytes(5 * PAGE_SIZE + 77, 31);
     let path = common::make_file(&dir, "model", &initial);
     let config = CacheConfig {
-        audit: true,
-        backpressure: Backpressure::Error,
-        readahead_max_pages: 2,
         old_version_limit_pages: Some(OLD_LIMIT),
         old_version_policy: policy,
         io_threads: 1,
-        ..CacheConfig::default()
+        ..common::model_config()
     };
-    let cache = PageCache::new(
-        FrameArena::anonymous(1 << 30, frames * PAGE_SIZE).unwrap(),
-        config,
-    )
-    .unwrap();
-    let cow = cache
-        .open(&path, OpenOptions::read_write(WritePolicy::CopyOnWrite))
-        .unwrap();
-    let wait = cache
-        .open(
-            &path,
-            OpenOptions::read_write(WritePolicy::Wait {
-                timeout: Duration::ZERO,
-            }),
-        )
-        .unwrap();
+    let cache = common::cache(frames, config);
+    let (cow, wait) = common::cow_and_impatient_writers(&cache, &path);
     let mut model = initial;
     let mut readers: Vec<Reader> = Vec::new();
 
@@ -226,11 +208,7 @@ fn run(ops: Vec<Op>, frames: usize, policy: OldVersionPolicy) {
                 };
                 match outcome {
                     Ok(Some(())) => {
-                        let end = offset as usize + len;
-                        if model.len() < end {
-                            model.resize(end, 0);
-                        }
-                        model[offset as usize..end].copy_from_slice(&data);
+                        common::write_to_model(&mut model, offset as usize, &data);
                     }
                     Ok(None)
                     | Err(Error::WriteTimeout { .. })
@@ -286,9 +264,8 @@ fn run(ops: Vec<Op>, frames: usize, policy: OldVersionPolicy) {
         }
     }
     let stats = cache.stats();
-    assert_eq!(stats.pinned_pages_now, 0, "{stats:?}");
+    common::assert_settled(&stats);
     assert_eq!(stats.old_version_pages_now, 0, "{stats:?}");
-    assert_eq!(stats.audit_violations, 0, "{stats:?}");
     cow.fsync().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), model, "disk after fsync");
 }

@@ -6,33 +6,29 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{xorshift, StressShared, WORD};
 use pagecache::{
-    Attempt, Backpressure, CacheConfig, Error, FrameArena, OldVersionPolicy, OpenOptions,
-    PageCache, Pin, WritePolicy, PAGE_SIZE,
+    Attempt, CacheConfig, Error, OldVersionPolicy, OpenOptions, Pin, WritePolicy, PAGE_SIZE,
 };
 
 const FILE_PAGES: usize = 16;
 const FILE_LEN: usize = FILE_PAGES * PAGE_SIZE;
-const WORD: usize = 8;
 const OLD_LIMIT: usize = 24;
 
-/// Version `v`: every word holds `v` xor its index, so torn bodies cannot pass.
+/// Version `v` of the file (see [`common::version_bytes`]).
 fn version_bytes(v: u64) -> Vec<u8> {
-    (0..FILE_LEN / WORD)
-        .flat_map(|i| (v ^ ((i as u64) << 40)).to_le_bytes())
-        .collect()
+    common::version_bytes(v, FILE_LEN)
 }
 
+/// The versions in `bytes` (at file offset `at`), each once per run of words.
 fn versions_in(at: usize, bytes: &[u8]) -> Vec<u64> {
     let mut seen: Vec<u64> = Vec::new();
-    for (k, word) in bytes.chunks_exact(WORD).enumerate() {
-        let index = (at / WORD + k) as u64;
-        let v = u64::from_le_bytes(word.try_into().unwrap()) ^ (index << 40);
+    for v in common::word_versions(at, bytes) {
         if seen.last() != Some(&v) {
             seen.push(v);
         }
@@ -40,34 +36,28 @@ fn versions_in(at: usize, bytes: &[u8]) -> Vec<u64> {
     seen
 }
 
-fn stress(policy: OldVersionPolicy, run_for: Duration) -> pagecache::CacheStats {
+fn stress(policy: OldVersionPolicy) -> pagecache::CacheStats {
     let dir = common::temp_dir("pagecache-snapstress");
     let path = common::make_file(&dir, "versions", &version_bytes(0));
     let config = CacheConfig {
-        audit: true,
-        backpressure: Backpressure::Wait {
-            timeout: Duration::from_secs(10),
-        },
         old_version_limit_pages: Some(OLD_LIMIT),
         old_version_policy: policy,
         readahead_max_pages: 4,
-        ..CacheConfig::default()
+        ..common::stress_config()
     };
     // Room for the file, the old-version limit and the readers' windows, not much more:
     // eviction, background fills and writeback happen.
-    let arena = FrameArena::anonymous(0x1_0000_0000, 3 * FILE_LEN + 8 * PAGE_SIZE).unwrap();
-    let cache = PageCache::new(arena, config).unwrap();
+    let cache = common::cache(3 * FILE_PAGES + 8, config);
     let file = cache
         .open(&path, OpenOptions::read_write(WritePolicy::CopyOnWrite))
         .unwrap();
-    let next_version = Arc::new(AtomicU64::new(1));
-    let stop = Arc::new(AtomicBool::new(false));
+    let shared = StressShared::new(&file);
     let bodies = Arc::new(AtomicU64::new(0));
     let cut_short = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
 
     for writer in 0..2 {
-        let (file, next, stop) = (file.clone(), next_version.clone(), stop.clone());
+        let StressShared { file, next, stop } = shared.clone();
         threads.push(thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let v = next.fetch_add(1, Ordering::SeqCst);
@@ -102,19 +92,12 @@ fn stress(policy: OldVersionPolicy, run_for: Duration) -> pagecache::CacheStats 
     }
 
     for reader in 0..3u64 {
-        let (file, stop, bodies, cut_short, issued) = (
-            file.clone(),
-            stop.clone(),
-            bodies.clone(),
-            cut_short.clone(),
-            next_version.clone(),
-        );
+        let StressShared { file, next, stop } = shared.clone();
+        let (bodies, cut_short) = (bodies.clone(), cut_short.clone());
         threads.push(thread::spawn(move || {
             let mut rng = (reader + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             while !stop.load(Ordering::Relaxed) {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
+                xorshift(&mut rng);
                 let start = if rng % 2 == 0 {
                     0
                 } else {
@@ -158,7 +141,7 @@ fn stress(policy: OldVersionPolicy, run_for: Duration) -> pagecache::CacheStats 
                     "reader {reader}: torn body {versions:?}"
                 );
                 assert!(!complete || versions.len() == 1);
-                assert!(versions.iter().all(|&v| v < issued.load(Ordering::SeqCst)));
+                assert!(versions.iter().all(|&v| v < next.load(Ordering::SeqCst)));
                 if complete {
                     bodies.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -168,29 +151,22 @@ fn stress(policy: OldVersionPolicy, run_for: Duration) -> pagecache::CacheStats 
         }));
     }
 
-    let started = Instant::now();
-    while started.elapsed() < run_for {
-        thread::sleep(Duration::from_millis(20));
+    shared.run(threads, || {
         let stats = cache.stats();
         assert!(stats.old_version_pages_now <= OLD_LIMIT as u64, "{stats:?}");
-    }
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
+    });
     file.fsync().unwrap();
     let stats = cache.stats();
     assert!(
         bodies.load(Ordering::Relaxed) > 20,
         "too few bodies: {stats:?}"
     );
-    assert_eq!(stats.pinned_pages_now, 0, "{stats:?}");
+    common::assert_settled(&stats);
     assert_eq!(stats.old_version_pages_now, 0, "{stats:?}");
     assert!(
         stats.old_version_pages_peak <= OLD_LIMIT as u64,
         "{stats:?}"
     );
-    assert_eq!(stats.audit_violations, 0, "{stats:?}");
     eprintln!(
         "{policy:?}: {} bodies, {} cut short, {stats:?}",
         bodies.load(Ordering::Relaxed),
@@ -201,19 +177,13 @@ fn stress(policy: OldVersionPolicy, run_for: Duration) -> pagecache::CacheStats 
 
 #[test]
 fn stress_snapshots_writer_waits() {
-    let stats = stress(
-        OldVersionPolicy::WriterWaits {
-            timeout: Duration::from_millis(100),
-        },
-        Duration::from_millis(1500),
-    );
+    let stats = stress(OldVersionPolicy::WriterWaits {
+        timeout: Duration::from_millis(100),
+    });
     assert_eq!(stats.snapshots_invalidated, 0);
 }
 
 #[test]
 fn stress_snapshots_invalidated() {
-    stress(
-        OldVersionPolicy::InvalidateSnapshots,
-        Duration::from_millis(1500),
-    );
+    stress(OldVersionPolicy::InvalidateSnapshots);
 }

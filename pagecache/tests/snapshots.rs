@@ -3,12 +3,13 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pagecache::{
-    Attempt, Backpressure, CacheConfig, CachedFile, Error, FrameArena, InvalidationReason,
-    OldVersionPolicy, OpenOptions, PageCache, PendingReason, Pin, Snapshot, WritePolicy, PAGE_SIZE,
+    Attempt, Backpressure, CacheConfig, CachedFile, Error, InvalidationReason, OldVersionPolicy,
+    OpenOptions, PageCache, PendingReason, Pin, Snapshot, WritePolicy, PAGE_SIZE,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -17,14 +18,6 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) ^ (i / PAGE_SIZE) as u8)
         .collect()
-}
-
-fn cache(frames: usize, config: CacheConfig) -> PageCache {
-    PageCache::new(
-        FrameArena::anonymous(0x20_0000, frames * PAGE_SIZE).unwrap(),
-        config,
-    )
-    .unwrap()
 }
 
 /// Pins the next piece, waiting for fills and frames like a blocking caller.
@@ -48,6 +41,27 @@ fn stream(snapshot: &mut Snapshot, window: u64) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
+/// A file `name` holding `data` in a new temporary directory (which holds the file as long
+/// as it lives), and a cache of `frames` frames configured by `config`.
+fn file_and_cache(
+    name: &str,
+    data: &[u8],
+    frames: usize,
+    config: CacheConfig,
+) -> (tempfile::TempDir, PathBuf, PageCache) {
+    let dir = common::temp_dir("pagecache-snap");
+    let path = common::make_file(&dir, name, data);
+    (dir, path, common::cache(frames, config))
+}
+
+/// Without read-ahead: only what a test pins or streams is resident.
+fn no_readahead() -> CacheConfig {
+    CacheConfig {
+        readahead_max_pages: 0,
+        ..CacheConfig::default()
+    }
+}
+
 fn cow(cache: &PageCache, path: &std::path::Path) -> CachedFile {
     cache
         .open(path, OpenOptions::read_write(WritePolicy::CopyOnWrite))
@@ -56,10 +70,8 @@ fn cow(cache: &PageCache, path: &std::path::Path) -> CachedFile {
 
 #[test]
 fn snapshot_is_cheap_and_streams_a_file_larger_than_the_cache() {
-    let dir = common::temp_dir("pagecache-snap");
     let data = pattern(64 * PAGE_SIZE + 5, 1);
-    let path = common::make_file(&dir, "big", &data);
-    let cache = cache(16, CacheConfig::default());
+    let (_dir, path, cache) = file_and_cache("big", &data, 16, CacheConfig::default());
     let file = cache.open(&path, OpenOptions::read_only()).unwrap();
     let mut snapshot = file.snapshot(0..file.len()).unwrap();
     let stats = cache.stats();
@@ -93,10 +105,8 @@ fn snapshot_is_cheap_and_streams_a_file_larger_than_the_cache() {
 
 #[test]
 fn a_cold_pin_is_pending_and_notifies_a_channel() {
-    let dir = common::temp_dir("pagecache-snap");
     let data = pattern(8 * PAGE_SIZE, 2);
-    let path = common::make_file(&dir, "cold", &data);
-    let cache = cache(64, CacheConfig::default());
+    let (_dir, path, cache) = file_and_cache("cold", &data, 64, CacheConfig::default());
     let file = cache.open(&path, OpenOptions::read_only()).unwrap();
     let mut snapshot = file.snapshot(0..file.len()).unwrap();
     let (tx, rx) = mpsc::channel();
@@ -115,10 +125,8 @@ fn a_cold_pin_is_pending_and_notifies_a_channel() {
 
 #[test]
 fn writers_keep_what_open_snapshots_need() {
-    let dir = common::temp_dir("pagecache-snap");
     let old = pattern(12 * PAGE_SIZE, 3);
-    let path = common::make_file(&dir, "cow", &old);
-    let cache = cache(64, CacheConfig::default());
+    let (_dir, path, cache) = file_and_cache("cow", &old, 64, CacheConfig::default());
     let file = cow(&cache, &path);
     drop(file.pin(0..4 * PAGE).unwrap()); // pages 0..4 resident, 4..12 cold
     let mut snapshot = file.snapshot(0..file.len()).unwrap();
@@ -150,9 +158,8 @@ fn writers_keep_what_open_snapshots_need() {
 
 #[test]
 fn pages_already_streamed_are_not_kept() {
-    let dir = common::temp_dir("pagecache-snap");
-    let path = common::make_file(&dir, "f", &pattern(8 * PAGE_SIZE, 4));
-    let cache = cache(64, CacheConfig::default());
+    let (_dir, path, cache) =
+        file_and_cache("f", &pattern(8 * PAGE_SIZE, 4), 64, CacheConfig::default());
     let file = cow(&cache, &path);
     let mut snapshot = file.snapshot(0..file.len()).unwrap();
     drop(next(&mut snapshot, 4 * PAGE).unwrap()); // sent and acknowledged
@@ -188,7 +195,7 @@ fn at_the_limit_a_writer_waits_without_blocking() {
     let policy = OldVersionPolicy::WriterWaits {
         timeout: Duration::from_millis(50),
     };
-    let cache = cache(64, limited(policy, 2));
+    let cache = common::cache(64, limited(policy, 2));
     let file = cow(&cache, &path);
     let mut snapshot = file.snapshot(0..file.len()).unwrap();
 
@@ -238,10 +245,13 @@ fn at_the_limit_a_writer_waits_without_blocking() {
 
 #[test]
 fn at_the_limit_snapshots_can_be_invalidated_instead() {
-    let dir = common::temp_dir("pagecache-snap");
     let old = pattern(8 * PAGE_SIZE, 6);
-    let path = common::make_file(&dir, "i", &old);
-    let cache = cache(64, limited(OldVersionPolicy::InvalidateSnapshots, 2));
+    let (_dir, path, cache) = file_and_cache(
+        "i",
+        &old,
+        64,
+        limited(OldVersionPolicy::InvalidateSnapshots, 2),
+    );
     let file = cow(&cache, &path);
     let mut older = file.snapshot(0..file.len()).unwrap();
     let first = next(&mut older, PAGE).unwrap();
@@ -275,7 +285,7 @@ fn out_of_frames_is_pending_with_a_deadline_then_an_error() {
         readahead_max_pages: 0,
         ..CacheConfig::default()
     };
-    let cache = cache(4, config);
+    let cache = common::cache(4, config);
     let file = cache.open(&path, OpenOptions::read_only()).unwrap();
     let held = file.pin(0..4 * PAGE).unwrap();
     let mut snapshot = file.snapshot(4 * PAGE..8 * PAGE).unwrap();
@@ -304,23 +314,13 @@ fn out_of_frames_is_pending_with_a_deadline_then_an_error() {
 
 #[test]
 fn an_external_change_keeps_resident_snapshots_and_invalidates_the_rest() {
-    let dir = common::temp_dir("pagecache-snap");
     let old = pattern(4 * PAGE_SIZE, 8);
-    let path = common::make_file(&dir, "e", &old);
-    let no_readahead = CacheConfig {
-        readahead_max_pages: 0,
-        ..CacheConfig::default()
-    };
-    let cache = cache(64, no_readahead);
+    let (_dir, path, cache) = file_and_cache("e", &old, 64, no_readahead());
     let file = cache.open(&path, OpenOptions::read_only()).unwrap();
     drop(file.pin(0..2 * PAGE).unwrap());
     let mut resident = file.snapshot(0..2 * PAGE).unwrap();
     let mut cold = file.snapshot(0..4 * PAGE).unwrap();
-    std::fs::write(&path, pattern(4 * PAGE_SIZE, 99)).unwrap();
-    let f = std::fs::File::options().write(true).open(&path).unwrap();
-    f.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(5))
-        .unwrap();
-    drop(f);
+    common::change_externally(&path, &pattern(4 * PAGE_SIZE, 99), 5);
     assert!(file.revalidate().unwrap());
     assert_eq!(stream(&mut resident, PAGE).unwrap(), &old[..2 * PAGE_SIZE]);
     assert!(matches!(
@@ -340,7 +340,7 @@ fn at_most_max_open_files_descriptors_are_kept() {
         max_open_files: 3,
         ..CacheConfig::default()
     };
-    let cache = cache(256, config);
+    let cache = common::cache(256, config);
     let contents: Vec<Vec<u8>> = (0..20).map(|i| pattern(PAGE_SIZE + i, i as u8)).collect();
     let files: Vec<CachedFile> = contents
         .iter()
@@ -363,14 +363,7 @@ fn at_most_max_open_files_descriptors_are_kept() {
     assert!(stats.files_closed >= 17, "{stats:?}");
     // A file replaced while its descriptor was closed is an external change, not a mix.
     let replacement = pattern(PAGE_SIZE + 3, 77);
-    std::fs::write(dir.path().join("f0"), &replacement).unwrap();
-    let f = std::fs::File::options()
-        .write(true)
-        .open(dir.path().join("f0"))
-        .unwrap();
-    f.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(9))
-        .unwrap();
-    drop(f);
+    common::change_externally(&dir.path().join("f0"), &replacement, 9);
     let file = &files[0];
     let mut snapshot = file.snapshot(0..PAGE).unwrap();
     match stream(&mut snapshot, PAGE) {
@@ -386,7 +379,7 @@ fn identity_survives_restarts_and_changes_with_content() {
     let path = common::make_file(&dir, "id", &pattern(3 * PAGE_SIZE, 10));
     let meta = std::fs::metadata(&path).unwrap();
     let etag_before = {
-        let cache = cache(32, CacheConfig::default());
+        let cache = common::cache(32, CacheConfig::default());
         let file = cow(&cache, &path);
         let id = file.identity();
         use std::os::unix::fs::MetadataExt;
@@ -411,7 +404,7 @@ fn identity_survives_restarts_and_changes_with_content() {
         synced.etag()
     };
     // "Restart": a new cache on the unchanged file gives the same ETag.
-    let cache = cache(32, CacheConfig::default());
+    let cache = common::cache(32, CacheConfig::default());
     let file = cache.open(&path, OpenOptions::read_only()).unwrap();
     let after = file.identity();
     if after.matches_disk {
@@ -420,30 +413,20 @@ fn identity_survives_restarts_and_changes_with_content() {
     // Edited "while the server was down": another ETag.
     drop((file, cache));
     std::fs::write(&path, pattern(3 * PAGE_SIZE, 11)).unwrap();
-    let cache = self::cache(32, CacheConfig::default());
+    let cache = common::cache(32, CacheConfig::default());
     let file = cache.open(&path, OpenOptions::read_only()).unwrap();
     assert_ne!(file.identity().etag(), etag_before);
 }
 
 #[test]
 fn an_edit_by_another_process_during_a_stream_is_caught_by_the_fill() {
-    let dir = common::temp_dir("pagecache-snap");
     let old = pattern(8 * PAGE_SIZE, 12);
-    let path = common::make_file(&dir, "edited", &old);
-    let config = CacheConfig {
-        readahead_max_pages: 0,
-        ..CacheConfig::default()
-    };
-    let cache = cache(64, config);
+    let (_dir, path, cache) = file_and_cache("edited", &old, 64, no_readahead());
     let file = cache.open(&path, OpenOptions::read_only()).unwrap();
     let mut snapshot = file.snapshot(0..file.len()).unwrap();
     let first = next(&mut snapshot, PAGE).unwrap();
     // Edited in place by "another process", same size, no revalidation by anyone.
-    std::fs::write(&path, pattern(8 * PAGE_SIZE, 13)).unwrap();
-    let f = std::fs::File::options().write(true).open(&path).unwrap();
-    f.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(11))
-        .unwrap();
-    drop(f);
+    common::change_externally(&path, &pattern(8 * PAGE_SIZE, 13), 11);
     assert!(matches!(
         next(&mut snapshot, PAGE),
         Err(Error::SnapshotInvalidated {
@@ -479,7 +462,7 @@ fn one_event_loop_serves_more_than_the_cache_holds() {
         },
         ..CacheConfig::default()
     };
-    let cache = cache(1024, config);
+    let cache = common::cache(1024, config);
     let files: Vec<(CachedFile, Vec<u8>)> = (0..4)
         .map(|i| {
             let data = pattern(BODY, 40 + i as u8);

@@ -6,25 +6,20 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pagecache::{
-    Backpressure, CacheConfig, Error, FrameArena, OpenOptions, PageCache, WritePolicy, PAGE_SIZE,
-};
+use common::{xorshift, StressShared, WORD};
+use pagecache::{Error, OpenOptions, WritePolicy, PAGE_SIZE};
 
 const FILE_PAGES: usize = 16;
 const FILE_LEN: usize = FILE_PAGES * PAGE_SIZE;
-const WORD: usize = 8;
 
-/// Version `v` of the file: every 8-byte word holds `v` (little endian) xor its index, so a
-/// torn or shifted snapshot cannot pass for a version.
+/// Version `v` of the file (see [`common::version_bytes`]).
 fn version_bytes(v: u64) -> Vec<u8> {
-    (0..FILE_LEN / WORD)
-        .flat_map(|i| (v ^ ((i as u64) << 40)).to_le_bytes())
-        .collect()
+    common::version_bytes(v, FILE_LEN)
 }
 
 /// The single version a pinned range of bytes (starting at file offset `at`, word aligned)
@@ -32,9 +27,7 @@ fn version_bytes(v: u64) -> Vec<u8> {
 fn version_of(at: usize, bytes: &[u8]) -> u64 {
     assert_eq!(at % WORD, 0);
     let mut version = None;
-    for (k, word) in bytes.chunks_exact(WORD).enumerate() {
-        let index = (at / WORD + k) as u64;
-        let v = u64::from_le_bytes(word.try_into().unwrap()) ^ (index << 40);
+    for (k, v) in common::word_versions(at, bytes).enumerate() {
         match version {
             None => version = Some(v),
             Some(seen) => assert_eq!(seen, v, "torn snapshot at offset {}", at + k * WORD),
@@ -43,31 +36,22 @@ fn version_of(at: usize, bytes: &[u8]) -> u64 {
     version.expect("non-empty")
 }
 
-fn stress(policy: WritePolicy, run_for: Duration) -> pagecache::CacheStats {
+fn stress(policy: WritePolicy) -> pagecache::CacheStats {
     let dir = common::temp_dir("pagecache-stress");
     let path = common::make_file(&dir, "versions", &version_bytes(0));
-    let config = CacheConfig {
-        audit: true,
-        backpressure: Backpressure::Wait {
-            timeout: Duration::from_secs(10),
-        },
-        ..CacheConfig::default()
-    };
     // Room for the file a few times over: readers holding old versions force evictions
     // and copy-on-write churn.
-    let arena = FrameArena::anonymous(0x1_0000_0000, 4 * FILE_LEN).unwrap();
-    let cache = PageCache::new(arena, config).unwrap();
+    let cache = common::cache(4 * FILE_PAGES, common::stress_config());
     let file = cache.open(&path, OpenOptions::read_write(policy)).unwrap();
 
-    let next_version = Arc::new(AtomicU64::new(1));
-    let stop = Arc::new(AtomicBool::new(false));
+    let shared = StressShared::new(&file);
     let snapshots = Arc::new(AtomicU64::new(0));
     // File version (Pin::version) -> content version seen by readers.
     let content_of = Arc::new(Mutex::new(HashMap::new()));
     let mut threads = Vec::new();
 
     for writer in 0..2 {
-        let (file, next, stop) = (file.clone(), next_version.clone(), stop.clone());
+        let StressShared { file, next, stop } = shared.clone();
         threads.push(thread::spawn(move || {
             let mut writes = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -86,21 +70,14 @@ fn stress(policy: WritePolicy, run_for: Duration) -> pagecache::CacheStats {
     }
 
     for reader in 0..3u64 {
-        let (file, issued, stop, snapshots, content_of) = (
-            file.clone(),
-            next_version.clone(),
-            stop.clone(),
-            snapshots.clone(),
-            content_of.clone(),
-        );
+        let StressShared { file, next, stop } = shared.clone();
+        let (snapshots, content_of) = (snapshots.clone(), content_of.clone());
         threads.push(thread::spawn(move || {
             let mut held = Vec::new();
             let mut last_file_version = 0;
             let mut rng = reader.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
             while !stop.load(Ordering::Relaxed) {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
+                xorshift(&mut rng);
                 let whole = rng % 3 == 0;
                 let (start, end) = if whole {
                     (0, FILE_LEN)
@@ -114,7 +91,7 @@ fn stress(policy: WritePolicy, run_for: Duration) -> pagecache::CacheStats {
                 let v = version_of(start, &bytes);
                 // It is a version some writer produced...
                 assert!(
-                    v < issued.load(Ordering::SeqCst),
+                    v < next.load(Ordering::SeqCst),
                     "reader {reader}: unknown version {v}"
                 );
                 // ...file versions only move forward for an observer...
@@ -147,14 +124,7 @@ fn stress(policy: WritePolicy, run_for: Duration) -> pagecache::CacheStats {
         }));
     }
 
-    let started = Instant::now();
-    while started.elapsed() < run_for {
-        thread::sleep(Duration::from_millis(20));
-    }
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
+    shared.run(threads, || {});
 
     // Writers race, so the final content is whichever write went last; it must be a single
     // version, on disk too after fsync.
@@ -166,8 +136,7 @@ fn stress(policy: WritePolicy, run_for: Duration) -> pagecache::CacheStats {
         snapshots.load(Ordering::Relaxed) > 100,
         "too few snapshots: {stats:?}"
     );
-    assert_eq!(stats.audit_violations, 0, "{stats:?}");
-    assert_eq!(stats.pinned_pages_now, 0, "{stats:?}");
+    common::assert_settled(&stats);
     assert!(stats.audit_checks > 0);
     stats
 }
@@ -178,19 +147,16 @@ fn mid_offset(sub: &pagecache::Pin, start: usize) -> usize {
 
 #[test]
 fn stress_copy_on_write() {
-    let stats = stress(WritePolicy::CopyOnWrite, Duration::from_millis(1500));
+    let stats = stress(WritePolicy::CopyOnWrite);
     assert!(stats.cow_copies > 0, "{stats:?}");
     assert_eq!(stats.writer_waits, 0);
 }
 
 #[test]
 fn stress_wait() {
-    let stats = stress(
-        WritePolicy::Wait {
-            timeout: Duration::from_millis(200),
-        },
-        Duration::from_millis(1500),
-    );
+    let stats = stress(WritePolicy::Wait {
+        timeout: Duration::from_millis(200),
+    });
     assert_eq!(stats.cow_copies, 0, "{stats:?}");
     assert!(stats.writer_waits > 0, "{stats:?}");
 }

@@ -541,6 +541,72 @@ mod tests {
         nic.tx_flush();
     }
 
+    /// The first `len` bytes of `region`, as one segment.
+    fn segment(region: &DmaRegion, len: usize) -> TxSegment {
+        TxSegment {
+            iova: region.iova(),
+            len: len as u32,
+        }
+    }
+
+    /// Stages `frame` and sends it in one segment; returns its memory.
+    fn send_frame(nic: &mut SoftNic, frame: &[u8], offload: &TxOffload, token: u64) -> DmaRegion {
+        let region = stage(nic, frame);
+        send(nic, &[segment(&region, frame.len())], offload, token);
+        region
+    }
+
+    /// Sends `frame` in two segments, its 54 bytes of headers and the rest, as a TSO frame
+    /// usually comes; returns their memory.
+    fn send_headers_apart(
+        nic: &mut SoftNic,
+        frame: &[u8],
+        offload: &TxOffload,
+        token: u64,
+    ) -> [DmaRegion; 2] {
+        let headers = stage(nic, &frame[..54]);
+        let body = stage(nic, &frame[54..]);
+        let segs = [segment(&headers, 54), segment(&body, frame.len() - 54)];
+        send(nic, &segs, offload, token);
+        [headers, body]
+    }
+
+    /// The payload of the 5000-byte TSO frames.
+    fn tso_payload() -> Vec<u8> {
+        (0..5000u32).map(|i| (i * 7) as u8).collect()
+    }
+
+    /// Checks every header field of the TSO segments of a FIN|PSH|ACK frame with sequence
+    /// number 1_000_000 and IP ID 0x1234: the checksums, the IPv4 total length, the IP ID
+    /// counting up, the sequence number advancing by the payload, FIN and PSH only on the
+    /// last. Returns the payload they carry, in order.
+    fn check_tso_segments(segments: &[Vec<u8>]) -> Vec<u8> {
+        let mut received = Vec::new();
+        for (i, seg) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            assert!(seg.len() <= 1514);
+            assert!(ipv4_header_ok(seg), "segment {i}");
+            assert!(tcp_checksum_ok(seg), "segment {i}");
+            assert_eq!(
+                u16::from_be_bytes([seg[IP + 2], seg[IP + 3]]) as usize,
+                seg.len() - IP
+            );
+            assert_eq!(
+                u16::from_be_bytes([seg[IP + 4], seg[IP + 5]]),
+                0x1234 + i as u16
+            );
+            let seq = u32::from_be_bytes(seg[TCP + 4..TCP + 8].try_into().unwrap());
+            assert_eq!(seq, 1_000_000 + received.len() as u32);
+            assert_eq!(
+                seg[TCP + 13],
+                if last { 0x19 } else { 0x10 },
+                "FIN/PSH only last"
+            );
+            received.extend_from_slice(&seg[54..]);
+        }
+        received
+    }
+
     fn reap(nic: &mut SoftNic) -> Vec<u64> {
         let mut tokens = Vec::new();
         nic.tx_reap(&mut |t| tokens.push(t)).unwrap();
@@ -551,12 +617,7 @@ mod tests {
     fn plain_frame_goes_to_the_peer_unchanged() {
         let (mut nic, peer) = nic(SoftNicConfig::default());
         let frame = tcp_frame(b"hello", 0x18, 1);
-        let region = stage(&nic, &frame);
-        let seg = TxSegment {
-            iova: region.iova(),
-            len: frame.len() as u32,
-        };
-        send(&mut nic, &[seg], &TxOffload::default(), 7);
+        let _region = send_frame(&mut nic, &frame, &TxOffload::default(), 7);
         assert_eq!(peer.recv().unwrap(), frame);
         assert_eq!(reap(&mut nic), vec![7]);
         assert_eq!(nic.stats().tx_frames, 1);
@@ -570,18 +631,9 @@ mod tests {
         let b = stage(&nic, &frame[54..700]);
         let c = stage(&nic, &frame[700..]);
         let segs = [
-            TxSegment {
-                iova: a.iova(),
-                len: 54,
-            },
-            TxSegment {
-                iova: b.iova(),
-                len: 646,
-            },
-            TxSegment {
-                iova: c.iova(),
-                len: (frame.len() - 700) as u32,
-            },
+            segment(&a, 54),
+            segment(&b, 646),
+            segment(&c, frame.len() - 700),
         ];
         send(&mut nic, &segs, &TxOffload::default(), 1);
         assert_eq!(peer.recv().unwrap(), frame);
@@ -591,20 +643,11 @@ mod tests {
     fn ipv4_header_checksum_offload() {
         let (mut nic, peer) = nic(SoftNicConfig::default());
         let frame = tcp_frame(b"x", 0x18, 1);
-        let region = stage(&nic, &frame);
         let offload = TxOffload {
             ipv4_header: Some(IP as u16),
             ..Default::default()
         };
-        send(
-            &mut nic,
-            &[TxSegment {
-                iova: region.iova(),
-                len: frame.len() as u32,
-            }],
-            &offload,
-            1,
-        );
+        let _region = send_frame(&mut nic, &frame, &offload, 1);
         let out = peer.recv().unwrap();
         assert!(ipv4_header_ok(&out));
         assert_eq!(&out[..IP + 10], &frame[..IP + 10]);
@@ -617,16 +660,7 @@ mod tests {
             let mut frame = tcp_frame(&vec![0x5a; payload_len], 0x18, 9);
             let pseudo_sum = pseudo(6, (20 + payload_len) as u32);
             frame[TCP + 16..TCP + 18].copy_from_slice(&pseudo_sum.to_be_bytes());
-            let region = stage(&nic, &frame);
-            send(
-                &mut nic,
-                &[TxSegment {
-                    iova: region.iova(),
-                    len: frame.len() as u32,
-                }],
-                &tcp_offload(),
-                1,
-            );
+            let _region = send_frame(&mut nic, &frame, &tcp_offload(), 1);
             let out = peer.recv().unwrap();
             assert!(tcp_checksum_ok(&out), "payload {payload_len}");
             assert!(ipv4_header_ok(&out));
@@ -647,7 +681,6 @@ mod tests {
         frame.extend_from_slice(&pseudo(17, udp_len as u32).to_be_bytes());
         frame.extend_from_slice(payload);
         frame[IP + 2..IP + 4].copy_from_slice(&(20 + udp_len).to_be_bytes());
-        let region = stage(&nic, &frame);
         let offload = TxOffload {
             ipv4_header: Some(IP as u16),
             l4_checksum: Some(L4Checksum {
@@ -657,15 +690,7 @@ mod tests {
             }),
             tso: None,
         };
-        send(
-            &mut nic,
-            &[TxSegment {
-                iova: region.iova(),
-                len: frame.len() as u32,
-            }],
-            &offload,
-            1,
-        );
+        let _region = send_frame(&mut nic, &frame, &offload, 1);
         let out = peer.recv().unwrap();
         let sum = sum_be(&out[TCP..]) + pseudo(17, udp_len as u32) as u64;
         assert_eq!(fold(sum), 0xffff);
@@ -674,54 +699,19 @@ mod tests {
     #[test]
     fn tso_splits_and_fixes_every_header_field() {
         let (mut nic, peer) = nic(SoftNicConfig::default());
-        let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let payload = tso_payload();
         let mut frame = tcp_frame(&payload, 0x19, 1_000_000); // FIN|PSH|ACK
         frame[IP + 2..IP + 4].fill(0);
         frame[TCP + 16..TCP + 18].copy_from_slice(&pseudo(6, 0).to_be_bytes());
-        let headers = stage(&nic, &frame[..54]);
-        let body = stage(&nic, &frame[54..]);
         let mut offload = tcp_offload();
         offload.tso = Some(Tso {
             mss: 1460,
             header_len: 54,
         });
-        let segs = [
-            TxSegment {
-                iova: headers.iova(),
-                len: 54,
-            },
-            TxSegment {
-                iova: body.iova(),
-                len: payload.len() as u32,
-            },
-        ];
-        send(&mut nic, &segs, &offload, 3);
-        let mut received = Vec::new();
-        let mut count = 0;
-        while let Some(seg) = peer.recv() {
-            let last = received.len() + seg.len() - 54 == payload.len();
-            assert!(seg.len() <= 1514);
-            assert!(ipv4_header_ok(&seg), "segment {count}");
-            assert!(tcp_checksum_ok(&seg), "segment {count}");
-            assert_eq!(
-                u16::from_be_bytes([seg[IP + 2], seg[IP + 3]]) as usize,
-                seg.len() - IP
-            );
-            assert_eq!(
-                u16::from_be_bytes([seg[IP + 4], seg[IP + 5]]),
-                0x1234 + count
-            );
-            let seq = u32::from_be_bytes(seg[TCP + 4..TCP + 8].try_into().unwrap());
-            assert_eq!(seq, 1_000_000 + received.len() as u32);
-            assert_eq!(
-                seg[TCP + 13],
-                if last { 0x19 } else { 0x10 },
-                "FIN/PSH only last"
-            );
-            received.extend_from_slice(&seg[54..]);
-            count += 1;
-        }
-        assert_eq!(count, 4);
+        let _regions = send_headers_apart(&mut nic, &frame, &offload, 3);
+        let segments: Vec<Vec<u8>> = std::iter::from_fn(|| peer.recv()).collect();
+        let received = check_tso_segments(&segments);
+        assert_eq!(segments.len(), 4);
         assert_eq!(received, payload);
         assert_eq!(nic.counters().tso_frames, 1);
         assert_eq!(reap(&mut nic), vec![3]);
@@ -741,22 +731,9 @@ mod tests {
     /// Sends a 5000-byte TSO frame prepared for `prepared` (headers and payload in separate
     /// segments); returns what reached the peer.
     fn send_tso(nic: &mut SoftNic, peer: &SoftPeer, prepared: TsoHeaders) -> Vec<Vec<u8>> {
-        let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
-        let mut frame = tcp_frame(&payload, 0x19, 1_000_000); // FIN|PSH|ACK
+        let mut frame = tcp_frame(&tso_payload(), 0x19, 1_000_000); // FIN|PSH|ACK
         let offload = prepare_tso(&mut frame, prepared, 1460);
-        let headers = stage(nic, &frame[..54]);
-        let body = stage(nic, &frame[54..]);
-        let segs = [
-            TxSegment {
-                iova: headers.iova(),
-                len: 54,
-            },
-            TxSegment {
-                iova: body.iova(),
-                len: payload.len() as u32,
-            },
-        ];
-        send(nic, &segs, &offload, 3);
+        send_headers_apart(nic, &frame, &offload, 3);
         std::iter::from_fn(|| peer.recv()).collect()
     }
 
@@ -766,25 +743,7 @@ mod tests {
         assert_eq!(nic.capabilities().tso_headers, TsoHeaders::WholePacket);
         let segments = send_tso(&mut nic, &peer, TsoHeaders::WholePacket);
         assert_eq!(segments.len(), 4);
-        let mut sent = 0;
-        for (i, seg) in segments.iter().enumerate() {
-            let last = i == 3;
-            assert!(seg.len() <= 1514);
-            assert!(ipv4_header_ok(seg), "segment {i}");
-            assert!(tcp_checksum_ok(seg), "segment {i}");
-            assert_eq!(
-                u16::from_be_bytes([seg[IP + 2], seg[IP + 3]]) as usize,
-                seg.len() - IP
-            );
-            assert_eq!(
-                u16::from_be_bytes([seg[IP + 4], seg[IP + 5]]),
-                0x1234 + i as u16
-            );
-            let seq = u32::from_be_bytes(seg[TCP + 4..TCP + 8].try_into().unwrap());
-            assert_eq!(seq, 1_000_000 + sent);
-            assert_eq!(seg[TCP + 13], if last { 0x19 } else { 0x10 });
-            sent += (seg.len() - 54) as u32;
-        }
+        let sent = check_tso_segments(&segments).len();
         assert_eq!(sent, 5000);
         assert_eq!(nic.counters().tso_frames, 1);
         assert_eq!(reap(&mut nic), vec![3]);
@@ -805,12 +764,8 @@ mod tests {
         let mut frame = tcp_frame(&[0; 3000], 0x10, 1);
         let offload = prepare_tso(&mut frame, TsoHeaders::WholePacket, 1460);
         let region = stage(&nic, &frame);
-        let seg = TxSegment {
-            iova: region.iova(),
-            len: frame.len() as u32,
-        };
         assert!(matches!(
-            nic.tx_enqueue(TxFrame::new(&[seg], &offload, 1)),
+            nic.tx_enqueue(TxFrame::new(&[segment(&region, frame.len())], &offload, 1)),
             Err(DriverError::BadFrame(_))
         ));
     }
@@ -821,10 +776,7 @@ mod tests {
         let frame = tcp_frame(b"x", 0, 0);
         let region = stage(&nic, &frame);
         let segs = [
-            TxSegment {
-                iova: region.iova(),
-                len: 54,
-            },
+            segment(&region, 54),
             TxSegment {
                 iova: 0xdead_0000,
                 len: 1,
@@ -863,10 +815,7 @@ mod tests {
         let (mut nic, peer) = nic(SoftNicConfig::default());
         let frame = tcp_frame(b"x", 0, 0);
         let region = stage(&nic, &frame);
-        let seg = TxSegment {
-            iova: region.iova(),
-            len: frame.len() as u32,
-        };
+        let seg = segment(&region, frame.len());
         drop(region);
         send(&mut nic, &[seg], &TxOffload::default(), 1);
         assert!(peer.recv().is_none());
@@ -893,16 +842,7 @@ mod tests {
         };
         let (mut nic, peer) = nic(config);
         let frame = tcp_frame(b"before", 0, 0);
-        let region = stage(&nic, &frame);
-        send(
-            &mut nic,
-            &[TxSegment {
-                iova: region.iova(),
-                len: frame.len() as u32,
-            }],
-            &TxOffload::default(),
-            1,
-        );
+        let region = send_frame(&mut nic, &frame, &TxOffload::default(), 1);
         assert_eq!(nic.pending_dma(), 1);
         assert!(peer.recv().is_none(), "no DMA before the device runs");
         assert!(reap(&mut nic).is_empty(), "not complete before DMA");
@@ -917,10 +857,7 @@ mod tests {
         let (mut nic, peer) = nic(SoftNicConfig::default());
         let frame = tcp_frame(&[0; 1461], 0, 0); // 1515 bytes
         let region = stage(&nic, &frame);
-        let seg = TxSegment {
-            iova: region.iova(),
-            len: frame.len() as u32,
-        };
+        let seg = segment(&region, frame.len());
         assert!(matches!(
             nic.tx_enqueue(TxFrame::new(&[seg], &TxOffload::default(), 1)),
             Err(DriverError::BadFrame(_))
@@ -932,16 +869,7 @@ mod tests {
             header_len: 54,
         });
         let big = tcp_frame(&[0; 3000], 0, 0);
-        let region = stage(&nic, &big);
-        send(
-            &mut nic,
-            &[TxSegment {
-                iova: region.iova(),
-                len: big.len() as u32,
-            }],
-            &offload,
-            2,
-        );
+        let _region = send_frame(&mut nic, &big, &offload, 2);
         assert_eq!(
             peer.recv().unwrap().len(),
             54 + 1000,
@@ -1006,10 +934,7 @@ mod tests {
         };
         let (mut nic, _peer) = nic(config);
         let region = stage(&nic, &tcp_frame(b"", 0, 0));
-        let seg = [TxSegment {
-            iova: region.iova(),
-            len: 54,
-        }];
+        let seg = [segment(&region, 54)];
         assert_eq!(nic.tx_capacity(1), 4);
         for t in 0..4 {
             nic.tx_enqueue(TxFrame::new(&seg, &tcp_offload(), t))
@@ -1090,16 +1015,7 @@ mod tests {
         let s = seen.clone();
         nic.set_tx_tap(Some(Box::new(move |f| s.lock().unwrap().push(f.len()))));
         let frame = tcp_frame(b"abc", 0, 0);
-        let region = stage(&nic, &frame);
-        send(
-            &mut nic,
-            &[TxSegment {
-                iova: region.iova(),
-                len: frame.len() as u32,
-            }],
-            &TxOffload::default(),
-            1,
-        );
+        let _region = send_frame(&mut nic, &frame, &TxOffload::default(), 1);
         assert_eq!(*seen.lock().unwrap(), vec![frame.len()]);
     }
 }

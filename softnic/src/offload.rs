@@ -224,41 +224,30 @@ mod tests {
         out
     }
 
-    fn assert_valid_segments(segments: &[Vec<u8>], payload_len: usize) {
-        assert_eq!(segments.len(), payload_len.div_ceil(MSS));
+    fn assert_valid_segments(segments: &[Vec<u8>], payload_len: usize, convention: TsoHeaders) {
+        let case = format!("{convention:?} headers, {payload_len}-byte payload");
+        assert_eq!(segments.len(), payload_len.div_ceil(MSS), "{case}");
         for (i, s) in segments.iter().enumerate() {
-            assert!(ipv4_header_ok(s), "IPv4 checksum of segment {i}");
-            assert!(tcp_checksum_ok(s), "TCP checksum of segment {i}");
+            assert!(ipv4_header_ok(s), "IPv4 checksum of segment {i}, {case}");
+            assert!(tcp_checksum_ok(s), "TCP checksum of segment {i}, {case}");
             let total = u16::from_be_bytes([s[IP + 2], s[IP + 3]]) as usize;
-            assert_eq!(total, s.len() - IP, "IPv4 total length of segment {i}");
+            assert_eq!(
+                total,
+                s.len() - IP,
+                "IPv4 total length of segment {i}, {case}"
+            );
             let seq = u32::from_be_bytes(s[TCP + 4..TCP + 8].try_into().unwrap());
-            assert_eq!(seq, 7_000 + (i * MSS) as u32);
+            assert_eq!(seq, 7_000 + (i * MSS) as u32, "{case}");
         }
     }
 
     #[test]
-    fn per_segment_headers_on_a_per_segment_device_give_valid_segments() {
-        for payload_len in [1, MSS, 3 * MSS + 1, 40_000] {
-            let s = segments(
-                payload_len,
-                TsoHeaders::PerSegment,
-                TsoHeaders::PerSegment,
-                false,
-            );
-            assert_valid_segments(&s, payload_len);
-        }
-    }
-
-    #[test]
-    fn whole_packet_headers_on_a_whole_packet_device_give_valid_segments() {
-        for payload_len in [1, MSS, 3 * MSS + 1, 40_000] {
-            let s = segments(
-                payload_len,
-                TsoHeaders::WholePacket,
-                TsoHeaders::WholePacket,
-                false,
-            );
-            assert_valid_segments(&s, payload_len);
+    fn headers_for_the_device_convention_give_valid_segments() {
+        for convention in [TsoHeaders::PerSegment, TsoHeaders::WholePacket] {
+            for payload_len in [1, MSS, 3 * MSS + 1, 40_000] {
+                let s = segments(payload_len, convention, convention, false);
+                assert_valid_segments(&s, payload_len, convention);
+            }
         }
     }
 

@@ -71,8 +71,6 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[cfg(feature = "fault-injection")]
-use crate::anynic::FaultInjection;
 use crate::anynic::NicConfig;
 use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
@@ -532,15 +530,8 @@ fn init_rx(bar0: &Mmio, dma: &Arc<DmaSpace>, config: &NicConfig) -> Result<RxRin
     let size = config.rx_ring_size;
     let ring = dma.allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)?;
     ring.zero();
-    #[cfg(feature = "fault-injection")]
-    let buffer_access = match config.fault_injection {
-        FaultInjection::RxBuffersReadOnly => DmaAccess::DeviceReads,
-        _ => DmaAccess::DeviceReadsWrites,
-    };
-    #[cfg(not(feature = "fault-injection"))]
-    let buffer_access = DmaAccess::DeviceReadsWrites;
     let count = size as usize; // one spare beyond the size-1 the ring can hold
-    let buffers = dma.allocate(count * config.rx_buffer_size, buffer_access)?;
+    let buffers = dma.allocate(count * config.rx_buffer_size, config.rx_buffer_access())?;
     let mut rx = RxRing {
         ring,
         buffers,
@@ -578,14 +569,7 @@ fn init_tx(
     model: NicModel,
 ) -> Result<TxRing> {
     let size = config.tx_ring_size;
-    #[cfg(feature = "fault-injection")]
-    let access = match config.fault_injection {
-        FaultInjection::TxRingReadOnly => DmaAccess::DeviceReads,
-        _ => DmaAccess::DeviceReadsWrites,
-    };
-    #[cfg(not(feature = "fault-injection"))]
-    let access = DmaAccess::DeviceReadsWrites;
-    let ring = dma.allocate(size as usize * DESC_LEN, access)?;
+    let ring = dma.allocate(size as usize * DESC_LEN, config.tx_completion_access())?;
     ring.zero();
     let base = ring.iova();
     bar0.write32(regs::TDBAL, base as u32);

@@ -101,8 +101,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[cfg(feature = "fault-injection")]
-use crate::anynic::FaultInjection;
 use crate::anynic::NicConfig;
 use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
@@ -271,6 +269,27 @@ struct Tx {
 }
 
 impl Tx {
+    /// A transmit queue on ring `vq` with nothing in flight: `headers` holds a header slot
+    /// per descriptor, `indirect` a table per descriptor when indirect descriptors are used.
+    fn new(vq: Ring, headers: DmaRegion, indirect: Option<DmaRegion>) -> Tx {
+        let size = vq.size();
+        let n = size as usize;
+        Tx {
+            vq,
+            headers,
+            indirect,
+            free: (0..size).rev().collect(),
+            next: vec![0; n],
+            chain_len: vec![0; n],
+            token: vec![0; n],
+            bytes: vec![0; n],
+            in_flight: vec![false; n],
+            done: vec![false; n],
+            order: VecDeque::with_capacity(n),
+            last_progress: Instant::now(),
+        }
+    }
+
     /// Forget every frame (the device has been reset and no longer reads any of them):
     /// append each token to `lost` in submission order (completed but not yet handed back,
     /// in flight, or not yet published alike) and free every descriptor. The caller resets
@@ -420,19 +439,8 @@ impl VirtioNet {
         let packed = negotiated & f::F_RING_PACKED != 0;
         // Fault injection: the device's writes into the receive buffers, or into the TX used
         // ring (its completions), are stopped by the IOMMU.
-        #[cfg(feature = "fault-injection")]
-        let (rx_access, tx_used_access) = match config.fault_injection {
-            FaultInjection::None => (DmaAccess::DeviceReadsWrites, DmaAccess::DeviceReadsWrites),
-            FaultInjection::RxBuffersReadOnly => {
-                (DmaAccess::DeviceReads, DmaAccess::DeviceReadsWrites)
-            }
-            FaultInjection::TxRingReadOnly => {
-                (DmaAccess::DeviceReadsWrites, DmaAccess::DeviceReads)
-            }
-        };
-        #[cfg(not(feature = "fault-injection"))]
         let (rx_access, tx_used_access) =
-            (DmaAccess::DeviceReadsWrites, DmaAccess::DeviceReadsWrites);
+            (config.rx_buffer_access(), config.tx_completion_access());
         let rx = Rx {
             vq: Ring::new(
                 &dma,
@@ -448,24 +456,15 @@ impl VirtioNet {
             recycled: Vec::new(),
         };
         let n = tx_size as usize;
-        let tx = Tx {
-            vq: Ring::new(&dma, TX_QUEUE, tx_size, packed, tx_used_access)?,
-            headers: dma.allocate(n * TX_HDR_SLOT, DmaAccess::DeviceReads)?,
-            indirect: if negotiated & f::F_INDIRECT_DESC != 0 {
+        let tx = Tx::new(
+            Ring::new(&dma, TX_QUEUE, tx_size, packed, tx_used_access)?,
+            dma.allocate(n * TX_HDR_SLOT, DmaAccess::DeviceReads)?,
+            if negotiated & f::F_INDIRECT_DESC != 0 {
                 Some(dma.allocate(n * INDIRECT_TABLE, DmaAccess::DeviceReads)?)
             } else {
                 None
             },
-            free: (0..tx_size).rev().collect(),
-            next: vec![0; n],
-            chain_len: vec![0; n],
-            token: vec![0; n],
-            bytes: vec![0; n],
-            in_flight: vec![false; n],
-            done: vec![false; n],
-            order: VecDeque::with_capacity(n),
-            last_progress: Instant::now(),
-        };
+        );
         let csum = negotiated & f::NET_F_CSUM != 0;
         let caps = Capabilities {
             // Section 5.1.6.2: virtio-net offers L4 checksums and segmentation only.
@@ -1204,22 +1203,12 @@ mod tests {
     fn tx(size: u16) -> Tx {
         let dma = crate::dma::test_space();
         let n = size as usize;
-        Tx {
-            vq: Ring::new(&dma, TX_QUEUE, size, false, DmaAccess::DeviceReadsWrites).unwrap(),
-            headers: dma
-                .allocate(n * TX_HDR_SLOT, DmaAccess::DeviceReads)
+        Tx::new(
+            Ring::new(&dma, TX_QUEUE, size, false, DmaAccess::DeviceReadsWrites).unwrap(),
+            dma.allocate(n * TX_HDR_SLOT, DmaAccess::DeviceReads)
                 .unwrap(),
-            indirect: None,
-            free: (0..size).rev().collect(),
-            next: vec![0; n],
-            chain_len: vec![0; n],
-            token: vec![0; n],
-            bytes: vec![0; n],
-            in_flight: vec![false; n],
-            done: vec![false; n],
-            order: VecDeque::new(),
-            last_progress: Instant::now(),
-        }
+            None,
+        )
     }
 
     #[test]
