@@ -146,3 +146,19 @@ pub fn poisoned_frames(pcap: &[u8]) -> Result<usize, String> {
         .filter(|(_, f)| netstack::poison::find_poison(f).is_some())
         .count())
 }
+
+/// Scans QEMU's own capture of a stopped guest's NIC (`Guest::pcap`) for placeholder
+/// poison and fails the run if any frame carries it. QEMU's capture is the wire itself, and
+/// unlike the server's `--pcap` file it is not a file the server is appending to while it
+/// serves it (a streaming response of a file that changes under it is reset, by design).
+pub fn expect_no_poison_on_the_wire(run: &GuestRun) {
+    let pcap = std::fs::read(run.pcap_path()).unwrap_or_else(|e| run.fail(&e.to_string()));
+    match poisoned_frames(&pcap) {
+        Ok(0) => eprintln!(
+            "capture of {} bytes scanned: no placeholder poison on the wire",
+            pcap.len()
+        ),
+        Ok(n) => run.fail(&format!("{n} frames on the wire carry placeholder poison")),
+        Err(e) => run.fail(&format!("reading the capture: {e}")),
+    }
+}
