@@ -47,9 +47,24 @@ struct ServeArgs {
     /// Get the address from a DHCP server.
     #[arg(long)]
     dhcp: bool,
-    /// TCP port to listen on.
+    /// TCP port to listen on (plain HTTP).
     #[arg(long, default_value_t = 80)]
     port: u16,
+    /// Serve HTTPS too: the certificate chain (PEM, end-entity certificate first). TLS 1.3
+    /// only, AES-128-GCM and AES-256-GCM, ALPN http/1.1, session tickets; the files are
+    /// re-read when they change (new connections get the new pair).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1); one that does not match
+    /// the certificate is refused at start.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// TCP port for HTTPS.
+    #[arg(long, default_value_t = 443)]
+    tls_port: u16,
+    /// Serve HTTPS only: no plain HTTP listener on --port.
+    #[arg(long, requires = "tls_cert")]
+    no_plain_http: bool,
     /// What a PUT does to pages an in-flight response still uses: wait (bounded) or
     /// copy-on-write.
     #[arg(long, value_enum, default_value = "cow")]
@@ -153,6 +168,18 @@ impl ServeArgs {
             },
             BackpressureArg::Error => pagecache::Backpressure::Error,
         };
+        // Read and checked before the NIC is touched: a bad certificate or key is refused at
+        // once, naming the file.
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::TlsOptions::load(cert, key, self.tls_port)?),
+            _ => None,
+        };
+        if tls.as_ref().is_some_and(|t| t.port == self.port) && !self.no_plain_http {
+            anyhow::bail!(
+                "--tls-port {} is also --port: give them different ports",
+                self.port
+            );
+        }
         let limits = http::Limits {
             max_body_bytes: self.max_put_mb << 20,
             ..http::Limits::default()
@@ -162,7 +189,8 @@ impl ServeArgs {
             root: self.root,
             ip,
             gateway: self.gateway,
-            port: self.port,
+            port: (!self.no_plain_http).then_some(self.port),
+            tls,
             write_policy,
             backpressure,
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
@@ -205,6 +233,7 @@ mod process;
 mod respond;
 mod root;
 mod serve;
+mod tls;
 mod upload;
 mod warnings;
 

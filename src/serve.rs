@@ -40,6 +40,8 @@ const MIN_PIN_BYTES: u64 = 16 * 1024;
 const MAX_PIN_BYTES: u64 = 256 * 1024;
 /// How often idle and slow connections are looked for.
 const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the HTTPS certificate files are looked at for a change (two `stat`s).
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Polls with nothing to do before the loop starts napping between polls.
 const SPINS_BEFORE_NAP: u32 = 64;
 /// The nap of an idle loop: short, so a new request waits at most this long.
@@ -54,7 +56,10 @@ pub struct ServeOptions {
     /// `None`: DHCP.
     pub ip: Option<(Ipv4Addr, u8)>,
     pub gateway: Option<Ipv4Addr>,
-    pub port: u16,
+    /// Plain HTTP port (`None`: HTTPS only).
+    pub port: Option<u16>,
+    /// HTTPS: port, rustls configuration, the certificate being served.
+    pub tls: Option<crate::tls::TlsOptions>,
     pub write_policy: WritePolicy,
     /// What a request that needs a page-cache frame does when all are pinned.
     pub backpressure: Backpressure,
@@ -275,6 +280,8 @@ impl ConnEntry {
 #[derive(Clone, Copy, Debug, Default)]
 struct ConnectionCounts {
     accepted: u64,
+    /// Of those, over TLS (counted when the handshake is complete).
+    tls_accepted: u64,
     /// Answered 503 over `--max-connections`.
     rejected: u64,
     /// Reset to make room for a new connection at `--max-connections`.
@@ -286,7 +293,11 @@ struct ConnectionCounts {
 /// The server's state between polls.
 struct Server<Q: NetQueue> {
     stack: Stack<Q>,
-    listener: ListenerId,
+    /// The plain HTTP and the HTTPS listeners (either may be off, not both).
+    listener: Option<ListenerId>,
+    tls_listener: Option<ListenerId>,
+    /// The HTTPS certificate, re-read when its files change.
+    tls_certificate: Option<Arc<crate::tls::ReloadableCert>>,
     cache: PageCache,
     core: ServerCore,
     conns: HashMap<ConnId, ConnEntry>,
@@ -316,6 +327,7 @@ fn run<Q: ServerNic>(
     let mut announced = false;
     let mut stats = StatsLine::new(options.stats_interval);
     let mut last_timeouts = Instant::now();
+    let mut last_cert_check = Instant::now();
     let mut idle = IdleBackoff::default();
     loop {
         let now = Instant::now();
@@ -328,6 +340,10 @@ fn run<Q: ServerNic>(
         if now.duration_since(last_timeouts) > TIMEOUT_CHECK_INTERVAL {
             last_timeouts = now;
             server.enforce_timeouts(now);
+        }
+        if now.duration_since(last_cert_check) > CERT_CHECK_INTERVAL {
+            last_cert_check = now;
+            server.reload_certificate();
         }
         stats.print_when_due(now, &mut server);
         idle.after_poll(work);
@@ -383,7 +399,18 @@ impl<Q: ServerNic> Server<Q> {
             options.send_stall_timeout.as_micros() as u64,
         ));
         let mut stack = Stack::new(nic, config)?;
-        let listener = stack.listen(options.port)?;
+        let listener = options.port.map(|port| stack.listen(port)).transpose()?;
+        let tls_listener = match &options.tls {
+            Some(tls) => Some(
+                stack
+                    .listen_tls(tls.port, Arc::clone(&tls.config))
+                    .with_context(|| format!("HTTPS on port {}", tls.port))?,
+            ),
+            None => None,
+        };
+        if listener.is_none() && tls_listener.is_none() {
+            bail!("nothing to serve: --no-plain-http needs --tls-cert and --tls-key");
+        }
         let page_size = crate::process::page_size();
         let resident =
             crate::process::resident_bytes(page_size).unwrap_or((options.cache_mb as u64) << 20);
@@ -392,6 +419,8 @@ impl<Q: ServerNic> Server<Q> {
         Ok(Server {
             stack,
             listener,
+            tls_listener,
+            tls_certificate: options.tls.as_ref().map(|t| Arc::clone(&t.certificate)),
             cache,
             core,
             conns: HashMap::new(),
@@ -412,11 +441,22 @@ impl<Q: ServerNic> Server<Q> {
             return false;
         };
         let nic = self.stack.nic();
+        // `on ADDR:PORT` for each listener, HTTPS marked: tools read the address from it.
+        let ip = addr.address();
+        let on = [
+            options.port.map(|p| format!("{ip}:{p}")),
+            options
+                .tls
+                .as_ref()
+                .map(|t| format!("{ip}:{} (https)", t.port)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" and ");
         println!(
-            "zerosend: serving {} on {}:{} (nic {address} {}, mac {}, write policy {:?}, audit {}, pcap {})",
+            "zerosend: serving {} on {on} (nic {address} {}, mac {}, write policy {:?}, audit {}, pcap {})",
             self.core.root.path().display(),
-            addr.address(),
-            options.port,
             nic.capabilities().tso_max_frame.map(|_| "TSO").unwrap_or("no TSO"),
             nic.mac_address(),
             options.write_policy,
@@ -432,7 +472,13 @@ impl<Q: ServerNic> Server<Q> {
         while let Some(event) = self.stack.next_event() {
             work = true;
             match event {
-                Event::Accepted { listener, conn } if listener == self.listener => {
+                // The HTTP layer does not care how the bytes came: after the handshake a TLS
+                // connection's recv/send/send_file/close carry plaintext, as for TCP.
+                Event::Accepted { listener, conn } if Some(listener) == self.listener => {
+                    self.accept(conn, now);
+                }
+                Event::Accepted { listener, conn } if Some(listener) == self.tls_listener => {
+                    self.counts.tls_accepted += 1;
                     self.accept(conn, now);
                 }
                 Event::Closed { conn } => {
@@ -465,6 +511,19 @@ impl<Q: ServerNic> Server<Q> {
             .flatten()
             .map(|(ip, port)| std::net::SocketAddr::from((ip, port)));
         self.conns.insert(conn, entry);
+    }
+
+    /// Serve a changed HTTPS certificate to new connections; a bad new pair (say the
+    /// certificate replaced and its key not yet) is warned about and the old one kept.
+    fn reload_certificate(&mut self) {
+        let Some(cert) = &self.tls_certificate else {
+            return;
+        };
+        match cert.reload_if_changed() {
+            Ok(true) => tracing::info!("TLS certificate reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
+        }
     }
 
     /// At the connection limit, a new client takes the place of the connection that has
@@ -567,6 +626,7 @@ impl<Q: ServerNic> Server<Q> {
         let metrics = if wants_metrics {
             let server = snapshot::ServerCounts {
                 accepted: counts.accepted,
+                tls_accepted: counts.tls_accepted,
                 rejected: counts.rejected,
                 evicted: counts.evicted,
                 open,
@@ -694,12 +754,13 @@ impl StatsLine {
         self.last_tx_bytes = s.payload_bytes_sent;
         let ConnectionCounts {
             accepted,
+            tls_accepted,
             rejected,
             evicted,
             ..
         } = server.counts;
         println!(
-            "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {accepted}, rejected {rejected}, evicted {evicted}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
+            "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {accepted}, tls {tls_accepted}, rejected {rejected}, evicted {evicted}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
             self.started.elapsed().as_secs_f64(),
             server.conns.len(),
             server.core.counters.requests,

@@ -13,6 +13,8 @@ use crate::warnings::WarnKind;
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ServerCounts {
     pub accepted: u64,
+    /// Of those, HTTPS (handshake complete).
+    pub tls_accepted: u64,
     /// Answered 503 over `--max-connections`.
     pub rejected: u64,
     /// Reset to make room for a new connection at `--max-connections`.
@@ -270,6 +272,73 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             c.audit_violations,
         ),
     ];
+    metrics.extend([
+        Metric::counter(
+            "zerosend_tls_connections_accepted_total",
+            "HTTPS connections accepted (TLS handshake complete).",
+            server.tls_accepted,
+        ),
+        Metric::counter(
+            "zerosend_tls_handshakes_total",
+            "TLS handshakes completed.",
+            s.tls_handshakes,
+        ),
+        Metric::counter(
+            "zerosend_tls_handshake_failures_total",
+            "TLS handshakes that failed (the client got an alert or a reset).",
+            s.tls_handshake_failures,
+        ),
+        Metric::counter(
+            "zerosend_tls_alerts_sent_total",
+            "TLS alerts sent (close_notify included).",
+            s.tls_alerts_sent,
+        ),
+        Metric::counter(
+            "zerosend_tls_records_sealed_total",
+            "TLS records encrypted (each once, from the pinned plaintext).",
+            s.tls_records_sealed,
+        ),
+        Metric::counter(
+            "zerosend_tls_bytes_sealed_total",
+            "Inner plaintext bytes of the TLS records encrypted.",
+            s.tls_bytes_sealed,
+        ),
+        Metric::counter(
+            "zerosend_tls_ctr_bytes_total",
+            "TLS record bytes recomputed by AES-CTR from the pins (retransmissions, records split across frames).",
+            s.tls_ctr_bytes,
+        ),
+        Metric::counter(
+            "zerosend_tls_cpu_bytes_written_total",
+            "Bytes the CPU wrote to produce TLS payload (AEAD output, gathers, copies into DMA buffers).",
+            s.tls_cpu_bytes_written,
+        ),
+        Metric::counter(
+            "zerosend_tls_dma_bytes_written_total",
+            "TLS bytes written into frames' DMA buffers.",
+            s.tls_dma_bytes_written,
+        ),
+        Metric::gauge(
+            "zerosend_tls_ciphertext_held_now",
+            "TLS bytes in DMA buffers of frames the NIC has not completed (nothing encrypted is kept until ACK: 0 when idle).",
+            s.tls_ciphertext_held_now as f64,
+        ),
+        Metric::counter(
+            "zerosend_tls_records_received_total",
+            "TLS records received and decrypted.",
+            s.tls_records_received,
+        ),
+        Metric::counter(
+            "zerosend_tls_key_updates_sent_total",
+            "TLS KeyUpdates sent.",
+            s.tls_key_updates_sent,
+        ),
+        Metric::counter(
+            "zerosend_tls_key_updates_received_total",
+            "TLS KeyUpdates received from clients.",
+            s.tls_key_updates_received,
+        ),
+    ]);
     if let Some(rss) = crate::process::resident_bytes(server.page_size) {
         metrics.push(Metric::gauge(
             "zerosend_process_resident_memory_bytes",
