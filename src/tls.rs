@@ -23,7 +23,7 @@ use rustls::sign::CertifiedKey;
 pub struct TlsOptions {
     pub port: u16,
     pub config: Arc<rustls::ServerConfig>,
-    /// The certificate in use; [`TlsOptions::reload_if_changed`] replaces it.
+    /// The certificate in use; [`ReloadableCert::reload_if_changed`] replaces it.
     pub certificate: Arc<ReloadableCert>,
 }
 
