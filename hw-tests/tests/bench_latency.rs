@@ -391,6 +391,7 @@ fn small_get_latency_while_busy() {
             &netns.spawn(metrics).join().unwrap(),
             "zerosend_fills_total",
         ) - fills_before;
+        assert!(fills > 0.0, "the download read nothing from disk: not cold");
         offset = (offset + bytes + (64 << 20)) % HUGE_LEN;
         row(
             &format!("cold 1 GiB download (round {round})"),

@@ -60,7 +60,11 @@ fn content_length(head: &str) -> usize {
 /// GET `path` on a new connection: status line and body.
 fn get(path: &str) -> (String, Vec<u8>) {
     let mut s = connect();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut r = BufReader::new(s);
     let head = read_head(&mut r);
     let mut body = vec![0u8; content_length(&head)];
@@ -100,7 +104,10 @@ impl Bed {
             .memory_mb(2560)
             .timeout(Duration::from_secs(1500));
         for i in 0..FILES {
-            guest = guest.file(&format!("/data{}", path(i)), stamped_version(0, FILE_BLOCKS));
+            guest = guest.file(
+                &format!("/data{}", path(i)),
+                stamped_version(0, FILE_BLOCKS),
+            );
         }
         let guest = guest
             .run(&format!(
@@ -221,7 +228,8 @@ fn files_far_larger_than_the_cache_stream_as_one_version_each() {
     );
     let written: Vec<_> = written.into_iter().map(|(statuses, _)| statuses).collect();
     bed.check(
-        written[0].get(&204).is_some_and(|&n| n > 0) && written[1].get(&204).is_some_and(|&n| n > 0),
+        written[0].get(&204).is_some_and(|&n| n > 0)
+            && written[1].get(&204).is_some_and(|&n| n > 0),
         "both writers got versions in",
     );
     bed.check(versions_seen.len() > 1, "the downloads saw new versions");
@@ -249,11 +257,18 @@ fn files_far_larger_than_the_cache_stream_as_one_version_each() {
         read_head(&mut BufReader::new(s))
     });
     let put_secs = started.elapsed().as_secs_f64();
-    bed.check(status.starts_with("HTTP/1.1 201"), &format!("1 GiB PUT: {status}"));
+    bed.check(
+        status.starts_with("HTTP/1.1 201"),
+        &format!("1 GiB PUT: {status}"),
+    );
     let started = Instant::now();
     let checked = bed.on_netns(|| {
         let mut s = connect();
-        write!(s, "GET /huge.bin HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET /huge.bin HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut r = BufReader::with_capacity(1 << 20, s);
         let head = read_head(&mut r);
         if content_length(&head) != HUGE_BLOCKS * STAMP_BLOCK {
@@ -261,7 +276,8 @@ fn files_far_larger_than_the_cache_stream_as_one_version_each() {
         }
         let mut block = [0u8; STAMP_BLOCK];
         for i in 0..HUGE_BLOCKS {
-            r.read_exact(&mut block).map_err(|e| format!("block {i}: {e}"))?;
+            r.read_exact(&mut block)
+                .map_err(|e| format!("block {i}: {e}"))?;
             if block != stamped_block(7, i) {
                 return Err(format!("block {i} differs"));
             }
@@ -287,9 +303,18 @@ fn files_far_larger_than_the_cache_stream_as_one_version_each() {
         "peak pinned pages {pinned_peak} (bound {pinned_bound}, cache {} pages); peak old-version pages {old_peak} (limit {old_limit})",
         CACHE_MB * 256
     );
-    bed.check(pinned_peak <= pinned_bound, "pinned pages beyond the window bound");
-    bed.check(old_peak <= old_limit, "old-version pages beyond their limit");
-    bed.check(bed.metric("zerosend_audit_violations_total") == 0.0, "audit");
+    bed.check(
+        pinned_peak <= pinned_bound,
+        "pinned pages beyond the window bound",
+    );
+    bed.check(
+        old_peak <= old_limit,
+        "old-version pages beyond their limit",
+    );
+    bed.check(
+        bed.metric("zerosend_audit_violations_total") == 0.0,
+        "audit",
+    );
     bed.check(
         bed.metric("zerosend_tx_unmapped_drops_total") == 0.0,
         "placeholder segments",
