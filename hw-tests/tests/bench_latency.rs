@@ -223,7 +223,8 @@ fn boot(seconds: f64) -> RunningGuest {
     let request_timeout = seconds as u64 + 30;
     let guest = Guest::new("bench-latency", Nic::Virtio)
         .network(Network::Tap)
-        .memory_mb(2048)
+        // The guest's tmpfs (/data) gets half its memory: 1 GiB and the rest must fit.
+        .memory_mb(2560)
         .timeout(Duration::from_secs(3600))
         .file("/data/small.txt", b"a small file\n".to_vec())
         .file("/data/held.bin", stamped_version(0, HELD_BLOCKS))
