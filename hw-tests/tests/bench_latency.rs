@@ -79,8 +79,42 @@ fn content_length(head: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Small GETs on one keep-alive connection for `seconds`: each latency in microseconds.
-fn small_gets(seconds: f64) -> Vec<u64> {
+/// What one run of small GETs saw.
+struct Sample {
+    /// Each GET's latency in microseconds.
+    latencies: Vec<u64>,
+    /// TCP segments retransmitted meanwhile by the host side (every client in the
+    /// namespace) and by the server, so a long tail can be told from a lost segment.
+    client_retransmits: u64,
+    server_retransmits: f64,
+}
+
+impl Sample {
+    fn retransmits(&self) -> String {
+        format!(
+            "retransmits host/server {}/{}",
+            self.client_retransmits, self.server_retransmits
+        )
+    }
+}
+
+/// TCP segments retransmitted by the calling thread's network namespace (`RetransSegs`).
+fn namespace_retransmits() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RetransSegs")
+        .and_then(|(_, value)| value.parse().ok())
+        .expect("RetransSegs in /proc/net/snmp")
+}
+
+/// Small GETs on one keep-alive connection for `seconds`.
+fn small_gets(seconds: f64) -> Sample {
+    let server_before = metric(&metrics(), "zerosend_tcp_retransmits_total");
+    let client_before = namespace_retransmits();
     let s = connect();
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
@@ -96,20 +130,25 @@ fn small_gets(seconds: f64) -> Vec<u64> {
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         latencies.push(t.elapsed().as_micros() as u64);
     }
-    latencies
+    Sample {
+        latencies,
+        client_retransmits: namespace_retransmits() - client_before,
+        server_retransmits: metric(&metrics(), "zerosend_tcp_retransmits_total") - server_before,
+    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
 }
 
-fn row(phase: &str, latencies: &mut [u64], note: &str) {
+fn row(phase: &str, latencies: &[u64], note: &str) {
+    let mut latencies = latencies.to_vec();
     latencies.sort_unstable();
     println!(
         "{phase:<36} {:>6} {:>9.2} {:>9.2} {:>9.2}  {note}",
         latencies.len(),
-        percentile(latencies, 0.5),
-        percentile(latencies, 0.99),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
         *latencies.last().unwrap() as f64 / 1000.0
     );
 }
@@ -294,7 +333,7 @@ fn parked_phase(seconds: f64, round: u32, before: Vec<u8>) -> (Parked, Vec<u8>) 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let latencies = small_gets(seconds);
+    let sample = small_gets(seconds);
     let m1 = metrics();
     let parked_at_end = metric(&m1, "zerosend_responses_parked");
     let waits =
@@ -320,8 +359,9 @@ fn parked_phase(seconds: f64, round: u32, before: Vec<u8>) -> (Parked, Vec<u8>) 
         apply(&mut after, parked_version, PARKED_BLOCKS);
     }
     let note = format!(
-        "parked gauge {parked_at_start}/{parked_at_end} (start/end), {waits} writer stalls on pins; \
-         PUT {status:?} after {put_secs:.1} s (reader drained in {reader_secs:.1} s, body exactly its version)"
+        "{}; parked gauge {parked_at_start}/{parked_at_end} (start/end), {waits} writer stalls on pins; \
+         PUT {status:?} after {put_secs:.1} s (reader drained in {reader_secs:.1} s, body exactly its version)",
+        sample.retransmits()
     );
     assert!(
         parked_at_start >= 1.0 && parked_at_end >= 1.0,
@@ -329,7 +369,7 @@ fn parked_phase(seconds: f64, round: u32, before: Vec<u8>) -> (Parked, Vec<u8>) 
     );
     (
         Parked {
-            latencies,
+            latencies: sample.latencies,
             note,
             pinned_now,
             old_now,
@@ -370,9 +410,13 @@ fn small_get_latency_while_busy() {
     let (mut pinned_during_parked, mut old_during_parked) = (0f64, 0f64);
     let mut download_peak = f64::NAN;
     for round in 1..=rounds {
-        let mut idle = netns.spawn(move || small_gets(seconds)).join().unwrap();
-        row(&format!("idle (round {round})"), &mut idle, "");
-        all.entry("idle").or_default().extend(&idle);
+        let idle = netns.spawn(move || small_gets(seconds)).join().unwrap();
+        row(
+            &format!("idle (round {round})"),
+            &idle.latencies,
+            &idle.retransmits(),
+        );
+        all.entry("idle").or_default().extend(&idle.latencies);
 
         // A cold download: 1 GiB never fits the 32 MiB cache, and each phase starts 64 MiB
         // past where the last one stopped, beyond anything left resident or read ahead.
@@ -386,7 +430,7 @@ fn small_get_latency_while_busy() {
             move || download_huge(offset, stop)
         });
         std::thread::sleep(Duration::from_millis(500));
-        let mut busy = netns.spawn(move || small_gets(seconds)).join().unwrap();
+        let busy = netns.spawn(move || small_gets(seconds)).join().unwrap();
         stop.store(true, Ordering::Relaxed);
         let (bytes, secs) = download.join().unwrap();
         let fills = metric(
@@ -397,15 +441,16 @@ fn small_get_latency_while_busy() {
         offset = (offset + bytes + (64 << 20)) % HUGE_LEN;
         row(
             &format!("cold 1 GiB download (round {round})"),
-            &mut busy,
+            &busy.latencies,
             &format!(
-                "download {:.0} Mbit/s, {} MiB, {:.0} MiB read from disk",
+                "{}; download {:.0} Mbit/s, {} MiB, {:.0} MiB read from disk",
+                busy.retransmits(),
                 bytes as f64 * 8.0 / secs / 1e6,
                 bytes >> 20,
                 fills * 4096.0 / (1 << 20) as f64
             ),
         );
-        all.entry("download").or_default().extend(&busy);
+        all.entry("download").or_default().extend(&busy.latencies);
         if round == 1 {
             // Nothing but the upload, idle GETs and this download ran so far.
             download_peak = metric(
@@ -414,19 +459,23 @@ fn small_get_latency_while_busy() {
             );
         }
 
-        let mut idle = netns.spawn(move || small_gets(seconds)).join().unwrap();
-        row(&format!("idle (round {round})"), &mut idle, "");
-        all.entry("idle").or_default().extend(&idle);
+        let idle = netns.spawn(move || small_gets(seconds)).join().unwrap();
+        row(
+            &format!("idle (round {round})"),
+            &idle.latencies,
+            &idle.retransmits(),
+        );
+        all.entry("idle").or_default().extend(&idle.latencies);
 
         let before = std::mem::take(&mut held);
-        let (mut phase, after) = netns
+        let (phase, after) = netns
             .spawn(move || parked_phase(seconds, round, before))
             .join()
             .unwrap();
         held = after;
         row(
             &format!("parked wait-policy PUT (round {round})"),
-            &mut phase.latencies,
+            &phase.latencies,
             &phase.note,
         );
         pinned_during_parked = pinned_during_parked.max(phase.pinned_now);
@@ -439,7 +488,7 @@ fn small_get_latency_while_busy() {
         ("download", "cold 1 GiB download"),
         ("parked", "parked wait-policy PUT"),
     ] {
-        row(label, all.get_mut(key).unwrap(), "");
+        row(label, &all[key], "");
     }
 
     let m = netns.spawn(metrics).join().unwrap();
@@ -460,6 +509,18 @@ fn small_get_latency_while_busy() {
     );
     println!(
         "peak pinned pages overall: {pinned_peak} (bound {pinned_bound}: the same + {writeback_pages} dirty pages of the 4 MiB range PUT, pinned by its write-back); {pinned_during_parked} pinned while the PUT was parked"
+    );
+    println!(
+        "peak old-version pages {old_peak} (limit {old_limit}); {old_during_parked} kept for the held reader while the PUT was parked"
+    );
+    println!(
+        "at the end: pinned {} old-version {} parked {}; audit violations {}, write timeouts {}, frames dropped without a TX buffer {}",
+        metric(&m, "zerosend_pinned_pages"),
+        metric(&m, "zerosend_old_version_pages"),
+        metric(&m, "zerosend_responses_parked"),
+        metric(&m, "zerosend_audit_violations_total"),
+        metric(&m, "zerosend_write_timeouts_total"),
+        metric(&m, "zerosend_tx_dropped_no_buffer_total"),
     );
     assert!(
         download_peak <= responses_bound,
