@@ -4,6 +4,7 @@
 //! pinned. Each busy phase is measured beside the same client on the idle server, in
 //! alternation, in one guest (virtio, TAP namespace), so machine load hits them alike. Prints
 //! p50/p99/max per phase and the pinned and old-version page peaks against their bounds.
+//! The guest has one vCPU: the network loop and the cache's I/O threads share it.
 //!
 //! It checks what makes the figures mean what they say, not how fast anything is: the
 //! download really reads from disk (fills during the phase), the PUT really is parked for the
