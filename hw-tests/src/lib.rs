@@ -27,6 +27,7 @@ mod initramfs;
 pub mod netns;
 mod qemu;
 mod qmp;
+pub mod raw_http;
 pub mod serve_guest;
 pub mod wire;
 

@@ -14,7 +14,7 @@
 //! Environment: BENCH_SECONDS per phase (default 5), BENCH_ROUNDS (default 2).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use hw_tests::content::{stamped_block, stamped_version, STAMP_BLOCK};
 use hw_tests::netns::GUEST_IP;
+use hw_tests::raw_http::{connect, content_length, read_head};
 use hw_tests::{Guest, Network, Nic, RunningGuest};
 
 const PORT: u16 = 80;
@@ -50,34 +51,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn connect() -> TcpStream {
-    let s = TcpStream::connect((GUEST_IP, PORT)).expect("connect to the guest");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
-    s
-}
-
-fn read_head(r: &mut impl BufRead) -> String {
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(r.read_line(&mut line).unwrap() > 0, "closed before a head");
-        head.push_str(&line);
-        if line == "\r\n" {
-            return head;
-        }
-    }
-}
-
 fn status_line(head: &str) -> &str {
     head.lines().next().unwrap_or("")
-}
-
-fn content_length(head: &str) -> usize {
-    head.lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0)
 }
 
 /// What one run of small GETs saw.
@@ -116,7 +91,7 @@ fn namespace_retransmits() -> u64 {
 fn small_gets(seconds: f64) -> Sample {
     let server_before = metric(&metrics(), "zerosend_tcp_retransmits_total");
     let client_before = namespace_retransmits();
-    let s = connect();
+    let s = connect(PORT);
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
     let mut latencies = Vec::new();
@@ -156,7 +131,7 @@ fn row(phase: &str, latencies: &[u64], note: &str) {
 
 /// Every metric on the metrics page (one request).
 fn metrics() -> HashMap<String, f64> {
-    let mut s = connect();
+    let mut s = connect(PORT);
     write!(
         s,
         "GET /_zerosend/metrics HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
@@ -179,7 +154,7 @@ fn metric(m: &HashMap<String, f64>, name: &str) -> f64 {
 }
 
 fn upload_huge() -> String {
-    let mut s = connect();
+    let mut s = connect(PORT);
     write!(
         s,
         "PUT /huge.bin HTTP/1.1\r\nHost: g\r\nConnection: close\r\nContent-Length: {HUGE_LEN}\r\n\r\n"
@@ -204,7 +179,7 @@ fn download_huge(mut offset: u64, stop: Arc<AtomicBool>) -> (u64, f64) {
     let mut total = 0;
     let mut buf = vec![0u8; 1 << 20];
     while !stop.load(Ordering::Relaxed) {
-        let mut s = connect();
+        let mut s = connect(PORT);
         write!(
             s,
             "GET /huge.bin HTTP/1.1\r\nHost: g\r\nConnection: close\r\nRange: bytes={offset}-\r\n\r\n"
@@ -231,7 +206,7 @@ fn download_huge(mut offset: u64, stop: Arc<AtomicBool>) -> (u64, f64) {
 /// A Content-Range PUT of stamped blocks `blocks` of `version` to /held.bin, sent on a new
 /// connection whose answer is read later.
 fn send_held_put(version: u32, blocks: std::ops::Range<usize>) -> TcpStream {
-    let mut s = connect();
+    let mut s = connect(PORT);
     let (start, end) = (blocks.start * STAMP_BLOCK, blocks.end * STAMP_BLOCK);
     write!(
         s,
@@ -295,7 +270,7 @@ struct Parked {
 /// the end (its body must be `before`, exactly) and the parked PUT must go in.
 fn parked_phase(seconds: f64, round: u32, before: Vec<u8>) -> (Parked, Vec<u8>) {
     let (ahead_version, parked_version) = (2 * round - 1, 2 * round);
-    let mut reader = BufReader::new(connect());
+    let mut reader = BufReader::new(connect(PORT));
     reader
         .get_mut()
         .write_all(b"GET /held.bin HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")

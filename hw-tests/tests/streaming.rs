@@ -7,14 +7,14 @@
 //! not matter here, the page cache and the server loop do; every model's data path is
 //! covered by `server.rs`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hw_tests::content::{check_stamped, stamped_block, stamped_version, STAMP_BLOCK};
 use hw_tests::netns::GUEST_IP;
+use hw_tests::raw_http::{connect, content_length, read_head};
 use hw_tests::{Guest, Network, Nic, RunningGuest};
 
 const PORT: u16 = 80;
@@ -30,36 +30,9 @@ fn path(i: usize) -> String {
     format!("/f{i:02}.bin")
 }
 
-fn connect() -> TcpStream {
-    let s = TcpStream::connect((GUEST_IP, PORT)).expect("connect to the guest");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
-    s
-}
-
-/// The head of a response (through the blank line), read from `r`.
-fn read_head(r: &mut impl BufRead) -> String {
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(r.read_line(&mut line).unwrap() > 0, "closed before a head");
-        head.push_str(&line);
-        if line == "\r\n" {
-            return head;
-        }
-    }
-}
-
-fn content_length(head: &str) -> usize {
-    head.lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0)
-}
-
 /// GET `path` on a new connection: status line and body.
 fn get(path: &str) -> (String, Vec<u8>) {
-    let mut s = connect();
+    let mut s = connect(PORT);
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
@@ -74,7 +47,7 @@ fn get(path: &str) -> (String, Vec<u8>) {
 
 /// PUT `body` to `path` (a `Content-Range` covering all of it when `in_place`); the status.
 fn put(path: &str, body: &[u8], in_place: bool) -> u16 {
-    let mut s = connect();
+    let mut s = connect(PORT);
     let range = if in_place {
         format!("Content-Range: bytes 0-{}/*\r\n", body.len() - 1)
     } else {
@@ -238,7 +211,7 @@ fn files_far_larger_than_the_cache_stream_as_one_version_each() {
     // downloaded, each block checked as it arrives.
     let started = Instant::now();
     let status = bed.on_netns(|| {
-        let mut s = connect();
+        let mut s = connect(PORT);
         let len = HUGE_BLOCKS * STAMP_BLOCK;
         write!(
             s,
@@ -263,7 +236,7 @@ fn files_far_larger_than_the_cache_stream_as_one_version_each() {
     );
     let started = Instant::now();
     let checked = bed.on_netns(|| {
-        let mut s = connect();
+        let mut s = connect(PORT);
         write!(
             s,
             "GET /huge.bin HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
