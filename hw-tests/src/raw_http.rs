@@ -36,3 +36,28 @@ pub fn content_length(head: &str) -> usize {
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0)
 }
+
+/// PUTs `/path` as version `version` of a stamped file of `blocks` 4 KiB blocks
+/// ([`crate::content::stamped_block`]), generated as it is sent (a 1 GiB body is never held
+/// whole), on a new connection to `port`; returns the response head.
+pub fn put_stamped(port: u16, path: &str, version: u32, blocks: usize) -> String {
+    use crate::content::{stamped_block, STAMP_BLOCK};
+    use std::io::{BufReader, Write};
+    let mut s = connect(port);
+    let len = blocks * STAMP_BLOCK;
+    write!(
+        s,
+        "PUT {path} HTTP/1.1\r\nHost: g\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    let mut batch = Vec::with_capacity(64 * STAMP_BLOCK);
+    for i in 0..blocks {
+        batch.extend_from_slice(&stamped_block(version, i));
+        if batch.len() == batch.capacity() {
+            s.write_all(&batch).unwrap();
+            batch.clear();
+        }
+    }
+    s.write_all(&batch).unwrap();
+    read_head(&mut BufReader::new(s))
+}

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use hw_tests::content::{stamped_block, stamped_version, STAMP_BLOCK};
 use hw_tests::netns::GUEST_IP;
-use hw_tests::raw_http::{connect, content_length, read_head};
+use hw_tests::raw_http::{connect, content_length, put_stamped, read_head};
 use hw_tests::{Guest, Network, Nic, RunningGuest};
 
 const PORT: u16 = 80;
@@ -154,22 +154,7 @@ fn metric(m: &HashMap<String, f64>, name: &str) -> f64 {
 }
 
 fn upload_huge() -> String {
-    let mut s = connect(PORT);
-    write!(
-        s,
-        "PUT /huge.bin HTTP/1.1\r\nHost: g\r\nConnection: close\r\nContent-Length: {HUGE_LEN}\r\n\r\n"
-    )
-    .unwrap();
-    let mut batch = Vec::with_capacity(64 * STAMP_BLOCK);
-    for i in 0..HUGE_BLOCKS {
-        batch.extend_from_slice(&stamped_block(1, i));
-        if batch.len() == batch.capacity() {
-            s.write_all(&batch).unwrap();
-            batch.clear();
-        }
-    }
-    s.write_all(&batch).unwrap();
-    status_line(&read_head(&mut BufReader::new(s))).to_string()
+    status_line(&put_stamped(PORT, "/huge.bin", 1, HUGE_BLOCKS)).to_string()
 }
 
 /// Downloads /huge.bin from `offset` on (a range request, wrapping at the end) until

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use hw_tests::content::{check_stamped, stamped_block, stamped_version, STAMP_BLOCK};
 use hw_tests::netns::GUEST_IP;
-use hw_tests::raw_http::{connect, content_length, read_head};
+use hw_tests::raw_http::{connect, content_length, put_stamped, read_head};
 use hw_tests::{Guest, Network, Nic, RunningGuest};
 
 const PORT: u16 = 80;
@@ -210,25 +210,7 @@ fn files_far_larger_than_the_cache_stream_as_one_version_each() {
     // 1 GiB with a 32 MiB cache: uploaded (streamed to disk, larger than the cache) and
     // downloaded, each block checked as it arrives.
     let started = Instant::now();
-    let status = bed.on_netns(|| {
-        let mut s = connect(PORT);
-        let len = HUGE_BLOCKS * STAMP_BLOCK;
-        write!(
-            s,
-            "PUT /huge.bin HTTP/1.1\r\nHost: g\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
-        )
-        .unwrap();
-        let mut batch = Vec::with_capacity(64 * STAMP_BLOCK);
-        for i in 0..HUGE_BLOCKS {
-            batch.extend_from_slice(&stamped_block(7, i));
-            if batch.len() == batch.capacity() {
-                s.write_all(&batch).unwrap();
-                batch.clear();
-            }
-        }
-        s.write_all(&batch).unwrap();
-        read_head(&mut BufReader::new(s))
-    });
+    let status = bed.on_netns(|| put_stamped(PORT, "/huge.bin", 7, HUGE_BLOCKS));
     let put_secs = started.elapsed().as_secs_f64();
     bed.check(
         status.starts_with("HTTP/1.1 201"),
