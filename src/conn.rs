@@ -81,6 +81,57 @@ pub struct ResponseEnd {
     pub started: Instant,
 }
 
+/// Who may PUT (`--allow-put`, `--put-token-file`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PutAccess {
+    /// PUT is refused with 405, as a read-only server (the default).
+    #[default]
+    Refused,
+    /// Anyone who can reach the port may PUT.
+    Open,
+    /// Only requests with `Authorization: Bearer <token>` (401 without one, 403 with another).
+    Token(String),
+}
+
+impl PutAccess {
+    /// The `Allow` header for files.
+    fn allowed_methods(&self) -> &'static str {
+        match self {
+            PutAccess::Refused => READ_ONLY_METHODS,
+            PutAccess::Open | PutAccess::Token(_) => ALLOWED_METHODS,
+        }
+    }
+
+    /// Whether `request` may write; otherwise the status it gets and what it says.
+    fn check(&self, request: &Request) -> Result<(), (u16, &'static str)> {
+        let token = match self {
+            PutAccess::Open => return Ok(()),
+            PutAccess::Refused => return Err((405, "Method Not Allowed")),
+            PutAccess::Token(token) => token,
+        };
+        let Some(given) = request.header("Authorization").and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        }) else {
+            return Err((401, "Unauthorized"));
+        };
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            Ok(())
+        } else {
+            Err((403, "Forbidden"))
+        }
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guessed
+/// token was right (the length still shows; tokens are of a fixed, public length).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Methods a server that refuses writes answers.
+const READ_ONLY_METHODS: &str = "GET, HEAD, OPTIONS";
+
 /// Server-wide state shared by the connections.
 pub struct ServerCore {
     pub root: ServeRoot,
@@ -102,6 +153,8 @@ pub struct ServerCore {
     /// clients send.
     put_memory: Arc<AtomicU64>,
     pub put_memory_limit: u64,
+    /// Who may PUT.
+    pub put_access: PutAccess,
     uploads: Uploads,
 }
 
@@ -217,6 +270,7 @@ impl ServerCore {
             record_request_lines: false,
             put_memory: Default::default(),
             put_memory_limit: 64 << 20,
+            put_access: PutAccess::Refused,
         }
     }
 
@@ -519,12 +573,7 @@ fn put_response(status: u16, keep_alive: bool) -> Vec<u8> {
 }
 
 /// The answer to OPTIONS (RFC 9110 section 9.3.7): what can be done, and no content.
-fn options_response(request: &Request, keep_alive: bool) -> Vec<u8> {
-    let allow = if request.raw_path() == METRICS_PATH {
-        "GET, HEAD, OPTIONS"
-    } else {
-        ALLOWED_METHODS
-    };
+fn options_response(allow: &str, keep_alive: bool) -> Vec<u8> {
     ResponseHead::new(200, "OK")
         .header("Allow", allow)
         .header("Content-Length", 0)
@@ -532,10 +581,30 @@ fn options_response(request: &Request, keep_alive: bool) -> Vec<u8> {
         .finish()
 }
 
-fn method_not_allowed(keep_alive: bool) -> Vec<u8> {
+/// A PUT the server's access rules refuse: 405 (writes off), 401 (no token: says how to
+/// authenticate, RFC 6750 section 3) or 403 (another token).
+fn put_refused_response(status: u16, reason: &str, allow: &str, keep_alive: bool) -> Vec<u8> {
+    if status == 405 {
+        return method_not_allowed(allow, keep_alive);
+    }
+    let body = format!("{status} {reason}\n");
+    let mut head = ResponseHead::new(status, reason);
+    if status == 401 {
+        head = head.header("WWW-Authenticate", "Bearer realm=\"zerosend\"");
+    }
+    let mut bytes = head
+        .header("Content-Type", "text/plain; charset=utf-8")
+        .header("Content-Length", body.len())
+        .header("Connection", connection_header(keep_alive))
+        .finish();
+    bytes.extend_from_slice(body.as_bytes());
+    bytes
+}
+
+fn method_not_allowed(allow: &str, keep_alive: bool) -> Vec<u8> {
     let body = "405 Method Not Allowed\n";
     let mut bytes = ResponseHead::new(405, "Method Not Allowed")
-        .header("Allow", ALLOWED_METHODS)
+        .header("Allow", allow)
         .header("Content-Type", "text/plain; charset=utf-8")
         .header("Content-Length", body.len())
         .header("Connection", connection_header(keep_alive))
@@ -662,7 +731,16 @@ enum Body {
 }
 
 /// One client connection.
+/// What a connection serves: the files, or (accepted on `--metrics-listen`) only the
+/// metrics page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Files,
+    Metrics,
+}
+
 pub struct Connection {
+    role: Role,
     /// Received bytes not yet consumed; bounded by what one read adds plus a request head,
     /// as bodies are consumed as they arrive and reading pauses while parked or full.
     inbuf: Vec<u8>,
@@ -678,11 +756,20 @@ pub struct Connection {
     /// progress).
     request_started: Option<Instant>,
     last_activity: Instant,
+    /// The server is stopping: the request being received (if any) is the last one, and its
+    /// response says `Connection: close`.
+    draining: bool,
 }
 
 impl Connection {
+    #[cfg(test)]
     pub fn new(now: Instant) -> Self {
+        Self::with_role(Role::Files, now)
+    }
+
+    pub fn with_role(role: Role, now: Instant) -> Self {
         Connection {
+            role,
             inbuf: Vec::new(),
             body: Body::None,
             waiting: None,
@@ -690,6 +777,20 @@ impl Connection {
             held_back: false,
             request_started: None,
             last_activity: now,
+            draining: false,
+        }
+    }
+
+    /// An orderly stop: finish the request in progress (its body, a parked response), answer
+    /// it with `Connection: close`, read nothing after it; an idle connection closes at once.
+    pub fn drain(&mut self) {
+        self.draining = true;
+        let idle = self.inbuf.is_empty()
+            && matches!(self.body, Body::None)
+            && self.waiting.is_none()
+            && self.request_started.is_none();
+        if idle {
+            self.closing = true;
         }
     }
 
@@ -875,7 +976,7 @@ impl Connection {
         core: &mut ServerCore,
         out: &mut Vec<Outgoing>,
     ) {
-        let keep = request.keep_alive;
+        let keep = request.keep_alive && !self.draining;
         match result {
             Ok(status) => {
                 if request.method == Method::Put {
@@ -919,23 +1020,42 @@ impl Connection {
         core: &mut ServerCore,
         out: &mut Vec<Outgoing>,
     ) {
+        let mut request = request;
+        if self.draining {
+            request.keep_alive = false;
+        }
         let keep = request.keep_alive;
-        let result = match request.method {
-            Method::Put => return self.start_put(request, started, now, core, out),
-            Method::Get | Method::Head if request.raw_path() == METRICS_PATH => {
+        let allow = match self.role {
+            Role::Files => core.put_access.allowed_methods(),
+            Role::Metrics => READ_ONLY_METHODS,
+        };
+        let result = match (self.role, request.method) {
+            (Role::Files, Method::Put) => match core.put_access.check(&request) {
+                Ok(()) => return self.start_put(request, started, now, core, out),
+                Err((status, reason)) => {
+                    let bytes = |keep| put_refused_response(status, reason, allow, keep);
+                    return self.refuse_put_with(bytes, status, &request, started, now, core, out);
+                }
+            },
+            (Role::Files, Method::Get | Method::Head) => core.get(&request, out),
+            (Role::Metrics, Method::Get | Method::Head) if request.raw_path() == METRICS_PATH => {
                 out.push(Outgoing::Metrics {
                     keep_alive: keep,
                     head_only: request.method == Method::Head,
                 });
                 Ok(Got::Answered(200))
             }
-            Method::Get | Method::Head => core.get(&request, out),
-            Method::Options => {
-                out.push(Outgoing::Bytes(options_response(&request, keep)));
+            (Role::Metrics, Method::Get | Method::Head) => Err(HttpError::new(404, "Not Found")),
+            (_, Method::Options) => {
+                out.push(Outgoing::Bytes(options_response(allow, keep)));
                 Ok(Got::Answered(200))
             }
-            Method::Other => {
-                out.push(Outgoing::Bytes(method_not_allowed(keep)));
+            (Role::Metrics, Method::Put) => {
+                let bytes = |keep| method_not_allowed(allow, keep);
+                return self.refuse_put_with(bytes, 405, &request, started, now, core, out);
+            }
+            (_, Method::Other) => {
+                out.push(Outgoing::Bytes(method_not_allowed(allow, keep)));
                 Ok(Got::Answered(405))
             }
         };
@@ -1067,6 +1187,32 @@ impl Connection {
             .filter(|&len| !request.chunked && len <= core.limits.max_discarded_body_bytes);
         let keep = request.keep_alive && skippable.is_some();
         core.answer_error(e, Some(request), keep, started, now, out);
+        self.after_refused_put(skippable, keep, now);
+    }
+
+    /// [`Connection::refuse_put`] with a response of its own (`bytes`, for `status`).
+    #[allow(clippy::too_many_arguments)]
+    fn refuse_put_with(
+        &mut self,
+        bytes: impl FnOnce(bool) -> Vec<u8>,
+        status: u16,
+        request: &Request,
+        started: Instant,
+        now: Instant,
+        core: &mut ServerCore,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let skippable = request
+            .content_length
+            .filter(|&len| !request.chunked && len <= core.limits.max_discarded_body_bytes);
+        let keep = request.keep_alive && skippable.is_some();
+        out.push(Outgoing::Bytes(bytes(keep)));
+        core.finish(status, Some(request), started, now, out);
+        self.after_refused_put(skippable, keep, now);
+    }
+
+    /// A refused PUT's body: skipped when short and framed, else the connection closes.
+    fn after_refused_put(&mut self, skippable: Option<u64>, keep: bool, now: Instant) {
         match skippable {
             Some(remaining) if keep => {
                 self.body = Body::Discard { remaining };
@@ -1211,12 +1357,14 @@ mod tests {
             CacheConfig::default(),
         )
         .unwrap();
-        let core = ServerCore::new(
+        let mut core = ServerCore::new(
             ServeRoot::new(&dir).unwrap(),
             cache,
             policy,
             Limits::default(),
         );
+        // Most tests exercise writes; the access rules have their own.
+        core.put_access = PutAccess::Open;
         let now = Instant::now();
         Fixture {
             dir,
@@ -1499,7 +1647,7 @@ mod tests {
             ("DELETE /hello.txt", 405),
             ("GET /missing", 404),
             ("OPTIONS *", 200),
-            (&format!("GET {METRICS_PATH}"), 200),
+            (&format!("GET {METRICS_PATH}"), 404),
         ] {
             let mut f = fixture(WritePolicy::CopyOnWrite);
             let mut out = f.send(&format!(
@@ -1612,6 +1760,96 @@ mod tests {
         assert!(!f.conn.held_back());
     }
 
+    /// PUT is off unless allowed, and with a token only the right bearer token writes; the
+    /// file on disk shows which PUTs ran. A refused PUT's short body is skipped, never run
+    /// as a request.
+    #[test]
+    fn put_is_refused_unless_allowed_and_a_token_must_match() {
+        let put =
+            |auth: &str| format!("PUT /hello.txt HTTP/1.1\r\n{auth}Content-Length: 3\r\n\r\nnew");
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        f.core.put_access = PutAccess::Refused;
+        let mut out = f.send(&(put("") + "GET /hello.txt HTTP/1.1\r\n\r\n"));
+        let text = wire(&mut out);
+        assert!(text.starts_with("HTTP/1.1 405 "), "{text}");
+        assert!(text.contains("Allow: GET, HEAD, OPTIONS\r\n"), "{text}");
+        assert_eq!(statuses(&out), [405, 200]);
+        assert!(text.ends_with("hello, world\n"));
+        let (h, _) = render(&mut f.send("OPTIONS /hello.txt HTTP/1.1\r\n\r\n"));
+        assert!(h[0].contains("Allow: GET, HEAD, OPTIONS\r\n"), "{}", h[0]);
+
+        f.core.put_access = PutAccess::Token("s3cret-token".into());
+        let mut out = f.send(&put(""));
+        let text = wire(&mut out);
+        assert!(text.starts_with("HTTP/1.1 401 "), "{text}");
+        assert!(text.contains("WWW-Authenticate: Bearer realm=\"zerosend\"\r\n"));
+        for wrong in [
+            "Bearer s3cret-tokem",
+            "Bearer s3cret-token2",
+            "Basic s3cret-token",
+        ] {
+            let out = f.send(&put(&format!("Authorization: {wrong}\r\n")));
+            let expected = if wrong.starts_with("Basic") { 401 } else { 403 };
+            assert_eq!(statuses(&out), [expected], "{wrong}");
+        }
+        assert_eq!(
+            fs::read(f.dir.join("hello.txt")).unwrap(),
+            b"hello, world\n"
+        );
+        let out = f.send(&put("Authorization: bearer  s3cret-token \r\n"));
+        assert_eq!(statuses(&out), [204]);
+        assert_eq!(fs::read(f.dir.join("hello.txt")).unwrap(), b"new");
+        assert!(!f.conn.closing());
+        let _ = fs::remove_dir_all(&f.dir);
+    }
+
+    /// The metrics page is served only on a metrics connection, which serves nothing else.
+    #[test]
+    fn metrics_only_on_a_metrics_connection() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        let mut out = f.send(&format!("GET {METRICS_PATH} HTTP/1.1\r\n\r\n"));
+        assert_eq!(statuses(&out), [404]);
+        assert!(!wire(&mut out).contains("METRICS"));
+        f.conn = Connection::with_role(Role::Metrics, f.now);
+        let mut out = f.send(&format!("GET {METRICS_PATH} HTTP/1.1\r\n\r\n"));
+        assert_eq!(render(&mut out).0, ["METRICS"]);
+        assert_eq!(statuses(&f.send("GET /hello.txt HTTP/1.1\r\n\r\n")), [404]);
+        let out = f.send("PUT /hello.txt HTTP/1.1\r\nContent-Length: 1\r\n\r\nx");
+        assert_eq!(statuses(&out), [405]);
+        assert_eq!(
+            fs::read(f.dir.join("hello.txt")).unwrap(),
+            b"hello, world\n"
+        );
+        let _ = fs::remove_dir_all(&f.dir);
+    }
+
+    /// An orderly stop: an idle connection closes at once; one in the middle of a request
+    /// finishes it, says `Connection: close`, and does not run what was pipelined after it.
+    #[test]
+    fn draining_finishes_the_request_in_progress_and_nothing_after() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        f.conn.drain();
+        assert!(f.conn.closing(), "an idle connection closes at once");
+
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        let mut out = Vec::new();
+        f.feed(
+            b"PUT /hello.txt HTTP/1.1\r\nContent-Length: 6\r\n\r\nabc",
+            0,
+            &mut out,
+        );
+        assert!(!f.conn.closing());
+        f.conn.drain();
+        assert!(!f.conn.closing(), "a PUT body in progress is received");
+        f.feed(b"defGET /hello.txt HTTP/1.1\r\n\r\n", 0, &mut out);
+        let text = wire(&mut out);
+        assert_eq!(statuses(&out), [204], "{text}");
+        assert!(text.contains("Connection: close\r\n"), "{text}");
+        assert!(f.conn.closing());
+        assert_eq!(fs::read(f.dir.join("hello.txt")).unwrap(), b"abcdef");
+        let _ = fs::remove_dir_all(&f.dir);
+    }
+
     #[test]
     fn options_absolute_form_and_long_targets() {
         let mut f = fixture(WritePolicy::CopyOnWrite);
@@ -1622,15 +1860,17 @@ mod tests {
         );
         let (h, _) = render(&mut f.send("OPTIONS /hello.txt HTTP/1.1\r\n\r\n"));
         assert!(h[0].contains("Allow: GET, HEAD, PUT, OPTIONS\r\n"));
-        let (h, _) = render(&mut f.send(&format!("OPTIONS {METRICS_PATH} HTTP/1.1\r\n\r\n")));
-        assert!(h[0].contains("Allow: GET, HEAD, OPTIONS\r\n"));
         let (h, b) = render(
             &mut f.send("GET http://guest:80/hello.txt?x=1 HTTP/1.1\r\nHost: other\r\n\r\n"),
         );
         assert!(h[0].starts_with("HTTP/1.1 200 "));
         assert_eq!(b, vec![b"hello, world\n".to_vec()]);
+        f.conn = Connection::with_role(Role::Metrics, f.now);
+        let (h, _) = render(&mut f.send(&format!("OPTIONS {METRICS_PATH} HTTP/1.1\r\n\r\n")));
+        assert!(h[0].contains("Allow: GET, HEAD, OPTIONS\r\n"));
         let mut out = f.send(&format!("GET HTTP://guest{METRICS_PATH} HTTP/1.1\r\n\r\n"));
         assert_eq!(render(&mut out).0, ["METRICS"]);
+        f.conn = Connection::new(f.now);
         assert_eq!(statuses(&f.send("GET * HTTP/1.1\r\n\r\n")), [400]);
         let mut f = fixture(WritePolicy::CopyOnWrite);
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
@@ -1793,7 +2033,13 @@ mod tests {
             f.core.put_memory_held() <= crate::upload::UPLOAD_WINDOW,
             "an upload holds its window, not its body"
         );
-        f.feed(&[], 0, &mut out);
+        // The last pieces may still wait for room in the upload (held back, not parked):
+        // poll as the loop would.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while statuses(&out).is_empty() && Instant::now() < deadline {
+            f.feed(&[], 0, &mut out);
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(statuses(&out), [201]);
         assert!(fs::read(f.dir.join("large.bin")).unwrap() == body);
         let (h, b) = render(&mut f.send("GET /large.bin HTTP/1.1\r\n\r\n"));

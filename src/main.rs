@@ -52,19 +52,40 @@ struct ServeArgs {
     port: u16,
     /// Serve HTTPS too: the certificate chain (PEM, end-entity certificate first). TLS 1.3
     /// only, AES-128-GCM and AES-256-GCM, ALPN http/1.1, session tickets; the files are
-    /// re-read when they change (new connections get the new pair).
+    /// re-read when they change (new connections get the new pair). Repeat with --tls-key
+    /// for more certificates: each goes to clients asking (SNI) for a name it is valid for,
+    /// the first to the others.
     #[arg(long, value_name = "PEM", requires = "tls_key")]
-    tls_cert: Option<std::path::PathBuf>,
-    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1); one that does not match
-    /// the certificate is refused at start.
+    tls_cert: Vec<std::path::PathBuf>,
+    /// The private key of each --tls-cert, in the same order (PEM: PKCS#8, PKCS#1 or SEC1);
+    /// one that does not match its certificate is refused at start.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
-    tls_key: Option<std::path::PathBuf>,
+    tls_key: Vec<std::path::PathBuf>,
     /// TCP port for HTTPS.
     #[arg(long, default_value_t = 443)]
     tls_port: u16,
     /// Serve HTTPS only: no plain HTTP listener on --port.
     #[arg(long, requires = "tls_cert")]
     no_plain_http: bool,
+    /// Accept PUT (upload or replace files under --root). Off by default: without it a
+    /// PUT gets 405 and the server is read-only.
+    #[arg(long)]
+    allow_put: bool,
+    /// With --allow-put: only PUTs that carry `Authorization: Bearer <token>`, the token
+    /// being this file's content (surrounding whitespace ignored); 401 without a token,
+    /// 403 with another. Keep the file readable by the server's user only.
+    #[arg(long, value_name = "PATH", requires = "allow_put")]
+    put_token_file: Option<std::path::PathBuf>,
+    /// Serve the Prometheus metrics page (`/_zerosend/metrics`) on this port of the
+    /// server's address, and nowhere else: `PORT`, or `ADDR:PORT` with ADDR the --ip
+    /// address or 0.0.0.0. Off by default (the path is then an ordinary, missing file).
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    metrics_listen: Option<String>,
+    /// On SIGTERM or SIGINT: stop accepting, let responses in flight finish for up to this
+    /// many seconds, write back and fsync dirty pages, release the NIC and exit 0. A second
+    /// signal stops at once (exit 1).
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout_secs: u64,
     /// What a PUT does to pages an in-flight response still uses: wait (bounded) or
     /// copy-on-write.
     #[arg(long, value_enum, default_value = "cow")]
@@ -170,15 +191,47 @@ impl ServeArgs {
         };
         // Read and checked before the NIC is touched: a bad certificate or key is refused at
         // once, naming the file.
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(tls::TlsOptions::load(cert, key, self.tls_port)?),
-            _ => None,
+        if self.tls_cert.len() != self.tls_key.len() {
+            anyhow::bail!(
+                "{} --tls-cert and {} --tls-key: give one key per certificate, in the same order",
+                self.tls_cert.len(),
+                self.tls_key.len()
+            );
+        }
+        let pairs: Vec<_> = self
+            .tls_cert
+            .iter()
+            .cloned()
+            .zip(self.tls_key.iter().cloned())
+            .collect();
+        let tls = match pairs.is_empty() {
+            false => Some(tls::TlsOptions::load(&pairs, self.tls_port)?),
+            true => None,
         };
         if tls.as_ref().is_some_and(|t| t.port == self.port) && !self.no_plain_http {
             anyhow::bail!(
                 "--tls-port {} is also --port: give them different ports",
                 self.port
             );
+        }
+        let put_access = match (&self.put_token_file, self.allow_put) {
+            (Some(path), _) => conn::PutAccess::Token(read_put_token(path)?),
+            (None, true) => conn::PutAccess::Open,
+            (None, false) => conn::PutAccess::Refused,
+        };
+        let metrics_port = self
+            .metrics_listen
+            .as_deref()
+            .map(|text| parse_metrics_listen(text, ip.map(|(a, _)| a)))
+            .transpose()?;
+        if let Some(port) = metrics_port {
+            let taken = [
+                (!self.no_plain_http).then_some(self.port),
+                tls.as_ref().map(|t| t.port),
+            ];
+            if taken.contains(&Some(port)) {
+                anyhow::bail!("--metrics-listen port {port} is already served: choose another");
+            }
         }
         let limits = http::Limits {
             max_body_bytes: self.max_put_mb << 20,
@@ -191,6 +244,9 @@ impl ServeArgs {
             gateway: self.gateway,
             port: (!self.no_plain_http).then_some(self.port),
             tls,
+            put_access,
+            metrics_port,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             write_policy,
             backpressure,
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
@@ -272,6 +328,55 @@ fn main() {
         eprintln!("zerosend: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// The bearer token PUTs must carry: the file's content, trimmed; refused if empty.
+fn read_put_token(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--put-token-file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        anyhow::bail!(
+            "--put-token-file {}: expected one token (no spaces), e.g. from `openssl rand -hex 32`",
+            path.display()
+        );
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                "--put-token-file {} is readable by other users: chmod 600 it",
+                path.display()
+            );
+        }
+    }
+    Ok(token.to_string())
+}
+
+/// `9464` or `10.0.2.15:9464` / `0.0.0.0:9464`: the metrics page is served by the stack,
+/// which has the one address.
+fn parse_metrics_listen(text: &str, ip: Option<std::net::Ipv4Addr>) -> Result<u16> {
+    let (addr, port) = match text.rsplit_once(':') {
+        Some((addr, port)) => (Some(addr), port),
+        None => (None, text),
+    };
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| anyhow::anyhow!("--metrics-listen {text:?}: bad port"))?;
+    if let Some(addr) = addr {
+        let addr: std::net::Ipv4Addr = addr
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--metrics-listen {text:?}: bad IPv4 address"))?;
+        if !addr.is_unspecified() && Some(addr) != ip {
+            anyhow::bail!(
+                "--metrics-listen {text:?}: the metrics page is served by the NIC's stack, on its \
+                 address (--ip) or 0.0.0.0; {addr} is not it"
+            );
+        }
+    }
+    Ok(port)
 }
 
 /// `10.0.2.15/24`

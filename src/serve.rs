@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,7 +20,9 @@ use netstack::{ConnId, Event, Ipv4Config, ListenerId, Stack, StackConfig};
 use pagecache::{Attempt, Backpressure, CacheConfig, FrameArena, PageCache, Pending, WritePolicy};
 
 use crate::accesslog::{self, AccessLog};
-use crate::conn::{Connection, FileBody, Outgoing, ResponseEnd, ServerCore, MAX_QUEUED_RESPONSES};
+use crate::conn::{
+    Connection, FileBody, Outgoing, ResponseEnd, Role, ServerCore, MAX_QUEUED_RESPONSES,
+};
 use crate::http::{simple_response, Limits};
 use crate::metrics::{render_prometheus, Metric};
 use crate::root::ServeRoot;
@@ -46,6 +49,9 @@ const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 const SPINS_BEFORE_NAP: u32 = 64;
 /// The nap of an idle loop: short, so a new request waits at most this long.
 const IDLE_NAP: Duration = Duration::from_micros(200);
+/// At an orderly stop, how long the stack keeps running after the last connection: the
+/// final FINs and ACKs, and resets of connections cut off at the deadline, go out.
+const FINAL_FLUSH: Duration = Duration::from_millis(200);
 
 /// Everything `zerosend serve` is told on the command line.
 #[derive(Clone, Debug)]
@@ -60,6 +66,12 @@ pub struct ServeOptions {
     pub port: Option<u16>,
     /// HTTPS: port, rustls configuration, the certificate being served.
     pub tls: Option<crate::tls::TlsOptions>,
+    /// Who may PUT.
+    pub put_access: crate::conn::PutAccess,
+    /// The port serving only the metrics page (`None`: no metrics page).
+    pub metrics_port: Option<u16>,
+    /// How long an orderly stop lets responses in flight finish.
+    pub shutdown_timeout: Duration,
     pub write_policy: WritePolicy,
     /// What a request that needs a page-cache frame does when all are pinned.
     pub backpressure: Backpressure,
@@ -190,9 +202,9 @@ struct Unacknowledged {
 }
 
 impl ConnEntry {
-    fn new(serial: u64, now: Instant) -> Self {
+    fn new(serial: u64, role: Role, now: Instant) -> Self {
         ConnEntry {
-            http: Connection::new(now),
+            http: Connection::with_role(role, now),
             serial,
             out: VecDeque::new(),
             sent_of_first: 0,
@@ -296,8 +308,14 @@ struct Server<Q: NetQueue> {
     /// The plain HTTP and the HTTPS listeners (either may be off, not both).
     listener: Option<ListenerId>,
     tls_listener: Option<ListenerId>,
+    /// Serves only the metrics page (`--metrics-listen`).
+    metrics_listener: Option<ListenerId>,
+    /// Set from SIGTERM/SIGINT: stop in order.
+    stop_requested: Arc<AtomicBool>,
+    /// An orderly stop is under way, to be over by this instant.
+    draining_until: Option<Instant>,
     /// The HTTPS certificate, re-read when its files change.
-    tls_certificate: Option<Arc<crate::tls::ReloadableCert>>,
+    tls_certificate: Option<Arc<crate::tls::Certificates>>,
     cache: PageCache,
     core: ServerCore,
     conns: HashMap<ConnId, ConnEntry>,
@@ -346,8 +364,12 @@ fn run<Q: ServerNic>(
             server.reload_certificate();
         }
         stats.print_when_due(now, &mut server);
+        if server.stop_requested.load(Ordering::Relaxed) && server.drained(now, options) {
+            break;
+        }
         idle.after_poll(work);
     }
+    server.stop()
 }
 
 impl<Q: ServerNic> Server<Q> {
@@ -382,6 +404,7 @@ impl<Q: ServerNic> Server<Q> {
         };
         core.record_request_lines = access_log.is_some();
         core.put_memory_limit = options.put_memory;
+        core.put_access = options.put_access.clone();
 
         let ipv4 = match options.ip {
             Some((ip, prefix)) => {
@@ -411,6 +434,24 @@ impl<Q: ServerNic> Server<Q> {
         if listener.is_none() && tls_listener.is_none() {
             bail!("nothing to serve: --no-plain-http needs --tls-cert and --tls-key");
         }
+        let metrics_listener = options
+            .metrics_port
+            .map(|port| stack.listen(port))
+            .transpose()
+            .context("--metrics-listen")?;
+        let stop_requested = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            // The first signal asks for an orderly stop; a second one, with the flag still
+            // set, exits at once (status 1).
+            signal_hook::flag::register_conditional_shutdown(
+                signal,
+                1,
+                Arc::clone(&stop_requested),
+            )
+            .context("installing the signal handlers")?;
+            signal_hook::flag::register(signal, Arc::clone(&stop_requested))
+                .context("installing the signal handlers")?;
+        }
         let page_size = crate::process::page_size();
         let resident =
             crate::process::resident_bytes(page_size).unwrap_or((options.cache_mb as u64) << 20);
@@ -420,6 +461,9 @@ impl<Q: ServerNic> Server<Q> {
             stack,
             listener,
             tls_listener,
+            metrics_listener,
+            stop_requested,
+            draining_until: None,
             tls_certificate: options.tls.as_ref().map(|t| Arc::clone(&t.certificate)),
             cache,
             core,
@@ -466,6 +510,77 @@ impl<Q: ServerNic> Server<Q> {
         true
     }
 
+    /// The orderly stop after SIGTERM/SIGINT: the first call starts it (idle connections
+    /// close, the others finish the request in progress); true once every connection has
+    /// closed with its responses acknowledged, or at the deadline (`--shutdown-timeout-secs`),
+    /// when those left are reset.
+    fn drained(&mut self, now: Instant, options: &ServeOptions) -> bool {
+        let deadline = match self.draining_until {
+            Some(deadline) => deadline,
+            None => {
+                let deadline = now + options.shutdown_timeout;
+                self.draining_until = Some(deadline);
+                println!(
+                    "zerosend: stopping: {} connections to finish (up to {} s; a second signal stops at once)",
+                    self.conns.len(),
+                    options.shutdown_timeout.as_secs()
+                );
+                for entry in self.conns.values_mut() {
+                    entry.http.drain();
+                }
+                deadline
+            }
+        };
+        let stack = &self.stack;
+        let finished = |id: &ConnId, entry: &ConnEntry| {
+            entry.closed_by_us && entry.out.is_empty() && stack.unacked(*id).unwrap_or(0) == 0
+        };
+        if self.conns.iter().all(|(id, e)| finished(id, e)) {
+            return true;
+        }
+        if now < deadline {
+            return false;
+        }
+        let unfinished: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(id, e)| !finished(id, e))
+            .map(|(id, _)| *id)
+            .collect();
+        println!(
+            "zerosend: stopping: {} connections still busy after {} s: reset",
+            unfinished.len(),
+            options.shutdown_timeout.as_secs()
+        );
+        for id in unfinished {
+            let _ = self.stack.abort(id);
+        }
+        true
+    }
+
+    /// After the orderly stop's connections: send what is left (FINs, resets), make the
+    /// dirty pages durable, then release the NIC (dropping the stack) and the cache memory.
+    fn stop(mut self) -> Result<()> {
+        let until = Instant::now() + FINAL_FLUSH;
+        while Instant::now() < until {
+            if !self.stack.poll(netstack::Instant::now())? {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        self.stack.nic_mut().flush_capture();
+        let synced = self.cache.sync_all();
+        let Server { stack, cache, .. } = self;
+        drop(stack);
+        drop(cache);
+        match synced {
+            Ok(files) => {
+                println!("zerosend: stopped: {files} files synced, NIC released");
+                Ok(())
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("writing back dirty pages at stop")),
+        }
+    }
+
     /// New and closed connections.
     fn dispatch_events(&mut self, now: Instant) -> bool {
         let mut work = false;
@@ -474,12 +589,20 @@ impl<Q: ServerNic> Server<Q> {
             match event {
                 // The HTTP layer does not care how the bytes came: after the handshake a TLS
                 // connection's recv/send/send_file/close carry plaintext, as for TCP.
+                // Stopping: new connections are refused (reset), as a closed port would.
+                Event::Accepted { conn, .. } if self.draining_until.is_some() => {
+                    let _ = self.stack.abort(conn);
+                    let _ = self.stack.release(conn);
+                }
                 Event::Accepted { listener, conn } if Some(listener) == self.listener => {
-                    self.accept(conn, now);
+                    self.accept(conn, Role::Files, now);
                 }
                 Event::Accepted { listener, conn } if Some(listener) == self.tls_listener => {
                     self.counts.tls_accepted += 1;
-                    self.accept(conn, now);
+                    self.accept(conn, Role::Files, now);
+                }
+                Event::Accepted { listener, conn } if Some(listener) == self.metrics_listener => {
+                    self.accept(conn, Role::Metrics, now);
                 }
                 Event::Closed { conn } => {
                     if let Some(mut entry) = self.conns.remove(&conn) {
@@ -497,13 +620,13 @@ impl<Q: ServerNic> Server<Q> {
         work
     }
 
-    fn accept(&mut self, conn: ConnId, now: Instant) {
+    fn accept(&mut self, conn: ConnId, role: Role, now: Instant) {
         self.counts.accepted += 1;
         if self.conns.len() >= self.max_connections && !self.evict_longest_waiting(now) {
             self.reject(conn, now);
             return;
         }
-        let mut entry = ConnEntry::new(self.counts.accepted, now);
+        let mut entry = ConnEntry::new(self.counts.accepted, role, now);
         entry.peer = self
             .stack
             .remote_endpoint(conn)

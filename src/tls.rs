@@ -2,9 +2,14 @@
 //! against each other at start, and the rustls server configuration the stack's TLS
 //! listener runs (TLS 1.3 with AES-GCM only: what netstack's record layer implements).
 //!
-//! The certificate is served through a resolver whose key can be swapped: the server loop
-//! looks at the files' modification times now and then and reloads them when they change
-//! (a bad new pair is refused with a warning and the old one kept).
+//! Several certificates can be served (SNI): each pair of `--tls-cert`/`--tls-key` is
+//! offered to clients asking for a name its certificate is valid for (checked by webpki,
+//! as a client would: SAN DNS names, wildcards); the first pair goes to clients that send no
+//! name or one no certificate names.
+//!
+//! The certificates are served through a resolver whose keys can be swapped: the server
+//! loop looks at the files' modification times now and then and reloads them when they
+//! change (a bad new pair is refused with a warning and the old one kept).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -14,7 +19,7 @@ use std::time::SystemTime;
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
@@ -23,16 +28,23 @@ use rustls::sign::CertifiedKey;
 pub struct TlsOptions {
     pub port: u16,
     pub config: Arc<rustls::ServerConfig>,
-    /// The certificate in use; [`ReloadableCert::reload_if_changed`] replaces it.
-    pub certificate: Arc<ReloadableCert>,
+    /// The certificates in use; [`Certificates::reload_if_changed`] replaces them.
+    pub certificate: Arc<Certificates>,
 }
 
 impl TlsOptions {
-    /// Reads and checks the chain and key, and builds the configuration. Every error names
-    /// the file (and flag) it is about.
-    pub fn load(cert: &Path, key: &Path, port: u16) -> Result<TlsOptions> {
+    /// Reads and checks each chain and key (`pairs`, the first the default), and builds the
+    /// configuration. Every error names the file (and flag) it is about.
+    pub fn load(pairs: &[(PathBuf, PathBuf)], port: u16) -> Result<TlsOptions> {
         let provider = provider();
-        let certificate = Arc::new(ReloadableCert::load(cert, key, &provider)?);
+        if pairs.is_empty() {
+            bail!("no --tls-cert/--tls-key pair");
+        }
+        let pairs = pairs
+            .iter()
+            .map(|(cert, key)| ReloadableCert::load(cert, key, &provider))
+            .collect::<Result<Vec<_>>>()?;
+        let certificate = Arc::new(Certificates { pairs });
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3 configuration")?
@@ -174,10 +186,64 @@ impl fmt::Debug for ReloadableCert {
     }
 }
 
-impl ResolvesServerCert for ReloadableCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+impl ReloadableCert {
+    fn key(&self) -> Arc<CertifiedKey> {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        Some(Arc::clone(&current.key))
+        Arc::clone(&current.key)
+    }
+}
+
+/// Every certificate served, the default first; chosen per handshake by the name the client
+/// asks for (SNI).
+#[derive(Debug)]
+pub struct Certificates {
+    pairs: Vec<ReloadableCert>,
+}
+
+impl Certificates {
+    /// [`ReloadableCert::reload_if_changed`] for each pair: whether any new pair is in use,
+    /// or the first error (every pair is still looked at).
+    pub fn reload_if_changed(&self) -> Result<bool> {
+        let mut changed = false;
+        let mut first_error = None;
+        for pair in &self.pairs {
+            match pair.reload_if_changed() {
+                Ok(c) => changed |= c,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(changed), Err)
+    }
+
+    /// The pair for a client asking for `name`: the first whose end-entity certificate is
+    /// valid for it, else the default (the first pair).
+    fn choose(&self, name: Option<&str>) -> Arc<CertifiedKey> {
+        let wanted = name.and_then(|n| ServerName::try_from(n.to_string()).ok());
+        if let Some(wanted) = &wanted {
+            for pair in &self.pairs {
+                let key = pair.key();
+                if valid_for(&key, wanted) {
+                    return key;
+                }
+            }
+        }
+        self.pairs[0].key()
+    }
+}
+
+/// Whether `key`'s end-entity certificate names `name` (SAN, webpki's rules).
+fn valid_for(key: &CertifiedKey, name: &ServerName<'_>) -> bool {
+    key.end_entity_cert()
+        .ok()
+        .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
+        .is_some_and(|ee| ee.verify_is_valid_for_subject_name(name).is_ok())
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.choose(hello.server_name()))
     }
 }
 
@@ -203,7 +269,7 @@ mod tests {
         let (cert, key) = pair("a.test");
         let c = write(dir.path(), "cert.pem", &cert);
         let k = write(dir.path(), "key.pem", &key);
-        let tls = TlsOptions::load(&c, &k, 443).unwrap();
+        let tls = TlsOptions::load(&[(c, k)], 443).unwrap();
         assert_eq!(tls.config.alpn_protocols, vec![b"http/1.1".to_vec()]);
         assert!(tls.config.ticketer.enabled());
         assert_eq!(tls.config.crypto_provider().cipher_suites.len(), 2);
@@ -216,7 +282,10 @@ mod tests {
         let (_, other_key) = pair("b.test");
         let c = write(dir.path(), "cert.pem", &cert);
         let k = write(dir.path(), "other-key.pem", &other_key);
-        let e = format!("{:#}", TlsOptions::load(&c, &k, 443).unwrap_err());
+        let e = format!(
+            "{:#}",
+            TlsOptions::load(&[(c.clone(), k.clone())], 443).unwrap_err()
+        );
         assert!(e.contains("does not match the certificate"), "{e}");
         assert!(e.contains(&*k.to_string_lossy()), "{e}");
         assert!(e.contains(&*c.to_string_lossy()), "{e}");
@@ -230,7 +299,10 @@ mod tests {
         let k = write(dir.path(), "key.pem", &key);
         let junk = write(dir.path(), "junk.pem", "not pem at all\n");
         let missing = dir.path().join("missing.pem");
-        let err = |c: &Path, k: &Path| format!("{:#}", TlsOptions::load(c, k, 443).unwrap_err());
+        let err = |c: &Path, k: &Path| {
+            let pair = (c.to_path_buf(), k.to_path_buf());
+            format!("{:#}", TlsOptions::load(&[pair], 443).unwrap_err())
+        };
         let e = err(&missing, &k);
         assert!(
             e.starts_with("--tls-cert ") && e.contains("missing.pem"),
@@ -256,9 +328,10 @@ mod tests {
         let (cert, key) = pair("a.test");
         let c = write(dir.path(), "cert.pem", &cert);
         let k = write(dir.path(), "key.pem", &key);
-        let tls = TlsOptions::load(&c, &k, 443).unwrap();
+        let tls = TlsOptions::load(&[(c.clone(), k.clone())], 443).unwrap();
         assert!(!tls.certificate.reload_if_changed().unwrap());
-        let first = tls.certificate.current.read().unwrap().key.cert[0].clone();
+        let current = |tls: &TlsOptions| tls.certificate.choose(None).cert[0].clone();
+        let first = current(&tls);
         // Modification times can be coarse: force a visible change.
         let later = SystemTime::now() + std::time::Duration::from_secs(10);
         let (cert2, key2) = pair("b.test");
@@ -271,7 +344,7 @@ mod tests {
             .unwrap();
         // Certificate replaced, key not yet: refused, the old pair stays.
         assert!(tls.certificate.reload_if_changed().is_err());
-        assert_eq!(tls.certificate.current.read().unwrap().key.cert[0], first);
+        assert_eq!(current(&tls), first);
         write(dir.path(), "key.pem", &key2);
         std::fs::File::options()
             .write(true)
@@ -280,6 +353,49 @@ mod tests {
             .set_modified(later)
             .unwrap();
         assert!(tls.certificate.reload_if_changed().unwrap());
-        assert_ne!(tls.certificate.current.read().unwrap().key.cert[0], first);
+        assert_ne!(current(&tls), first);
+    }
+
+    /// SNI: each name gets the certificate that names it (wildcards as a client checks
+    /// them); no name, an unknown one or an IP literal gets the first pair.
+    #[test]
+    fn sni_chooses_the_certificate_that_names_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pairs = Vec::new();
+        let mut ders = Vec::new();
+        for (i, names) in [vec!["a.test"], vec!["b.test", "*.media.test"]]
+            .iter()
+            .enumerate()
+        {
+            let c = rcgen::generate_simple_self_signed(
+                names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            ders.push(c.cert.der().clone());
+            pairs.push((
+                write(dir.path(), &format!("cert{i}.pem"), &c.cert.pem()),
+                write(
+                    dir.path(),
+                    &format!("key{i}.pem"),
+                    &c.signing_key.serialize_pem(),
+                ),
+            ));
+        }
+        let tls = TlsOptions::load(&pairs, 443).unwrap();
+        let served = |name: Option<&str>| tls.certificate.choose(name).cert[0].clone();
+        assert_eq!(served(Some("a.test")), ders[0]);
+        assert_eq!(served(Some("b.test")), ders[1]);
+        assert_eq!(served(Some("video.media.test")), ders[1]);
+        assert_eq!(
+            served(Some("x.video.media.test")),
+            ders[0],
+            "one label only"
+        );
+        assert_eq!(served(Some("c.test")), ders[0]);
+        assert_eq!(served(None), ders[0]);
+        // A mismatched second pair is refused at start, naming its files.
+        let mixed = vec![pairs[0].clone(), (pairs[1].0.clone(), pairs[0].1.clone())];
+        let e = format!("{:#}", TlsOptions::load(&mixed, 443).unwrap_err());
+        assert!(e.contains("cert1.pem") && e.contains("key0.pem"), "{e}");
     }
 }

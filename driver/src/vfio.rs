@@ -40,7 +40,10 @@ const FALLBACK_IOVA_BITS: u32 = 39;
 pub struct VfioPci {
     address: PciAddress,
     ids: (u16, u16),
-    device: VfioDevice,
+    /// Shared with the DMA mapper: dropping the device takes its group out of the container,
+    /// after which the IOMMU refuses every unmap, so it must outlive the last mapping (the
+    /// page cache's memory may be dropped after the NIC).
+    device: Arc<VfioDevice>,
     dma: Arc<DmaSpace>,
 }
 
@@ -88,14 +91,16 @@ impl VfioPci {
             detail: e.to_string(),
         })?);
         let ops: Arc<dyn VfioOps> = container.clone();
-        let device =
+        let device = Arc::new(
             VfioDevice::new(&address.sysfs_path(), ops, false).map_err(|e| DriverError::Vfio {
                 what: "opening the VFIO device",
                 detail: e.to_string(),
-            })?;
+            })?,
+        );
         let usable = usable_iova_ranges(container.as_raw_fd(), group)?;
         tracing::debug!(device = %address, ?usable, "VFIO device opened");
         let dma = DmaSpace::new(Arc::new(VfioDmaMapper {
+            _device: Arc::clone(&device),
             container,
             usable,
             mapped: Mutex::new(BTreeMap::new()),
@@ -255,6 +260,8 @@ impl VfioPci {
 
 /// DMA through the VFIO container: every mapping is an IOMMU page-table entry.
 struct VfioDmaMapper {
+    /// Keeps the device's group in the container while mappings exist (see [`VfioPci`]).
+    _device: Arc<VfioDevice>,
     container: Arc<VfioContainer>,
     usable: Vec<Range<Iova>>,
     /// The memory behind each live mapping, by first IOVA: held until the mapping is gone,

@@ -29,6 +29,17 @@ pub const HELLO: &[u8] = b"hello from zerosend\n";
 /// How long one curl may take before it counts as hung.
 const CURL_MAX_TIME: Duration = Duration::from_secs(120);
 
+/// The port of the metrics page (`--metrics-listen`): the tests' servers pass
+/// [`ACCESS_FLAGS`].
+pub const METRICS_PORT: u16 = 9464;
+/// What the tests' servers allow beyond reads: PUT, and the metrics page on its own port.
+pub const ACCESS_FLAGS: &str = "--allow-put --metrics-listen 9464";
+
+/// The URL of the guest server's metrics page.
+pub fn metrics_url() -> String {
+    format!("http://{GUEST_IP}:{METRICS_PORT}/_zerosend/metrics")
+}
+
 /// The URL of `path` on the guest's server.
 pub fn url(path: &str) -> String {
     format!("http://{GUEST_IP}:{PORT}{path}")

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use hw_tests::content::{stamped_block, stamped_version, STAMP_BLOCK};
 use hw_tests::netns::GUEST_IP;
 use hw_tests::raw_http::{connect, content_length, put_stamped, read_head};
+use hw_tests::serve_guest::{ACCESS_FLAGS, METRICS_PORT};
 use hw_tests::{Guest, Network, Nic, RunningGuest};
 
 const PORT: u16 = 80;
@@ -131,7 +132,7 @@ fn row(phase: &str, latencies: &[u64], note: &str) {
 
 /// Every metric on the metrics page (one request).
 fn metrics() -> HashMap<String, f64> {
-    let mut s = connect(PORT);
+    let mut s = connect(METRICS_PORT);
     write!(
         s,
         "GET /_zerosend/metrics HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
@@ -229,7 +230,7 @@ fn boot(seconds: f64) -> RunningGuest {
         .file("/data/small.txt", b"a small file\n".to_vec())
         .file("/data/held.bin", stamped_version(0, HELD_BLOCKS))
         .run(&format!(
-            "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
+            "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} {ACCESS_FLAGS} \
              --cache-mb {CACHE_MB} --max-put-mb 2048 --write-policy wait \
              --wait-timeout-ms {wait_ms} --request-timeout-secs {request_timeout} \
              --stats-interval 30"

@@ -21,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use hw_tests::netns::GUEST_IP;
-use hw_tests::serve_guest::{url, ServerGuest, BIG_LEN, PORT};
+use hw_tests::serve_guest::{metrics_url, url, ServerGuest, ACCESS_FLAGS, BIG_LEN, PORT};
 use hw_tests::wire::{pcap_frames, Ipv4Frame, IPPROTO_UDP};
 use hw_tests::{Guest, GuestRun, Nic};
 /// The server's TX hang strikes after this many frames. Chosen to fall inside the first
@@ -141,7 +141,7 @@ hw_tests::for_each_nic!(driver_recovers);
 fn boot(nic: Nic) -> ServerGuest {
     ServerGuest::boot("faults-server", nic, 4242, |guest| {
         guest.run(&format!(
-            "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
+            "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} {ACCESS_FLAGS} \
              --inject-tx-hang-after-frames {HANG_AFTER_FRAMES}"
         ))
     })
@@ -159,7 +159,7 @@ fn download_big(srv: &ServerGuest, what: &str) -> f64 {
 
 /// The server's metrics page.
 fn metrics(srv: &ServerGuest) -> String {
-    let o = srv.curl(&[&url("/_zerosend/metrics")]);
+    let o = srv.curl(&[&metrics_url()]);
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     srv.check(
         text.contains("zerosend_frames_tx_total"),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hw_tests::content::{check_stamped, random_bytes, sha256_hex, stamped_version};
 use hw_tests::netns::GUEST_IP;
-use hw_tests::serve_guest::{url, ServerGuest, BIG_LEN, PORT};
+use hw_tests::serve_guest::{metrics_url, url, ServerGuest, ACCESS_FLAGS, BIG_LEN, PORT};
 use hw_tests::Nic;
 
 const STAMP_BLOCKS: usize = 64; // 256 KiB version-stamped file
@@ -25,6 +25,9 @@ fn https(path: &str) -> String {
 }
 
 /// A throwaway CA and a server certificate for the guest's address, signed by it.
+/// The name only the second certificate is valid for.
+const SNI_NAME: &str = "media.zerosend.test";
+
 struct Pki {
     dir: PathBuf,
 }
@@ -37,11 +40,6 @@ impl Pki {
             nic.name()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("ext.cnf"),
-            format!("subjectAltName=IP:{GUEST_IP},DNS:zerosend.test\n"),
-        )
-        .unwrap();
         let openssl = |args: &[&str]| {
             let o = Command::new("openssl")
                 .current_dir(&dir)
@@ -70,38 +68,43 @@ impl Pki {
             ]
             .concat(),
         );
-        openssl(
-            &[
-                &["req", "-nodes"][..],
-                &ec,
+        // The default certificate, and a second one (SNI) for another name only.
+        for (prefix, san) in [
+            ("", format!("IP:{GUEST_IP},DNS:zerosend.test")),
+            ("media-", format!("DNS:{SNI_NAME}")),
+        ] {
+            std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={san}\n")).unwrap();
+            let (key, csr, cert) = (
+                format!("{prefix}key.pem"),
+                format!("{prefix}srv.csr"),
+                format!("{prefix}cert.pem"),
+            );
+            openssl(
                 &[
-                    "-keyout",
-                    "key.pem",
-                    "-out",
-                    "srv.csr",
-                    "-subj",
-                    "/CN=zerosend.test",
-                ],
-            ]
-            .concat(),
-        );
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "cert.pem",
-        ]);
+                    &["req", "-nodes"][..],
+                    &ec,
+                    &["-keyout", &key, "-out", &csr, "-subj", "/CN=zerosend.test"],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                &cert,
+            ]);
+        }
         Pki { dir }
     }
 
@@ -123,15 +126,20 @@ impl Drop for Pki {
 fn boot(nic: Nic, pki: &Pki) -> ServerGuest {
     let cert = std::fs::read(pki.path("cert.pem")).unwrap();
     let key = std::fs::read(pki.path("key.pem")).unwrap();
+    let media_cert = std::fs::read(pki.path("media-cert.pem")).unwrap();
+    let media_key = std::fs::read(pki.path("media-key.pem")).unwrap();
     ServerGuest::boot("https", nic, 43, |guest| {
         guest
             .file("/data/versioned.bin", stamped_version(0, STAMP_BLOCKS))
             .file("/data/huge.bin", random_bytes(44, HUGE_LEN))
             .file("/etc/zs/cert.pem", cert)
             .file("/etc/zs/key.pem", key)
+            .file("/etc/zs/media-cert.pem", media_cert)
+            .file("/etc/zs/media-key.pem", media_key)
             .run(&format!(
-                "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
+                "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} {ACCESS_FLAGS} \
                  --tls-cert /etc/zs/cert.pem --tls-key /etc/zs/key.pem --tls-port 443 \
+                 --tls-cert /etc/zs/media-cert.pem --tls-key /etc/zs/media-key.pem \
                  --audit --max-connections 100 --write-policy cow"
             ))
     })
@@ -146,7 +154,8 @@ fn metric(text: &str, name: &str) -> u64 {
 }
 
 fn metrics_over_https(srv: &ServerGuest, pki: &Pki) -> String {
-    let o = srv.curl(&["--cacert", &pki.ca(), &https("/_zerosend/metrics")]);
+    let _ = pki; // the metrics page is plain HTTP on its own port
+    let o = srv.curl(&[&metrics_url()]);
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -488,6 +497,25 @@ fn tls_metrics(srv: &ServerGuest, pki: &Pki) {
     );
 }
 
+/// SNI: a client asking for the second certificate's name gets it (curl checks the name
+/// against what it is served, and the default certificate does not name it: without SNI
+/// this fails), one asking for the default's name gets the default.
+fn sni(srv: &ServerGuest, pki: &Pki) {
+    for name in [SNI_NAME, "zerosend.test"] {
+        let o = srv.curl(&[
+            "--cacert",
+            &pki.ca(),
+            "--resolve",
+            &format!("{name}:443:{GUEST_IP}"),
+            &format!("https://{name}/hello.txt"),
+        ]);
+        srv.check(
+            o.status.success() && o.stdout == hw_tests::serve_guest::HELLO,
+            &format!("SNI {name}: {}", String::from_utf8_lossy(&o.stderr)),
+        );
+    }
+}
+
 fn https_end_to_end(nic: Nic) {
     let pki = Pki::make(nic);
     let srv = boot(nic, &pki);
@@ -510,6 +538,7 @@ fn https_end_to_end(nic: Nic) {
         !o.status.success(),
         "curl trusted a certificate of no known CA",
     );
+    sni(&srv, &pki);
     python_download(&srv, &pki);
     s_client_key_update(&srv, &pki);
     parallel_32(&srv, &pki);

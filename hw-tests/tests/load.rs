@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use hw_tests::content::{random_bytes, sha256_hex};
 use hw_tests::netns::GUEST_IP;
-use hw_tests::serve_guest::{url, ServerGuest, PORT};
+use hw_tests::serve_guest::{metrics_url, url, ServerGuest, ACCESS_FLAGS, PORT};
 use hw_tests::{Nic, RunningGuest};
 
 const MEDIUM_LEN: usize = 64 << 10;
@@ -34,7 +34,7 @@ impl Server {
                 .pcap()
                 .file("/data/medium.bin", medium.clone())
                 .run(&format!(
-                    "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
+                    "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} {ACCESS_FLAGS} \
                  --cache-mb 96 --request-timeout-secs 8 --idle-timeout-secs 10 \
                  --send-stall-timeout-secs 5"
                 ))
@@ -64,7 +64,7 @@ impl Server {
 
     /// One metric's value from `/_zerosend/metrics`.
     fn metric(&self, name: &str) -> u64 {
-        let out = self.curl(&[&url("/_zerosend/metrics")]);
+        let out = self.curl(&[&metrics_url()]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.lines()
             .find_map(|l| {

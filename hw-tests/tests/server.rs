@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hw_tests::content::{check_stamped, random_bytes, sha256_hex, stamped_version};
 use hw_tests::netns::GUEST_IP;
-use hw_tests::serve_guest::{url, ServerGuest, BIG_LEN, PORT};
+use hw_tests::serve_guest::{metrics_url, url, ServerGuest, ACCESS_FLAGS, BIG_LEN, PORT};
 use hw_tests::Nic;
 
 const STAMP_BLOCKS: usize = 64; // 256 KiB version-stamped file
@@ -24,7 +24,7 @@ fn boot(nic: Nic) -> ServerGuest {
             .file("/secret.txt", b"outside the root\n".to_vec())
             .symlink("/data/escape", "/secret.txt")
             .run(&format!(
-                "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
+                "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} {ACCESS_FLAGS} \
                  --audit --pcap /data/capture.pcap --max-connections 100 --write-policy cow \
                  --access-log /data/access.log"
             ))
@@ -683,7 +683,7 @@ struct Metrics {
 
 impl Metrics {
     fn fetch(srv: &ServerGuest) -> Metrics {
-        let o = srv.curl(&[&url("/_zerosend/metrics")]);
+        let o = srv.curl(&[&metrics_url()]);
         Metrics {
             text: String::from_utf8_lossy(&o.stdout).into_owned(),
         }
@@ -700,7 +700,7 @@ impl Metrics {
 }
 
 fn metrics_and_pcap(srv: &ServerGuest) {
-    let o = srv.curl(&[&url("/_zerosend/metrics")]);
+    let o = srv.curl(&[&metrics_url()]);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     for name in [
         "zerosend_http_requests_total",

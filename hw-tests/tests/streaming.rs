@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use hw_tests::content::{check_stamped, stamped_block, stamped_version, STAMP_BLOCK};
 use hw_tests::netns::GUEST_IP;
 use hw_tests::raw_http::{connect, content_length, put_stamped, read_head};
+use hw_tests::serve_guest::{ACCESS_FLAGS, METRICS_PORT};
 use hw_tests::{Guest, Network, Nic, RunningGuest};
 
 const PORT: u16 = 80;
@@ -32,7 +33,11 @@ fn path(i: usize) -> String {
 
 /// GET `path` on a new connection: status line and body.
 fn get(path: &str) -> (String, Vec<u8>) {
-    let mut s = connect(PORT);
+    get_on(PORT, path)
+}
+
+fn get_on(port: u16, path: &str) -> (String, Vec<u8>) {
+    let mut s = connect(port);
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
@@ -84,7 +89,7 @@ impl Bed {
         }
         let guest = guest
             .run(&format!(
-                "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
+                "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} {ACCESS_FLAGS} \
                  --cache-mb {CACHE_MB} --pin-window-kb {PIN_WINDOW_KB} --max-put-mb 2048 \
                  --write-policy cow --stats-interval 10"
             ))
@@ -100,7 +105,7 @@ impl Bed {
 
     /// A metric's value from the metrics page.
     fn metric(&self, name: &'static str) -> f64 {
-        let (_, body) = self.on_netns(|| get("/_zerosend/metrics"));
+        let (_, body) = self.on_netns(|| get_on(METRICS_PORT, "/_zerosend/metrics"));
         let text = String::from_utf8(body).unwrap();
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())

@@ -1,6 +1,7 @@
 //! The demo's configuration as a test: QEMU's user-mode network (`restrict=on`), the address
 //! from QEMU's DHCP server via the stack's DHCP client, and curl on the host downloading
-//! through a port forward on 127.0.0.1.
+//! through a port forward on 127.0.0.1; with the defaults, PUT is refused (405) and there is
+//! no metrics page.
 
 use std::time::Duration;
 
@@ -38,6 +39,48 @@ fn dhcp_and_forwarded_download(nic: Nic) {
             "download through the forward differs: {} bytes, curl: {}",
             out.stdout.len(),
             String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // The defaults are read-only, with no metrics page: a PUT gets 405 and changes nothing,
+    // the metrics path is an ordinary missing file.
+    let status = |args: &[&str]| {
+        let o = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "60",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let put = status(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        "overwritten",
+        &format!("http://127.0.0.1:{port}/file.bin"),
+    ]);
+    let metrics = status(&[&format!("http://127.0.0.1:{port}/_zerosend/metrics")]);
+    let again = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "180"])
+        .arg(format!("http://127.0.0.1:{port}/file.bin"))
+        .output()
+        .unwrap();
+    if put != "405" || metrics != "404" || sha256_hex(&again.stdout) != sha256_hex(&body) {
+        guest.fail(&format!(
+            "defaults: PUT answered {put} (want 405), metrics {metrics} (want 404), file \
+             {} after the PUT",
+            if sha256_hex(&again.stdout) == sha256_hex(&body) {
+                "unchanged"
+            } else {
+                "CHANGED"
+            }
         ));
     }
     guest.stop_server();

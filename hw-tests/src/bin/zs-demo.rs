@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hw_tests::content::{random_bytes, sha256_hex};
 use hw_tests::netns::{GUEST_IP, PREFIX_LEN};
+use hw_tests::serve_guest::METRICS_PORT;
 use hw_tests::{Guest, NetNs, Network, Nic, RunningGuest};
 
 #[derive(Parser)]
@@ -48,6 +49,27 @@ struct Args {
     /// exit) instead of the user-mode network; clients run in it with `ip netns exec`.
     #[arg(long)]
     tap: bool,
+    /// Serve HTTPS too, with a throwaway certificate authority and certificate made for the
+    /// demo (openssl); the download is repeated over HTTPS with `curl --cacert` and verified.
+    #[arg(long, conflicts_with = "tls_cert")]
+    tls: bool,
+    /// Serve HTTPS with your own certificate chain (PEM) and key (copied into the guest
+    /// outside the served root).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With --tls-cert: the CA curl trusts to verify the download (default: the certificate
+    /// itself, right for a self-signed one).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-cert: the name curl asks for (SNI, and what the certificate must name);
+    /// it is resolved to the server's address.
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
+    /// Host port forwarded to the guest's HTTPS port 443 (127.0.0.1 only).
+    #[arg(long, default_value_t = 8443, conflicts_with = "tap")]
+    tls_port: u16,
     /// Size of the sample file in MiB.
     #[arg(long, default_value_t = 32)]
     sample_mb: usize,
@@ -165,6 +187,105 @@ fn collect(dir: &Path, base: &Path, out: &mut Vec<Entry>) {
     }
 }
 
+/// The HTTPS side of the demo: the PEM files the server uses, and what curl trusts.
+struct DemoTls {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: PathBuf,
+    /// The name curl connects to (resolved to the server).
+    name: String,
+}
+
+/// A throwaway CA and a server certificate signed by it, for `localhost`, 127.0.0.1 and the
+/// TAP address, made with openssl under `dir`.
+fn throwaway_pki(dir: &Path) -> DemoTls {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| die(&format!("{}: {e}", dir.display())));
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName=DNS:localhost,IP:127.0.0.1,IP:{GUEST_IP}\n"),
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| die(&format!("running openssl: {e}")));
+        if !o.status.success() {
+            die(&format!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+    };
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1";
+    let words = |s: String| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+    let run = |s: String| openssl(&words(s).iter().map(String::as_str).collect::<Vec<_>>());
+    run(format!(
+        "req -x509 -nodes -days 7 {ec} -keyout ca.key -out ca.pem -subj /CN=zerosend-demo-CA"
+    ));
+    run(format!(
+        "req -nodes {ec} -keyout key.pem -out srv.csr -subj /CN=localhost"
+    ));
+    run(
+        "x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 7 \
+         -extfile ext.cnf -out cert.pem"
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    DemoTls {
+        cert: read("cert.pem"),
+        key: read("key.pem"),
+        ca: dir.join("ca.pem"),
+        name: "localhost".into(),
+    }
+}
+
+/// Downloads `url` with `curl` (its extra arguments first) into `out`; returns whether the
+/// bytes match `expected`, printing the figures.
+fn download_and_verify(
+    mut curl: Command,
+    extra: &[String],
+    url: &str,
+    out: &Path,
+    expected: &[u8],
+) -> bool {
+    let _ = std::fs::remove_file(out);
+    let t = Instant::now();
+    let download = curl
+        .args(extra)
+        .args(["-sS", "--max-time", "600", "-o"])
+        .arg(out)
+        .args(["-w", "%{http_code} %{size_download} %{speed_download}", url])
+        .output()
+        .unwrap_or_else(|e| die(&format!("running curl: {e}")));
+    let secs = t.elapsed().as_secs_f64();
+    let got = std::fs::read(out).unwrap_or_default();
+    let summary = String::from_utf8_lossy(&download.stdout).to_string();
+    println!(
+        "demo: curl {url}: {summary} ({})",
+        String::from_utf8_lossy(&download.stderr).trim()
+    );
+    let (want, have) = (sha256_hex(expected), sha256_hex(&got));
+    let mbit = got.len() as f64 * 8.0 / secs / 1e6;
+    println!(
+        "demo: downloaded {} bytes in {secs:.2}s = {mbit:.1} Mbit/s",
+        got.len()
+    );
+    println!("demo: sha256 expected {want}");
+    println!(
+        "demo: sha256 received {have} {}",
+        if want == have {
+            "(verified)"
+        } else {
+            "(MISMATCH)"
+        }
+    );
+    want == have
+}
+
 fn main() {
     let args = Args::parse();
     let Some(nic) = Nic::parse(&args.nic) else {
@@ -222,6 +343,23 @@ fn main() {
         })
         .sum();
     let memory_mb = (1024 + 2 * (total >> 20)).min(8192) as u32;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &Path| {
+                std::fs::read(p).unwrap_or_else(|e| die(&format!("{}: {e}", p.display())))
+            };
+            Some(DemoTls {
+                cert: read(cert),
+                key: read(key),
+                ca: args.tls_ca.clone().unwrap_or_else(|| cert.clone()),
+                name: args.tls_name.clone(),
+            })
+        }
+        _ if args.tls => Some(throwaway_pki(
+            &hw_tests::target_dir().join("hw-tests").join("demo-tls"),
+        )),
+        _ => None,
+    };
     let flags_name_cache = args.serve_flags.iter().any(|f| f.starts_with("--cache-mb"));
     // The namespace has no DHCP server: there the guest takes the harness's static address.
     let address = if args.tap {
@@ -230,10 +368,14 @@ fn main() {
         "--dhcp".to_string()
     };
     let mut serve =
-        format!("zerosend serve --root /data {address} --port 80 --audit --stats-interval 5");
+        format!("zerosend serve --root /data {address} --port 80 --metrics-listen {METRICS_PORT} --audit --stats-interval 5");
     if !flags_name_cache {
         let cache_mb = ((total >> 20) + 64).max(128);
         serve.push_str(&format!(" --cache-mb {cache_mb}"));
+    }
+    if tls.is_some() {
+        // Outside /data: the key is never served.
+        serve.push_str(" --tls-cert /etc/zs/cert.pem --tls-key /etc/zs/key.pem --tls-port 443");
     }
     for flag in &args.serve_flags {
         serve.push(' ');
@@ -254,8 +396,18 @@ fn main() {
     guest = if args.tap {
         guest.network(Network::Tap)
     } else {
-        guest.forward_from(80, Some(args.port))
+        guest
+            .forward_from(80, Some(args.port))
+            .forward(METRICS_PORT)
     };
+    if let Some(tls) = &tls {
+        guest = guest
+            .file("/etc/zs/cert.pem", tls.cert.clone())
+            .file("/etc/zs/key.pem", tls.key.clone());
+        if !args.tap {
+            guest = guest.forward_from(443, Some(args.tls_port));
+        }
+    }
     let mut guest = guest
         .timeout(Duration::from_secs(if args.hold {
             365 * 24 * 3600
@@ -263,16 +415,16 @@ fn main() {
             900
         }))
         .run(&serve);
-    for entry in entries {
+    for entry in &entries {
         guest = match entry {
             Entry::File {
                 path,
                 data,
                 permissions,
                 mtime,
-            } => guest.file_with_mtime(&path, data, permissions, mtime),
-            Entry::Symlink { path, target } => guest.symlink(&path, &target),
-            Entry::Dir { path } => guest.dir(&path),
+            } => guest.file_with_mtime(path, data.clone(), *permissions, *mtime),
+            Entry::Symlink { path, target } => guest.symlink(path, target),
+            Entry::Dir { path } => guest.dir(path),
         };
     }
     println!("demo: guest runs: {serve}");
@@ -290,14 +442,29 @@ fn main() {
         format!("http://127.0.0.1:{}", args.port)
     };
     let url = format!("{base}{probe_path}");
+    let metrics_url = if args.tap {
+        format!("http://{GUEST_IP}:{METRICS_PORT}/_zerosend/metrics")
+    } else {
+        format!(
+            "http://127.0.0.1:{}/_zerosend/metrics",
+            guest.host_port(METRICS_PORT)
+        )
+    };
 
     if args.hold {
+        if let Some(tls) = &tls {
+            let (https_url, extra) = https_target(tls, args.tap, args.tls_port, &probe_path);
+            println!(
+                "demo: HTTPS on {https_url} (try: curl {} {https_url})",
+                extra.join(" ")
+            );
+        }
         if args.tap {
             let ns = guest.netns().name();
-            println!("demo: ready: zerosend serves on {base}/ in network namespace {ns} (try: ip netns exec {ns} curl -O {url}); Ctrl-C to stop and delete the namespace");
+            println!("demo: ready: zerosend serves on {base}/ in network namespace {ns} (try: ip netns exec {ns} curl -O {url}; metrics on {metrics_url}); Ctrl-C to stop and delete the namespace");
         } else {
             println!(
-                "demo: ready: zerosend serves on {base}/ (try: curl -O {url}); Ctrl-C to stop"
+                "demo: ready: zerosend serves on {base}/ (try: curl -O {url}; metrics on {metrics_url}); Ctrl-C to stop"
             );
         }
         hold(guest);
@@ -308,46 +475,58 @@ fn main() {
         .join("demo-download");
     std::fs::create_dir_all(&out_dir).unwrap();
     let out_file = out_dir.join("download.bin");
-    let t = Instant::now();
-    let download = curl(&guest, args.tap)
-        .args(["-sS", "--max-time", "600", "-o"])
-        .arg(&out_file)
-        .args([
-            "-w",
-            "%{http_code} %{size_download} %{speed_download}",
-            &url,
-        ])
-        .output()
-        .unwrap_or_else(|e| die(&format!("running curl: {e}")));
-    let secs = t.elapsed().as_secs_f64();
-    let got = std::fs::read(&out_file).unwrap_or_default();
-    let summary = String::from_utf8_lossy(&download.stdout).to_string();
-    println!(
-        "demo: curl {url}: {summary} ({})",
-        String::from_utf8_lossy(&download.stderr).trim()
-    );
-    let (want, have) = (sha256_hex(&expected), sha256_hex(&got));
-    let mbit = got.len() as f64 * 8.0 / secs / 1e6;
-    println!(
-        "demo: downloaded {} bytes in {secs:.2}s = {mbit:.1} Mbit/s",
-        got.len()
-    );
-    println!("demo: sha256 expected {want}");
-    println!(
-        "demo: sha256 received {have} {}",
-        if want == have {
-            "(verified)"
-        } else {
-            "(MISMATCH)"
+    let mut verified = download_and_verify(curl(&guest, args.tap), &[], &url, &out_file, &expected);
+    if let Some(tls) = &tls {
+        let (https_url, extra) = https_target(tls, args.tap, args.tls_port, &probe_path);
+        verified &= download_and_verify(
+            curl(&guest, args.tap),
+            &extra,
+            &https_url,
+            &out_file,
+            &expected,
+        );
+    }
+    // Links out of the served tree are refused (never followed to the host's files).
+    let mut escaped = Vec::new();
+    if let Some(root) = &args.root {
+        for entry in &entries {
+            let Entry::Symlink { path, .. } = entry else {
+                continue;
+            };
+            let host = root.join(path.trim_start_matches("/data/"));
+            let inside = std::fs::canonicalize(&host)
+                .ok()
+                .zip(std::fs::canonicalize(root).ok())
+                .is_some_and(|(t, r)| t.starts_with(r));
+            if inside {
+                continue;
+            }
+            let o = curl(&guest, args.tap)
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "30",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                ])
+                .arg(format!("{base}{}", path.trim_start_matches("/data")))
+                .output()
+                .unwrap_or_else(|e| die(&format!("running curl: {e}")));
+            let status = String::from_utf8_lossy(&o.stdout).to_string();
+            println!(
+                "demo: link out of the root {} -> {status} (refused: {})",
+                path.trim_start_matches("/data"),
+                status == "403" || status == "404"
+            );
+            if status != "403" && status != "404" {
+                escaped.push(path.clone());
+            }
         }
-    );
+    }
     let metrics = curl(&guest, args.tap)
-        .args([
-            "-sS",
-            "--max-time",
-            "30",
-            &format!("{base}/_zerosend/metrics"),
-        ])
+        .args(["-sS", "--max-time", "30", &metrics_url])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
         .unwrap_or_default();
@@ -364,13 +543,37 @@ fn main() {
     // Stopping the guest also deletes its namespace (TAP).
     let run = guest.stop().unwrap_or_else(|e| die(&e));
     println!("demo: guest console log: {}", run.console_path().display());
-    if want != have {
+    if !verified {
         die("FAILED: the download does not match");
+    }
+    if !escaped.is_empty() {
+        die(&format!(
+            "FAILED: links out of the root were served: {escaped:?}"
+        ));
     }
     if !metrics.contains("zerosend_audit_violations_total 0") {
         die("FAILED: the page audit reports violations (or metrics were unavailable)");
     }
     println!("demo: OK");
+}
+
+/// The HTTPS URL of `path` and the curl arguments that verify the server's certificate.
+fn https_target(tls: &DemoTls, tap: bool, port: u16, path: &str) -> (String, Vec<String>) {
+    let (addr, port) = if tap {
+        (GUEST_IP.to_string(), 443)
+    } else {
+        ("127.0.0.1".to_string(), port)
+    };
+    let name = &tls.name;
+    (
+        format!("https://{name}:{port}{path}"),
+        vec![
+            "--cacert".into(),
+            tls.ca.to_string_lossy().into_owned(),
+            "--resolve".into(),
+            format!("{name}:{port}:{addr}"),
+        ],
+    )
 }
 
 /// Follows the guest console (the server's log lines) until the guest ends; the server

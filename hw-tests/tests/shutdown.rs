@@ -1,0 +1,219 @@
+//! The orderly stop (`SIGTERM`/`SIGINT`), proven in the guest with curl on the host side of
+//! the TAP network. One guest runs the server three times; the guest's script signals it
+//! when a file the test PUTs appears (so the signal comes at a moment the test chose, with a
+//! download in flight), then prints the server's exit status and what is on disk:
+//!
+//! 1. `--shutdown-timeout-secs 60`: a rate-limited 8 MiB download in progress when the signal
+//!    comes completes byte-exact (sha256); a PUT acknowledged before the signal is on disk
+//!    afterwards (sha256 in the guest); a new connection after the signal is refused; the
+//!    server exits 0 and says it synced and released the NIC.
+//! 2. `--shutdown-timeout-secs 2` with a download that cannot finish in time: the server
+//!    resets it at the deadline and still exits 0 (the client sees a cut-off transfer, never
+//!    a complete-looking wrong one).
+//! 3. Two signals: the second stops at once (exit status 1) with a download unfinished.
+//!
+//! Each fails when the guarantee is switched off: without the orderly stop the first signal
+//! kills the server (exit 143, the download cut off); without the deadline the second run
+//! waits for the slow client; without the second-signal handler the third waits 60 s and
+//! exits 0.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use hw_tests::content::{random_bytes, sha256_hex};
+use hw_tests::netns::GUEST_IP;
+use hw_tests::serve_guest::{url, ServerGuest, BIG_LEN, PORT};
+use hw_tests::{Nic, RunningGuest};
+
+/// The file PUT before the first signal.
+const PUT_LEN: usize = 3 << 20;
+
+/// The guest's script: three servers, each signalled once `/data/stop-N` exists.
+fn script() -> String {
+    let serve = format!(
+        "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} --allow-put \
+         --stats-interval 60"
+    );
+    format!(
+        r#"
+until_file() {{ while [ ! -e "$1" ]; do sleep 0.2; done; }}
+{serve} --shutdown-timeout-secs 60 &
+pid=$!
+until_file /data/stop-1
+kill -TERM $pid
+status=0; wait $pid || status=$?
+echo "first-exit $status"
+echo "put-sha $(sha256sum /data/put.bin | cut -d' ' -f1)"
+{serve} --shutdown-timeout-secs 2 &
+pid=$!
+until_file /data/stop-2
+kill -TERM $pid
+status=0; wait $pid || status=$?
+echo "second-exit $status"
+{serve} --shutdown-timeout-secs 60 &
+pid=$!
+until_file /data/stop-3
+kill -TERM $pid
+sleep 1
+kill -TERM $pid
+status=0; wait $pid || status=$?
+echo "third-exit $status"
+echo "shutdown-test-done"
+"#
+    )
+}
+
+/// A rate-limited download of `/big.bin` into `out`, running in the namespace.
+fn slow_download(guest: &RunningGuest, rate: &str, out: &std::path::Path) -> Child {
+    guest
+        .netns()
+        .command("curl")
+        .args(["-sS", "--max-time", "300", "--limit-rate", rate, "-o"])
+        .arg(out)
+        .args(["-w", "%{http_code} %{size_download}", &url("/big.bin")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl")
+}
+
+/// Waits until `path` has some bytes (the download is under way).
+fn wait_started(srv: &ServerGuest, path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(path).map_or(0, |m| m.len()) == 0 {
+        srv.check(Instant::now() < deadline, "the download did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// PUTs `body` to `path` and checks it was created.
+fn put(srv: &ServerGuest, path: &str, body: &[u8]) {
+    let dir = srv.scratch_dir("put");
+    let file = dir.join("body");
+    std::fs::write(&file, body).unwrap();
+    let o = srv.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-T",
+        file.to_str().unwrap(),
+        &url(path),
+    ]);
+    srv.check(
+        String::from_utf8_lossy(&o.stdout) == "201",
+        &format!("PUT {path}: {}", String::from_utf8_lossy(&o.stdout)),
+    );
+}
+
+/// Waits for the `n`th console line containing `needle`.
+fn wait_nth(srv: &ServerGuest, needle: &str, n: usize, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(line) = srv.guest.console_lines_with(needle).get(n - 1) {
+            return line.clone();
+        }
+        srv.check(
+            Instant::now() < deadline,
+            &format!("no {n}th {needle:?} on the console"),
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn finish(child: Child) -> (bool, String) {
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into(),
+    )
+}
+
+fn orderly_stop(nic: Nic) {
+    let srv = ServerGuest::boot("shutdown", nic, 61, |guest| guest.run(&script()));
+    let dir = srv.scratch_dir("shutdown");
+
+    // 1. A download in flight finishes; an acknowledged PUT is on disk.
+    let out = dir.join("first.bin");
+    let download = slow_download(&srv.guest, "1M", &out);
+    wait_started(&srv, &out);
+    let put_body = random_bytes(62, PUT_LEN);
+    put(&srv, "/put.bin", &put_body);
+    put(&srv, "/stop-1", b"1");
+    let stopping = wait_nth(&srv, "zerosend: stopping:", 1, Duration::from_secs(60));
+    let mut download = download;
+    srv.check(
+        download.try_wait().unwrap().is_none(),
+        "the download was over before the signal: nothing was in flight",
+    );
+    let late = srv.curl(&["-o", "/dev/null", "-w", "%{http_code}", &url("/hello.txt")]);
+    srv.check(
+        String::from_utf8_lossy(&late.stdout) != "200",
+        "a connection made after the signal was served",
+    );
+    let (ok, summary) = finish(download);
+    let got = std::fs::read(&out).unwrap_or_default();
+    srv.check(
+        ok && summary == format!("200 {BIG_LEN}") && sha256_hex(&got) == sha256_hex(&srv.big),
+        &format!(
+            "the download in flight: curl ok={ok} {summary:?}, {} bytes",
+            got.len()
+        ),
+    );
+    let stopped = wait_nth(&srv, "zerosend: stopped:", 1, Duration::from_secs(60));
+    println!("{}: {}; {}", nic.name(), stopping.trim(), stopped.trim());
+
+    // 2. A client that cannot finish in time is reset at the deadline.
+    wait_nth(&srv, "zerosend: serving", 2, Duration::from_secs(120));
+    let out = dir.join("second.bin");
+    let download = slow_download(&srv.guest, "100K", &out);
+    wait_started(&srv, &out);
+    put(&srv, "/stop-2", b"2");
+    let (ok, summary) = finish(download);
+    let got = std::fs::read(&out).unwrap_or_default();
+    srv.check(
+        !ok && got.len() < BIG_LEN && got == srv.big[..got.len()],
+        &format!(
+            "the slow download: curl ok={ok} {summary:?}, {} bytes",
+            got.len()
+        ),
+    );
+    let reset = wait_nth(
+        &srv,
+        "still busy after 2 s: reset",
+        1,
+        Duration::from_secs(60),
+    );
+    println!("{}: {}", nic.name(), reset.trim());
+
+    // 3. A second signal stops at once.
+    wait_nth(&srv, "zerosend: serving", 3, Duration::from_secs(120));
+    let out = dir.join("third.bin");
+    let download = slow_download(&srv.guest, "100K", &out);
+    wait_started(&srv, &out);
+    put(&srv, "/stop-3", b"3");
+    srv.guest
+        .wait_for_console("shutdown-test-done", Duration::from_secs(120));
+    // The server is gone without a word to the client (a process that exits at once sends
+    // no reset): stop waiting for the rest.
+    let mut download = download;
+    let _ = download.kill();
+    let _ = download.wait();
+    let got = std::fs::read(&out).unwrap_or_default();
+    srv.check(
+        got.len() < BIG_LEN && got == srv.big[..got.len()],
+        &format!("the download across two signals: {} bytes", got.len()),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = srv.guest.stop_server();
+    run.expect_eq("first exit status", run.require("first-exit"), "0");
+    run.expect_eq(
+        "sha256 of the PUT file on disk",
+        run.require("put-sha"),
+        sha256_hex(&put_body).as_str(),
+    );
+    run.expect_eq("second exit status", run.require("second-exit"), "0");
+    run.expect_eq("third exit status", run.require("third-exit"), "1");
+}
+
+hw_tests::for_each_nic!(orderly_stop);
