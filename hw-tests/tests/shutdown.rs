@@ -3,8 +3,9 @@
 //! when a file the test PUTs appears (so the signal comes at a moment the test chose, with a
 //! download in flight), then prints the server's exit status and what is on disk:
 //!
-//! 1. `--shutdown-timeout-secs 60`: a rate-limited 8 MiB download in progress when the signal
-//!    comes completes byte-exact (sha256); a PUT acknowledged before the signal is on disk
+//! 1. `--shutdown-timeout-secs 60`: an 8 MiB download in progress when the signal comes (its
+//!    client reads nothing until then, so the server has bytes unacknowledged) completes
+//!    byte-exact (sha256); a PUT acknowledged before the signal is on disk
 //!    afterwards (sha256 in the guest); a new connection after the signal is refused; the
 //!    server exits 0 and says it synced and released the NIC.
 //! 2. `--shutdown-timeout-secs 2` with a download that cannot finish in time: the server
@@ -17,13 +18,16 @@
 //! waits for the slow client; without the second-signal handler the third waits 60 s and
 //! exits 0.
 
-use std::process::{Child, Stdio};
+use std::io::{BufReader, Read, Write};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hw_tests::content::{random_bytes, sha256_hex};
 use hw_tests::netns::GUEST_IP;
+use hw_tests::raw_http::{connect, read_head};
 use hw_tests::serve_guest::{url, ServerGuest, BIG_LEN, PORT};
-use hw_tests::{Nic, RunningGuest};
+use hw_tests::Nic;
 
 /// The file PUT before the first signal.
 const PUT_LEN: usize = 3 << 20;
@@ -63,26 +67,43 @@ echo "shutdown-test-done"
     )
 }
 
-/// A rate-limited download of `/big.bin` into `out`, running in the namespace.
-fn slow_download(guest: &RunningGuest, rate: &str, out: &std::path::Path) -> Child {
-    guest
-        .netns()
-        .command("curl")
-        .args(["-sS", "--max-time", "300", "--limit-rate", rate, "-o"])
-        .arg(out)
-        .args(["-w", "%{http_code} %{size_download}", &url("/big.bin")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("curl")
+/// A download of `/big.bin` whose client reads nothing until released: its receive window
+/// fills (the server then has bytes unacknowledged: a response in flight for as long as the
+/// test likes), then it reads what comes until the end or `read_timeout`. The thread
+/// returns the body bytes received and how the read ended.
+struct HeldDownload {
+    release: mpsc::Sender<()>,
+    thread: JoinHandle<(Vec<u8>, String)>,
 }
 
-/// Waits until `path` has some bytes (the download is under way).
-fn wait_started(srv: &ServerGuest, path: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::metadata(path).map_or(0, |m| m.len()) == 0 {
-        srv.check(Instant::now() < deadline, "the download did not start");
-        std::thread::sleep(Duration::from_millis(50));
+impl HeldDownload {
+    fn start(srv: &ServerGuest, read_timeout: Duration) -> HeldDownload {
+        let (release, released) = mpsc::channel::<()>();
+        let thread = srv.guest.netns().spawn(move || {
+            let mut s = connect(PORT);
+            write!(s, "GET /big.bin HTTP/1.1\r\nHost: g\r\n\r\n").unwrap();
+            let _ = released.recv();
+            s.set_read_timeout(Some(read_timeout)).unwrap();
+            let mut r = BufReader::new(s);
+            let head = read_head(&mut r);
+            let mut body = Vec::new();
+            let end = match r.read_to_end(&mut body) {
+                Ok(_) => "closed".to_string(),
+                Err(e) => format!("{:?}", e.kind()),
+            };
+            (
+                body,
+                format!("{} / {end}", head.lines().next().unwrap_or("")),
+            )
+        });
+        // Time for the request to arrive and the window to fill.
+        std::thread::sleep(Duration::from_secs(2));
+        HeldDownload { release, thread }
+    }
+
+    fn finish(self) -> (Vec<u8>, String) {
+        let _ = self.release.send(());
+        self.thread.join().unwrap()
     }
 }
 
@@ -121,90 +142,68 @@ fn wait_nth(srv: &ServerGuest, needle: &str, n: usize, timeout: Duration) -> Str
     }
 }
 
-fn finish(child: Child) -> (bool, String) {
-    let o = child.wait_with_output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into(),
-    )
-}
-
 fn orderly_stop(nic: Nic) {
     let srv = ServerGuest::boot("shutdown", nic, 61, |guest| guest.run(&script()));
-    let dir = srv.scratch_dir("shutdown");
 
     // 1. A download in flight finishes; an acknowledged PUT is on disk.
-    let out = dir.join("first.bin");
-    let download = slow_download(&srv.guest, "1M", &out);
-    wait_started(&srv, &out);
+    let download = HeldDownload::start(&srv, Duration::from_secs(120));
     let put_body = random_bytes(62, PUT_LEN);
     put(&srv, "/put.bin", &put_body);
     put(&srv, "/stop-1", b"1");
     let stopping = wait_nth(&srv, "zerosend: stopping:", 1, Duration::from_secs(60));
-    let mut download = download;
-    srv.check(
-        download.try_wait().unwrap().is_none(),
-        "the download was over before the signal: nothing was in flight",
-    );
     let late = srv.curl(&["-o", "/dev/null", "-w", "%{http_code}", &url("/hello.txt")]);
     srv.check(
         String::from_utf8_lossy(&late.stdout) != "200",
         "a connection made after the signal was served",
     );
-    let (ok, summary) = finish(download);
-    let got = std::fs::read(&out).unwrap_or_default();
+    let (body, how) = download.finish();
     srv.check(
-        ok && summary == format!("200 {BIG_LEN}") && sha256_hex(&got) == sha256_hex(&srv.big),
-        &format!(
-            "the download in flight: curl ok={ok} {summary:?}, {} bytes",
-            got.len()
-        ),
+        body.len() == BIG_LEN && sha256_hex(&body) == sha256_hex(&srv.big),
+        &format!("the download in flight: {} bytes, {how}", body.len()),
     );
     let stopped = wait_nth(&srv, "zerosend: stopped:", 1, Duration::from_secs(60));
     println!("{}: {}; {}", nic.name(), stopping.trim(), stopped.trim());
 
-    // 2. A client that cannot finish in time is reset at the deadline.
+    // 2. A client that does not finish in time is reset at the deadline.
     wait_nth(&srv, "zerosend: serving", 2, Duration::from_secs(120));
-    let out = dir.join("second.bin");
-    let download = slow_download(&srv.guest, "100K", &out);
-    wait_started(&srv, &out);
+    let download = HeldDownload::start(&srv, Duration::from_secs(120));
     put(&srv, "/stop-2", b"2");
-    let (ok, summary) = finish(download);
-    let got = std::fs::read(&out).unwrap_or_default();
-    srv.check(
-        !ok && got.len() < BIG_LEN && got == srv.big[..got.len()],
-        &format!(
-            "the slow download: curl ok={ok} {summary:?}, {} bytes",
-            got.len()
-        ),
-    );
     let reset = wait_nth(
         &srv,
         "still busy after 2 s: reset",
         1,
         Duration::from_secs(60),
     );
-    println!("{}: {}", nic.name(), reset.trim());
+    let (body, how) = download.finish();
+    srv.check(
+        body.len() < BIG_LEN && body == srv.big[..body.len()],
+        &format!(
+            "the download cut off at the deadline: {} bytes, {how}",
+            body.len()
+        ),
+    );
+    println!(
+        "{}: {}; the client got {} bytes, {how}",
+        nic.name(),
+        reset.trim(),
+        body.len()
+    );
 
-    // 3. A second signal stops at once.
+    // 3. A second signal stops at once, the download unfinished.
     wait_nth(&srv, "zerosend: serving", 3, Duration::from_secs(120));
-    let out = dir.join("third.bin");
-    let download = slow_download(&srv.guest, "100K", &out);
-    wait_started(&srv, &out);
+    let download = HeldDownload::start(&srv, Duration::from_secs(5));
     put(&srv, "/stop-3", b"3");
     srv.guest
         .wait_for_console("shutdown-test-done", Duration::from_secs(120));
-    // The server is gone without a word to the client (a process that exits at once sends
-    // no reset): stop waiting for the rest.
-    let mut download = download;
-    let _ = download.kill();
-    let _ = download.wait();
-    let got = std::fs::read(&out).unwrap_or_default();
+    // (A process that exits at once sends no reset: the read ends at its timeout.)
+    let (body, how) = download.finish();
     srv.check(
-        got.len() < BIG_LEN && got == srv.big[..got.len()],
-        &format!("the download across two signals: {} bytes", got.len()),
+        body.len() < BIG_LEN && body == srv.big[..body.len()],
+        &format!(
+            "the download across two signals: {} bytes, {how}",
+            body.len()
+        ),
     );
-    let _ = std::fs::remove_dir_all(&dir);
     let run = srv.guest.stop_server();
     run.expect_eq("first exit status", run.require("first-exit"), "0");
     run.expect_eq(
