@@ -25,7 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::ops::Range;
 
-use driver::dma::DmaSpace;
+use driver::dma::{ChunkPool, DeviceChunk, DmaSpace};
 use driver::{
     Capabilities, L4Checksum, L4Protocol, NetQueue, RxBuffer, Tso, TsoHeaders, TxFrame, TxOffload,
     TxSegment,
@@ -130,9 +130,9 @@ struct Frame {
     /// A jumbo buffer holding the whole frame (TSO-sized frames built inline). Held only
     /// to keep it from the pool until the NIC is done with it.
     _jumbo: Option<DmaBuffer>,
-    /// The DMA buffer holding a TSO frame's TLS bytes. Held only to keep it from the pool
+    /// The DMA chunk holding a TLS frame's payload. Held only to keep it from the pool
     /// until the NIC is done with it.
-    _cipher: Option<DmaBuffer>,
+    _cipher: Option<DeviceChunk>,
     /// TLS bytes this frame's buffers hold (counted in `tls_ciphertext_held_now`).
     tls_held: u32,
     /// `(connection index, generation, stream range)` of the send-queue items it reads.
@@ -194,8 +194,10 @@ pub struct TxPath {
     default_mode: SendMode,
     fault: BoundaryFault,
     dma: std::sync::Arc<DmaSpace>,
-    /// DMA buffers for the TLS bytes of TSO-sized frames (see [`TxPath::enable_tls`]).
-    cipher: Option<BufferPool>,
+    /// DMA chunks for the TLS bytes of TSO-sized frames (see [`TxPath::enable_tls`]).
+    cipher: Option<ChunkPool>,
+    /// DMA chunks for the TLS bytes of frames up to [`SLOT_SIZE`], one per header slot.
+    cipher_small: Option<ChunkPool>,
     /// Working memory of records sealed in part.
     tls_scratch: Vec<u8>,
     pub stats: StackStats,
@@ -296,24 +298,27 @@ impl TxPath {
             fault: config.fault,
             dma: std::sync::Arc::clone(dma),
             cipher: None,
+            cipher_small: None,
             tls_scratch: Vec::new(),
             stats: StackStats::default(),
         })
     }
 
-    /// Prepares for TLS connections: `buffers` DMA buffers for the TLS bytes of TSO-sized
-    /// frames (smaller frames carry them in their header slot).
+    /// Prepares for TLS connections: `buffers` DMA chunks for the TLS bytes of TSO-sized
+    /// frames, and one small chunk per header slot for the TLS bytes of the others. The
+    /// record layer writes ciphertext straight into them (see [`ChunkPool`]).
     pub fn enable_tls(&mut self, buffers: usize) -> driver::Result<()> {
-        if self.cipher.is_some() {
+        if self.cipher_small.is_some() {
             return Ok(());
         }
         if let Some(size) = self.tso_frame {
-            self.cipher = Some(BufferPool::new(
+            self.cipher = Some(ChunkPool::new(
                 &self.dma,
                 buffers.max(1),
                 size.div_ceil(4096) * 4096,
             )?);
         }
+        self.cipher_small = Some(ChunkPool::new(&self.dma, self.slots.capacity(), SLOT_SIZE)?);
         Ok(())
     }
 
@@ -644,9 +649,9 @@ impl TxPath {
     }
 
     /// Stages a data segment of a TLS connection: its TLS bytes (record headers, ciphertext,
-    /// tags) are computed from the pinned plaintext into the frame being built, then written
-    /// once into DMA memory: the header slot for a small frame, a cipher buffer for a TSO
-    /// frame. Both go back to their pools at TX completion.
+    /// tags) are computed from the pinned plaintext straight into a DMA chunk the frame's
+    /// payload descriptor points at (a small chunk, or a TSO-sized one), which goes back to
+    /// its pool at TX completion. The headers go in the header slot.
     fn stage_tls(
         &mut self,
         mut slot: DmaBuffer,
@@ -677,7 +682,18 @@ impl TxPath {
             None => return self.drop_unmapped(&tcp, "segment of a flow whose ISS is unknown"),
         };
         let range = start..start + tcp.payload_len as u64;
-        let payload = &mut buffer[tcp.header_len..tcp.header_len + tcp.payload_len];
+        // The chunk the NIC will read the TLS bytes from: the record layer writes them
+        // there directly (the one CPU write of ciphertext; see `StackStats`).
+        let pool = if tcp.payload_len <= SLOT_SIZE {
+            self.cipher_small.as_ref()
+        } else {
+            self.cipher.as_ref()
+        };
+        let Some(mut chunk) = pool.and_then(ChunkPool::take) else {
+            self.stats.tx_dropped_no_buffer += 1;
+            return;
+        };
+        let payload = &mut chunk.as_mut_slice()[..tcp.payload_len];
         let built = tls.tx.build(
             &conn.sendq,
             range.clone(),
@@ -689,40 +705,24 @@ impl TxPath {
             return self.drop_unmapped(&tcp, "TLS segment not in the record map");
         }
         tls.tx.account_sent(range, &mut self.stats);
-        let offload = self.prepare_tcp_checksum(buffer, &tcp, tso, None);
-        let frame_len = tcp.header_len + tcp.payload_len;
-        let cipher = if frame_len <= SLOT_SIZE {
-            slot.write(0, &buffer[..frame_len]);
-            self.staged_segments.push(TxSegment {
-                iova: slot.iova(0),
-                len: frame_len as u32,
-            });
-            None
-        } else {
-            let Some(mut cipher) = self.cipher.as_ref().and_then(BufferPool::take) else {
-                self.stats.tx_dropped_no_buffer += 1;
-                return;
-            };
-            slot.write(0, &buffer[..tcp.header_len]);
-            cipher.write(0, &buffer[tcp.header_len..frame_len]);
-            self.staged_segments.push(TxSegment {
-                iova: slot.iova(0),
-                len: tcp.header_len as u32,
-            });
-            self.staged_segments.push(TxSegment {
-                iova: cipher.iova(0),
-                len: tcp.payload_len as u32,
-            });
-            Some(cipher)
-        };
+        let offload = self.checksum(buffer, &tcp, tso, PayloadAt::Bytes(payload));
+        slot.write(0, &buffer[..tcp.header_len]);
+        let chunk = chunk.into_device();
+        self.staged_segments.push(TxSegment {
+            iova: slot.iova(0),
+            len: tcp.header_len as u32,
+        });
+        self.staged_segments.push(TxSegment {
+            iova: chunk.iova(0),
+            len: tcp.payload_len as u32,
+        });
         let tls_bytes = tcp.payload_len as u64;
         self.stats.tls_dma_bytes_written += tls_bytes;
-        self.stats.tls_cpu_bytes_written += tls_bytes;
         self.stats.tls_ciphertext_held_now += tls_bytes;
         let frame = Frame {
             slot,
             _jumbo: None,
-            _cipher: cipher,
+            _cipher: Some(chunk),
             tls_held: tcp.payload_len as u32,
             reads: None,
         };
@@ -755,6 +755,21 @@ impl TxPath {
         tcp: &TcpFrame,
         tso: Option<Tso>,
         payload_from: Option<(u32, Range<u64>)>,
+    ) -> TxOffload {
+        let payload = match payload_from {
+            Some((index, stream)) => PayloadAt::SendQueue(index, stream),
+            None => PayloadAt::Frame,
+        };
+        self.checksum(buffer, tcp, tso, payload)
+    }
+
+    /// [`TxPath::prepare_tcp_checksum`] with the payload anywhere.
+    fn checksum(
+        &mut self,
+        buffer: &mut [u8],
+        tcp: &TcpFrame,
+        tso: Option<Tso>,
+        payload: PayloadAt<'_>,
     ) -> TxOffload {
         let (src, dst) = (tcp.src.octets(), tcp.dst.octets());
         if self.caps.tcp_checksum {
@@ -790,19 +805,30 @@ impl TxPath {
             tcp.tcp_len() as u32,
         ));
         sum.add(&buffer[tcp.tcp..tcp.header_len]);
-        match payload_from {
-            Some((index, stream)) => {
+        match payload {
+            PayloadAt::SendQueue(index, stream) => {
                 self.conns[index as usize]
                     .sendq
                     .for_each_piece(stream, |piece| piece.with_bytes(|bytes| sum.add(bytes)))
                     .expect("mapped just before");
             }
-            None => sum.add(&buffer[tcp.header_len..]),
+            PayloadAt::Bytes(bytes) => sum.add(bytes),
+            PayloadAt::Frame => sum.add(&buffer[tcp.header_len..]),
         }
         self.stats.software_checksum_bytes += tcp.tcp_len() as u64;
         tcp.set_tcp_checksum(buffer, sum.finish());
         TxOffload::default()
     }
+}
+
+/// Where a frame's TCP payload is, for a software checksum.
+enum PayloadAt<'a> {
+    /// After the headers in the frame smoltcp built.
+    Frame,
+    /// At this stream range of connection `.0`'s send queue (zero-copy).
+    SendQueue(u32, Range<u64>),
+    /// In these bytes (a TLS frame's DMA chunk).
+    Bytes(&'a [u8]),
 }
 
 /// First transmissions and retransmissions of `stream`.

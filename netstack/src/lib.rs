@@ -160,8 +160,9 @@ pub struct StackStats {
     /// Record body bytes recomputed by AES-CTR (retransmissions, and the rest of records
     /// whose first transmission was split across frames).
     pub tls_ctr_bytes: u64,
-    /// Bytes the CPU wrote to produce TLS payload: the AEAD's output, gathers, copies of
-    /// partly sealed records, and the copy of each frame's TLS bytes into DMA memory.
+    /// Bytes the CPU wrote to produce TLS payload: the AEAD's output (straight into the
+    /// frame's DMA chunk), gathers (ring seals in place only) and copies of records sealed
+    /// aside. 1 per payload byte when every record is sealed out of place into its frame.
     pub tls_cpu_bytes_written: u64,
     /// TLS bytes written into frames' DMA buffers (each frame's payload, once).
     pub tls_dma_bytes_written: u64,
