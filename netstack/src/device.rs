@@ -40,6 +40,7 @@ use crate::dmabuf::{BufferPool, DmaBuffer};
 use crate::frame::{self, FlowKey, TcpFrame, ETHERNET_HEADER_LEN};
 use crate::sendq::{copy_pool, CopyPool, SendMode, SendQueue};
 use crate::tls::session::TlsConn;
+use crate::tls::{BuildError, TlsError};
 use crate::StackStats;
 
 /// Size of a header slot; also holds any whole frame up to an Ethernet MTU of 1500.
@@ -665,6 +666,10 @@ impl TxPath {
         let Some(tls) = conn.tls.as_mut() else {
             return;
         };
+        if matches!(tls.error, Some(TlsError::AuditMismatch { .. })) {
+            // Being reset: nothing more of it goes out.
+            return;
+        }
         let start = match located {
             Some(SegmentStart::Stream(start)) => start,
             Some(SegmentStart::KeepAlive) if tcp.payload_len == 1 => {
@@ -701,8 +706,23 @@ impl TxPath {
             &mut self.tls_scratch,
             &mut self.stats,
         );
-        if built.is_err() {
-            return self.drop_unmapped(&tcp, "TLS segment not in the record map");
+        match built {
+            Ok(()) => {}
+            Err(BuildError::Unmapped) => {
+                return self.drop_unmapped(&tcp, "TLS segment not in the record map")
+            }
+            Err(BuildError::AuditMismatch { epoch, seq }) => {
+                // Counted by the record layer. The slice would differ from what the client
+                // got the first time: it is not sent, and the connection is reset.
+                tracing::error!(
+                    "audit: TLS record {seq} (key epoch {epoch}) to {}:{} changed before its \
+                     retransmission; resetting the connection",
+                    tcp.dst,
+                    tcp.dst_port
+                );
+                tls.audit_failed(epoch, seq);
+                return;
+            }
         }
         tls.tx.account_sent(range, &mut self.stats);
         let offload = self.checksum(buffer, &tcp, tso, PayloadAt::Bytes(payload));

@@ -169,6 +169,12 @@ pub struct StackStats {
     /// TLS bytes in DMA buffers of frames the NIC has not completed. Nothing encrypted is
     /// kept past TX completion: 0 once the NIC is idle.
     pub tls_ciphertext_held_now: u64,
+    /// Audit ([`crate::tls::TlsConfig::audit`]): retransmitted record slices checked (one
+    /// record tag recomputed over the pinned plaintext each), the inner plaintext bytes
+    /// that cost, and tags that differed (the connection is reset, the slice not sent).
+    pub tls_audit_checks: u64,
+    pub tls_audit_bytes: u64,
+    pub tls_audit_mismatches: u64,
     pub tls_records_received: u64,
     pub tls_key_updates_sent: u64,
     pub tls_key_updates_received: u64,

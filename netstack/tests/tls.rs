@@ -69,6 +69,9 @@ struct Client {
     inject: Vec<u8>,
     /// Every TLS byte received (for diagnostics).
     raw: Vec<u8>,
+    /// After a TLS error, send nothing more (no alert either) and drop what arrives, so the
+    /// server's TCP goes on sending and retransmitting what was lost.
+    mute_after_error: bool,
 }
 
 impl Client {
@@ -83,6 +86,7 @@ impl Client {
             error: None,
             inject: Vec::new(),
             raw: Vec::new(),
+            mute_after_error: false,
         }
     }
 
@@ -90,6 +94,11 @@ impl Client {
     /// (from offset 0 of what the server sends).
     fn pump(&mut self, bed: &mut Bed, expected: &[u8]) {
         let socket = bed.peer_socket();
+        if self.mute_after_error && self.error.is_some() {
+            // TCP goes on (the window stays open); the bytes are dropped.
+            while socket.recv(|bytes| (bytes.len(), bytes.len())).unwrap_or(0) > 0 {}
+            return;
+        }
         while self.error.is_none() && socket.can_recv() {
             let tls = &mut self.tls;
             let raw = &mut self.raw;
@@ -102,6 +111,9 @@ impl Client {
                 .unwrap();
             if let Err(e) = self.tls.process_new_packets() {
                 self.error = Some(e);
+                if self.mute_after_error {
+                    return;
+                }
             }
             let mut buf = [0u8; 65536];
             loop {
@@ -838,4 +850,117 @@ fn session_tickets_sent_before_extraction_resume_the_next_connection() {
             Some(rustls::HandshakeKind::Resumed)
         ]
     );
+}
+
+/// What happened when the file's pinned pages were overwritten (the test-only unsafe write
+/// policy) while the download was under way, with 2% loss.
+struct ChangedUnderfoot {
+    stats: StackStats,
+    compared: u64,
+    differing: u64,
+    client_error: Option<rustls::Error>,
+    /// How the file's send ended (`None`: still going at the time limit).
+    outcome: Option<SendOutcome>,
+}
+
+fn pages_changed_after_first_transmission(audit: bool) -> ChangedUnderfoot {
+    let len = 4 << 20;
+    let mut config = captured(lossy(0.02), len);
+    config.stack.tls.audit = audit;
+    let mut t = tls_bed(config, Algorithm::Aes128Gcm);
+    // Records straddling the change fail to decrypt at the client; it then stays silent
+    // (its alert would end the connection) while TCP retransmits what was lost.
+    t.client.mute_after_error = true;
+    let original = pattern(len, 4);
+    let path = t.bed.write_file("changing", &original);
+    let file = t
+        .bed
+        .cache
+        .open(
+            &path,
+            pagecache::OpenOptions::read_write(pagecache::WritePolicy::InPlaceUnsafe),
+        )
+        .unwrap();
+    let pin = file.pin(0..len as u64).unwrap();
+    let id = t.bed.stack.send_file(t.conn, &pin, 0..len as u64).unwrap();
+    // Once part of the file is on its way, every byte of it changes in place, and again
+    // after every further 256 KiB sent: what is in flight (and lost) each time was
+    // encrypted from other bytes than its retransmission reads.
+    assert!(t.run(&original, |t| t.client.received >= 1 << 20));
+    let versions = [
+        original.iter().map(|b| b ^ 0x5a).collect::<Vec<u8>>(),
+        original.clone(),
+    ];
+    let mut changes = 0;
+    let mut next_change = 0;
+    let deadline = t.bed.now + netstack::Duration::from_secs(600);
+    t.run(&original, |t| {
+        let sent = t.bed.stack.stats().payload_bytes_sent;
+        if sent >= next_change {
+            file.write(0, &versions[changes % 2]).unwrap();
+            changes += 1;
+            next_change = sent + (256 << 10);
+        }
+        let differing = t
+            .bed
+            .capture
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .differing_bytes;
+        t.bed.now > deadline || t.completed(id).is_some() || (!audit && differing > 0)
+    });
+    let outcome = t.completed(id);
+    let capture = t.bed.capture.as_ref().unwrap().lock().unwrap();
+    ChangedUnderfoot {
+        stats: t.bed.stack.stats(),
+        compared: capture.compared_bytes,
+        differing: capture.differing_bytes,
+        client_error: t.client.error.clone(),
+        outcome,
+    }
+}
+
+/// Audit on: a retransmitted slice of a record whose pinned plaintext changed is caught
+/// (its recomputed tag differs from the kept one), never sent, and the connection is reset.
+#[test]
+fn audit_catches_changed_plaintext_before_a_retransmission_and_resets() {
+    let o = pages_changed_after_first_transmission(true);
+    eprintln!(
+        "audit on: checks {} mismatches {} compared {} differing {} client {:?} send {:?}",
+        o.stats.tls_audit_checks,
+        o.stats.tls_audit_mismatches,
+        o.compared,
+        o.differing,
+        o.client_error,
+        o.outcome
+    );
+    assert!(
+        o.stats.tls_audit_mismatches > 0,
+        "the changed record is caught"
+    );
+    assert!(o.stats.tls_audit_checks >= o.stats.tls_audit_mismatches);
+    assert_eq!(
+        o.differing, 0,
+        "no retransmitted byte differs from its first transmission"
+    );
+    assert_eq!(
+        o.outcome,
+        Some(SendOutcome::Aborted),
+        "the connection is reset"
+    );
+}
+
+/// The same with the audit off: the retransmissions are recomputed from the changed
+/// plaintext and differ on the wire (so the test above can fail).
+#[test]
+fn without_audit_changed_plaintext_puts_differing_retransmissions_on_the_wire() {
+    let o = pages_changed_after_first_transmission(false);
+    eprintln!(
+        "audit off: compared {} differing {} client {:?}",
+        o.compared, o.differing, o.client_error
+    );
+    assert_eq!(o.stats.tls_audit_checks, 0);
+    assert!(o.differing > 0, "retransmitted bytes differ");
 }

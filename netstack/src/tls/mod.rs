@@ -77,7 +77,7 @@ pub mod tx;
 
 pub use aead::{Algorithm, Backend};
 pub use session::TlsError;
-pub use tx::TlsFault;
+pub use tx::{BuildError, TlsFault};
 
 /// TLS settings of a [`crate::Stack`].
 #[derive(Clone, Copy, Debug)]
@@ -90,6 +90,11 @@ pub struct TlsConfig {
     pub cipher_buffers: usize,
     /// Normal operation, or a broken record path (tests only).
     pub fault: TlsFault,
+    /// Audit retransmissions: each retransmitted record slice is checked against the
+    /// record's kept tag first; a mismatch is counted
+    /// ([`crate::StackStats::tls_audit_mismatches`]) and resets the connection (a server's
+    /// `--audit` turns it on along with the page cache's audit).
+    pub audit: bool,
 }
 
 impl Default for TlsConfig {
@@ -99,6 +104,7 @@ impl Default for TlsConfig {
             key_update_after: 1 << 24,
             cipher_buffers: 64,
             fault: TlsFault::None,
+            audit: false,
         }
     }
 }

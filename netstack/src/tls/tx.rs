@@ -127,6 +127,25 @@ pub enum TlsFault {
     WrongCounter,
 }
 
+/// Why [`TlsTx::build`] wrote nothing usable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    /// The range is not (or no longer) in the record map or the send queue.
+    #[error("TCP range not in the record map or the send queue")]
+    Unmapped,
+    /// Audit: the tag recomputed over the pinned plaintext of a record being retransmitted
+    /// differs from the tag sent with it: its plaintext changed, so the recomputed bytes
+    /// would differ from the first transmission.
+    #[error("record {seq} of key epoch {epoch}: plaintext changed since its first transmission")]
+    AuditMismatch { epoch: u64, seq: u64 },
+}
+
+impl From<Unmapped> for BuildError {
+    fn from(_: Unmapped) -> Self {
+        BuildError::Unmapped
+    }
+}
+
 /// The record layer's transmit state of one connection (TCP-stream offsets).
 pub struct TlsTx {
     units: VecDeque<Unit>,
@@ -149,6 +168,9 @@ pub struct TlsTx {
     /// transmissions go in stream order, so there is at most one.
     open_tag: Option<(u64, TagState)>,
     fault: TlsFault,
+    /// Check every retransmitted record slice against its kept tag (see
+    /// [`TlsTx::set_audit`]).
+    audit: bool,
 }
 
 impl TlsTx {
@@ -165,7 +187,17 @@ impl TlsTx {
             last_released: None,
             open_tag: None,
             fault,
+            audit: false,
         }
+    }
+
+    /// Audit mode: before a retransmission recomputes body bytes of a record, the record's
+    /// tag is recomputed over its pinned plaintext (a whole-record seal, aside) and must
+    /// equal the tag sent the first time; otherwise [`TlsTx::build`] fails with
+    /// [`BuildError::AuditMismatch`] and writes nothing the caller may send. Costs one
+    /// record seal per retransmitted slice, nothing on first transmissions.
+    pub fn set_audit(&mut self, audit: bool) {
+        self.audit = audit;
     }
 
     /// Framed bytes not yet handed to smoltcp.
@@ -324,7 +356,7 @@ impl TlsTx {
         out: &mut [u8],
         scratch: &mut Vec<u8>,
         stats: &mut StackStats,
-    ) -> Result<(), Unmapped> {
+    ) -> Result<(), BuildError> {
         debug_assert_eq!(out.len() as u64, range.end - range.start);
         if range.is_empty() {
             return Ok(());
@@ -332,7 +364,7 @@ impl TlsTx {
         let first = self.units.partition_point(|u| u.tcp_end() <= range.start);
         match self.units.get(first) {
             Some(u) if u.tcp_start <= range.start && range.end <= self.framed_end => {}
-            _ => return Err(Unmapped),
+            _ => return Err(BuildError::Unmapped),
         }
         let retransmission = range.start < self.sent_max;
         let Self {
@@ -340,6 +372,8 @@ impl TlsTx {
             keys,
             fault,
             open_tag,
+            audit,
+            sent_max,
             ..
         } = self;
         let mut at = range.start;
@@ -368,6 +402,7 @@ impl TlsTx {
                         plain_len: unit.plain_len as usize,
                         local: local.start as usize..local.end as usize,
                         wrong_counter: retransmission && *fault != TlsFault::None,
+                        audit: *audit && at < *sent_max,
                     };
                     slice.build(rec, sendq, dst, scratch, open_tag, stats)?;
                 }
@@ -409,6 +444,8 @@ struct RecordSlice<'k> {
     /// Range of the record's TCP bytes (header, body, tag) to write.
     local: Range<usize>,
     wrong_counter: bool,
+    /// A retransmission with audit on: check the kept tag before recomputing body bytes.
+    audit: bool,
 }
 
 /// The overlap of `a` and `b`, relative to `b.start`.
@@ -426,7 +463,7 @@ impl RecordSlice<'_> {
         scratch: &mut Vec<u8>,
         open_tag: &mut Option<(u64, TagState)>,
         stats: &mut StackStats,
-    ) -> Result<(), Unmapped> {
+    ) -> Result<(), BuildError> {
         let inner_len = self.plain_len + 1;
         let header = record::header(inner_len);
         let body = HEADER_LEN..HEADER_LEN + inner_len;
@@ -487,6 +524,9 @@ impl RecordSlice<'_> {
                 out.copy_from_slice(&scratch[part.clone()]);
                 stats.tls_cpu_bytes_written += part.len() as u64;
             } else {
+                if self.audit {
+                    self.audit_tag(rec, sendq, &header, scratch, stats)?;
+                }
                 self.ctr(rec, sendq, &nonce, part.clone(), out)?;
                 stats.tls_ctr_bytes += part.len() as u64;
                 stats.tls_cpu_bytes_written += part.len() as u64;
@@ -503,6 +543,47 @@ impl RecordSlice<'_> {
             dst[out_at..out_at + t.len()].copy_from_slice(&tag[t]);
         }
         Ok(())
+    }
+
+    /// Audit of a retransmitted slice: the record's tag recomputed over its pinned plaintext
+    /// (gathered into `scratch`, sealed there) must be the kept one.
+    fn audit_tag(
+        &self,
+        rec: &Record,
+        sendq: &SendQueue,
+        header: &[u8; HEADER_LEN],
+        scratch: &mut Vec<u8>,
+        stats: &mut StackStats,
+    ) -> Result<(), BuildError> {
+        let inner_len = self.plain_len + 1;
+        scratch.clear();
+        scratch.resize(inner_len, 0);
+        match rec.source {
+            Source::Inline(ref bytes) => {
+                scratch[..self.plain_len].copy_from_slice(&bytes[..self.plain_len])
+            }
+            Source::Queue => copy_plain(
+                sendq,
+                self.plain_start..self.plain_start + self.plain_len as u64,
+                &mut scratch[..self.plain_len],
+            )?,
+        }
+        scratch[self.plain_len] = rec.content_type;
+        let tag = self
+            .key
+            .aead()
+            .seal_in_place(&self.key.nonce(rec.seq), header, scratch);
+        stats.tls_audit_checks += 1;
+        stats.tls_audit_bytes += inner_len as u64;
+        if Some(tag) == rec.tag {
+            Ok(())
+        } else {
+            stats.tls_audit_mismatches += 1;
+            Err(BuildError::AuditMismatch {
+                epoch: self.key.epoch,
+                seq: rec.seq,
+            })
+        }
     }
 
     /// Seals the whole record: into `direct` (the frame's bytes, when the frame holds the
