@@ -40,6 +40,7 @@ use crate::dmabuf::{BufferPool, DmaBuffer};
 use crate::frame::{self, FlowKey, TcpFrame, ETHERNET_HEADER_LEN};
 use crate::sendq::{copy_pool, CopyPool, SendMode, SendQueue};
 use crate::tls::session::TlsConn;
+use crate::tls::tx::{LayoutPiece, OffloadLayout};
 use crate::tls::{BuildError, TlsError};
 use crate::StackStats;
 
@@ -158,6 +159,28 @@ struct Staged {
     frame: Frame,
     segments: Range<usize>,
     offload: TxOffload,
+    /// Records the NIC encrypts inline (see [`TxPath::stage_tls_inline`]).
+    tls: Option<Box<StagedTls>>,
+}
+
+/// The inline-TLS descriptor of a staged frame, owned until it is handed to the NIC.
+struct StagedTls {
+    parts: Vec<StagedPart>,
+    resync: Vec<TxSegment>,
+}
+
+struct StagedPart {
+    key: driver::TlsKeyId,
+    cipher: driver::TlsCipher,
+    key_bytes: [u8; 32],
+    key_len: usize,
+    iv: [u8; 12],
+    seq: u64,
+    inner_len: u32,
+    frame_offset: u32,
+    record_offset: u32,
+    len: u32,
+    resync: Range<usize>,
 }
 
 /// Device-independent transmit state: header slots, frames in flight, connection send
@@ -201,6 +224,8 @@ pub struct TxPath {
     cipher_small: Option<ChunkPool>,
     /// Working memory of records sealed in part.
     tls_scratch: Vec<u8>,
+    /// Working memory of inline-TLS frame layouts.
+    tls_layout: OffloadLayout,
     pub stats: StackStats,
 }
 
@@ -301,6 +326,7 @@ impl TxPath {
             cipher: None,
             cipher_small: None,
             tls_scratch: Vec::new(),
+            tls_layout: OffloadLayout::default(),
             stats: StackStats::default(),
         })
     }
@@ -581,11 +607,16 @@ impl TxPath {
     }
 
     fn stage(&mut self, frame: Frame, offload: TxOffload) {
+        self.stage_with(frame, offload, None);
+    }
+
+    fn stage_with(&mut self, frame: Frame, offload: TxOffload, tls: Option<Box<StagedTls>>) {
         self.budget = self.budget.saturating_sub(1);
         self.staged.push_back(Staged {
             frame,
             segments: self.frame_start..self.staged_segments.len(),
             offload,
+            tls,
         });
     }
 
@@ -687,6 +718,38 @@ impl TxPath {
             None => return self.drop_unmapped(&tcp, "segment of a flow whose ISS is unknown"),
         };
         let range = start..start + tcp.payload_len as u64;
+        // A NIC that encrypts inline gets the records laid out in plaintext, straight from
+        // the pins; what it cannot take (too many pieces or records) is encrypted here.
+        if let Some(engine) = self.caps.tls_tx.filter(|_| self.caps.tcp_checksum) {
+            let mut layout = std::mem::take(&mut self.tls_layout);
+            layout.clear();
+            let described = tls.tx.describe(&conn.sendq, range.clone(), &mut layout);
+            let parts = described.ok().and_then(|()| {
+                staged_parts(
+                    &tls.tx,
+                    &layout,
+                    index,
+                    conn.generation,
+                    tcp.header_len,
+                    &engine,
+                )
+            });
+            let fits = layout.pieces.len() < self.caps.max_tx_segments
+                && tcp.header_len + layout.bytes.len() <= SLOT_SIZE
+                && layout.parts.len() <= engine.max_records_per_frame;
+            if let (Some(parts), true) = (parts, fits) {
+                tls.tx.account_sent(range, &mut self.stats);
+                let generation = conn.generation;
+                return self.stage_tls_inline(
+                    slot,
+                    buffer,
+                    (tcp, tso, index, generation),
+                    layout,
+                    parts,
+                );
+            }
+            self.tls_layout = layout;
+        }
         // The chunk the NIC will read the TLS bytes from: the record layer writes them
         // there directly (the one CPU write of ciphertext; see `StackStats`).
         let pool = if tcp.payload_len <= SLOT_SIZE {
@@ -747,6 +810,61 @@ impl TxPath {
             reads: None,
         };
         self.stage(frame, offload);
+    }
+
+    /// Stages a TLS segment for a NIC that encrypts inline: headers and the stack's bytes
+    /// of the layout (record headers, type bytes, tag placeholders) in the header slot, the
+    /// data by IOVA from the pins; the records' context goes with the frame.
+    fn stage_tls_inline(
+        &mut self,
+        mut slot: DmaBuffer,
+        buffer: &mut [u8],
+        (tcp, tso, index, generation): (TcpFrame, Option<Tso>, u32, u32),
+        layout: OffloadLayout,
+        parts: Vec<StagedPart>,
+    ) {
+        let offload = self.prepare_tcp_checksum(buffer, &tcp, tso, None);
+        let header_len = tcp.header_len;
+        slot.write(0, &buffer[..header_len]);
+        slot.write(header_len, &layout.bytes);
+        let to_segment = |piece: &LayoutPiece| match *piece {
+            LayoutPiece::Stack { start, len } => TxSegment {
+                iova: slot.iova(header_len + start as usize),
+                len,
+            },
+            LayoutPiece::Dma { iova, len } => TxSegment { iova, len },
+        };
+        self.staged_segments.push(TxSegment {
+            iova: slot.iova(0),
+            len: header_len as u32,
+        });
+        for piece in &layout.pieces {
+            let segment = to_segment(piece);
+            match self.staged_segments.last_mut() {
+                Some(last) if last.iova + last.len as u64 == segment.iova => {
+                    last.len += segment.len
+                }
+                _ => self.staged_segments.push(segment),
+            }
+        }
+        let resync = layout.resync.iter().map(to_segment).collect();
+        let reads = layout.plain.clone().map(|plain| {
+            self.conns[index as usize]
+                .sendq
+                .add_dma_refs(plain.clone(), 1);
+            (index, generation, plain)
+        });
+        self.stats.tls_inline_frames += 1;
+        self.stats.tls_inline_bytes += tcp.payload_len as u64;
+        self.tls_layout = layout;
+        let frame = Frame {
+            slot,
+            _jumbo: None,
+            _cipher: None,
+            tls_held: 0,
+            reads,
+        };
+        self.stage_with(frame, offload, Some(Box::new(StagedTls { parts, resync })));
     }
 
     /// Copies a mapped segment's payload into the frame and stages it whole.
@@ -841,6 +959,50 @@ impl TxPath {
     }
 }
 
+/// The crypto context of a layout's record parts, if the NIC's engine takes every one
+/// (keys named by connection index and generation, and epoch).
+fn staged_parts(
+    tx: &crate::tls::tx::TlsTx,
+    layout: &OffloadLayout,
+    index: u32,
+    generation: u32,
+    header_len: usize,
+    engine: &driver::TlsTxCapability,
+) -> Option<Vec<StagedPart>> {
+    layout
+        .parts
+        .iter()
+        .map(|part| {
+            let (algorithm, key, iv) = tx.key(part.epoch)?.material();
+            let cipher = match algorithm {
+                crate::tls::Algorithm::Aes128Gcm => driver::TlsCipher::Aes128Gcm,
+                crate::tls::Algorithm::Aes256Gcm => driver::TlsCipher::Aes256Gcm,
+            };
+            if !engine.supports(cipher) {
+                return None;
+            }
+            let mut key_bytes = [0u8; 32];
+            key_bytes[..key.len()].copy_from_slice(key);
+            Some(StagedPart {
+                key: driver::TlsKeyId {
+                    flow: (index as u64) << 32 | generation as u64,
+                    epoch: part.epoch,
+                },
+                cipher,
+                key_bytes,
+                key_len: key.len(),
+                iv: *iv,
+                seq: part.seq,
+                inner_len: part.inner_len,
+                frame_offset: header_len as u32 + part.payload_offset,
+                record_offset: part.record_offset,
+                len: part.len,
+                resync: part.resync.clone(),
+            })
+        })
+        .collect()
+}
+
 /// Where a frame's TCP payload is, for a software checksum.
 enum PayloadAt<'a> {
     /// After the headers in the frame smoltcp built.
@@ -896,10 +1058,9 @@ impl<Q: NetQueue> NicDevice<Q> {
         while let Some(staged) = self.tx.staged.front() {
             let segments = &self.tx.staged_segments[staged.segments.clone()];
             let token = staged.frame.token();
-            match self
-                .nic
-                .tx_enqueue(TxFrame::new(segments, &staged.offload, token))
-            {
+            let tls = staged.tls.as_deref().map(record_slices).unwrap_or_default();
+            let frame = TxFrame::new(segments, &staged.offload, token).with_tls(&tls);
+            match self.nic.tx_enqueue(frame) {
                 Ok(()) => {
                     let staged = self.tx.staged.pop_front().expect("front exists");
                     self.tx.in_flight[token as usize] = Some(staged.frame);
@@ -923,6 +1084,27 @@ impl<Q: NetQueue> NicDevice<Q> {
         }
         submitted
     }
+}
+
+/// The queue API's view of a staged frame's inline-TLS records (borrowing it).
+fn record_slices(tls: &StagedTls) -> Vec<driver::TlsRecordSlice<'_>> {
+    tls.parts
+        .iter()
+        .map(|p| driver::TlsRecordSlice {
+            key: driver::TlsKey {
+                id: p.key,
+                cipher: p.cipher,
+                key: &p.key_bytes[..p.key_len],
+                iv: &p.iv,
+            },
+            seq: p.seq,
+            inner_len: p.inner_len,
+            frame_offset: p.frame_offset,
+            record_offset: p.record_offset,
+            len: p.len,
+            resync: &tls.resync[p.resync.clone()],
+        })
+        .collect()
 }
 
 /// Receives one frame: lends the NIC's RX buffer to smoltcp (no copy).

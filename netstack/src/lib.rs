@@ -175,6 +175,13 @@ pub struct StackStats {
     pub tls_audit_checks: u64,
     pub tls_audit_bytes: u64,
     pub tls_audit_mismatches: u64,
+    /// Frames whose records the NIC encrypted inline, and their TLS bytes.
+    pub tls_inline_frames: u64,
+    pub tls_inline_bytes: u64,
+    /// Retransmitted TLS segments, and those of them that start inside a record (they
+    /// need a partial record: CTR from the record's offset, or a NIC resync).
+    pub tls_retransmissions: u64,
+    pub tls_retransmissions_mid_record: u64,
     pub tls_records_received: u64,
     pub tls_key_updates_sent: u64,
     pub tls_key_updates_received: u64,

@@ -307,6 +307,8 @@ impl TlsEngine {
                 self.counters.resync_bytes += offset as u64;
             }
             record.extend_from_slice(bytes);
+            // The part may end inside the tag: room for all of it.
+            record.resize(record_len, 0);
             let (head, rest) = record.split_at_mut(HEADER_LEN);
             let key = self.key(part);
             let tag = key.seal(&nonce, head, &mut rest[..inner]);
