@@ -182,6 +182,10 @@ pub struct StackStats {
     /// need a partial record: CTR from the record's offset, or a NIC resync).
     pub tls_retransmissions: u64,
     pub tls_retransmissions_mid_record: u64,
+    /// TLS frames carrying new bytes, and those of them that end inside a record (the
+    /// record is split across frames: sealed aside, or resynchronised on an inline NIC).
+    pub tls_frames_first_sent: u64,
+    pub tls_frames_ending_mid_record: u64,
     pub tls_records_received: u64,
     pub tls_key_updates_sent: u64,
     pub tls_key_updates_received: u64,

@@ -616,6 +616,14 @@ impl TlsTx {
         if range.end > self.sent_max {
             stats.payload_bytes_sent += range.end - range.start.max(self.sent_max);
             self.sent_max = range.end;
+            // Does this first transmission end inside a record (split across frames)?
+            let i = self.units.partition_point(|u| u.tcp_end() < range.end);
+            if let Some(u) = self.units.get(i) {
+                stats.tls_frames_first_sent += 1;
+                if u.tcp_end() != range.end && matches!(u.kind, Kind::Record(_)) {
+                    stats.tls_frames_ending_mid_record += 1;
+                }
+            }
         }
     }
 }
