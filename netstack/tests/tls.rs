@@ -794,9 +794,9 @@ fn silent_client_is_dropped_after_the_handshake_timeout() {
 }
 
 #[test]
-fn nic_without_offloads_carries_records_in_header_slots_with_software_checksums() {
+fn nic_without_offloads_carries_records_in_small_chunks_with_software_checksums() {
     // No TSO and no checksum offload (e1000 without offloads): every frame's TLS bytes go
-    // in its header slot, and the TCP checksum is computed over the ciphertext in software.
+    // in a small DMA chunk, and the TCP checksum is computed over the ciphertext there.
     let len = 2 << 20;
     let mut nic = lossy(0.01);
     nic.capabilities.tso_max_frame = None;
