@@ -160,10 +160,16 @@ struct Staged {
     segments: Range<usize>,
     offload: TxOffload,
     /// Records the NIC encrypts inline (see [`TxPath::stage_tls_inline`]).
-    tls: Option<Box<StagedTls>>,
+    tls: Option<StagedTls>,
 }
 
-/// The inline-TLS descriptor of a staged frame, owned until it is handed to the NIC.
+/// Most record parts of one inline-TLS frame the stack describes (the queue API's view of
+/// them is built on the stack, in an array of this size).
+const MAX_INLINE_RECORDS: usize = 16;
+
+/// The inline-TLS descriptor of a staged frame, owned until it is handed to the NIC (then
+/// kept for the next frame, so staging does not allocate).
+#[derive(Default)]
 struct StagedTls {
     parts: Vec<StagedPart>,
     resync: Vec<TxSegment>,
@@ -224,8 +230,9 @@ pub struct TxPath {
     cipher_small: Option<ChunkPool>,
     /// Working memory of records sealed in part.
     tls_scratch: Vec<u8>,
-    /// Working memory of inline-TLS frame layouts.
+    /// Working memory of inline-TLS frame layouts, and descriptors to reuse.
     tls_layout: OffloadLayout,
+    spare_tls: Vec<StagedTls>,
     pub stats: StackStats,
 }
 
@@ -327,6 +334,7 @@ impl TxPath {
             cipher_small: None,
             tls_scratch: Vec::new(),
             tls_layout: OffloadLayout::default(),
+            spare_tls: Vec::new(),
             stats: StackStats::default(),
         })
     }
@@ -610,7 +618,7 @@ impl TxPath {
         self.stage_with(frame, offload, None);
     }
 
-    fn stage_with(&mut self, frame: Frame, offload: TxOffload, tls: Option<Box<StagedTls>>) {
+    fn stage_with(&mut self, frame: Frame, offload: TxOffload, tls: Option<StagedTls>) {
         self.budget = self.budget.saturating_sub(1);
         self.staged.push_back(Staged {
             frame,
@@ -723,21 +731,20 @@ impl TxPath {
         if let Some(engine) = self.caps.tls_tx.filter(|_| self.caps.tcp_checksum) {
             let mut layout = std::mem::take(&mut self.tls_layout);
             layout.clear();
+            let mut staged = self.spare_tls.pop().unwrap_or_default();
             let described = tls.tx.describe(&conn.sendq, range.clone(), &mut layout);
-            let parts = described.ok().and_then(|()| {
-                staged_parts(
+            let fits = described.is_ok()
+                && layout.pieces.len() < self.caps.max_tx_segments
+                && tcp.header_len + layout.bytes.len() <= SLOT_SIZE
+                && layout.parts.len() <= engine.max_records_per_frame.min(MAX_INLINE_RECORDS)
+                && staged_parts(
                     &tls.tx,
                     &layout,
-                    index,
-                    conn.generation,
-                    tcp.header_len,
+                    (index, conn.generation, tcp.header_len),
                     &engine,
-                )
-            });
-            let fits = layout.pieces.len() < self.caps.max_tx_segments
-                && tcp.header_len + layout.bytes.len() <= SLOT_SIZE
-                && layout.parts.len() <= engine.max_records_per_frame;
-            if let (Some(parts), true) = (parts, fits) {
+                    &mut staged.parts,
+                );
+            if fits {
                 tls.tx.account_sent(range, &mut self.stats);
                 let generation = conn.generation;
                 return self.stage_tls_inline(
@@ -745,9 +752,10 @@ impl TxPath {
                     buffer,
                     (tcp, tso, index, generation),
                     layout,
-                    parts,
+                    staged,
                 );
             }
+            self.spare_tls.push(staged);
             self.tls_layout = layout;
         }
         // The chunk the NIC will read the TLS bytes from: the record layer writes them
@@ -821,7 +829,7 @@ impl TxPath {
         buffer: &mut [u8],
         (tcp, tso, index, generation): (TcpFrame, Option<Tso>, u32, u32),
         layout: OffloadLayout,
-        parts: Vec<StagedPart>,
+        mut staged: StagedTls,
     ) {
         let offload = self.prepare_tcp_checksum(buffer, &tcp, tso, None);
         let header_len = tcp.header_len;
@@ -847,7 +855,8 @@ impl TxPath {
                 _ => self.staged_segments.push(segment),
             }
         }
-        let resync = layout.resync.iter().map(to_segment).collect();
+        staged.resync.clear();
+        staged.resync.extend(layout.resync.iter().map(to_segment));
         let reads = layout.plain.clone().map(|plain| {
             self.conns[index as usize]
                 .sendq
@@ -864,7 +873,7 @@ impl TxPath {
             tls_held: 0,
             reads,
         };
-        self.stage_with(frame, offload, Some(Box::new(StagedTls { parts, resync })));
+        self.stage_with(frame, offload, Some(staged));
     }
 
     /// Copies a mapped segment's payload into the frame and stages it whole.
@@ -959,48 +968,49 @@ impl TxPath {
     }
 }
 
-/// The crypto context of a layout's record parts, if the NIC's engine takes every one
-/// (keys named by connection index and generation, and epoch).
+/// Fills `out` with the crypto context of a layout's record parts; false if the NIC's
+/// engine does not take every one (keys are named by connection index and generation, and
+/// epoch).
 fn staged_parts(
     tx: &crate::tls::tx::TlsTx,
     layout: &OffloadLayout,
-    index: u32,
-    generation: u32,
-    header_len: usize,
+    (index, generation, header_len): (u32, u32, usize),
     engine: &driver::TlsTxCapability,
-) -> Option<Vec<StagedPart>> {
-    layout
-        .parts
-        .iter()
-        .map(|part| {
-            let (algorithm, key, iv) = tx.key(part.epoch)?.material();
-            let cipher = match algorithm {
-                crate::tls::Algorithm::Aes128Gcm => driver::TlsCipher::Aes128Gcm,
-                crate::tls::Algorithm::Aes256Gcm => driver::TlsCipher::Aes256Gcm,
-            };
-            if !engine.supports(cipher) {
-                return None;
-            }
-            let mut key_bytes = [0u8; 32];
-            key_bytes[..key.len()].copy_from_slice(key);
-            Some(StagedPart {
-                key: driver::TlsKeyId {
-                    flow: (index as u64) << 32 | generation as u64,
-                    epoch: part.epoch,
-                },
-                cipher,
-                key_bytes,
-                key_len: key.len(),
-                iv: *iv,
-                seq: part.seq,
-                inner_len: part.inner_len,
-                frame_offset: header_len as u32 + part.payload_offset,
-                record_offset: part.record_offset,
-                len: part.len,
-                resync: part.resync.clone(),
-            })
-        })
-        .collect()
+    out: &mut Vec<StagedPart>,
+) -> bool {
+    out.clear();
+    for part in &layout.parts {
+        let Some(key) = tx.key(part.epoch) else {
+            return false;
+        };
+        let (algorithm, key, iv) = key.material();
+        let cipher = match algorithm {
+            crate::tls::Algorithm::Aes128Gcm => driver::TlsCipher::Aes128Gcm,
+            crate::tls::Algorithm::Aes256Gcm => driver::TlsCipher::Aes256Gcm,
+        };
+        if !engine.supports(cipher) {
+            return false;
+        }
+        let mut key_bytes = [0u8; 32];
+        key_bytes[..key.len()].copy_from_slice(key);
+        out.push(StagedPart {
+            key: driver::TlsKeyId {
+                flow: (index as u64) << 32 | generation as u64,
+                epoch: part.epoch,
+            },
+            cipher,
+            key_bytes,
+            key_len: key.len(),
+            iv: *iv,
+            seq: part.seq,
+            inner_len: part.inner_len,
+            frame_offset: header_len as u32 + part.payload_offset,
+            record_offset: part.record_offset,
+            len: part.len,
+            resync: part.resync.clone(),
+        });
+    }
+    true
 }
 
 /// Where a frame's TCP payload is, for a software checksum.
@@ -1058,12 +1068,17 @@ impl<Q: NetQueue> NicDevice<Q> {
         while let Some(staged) = self.tx.staged.front() {
             let segments = &self.tx.staged_segments[staged.segments.clone()];
             let token = staged.frame.token();
-            let tls = staged.tls.as_deref().map(record_slices).unwrap_or_default();
-            let frame = TxFrame::new(segments, &staged.offload, token).with_tls(&tls);
+            let mut slices = [NO_RECORD; MAX_INLINE_RECORDS];
+            let n = staged
+                .tls
+                .as_ref()
+                .map_or(0, |t| record_slices(t, &mut slices));
+            let frame = TxFrame::new(segments, &staged.offload, token).with_tls(&slices[..n]);
             match self.nic.tx_enqueue(frame) {
                 Ok(()) => {
                     let staged = self.tx.staged.pop_front().expect("front exists");
                     self.tx.in_flight[token as usize] = Some(staged.frame);
+                    self.tx.spare_tls.extend(staged.tls);
                     submitted += 1;
                 }
                 Err(driver::DriverError::TxRingFull) => break,
@@ -1072,6 +1087,7 @@ impl<Q: NetQueue> NicDevice<Q> {
                     tracing::warn!("NIC refused a frame: {e}");
                     let staged = self.tx.staged.pop_front().expect("front exists");
                     self.tx.stats.tx_refused += 1;
+                    self.tx.spare_tls.extend(staged.tls);
                     self.tx.retire(staged.frame);
                 }
             }
@@ -1086,11 +1102,27 @@ impl<Q: NetQueue> NicDevice<Q> {
     }
 }
 
-/// The queue API's view of a staged frame's inline-TLS records (borrowing it).
-fn record_slices(tls: &StagedTls) -> Vec<driver::TlsRecordSlice<'_>> {
-    tls.parts
-        .iter()
-        .map(|p| driver::TlsRecordSlice {
+/// Filler of the unused entries of [`record_slices`]' array.
+const NO_RECORD: driver::TlsRecordSlice<'static> = driver::TlsRecordSlice {
+    key: driver::TlsKey {
+        id: driver::TlsKeyId { flow: 0, epoch: 0 },
+        cipher: driver::TlsCipher::Aes128Gcm,
+        key: &[],
+        iv: &[0; 12],
+    },
+    seq: 0,
+    inner_len: 0,
+    frame_offset: 0,
+    record_offset: 0,
+    len: 0,
+    resync: &[],
+};
+
+/// The queue API's view of a staged frame's inline-TLS records (borrowing it), in `out`;
+/// returns how many.
+fn record_slices<'a>(tls: &'a StagedTls, out: &mut [driver::TlsRecordSlice<'a>]) -> usize {
+    for (slot, p) in out.iter_mut().zip(&tls.parts) {
+        *slot = driver::TlsRecordSlice {
             key: driver::TlsKey {
                 id: p.key,
                 cipher: p.cipher,
@@ -1103,8 +1135,9 @@ fn record_slices(tls: &StagedTls) -> Vec<driver::TlsRecordSlice<'_>> {
             record_offset: p.record_offset,
             len: p.len,
             resync: &tls.resync[p.resync.clone()],
-        })
-        .collect()
+        };
+    }
+    tls.parts.len().min(out.len())
 }
 
 /// Receives one frame: lends the NIC's RX buffer to smoltcp (no copy).
