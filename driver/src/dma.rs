@@ -388,6 +388,202 @@ impl Drop for DmaRegion {
     }
 }
 
+/// A region the device only reads, cut into `count` chunks of `chunk_size` bytes that the
+/// CPU may write through a plain `&mut [u8]` while no device has them: the record layer
+/// writes TLS ciphertext straight into them, once, instead of into ordinary memory and
+/// then again into DMA memory with volatile copies.
+///
+/// A chunk is in one of two states, and the types keep them apart:
+/// - [`CpuChunk`]: taken from the pool and not yet given to a device. It can be lent as
+///   `&mut [u8]` ([`CpuChunk::as_mut_slice`]) but has no IOVA accessor, so no descriptor
+///   can point at it.
+/// - [`DeviceChunk`]: what [`CpuChunk::into_device`] turns it into, for good. It has the
+///   IOVA a descriptor needs and reads, but no write access at all.
+///
+/// Dropping either returns the chunk to the pool. The owner's one rule (the same as for any
+/// DMA buffer a frame reads) is to drop a `DeviceChunk` only after the device's completion
+/// of the frame that reads it; a chunk comes out of the pool as a `CpuChunk` again only
+/// after that.
+#[derive(Clone)]
+pub struct ChunkPool {
+    shared: Arc<ChunkShared>,
+}
+
+struct ChunkShared {
+    /// Private: the chunks' owners are the only CPU-side path to these bytes.
+    region: DmaRegion,
+    chunk_size: usize,
+    count: usize,
+    /// Indices of free chunks. Pre-sized to `count`, so returning one never allocates.
+    free: Mutex<Vec<u32>>,
+}
+
+impl ChunkPool {
+    /// Allocates `count` chunks of `chunk_size` bytes in `dma`, mapped
+    /// [`DmaAccess::DeviceReads`] (the lending relies on the device never writing them).
+    pub fn new(dma: &Arc<DmaSpace>, count: usize, chunk_size: usize) -> Result<Self> {
+        let count = count.max(1);
+        let region = dma.allocate(count * chunk_size, DmaAccess::DeviceReads)?;
+        Ok(Self {
+            shared: Arc::new(ChunkShared {
+                region,
+                chunk_size,
+                count,
+                free: Mutex::new((0..count as u32).rev().collect()),
+            }),
+        })
+    }
+
+    /// A free chunk, not known to any device, if any.
+    pub fn take(&self) -> Option<CpuChunk> {
+        let index = self.shared.free.lock().expect("chunk pool lock").pop()?;
+        Some(CpuChunk(ChunkLease {
+            index,
+            shared: Arc::clone(&self.shared),
+        }))
+    }
+
+    /// Chunks not handed out now.
+    pub fn free_count(&self) -> usize {
+        self.shared.free.lock().expect("chunk pool lock").len()
+    }
+
+    /// Chunks in the pool.
+    pub fn capacity(&self) -> usize {
+        self.shared.count
+    }
+
+    /// Bytes per chunk.
+    pub fn chunk_size(&self) -> usize {
+        self.shared.chunk_size
+    }
+}
+
+/// One chunk, owned; back to the free list on drop.
+struct ChunkLease {
+    index: u32,
+    shared: Arc<ChunkShared>,
+}
+
+impl ChunkLease {
+    fn base(&self) -> usize {
+        self.index as usize * self.shared.chunk_size
+    }
+}
+
+impl Drop for ChunkLease {
+    fn drop(&mut self) {
+        // Poisoned only if a holder panicked mid-push; the list itself is still consistent.
+        let mut free = match self.shared.free.lock() {
+            Ok(free) => free,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        free.push(self.index);
+    }
+}
+
+/// A chunk no device has been given (see [`ChunkPool`]).
+pub struct CpuChunk(ChunkLease);
+
+impl std::fmt::Debug for CpuChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CpuChunk({})", self.0.index)
+    }
+}
+
+impl CpuChunk {
+    /// Index in its pool.
+    pub fn index(&self) -> u32 {
+        self.0.index
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.shared.chunk_size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.shared.chunk_size == 0
+    }
+
+    /// The chunk's bytes as an ordinary mutable slice, for code that writes its output in
+    /// place (an AEAD). Its contents are whatever the chunk held before (old frames' bytes).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let lease = &self.0;
+        let len = lease.shared.chunk_size;
+        let slice = lease.shared.region.volatile_slice(lease.base(), len);
+        let guard = slice.ptr_guard_mut();
+        // SAFETY: `ptr` is the start of `len` bytes of a live private anonymous mmap (the
+        // pool's region, kept alive by the `Arc` this borrow of `self` holds), in bounds
+        // (`volatile_slice` checked `base + len <= region.len`). Nothing else accesses
+        // these bytes for the lifetime of the returned borrow, which is what `&mut [u8]`
+        // needs:
+        // - the CPU: the region is private to the pool, every chunk is one disjoint range,
+        //   and its index is held by exactly one lease (the free list hands it out once);
+        //   this lease is mutably borrowed for the slice's lifetime, so no volatile access
+        //   through it (or a second lend) overlaps.
+        // - a device writing: the region is mapped `DeviceReads`, and the IOMMU (the
+        //   software NIC's table too) refuses device writes to it.
+        // - a device reading: a device learns addresses only from descriptors, and a
+        //   `CpuChunk` exposes no IOVA; the chunk's earlier `DeviceChunk` (if any) was
+        //   dropped, which its owner does only after the device completed it.
+        // vm-memory's "volatile" rule exists for memory a device may change under us;
+        // none may here, so plain loads and stores are correct.
+        unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), len) }
+    }
+
+    /// Reads bytes at `offset` (volatile copies).
+    ///
+    /// # Panics
+    /// If the range does not fit the chunk.
+    pub fn read(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset + out.len() <= self.len(), "DMA chunk overread");
+        self.0.shared.region.read_bytes(self.0.base() + offset, out);
+    }
+
+    /// Gives the chunk to the device side: from now on it has an IOVA and no write access.
+    pub fn into_device(self) -> DeviceChunk {
+        DeviceChunk(self.0)
+    }
+}
+
+/// A chunk a device may read (see [`ChunkPool`]): IOVA and reads only.
+pub struct DeviceChunk(ChunkLease);
+
+impl std::fmt::Debug for DeviceChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceChunk({} at {:#x})", self.0.index, self.iova(0))
+    }
+}
+
+impl DeviceChunk {
+    pub fn index(&self) -> u32 {
+        self.0.index
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.shared.chunk_size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.shared.chunk_size == 0
+    }
+
+    /// Device address of byte `offset`.
+    pub fn iova(&self, offset: usize) -> Iova {
+        debug_assert!(offset <= self.len());
+        self.0.shared.region.iova() + (self.0.base() + offset) as u64
+    }
+
+    /// Reads bytes at `offset` (volatile copies).
+    ///
+    /// # Panics
+    /// If the range does not fit the chunk.
+    pub fn read(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset + out.len() <= self.len(), "DMA chunk overread");
+        self.0.shared.region.read_bytes(self.0.base() + offset, out);
+    }
+}
+
 /// [`DmaRegion`]'s accessors, on memory "mapped" by a mapper that maps nothing (the
 /// software NIC's IOMMU lives in the `softnic` crate, which depends on this one).
 #[cfg(test)]
@@ -545,6 +741,36 @@ mod region_tests {
         let iova = region.iova();
         drop(region);
         assert!(dma.read_iova(iova + 100, &mut out).is_err(), "freed region");
+    }
+
+    #[test]
+    fn chunks_lend_disjoint_slices_the_device_side_reads_by_iova() {
+        let space = space();
+        let pool = ChunkPool::new(&space, 3, 2048).unwrap();
+        let mut a = pool.take().unwrap();
+        let mut b = pool.take().unwrap();
+        a.as_mut_slice().fill(0xaa);
+        b.as_mut_slice()[..4].copy_from_slice(&[1, 2, 3, 4]);
+        let mut back = [0u8; 4];
+        b.read(0, &mut back);
+        assert_eq!(back, [1, 2, 3, 4]);
+        let (a, b) = (a.into_device(), b.into_device());
+        assert_ne!(a.index(), b.index());
+        // What a device reads at the chunks' IOVAs is what the CPU wrote through the lend.
+        let mut seen = [0u8; 2048];
+        space.read_iova(a.iova(0), &mut seen).unwrap();
+        assert_eq!(seen, [0xaa; 2048]);
+        space.read_iova(b.iova(0), &mut seen[..4]).unwrap();
+        assert_eq!(seen[..4], [1, 2, 3, 4], "a's fill did not spill into b");
+        assert_eq!(pool.free_count(), 1);
+        drop(a);
+        assert_eq!(pool.free_count(), 2, "a device chunk goes back on drop");
+        let c = pool.take().unwrap();
+        drop((b, c));
+        assert_eq!(pool.free_count(), 3);
+        fn both<T: Send + Sync>() {}
+        both::<CpuChunk>();
+        both::<DeviceChunk>();
     }
 }
 

@@ -22,6 +22,7 @@ pub mod virtio;
 pub use error::{DriverError, Result};
 pub use nic::NicModel;
 pub use queue::{
-    Capabilities, DeviceStats, Iova, L4Checksum, L4Protocol, MacAddress, NetQueue, RxBuffer, Tso,
-    TsoHeaders, TxFrame, TxOffload, TxSegment, TxToken,
+    Capabilities, DeviceStats, Iova, L4Checksum, L4Protocol, MacAddress, NetQueue, RxBuffer,
+    TlsCipher, TlsKey, TlsKeyId, TlsRecordSlice, TlsTxCapability, Tso, TsoHeaders, TxFrame,
+    TxOffload, TxSegment, TxToken,
 };

@@ -33,6 +33,23 @@
 //!   device families and is announced in [`Capabilities::tso_headers`] ([`TsoHeaders`]): the
 //!   driver never edits IP or TCP headers itself.
 //!
+//! # Inline TLS transmit (TLS 1.3, AES-GCM)
+//! The model is the one of NIC kTLS offload (Linux `tls_device`, mlx5/chelsio): the stack
+//! frames the records and lays each out in the frame as it would be sent, but with the
+//! *plaintext*: the 5-byte record header, the data straight from the page-cache pins, the
+//! inner content type byte, and 16 placeholder bytes where the tag goes. Per record part
+//! the frame carries the crypto context; the device encrypts the body bytes (AES-CTR at
+//! counter `2 + body offset / 16`), writes the tag over the placeholder, then computes
+//! checksums and segments as asked.
+//!
+//! Re-synchronisation: the context is given with *every* frame (record sequence number and
+//! the offset of the frame's first byte in the record, as mlx5's driver does), so the
+//! device keeps no per-connection stream state and can never fall out of step: a
+//! retransmission that starts inside a record is encrypted from that offset. Only a tag
+//! needs the record's earlier bytes; a part that holds tag bytes but not the record's
+//! start carries them in [`TlsRecordSlice::resync`] (read by the device for the tag, not
+//! sent: mlx5's DUMP of the record start).
+//!
 //! # Receive
 //! [`NetQueue::rx_next`] hands out a filled buffer, [`NetQueue::rx_read`] copies its bytes
 //! out (with volatile reads: the memory is the device's to write, so no Rust slice of it is
@@ -109,6 +126,8 @@ pub struct TxFrame<'a> {
     pub segments: &'a [TxSegment],
     pub offload: &'a TxOffload,
     pub token: TxToken,
+    /// TLS records the device encrypts inline (only if [`Capabilities::tls_tx`] offers it).
+    pub tls: &'a [TlsRecordSlice<'a>],
 }
 
 impl<'a> TxFrame<'a> {
@@ -117,8 +136,80 @@ impl<'a> TxFrame<'a> {
             segments,
             offload,
             token,
+            tls: &[],
         }
     }
+
+    /// A frame whose payload holds (parts of) TLS records laid out in plaintext, for the
+    /// device to encrypt inline.
+    pub fn with_tls(mut self, tls: &'a [TlsRecordSlice<'a>]) -> Self {
+        self.tls = tls;
+        self
+    }
+}
+
+/// AEAD of an inline TLS engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsCipher {
+    Aes128Gcm,
+    Aes256Gcm,
+}
+
+/// What a device's inline TLS engine offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsTxCapability {
+    pub aes_128_gcm: bool,
+    pub aes_256_gcm: bool,
+    /// Most record parts one frame may carry.
+    pub max_records_per_frame: usize,
+}
+
+impl TlsTxCapability {
+    pub fn supports(&self, cipher: TlsCipher) -> bool {
+        match cipher {
+            TlsCipher::Aes128Gcm => self.aes_128_gcm,
+            TlsCipher::Aes256Gcm => self.aes_256_gcm,
+        }
+    }
+}
+
+/// A traffic key, named by `id` (the device may keep it in its key table under that name;
+/// an `id` always names the same key material).
+#[derive(Clone, Copy, Debug)]
+pub struct TlsKey<'a> {
+    pub id: TlsKeyId,
+    pub cipher: TlsCipher,
+    pub key: &'a [u8],
+    /// The static IV; record `seq`'s nonce is `iv XOR seq` (RFC 8446 section 5.3).
+    pub iv: &'a [u8; 12],
+}
+
+/// Names a traffic key: the connection (`flow`, unique while any frame of it is in flight)
+/// and the key epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TlsKeyId {
+    pub flow: u64,
+    pub epoch: u64,
+}
+
+/// One record's bytes in a frame (see the module docs, "Inline TLS transmit").
+#[derive(Clone, Copy, Debug)]
+pub struct TlsRecordSlice<'a> {
+    pub key: TlsKey<'a>,
+    /// The record's sequence number under its key.
+    pub seq: u64,
+    /// Inner plaintext length: data plus the content type byte (the record is
+    /// `5 + inner_len + 16` bytes).
+    pub inner_len: u32,
+    /// Where the part begins in the frame (bytes from the frame's first byte).
+    pub frame_offset: u32,
+    /// Which byte of the record that is (0: the header's first byte).
+    pub record_offset: u32,
+    /// Bytes of the record in this frame.
+    pub len: u32,
+    /// The record's bytes `0..record_offset`, laid out as in a frame, when the part holds
+    /// tag bytes and `record_offset > 0`; empty otherwise.
+    pub resync: &'a [TxSegment],
 }
 
 /// Which transport protocol an L4 checksum or TSO request is for.
@@ -186,6 +277,9 @@ pub struct Capabilities {
     pub max_tx_segments: usize,
     /// Largest IP packet on the wire (Ethernet MTU), normally 1500.
     pub mtu: usize,
+    /// Inline TLS record encryption ([`TxFrame::with_tls`]); `None` for NICs without it
+    /// (e1000, e1000e, virtio-net), whose TLS frames the stack encrypts itself.
+    pub tls_tx: Option<TlsTxCapability>,
 }
 
 /// A filled receive buffer, lent to the caller until [`NetQueue::rx_recycle`].

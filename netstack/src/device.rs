@@ -25,7 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::ops::Range;
 
-use driver::dma::DmaSpace;
+use driver::dma::{ChunkPool, DeviceChunk, DmaSpace};
 use driver::{
     Capabilities, L4Checksum, L4Protocol, NetQueue, RxBuffer, Tso, TsoHeaders, TxFrame, TxOffload,
     TxSegment,
@@ -40,6 +40,8 @@ use crate::dmabuf::{BufferPool, DmaBuffer};
 use crate::frame::{self, FlowKey, TcpFrame, ETHERNET_HEADER_LEN};
 use crate::sendq::{copy_pool, CopyPool, SendMode, SendQueue};
 use crate::tls::session::TlsConn;
+use crate::tls::tx::{LayoutPiece, OffloadLayout};
+use crate::tls::{BuildError, TlsError};
 use crate::StackStats;
 
 /// Size of a header slot; also holds any whole frame up to an Ethernet MTU of 1500.
@@ -130,9 +132,9 @@ struct Frame {
     /// A jumbo buffer holding the whole frame (TSO-sized frames built inline). Held only
     /// to keep it from the pool until the NIC is done with it.
     _jumbo: Option<DmaBuffer>,
-    /// The DMA buffer holding a TSO frame's TLS bytes. Held only to keep it from the pool
+    /// The DMA chunk holding a TLS frame's payload. Held only to keep it from the pool
     /// until the NIC is done with it.
-    _cipher: Option<DmaBuffer>,
+    _cipher: Option<DeviceChunk>,
     /// TLS bytes this frame's buffers hold (counted in `tls_ciphertext_held_now`).
     tls_held: u32,
     /// `(connection index, generation, stream range)` of the send-queue items it reads.
@@ -157,6 +159,34 @@ struct Staged {
     frame: Frame,
     segments: Range<usize>,
     offload: TxOffload,
+    /// Records the NIC encrypts inline (see [`TxPath::stage_tls_inline`]).
+    tls: Option<StagedTls>,
+}
+
+/// Most record parts of one inline-TLS frame the stack describes (the queue API's view of
+/// them is built on the stack, in an array of this size).
+const MAX_INLINE_RECORDS: usize = 16;
+
+/// The inline-TLS descriptor of a staged frame, owned until it is handed to the NIC (then
+/// kept for the next frame, so staging does not allocate).
+#[derive(Default)]
+struct StagedTls {
+    parts: Vec<StagedPart>,
+    resync: Vec<TxSegment>,
+}
+
+struct StagedPart {
+    key: driver::TlsKeyId,
+    cipher: driver::TlsCipher,
+    key_bytes: [u8; 32],
+    key_len: usize,
+    iv: [u8; 12],
+    seq: u64,
+    inner_len: u32,
+    frame_offset: u32,
+    record_offset: u32,
+    len: u32,
+    resync: Range<usize>,
 }
 
 /// Device-independent transmit state: header slots, frames in flight, connection send
@@ -194,10 +224,15 @@ pub struct TxPath {
     default_mode: SendMode,
     fault: BoundaryFault,
     dma: std::sync::Arc<DmaSpace>,
-    /// DMA buffers for the TLS bytes of TSO-sized frames (see [`TxPath::enable_tls`]).
-    cipher: Option<BufferPool>,
+    /// DMA chunks for the TLS bytes of TSO-sized frames (see [`TxPath::enable_tls`]).
+    cipher: Option<ChunkPool>,
+    /// DMA chunks for the TLS bytes of frames up to [`SLOT_SIZE`], one per header slot.
+    cipher_small: Option<ChunkPool>,
     /// Working memory of records sealed in part.
     tls_scratch: Vec<u8>,
+    /// Working memory of inline-TLS frame layouts, and descriptors to reuse.
+    tls_layout: OffloadLayout,
+    spare_tls: Vec<StagedTls>,
     pub stats: StackStats,
 }
 
@@ -296,24 +331,29 @@ impl TxPath {
             fault: config.fault,
             dma: std::sync::Arc::clone(dma),
             cipher: None,
+            cipher_small: None,
             tls_scratch: Vec::new(),
+            tls_layout: OffloadLayout::default(),
+            spare_tls: Vec::new(),
             stats: StackStats::default(),
         })
     }
 
-    /// Prepares for TLS connections: `buffers` DMA buffers for the TLS bytes of TSO-sized
-    /// frames (smaller frames carry them in their header slot).
+    /// Prepares for TLS connections: `buffers` DMA chunks for the TLS bytes of TSO-sized
+    /// frames, and one small chunk per header slot for the TLS bytes of the others. The
+    /// record layer writes ciphertext straight into them (see [`ChunkPool`]).
     pub fn enable_tls(&mut self, buffers: usize) -> driver::Result<()> {
-        if self.cipher.is_some() {
+        if self.cipher_small.is_some() {
             return Ok(());
         }
         if let Some(size) = self.tso_frame {
-            self.cipher = Some(BufferPool::new(
+            self.cipher = Some(ChunkPool::new(
                 &self.dma,
                 buffers.max(1),
                 size.div_ceil(4096) * 4096,
             )?);
         }
+        self.cipher_small = Some(ChunkPool::new(&self.dma, self.slots.capacity(), SLOT_SIZE)?);
         Ok(())
     }
 
@@ -575,11 +615,16 @@ impl TxPath {
     }
 
     fn stage(&mut self, frame: Frame, offload: TxOffload) {
+        self.stage_with(frame, offload, None);
+    }
+
+    fn stage_with(&mut self, frame: Frame, offload: TxOffload, tls: Option<StagedTls>) {
         self.budget = self.budget.saturating_sub(1);
         self.staged.push_back(Staged {
             frame,
             segments: self.frame_start..self.staged_segments.len(),
             offload,
+            tls,
         });
     }
 
@@ -644,9 +689,9 @@ impl TxPath {
     }
 
     /// Stages a data segment of a TLS connection: its TLS bytes (record headers, ciphertext,
-    /// tags) are computed from the pinned plaintext into the frame being built, then written
-    /// once into DMA memory: the header slot for a small frame, a cipher buffer for a TSO
-    /// frame. Both go back to their pools at TX completion.
+    /// tags) are computed from the pinned plaintext straight into a DMA chunk the frame's
+    /// payload descriptor points at (a small chunk, or a TSO-sized one), which goes back to
+    /// its pool at TX completion. The headers go in the header slot.
     fn stage_tls(
         &mut self,
         mut slot: DmaBuffer,
@@ -660,6 +705,10 @@ impl TxPath {
         let Some(tls) = conn.tls.as_mut() else {
             return;
         };
+        if matches!(tls.error, Some(TlsError::AuditMismatch { .. })) {
+            // Being reset: nothing more of it goes out.
+            return;
+        }
         let start = match located {
             Some(SegmentStart::Stream(start)) => start,
             Some(SegmentStart::KeepAlive) if tcp.payload_len == 1 => {
@@ -677,7 +726,50 @@ impl TxPath {
             None => return self.drop_unmapped(&tcp, "segment of a flow whose ISS is unknown"),
         };
         let range = start..start + tcp.payload_len as u64;
-        let payload = &mut buffer[tcp.header_len..tcp.header_len + tcp.payload_len];
+        // A NIC that encrypts inline gets the records laid out in plaintext, straight from
+        // the pins; what it cannot take (too many pieces or records) is encrypted here.
+        if let Some(engine) = self.caps.tls_tx.filter(|_| self.caps.tcp_checksum) {
+            let mut layout = std::mem::take(&mut self.tls_layout);
+            layout.clear();
+            let mut staged = self.spare_tls.pop().unwrap_or_default();
+            let described = tls.tx.describe(&conn.sendq, range.clone(), &mut layout);
+            let fits = described.is_ok()
+                && layout.pieces.len() < self.caps.max_tx_segments
+                && tcp.header_len + layout.bytes.len() <= SLOT_SIZE
+                && layout.parts.len() <= engine.max_records_per_frame.min(MAX_INLINE_RECORDS)
+                && staged_parts(
+                    &tls.tx,
+                    &layout,
+                    (index, conn.generation, tcp.header_len),
+                    &engine,
+                    &mut staged.parts,
+                );
+            if fits {
+                tls.tx.account_sent(range, &mut self.stats);
+                let generation = conn.generation;
+                return self.stage_tls_inline(
+                    slot,
+                    buffer,
+                    (tcp, tso, index, generation),
+                    layout,
+                    staged,
+                );
+            }
+            self.spare_tls.push(staged);
+            self.tls_layout = layout;
+        }
+        // The chunk the NIC will read the TLS bytes from: the record layer writes them
+        // there directly (the one CPU write of ciphertext; see `StackStats`).
+        let pool = if tcp.payload_len <= SLOT_SIZE {
+            self.cipher_small.as_ref()
+        } else {
+            self.cipher.as_ref()
+        };
+        let Some(mut chunk) = pool.and_then(ChunkPool::take) else {
+            self.stats.tx_dropped_no_buffer += 1;
+            return;
+        };
+        let payload = &mut chunk.as_mut_slice()[..tcp.payload_len];
         let built = tls.tx.build(
             &conn.sendq,
             range.clone(),
@@ -685,48 +777,103 @@ impl TxPath {
             &mut self.tls_scratch,
             &mut self.stats,
         );
-        if built.is_err() {
-            return self.drop_unmapped(&tcp, "TLS segment not in the record map");
+        match built {
+            Ok(()) => {}
+            Err(BuildError::Unmapped) => {
+                return self.drop_unmapped(&tcp, "TLS segment not in the record map")
+            }
+            Err(BuildError::AuditMismatch { epoch, seq }) => {
+                // Counted by the record layer. The slice would differ from what the client
+                // got the first time: it is not sent, and the connection is reset.
+                tracing::error!(
+                    "audit: TLS record {seq} (key epoch {epoch}) to {}:{} changed before its \
+                     retransmission; resetting the connection",
+                    tcp.dst,
+                    tcp.dst_port
+                );
+                tls.audit_failed(epoch, seq);
+                return;
+            }
         }
         tls.tx.account_sent(range, &mut self.stats);
-        let offload = self.prepare_tcp_checksum(buffer, &tcp, tso, None);
-        let frame_len = tcp.header_len + tcp.payload_len;
-        let cipher = if frame_len <= SLOT_SIZE {
-            slot.write(0, &buffer[..frame_len]);
-            self.staged_segments.push(TxSegment {
-                iova: slot.iova(0),
-                len: frame_len as u32,
-            });
-            None
-        } else {
-            let Some(mut cipher) = self.cipher.as_ref().and_then(BufferPool::take) else {
-                self.stats.tx_dropped_no_buffer += 1;
-                return;
-            };
-            slot.write(0, &buffer[..tcp.header_len]);
-            cipher.write(0, &buffer[tcp.header_len..frame_len]);
-            self.staged_segments.push(TxSegment {
-                iova: slot.iova(0),
-                len: tcp.header_len as u32,
-            });
-            self.staged_segments.push(TxSegment {
-                iova: cipher.iova(0),
-                len: tcp.payload_len as u32,
-            });
-            Some(cipher)
-        };
+        let offload = self.checksum(buffer, &tcp, tso, PayloadAt::Bytes(payload));
+        slot.write(0, &buffer[..tcp.header_len]);
+        let chunk = chunk.into_device();
+        self.staged_segments.push(TxSegment {
+            iova: slot.iova(0),
+            len: tcp.header_len as u32,
+        });
+        self.staged_segments.push(TxSegment {
+            iova: chunk.iova(0),
+            len: tcp.payload_len as u32,
+        });
         let tls_bytes = tcp.payload_len as u64;
         self.stats.tls_dma_bytes_written += tls_bytes;
-        self.stats.tls_cpu_bytes_written += tls_bytes;
         self.stats.tls_ciphertext_held_now += tls_bytes;
         let frame = Frame {
             slot,
             _jumbo: None,
-            _cipher: cipher,
+            _cipher: Some(chunk),
             tls_held: tcp.payload_len as u32,
             reads: None,
         };
         self.stage(frame, offload);
+    }
+
+    /// Stages a TLS segment for a NIC that encrypts inline: headers and the stack's bytes
+    /// of the layout (record headers, type bytes, tag placeholders) in the header slot, the
+    /// data by IOVA from the pins; the records' context goes with the frame.
+    fn stage_tls_inline(
+        &mut self,
+        mut slot: DmaBuffer,
+        buffer: &mut [u8],
+        (tcp, tso, index, generation): (TcpFrame, Option<Tso>, u32, u32),
+        layout: OffloadLayout,
+        mut staged: StagedTls,
+    ) {
+        let offload = self.prepare_tcp_checksum(buffer, &tcp, tso, None);
+        let header_len = tcp.header_len;
+        slot.write(0, &buffer[..header_len]);
+        slot.write(header_len, &layout.bytes);
+        let to_segment = |piece: &LayoutPiece| match *piece {
+            LayoutPiece::Stack { start, len } => TxSegment {
+                iova: slot.iova(header_len + start as usize),
+                len,
+            },
+            LayoutPiece::Dma { iova, len } => TxSegment { iova, len },
+        };
+        self.staged_segments.push(TxSegment {
+            iova: slot.iova(0),
+            len: header_len as u32,
+        });
+        for piece in &layout.pieces {
+            let segment = to_segment(piece);
+            match self.staged_segments.last_mut() {
+                Some(last) if last.iova + last.len as u64 == segment.iova => {
+                    last.len += segment.len
+                }
+                _ => self.staged_segments.push(segment),
+            }
+        }
+        staged.resync.clear();
+        staged.resync.extend(layout.resync.iter().map(to_segment));
+        let reads = layout.plain.clone().map(|plain| {
+            self.conns[index as usize]
+                .sendq
+                .add_dma_refs(plain.clone(), 1);
+            (index, generation, plain)
+        });
+        self.stats.tls_inline_frames += 1;
+        self.stats.tls_inline_bytes += tcp.payload_len as u64;
+        self.tls_layout = layout;
+        let frame = Frame {
+            slot,
+            _jumbo: None,
+            _cipher: None,
+            tls_held: 0,
+            reads,
+        };
+        self.stage_with(frame, offload, Some(staged));
     }
 
     /// Copies a mapped segment's payload into the frame and stages it whole.
@@ -755,6 +902,21 @@ impl TxPath {
         tcp: &TcpFrame,
         tso: Option<Tso>,
         payload_from: Option<(u32, Range<u64>)>,
+    ) -> TxOffload {
+        let payload = match payload_from {
+            Some((index, stream)) => PayloadAt::SendQueue(index, stream),
+            None => PayloadAt::Frame,
+        };
+        self.checksum(buffer, tcp, tso, payload)
+    }
+
+    /// [`TxPath::prepare_tcp_checksum`] with the payload anywhere.
+    fn checksum(
+        &mut self,
+        buffer: &mut [u8],
+        tcp: &TcpFrame,
+        tso: Option<Tso>,
+        payload: PayloadAt<'_>,
     ) -> TxOffload {
         let (src, dst) = (tcp.src.octets(), tcp.dst.octets());
         if self.caps.tcp_checksum {
@@ -790,19 +952,75 @@ impl TxPath {
             tcp.tcp_len() as u32,
         ));
         sum.add(&buffer[tcp.tcp..tcp.header_len]);
-        match payload_from {
-            Some((index, stream)) => {
+        match payload {
+            PayloadAt::SendQueue(index, stream) => {
                 self.conns[index as usize]
                     .sendq
                     .for_each_piece(stream, |piece| piece.with_bytes(|bytes| sum.add(bytes)))
                     .expect("mapped just before");
             }
-            None => sum.add(&buffer[tcp.header_len..]),
+            PayloadAt::Bytes(bytes) => sum.add(bytes),
+            PayloadAt::Frame => sum.add(&buffer[tcp.header_len..]),
         }
         self.stats.software_checksum_bytes += tcp.tcp_len() as u64;
         tcp.set_tcp_checksum(buffer, sum.finish());
         TxOffload::default()
     }
+}
+
+/// Fills `out` with the crypto context of a layout's record parts; false if the NIC's
+/// engine does not take every one (keys are named by connection index and generation, and
+/// epoch).
+fn staged_parts(
+    tx: &crate::tls::tx::TlsTx,
+    layout: &OffloadLayout,
+    (index, generation, header_len): (u32, u32, usize),
+    engine: &driver::TlsTxCapability,
+    out: &mut Vec<StagedPart>,
+) -> bool {
+    out.clear();
+    for part in &layout.parts {
+        let Some(key) = tx.key(part.epoch) else {
+            return false;
+        };
+        let (algorithm, key, iv) = key.material();
+        let cipher = match algorithm {
+            crate::tls::Algorithm::Aes128Gcm => driver::TlsCipher::Aes128Gcm,
+            crate::tls::Algorithm::Aes256Gcm => driver::TlsCipher::Aes256Gcm,
+        };
+        if !engine.supports(cipher) {
+            return false;
+        }
+        let mut key_bytes = [0u8; 32];
+        key_bytes[..key.len()].copy_from_slice(key);
+        out.push(StagedPart {
+            key: driver::TlsKeyId {
+                flow: (index as u64) << 32 | generation as u64,
+                epoch: part.epoch,
+            },
+            cipher,
+            key_bytes,
+            key_len: key.len(),
+            iv: *iv,
+            seq: part.seq,
+            inner_len: part.inner_len,
+            frame_offset: header_len as u32 + part.payload_offset,
+            record_offset: part.record_offset,
+            len: part.len,
+            resync: part.resync.clone(),
+        });
+    }
+    true
+}
+
+/// Where a frame's TCP payload is, for a software checksum.
+enum PayloadAt<'a> {
+    /// After the headers in the frame smoltcp built.
+    Frame,
+    /// At this stream range of connection `.0`'s send queue (zero-copy).
+    SendQueue(u32, Range<u64>),
+    /// In these bytes (a TLS frame's DMA chunk).
+    Bytes(&'a [u8]),
 }
 
 /// First transmissions and retransmissions of `stream`.
@@ -850,13 +1068,17 @@ impl<Q: NetQueue> NicDevice<Q> {
         while let Some(staged) = self.tx.staged.front() {
             let segments = &self.tx.staged_segments[staged.segments.clone()];
             let token = staged.frame.token();
-            match self
-                .nic
-                .tx_enqueue(TxFrame::new(segments, &staged.offload, token))
-            {
+            let mut slices = [NO_RECORD; MAX_INLINE_RECORDS];
+            let n = staged
+                .tls
+                .as_ref()
+                .map_or(0, |t| record_slices(t, &mut slices));
+            let frame = TxFrame::new(segments, &staged.offload, token).with_tls(&slices[..n]);
+            match self.nic.tx_enqueue(frame) {
                 Ok(()) => {
                     let staged = self.tx.staged.pop_front().expect("front exists");
                     self.tx.in_flight[token as usize] = Some(staged.frame);
+                    self.tx.spare_tls.extend(staged.tls);
                     submitted += 1;
                 }
                 Err(driver::DriverError::TxRingFull) => break,
@@ -865,6 +1087,7 @@ impl<Q: NetQueue> NicDevice<Q> {
                     tracing::warn!("NIC refused a frame: {e}");
                     let staged = self.tx.staged.pop_front().expect("front exists");
                     self.tx.stats.tx_refused += 1;
+                    self.tx.spare_tls.extend(staged.tls);
                     self.tx.retire(staged.frame);
                 }
             }
@@ -877,6 +1100,44 @@ impl<Q: NetQueue> NicDevice<Q> {
         }
         submitted
     }
+}
+
+/// Filler of the unused entries of [`record_slices`]' array.
+const NO_RECORD: driver::TlsRecordSlice<'static> = driver::TlsRecordSlice {
+    key: driver::TlsKey {
+        id: driver::TlsKeyId { flow: 0, epoch: 0 },
+        cipher: driver::TlsCipher::Aes128Gcm,
+        key: &[],
+        iv: &[0; 12],
+    },
+    seq: 0,
+    inner_len: 0,
+    frame_offset: 0,
+    record_offset: 0,
+    len: 0,
+    resync: &[],
+};
+
+/// The queue API's view of a staged frame's inline-TLS records (borrowing it), in `out`;
+/// returns how many.
+fn record_slices<'a>(tls: &'a StagedTls, out: &mut [driver::TlsRecordSlice<'a>]) -> usize {
+    for (slot, p) in out.iter_mut().zip(&tls.parts) {
+        *slot = driver::TlsRecordSlice {
+            key: driver::TlsKey {
+                id: p.key,
+                cipher: p.cipher,
+                key: &p.key_bytes[..p.key_len],
+                iv: &p.iv,
+            },
+            seq: p.seq,
+            inner_len: p.inner_len,
+            frame_offset: p.frame_offset,
+            record_offset: p.record_offset,
+            len: p.len,
+            resync: &tls.resync[p.resync.clone()],
+        };
+    }
+    tls.parts.len().min(out.len())
 }
 
 /// Receives one frame: lends the NIC's RX buffer to smoltcp (no copy).

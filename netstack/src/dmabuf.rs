@@ -9,7 +9,9 @@
 //! would be a logic error the type cannot catch, so those two owners drop them only there.
 //!
 //! All access goes through the driver's volatile [`DmaRegion`] accessors: no Rust slice of
-//! DMA memory is ever formed.
+//! DMA memory is ever formed here. (TLS ciphertext is written through a slice, into the
+//! driver's [`driver::dma::ChunkPool`] chunks, whose types keep a lent chunk away from the
+//! device.)
 
 use std::sync::{Arc, Mutex};
 

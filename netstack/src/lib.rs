@@ -160,14 +160,32 @@ pub struct StackStats {
     /// Record body bytes recomputed by AES-CTR (retransmissions, and the rest of records
     /// whose first transmission was split across frames).
     pub tls_ctr_bytes: u64,
-    /// Bytes the CPU wrote to produce TLS payload: the AEAD's output, gathers, copies of
-    /// partly sealed records, and the copy of each frame's TLS bytes into DMA memory.
+    /// Bytes the CPU wrote to produce TLS payload: the AEAD's output (straight into the
+    /// frame's DMA chunk), gathers (ring seals in place only) and copies of records sealed
+    /// aside. 1 per payload byte when every record is sealed out of place into its frame.
     pub tls_cpu_bytes_written: u64,
     /// TLS bytes written into frames' DMA buffers (each frame's payload, once).
     pub tls_dma_bytes_written: u64,
     /// TLS bytes in DMA buffers of frames the NIC has not completed. Nothing encrypted is
     /// kept past TX completion: 0 once the NIC is idle.
     pub tls_ciphertext_held_now: u64,
+    /// Audit ([`crate::tls::TlsConfig::audit`]): retransmitted record slices checked (one
+    /// record tag recomputed over the pinned plaintext each), the inner plaintext bytes
+    /// that cost, and tags that differed (the connection is reset, the slice not sent).
+    pub tls_audit_checks: u64,
+    pub tls_audit_bytes: u64,
+    pub tls_audit_mismatches: u64,
+    /// Frames whose records the NIC encrypted inline, and their TLS bytes.
+    pub tls_inline_frames: u64,
+    pub tls_inline_bytes: u64,
+    /// Retransmitted TLS segments, and those of them that start inside a record (they
+    /// need a partial record: CTR from the record's offset, or a NIC resync).
+    pub tls_retransmissions: u64,
+    pub tls_retransmissions_mid_record: u64,
+    /// TLS frames carrying new bytes, and those of them that end inside a record (the
+    /// record is split across frames: sealed aside, or resynchronised on an inline NIC).
+    pub tls_frames_first_sent: u64,
+    pub tls_frames_ending_mid_record: u64,
     pub tls_records_received: u64,
     pub tls_key_updates_sent: u64,
     pub tls_key_updates_received: u64,

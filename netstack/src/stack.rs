@@ -863,7 +863,13 @@ impl<Q: NetQueue> Stack<Q> {
                 // A fatal alert goes out (rustls' for a failed handshake, ours after it),
                 // then FIN. An alert from the peer ends the connection at once.
                 conn.close_requested = true;
-                let peer_alert = matches!(tls.error, Some(crate::tls::TlsError::PeerAlert(_)));
+                let peer_alert = matches!(
+                    tls.error,
+                    Some(
+                        crate::tls::TlsError::PeerAlert(_)
+                            | crate::tls::TlsError::AuditMismatch { .. }
+                    )
+                );
                 if peer_alert {
                     socket.abort();
                     ctx.sendq.abort();

@@ -14,6 +14,8 @@
 //!   processes them (at flush, or when the test says so), not when they are enqueued.
 //! - **Offloads** ([`offload`]): checksum insertion and TSO, with either TSO header
 //!   convention (`driver::TsoHeaders`).
+//! - **Inline TLS** ([`tls_engine`]): a kTLS-offload engine that encrypts TLS 1.3 records
+//!   laid out in plaintext as it DMA-reads them, from per-frame record context.
 //! - **The wire** ([`wire`]): seeded loss, duplication and reordering in each direction,
 //!   the MTU enforced, and a [`SoftPeer`] at the far end.
 //! - **A smoltcp peer** ([`smoltcp_peer`]): the far end as a smoltcp `phy::Device`
@@ -27,6 +29,7 @@ pub mod offload;
 pub mod smoltcp_peer;
 #[cfg(test)]
 mod test_frames;
+pub mod tls_engine;
 pub mod wire;
 
 pub use iommu::{DmaFault, DmaFaultKind, SoftIommu};

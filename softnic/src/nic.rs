@@ -25,6 +25,7 @@ use driver::{DriverError, Result};
 
 use crate::iommu::{DmaFault, SoftIommu};
 use crate::offload;
+use crate::tls_engine::{PendingRecord, TlsEngine, TlsEngineCounters};
 use crate::wire::{self, Impairments, NicPort, SoftPeer, ETHERNET_HEADER_LEN};
 
 /// When the device reads (DMAs) a flushed TX frame.
@@ -55,6 +56,19 @@ pub struct SoftNicConfig {
     pub to_nic: Impairments,
 }
 
+impl SoftNicConfig {
+    /// The same NIC with the inline TLS engine offered (AES-128/256-GCM, up to 16 record
+    /// parts per frame).
+    pub fn with_inline_tls(mut self) -> Self {
+        self.capabilities.tls_tx = Some(driver::TlsTxCapability {
+            aes_128_gcm: true,
+            aes_256_gcm: true,
+            max_records_per_frame: 16,
+        });
+        self
+    }
+}
+
 impl Default for SoftNicConfig {
     fn default() -> Self {
         Self {
@@ -67,6 +81,8 @@ impl Default for SoftNicConfig {
                 tso_headers: TsoHeaders::PerSegment,
                 max_tx_segments: 64,
                 mtu: 1500,
+                // Off by default; `SoftNicConfig::with_inline_tls` turns the engine on.
+                tls_tx: None,
             },
             tx_descriptors: 1024,
             rx_buffers: 512,
@@ -111,6 +127,8 @@ struct PendingTx {
     offload: TxOffload,
     token: TxToken,
     descriptors: usize,
+    /// Record parts the inline TLS engine encrypts (empty for other frames).
+    tls: Vec<PendingRecord>,
 }
 
 /// Callback shown every frame the NIC puts on the wire (after offloads, before impairments).
@@ -142,6 +160,8 @@ pub struct SoftNic {
     faults: Vec<DmaFault>,
     counters: SoftNicCounters,
     stats: DeviceStats,
+    /// Inline TLS encryption, when the capabilities offer it.
+    tls_engine: TlsEngine,
 }
 
 impl std::fmt::Debug for SoftNic {
@@ -152,6 +172,9 @@ impl std::fmt::Debug for SoftNic {
             .finish()
     }
 }
+
+/// Keys the inline TLS engine's table holds.
+const TLS_KEYS: usize = 1024;
 
 /// Most faults kept in [`SoftNic::faults`]; later ones are only counted.
 const FAULT_LOG_LIMIT: usize = 1024;
@@ -196,9 +219,15 @@ impl SoftNic {
             faults: Vec::new(),
             counters: SoftNicCounters::default(),
             stats: DeviceStats::default(),
+            tls_engine: TlsEngine::new(TLS_KEYS),
             config,
         };
         Ok((nic, peer))
+    }
+
+    /// What the inline TLS engine did.
+    pub fn tls_counters(&self) -> TlsEngineCounters {
+        self.tls_engine.counters
     }
 
     /// The IOMMU the device's DMA goes through.
@@ -347,6 +376,34 @@ impl SoftNic {
                 return;
             }
         }
+        if !pending.tls.is_empty() {
+            // Inline TLS: the payload is records in plaintext; encrypt before the checksums
+            // and segmentation, as a kTLS-offload NIC does.
+            let iommu = &self.iommu;
+            let mut faulted = None;
+            let mut read = |segments: &[TxSegment], out: &mut Vec<u8>| {
+                for segment in segments {
+                    let at = out.len();
+                    out.resize(at + segment.len as usize, 0);
+                    if let Err(fault) = iommu.dma_read(segment.iova, &mut out[at..]) {
+                        faulted = Some(fault);
+                        return false;
+                    }
+                }
+                true
+            };
+            let applied = self.tls_engine.apply(&mut buffer, &pending.tls, &mut read);
+            if let Some(fault) = faulted {
+                self.record_fault(fault);
+            }
+            if let Err(e) = applied {
+                tracing::debug!("soft NIC: TLS frame dropped: {e}");
+                self.counters.bad_frames += 1;
+                self.stats.tx_errors += 1;
+                self.dma_buffer = buffer;
+                return;
+            }
+        }
         let offload = pending.offload;
         match offload.tso {
             Some(tso) if buffer.len() > tso.header_len as usize => {
@@ -442,6 +499,32 @@ impl NetQueue for SoftNic {
             self.counters.bad_frames += 1;
             return Err(e);
         }
+        let mut tls = Vec::new();
+        if !frame.tls.is_empty() {
+            let refuse = |why: String| Err(DriverError::BadFrame(why));
+            let Some(engine) = self.config.capabilities.tls_tx else {
+                self.counters.bad_frames += 1;
+                return refuse("no inline TLS engine".into());
+            };
+            if frame.tls.len() > engine.max_records_per_frame
+                || frame.tls.iter().any(|r| !engine.supports(r.key.cipher))
+                || offload.l4_checksum.is_none()
+            {
+                self.counters.bad_frames += 1;
+                return refuse(
+                    "TLS records beyond what the engine offers (or no checksum offload)".into(),
+                );
+            }
+            for slice in frame.tls {
+                match PendingRecord::from_slice(slice) {
+                    Ok(record) => tls.push(record),
+                    Err(e) => {
+                        self.counters.bad_frames += 1;
+                        return refuse(e.to_string());
+                    }
+                }
+            }
+        }
         let context = usize::from(*offload != TxOffload::default());
         let descriptors = segments.len() + context;
         if self.config.tx_descriptors - self.tx_descriptors_used < descriptors {
@@ -455,6 +538,7 @@ impl NetQueue for SoftNic {
             offload: *offload,
             token,
             descriptors,
+            tls,
         });
         self.counters.tx_enqueued += 1;
         Ok(())

@@ -653,6 +653,8 @@ impl NetQueue for E1000 {
             tso_headers: TsoHeaders::PerSegment,
             max_tx_segments: MAX_TX_SEGMENTS,
             mtu: MTU,
+            // No inline TLS engine: the stack encrypts records itself.
+            tls_tx: None,
         }
     }
 
@@ -670,6 +672,10 @@ impl NetQueue for E1000 {
 
     fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
         let (segments, offload, token) = (frame.segments, frame.offload, frame.token);
+        if !frame.tls.is_empty() {
+            // It would put the plaintext on the wire.
+            return Err(DriverError::BadFrame("no inline TLS engine".into()));
+        }
         if segments.is_empty() || segments.len() > MAX_TX_SEGMENTS {
             return Err(DriverError::BadFrame(format!(
                 "{} segments (1..={MAX_TX_SEGMENTS} allowed)",

@@ -480,6 +480,8 @@ impl VirtioNet {
                 MAX_TX_SEGMENTS.min(n - 1)
             },
             mtu: 1500,
+            // virtio-net has no TLS offload: the stack encrypts records itself.
+            tls_tx: None,
         };
         let mut nic = VirtioNet {
             transport,
@@ -882,6 +884,10 @@ impl NetQueue for VirtioNet {
 
     fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
         let (segments, offload, token) = (frame.segments, frame.offload, frame.token);
+        if !frame.tls.is_empty() {
+            // It would put the plaintext on the wire.
+            return Err(DriverError::BadFrame("no inline TLS engine".into()));
+        }
         if let Some(why) = &self.dead {
             return Err(DriverError::Device(why.clone()));
         }
@@ -1162,6 +1168,7 @@ mod tests {
             tso_headers: TsoHeaders::WholePacket,
             max_tx_segments: MAX_TX_SEGMENTS,
             mtu: 1500,
+            tls_tx: None,
         }
     }
 

@@ -36,6 +36,10 @@ pub enum TlsError {
     PeerAlert(u8),
     #[error("the connection ended in the middle of a record")]
     Truncated,
+    /// Audit: a record's pinned plaintext changed before its retransmission (see
+    /// [`crate::tls::BuildError::AuditMismatch`]); the connection is reset.
+    #[error("audit: record {seq} (key epoch {epoch}) changed before its retransmission")]
+    AuditMismatch { epoch: u64, seq: u64 },
 }
 
 enum Phase {
@@ -83,7 +87,11 @@ pub struct TlsConn {
 impl TlsConn {
     pub fn new(config: Arc<ServerConfig>, tls: &TlsConfig) -> Result<Self, rustls::Error> {
         Ok(Self {
-            tx: TlsTx::new(tls.fault),
+            tx: {
+                let mut tx = TlsTx::new(tls.fault);
+                tx.set_audit(tls.audit);
+                tx
+            },
             phase: Phase::Handshake(Box::new(UnbufferedServerConnection::new(config)?)),
             backend: tls.backend,
             algorithm: Algorithm::Aes128Gcm,
@@ -164,6 +172,16 @@ impl TlsConn {
     pub fn key_update(&mut self, request_peer: bool) {
         let request = self.pending_key_update.unwrap_or(false) || request_peer;
         self.pending_key_update = Some(request);
+    }
+
+    /// The audit found a record changed before its retransmission: nothing more is sent
+    /// (the stack resets the connection).
+    pub fn audit_failed(&mut self, epoch: u64, seq: u64) {
+        if self.error.is_none() {
+            self.error = Some(TlsError::AuditMismatch { epoch, seq });
+        }
+        self.phase = Phase::Dead;
+        self.rx_buf.clear();
     }
 
     /// Ends the connection with `alert` (sent if there is a record layer to send it with).

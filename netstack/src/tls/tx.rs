@@ -41,6 +41,9 @@ pub struct TrafficKey {
     pub epoch: u64,
     iv: Nonce,
     aead: Box<dyn RecordAead>,
+    /// The key itself, for a NIC that encrypts inline (the queue API's `TlsKey`).
+    key: [u8; 32],
+    algorithm: Algorithm,
 }
 
 impl TrafficKey {
@@ -51,14 +54,28 @@ impl TrafficKey {
         key: &[u8],
         iv: &[u8],
     ) -> Result<Self, AeadError> {
+        let aead = new_aead(backend, algorithm, key)?;
+        let mut bytes = [0u8; 32];
+        bytes[..key.len()].copy_from_slice(key);
         Ok(Self {
             epoch,
             iv: iv.try_into().map_err(|_| AeadError::KeyLength {
                 algorithm,
                 got: iv.len(),
             })?,
-            aead: new_aead(backend, algorithm, key)?,
+            aead,
+            key: bytes,
+            algorithm,
         })
+    }
+
+    /// Algorithm, key and static IV, for an inline TLS engine.
+    pub fn material(&self) -> (Algorithm, &[u8], &Nonce) {
+        (
+            self.algorithm,
+            &self.key[..self.algorithm.key_len()],
+            &self.iv,
+        )
     }
 
     pub fn nonce(&self, seq: u64) -> Nonce {
@@ -125,6 +142,119 @@ pub enum TlsFault {
     /// the counter wrong (or re-encrypted changed plaintext) would send.
     #[cfg(feature = "test-hooks")]
     WrongCounter,
+    /// Give a NIC that encrypts inline the wrong offset (one block early) for record parts
+    /// that start inside their record: a broken re-synchronisation.
+    #[cfg(feature = "test-hooks")]
+    WrongResync,
+}
+
+impl TlsFault {
+    fn wrong_counter(self) -> bool {
+        #[cfg(feature = "test-hooks")]
+        return self == TlsFault::WrongCounter;
+        #[cfg(not(feature = "test-hooks"))]
+        false
+    }
+
+    fn wrong_resync(self) -> bool {
+        #[cfg(feature = "test-hooks")]
+        return self == TlsFault::WrongResync;
+        #[cfg(not(feature = "test-hooks"))]
+        false
+    }
+}
+
+/// Where one piece of an inline-TLS frame's payload is ([`TlsTx::describe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutPiece {
+    /// Bytes the stack wrote: [`OffloadLayout::bytes`]`[start..start + len]` (record
+    /// headers, content type bytes, tag placeholders, the stack's own small records).
+    Stack { start: u32, len: u32 },
+    /// Bytes already in device-readable memory: pinned pages, copy blocks.
+    Dma { iova: driver::Iova, len: u32 },
+}
+
+/// One record's part of an inline-TLS frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordPart {
+    pub epoch: u64,
+    pub seq: u64,
+    pub inner_len: u32,
+    /// Where the part begins in the frame's TCP payload.
+    pub payload_offset: u32,
+    /// Which byte of the record that is.
+    pub record_offset: u32,
+    pub len: u32,
+    /// The record's bytes before the part, in [`OffloadLayout::resync`], when the part
+    /// holds tag bytes and not the record's start (the NIC needs them for the tag).
+    pub resync: Range<usize>,
+}
+
+/// A frame's TLS payload laid out in plaintext for a NIC that encrypts inline.
+#[derive(Debug, Default)]
+pub struct OffloadLayout {
+    pub bytes: Vec<u8>,
+    /// The payload, in order.
+    pub pieces: Vec<LayoutPiece>,
+    pub parts: Vec<RecordPart>,
+    /// Resync bytes of the parts (not sent).
+    pub resync: Vec<LayoutPiece>,
+    /// The plaintext-stream range the pieces read (the send queue must keep it while the
+    /// NIC may read it).
+    pub plain: Option<Range<u64>>,
+}
+
+impl OffloadLayout {
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.pieces.clear();
+        self.parts.clear();
+        self.resync.clear();
+        self.plain = None;
+    }
+
+    fn stack_bytes(bytes: &mut Vec<u8>, out: &mut Vec<LayoutPiece>, new: &[u8]) {
+        let start = bytes.len() as u32;
+        bytes.extend_from_slice(new);
+        let len = new.len() as u32;
+        match out.last_mut() {
+            Some(LayoutPiece::Stack { start: s, len: l }) if *s + *l == start => *l += len,
+            _ => out.push(LayoutPiece::Stack { start, len }),
+        }
+    }
+
+    fn dma(out: &mut Vec<LayoutPiece>, iova: driver::Iova, len: u32) {
+        match out.last_mut() {
+            Some(LayoutPiece::Dma { iova: i, len: l }) if *i + *l as u64 == iova => *l += len,
+            _ => out.push(LayoutPiece::Dma { iova, len }),
+        }
+    }
+
+    fn reads(&mut self, plain: Range<u64>) {
+        self.plain = Some(match self.plain.take() {
+            Some(p) => p.start.min(plain.start)..p.end.max(plain.end),
+            None => plain,
+        });
+    }
+}
+
+/// Why [`TlsTx::build`] wrote nothing usable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    /// The range is not (or no longer) in the record map or the send queue.
+    #[error("TCP range not in the record map or the send queue")]
+    Unmapped,
+    /// Audit: the tag recomputed over the pinned plaintext of a record being retransmitted
+    /// differs from the tag sent with it: its plaintext changed, so the recomputed bytes
+    /// would differ from the first transmission.
+    #[error("record {seq} of key epoch {epoch}: plaintext changed since its first transmission")]
+    AuditMismatch { epoch: u64, seq: u64 },
+}
+
+impl From<Unmapped> for BuildError {
+    fn from(_: Unmapped) -> Self {
+        BuildError::Unmapped
+    }
 }
 
 /// The record layer's transmit state of one connection (TCP-stream offsets).
@@ -149,6 +279,9 @@ pub struct TlsTx {
     /// transmissions go in stream order, so there is at most one.
     open_tag: Option<(u64, TagState)>,
     fault: TlsFault,
+    /// Check every retransmitted record slice against its kept tag (see
+    /// [`TlsTx::set_audit`]).
+    audit: bool,
 }
 
 impl TlsTx {
@@ -165,7 +298,17 @@ impl TlsTx {
             last_released: None,
             open_tag: None,
             fault,
+            audit: false,
         }
+    }
+
+    /// Audit mode: before a retransmission recomputes body bytes of a record, the record's
+    /// tag is recomputed over its pinned plaintext (a whole-record seal, aside) and must
+    /// equal the tag sent the first time; otherwise [`TlsTx::build`] fails with
+    /// [`BuildError::AuditMismatch`] and writes nothing the caller may send. Costs one
+    /// record seal per retransmitted slice, nothing on first transmissions.
+    pub fn set_audit(&mut self, audit: bool) {
+        self.audit = audit;
     }
 
     /// Framed bytes not yet handed to smoltcp.
@@ -324,7 +467,7 @@ impl TlsTx {
         out: &mut [u8],
         scratch: &mut Vec<u8>,
         stats: &mut StackStats,
-    ) -> Result<(), Unmapped> {
+    ) -> Result<(), BuildError> {
         debug_assert_eq!(out.len() as u64, range.end - range.start);
         if range.is_empty() {
             return Ok(());
@@ -332,7 +475,7 @@ impl TlsTx {
         let first = self.units.partition_point(|u| u.tcp_end() <= range.start);
         match self.units.get(first) {
             Some(u) if u.tcp_start <= range.start && range.end <= self.framed_end => {}
-            _ => return Err(Unmapped),
+            _ => return Err(BuildError::Unmapped),
         }
         let retransmission = range.start < self.sent_max;
         let Self {
@@ -340,6 +483,8 @@ impl TlsTx {
             keys,
             fault,
             open_tag,
+            audit,
+            sent_max,
             ..
         } = self;
         let mut at = range.start;
@@ -367,7 +512,8 @@ impl TlsTx {
                         plain_start: unit.plain_start,
                         plain_len: unit.plain_len as usize,
                         local: local.start as usize..local.end as usize,
-                        wrong_counter: retransmission && *fault != TlsFault::None,
+                        wrong_counter: retransmission && fault.wrong_counter(),
+                        audit: *audit && at < *sent_max,
                     };
                     slice.build(rec, sendq, dst, scratch, open_tag, stats)?;
                 }
@@ -377,17 +523,145 @@ impl TlsTx {
         Ok(())
     }
 
+    /// The key of `epoch`, if still held.
+    pub fn key(&self, epoch: u64) -> Option<&TrafficKey> {
+        self.keys.iter().find(|k| k.epoch == epoch)
+    }
+
+    /// Lays out TCP range `range` for a NIC that encrypts inline: every record part as
+    /// plaintext (header, pinned data by IOVA, type byte, tag placeholder) with its crypto
+    /// context; raw units by IOVA. Nothing is encrypted here and no record state changes.
+    pub fn describe(
+        &self,
+        sendq: &SendQueue,
+        range: Range<u64>,
+        layout: &mut OffloadLayout,
+    ) -> Result<(), BuildError> {
+        let first = self.units.partition_point(|u| u.tcp_end() <= range.start);
+        match self.units.get(first) {
+            Some(u) if u.tcp_start <= range.start && range.end <= self.framed_end => {}
+            _ => return Err(BuildError::Unmapped),
+        }
+        let mut at = range.start;
+        for unit in self.units.range(first..) {
+            if at >= range.end {
+                break;
+            }
+            let local = (at - unit.tcp_start) as usize
+                ..(range.end.min(unit.tcp_end()) - unit.tcp_start) as usize;
+            let payload_offset = (at - range.start) as u32;
+            match unit.kind {
+                Kind::Raw => {
+                    let plain =
+                        unit.plain_start + local.start as u64..unit.plain_start + local.end as u64;
+                    layout.reads(plain.clone());
+                    let pieces = &mut layout.pieces;
+                    sendq.for_each_piece(plain, |piece| {
+                        OffloadLayout::dma(pieces, piece.iova, piece.len as u32)
+                    })?;
+                }
+                Kind::Record(rec) => {
+                    let plain_len = unit.plain_len as usize;
+                    let inner_len = plain_len + 1;
+                    if matches!(rec.source, Source::Queue) {
+                        layout.reads(unit.plain_start..unit.plain_start + plain_len as u64);
+                    }
+                    let OffloadLayout {
+                        bytes,
+                        pieces,
+                        resync,
+                        ..
+                    } = layout;
+                    lay_out_record(&rec, unit, local.clone(), sendq, bytes, pieces)?;
+                    let holds_tag = local.end > HEADER_LEN + inner_len;
+                    let resync_start = resync.len();
+                    if holds_tag && local.start > 0 {
+                        lay_out_record(&rec, unit, 0..local.start, sendq, bytes, resync)?;
+                    }
+                    let resync = resync_start..resync.len();
+                    let mut record_offset = local.start as u32;
+                    if self.fault.wrong_resync() && !holds_tag && local.start >= HEADER_LEN + 16 {
+                        record_offset -= 16;
+                    }
+                    layout.parts.push(RecordPart {
+                        epoch: rec.epoch,
+                        seq: rec.seq,
+                        inner_len: inner_len as u32,
+                        payload_offset,
+                        record_offset,
+                        len: (local.end - local.start) as u32,
+                        resync,
+                    });
+                }
+            }
+            at = unit.tcp_start + local.end as u64;
+        }
+        Ok(())
+    }
+
     /// Notes that `range` was transmitted (first transmissions move `sent_max`).
     pub fn account_sent(&mut self, range: Range<u64>, stats: &mut StackStats) {
         if range.start < self.sent_max {
             stats.retransmitted_segments += 1;
             stats.retransmitted_bytes += range.end.min(self.sent_max) - range.start;
+            // Does the retransmission start at a unit (record) boundary?
+            let i = self.units.partition_point(|u| u.tcp_end() <= range.start);
+            if let Some(u) = self.units.get(i) {
+                stats.tls_retransmissions += 1;
+                if u.tcp_start != range.start && matches!(u.kind, Kind::Record(_)) {
+                    stats.tls_retransmissions_mid_record += 1;
+                }
+            }
         }
         if range.end > self.sent_max {
             stats.payload_bytes_sent += range.end - range.start.max(self.sent_max);
             self.sent_max = range.end;
+            // Does this first transmission end inside a record (split across frames)?
+            let i = self.units.partition_point(|u| u.tcp_end() < range.end);
+            if let Some(u) = self.units.get(i) {
+                stats.tls_frames_first_sent += 1;
+                if u.tcp_end() != range.end && matches!(u.kind, Kind::Record(_)) {
+                    stats.tls_frames_ending_mid_record += 1;
+                }
+            }
         }
     }
+}
+
+/// Appends the layout of record bytes `local` (header, data, type byte, tag placeholder)
+/// to `out`, with the stack's bytes in `bytes`.
+fn lay_out_record(
+    rec: &Record,
+    unit: &Unit,
+    local: Range<usize>,
+    sendq: &SendQueue,
+    bytes: &mut Vec<u8>,
+    out: &mut Vec<LayoutPiece>,
+) -> Result<(), Unmapped> {
+    let plain_len = unit.plain_len as usize;
+    let header = record::header(plain_len + 1);
+    if let Some(h) = overlap(&local, 0..HEADER_LEN) {
+        OffloadLayout::stack_bytes(bytes, out, &header[h]);
+    }
+    if let Some(d) = overlap(&local, HEADER_LEN..HEADER_LEN + plain_len) {
+        match rec.source {
+            Source::Inline(ref inline) => OffloadLayout::stack_bytes(bytes, out, &inline[d]),
+            Source::Queue => {
+                let plain = unit.plain_start + d.start as u64..unit.plain_start + d.end as u64;
+                sendq.for_each_piece(plain, |piece| {
+                    OffloadLayout::dma(out, piece.iova, piece.len as u32)
+                })?;
+            }
+        }
+    }
+    let type_at = HEADER_LEN + plain_len;
+    if overlap(&local, type_at..type_at + 1).is_some() {
+        OffloadLayout::stack_bytes(bytes, out, &[rec.content_type]);
+    }
+    if let Some(t) = overlap(&local, type_at + 1..type_at + 1 + TAG_LEN) {
+        OffloadLayout::stack_bytes(bytes, out, &[0; TAG_LEN][t]);
+    }
+    Ok(())
 }
 
 /// Copies plaintext stream bytes `plain` of the send queue into `dst`.
@@ -409,6 +683,8 @@ struct RecordSlice<'k> {
     /// Range of the record's TCP bytes (header, body, tag) to write.
     local: Range<usize>,
     wrong_counter: bool,
+    /// A retransmission with audit on: check the kept tag before recomputing body bytes.
+    audit: bool,
 }
 
 /// The overlap of `a` and `b`, relative to `b.start`.
@@ -426,7 +702,7 @@ impl RecordSlice<'_> {
         scratch: &mut Vec<u8>,
         open_tag: &mut Option<(u64, TagState)>,
         stats: &mut StackStats,
-    ) -> Result<(), Unmapped> {
+    ) -> Result<(), BuildError> {
         let inner_len = self.plain_len + 1;
         let header = record::header(inner_len);
         let body = HEADER_LEN..HEADER_LEN + inner_len;
@@ -487,6 +763,9 @@ impl RecordSlice<'_> {
                 out.copy_from_slice(&scratch[part.clone()]);
                 stats.tls_cpu_bytes_written += part.len() as u64;
             } else {
+                if self.audit {
+                    self.audit_tag(rec, sendq, &header, scratch, stats)?;
+                }
                 self.ctr(rec, sendq, &nonce, part.clone(), out)?;
                 stats.tls_ctr_bytes += part.len() as u64;
                 stats.tls_cpu_bytes_written += part.len() as u64;
@@ -503,6 +782,47 @@ impl RecordSlice<'_> {
             dst[out_at..out_at + t.len()].copy_from_slice(&tag[t]);
         }
         Ok(())
+    }
+
+    /// Audit of a retransmitted slice: the record's tag recomputed over its pinned plaintext
+    /// (gathered into `scratch`, sealed there) must be the kept one.
+    fn audit_tag(
+        &self,
+        rec: &Record,
+        sendq: &SendQueue,
+        header: &[u8; HEADER_LEN],
+        scratch: &mut Vec<u8>,
+        stats: &mut StackStats,
+    ) -> Result<(), BuildError> {
+        let inner_len = self.plain_len + 1;
+        scratch.clear();
+        scratch.resize(inner_len, 0);
+        match rec.source {
+            Source::Inline(ref bytes) => {
+                scratch[..self.plain_len].copy_from_slice(&bytes[..self.plain_len])
+            }
+            Source::Queue => copy_plain(
+                sendq,
+                self.plain_start..self.plain_start + self.plain_len as u64,
+                &mut scratch[..self.plain_len],
+            )?,
+        }
+        scratch[self.plain_len] = rec.content_type;
+        let tag = self
+            .key
+            .aead()
+            .seal_in_place(&self.key.nonce(rec.seq), header, scratch);
+        stats.tls_audit_checks += 1;
+        stats.tls_audit_bytes += inner_len as u64;
+        if Some(tag) == rec.tag {
+            Ok(())
+        } else {
+            stats.tls_audit_mismatches += 1;
+            Err(BuildError::AuditMismatch {
+                epoch: self.key.epoch,
+                seq: rec.seq,
+            })
+        }
     }
 
     /// Seals the whole record: into `direct` (the frame's bytes, when the frame holds the
