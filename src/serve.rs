@@ -418,6 +418,9 @@ impl<Q: ServerNic> Server<Q> {
         // memory: their buffers are untouched until used.
         config.backlog = options.listen_backlog.max(1);
         config.tcp_tx_buffer = options.tcp_send_buffer;
+        // `--audit` covers HTTPS too: a retransmitted record slice must recompute to the
+        // record's kept tag (a changed pinned page would re-encrypt under the same nonce).
+        config.tls.audit = options.audit;
         config.send_stall_timeout = Some(netstack::Duration::from_micros(
             options.send_stall_timeout.as_micros() as u64,
         ));

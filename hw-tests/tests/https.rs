@@ -486,13 +486,15 @@ fn tls_metrics(srv: &ServerGuest, pki: &Pki) {
     let sealed = metric(&text, "zerosend_tls_records_sealed_total");
     let key_updates = metric(&text, "zerosend_tls_key_updates_received_total");
     let held = metric(&text, "zerosend_tls_ciphertext_held_now");
-    eprintln!("https: {accepted} TLS connections, {sealed} records sealed, {key_updates} client KeyUpdates, {held} B ciphertext held");
+    let audited = metric(&text, "zerosend_tls_audit_checks_total");
+    eprintln!("https: {accepted} TLS connections, {sealed} records sealed, {key_updates} client KeyUpdates, {held} B ciphertext held, {audited} retransmitted slices audited");
     srv.check(
         accepted >= 40
             && sealed > (BIG_LEN as u64 >> 14)
             && key_updates >= 1
             && held == 0
-            && text.contains("zerosend_audit_violations_total 0\n"),
+            && text.contains("zerosend_audit_violations_total 0\n")
+            && text.contains("zerosend_tls_audit_mismatches_total 0\n"),
         &format!("TLS metrics:\n{text}"),
     );
 }

@@ -324,6 +324,21 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             s.tls_ciphertext_held_now as f64,
         ),
         Metric::counter(
+            "zerosend_tls_audit_checks_total",
+            "Retransmitted TLS record slices audited (--audit): the record's tag recomputed over the pinned plaintext.",
+            s.tls_audit_checks,
+        ),
+        Metric::counter(
+            "zerosend_tls_audit_mismatches_total",
+            "Audited retransmissions whose plaintext no longer gave the record's tag (not sent; the connection was reset).",
+            s.tls_audit_mismatches,
+        ),
+        Metric::counter(
+            "zerosend_tls_retransmissions_total",
+            "TLS frames retransmitted (rebuilt from the pins).",
+            s.tls_retransmissions,
+        ),
+        Metric::counter(
             "zerosend_tls_records_received_total",
             "TLS records received and decrypted.",
             s.tls_records_received,
