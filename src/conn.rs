@@ -1182,12 +1182,11 @@ impl Connection {
         core: &mut ServerCore,
         out: &mut Vec<Outgoing>,
     ) {
-        let skippable = request
-            .content_length
-            .filter(|&len| !request.chunked && len <= core.limits.max_discarded_body_bytes);
-        let keep = request.keep_alive && skippable.is_some();
-        core.answer_error(e, Some(request), keep, started, now, out);
-        self.after_refused_put(skippable, keep, now);
+        let bytes = |keep| {
+            let head_only = request.method == Method::Head;
+            error_response(e, keep, head_only)
+        };
+        self.refuse_put_with(bytes, e.status, request, started, now, core, out);
     }
 
     /// [`Connection::refuse_put`] with a response of its own (`bytes`, for `status`).

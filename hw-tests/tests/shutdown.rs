@@ -40,27 +40,22 @@ fn script() -> String {
     );
     format!(
         r#"
-until_file() {{ while [ ! -e "$1" ]; do sleep 0.2; done; }}
-{serve} --shutdown-timeout-secs 60 &
-pid=$!
-until_file /data/stop-1
-kill -TERM $pid
-status=0; wait $pid || status=$?
+# stop_after TIMEOUT FILE SIGNALS: serve until FILE appears, then send SIGTERM once or
+# twice; $status is the server's exit status.
+stop_after() {{
+  {serve} --shutdown-timeout-secs $1 &
+  pid=$!
+  while [ ! -e "$2" ]; do sleep 0.2; done
+  kill -TERM $pid
+  if [ "$3" = twice ]; then sleep 1; kill -TERM $pid; fi
+  status=0; wait $pid || status=$?
+}}
+stop_after 60 /data/stop-1 once
 echo "first-exit $status"
 echo "put-sha $(sha256sum /data/put.bin | cut -d' ' -f1)"
-{serve} --shutdown-timeout-secs 2 &
-pid=$!
-until_file /data/stop-2
-kill -TERM $pid
-status=0; wait $pid || status=$?
+stop_after 2 /data/stop-2 once
 echo "second-exit $status"
-{serve} --shutdown-timeout-secs 60 &
-pid=$!
-until_file /data/stop-3
-kill -TERM $pid
-sleep 1
-kill -TERM $pid
-status=0; wait $pid || status=$?
+stop_after 60 /data/stop-3 twice
 echo "third-exit $status"
 echo "shutdown-test-done"
 "#

@@ -314,27 +314,19 @@ impl PageCache {
 
     /// Writes back the dirty pages of every cached file (without fsync).
     pub fn writeback_all(&self) -> Result<()> {
-        let files: Vec<_> = self
-            .shared
-            .registry
-            .lock()
-            .by_id
-            .values()
-            .cloned()
-            .collect();
-        let mut first_error = None;
-        for file in files {
-            if let Err(e) = writeback::writeback_file(&self.shared, &file) {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        self.sync_files(false).map(|_| ())
     }
 
     /// Writes back the dirty pages of every cached file and makes them durable
     /// (`fdatasync` of each file that had any): for an orderly stop. Returns how many files
     /// were synced, or the first error (every file is still tried).
     pub fn sync_all(&self) -> Result<usize> {
+        self.sync_files(true)
+    }
+
+    /// Writes back every cached file's dirty pages, and with `durable` fdatasyncs each file
+    /// that had any; returns how many were synced, or the first error (every file is tried).
+    fn sync_files(&self, durable: bool) -> Result<usize> {
         let files: Vec<_> = self
             .shared
             .registry
@@ -346,14 +338,14 @@ impl PageCache {
         let mut first_error = None;
         let mut synced = 0;
         for file in files {
-            match writeback::writeback_file(&self.shared, &file) {
-                Ok(0) => {}
-                Ok(_) => match writeback::fsync_file(&self.shared, &file) {
-                    Ok(()) => synced += 1,
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
-                },
+            let result = writeback::writeback_file(&self.shared, &file).and_then(|written| {
+                match written > 0 && durable {
+                    true => writeback::fsync_file(&self.shared, &file).map(|()| 1),
+                    false => Ok(0),
+                }
+            });
+            match result {
+                Ok(n) => synced += n,
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
