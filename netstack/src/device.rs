@@ -770,6 +770,7 @@ impl TxPath {
             let pseudo = ipv4_pseudo_header(src, dst, IP_PROTOCOL_TCP, length);
             tcp.set_tcp_checksum(buffer, pseudo);
             return TxOffload {
+                ipv6_header: None,
                 ipv4_header: per_segment.then_some(tcp.ip as u16),
                 l4_checksum: Some(L4Checksum {
                     protocol: L4Protocol::Tcp,
