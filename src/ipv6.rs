@@ -9,7 +9,7 @@ use netstack::{Ipv6Address, Ipv6Cidr, Ipv6Config, MAX_STATIC_IPV6};
 /// whatever is given.
 pub fn config(
     addresses: &[String],
-    gateway: Option<std::net::Ipv6Addr>,
+    gateway: Option<Ipv6Address>,
     slaac: bool,
 ) -> Result<Ipv6Config> {
     if addresses.len() > MAX_STATIC_IPV6 {
@@ -23,7 +23,7 @@ pub fn config(
         .map(|text| parse_cidr(text))
         .collect::<Result<Vec<_>>>()?;
     let mut config = Ipv6Config::with_addresses(&cidrs)?;
-    config.gateway = gateway.map(Ipv6Address::from);
+    config.gateway = gateway;
     config.slaac = slaac;
     Ok(config)
 }
@@ -37,13 +37,13 @@ fn parse_cidr(text: &str) -> Result<Ipv6Cidr> {
         .ok()
         .filter(|p| *p <= 128)
         .with_context(|| format!("--ipv6 {text:?}: bad prefix length (0..=128)"))?;
-    let addr: std::net::Ipv6Addr = addr
+    let addr: Ipv6Address = addr
         .parse()
         .with_context(|| format!("--ipv6 {text:?}: bad IPv6 address"))?;
     if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
         bail!("--ipv6 {text:?}: not a unicast address for an interface");
     }
-    Ok(Ipv6Cidr::new(addr.into(), prefix))
+    Ok(Ipv6Cidr::new(addr, prefix))
 }
 
 /// `zerosend: IPv6 on [fe80::...]:80 [fd00::2]:80`: every IPv6 address of the interface
@@ -63,6 +63,10 @@ pub fn announce(addresses: &[Ipv6Cidr], ports: &[(u16, bool)]) -> String {
 mod tests {
     use super::*;
 
+    fn v6(text: &str) -> Ipv6Address {
+        text.parse().unwrap()
+    }
+
     #[test]
     fn flags_become_the_stack_configuration() {
         let c = config(
@@ -72,17 +76,8 @@ mod tests {
         )
         .unwrap();
         assert!(c.enabled && c.slaac);
-        assert_eq!(
-            c.addresses[0],
-            Some(Ipv6Cidr::new(
-                "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().into(),
-                64
-            ))
-        );
-        assert_eq!(
-            c.gateway,
-            Some("fd00::1".parse::<std::net::Ipv6Addr>().unwrap().into())
-        );
+        assert_eq!(c.addresses[0], Some(Ipv6Cidr::new(v6("fd00::2"), 64)));
+        assert_eq!(c.gateway, Some(v6("fd00::1")));
         let link_local_only = config(&[], None, false).unwrap();
         assert!(link_local_only.enabled);
         assert_eq!(link_local_only.addresses, [None; MAX_STATIC_IPV6]);
@@ -107,8 +102,8 @@ mod tests {
     #[test]
     fn the_announcement_names_every_address_and_port() {
         let addresses = [
-            Ipv6Cidr::new("fe80::1".parse::<std::net::Ipv6Addr>().unwrap().into(), 64),
-            Ipv6Cidr::new("fd00::2".parse::<std::net::Ipv6Addr>().unwrap().into(), 64),
+            Ipv6Cidr::new(v6("fe80::1"), 64),
+            Ipv6Cidr::new(v6("fd00::2"), 64),
         ];
         assert_eq!(
             announce(&addresses, &[(80, false), (443, true)]),
