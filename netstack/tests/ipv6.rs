@@ -30,6 +30,7 @@ const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
 const ICMPV6: u8 = 58;
 const NEIGHBOR_ADVERT: u8 = 136;
 const ECHO_REPLY: u8 = 129;
+const ROUTER_SOLICIT: u8 = 133;
 
 /// What the test sees of the stack's frames on the wire (after the NIC's offloads).
 #[derive(Default, Debug)]
@@ -44,6 +45,7 @@ struct Wire {
     /// Neighbour advertisements for `STACK_V6` or the link-local address.
     neighbor_adverts: u64,
     echo_replies: Vec<Vec<u8>>,
+    router_solicits: u64,
     syn_acks_to: Vec<u16>,
 }
 
@@ -55,6 +57,7 @@ impl Wire {
             match f[54] {
                 NEIGHBOR_ADVERT => self.neighbor_adverts += 1,
                 ECHO_REPLY => self.echo_replies.push(f.to_vec()),
+                ROUTER_SOLICIT => self.router_solicits += 1,
                 _ => {}
             }
             return;
@@ -428,4 +431,82 @@ fn a_wrong_pseudo_header_fails_on_the_wire() {
         assert!(wire.ipv6_tcp_frames > 0);
         assert_eq!(wire.bad_checksums, wire.ipv6_tcp_frames, "{wire:?}");
     }
+}
+
+/// SLAAC (RFC 4862): the stack solicits routers; a router advertisement for `fd42::/64`
+/// (on-link, autonomous) from the peer's link-local address gives the stack
+/// `fd42::` + its EUI-64 interface identifier, which then serves a download.
+#[test]
+fn slaac_forms_an_address_from_a_router_advertisement_and_serves_on_it() {
+    use smoltcp::wire::{
+        NdiscPrefixInfoFlags, NdiscPrefixInformation, NdiscRepr, NdiscRouterFlags,
+        RawHardwareAddress,
+    };
+    let mut b = ipv6_bed_with(caps(true, None, false), 4 << 20, |c| {
+        c.stack.ipv6 = Ipv6Config {
+            slaac: true,
+            ..Ipv6Config::link_local()
+        };
+    });
+    let wire = b.wire.clone();
+    let solicited = b
+        .bed
+        .run_until(20_000, |_| wire.lock().unwrap().router_solicits > 0);
+    assert!(solicited, "the stack sent a router solicitation");
+    let prefix = Ipv6Address::new(0xfd42, 0, 0, 0, 0, 0, 0, 0);
+    let advert = Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
+        hop_limit: 64,
+        flags: NdiscRouterFlags::empty(),
+        router_lifetime: smoltcp::time::Duration::from_secs(1800),
+        reachable_time: smoltcp::time::Duration::from_millis(0),
+        retrans_time: smoltcp::time::Duration::from_millis(0),
+        lladdr: Some(RawHardwareAddress::from_bytes(&PEER_MAC)),
+        mtu: None,
+        prefix_info: Some(NdiscPrefixInformation {
+            prefix_len: 64,
+            flags: NdiscPrefixInfoFlags::ON_LINK | NdiscPrefixInfoFlags::ADDRCONF,
+            valid_lifetime: smoltcp::time::Duration::from_secs(86400),
+            preferred_lifetime: smoltcp::time::Duration::from_secs(14400),
+            prefix,
+        }),
+    });
+    let router = netstack::link_local_address(PEER_MAC);
+    let all_nodes = Ipv6Address::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let ip = Ipv6Repr {
+        src_addr: router,
+        dst_addr: all_nodes,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: advert.buffer_len(),
+        hop_limit: 255,
+    };
+    let mut frame = peer_frame(ip, |payload| {
+        advert.emit(
+            &router,
+            &all_nodes,
+            &mut Icmpv6Packet::new_unchecked(payload),
+            &smoltcp::phy::ChecksumCapabilities::default(),
+        );
+    });
+    frame[0..6].copy_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
+    b.bed.peer_dev.peer().send(frame);
+    let expected = Ipv6Address::new(0xfd42, 0, 0, 0, 0, 0xff, 0xfe00, 1);
+    let configured = b.bed.run_until(2_000, |bed| {
+        bed.stack
+            .ipv6_addresses()
+            .contains(&Ipv6Cidr::new(expected, 64))
+    });
+    assert!(
+        configured,
+        "SLAAC address: {:?}",
+        b.bed.stack.ipv6_addresses()
+    );
+    b.bed.peer_iface.update_ip_addrs(|a| {
+        a.push(IpCidr::Ipv6(Ipv6Cidr::new(
+            Ipv6Address::new(0xfd42, 0, 0, 0, 0, 0, 0, 2),
+            64,
+        )))
+        .unwrap();
+    });
+    let from = Ipv6Address::new(0xfd42, 0, 0, 0, 0, 0, 0, 2);
+    download(&mut b, expected, from, 1 << 20);
 }
