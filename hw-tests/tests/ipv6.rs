@@ -128,9 +128,13 @@ struct Captured {
 }
 
 fn ipv6_frames_from_the_server(pcap: &[u8]) -> Captured {
-    let frames = hw_tests::wire::pcap_frames(pcap).expect("reading the capture");
+    // Records, not frames: the IPv4 baseline's TSO frames exceed the capture's snaplen.
+    let records = hw_tests::wire::pcap_records(pcap).expect("reading the capture");
     let mut c = Captured::default();
-    for record in frames {
+    for (wire_len, record) in records {
+        if record.len() != wire_len {
+            continue; // a TSO frame of the IPv4 download, cut at the snaplen
+        }
         let Some(h) = [0, 10, 12].into_iter().find(|&h| {
             record.len() >= h + 74
                 && record[h + 6..h + 12] == GUEST_MAC
@@ -209,9 +213,19 @@ fn over_ipv6(nic: Nic) {
         neighbours.contains(GUEST_V6) && neighbours.contains(&link_local),
         &format!("host neighbour table lacks the guest's addresses:\n{neighbours}"),
     );
-    // Dual stack: IPv4 on the same listener.
+    // Dual stack: IPv4 on the same listener. Its download (TSO where the NIC has it) is
+    // the baseline the IPv6 one (MSS frames) is compared with, in the same guest.
     let o = srv.curl(&[&hw_tests::serve_guest::url("/hello.txt")]);
     srv.check(o.stdout == HELLO, "hello.txt over IPv4 beside IPv6");
+    let v4 = srv.download_big("big.bin over IPv4");
+    let v6 = big(&srv, GUEST_V6);
+    eprintln!(
+        "{}: same guest, 8 MiB: IPv4 {:.1} MB/s, IPv6 {:.1} MB/s, IPv6/IPv4 {:.2}",
+        nic.name(),
+        BIG_LEN as f64 / v4 / 1e6,
+        BIG_LEN as f64 / v6 / 1e6,
+        v4 / v6
+    );
 
     let run = srv.guest.stop_server();
     hw_tests::expect_no_poison_on_the_wire(&run);
@@ -221,12 +235,12 @@ fn over_ipv6(nic: Nic) {
         "{}: capture of the server's IPv6 data frames: {c:?}",
         nic.name()
     );
-    if !(c.payload_bytes >= 2 * BIG_LEN
-        && c.data_frames >= 2 * BIG_LEN / 1440
+    if !(c.payload_bytes >= 3 * BIG_LEN
+        && c.data_frames >= 3 * BIG_LEN / 1440
         && c.largest_frame <= 1514)
     {
         run.fail(&format!(
-            "capture {c:?}: expected two downloads of {BIG_LEN} bytes in MSS frames"
+            "capture {c:?}: expected three downloads of {BIG_LEN} bytes in MSS frames"
         ));
     }
     if c.checksum_offloaded != c.with_net_hdr {
