@@ -163,6 +163,43 @@ pub fn tcp_checksum_ok(frame: &[u8], tcp: &TcpFrame) -> bool {
     sum.sum() == 0xffff
 }
 
+/// Whether `frame` carries TCP that [`parse_tcp`] leaves alone and whose checksum the
+/// boundary therefore does not verify: an IPv4 fragment of TCP, or IPv6 TCP behind extension
+/// headers (hop-by-hop, routing, fragment, destination options: RFC 8200 section 4). smoltcp
+/// is told not to verify TCP checksums and, without its fragmentation features, would take a
+/// fragment's payload for the whole segment, so the receive path drops these (smoltcp never
+/// emits them; on a LAN they are rare).
+pub fn is_unverified_tcp(frame: &[u8]) -> bool {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const DESTINATION_OPTIONS: u8 = 60;
+    if let Ok(ethernet) = EthernetFrame::new_checked(frame) {
+        if ethernet.ethertype() == EthernetProtocol::Ipv4 {
+            return Ipv4Packet::new_checked(ethernet.payload()).is_ok_and(|ip| {
+                ip.next_header() == IpProtocol::Tcp && (ip.more_frags() || ip.frag_offset() != 0)
+            });
+        }
+    }
+    if frame.len() < ETHERNET_HEADER_LEN + IPV6_HEADER_LEN || frame[12..14] != [0x86, 0xdd] {
+        return false;
+    }
+    let mut next = frame[ETHERNET_HEADER_LEN + 6];
+    let mut at = ETHERNET_HEADER_LEN + IPV6_HEADER_LEN;
+    let mut walked = 0;
+    // Each header starts with Next Header and its length in 8-octet units beyond the first
+    // eight (the fragment header's second octet is reserved, zero: 8 octets as well).
+    while matches!(next, HOP_BY_HOP | ROUTING | FRAGMENT | DESTINATION_OPTIONS) {
+        let Some(header) = frame.get(at..at + 2) else {
+            return false;
+        };
+        next = header[0];
+        at += (header[1] as usize + 1) * 8;
+        walked += 1;
+    }
+    walked > 0 && next == IpProtocol::Tcp.into()
+}
+
 /// The IPv6 half of [`parse_tcp`]: TCP straight after the fixed header (Next Header 6), the
 /// Payload Length within the frame (smoltcp's check; the frame may be padded).
 fn parse_tcp_ipv6(packet: &[u8]) -> Option<TcpFrame> {
@@ -292,6 +329,28 @@ pub(crate) mod tests {
             .set_next_header(IpProtocol::Icmpv6);
         assert!(parse_tcp(&icmp).is_none(), "ICMPv6 / NDP");
         assert!(parse_tcp(&f[..60]).is_none(), "truncated");
+    }
+
+    #[test]
+    fn tcp_the_boundary_cannot_verify_is_recognised() {
+        let plain = tcp6_frame(10, 1);
+        assert!(!is_unverified_tcp(&plain));
+        // Insert an 8-byte hop-by-hop header (next header TCP) after the fixed header.
+        let mut hbh = plain.clone();
+        hbh[ETHERNET_HEADER_LEN + 6] = 0;
+        let at = ETHERNET_HEADER_LEN + IPV6_HEADER_LEN;
+        hbh.splice(at..at, [6, 0, 1, 4, 0, 0, 0, 0]);
+        assert!(is_unverified_tcp(&hbh));
+        assert!(parse_tcp(&hbh).is_none(), "not parsed as TCP");
+        // Hop-by-hop then ICMPv6 (an MLD query): not TCP.
+        let mut mld = hbh.clone();
+        mld[at] = 58;
+        assert!(!is_unverified_tcp(&mld));
+        assert!(!is_unverified_tcp(&hbh[..at + 1]), "truncated");
+        let mut fragment = tcp_frame(10, 0, 1, false);
+        assert!(!is_unverified_tcp(&fragment));
+        Ipv4Packet::new_unchecked(&mut fragment[ETHERNET_HEADER_LEN..]).set_more_frags(true);
+        assert!(is_unverified_tcp(&fragment), "IPv4 first fragment of TCP");
     }
 
     #[test]

@@ -149,6 +149,9 @@ pub struct StackStats {
     /// Received TCP segments (IPv4 or IPv6) whose checksum did not verify, dropped before
     /// smoltcp saw them.
     pub rx_tcp_checksum_drops: u64,
+    /// Received TCP the boundary cannot verify (IPv4 fragments, IPv6 behind extension
+    /// headers): dropped (see `frame::is_unverified_tcp`).
+    pub rx_unverified_tcp_drops: u64,
     /// `send_file` calls completed (acknowledged or aborted).
     pub sends_completed: u64,
     /// Page-cache pins the stack holds now (one per queued file chunk).
