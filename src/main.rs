@@ -167,6 +167,17 @@ struct ServeArgs {
     #[cfg(feature = "test-hooks")]
     #[arg(long, hide = true)]
     inject_tx_hang_after_frames: Option<u64>,
+    /// Static IPv6 address with prefix length, e.g. fd00::2/64 (repeatable, at most 4).
+    /// IPv6 is always on with the link-local address derived from the MAC; every listener
+    /// takes IPv4 and IPv6.
+    #[arg(long = "ipv6", value_name = "ADDR/PREFIX")]
+    ipv6: Vec<String>,
+    /// IPv6 default gateway.
+    #[arg(long)]
+    ipv6_gateway: Option<std::net::Ipv6Addr>,
+    /// Also take addresses from router advertisements (SLAAC, RFC 4862).
+    #[arg(long)]
+    ipv6_slaac: bool,
 }
 
 impl ServeArgs {
@@ -277,6 +288,7 @@ impl ServeArgs {
             stats_interval: Duration::from_secs(self.stats_interval.max(1)),
             #[cfg(feature = "test-hooks")]
             inject_tx_hang_after_frames: self.inject_tx_hang_after_frames,
+            ipv6: ipv6::config(&self.ipv6, self.ipv6_gateway, self.ipv6_slaac)?,
         })
     }
 }
@@ -284,6 +296,7 @@ impl ServeArgs {
 mod accesslog;
 mod conn;
 mod http;
+mod ipv6;
 mod metrics;
 mod process;
 mod respond;

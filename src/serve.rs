@@ -106,6 +106,8 @@ pub struct ServeOptions {
     /// Test hook: arm a TX hang after this many frames (`driver::faults`).
     #[cfg(feature = "test-hooks")]
     pub inject_tx_hang_after_frames: Option<u64>,
+    /// IPv6 beside IPv4 (always on: link-local at least); see `crate::ipv6`.
+    pub ipv6: netstack::Ipv6Config,
 }
 
 /// Find the NIC to drive.
@@ -413,6 +415,7 @@ impl<Q: ServerNic> Server<Q> {
             None => Ipv4Config::Dhcp,
         };
         let mut config = StackConfig::new(ipv4);
+        config.ipv6 = options.ipv6;
         // Room for a burst of simultaneous connection attempts (each beyond the limit still
         // gets its 503 rather than a reset). Idle listening sockets cost address space, not
         // memory: their buffers are untouched until used.
@@ -509,6 +512,15 @@ impl<Q: ServerNic> Server<Q> {
             options.write_policy,
             if options.audit { "on" } else { "off" },
             if capturing { "on" } else { "off" },
+        );
+        let ports = [
+            options.port.map(|p| (p, false)),
+            options.tls.as_ref().map(|t| (t.port, true)),
+        ];
+        let ports: Vec<_> = ports.into_iter().flatten().collect();
+        println!(
+            "{}",
+            crate::ipv6::announce(&self.stack.ipv6_addresses(), &ports)
         );
         true
     }

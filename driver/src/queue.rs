@@ -20,10 +20,11 @@
 //! # Offloads
 //! [`TxOffload`] asks the device to fill in checksums and to segment. The contract is the one
 //! common to Intel's context descriptors (8254x SDM section 3.3.6) and virtio-net's
-//! `NEEDS_CSUM`/`GSO_TCPV4` (VIRTIO 1.2 section 5.1.6.2):
+//! `NEEDS_CSUM`/`GSO_TCPV4`/`GSO_TCPV6` (VIRTIO 1.2 section 5.1.6.2):
 //! - L4 checksum: the checksum field already holds the one's-complement sum of the
 //!   pseudo-header (*not* inverted); the device adds the sum over `start..end of frame` and
-//!   stores the inverted result.
+//!   stores the inverted result. This is the same for IPv4 and IPv6 (the devices only see
+//!   offsets; the IPv6 pseudo-header of RFC 8200 section 8.1 is the stack's to sum).
 //! - IPv4 header checksum: the field must hold **zero**; the device sums the header with the
 //!   field as it finds it (Intel's IPCSO; with TSO it recomputes per segment the same way).
 //! - TSO: the headers (`header_len` bytes, L2+L3+L4) lie wholly in the first segment; the
@@ -32,6 +33,10 @@
 //!   last) and checksum. How the stack prepares the headers of the large frame differs between
 //!   device families and is announced in [`Capabilities::tso_headers`] ([`TsoHeaders`]): the
 //!   driver never edits IP or TCP headers itself.
+//! - TSO of IPv6 frames ([`TxOffload::ipv6_header`], only where [`Capabilities::tso_ipv6`]):
+//!   the device fixes the IPv6 Payload Length of every segment (8254x SDM section 3.5.9,
+//!   "Payload Length = MSS + HDRLEN - IPCSS"; 82574 DS section 7.3.6; virtio-net
+//!   `GSO_TCPV6`); there is no IPv6 header checksum and no identification to fix.
 //!
 //! # Inline TLS transmit (TLS 1.3, AES-GCM)
 //! The model is the one of NIC kTLS offload (Linux `tls_device`, mlx5/chelsio): the stack
@@ -244,8 +249,14 @@ pub struct TxOffload {
     /// Offset of the IPv4 header whose header checksum the device fills in.
     pub ipv4_header: Option<u16>,
     pub l4_checksum: Option<L4Checksum>,
-    /// Requires `ipv4_header` and a TCP `l4_checksum`.
+    /// Requires a TCP `l4_checksum`, and for an IPv4 frame under [`TsoHeaders::PerSegment`]
+    /// `ipv4_header`; an IPv6 frame names its header in `ipv6_header`.
     pub tso: Option<Tso>,
+    /// Offset of the IPv6 header of a TSO frame: the frame is IPv6 (virtio `GSO_TCPV6`, an
+    /// Intel context with TUCMD.IP = 0) and the device writes each segment's Payload Length
+    /// there. Never together with `ipv4_header`; without `tso` it is ignored (an IPv6 frame
+    /// needs nothing but the L4 checksum).
+    pub ipv6_header: Option<u16>,
 }
 
 /// How the headers of a TSO frame must be prepared for the device (see [`Tso`]).
@@ -255,11 +266,14 @@ pub enum TsoHeaders {
     /// 7.3.6): the IPv4 header checksum field is **zero** and IPv4 header checksum insertion
     /// is requested ([`TxOffload::ipv4_header`]); the IPv4 total length is ignored; the TCP
     /// checksum field holds the pseudo-header sum computed with a TCP length of **zero**.
+    /// An IPv6 frame: the IPv6 Payload Length is ignored the same way and the IPv6
+    /// pseudo-header sum is computed with an upper-layer length of zero.
     PerSegment,
     /// virtio-net GSO (VIRTIO 1.2 section 5.1.6.2; what Linux's virtio_net sends): the headers
     /// describe the large packet as a receiver would see it: IPv4 total length of the whole
     /// packet, a valid IPv4 header checksum (no IPv4 checksum request), and the TCP checksum
-    /// field holding the pseudo-header sum over the whole TCP length.
+    /// field holding the pseudo-header sum over the whole TCP length. An IPv6 frame: the
+    /// Payload Length of the whole packet, the pseudo-header sum over the whole TCP length.
     WholePacket,
 }
 
@@ -273,6 +287,9 @@ pub struct Capabilities {
     pub tso_max_frame: Option<u32>,
     /// How TSO frames' headers must be prepared (meaningful when `tso_max_frame` is `Some`).
     pub tso_headers: TsoHeaders,
+    /// TSO applies to IPv6/TCP frames too ([`TxOffload::ipv6_header`]). TCP checksum
+    /// offload (`tcp_checksum`) always covers both families: it works by offsets.
+    pub tso_ipv6: bool,
     /// Most segments one frame may have.
     pub max_tx_segments: usize,
     /// Largest IP packet on the wire (Ethernet MTU), normally 1500.

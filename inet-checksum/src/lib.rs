@@ -105,6 +105,17 @@ pub fn ipv4_pseudo_header(src: [u8; 4], dst: [u8; 4], protocol: u8, l4_len: u32)
     c.sum()
 }
 
+/// The IPv6 pseudo-header sum (not inverted; RFC 8200 section 8.1: source, destination,
+/// 32-bit upper-layer packet length, three zero bytes, next header).
+pub fn ipv6_pseudo_header(src: [u8; 16], dst: [u8; 16], next_header: u8, l4_len: u32) -> u16 {
+    let mut c = Checksum::new();
+    c.add(&src);
+    c.add(&dst);
+    c.add(&l4_len.to_be_bytes());
+    c.add_word(next_header as u16);
+    c.sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +176,19 @@ mod tests {
             ipv4_pseudo_header([10, 0, 0, 1], [10, 0, 0, 2], 6, 20),
             0x1403 + 0x1a
         );
+    }
+
+    #[test]
+    fn ipv6_pseudo_header_matches_a_hand_sum() {
+        // fe80::1 -> fe80::2, TCP, length 0x1_0014 (the 32-bit length's high word counts).
+        let mut src = [0u8; 16];
+        src[0] = 0xfe;
+        src[1] = 0x80;
+        let mut dst = src;
+        src[15] = 1;
+        dst[15] = 2;
+        let by_hand = 0xfe80u32 + 1 + 0xfe80 + 2 + 1 + 0x14 + 6;
+        let folded = (by_hand & 0xffff) + (by_hand >> 16);
+        assert_eq!(ipv6_pseudo_header(src, dst, 6, 0x1_0014), folded as u16);
     }
 }

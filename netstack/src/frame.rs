@@ -1,26 +1,31 @@
 //! The frames smoltcp builds, read and edited at the device boundary through `smoltcp::wire`:
-//! where the IPv4 and TCP headers are, what the TCP segment says, and the few header fields
-//! the boundary rewrites (checksums for offload or software checksumming).
+//! where the IP (v4 or v6) and TCP headers are, what the TCP segment says, and the few header
+//! fields the boundary rewrites (checksums for offload or software checksumming).
 
 use smoltcp::wire::{
-    EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket,
+    EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
 };
 
 /// Ethernet header length (no VLAN tag: smoltcp emits none).
 pub const ETHERNET_HEADER_LEN: usize = 14;
 
-/// An outgoing IPv4/TCP frame, as laid out in its buffer.
+/// IPv6 header length: smoltcp emits TCP right after the fixed header (no extension
+/// headers on what it sends).
+pub const IPV6_HEADER_LEN: usize = 40;
+
+/// An outgoing IPv4/TCP or IPv6/TCP frame, as laid out in its buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpFrame {
-    /// Offset of the IPv4 header.
+    /// Offset of the IP header.
     pub ip: usize,
     /// Offset of the TCP header.
     pub tcp: usize,
-    /// Ethernet + IPv4 + TCP header bytes: the payload starts here.
+    /// Ethernet + IP + TCP header bytes: the payload starts here.
     pub header_len: usize,
     pub payload_len: usize,
-    pub src: Ipv4Address,
-    pub dst: Ipv4Address,
+    /// Both of one family: [`IpAddress::Ipv4`] or [`IpAddress::Ipv6`].
+    pub src: IpAddress,
+    pub dst: IpAddress,
     pub src_port: u16,
     pub dst_port: u16,
     pub seq: u32,
@@ -36,7 +41,12 @@ impl TcpFrame {
 
     /// The flow key, seen from our side (local port, remote address and port).
     pub fn flow(&self) -> FlowKey {
-        FlowKey::new(self.src_port, self.dst.octets(), self.dst_port)
+        FlowKey::new(self.src_port, self.dst, self.dst_port)
+    }
+
+    /// Whether the frame is IPv6.
+    pub fn is_ipv6(&self) -> bool {
+        matches!(self.src, IpAddress::Ipv6(_))
     }
 
     /// Stores `checksum` in the TCP checksum field of `frame` (this frame's buffer).
@@ -44,9 +54,12 @@ impl TcpFrame {
         TcpPacket::new_unchecked(&mut frame[self.tcp..self.header_len]).set_checksum(checksum);
     }
 
-    /// Stores `checksum` in the IPv4 header checksum field of `frame`.
+    /// Stores `checksum` in the IPv4 header checksum field of `frame` (nothing for IPv6,
+    /// which has no header checksum).
     pub fn set_ipv4_checksum(&self, frame: &mut [u8], checksum: u16) {
-        Ipv4Packet::new_unchecked(&mut frame[self.ip..self.tcp]).set_checksum(checksum);
+        if !self.is_ipv6() {
+            Ipv4Packet::new_unchecked(&mut frame[self.ip..self.tcp]).set_checksum(checksum);
+        }
     }
 
     /// Offset of the TCP checksum field in the frame (for the NIC's offload request).
@@ -56,27 +69,48 @@ impl TcpFrame {
     }
 }
 
-/// Identifies one of our TCP connections: local port, remote IPv4 address, remote port. (The
-/// stack has one IPv4 address, so the local address is implied.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey(u64);
+/// Identifies one of our TCP connections: local port, remote address, remote port. The
+/// local address is left out: a remote address talks to one of our addresses per port
+/// pair in practice, and the 4-tuple's other half (the family) is in the remote address.
+/// An IPv4 address is kept IPv4-mapped (RFC 4291 section 2.5.5.2) beside a family bit, so
+/// the two families never collide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowKey {
+    remote: u128,
+    /// Local port, remote port, and bit 32 set for IPv6.
+    ports: u64,
+}
 
 impl FlowKey {
-    pub fn new(local_port: u16, remote: [u8; 4], remote_port: u16) -> Self {
-        FlowKey(
-            (local_port as u64) << 48
-                | (u32::from_be_bytes(remote) as u64) << 16
-                | remote_port as u64,
-        )
+    pub fn new(local_port: u16, remote: IpAddress, remote_port: u16) -> Self {
+        let (remote, family) = match remote {
+            IpAddress::Ipv4(a) => (u128::from(a.to_ipv6_mapped()), 0),
+            IpAddress::Ipv6(a) => (u128::from(a), 1u64 << 32),
+        };
+        FlowKey {
+            remote,
+            ports: family | (local_port as u64) << 16 | remote_port as u64,
+        }
     }
 }
 
-/// Parses an Ethernet frame that carries IPv4/TCP. `None` for anything else (ARP, ICMP,
-/// UDP, fragments, truncated or inconsistent headers).
+impl std::hash::Hash for FlowKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // One word for the table's multiplicative hash: the ports and the address folded.
+        let folded = (self.remote as u64) ^ ((self.remote >> 64) as u64).rotate_left(17);
+        state.write_u64(folded ^ self.ports << 16);
+    }
+}
+
+/// Parses an Ethernet frame that carries IPv4/TCP or IPv6/TCP. `None` for anything else
+/// (ARP, ICMP, NDP, UDP, fragments, IPv6 extension headers, truncated or inconsistent
+/// headers).
 pub fn parse_tcp(frame: &[u8]) -> Option<TcpFrame> {
     let ethernet = EthernetFrame::new_checked(frame).ok()?;
-    if ethernet.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
+    match ethernet.ethertype() {
+        EthernetProtocol::Ipv4 => {}
+        EthernetProtocol::Ipv6 => return parse_tcp_ipv6(ethernet.payload()),
+        _ => return None,
     }
     let ip = Ipv4Packet::new_checked(ethernet.payload()).ok()?;
     if ip.version() != 4
@@ -95,8 +129,95 @@ pub fn parse_tcp(frame: &[u8]) -> Option<TcpFrame> {
         tcp: tcp_offset,
         header_len,
         payload_len: tcp.payload().len(),
-        src: ip.src_addr(),
-        dst: ip.dst_addr(),
+        src: ip.src_addr().into(),
+        dst: ip.dst_addr().into(),
+        src_port: tcp.src_port(),
+        dst_port: tcp.dst_port(),
+        seq: tcp.seq_number().0 as u32,
+        syn: tcp.syn(),
+        ack: tcp.ack(),
+    })
+}
+
+/// Whether the TCP checksum of a received frame (parsed as `tcp`) verifies, with the
+/// pseudo-header of its family (RFC 9293 section 3.1, RFC 8200 section 8.1). The sum covers
+/// the TCP segment as the IP header bounds it (Ethernet padding excluded).
+pub fn tcp_checksum_ok(frame: &[u8], tcp: &TcpFrame) -> bool {
+    let end = tcp.header_len + tcp.payload_len;
+    let Some(segment) = frame.get(tcp.tcp..end) else {
+        return false;
+    };
+    let length = segment.len() as u32;
+    let pseudo = match (tcp.src, tcp.dst) {
+        (IpAddress::Ipv4(s), IpAddress::Ipv4(d)) => {
+            inet_checksum::ipv4_pseudo_header(s.octets(), d.octets(), 6, length)
+        }
+        (IpAddress::Ipv6(s), IpAddress::Ipv6(d)) => {
+            inet_checksum::ipv6_pseudo_header(s.octets(), d.octets(), 6, length)
+        }
+        _ => return false,
+    };
+    let mut sum = inet_checksum::Checksum::new();
+    sum.add_word(pseudo);
+    sum.add(segment);
+    sum.sum() == 0xffff
+}
+
+/// Whether `frame` carries TCP that [`parse_tcp`] leaves alone and whose checksum the
+/// boundary therefore does not verify: an IPv4 fragment of TCP, or IPv6 TCP behind extension
+/// headers (hop-by-hop, routing, fragment, destination options: RFC 8200 section 4). smoltcp
+/// is told not to verify TCP checksums and, without its fragmentation features, would take a
+/// fragment's payload for the whole segment, so the receive path drops these (smoltcp never
+/// emits them; on a LAN they are rare).
+pub fn is_unverified_tcp(frame: &[u8]) -> bool {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const DESTINATION_OPTIONS: u8 = 60;
+    if let Ok(ethernet) = EthernetFrame::new_checked(frame) {
+        if ethernet.ethertype() == EthernetProtocol::Ipv4 {
+            return Ipv4Packet::new_checked(ethernet.payload()).is_ok_and(|ip| {
+                ip.next_header() == IpProtocol::Tcp && (ip.more_frags() || ip.frag_offset() != 0)
+            });
+        }
+    }
+    if frame.len() < ETHERNET_HEADER_LEN + IPV6_HEADER_LEN || frame[12..14] != [0x86, 0xdd] {
+        return false;
+    }
+    let mut next = frame[ETHERNET_HEADER_LEN + 6];
+    let mut at = ETHERNET_HEADER_LEN + IPV6_HEADER_LEN;
+    let mut walked = 0;
+    // Each header starts with Next Header and its length in 8-octet units beyond the first
+    // eight (the fragment header's second octet is reserved, zero: 8 octets as well).
+    while matches!(next, HOP_BY_HOP | ROUTING | FRAGMENT | DESTINATION_OPTIONS) {
+        let Some(header) = frame.get(at..at + 2) else {
+            return false;
+        };
+        next = header[0];
+        at += (header[1] as usize + 1) * 8;
+        walked += 1;
+    }
+    walked > 0 && next == IpProtocol::Tcp.into()
+}
+
+/// The IPv6 half of [`parse_tcp`]: TCP straight after the fixed header (Next Header 6), the
+/// Payload Length within the frame (smoltcp's check; the frame may be padded).
+fn parse_tcp_ipv6(packet: &[u8]) -> Option<TcpFrame> {
+    let ip = Ipv6Packet::new_checked(packet).ok()?;
+    if ip.version() != 6 || ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    let ip_offset = ETHERNET_HEADER_LEN;
+    let tcp_offset = ip_offset + IPV6_HEADER_LEN;
+    let header_len = tcp_offset + tcp.header_len() as usize;
+    Some(TcpFrame {
+        ip: ip_offset,
+        tcp: tcp_offset,
+        header_len,
+        payload_len: tcp.payload().len(),
+        src: ip.src_addr().into(),
+        dst: ip.dst_addr().into(),
         src_port: tcp.src_port(),
         dst_port: tcp.dst_port(),
         seq: tcp.seq_number().0 as u32,
@@ -108,7 +229,7 @@ pub fn parse_tcp(frame: &[u8]) -> Option<TcpFrame> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use smoltcp::wire::{EthernetAddress, TcpSeqNumber};
+    use smoltcp::wire::{EthernetAddress, Ipv4Address, TcpSeqNumber};
 
     /// A minimal Ethernet/IPv4/TCP frame (with `options` bytes of TCP options), built with
     /// smoltcp's own emitters.
@@ -151,9 +272,85 @@ pub(crate) mod tests {
             (t.src_port, t.dst_port, t.seq, t.syn),
             (80, 5555, 0xdead_beef, false)
         );
-        assert_eq!(t.flow(), FlowKey::new(80, [10, 0, 0, 2], 5555));
+        let remote = IpAddress::v4(10, 0, 0, 2);
+        assert_eq!(t.flow(), FlowKey::new(80, remote, 5555));
         assert_eq!(t.tcp_len(), 132);
         assert!(parse_tcp(&tcp_frame(0, 0, 1, true)).unwrap().syn);
+    }
+
+    /// An Ethernet/IPv6/TCP frame fe80::1 -> fe80::2 with `payload_len` bytes.
+    pub(crate) fn tcp6_frame(payload_len: usize, seq: u32) -> Vec<u8> {
+        use smoltcp::wire::Ipv6Address;
+        let tcp_len = 20 + payload_len;
+        let mut f = vec![0u8; ETHERNET_HEADER_LEN + IPV6_HEADER_LEN + tcp_len];
+        let mut eth = EthernetFrame::new_unchecked(&mut f[..]);
+        eth.set_src_addr(EthernetAddress([2, 0, 0, 0, 0, 1]));
+        eth.set_dst_addr(EthernetAddress([2, 0, 0, 0, 0, 2]));
+        eth.set_ethertype(EthernetProtocol::Ipv6);
+        let mut ip = Ipv6Packet::new_unchecked(&mut f[ETHERNET_HEADER_LEN..]);
+        ip.set_version(6);
+        ip.set_payload_len(tcp_len as u16);
+        ip.set_next_header(IpProtocol::Tcp);
+        ip.set_hop_limit(64);
+        ip.set_src_addr(Ipv6Address::new(0xfe80, 0, 0, 0, 0, 0, 0, 1));
+        ip.set_dst_addr(Ipv6Address::new(0xfe80, 0, 0, 0, 0, 0, 0, 2));
+        let mut tcp = TcpPacket::new_unchecked(&mut f[ETHERNET_HEADER_LEN + IPV6_HEADER_LEN..]);
+        tcp.set_src_port(80);
+        tcp.set_dst_port(5555);
+        tcp.set_seq_number(TcpSeqNumber(seq as i32));
+        tcp.set_header_len(20);
+        tcp.clear_flags();
+        tcp.set_ack(true);
+        f
+    }
+
+    #[test]
+    fn parses_ipv6_and_keeps_the_families_apart() {
+        use smoltcp::wire::Ipv6Address;
+        let f = tcp6_frame(1000, 77);
+        let t = parse_tcp(&f).unwrap();
+        assert_eq!(
+            (t.ip, t.tcp, t.header_len, t.payload_len),
+            (14, 54, 74, 1000)
+        );
+        assert!(t.is_ipv6());
+        assert_eq!((t.src_port, t.dst_port, t.seq), (80, 5555, 77));
+        let remote = IpAddress::Ipv6(Ipv6Address::new(0xfe80, 0, 0, 0, 0, 0, 0, 2));
+        assert_eq!(t.flow(), FlowKey::new(80, remote, 5555));
+        let v4 = IpAddress::v4(10, 0, 0, 2);
+        let mapped = IpAddress::Ipv6(Ipv4Address::new(10, 0, 0, 2).to_ipv6_mapped());
+        assert_ne!(FlowKey::new(80, v4, 5555), FlowKey::new(80, mapped, 5555));
+        // No IPv4 checksum field to write into an IPv6 header.
+        let mut edited = f.clone();
+        t.set_ipv4_checksum(&mut edited, 0xffff);
+        assert_eq!(edited, f);
+        let mut icmp = f.clone();
+        Ipv6Packet::new_unchecked(&mut icmp[ETHERNET_HEADER_LEN..])
+            .set_next_header(IpProtocol::Icmpv6);
+        assert!(parse_tcp(&icmp).is_none(), "ICMPv6 / NDP");
+        assert!(parse_tcp(&f[..60]).is_none(), "truncated");
+    }
+
+    #[test]
+    fn tcp_the_boundary_cannot_verify_is_recognised() {
+        let plain = tcp6_frame(10, 1);
+        assert!(!is_unverified_tcp(&plain));
+        // Insert an 8-byte hop-by-hop header (next header TCP) after the fixed header.
+        let mut hbh = plain.clone();
+        hbh[ETHERNET_HEADER_LEN + 6] = 0;
+        let at = ETHERNET_HEADER_LEN + IPV6_HEADER_LEN;
+        hbh.splice(at..at, [6, 0, 1, 4, 0, 0, 0, 0]);
+        assert!(is_unverified_tcp(&hbh));
+        assert!(parse_tcp(&hbh).is_none(), "not parsed as TCP");
+        // Hop-by-hop then ICMPv6 (an MLD query): not TCP.
+        let mut mld = hbh.clone();
+        mld[at] = 58;
+        assert!(!is_unverified_tcp(&mld));
+        assert!(!is_unverified_tcp(&hbh[..at + 1]), "truncated");
+        let mut fragment = tcp_frame(10, 0, 1, false);
+        assert!(!is_unverified_tcp(&fragment));
+        Ipv4Packet::new_unchecked(&mut fragment[ETHERNET_HEADER_LEN..]).set_more_frags(true);
+        assert!(is_unverified_tcp(&fragment), "IPv4 first fragment of TCP");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! zerosend's network stack: smoltcp 0.14 for IPv4, ARP, ICMP echo, DHCP and the TCP state
-//! machine, over the driver queue API ([`driver::NetQueue`]), with **zero-copy file send**
+//! zerosend's network stack: smoltcp 0.14 for IPv4 and IPv6 (dual stack), ARP, NDP, ICMP
+//! and ICMPv6 echo, DHCP, SLAAC and the TCP state machine, over the driver queue API ([`driver::NetQueue`]), with **zero-copy file send**
 //! from pinned page-cache pages.
 //!
 //! # How file data reaches the wire without a CPU copy
@@ -53,8 +53,10 @@ pub mod tls;
 pub use device::{BoundaryFault, TxConfig, SLOT_SIZE};
 pub use sendq::{SendMode, SendOutcome};
 pub use smoltcp::time::{Duration, Instant};
-pub use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
-pub use stack::{ConnState, Ipv4Config, Stack, StackConfig};
+pub use smoltcp::wire::{IpAddress, Ipv4Address, Ipv4Cidr, Ipv6Address, Ipv6Cidr};
+pub use stack::{
+    link_local_address, ConnState, Ipv4Config, Ipv6Config, Stack, StackConfig, MAX_STATIC_IPV6,
+};
 pub use tls::{TlsConfig, TlsInfo};
 
 /// Names one connection of a [`Stack`]. Stale handles (of reclaimed connections) are
@@ -144,6 +146,12 @@ pub struct StackStats {
     pub send_stall_aborts: u64,
     /// Frames the NIC refused as malformed.
     pub tx_refused: u64,
+    /// Received TCP segments (IPv4 or IPv6) whose checksum did not verify, dropped before
+    /// smoltcp saw them.
+    pub rx_tcp_checksum_drops: u64,
+    /// Received TCP the boundary cannot verify (IPv4 fragments, IPv6 behind extension
+    /// headers): dropped (see `frame::is_unverified_tcp`).
+    pub rx_unverified_tcp_drops: u64,
     /// `send_file` calls completed (acknowledged or aborted).
     pub sends_completed: u64,
     /// Page-cache pins the stack holds now (one per queued file chunk).
@@ -214,6 +222,8 @@ pub enum Error {
     },
     #[error("the interface has no IPv4 address yet")]
     NoAddress,
+    #[error("{given} static IPv6 addresses given, at most {max} are supported")]
+    TooManyAddresses { given: usize, max: usize },
     #[error(transparent)]
     Driver(#[from] driver::DriverError),
     #[error("TLS configuration refused: {0}")]

@@ -8,7 +8,10 @@ use pagecache::Pin;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, Ipv4Address, Ipv4Cidr};
+use smoltcp::wire::{
+    EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address, Ipv4Cidr,
+    Ipv6Address, Ipv6Cidr,
+};
 
 use crate::device::{BoundaryFault, ConnTx, NicDevice, TxConfig, TxPath};
 use crate::frame::FlowKey;
@@ -38,10 +41,68 @@ impl Ipv4Config {
     }
 }
 
+/// Static IPv6 addresses a stack takes at most (smoltcp's address table holds 8: one IPv4,
+/// the link-local, these, and one from SLAAC).
+pub const MAX_STATIC_IPV6: usize = 4;
+
+/// IPv6 beside IPv4 (dual stack). When enabled the interface has a link-local address
+/// derived from its MAC (fe80::/64 + modified EUI-64, RFC 4291 appendix A and RFC 4862
+/// section 5.3), answers neighbour solicitations and ICMPv6 echo (smoltcp's NDP, RFC 4861),
+/// and takes the static addresses given; with `slaac`, smoltcp solicits routers and forms
+/// an address from each advertised /64 prefix (RFC 4862; smoltcp's `proto-ipv6-slaac`),
+/// with a route via the advertising router. Listening sockets accept both families.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ipv6Config {
+    pub enabled: bool,
+    pub addresses: [Option<Ipv6Cidr>; MAX_STATIC_IPV6],
+    /// Default route for destinations off every on-link prefix.
+    pub gateway: Option<Ipv6Address>,
+    pub slaac: bool,
+}
+
+impl Ipv6Config {
+    /// Link-local only.
+    pub fn link_local() -> Self {
+        Ipv6Config {
+            enabled: true,
+            ..Default::default()
+        }
+    }
+
+    /// Link-local plus `addresses` (at most [`MAX_STATIC_IPV6`]; more is an error).
+    pub fn with_addresses(addresses: &[Ipv6Cidr]) -> Result<Self> {
+        if addresses.len() > MAX_STATIC_IPV6 {
+            return Err(Error::TooManyAddresses {
+                given: addresses.len(),
+                max: MAX_STATIC_IPV6,
+            });
+        }
+        let mut config = Self::link_local();
+        for (slot, address) in config.addresses.iter_mut().zip(addresses) {
+            *slot = Some(*address);
+        }
+        Ok(config)
+    }
+}
+
+/// The link-local address of `mac`: fe80::/64 and the modified EUI-64 interface identifier
+/// (RFC 4291 appendix A: ff:fe in the middle, the universal/local bit inverted).
+pub fn link_local_address(mac: [u8; 6]) -> Ipv6Address {
+    let mut octets = [0u8; 16];
+    octets[0] = 0xfe;
+    octets[1] = 0x80;
+    octets[8..11].copy_from_slice(&[mac[0] ^ 0x02, mac[1], mac[2]]);
+    octets[11..13].copy_from_slice(&[0xff, 0xfe]);
+    octets[13..16].copy_from_slice(&mac[3..6]);
+    Ipv6Address::from(octets)
+}
+
 /// Configuration of a [`Stack`].
 #[derive(Clone, Copy, Debug)]
 pub struct StackConfig {
     pub ipv4: Ipv4Config,
+    /// IPv6 (off unless enabled: [`Ipv6Config::link_local`] and friends).
+    pub ipv6: Ipv6Config,
     /// Receive buffer of each TCP socket (the advertised window; scaled if above 64 KiB).
     pub tcp_rx_buffer: usize,
     /// Send ring of each TCP socket: bytes in flight plus queued at most. In zero-copy mode
@@ -73,6 +134,7 @@ impl StackConfig {
     pub fn new(ipv4: Ipv4Config) -> Self {
         Self {
             ipv4,
+            ipv6: Ipv6Config::default(),
             tcp_rx_buffer: 64 * 1024,
             tcp_tx_buffer: 1024 * 1024,
             backlog: 4,
@@ -185,7 +247,25 @@ impl<Q: NetQueue> Stack<Q> {
         let mac = device.nic.mac_address().0;
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         iface_config.random_seed = config.random_seed;
+        iface_config.slaac = config.ipv6.enabled && config.ipv6.slaac;
         let mut iface = Interface::new(iface_config, &mut device, Instant::from_millis(0));
+        if config.ipv6.enabled {
+            let link_local = Ipv6Cidr::new(link_local_address(mac), 64);
+            let statics = config.ipv6.addresses.iter().flatten();
+            iface.update_ip_addrs(|addrs| {
+                for address in std::iter::once(&link_local).chain(statics) {
+                    addrs
+                        .push(IpCidr::Ipv6(*address))
+                        .expect("room for the IPv6 addresses (MAX_STATIC_IPV6)");
+                }
+            });
+            if let Some(gw) = config.ipv6.gateway {
+                iface
+                    .routes_mut()
+                    .add_default_ipv6_route(gw)
+                    .expect("room for a route");
+            }
+        }
         let mut sockets = SocketSet::new(Vec::new());
         let mut events = VecDeque::new();
         let dhcp = match config.ipv4 {
@@ -236,6 +316,18 @@ impl<Q: NetQueue> Stack<Q> {
             IpCidr::Ipv4(c) => Some(*c),
             _ => None,
         })
+    }
+
+    /// The interface's IPv6 addresses now (link-local first, then static, then SLAAC's).
+    pub fn ipv6_addresses(&self) -> Vec<Ipv6Cidr> {
+        self.iface
+            .ip_addrs()
+            .iter()
+            .filter_map(|a| match a {
+                IpCidr::Ipv6(c) => Some(*c),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Largest frame handed to the NIC with TSO (`None`: smoltcp segments at the MSS).
@@ -340,12 +432,17 @@ impl<Q: NetQueue> Stack<Q> {
     }
 
     /// Connect to `remote` from `local_port`; [`Event::Connected`] reports success.
-    pub fn connect(&mut self, remote: (Ipv4Address, u16), local_port: u16) -> Result<ConnId> {
+    pub fn connect(
+        &mut self,
+        remote: (impl Into<IpAddress>, u16),
+        local_port: u16,
+    ) -> Result<ConnId> {
         let mut socket = tcp_socket(&self.config);
-        let endpoint = IpEndpoint::new(remote.0.into(), remote.1);
+        let address: IpAddress = remote.0.into();
+        let endpoint = IpEndpoint::new(address, remote.1);
         socket.connect(self.iface.context(), endpoint, local_port)?;
         let handle = self.sockets.add(socket);
-        let flow = FlowKey::new(local_port, remote.0.octets(), remote.1);
+        let flow = FlowKey::new(local_port, address, remote.1);
         Ok(self.add_conn(handle, None, flow, self.now, None))
     }
 
@@ -558,16 +655,12 @@ impl<Q: NetQueue> Stack<Q> {
         Ok(())
     }
 
-    /// The peer's address and port.
-    pub fn remote_endpoint(&self, id: ConnId) -> Result<Option<(Ipv4Address, u16)>> {
+    /// The peer's address (either family) and port.
+    pub fn remote_endpoint(&self, id: ConnId) -> Result<Option<(std::net::IpAddr, u16)>> {
         Ok(self
             .socket(id)?
             .remote_endpoint()
-            .and_then(|e| match e.addr {
-                smoltcp::wire::IpAddress::Ipv4(a) => Some((a, e.port)),
-                #[allow(unreachable_patterns)]
-                _ => None,
-            }))
+            .map(|e| (e.addr.into(), e.port)))
     }
 
     /// Memory one connection may use at most, in bytes: its socket buffers and its share of
@@ -705,7 +798,8 @@ impl<Q: NetQueue> Stack<Q> {
         match self.sockets.get_mut::<dhcpv4::Socket>(handle).poll() {
             Some(dhcpv4::Event::Configured(config)) => {
                 self.iface.update_ip_addrs(|addrs| {
-                    addrs.clear();
+                    // The IPv6 addresses stay; the IPv4 one is DHCP's.
+                    addrs.retain(|a| !matches!(a, IpCidr::Ipv4(_)));
                     addrs
                         .push(IpCidr::Ipv4(config.address))
                         .expect("room for one address");
@@ -726,7 +820,8 @@ impl<Q: NetQueue> Stack<Q> {
                 });
             }
             Some(dhcpv4::Event::Deconfigured) => {
-                self.iface.update_ip_addrs(|addrs| addrs.clear());
+                self.iface
+                    .update_ip_addrs(|addrs| addrs.retain(|a| !matches!(a, IpCidr::Ipv4(_))));
                 self.iface.routes_mut().remove_default_ipv4_route();
             }
             None => {}
@@ -748,10 +843,8 @@ impl<Q: NetQueue> Stack<Q> {
                         if let (Some(local), Some(remote)) =
                             (socket.local_endpoint(), socket.remote_endpoint())
                         {
-                            if let smoltcp::wire::IpAddress::Ipv4(ip) = remote.addr {
-                                let flow = FlowKey::new(local.port, ip.octets(), remote.port);
-                                self.device.tx.handshaking.insert(flow);
-                            }
+                            let flow = FlowKey::new(local.port, remote.addr, remote.port);
+                            self.device.tx.handshaking.insert(flow);
                         }
                         continue;
                     }
@@ -768,10 +861,7 @@ impl<Q: NetQueue> Stack<Q> {
                 else {
                     continue;
                 };
-                let smoltcp::wire::IpAddress::Ipv4(remote_ip) = remote.addr else {
-                    continue;
-                };
-                let flow = FlowKey::new(local.port, remote_ip.octets(), remote.port);
+                let flow = FlowKey::new(local.port, remote.addr, remote.port);
                 // Established: the handshake timeout no longer applies (the send-stall
                 // timeout of `update_connections` does).
                 socket.set_timeout(None);

@@ -79,6 +79,7 @@ impl Default for SoftNicConfig {
                 udp_checksum: true,
                 tso_max_frame: Some(65535),
                 tso_headers: TsoHeaders::PerSegment,
+                tso_ipv6: true,
                 max_tx_segments: 64,
                 mtu: 1500,
                 // Off by default; `SoftNicConfig::with_inline_tls` turns the engine on.
@@ -343,7 +344,20 @@ impl SoftNic {
                 }
                 // Per-segment headers leave the IPv4 checksum to the device, which must be
                 // asked for it; whole-packet headers come with a valid one.
-                if caps.tso_headers == TsoHeaders::PerSegment && offload.ipv4_header.is_none() {
+                // An IPv6 frame has no header checksum: it names its header instead.
+                if let Some(ip6) = offload.ipv6_header {
+                    if !caps.tso_ipv6 {
+                        return bad("IPv6 TSO not offered".into());
+                    }
+                    if offload.ipv4_header.is_some() {
+                        return bad("both an IPv4 and an IPv6 header".into());
+                    }
+                    if ip6 as usize + 40 > tso.header_len as usize {
+                        return bad("the IPv6 header must lie in the TSO headers".into());
+                    }
+                } else if caps.tso_headers == TsoHeaders::PerSegment
+                    && offload.ipv4_header.is_none()
+                {
                     return bad("per-segment TSO needs IPv4 header checksum offload".into());
                 }
                 if tso.header_len as u32 > segments[0].len {
@@ -766,6 +780,7 @@ mod tests {
         frame.extend_from_slice(payload);
         frame[IP + 2..IP + 4].copy_from_slice(&(20 + udp_len).to_be_bytes());
         let offload = TxOffload {
+            ipv6_header: None,
             ipv4_header: Some(IP as u16),
             l4_checksum: Some(L4Checksum {
                 protocol: L4Protocol::Udp,

@@ -63,6 +63,7 @@ pub(crate) fn tcp_offload() -> TxOffload {
             field: (TCP + 16) as u16,
         }),
         tso: None,
+        ipv6_header: None,
     }
 }
 
@@ -99,4 +100,61 @@ pub(crate) fn prepare_tso(frame: &mut [u8], convention: TsoHeaders, mss: u16) ->
         }
     }
     offload
+}
+
+/// Offset of the TCP header after a 40-byte IPv6 header.
+pub(crate) const TCP6: usize = IP + 40;
+const SRC6: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const DST6: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+/// Ethernet + IPv6 (fe80::1 -> fe80::2) + TCP (20-byte header) + payload.
+pub(crate) fn tcp6_frame(payload: &[u8], flags: u8, seq: u32) -> Vec<u8> {
+    let mut f = vec![0u8; TCP6 + 20];
+    f[0..6].copy_from_slice(&[0x33, 0x33, 0, 0, 0, 2]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&[0x86, 0xdd]);
+    f[IP] = 0x60;
+    let payload_len = (20 + payload.len()) as u16;
+    f[IP + 4..IP + 6].copy_from_slice(&payload_len.to_be_bytes());
+    f[IP + 6] = 6;
+    f[IP + 7] = 64;
+    f[IP + 8..IP + 24].copy_from_slice(&SRC6);
+    f[IP + 24..IP + 40].copy_from_slice(&DST6);
+    f[TCP6..TCP6 + 2].copy_from_slice(&80u16.to_be_bytes());
+    f[TCP6 + 2..TCP6 + 4].copy_from_slice(&4000u16.to_be_bytes());
+    f[TCP6 + 4..TCP6 + 8].copy_from_slice(&seq.to_be_bytes());
+    f[TCP6 + 12] = 5 << 4;
+    f[TCP6 + 13] = flags;
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The TCP checksum of an IPv6 frame verifies, computed with the IPv6 pseudo-header.
+pub(crate) fn tcp6_checksum_ok(f: &[u8]) -> bool {
+    let tcp_len = (f.len() - TCP6) as u32;
+    let pseudo = inet_checksum::ipv6_pseudo_header(SRC6, DST6, 6, tcp_len);
+    fold(sum_be(&f[TCP6..]) + pseudo as u64) == 0xffff
+}
+
+/// Prepares a TSO [`tcp6_frame`] for `convention` and returns its request.
+pub(crate) fn prepare_tso6(frame: &mut [u8], convention: TsoHeaders, mss: u16) -> TxOffload {
+    let tcp_len = match convention {
+        TsoHeaders::PerSegment => 0,
+        TsoHeaders::WholePacket => (frame.len() - TCP6) as u32,
+    };
+    let pseudo = inet_checksum::ipv6_pseudo_header(SRC6, DST6, 6, tcp_len);
+    frame[TCP6 + 16..TCP6 + 18].copy_from_slice(&pseudo.to_be_bytes());
+    TxOffload {
+        ipv4_header: None,
+        ipv6_header: Some(IP as u16),
+        l4_checksum: Some(L4Checksum {
+            protocol: L4Protocol::Tcp,
+            start: TCP6 as u16,
+            field: (TCP6 + 16) as u16,
+        }),
+        tso: Some(Tso {
+            mss,
+            header_len: (TCP6 + 20) as u16,
+        }),
+    }
 }

@@ -139,6 +139,16 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             s.retransmitted_segments,
         ),
         Metric::counter(
+            "zerosend_rx_tcp_checksum_drops_total",
+            "Received TCP segments (IPv4 or IPv6) whose checksum did not verify: dropped.",
+            s.rx_tcp_checksum_drops,
+        ),
+        Metric::counter(
+            "zerosend_rx_unverified_tcp_drops_total",
+            "Received TCP that cannot be verified (IP fragments, IPv6 extension headers): dropped.",
+            s.rx_unverified_tcp_drops,
+        ),
+        Metric::counter(
             "zerosend_frames_tx_total",
             "Frames handed to the NIC.",
             s.frames_tx,

@@ -149,12 +149,22 @@ fn byte_offset(value: u16, what: &str) -> Result<u8> {
 ///   the header. The header ends where the L4 header starts when an L4 request is present;
 ///   otherwise a 20-byte header (no options) is assumed. The checksum field must be zero.
 /// - L4 checksum: TUCSS = `start`, TUCSO = `field`, TUCSE = 0 (to the end of the frame).
-/// - TSO: TUCMD.TSE, HDRLEN, MSS and PAYLEN = `frame_len - header_len`.
+/// - TSO: TUCMD.TSE, HDRLEN, MSS and PAYLEN = `frame_len - header_len`. An IPv4 frame needs
+///   the IPv4 request (TUCMD.IP = 1). An IPv6 frame ([`TxOffload::ipv6_header`]) has
+///   TUCMD.IP = 0 and IPCSS = the IPv6 header's offset, IPCSO = IPCSE = 0 and no POPTS.IXSM:
+///   the device writes each segment's "Payload Length = MSS + HDRLEN - IPCSS" there (8254x
+///   SDM sections 3.3.6.1 and 3.5.9; 82574 DS section 7.3.6: IPCSS "is used ... for the IPv6
+///   payload length" of TSO packets, IPCSO is ignored for IPv6).
 pub fn plan_offload(
     offload: &TxOffload,
     frame_len: u32,
     mtu: usize,
 ) -> Result<Option<OffloadPlan>> {
+    if offload.ipv4_header.is_some() && offload.ipv6_header.is_some() {
+        return Err(DriverError::BadFrame(
+            "both an IPv4 and an IPv6 header requested".into(),
+        ));
+    }
     if offload.ipv4_header.is_none() && offload.l4_checksum.is_none() && offload.tso.is_none() {
         return Ok(None);
     }
@@ -204,10 +214,15 @@ pub fn plan_offload(
     }
     if let Some(tso) = offload.tso {
         let tcp = matches!(offload.l4_checksum, Some(l4) if l4.protocol == L4Protocol::Tcp);
-        if offload.ipv4_header.is_none() || !tcp {
+        if (offload.ipv4_header.is_none() && offload.ipv6_header.is_none()) || !tcp {
             return Err(DriverError::BadFrame(
-                "TSO needs an IPv4 header checksum and a TCP checksum request".into(),
+                "TSO needs an IPv4 header checksum or an IPv6 header, and a TCP checksum request"
+                    .into(),
             ));
+        }
+        if let Some(ip) = offload.ipv6_header {
+            // TUCMD.IP stays 0 (IPv6); IPCSS tells the device where Payload Length is.
+            ctx.ipcss = byte_offset(ip, "IPv6 header")?;
         }
         if tso.mss == 0 || tso.header_len as u32 >= frame_len {
             return Err(DriverError::BadFrame(format!(
@@ -277,6 +292,7 @@ mod tests {
     #[test]
     fn tcp_tso_context() {
         let off = TxOffload {
+            ipv6_header: None,
             ipv4_header: Some(14),
             l4_checksum: Some(L4Checksum {
                 protocol: L4Protocol::Tcp,
@@ -305,8 +321,43 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_tso_context_has_tucmd_ip_clear_and_ipcss_at_the_ipv6_header() {
+        let off = TxOffload {
+            ipv4_header: None,
+            ipv6_header: Some(14),
+            l4_checksum: Some(L4Checksum {
+                protocol: L4Protocol::Tcp,
+                start: 54,
+                field: 70,
+            }),
+            tso: Some(Tso {
+                mss: 1440,
+                header_len: 74,
+            }),
+        };
+        let plan = plan_offload(&off, 74 + 57600, 1500).unwrap().unwrap();
+        let c = plan.context;
+        assert_eq!((c.ipcss, c.ipcso, c.ipcse), (14, 0, 0));
+        assert_eq!((c.tucss, c.tucso, c.tucse), (54, 70, 0));
+        assert_eq!(c.tucmd, TUCMD_TCP | TUCMD_TSE, "TUCMD.IP = 0: IPv6");
+        assert_eq!((c.paylen, c.hdrlen, c.mss), (57600, 74, 1440));
+        assert_eq!(plan.popts, POPTS_TXSM, "no IPv4 checksum insertion");
+        let both = TxOffload {
+            ipv4_header: Some(14),
+            ..off
+        };
+        assert!(plan_offload(&both, 74 + 57600, 1500).is_err());
+        // Without TSO an IPv6 frame needs only the L4 checksum context.
+        let csum_only = TxOffload { tso: None, ..off };
+        let plan = plan_offload(&csum_only, 1000, 1500).unwrap().unwrap();
+        assert_eq!(plan.context.tucmd, TUCMD_TCP);
+        assert_eq!(plan.popts, POPTS_TXSM);
+    }
+
+    #[test]
     fn udp_checksum_only_and_rejections() {
         let off = TxOffload {
+            ipv6_header: None,
             ipv4_header: None,
             l4_checksum: Some(L4Checksum {
                 protocol: L4Protocol::Udp,
@@ -333,6 +384,7 @@ mod tests {
             "TSO needs IPv4 + TCP"
         );
         let far = TxOffload {
+            ipv6_header: None,
             ipv4_header: None,
             l4_checksum: Some(L4Checksum {
                 protocol: L4Protocol::Udp,

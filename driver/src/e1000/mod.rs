@@ -30,11 +30,12 @@
 //!   to the driver: real controllers may abort or hang (the watchdog catches that), QEMU's
 //!   models send zeroes in place of the unreadable bytes and complete the frame.
 //! - **Receive**: legacy descriptors (SDM 3.2.3) into driver-owned buffers of
-//!   [`NicConfig::rx_buffer_size`]; RCTL.SECRC strips the FCS, RCTL.BAM accepts broadcast.
+//!   [`NicConfig::rx_buffer_size`]; RCTL.SECRC strips the FCS, RCTL.BAM accepts broadcast, RCTL.MPE multicast
+//!   (IPv6 neighbour discovery).
 //!   Buffers are lent to the caller and recycled; [`NetQueue::rx_flush`] re-posts them with
 //!   one RDT write. Before posting, the driver clears the first 8 bytes of each buffer; a
 //!   completed frame whose destination address would not have passed the device's own
-//!   filter (our address or broadcast) cannot have been written by the device — typically
+//!   filter (our address or multicast) cannot have been written by the device — typically
 //!   because the IOMMU blocked the write — and is dropped and counted in
 //!   [`DeviceStats::rx_errors`].
 //! - **Statistics**: the clear-on-read counters of SDM 13.7 are accumulated into
@@ -513,8 +514,12 @@ fn program_filters(bar0: &Mmio, mac: MacAddress) {
     }
 }
 
-/// RCTL: EN, BAM, SECRC and the buffer size (SDM 13.4.22). Unicast to RAL0 and broadcast
-/// only; no promiscuous modes, no long packets, bad frames not stored.
+/// RCTL: EN, BAM, MPE, SECRC and the buffer size (SDM 13.4.22). Unicast to RAL0, broadcast
+/// and multicast: IPv6 neighbour discovery solicits our addresses at their solicited-node
+/// multicast groups (RFC 4861 section 7.2.2; MAC 33:33:ff:xx:xx:xx, RFC 2464 section 7),
+/// whose low 24 bits the 12-bit MTA hash cannot single out, and routers advertise to
+/// all-nodes; the stack drops groups it has not joined. No unicast promiscuous mode, no
+/// long packets, bad frames not stored.
 fn rctl_value(buffer_size: usize) -> u32 {
     let size_bits = match buffer_size {
         2048 => 0b00 << regs::RCTL_BSIZE_SHIFT,
@@ -522,7 +527,7 @@ fn rctl_value(buffer_size: usize) -> u32 {
         8192 => regs::RCTL_BSEX | 0b10 << regs::RCTL_BSIZE_SHIFT,
         _ => regs::RCTL_BSEX | 0b01 << regs::RCTL_BSIZE_SHIFT, // 16384 (validated)
     };
-    regs::RCTL_EN | regs::RCTL_BAM | regs::RCTL_SECRC | size_bits
+    regs::RCTL_EN | regs::RCTL_BAM | regs::RCTL_MPE | regs::RCTL_SECRC | size_bits
 }
 
 /// Receive initialisation without enabling the receiver (SDM 14.4).
@@ -633,6 +638,18 @@ impl Drop for E1000 {
     }
 }
 
+/// Whether TSO is used for IPv6 frames on this model. The 82574 datasheet (section 7.3.6,
+/// "TCP segmentation ... for IPv4 and IPv6") and Linux's e1000e (`NETIF_F_TSO6`) do. The
+/// generic 8254x SDM describes the IPv6 Payload Length update (section 3.5.9), but its
+/// formula as printed (MSS + HDRLEN - IPCSS, with HDRLEN counting the IPv6 header) and
+/// QEMU's `e1000` model, which implements it (hw/net/e1000.c `xmit_seg`: `size - ipcss`),
+/// put 40 bytes too many into Payload Length, and Linux's e1000 never offers
+/// `NETIF_F_TSO6` on the 82540/82545. On those the stack segments IPv6 itself (MSS frames;
+/// TCP checksum offload is still used).
+fn tso_ipv6(model: NicModel) -> bool {
+    model == NicModel::I82574L
+}
+
 impl NetQueue for E1000 {
     fn mac_address(&self) -> MacAddress {
         self.mac
@@ -651,6 +668,7 @@ impl NetQueue for E1000 {
             tso_max_frame: (o.tso && o.l4_checksum && o.ipv4_header_checksum)
                 .then_some(TSO_MAX_FRAME),
             tso_headers: TsoHeaders::PerSegment,
+            tso_ipv6: o.tso && o.l4_checksum && tso_ipv6(self.model),
             max_tx_segments: MAX_TX_SEGMENTS,
             mtu: MTU,
             // No inline TLS engine: the stack encrypts records itself.
@@ -697,6 +715,7 @@ impl NetQueue for E1000 {
         if (offload.ipv4_header.is_some() && !o.ipv4_header_checksum)
             || (offload.l4_checksum.is_some() && !o.l4_checksum)
             || (offload.tso.is_some() && !o.tso)
+            || (offload.tso.is_some() && offload.ipv6_header.is_some() && !tso_ipv6(self.model))
         {
             return Err(DriverError::BadFrame(
                 "offload requested that NicConfig switched off".into(),
@@ -830,7 +849,9 @@ impl NetQueue for E1000 {
             self.rx
                 .buffers
                 .read_bytes(slot as usize * self.rx.buffer_size, &mut dst);
-            if dst != self.mac.0 && dst != [0xff; 6] {
+            // Multicast (broadcast included) is accepted by RCTL.MPE/BAM; the buffer's
+            // cleared first bytes are not multicast, so a blocked write still shows.
+            if dst != self.mac.0 && dst[0] & 1 == 0 {
                 // Not something the device's filter accepts: the data never landed here.
                 self.stats.rx_errors += 1;
                 self.rx_integrity_drops += 1;

@@ -81,7 +81,8 @@ pub const RCTL: usize = 0x0100;
 pub const RCTL_EN: u32 = 1 << 1;
 /// RCTL.SBP: store bad packets (bit 2) — left 0, bad frames are dropped by the device.
 pub const RCTL_SBP: u32 = 1 << 2;
-/// RCTL.UPE / MPE: unicast / multicast promiscuous (bits 3, 4) — left 0.
+/// RCTL.UPE / MPE: unicast / multicast promiscuous (bits 3, 4): UPE left 0, MPE set (IPv6
+/// neighbour discovery, see `rctl_value`).
 pub const RCTL_UPE: u32 = 1 << 3;
 pub const RCTL_MPE: u32 = 1 << 4;
 /// RCTL.LPE: long packet enable (bit 5) — left 0: frames over 1522 bytes are dropped.

@@ -7,7 +7,7 @@
 //! VIRTIO_F_ACCESS_PLATFORM; without the latter the device would DMA to guest-physical
 //! addresses around the IOMMU, so [`VirtioNet::open`] refuses with
 //! [`DriverError::NoAccessPlatform`] (which names QEMU's `iommu_platform=on`) and sets FAILED.
-//! Taken when offered: MAC, STATUS, CSUM and HOST_TSO4 (unless switched off in
+//! Taken when offered: MAC, STATUS, CSUM, HOST_TSO4 and HOST_TSO6 (unless switched off in
 //! [`NicConfig::offloads`]), INDIRECT_DESC, and RING_PACKED (with INDIRECT_DESC; see
 //! below). Not taken: EVENT_IDX (we poll; the device's "no notification" hints suffice),
 //! MRG_RXBUF (every frame fits one
@@ -67,6 +67,10 @@
 //!   and its `virtio_net_hdr` to its TAP backend, where the host kernel receives it like any
 //!   packet (header checksum verified, packet trimmed to the IPv4 total length) and its GSO
 //!   derives every segment's lengths and checksums from the whole packet's.
+//! - TSO of an IPv6 frame ([`TxOffload::ipv6_header`]) -> `VIRTIO_NET_HDR_GSO_TCPV6`, only
+//!   with VIRTIO_NET_F_HOST_TSO6 negotiated ([`Capabilities::tso_ipv6`]); the headers again
+//!   describe the whole packet (IPv6 Payload Length of the large packet, pseudo-header sum
+//!   over the whole TCP length). HOST_TSO6 is used only together with HOST_TSO4.
 //! - IPv4 header checksum: virtio-net has no such offload, so [`Capabilities`] says
 //!   `ipv4_header_checksum: false` and a request for it ([`TxOffload::ipv4_header`]) is
 //!   refused with [`DriverError::BadFrame`]: the caller fills the field in (smoltcp does).
@@ -127,9 +131,10 @@ const TX_QUEUE: u16 = 1;
 pub const NET_HDR_LEN: usize = 12;
 /// `VIRTIO_NET_HDR_F_NEEDS_CSUM` (section 5.1.6).
 const HDR_F_NEEDS_CSUM: u8 = 1;
-/// `VIRTIO_NET_HDR_GSO_NONE` / `VIRTIO_NET_HDR_GSO_TCPV4` (section 5.1.6).
+/// `VIRTIO_NET_HDR_GSO_NONE` / `_TCPV4` / `_TCPV6` (section 5.1.6).
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
 
 /// `struct virtio_net_config` (section 5.1.4): `u8 mac[6]; le16 status; ...`.
 const CONFIG_MAC: usize = 0;
@@ -473,6 +478,7 @@ impl VirtioNet {
             udp_checksum: csum,
             tso_max_frame: (negotiated & f::NET_F_HOST_TSO4 != 0).then_some(TSO_MAX_FRAME),
             tso_headers: TsoHeaders::WholePacket,
+            tso_ipv6: negotiated & f::NET_F_HOST_TSO4 != 0 && negotiated & f::NET_F_HOST_TSO6 != 0,
             max_tx_segments: if negotiated & f::F_INDIRECT_DESC != 0 {
                 MAX_TX_SEGMENTS
             } else {
@@ -728,6 +734,12 @@ fn tx_net_hdr(
                 .into(),
         ));
     }
+    if offload.ipv6_header.is_some() && !caps.tso_ipv6 {
+        return Err(DriverError::BadFrame(
+            "IPv6 TSO requested but VIRTIO_NET_F_HOST_TSO6 was not negotiated (see capabilities())"
+                .into(),
+        ));
+    }
     // Section 5.1.6.2.1: with a gso_type other than GSO_NONE the driver MUST also set
     // NEEDS_CSUM; and TCPV4 segmentation is of TCP.
     let Some(c) = offload
@@ -766,7 +778,11 @@ fn tx_net_hdr(
     }
     // Section 5.1.6.2 item 3: gso_type, hdr_len (at least the headers, TCP's included),
     // gso_size (the MSS).
-    hdr[1] = GSO_TCPV4;
+    hdr[1] = if offload.ipv6_header.is_some() {
+        GSO_TCPV6
+    } else {
+        GSO_TCPV4
+    };
     hdr[2..4].copy_from_slice(&tso.header_len.to_le_bytes());
     hdr[4..6].copy_from_slice(&tso.mss.to_le_bytes());
     Ok(hdr)
@@ -806,9 +822,9 @@ fn negotiate(t: &VirtioPciTransport, config: &NicConfig, same: Option<u64>) -> R
     }
     if config.offloads.l4_checksum {
         want |= f::NET_F_CSUM;
-        // Section 5.1.3.1: HOST_TSO4 requires CSUM.
+        // Section 5.1.3.1: HOST_TSO4 and HOST_TSO6 require CSUM.
         if config.offloads.tso && offered & f::NET_F_CSUM != 0 {
-            want |= f::NET_F_HOST_TSO4;
+            want |= f::NET_F_HOST_TSO4 | f::NET_F_HOST_TSO6;
         }
     }
     let taken = match same {
@@ -1161,6 +1177,7 @@ mod tests {
     /// What `open` reports with CSUM and HOST_TSO4 negotiated.
     fn caps() -> Capabilities {
         Capabilities {
+            tso_ipv6: false,
             ipv4_header_checksum: false,
             tcp_checksum: true,
             udp_checksum: true,
@@ -1192,6 +1209,7 @@ mod tests {
 
     fn tso(mss: u16) -> TxOffload {
         TxOffload {
+            ipv6_header: None,
             ipv4_header: None,
             l4_checksum: tcp_csum(),
             tso: Some(Tso {
@@ -1293,6 +1311,37 @@ mod tests {
         };
         let h = tx_net_hdr(&caps(), &segs(&[42, 8]), &udp, 50).unwrap();
         assert_eq!(fields(h), (HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, 6, 0));
+    }
+
+    #[test]
+    fn ipv6_tso_becomes_gso_tcpv6_only_with_host_tso6() {
+        let v6 = TxOffload {
+            ipv6_header: Some(14),
+            l4_checksum: Some(L4Checksum {
+                protocol: L4Protocol::Tcp,
+                start: 54,
+                field: 70,
+            }),
+            tso: Some(Tso {
+                mss: 1440,
+                header_len: 74,
+            }),
+            ..TxOffload::default()
+        };
+        let with_tso6 = Capabilities {
+            tso_ipv6: true,
+            ..caps()
+        };
+        let total = 74 + 57600;
+        let h = tx_net_hdr(&with_tso6, &segs(&[74, 57600]), &v6, total).unwrap();
+        assert_eq!(
+            fields(h),
+            (HDR_F_NEEDS_CSUM, GSO_TCPV6, 74, 1440, 54, 16, 0)
+        );
+        assert!(
+            tx_net_hdr(&caps(), &segs(&[74, 57600]), &v6, total).is_err(),
+            "HOST_TSO6 not negotiated"
+        );
     }
 
     #[test]

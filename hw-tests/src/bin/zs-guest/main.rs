@@ -140,6 +140,7 @@ fn checksum_offload(protocol: L4Protocol, ipv4_header: bool) -> TxOffload {
         L4Protocol::Udp => 34 + 6,
     };
     TxOffload {
+        ipv6_header: None,
         ipv4_header: ipv4_header.then_some(14),
         l4_checksum: Some(L4Checksum {
             protocol,
