@@ -141,6 +141,9 @@ fn check(out: &mut Vec<Outgoing>) {
             Outgoing::Bytes(b) => {
                 if head.is_none() {
                     let text = String::from_utf8_lossy(b).into_owned();
+                    if text.starts_with("HTTP/1.1 100 Continue\r\n\r\n") {
+                        continue; // an interim response (Expect: 100-continue)
+                    }
                     assert!(text.starts_with("HTTP/1.1 "), "not a status line: {text:?}");
                     head = Some(text);
                 } else {
