@@ -685,7 +685,8 @@ impl PendingPut {
 
     /// Consume body bytes from the front of `inbuf` as far as they go and the sink has room.
     /// Returns whether the body is complete; `Ok(false)` with bytes left in `inbuf` means
-    /// waiting for room.
+    /// waiting for room (if [`PendingPut::room`] is 0) or for the rest of a chunked framing
+    /// line.
     fn consume(&mut self, inbuf: &mut Vec<u8>, limits: &Limits) -> Result<bool, HttpError> {
         while !self.complete {
             let room = self.room().min(inbuf.len() as u64) as usize;
@@ -878,8 +879,9 @@ impl Connection {
                     }
                     if !complete || queue_full {
                         // Waiting for more of the body, for room in the upload, or for room in
-                        // the response queue.
-                        self.held_back = complete || !self.inbuf.is_empty();
+                        // the response queue. Bytes left over with room in the sink are part
+                        // of a chunk-size, CRLF or trailer line: more input completes them.
+                        self.held_back = complete || (!self.inbuf.is_empty() && put.room() == 0);
                         self.body = Body::Put(put);
                         return;
                     }
@@ -1961,6 +1963,33 @@ mod tests {
         assert_eq!(statuses(&out), [400]);
         assert!(f.conn.closing());
         assert_eq!(fs::read(f.dir.join("c.txt")).unwrap(), b"HELLO, world");
+    }
+
+    /// A chunked body whose size and CRLF lines arrive split (here a byte per segment) is
+    /// read on: a partial framing line is not a full sink, so the connection must not stop
+    /// reading. (Found by the `http_conn` fuzz target: the connection held back forever and
+    /// got a 408.)
+    #[test]
+    fn chunked_put_arriving_a_byte_at_a_time_is_read_on() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        let request =
+            b"PUT /c.txt HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let mut out = Vec::new();
+        for (i, &byte) in request.iter().enumerate() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !f.conn.wants_input() {
+                assert!(
+                    Instant::now() < deadline,
+                    "held back with {:?} received",
+                    String::from_utf8_lossy(&request[..i])
+                );
+                std::thread::sleep(Duration::from_millis(1));
+                f.feed(&[], 0, &mut out);
+            }
+            f.feed(&[byte], 0, &mut out);
+        }
+        assert_eq!(statuses(&out), [201]);
+        assert_eq!(fs::read(f.dir.join("c.txt")).unwrap(), b"hello");
     }
 
     /// A PUT cut off mid-body (the client went away, or timed out) leaves the old file

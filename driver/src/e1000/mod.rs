@@ -532,34 +532,21 @@ fn rctl_value(buffer_size: usize) -> u32 {
 
 /// Receive initialisation without enabling the receiver (SDM 14.4).
 fn init_rx(bar0: &Mmio, dma: &Arc<DmaSpace>, config: &NicConfig) -> Result<RxRing> {
-    let size = config.rx_ring_size;
-    let ring = dma.allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)?;
-    ring.zero();
-    let count = size as usize; // one spare beyond the size-1 the ring can hold
-    let buffers = dma.allocate(count * config.rx_buffer_size, config.rx_buffer_access())?;
-    let mut rx = RxRing {
-        ring,
-        buffers,
-        buffer_size: config.rx_buffer_size,
-        size,
-        next: 0,
-        tail: 0,
-        hw_tail: 0,
-        posted: 0,
-        desc_slot: vec![0; size as usize],
-        free: (0..count as u32).rev().collect(),
-        lent: vec![false; count],
-    };
+    let mut rx = RxRing::new(
+        dma,
+        config.rx_ring_size,
+        config.rx_buffer_size,
+        config.rx_buffer_access(),
+    )?;
     let base = rx.ring.iova();
     bar0.write32(regs::RDBAL, base as u32);
     bar0.write32(regs::RDBAH, (base >> 32) as u32);
-    bar0.write32(regs::RDLEN, (size as usize * DESC_LEN) as u32);
+    bar0.write32(regs::RDLEN, (rx.size as usize * DESC_LEN) as u32);
     bar0.write32(regs::RDH, 0);
     bar0.write32(regs::RDT, 0);
     // Write descriptors back at once; we poll (SDM 13.4.30, 13.4.31).
     bar0.write32(regs::RDTR, 0);
     bar0.write32(regs::RADV, 0);
-    rx.post_free();
     fence(Ordering::SeqCst);
     bar0.write32(regs::RDT, rx.tail as u32);
     rx.hw_tail = rx.tail;
@@ -606,7 +593,114 @@ fn init_tx(
     })
 }
 
+/// What the next receive descriptor held (see [`RxRing::take`]).
+enum RxTake {
+    /// The device has not written it back yet.
+    Empty,
+    /// A good frame, now lent to the caller.
+    Frame(RxBuffer),
+    /// Written back with an error, without EOP, or with a length the buffer cannot hold
+    /// (the device can lie): dropped, the buffer back to the free list.
+    Bad,
+    /// Its destination address is not ours: the data never landed (the IOMMU refused the
+    /// device's write). Dropped likewise.
+    Unwritten,
+}
+
 impl RxRing {
+    /// A ring of `size` descriptors, a buffer of `buffer_size` bytes posted on each but
+    /// one (the device is not told yet).
+    fn new(
+        dma: &Arc<DmaSpace>,
+        size: u16,
+        buffer_size: usize,
+        buffer_access: DmaAccess,
+    ) -> Result<RxRing> {
+        let ring = dma.allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)?;
+        ring.zero();
+        let count = size as usize; // one spare beyond the size-1 the ring can hold
+        let buffers = dma.allocate(count * buffer_size, buffer_access)?;
+        let mut rx = RxRing {
+            ring,
+            buffers,
+            buffer_size,
+            size,
+            next: 0,
+            tail: 0,
+            hw_tail: 0,
+            posted: 0,
+            desc_slot: vec![0; size as usize],
+            free: (0..count as u32).rev().collect(),
+            lent: vec![false; count],
+        };
+        rx.post_free();
+        Ok(rx)
+    }
+
+    /// Takes the next descriptor the device wrote back. Everything it reads from the
+    /// descriptor and buffer is device-written and checked before a buffer is lent out.
+    fn take(&mut self, mac: &MacAddress) -> RxTake {
+        if self.posted == 0 {
+            return RxTake::Empty;
+        }
+        let i = self.next as usize;
+        let word1: u64 = self.ring.read_volatile(i * DESC_LEN + 8);
+        if word1 & desc::RX_STA_DD == 0 {
+            return RxTake::Empty;
+        }
+        fence(Ordering::Acquire);
+        self.ring.write_volatile::<u64>(i * DESC_LEN + 8, 0);
+        let slot = self.desc_slot[i];
+        self.next = (self.next + 1) % self.size;
+        self.posted -= 1;
+        let len = desc::rx_len(word1) as usize;
+        let bad_frame = word1 & desc::RX_ERR_FRAME != 0
+            || word1 & desc::RX_STA_EOP == 0
+            || len < 14
+            || len > self.buffer_size;
+        if bad_frame {
+            self.free.push(slot);
+            return RxTake::Bad;
+        }
+        let mut dst = [0u8; 6];
+        self.buffers
+            .read_bytes(slot as usize * self.buffer_size, &mut dst);
+        // Multicast (broadcast included) is accepted by RCTL.MPE/BAM; the buffer's cleared
+        // first bytes are not multicast, so a blocked write still shows.
+        if dst != mac.0 && dst[0] & 1 == 0 {
+            // Not something the device's filter accepts: the data never landed here.
+            self.free.push(slot);
+            return RxTake::Unwritten;
+        }
+        self.lent[slot as usize] = true;
+        RxTake::Frame(RxBuffer {
+            slot,
+            len: len as u32,
+        })
+    }
+
+    fn read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
+        let slot = buffer.slot as usize;
+        assert!(
+            self.lent.get(slot) == Some(&true) && buffer.len as usize <= self.buffer_size,
+            "rx_read: buffer {buffer:?} is not lent out by this driver"
+        );
+        let n = (buffer.len as usize).min(out.len());
+        self.buffers
+            .read_bytes(slot * self.buffer_size, &mut out[..n]);
+        &out[..n]
+    }
+
+    fn recycle(&mut self, buffer: RxBuffer) {
+        let slot = buffer.slot as usize;
+        assert!(
+            self.lent.get(slot) == Some(&true),
+            "rx_recycle: buffer {buffer:?} is not lent out"
+        );
+        self.lent[slot] = false;
+        self.free.push(buffer.slot);
+    }
+
     /// Put free buffers on descriptors (without telling the device).
     fn post_free(&mut self) {
         while self.posted < self.size - 1 {
@@ -822,53 +916,21 @@ impl NetQueue for E1000 {
 
     fn rx_next(&mut self) -> Option<RxBuffer> {
         loop {
-            if self.rx.posted == 0 {
-                return None;
-            }
-            let i = self.rx.next as usize;
-            let word1: u64 = self.rx.ring.read_volatile(i * DESC_LEN + 8);
-            if word1 & desc::RX_STA_DD == 0 {
-                return None;
-            }
-            fence(Ordering::Acquire);
-            self.rx.ring.write_volatile::<u64>(i * DESC_LEN + 8, 0);
-            let slot = self.rx.desc_slot[i];
-            self.rx.next = (self.rx.next + 1) % self.rx.size;
-            self.rx.posted -= 1;
-            let len = desc::rx_len(word1) as usize;
-            let bad_frame = word1 & desc::RX_ERR_FRAME != 0
-                || word1 & desc::RX_STA_EOP == 0
-                || len < 14
-                || len > self.rx.buffer_size;
-            if bad_frame {
-                self.stats.rx_errors += 1;
-                self.rx.free.push(slot);
-                continue;
-            }
-            let mut dst = [0u8; 6];
-            self.rx
-                .buffers
-                .read_bytes(slot as usize * self.rx.buffer_size, &mut dst);
-            // Multicast (broadcast included) is accepted by RCTL.MPE/BAM; the buffer's
-            // cleared first bytes are not multicast, so a blocked write still shows.
-            if dst != self.mac.0 && dst[0] & 1 == 0 {
-                // Not something the device's filter accepts: the data never landed here.
-                self.stats.rx_errors += 1;
-                self.rx_integrity_drops += 1;
-                if self.rx_integrity_drops == 1 {
-                    tracing::error!(
-                        device = %self.pci.address(),
-                        "received frame's data missing from its buffer (device write blocked by the IOMMU?)"
-                    );
+            match self.rx.take(&self.mac) {
+                RxTake::Empty => return None,
+                RxTake::Frame(buffer) => return Some(buffer),
+                RxTake::Bad => self.stats.rx_errors += 1,
+                RxTake::Unwritten => {
+                    self.stats.rx_errors += 1;
+                    self.rx_integrity_drops += 1;
+                    if self.rx_integrity_drops == 1 {
+                        tracing::error!(
+                            device = %self.pci.address(),
+                            "received frame's data missing from its buffer (device write blocked by the IOMMU?)"
+                        );
+                    }
                 }
-                self.rx.free.push(slot);
-                continue;
             }
-            self.rx.lent[slot as usize] = true;
-            return Some(RxBuffer {
-                slot,
-                len: len as u32,
-            });
         }
     }
 
@@ -878,26 +940,11 @@ impl NetQueue for E1000 {
     /// If `buffer` is not a buffer this driver lent out and that is still lent (a forged or
     /// already recycled [`RxBuffer`]).
     fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
-        let slot = buffer.slot as usize;
-        assert!(
-            self.rx.lent.get(slot) == Some(&true) && buffer.len as usize <= self.rx.buffer_size,
-            "rx_read: buffer {buffer:?} is not lent out by this driver"
-        );
-        let n = (buffer.len as usize).min(out.len());
-        self.rx
-            .buffers
-            .read_bytes(slot * self.rx.buffer_size, &mut out[..n]);
-        &out[..n]
+        self.rx.read(buffer, out)
     }
 
     fn rx_recycle(&mut self, buffer: RxBuffer) {
-        let slot = buffer.slot as usize;
-        assert!(
-            self.rx.lent.get(slot) == Some(&true),
-            "rx_recycle: buffer {buffer:?} is not lent out"
-        );
-        self.rx.lent[slot] = false;
-        self.rx.free.push(buffer.slot);
+        self.rx.recycle(buffer)
     }
 
     fn rx_flush(&mut self) {
@@ -913,6 +960,101 @@ impl NetQueue for E1000 {
     fn stats(&mut self) -> DeviceStats {
         self.read_counters();
         self.stats
+    }
+}
+
+/// The receive ring's descriptor-reading code without a device, for the fuzz targets
+/// (`fuzz/`): the caller plays the device, writing descriptors and buffers through the DMA
+/// space by IOVA, and calls what `rx_next`, `rx_read`, `rx_recycle` and `rx_flush` call.
+#[cfg(feature = "fuzzing")]
+pub struct RxRingHarness {
+    ring: RxRing,
+    mac: MacAddress,
+    /// Frames dropped as `rx_next` counts them in `rx_errors`, and of those the ones whose
+    /// data never landed.
+    pub rx_errors: u64,
+    pub unwritten: u64,
+}
+
+#[cfg(feature = "fuzzing")]
+impl RxRingHarness {
+    pub fn new(
+        dma: &Arc<DmaSpace>,
+        size: u16,
+        buffer_size: usize,
+        mac: MacAddress,
+    ) -> Result<Self> {
+        Ok(Self {
+            ring: RxRing::new(dma, size, buffer_size, DmaAccess::DeviceReadsWrites)?,
+            mac,
+            rx_errors: 0,
+            unwritten: 0,
+        })
+    }
+    /// IOVA of the descriptor ring (16 bytes per descriptor).
+    pub fn ring_iova(&self) -> crate::Iova {
+        self.ring.ring.iova()
+    }
+    /// IOVA of the receive buffers (`buffer_size` bytes per slot, `size` slots).
+    pub fn buffers_iova(&self) -> crate::Iova {
+        self.ring.buffers.iova()
+    }
+    pub fn size(&self) -> u16 {
+        self.ring.size
+    }
+    pub fn buffer_size(&self) -> usize {
+        self.ring.buffer_size
+    }
+    /// The descriptor index the driver checks next, and the index it posts at next (RDT).
+    pub fn next_and_tail(&self) -> (u16, u16) {
+        (self.ring.next, self.ring.tail)
+    }
+    /// As `NetQueue::rx_next`.
+    pub fn rx_next(&mut self) -> Option<RxBuffer> {
+        loop {
+            match self.ring.take(&self.mac) {
+                RxTake::Empty => return None,
+                RxTake::Frame(buffer) => return Some(buffer),
+                RxTake::Bad => self.rx_errors += 1,
+                RxTake::Unwritten => {
+                    self.rx_errors += 1;
+                    self.unwritten += 1;
+                }
+            }
+        }
+    }
+    pub fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
+        self.ring.read(buffer, out)
+    }
+    pub fn rx_recycle(&mut self, buffer: RxBuffer) {
+        self.ring.recycle(buffer)
+    }
+    /// As `rx_flush` without the doorbell: free buffers go on descriptors.
+    pub fn post_free(&mut self) {
+        self.ring.post_free();
+        self.ring.hw_tail = self.ring.tail;
+    }
+    /// Every buffer slot is in exactly one place (free, posted on a descriptor, or lent),
+    /// and at most size - 1 are posted. Panics otherwise.
+    pub fn check_accounting(&self) {
+        let r = &self.ring;
+        let count = r.lent.len();
+        assert!(r.posted < r.size, "posted {} of {}", r.posted, r.size);
+        let mut seen = vec![0u32; count];
+        for &slot in &r.free {
+            seen[slot as usize] += 1;
+        }
+        for k in 0..r.posted {
+            let i = (r.next + k) % r.size;
+            seen[r.desc_slot[i as usize] as usize] += 1;
+        }
+        for (slot, &lent) in r.lent.iter().enumerate() {
+            seen[slot] += lent as u32;
+        }
+        assert!(
+            seen.iter().all(|&n| n == 1),
+            "buffer slots lost or duplicated: {seen:?}"
+        );
     }
 }
 

@@ -340,6 +340,88 @@ impl Rx {
         self.posted[slot as usize] = true;
     }
 
+    /// The next good frame the device returned, lent to the caller; `Ok(None)`: none yet.
+    /// Everything read from the used ring is device-written: a buffer id that is not
+    /// outstanding is `Err(id)` (the device is broken: reset it); a length too short or too
+    /// long for the buffer, or a buffer the device never wrote, is dropped and counted.
+    fn take(&mut self, stats: &mut DeviceStats) -> std::result::Result<Option<RxBuffer>, u32> {
+        loop {
+            let Some((id, len)) = self.vq.pop_used() else {
+                return Ok(None);
+            };
+            let size = self.vq.size() as u32;
+            if id >= size || !self.posted[id as usize] {
+                return Err(id);
+            }
+            self.posted[id as usize] = false;
+            // len counts the bytes written, virtio_net_hdr included (section 2.7.8).
+            let len = len as usize;
+            if len < NET_HDR_LEN + 14 || len > self.buffer_size || self.poisoned(id as u16) {
+                // Too short, too long, or the device's write never landed (the header still
+                // holds the poison): never hand out such a buffer.
+                stats.rx_errors += 1;
+                self.recycled.push(id as u16);
+                continue;
+            }
+            self.lent[id as usize] = true;
+            let frame = (len - NET_HDR_LEN) as u32;
+            stats.rx_frames += 1;
+            stats.rx_bytes += frame as u64;
+            return Ok(Some(RxBuffer {
+                slot: id,
+                len: frame,
+            }));
+        }
+    }
+
+    /// Copies a lent buffer's frame out (after its `virtio_net_hdr`).
+    fn read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
+        let slot = buffer.slot as usize;
+        assert!(
+            self.lent.get(slot) == Some(&true),
+            "rx_read on a buffer that is not lent out"
+        );
+        let at = slot * self.buffer_size + NET_HDR_LEN;
+        let n = (buffer.len as usize).min(out.len());
+        self.buffers.read_bytes(at, &mut out[..n]);
+        &out[..n]
+    }
+
+    fn recycle(&mut self, buffer: RxBuffer) {
+        let slot = buffer.slot as usize;
+        if slot < self.lent.len() && self.lent[slot] {
+            self.lent[slot] = false;
+            self.recycled.push(slot as u16);
+        }
+    }
+
+    /// Posts the recycled buffers again and publishes them; returns whether anything was
+    /// published (the device may want a notification).
+    fn repost(&mut self) -> bool {
+        if self.recycled.is_empty() {
+            return false;
+        }
+        for i in 0..self.recycled.len() {
+            let slot = self.recycled[i];
+            self.post(slot);
+        }
+        self.recycled.clear();
+        self.vq.publish()
+    }
+
+    /// After a (re)start of the queue: every buffer not lent out is posted and published
+    /// (buffer id i is buffer i; split: in descriptor i), device-writable.
+    fn post_all(&mut self) {
+        self.recycled.clear();
+        for i in 0..self.vq.size() {
+            self.posted[i as usize] = false;
+            if !self.lent[i as usize] {
+                self.post(i);
+            }
+        }
+        self.vq.publish();
+    }
+
     fn poison(&self, slot: u16) {
         self.buffers
             .write_volatile(slot as usize * self.buffer_size, RX_POISON);
@@ -591,15 +673,7 @@ impl VirtioNet {
         self.rx_notify = t.setup_queue(RX_QUEUE, self.rx.vq.size(), desc, driver, device)?;
         let (desc, driver, device) = self.tx.vq.areas();
         self.tx_notify = t.setup_queue(TX_QUEUE, self.tx.vq.size(), desc, driver, device)?;
-        // Receive buffers: buffer id i is buffer i (split: in descriptor i), device-writable.
-        self.rx.recycled.clear();
-        for i in 0..self.rx.vq.size() {
-            self.rx.posted[i as usize] = false;
-            if !self.rx.lent[i as usize] {
-                self.rx.post(i);
-            }
-        }
-        self.rx.vq.publish();
+        self.rx.post_all();
         // Section 3.1.1 step 8; section 3.1.1 also forbids notifications before DRIVER_OK.
         t.add_status(DeviceStatus::DRIVER_OK);
         let status = t.status();
@@ -1072,70 +1146,32 @@ impl NetQueue for VirtioNet {
         if self.dead.is_some() {
             return None;
         }
-        loop {
-            let Some((id, len)) = self.rx.vq.pop_used() else {
+        match self.rx.take(&mut self.stats) {
+            Ok(Some(buffer)) => Some(buffer),
+            Ok(None) => {
                 self.check_status();
-                return None;
-            };
-            let size = self.rx.vq.size() as u32;
-            if id >= size || !self.rx.posted[id as usize] {
+                None
+            }
+            Err(id) => {
                 self.recover(|lost| DriverError::DeviceReset {
                     reason: format!("virtio-net returned RX descriptor {id}, which was not posted"),
                     lost,
                 });
-                return None;
+                None
             }
-            self.rx.posted[id as usize] = false;
-            // len counts the bytes written, virtio_net_hdr included (section 2.7.8).
-            let len = len as usize;
-            if len < NET_HDR_LEN + 14 || len > self.rx.buffer_size || self.rx.poisoned(id as u16) {
-                // Too short, too long, or the device's write never landed (the header still
-                // holds the poison): never hand out such a buffer.
-                self.stats.rx_errors += 1;
-                self.rx.recycled.push(id as u16);
-                continue;
-            }
-            self.rx.lent[id as usize] = true;
-            let frame = (len - NET_HDR_LEN) as u32;
-            self.stats.rx_frames += 1;
-            self.stats.rx_bytes += frame as u64;
-            return Some(RxBuffer {
-                slot: id,
-                len: frame,
-            });
         }
     }
 
     fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
-        let slot = buffer.slot as usize;
-        assert!(
-            self.rx.lent.get(slot) == Some(&true),
-            "rx_read on a buffer that is not lent out"
-        );
-        let at = slot * self.rx.buffer_size + NET_HDR_LEN;
-        let n = (buffer.len as usize).min(out.len());
-        self.rx.buffers.read_bytes(at, &mut out[..n]);
-        &out[..n]
+        self.rx.read(buffer, out)
     }
 
     fn rx_recycle(&mut self, buffer: RxBuffer) {
-        let slot = buffer.slot as usize;
-        if slot < self.rx.lent.len() && self.rx.lent[slot] {
-            self.rx.lent[slot] = false;
-            self.rx.recycled.push(slot as u16);
-        }
+        self.rx.recycle(buffer)
     }
 
     fn rx_flush(&mut self) {
-        if self.rx.recycled.is_empty() {
-            return;
-        }
-        for i in 0..self.rx.recycled.len() {
-            let slot = self.rx.recycled[i];
-            self.rx.post(slot);
-        }
-        self.rx.recycled.clear();
-        if self.rx.vq.publish() && self.rx.vq.device_wants_notification() {
+        if self.rx.repost() && self.rx.vq.device_wants_notification() {
             self.transport.notify(self.rx_notify, RX_QUEUE);
             self.stats.doorbells += 1;
         }
@@ -1166,6 +1202,89 @@ impl Drop for VirtioNet {
         if let Err(e) = self.transport.reset() {
             tracing::error!("virtio-net: reset on close failed: {e}");
         }
+    }
+}
+
+/// The receive queue's used-ring reading without a device, for the fuzz targets (`fuzz/`):
+/// the caller plays the device, writing the used ring (split) or used descriptors (packed)
+/// and the buffers through the DMA space by IOVA, and calls what `rx_next`, `rx_read`,
+/// `rx_recycle` and `rx_flush` call. A bad buffer id resets the queue as `recover` does.
+#[cfg(feature = "fuzzing")]
+pub struct RxQueueHarness {
+    rx: Rx,
+    pub stats: DeviceStats,
+    /// Queue resets for a device that returned a buffer id not outstanding.
+    pub resets: u64,
+}
+
+#[cfg(feature = "fuzzing")]
+impl RxQueueHarness {
+    /// A queue of `size` (a power of two) buffers of `buffer_size` bytes, all posted.
+    pub fn new(dma: &Arc<DmaSpace>, size: u16, buffer_size: usize, packed: bool) -> Result<Self> {
+        let mut rx = Rx {
+            vq: Ring::new(dma, RX_QUEUE, size, packed, DmaAccess::DeviceReadsWrites)?,
+            buffers: dma.allocate(size as usize * buffer_size, DmaAccess::DeviceReadsWrites)?,
+            buffer_size,
+            posted: vec![false; size as usize],
+            lent: vec![false; size as usize],
+            recycled: Vec::new(),
+        };
+        rx.post_all();
+        Ok(Self {
+            rx,
+            stats: DeviceStats::default(),
+            resets: 0,
+        })
+    }
+    /// `queue_desc`, `queue_driver`, `queue_device` (section 4.1.4.3).
+    pub fn areas(&self) -> (crate::Iova, crate::Iova, crate::Iova) {
+        self.rx.vq.areas()
+    }
+    pub fn buffers_iova(&self) -> crate::Iova {
+        self.rx.buffers.iova()
+    }
+    pub fn size(&self) -> u16 {
+        self.rx.vq.size()
+    }
+    pub fn buffer_size(&self) -> usize {
+        self.rx.buffer_size
+    }
+    /// As `NetQueue::rx_next` (a bad id: the queue is reset and restarted, lent buffers
+    /// stay lent).
+    pub fn rx_next(&mut self) -> Option<RxBuffer> {
+        match self.rx.take(&mut self.stats) {
+            Ok(buffer) => buffer,
+            Err(_) => {
+                self.resets += 1;
+                self.rx.vq.reset();
+                self.rx.post_all();
+                None
+            }
+        }
+    }
+    pub fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
+        self.rx.read(buffer, out)
+    }
+    pub fn rx_recycle(&mut self, buffer: RxBuffer) {
+        self.rx.recycle(buffer)
+    }
+    /// As `rx_flush` without the doorbell.
+    pub fn rx_flush(&mut self) {
+        self.rx.repost();
+    }
+    /// Every buffer is in exactly one place: posted, lent, or recycled. Panics otherwise.
+    pub fn check_accounting(&self) {
+        let mut seen = vec![0u32; self.rx.posted.len()];
+        for (i, (&posted, &lent)) in self.rx.posted.iter().zip(&self.rx.lent).enumerate() {
+            seen[i] += posted as u32 + lent as u32;
+        }
+        for &slot in &self.rx.recycled {
+            seen[slot as usize] += 1;
+        }
+        assert!(
+            seen.iter().all(|&n| n == 1),
+            "buffers lost or duplicated: {seen:?}"
+        );
     }
 }
 

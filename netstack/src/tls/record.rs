@@ -104,12 +104,15 @@ pub fn parse_header(bytes: &[u8]) -> Option<Result<Header, HeaderError>> {
     let h: &[u8; HEADER_LEN] = bytes.get(..HEADER_LEN)?.try_into().ok()?;
     let len = u16::from_be_bytes([h[3], h[4]]) as usize;
     let content_type = h[0];
-    let result = if content_type == ContentType::ChangeCipherSpec as u8 {
-        Ok(Header { content_type, len })
-    } else if content_type != ContentType::ApplicationData as u8 {
+    let change_cipher_spec = content_type == ContentType::ChangeCipherSpec as u8;
+    let result = if content_type != ContentType::ApplicationData as u8 && !change_cipher_spec {
         Err(HeaderError::UnexpectedType(content_type))
     } else if len > MAX_CIPHERTEXT {
+        // Also for change_cipher_spec: the receive buffer never holds more, so the caller
+        // would wait forever for the rest of the record.
         Err(HeaderError::Oversized(len))
+    } else if change_cipher_spec {
+        Ok(Header { content_type, len })
     } else if len < 1 + TAG_LEN {
         Err(HeaderError::TooShort(len))
     } else {
@@ -188,6 +191,12 @@ mod tests {
                 .unwrap()
                 .content_type,
             20
+        );
+        // Found by the `tls_record` fuzz target: an oversized change_cipher_spec was
+        // accepted, and the connection waited for a record its buffer could never hold.
+        assert_eq!(
+            parse_header(&[0x14, 3, 3, 0xff, 0xff]).unwrap(),
+            Err(HeaderError::Oversized(65535))
         );
         assert_eq!(
             HeaderError::Oversized(0).alert(),
