@@ -54,12 +54,18 @@
 //! whose [`Pending`] can be polled or can send a token to a `std::sync::mpsc` channel.
 //!
 //! ```
-//! use pagecache::{Attempt, CacheConfig, FrameArena, OpenOptions, PageCache, WritePolicy};
+//! use pagecache::{Attempt, Backpressure, CacheConfig, FrameArena, OpenOptions, PageCache, WritePolicy};
 //! # let dir = std::env::temp_dir().join(format!("pagecache-doc-stream-{}", std::process::id()));
 //! # std::fs::create_dir_all(&dir).unwrap();
 //! # let path = dir.join("big.bin");
 //! # std::fs::write(&path, vec![7u8; 64 * 4096]).unwrap();
-//! let cache = PageCache::new(FrameArena::anonymous(0x1000_0000, 16 * 4096)?, CacheConfig::default())?;
+//! // Read-ahead fills can hold every frame of so small a cache for a moment: wait for one
+//! // (a pin that must wait returns Pending) rather than fail at once.
+//! let config = CacheConfig {
+//!     backpressure: Backpressure::Wait { timeout: std::time::Duration::from_secs(10) },
+//!     ..CacheConfig::default()
+//! };
+//! let cache = PageCache::new(FrameArena::anonymous(0x1000_0000, 16 * 4096)?, config)?;
 //! let file = cache.open(&path, OpenOptions::read_write(WritePolicy::CopyOnWrite))?;
 //! let mut snapshot = file.snapshot(0..file.len())?; // 256 KiB through a 64 KiB cache
 //! let etag = snapshot.identity().etag();             // the head, before any byte is read
