@@ -584,27 +584,36 @@ fn options_response(allow: &str, keep_alive: bool) -> Vec<u8> {
 /// A PUT the server's access rules refuse: 405 (writes off), 401 (no token: says how to
 /// authenticate, RFC 6750 section 3) or 403 (another token).
 fn put_refused_response(status: u16, reason: &str, allow: &str, keep_alive: bool) -> Vec<u8> {
-    if status == 405 {
-        return method_not_allowed(allow, keep_alive);
-    }
-    let body = format!("{status} {reason}\n");
-    let mut head = ResponseHead::new(status, reason);
-    if status == 401 {
-        head = head.header("WWW-Authenticate", "Bearer realm=\"zerosend\"");
-    }
-    let mut bytes = head
-        .header("Content-Type", "text/plain; charset=utf-8")
-        .header("Content-Length", body.len())
-        .header("Connection", connection_header(keep_alive))
-        .finish();
-    bytes.extend_from_slice(body.as_bytes());
-    bytes
+    let extra = match status {
+        405 => Some(("Allow", allow)),
+        401 => Some(("WWW-Authenticate", "Bearer realm=\"zerosend\"")),
+        _ => None,
+    };
+    text_response(status, reason, extra, keep_alive)
 }
 
 fn method_not_allowed(allow: &str, keep_alive: bool) -> Vec<u8> {
-    let body = "405 Method Not Allowed\n";
-    let mut bytes = ResponseHead::new(405, "Method Not Allowed")
-        .header("Allow", allow)
+    text_response(
+        405,
+        "Method Not Allowed",
+        Some(("Allow", allow)),
+        keep_alive,
+    )
+}
+
+/// A short plain-text answer (`STATUS REASON`) with one header of its own.
+fn text_response(
+    status: u16,
+    reason: &str,
+    extra: Option<(&str, &str)>,
+    keep_alive: bool,
+) -> Vec<u8> {
+    let body = format!("{status} {reason}\n");
+    let mut head = ResponseHead::new(status, reason);
+    if let Some((name, value)) = extra {
+        head = head.header(name, value);
+    }
+    let mut bytes = head
         .header("Content-Type", "text/plain; charset=utf-8")
         .header("Content-Length", body.len())
         .header("Connection", connection_header(keep_alive))

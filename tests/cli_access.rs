@@ -3,30 +3,8 @@
 //! already serving files, and certificates without their keys are refused with a message
 //! that says what to change.
 
-use std::process::Command;
-
-/// Runs `zerosend serve` on a NIC address that does not exist: anything the flags get past
-/// ends at opening the NIC, so a flag error is told apart from it.
-fn serve(args: &[&str]) -> (i32, String) {
-    let root = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_zerosend"))
-        .args([
-            "serve",
-            "--nic",
-            "0000:00:00.0",
-            "--ip",
-            "10.0.0.2/24",
-            "--root",
-        ])
-        .arg(root.path())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::serve;
 
 #[test]
 fn a_put_token_needs_allow_put_and_one_word() {

@@ -1,28 +1,8 @@
 //! `zerosend serve` refuses a bad HTTPS certificate/key pair at start, before it touches a
 //! NIC, with a message naming the files.
 
-use std::process::Command;
-
-fn serve(args: &[&str]) -> (i32, String) {
-    let root = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_zerosend"))
-        .args([
-            "serve",
-            "--nic",
-            "0000:00:00.0",
-            "--ip",
-            "10.0.0.2/24",
-            "--root",
-        ])
-        .arg(root.path())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::serve;
 
 #[test]
 fn mismatched_key_is_refused_at_start() {

@@ -80,6 +80,25 @@ impl ServerGuest {
         self.guest.curl(CURL_MAX_TIME, args)
     }
 
+    /// PUTs `body` to `path` with curl (`-T`, from a scratch file); returns the status code
+    /// curl saw.
+    pub fn put(&self, path: &str, body: &[u8]) -> String {
+        let dir = self.scratch_dir("put");
+        let file = dir.join("body");
+        std::fs::write(&file, body).unwrap();
+        let o = self.curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-T",
+            file.to_str().unwrap(),
+            &url(path),
+        ]);
+        let _ = std::fs::remove_file(&file);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
     /// Panics with the console tail unless `ok`.
     #[track_caller]
     pub fn check(&self, ok: bool, what: &str) {

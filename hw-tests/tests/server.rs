@@ -405,23 +405,8 @@ fn parallel_64(srv: &ServerGuest) {
 
 fn put_then_get(srv: &ServerGuest) {
     let body = random_bytes(7, 300_000);
-    let dir = srv.scratch_dir("put");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("upload.bin");
-    std::fs::write(&f, &body).unwrap();
-    let o = srv.curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-T",
-        f.to_str().unwrap(),
-        &url("/upload.bin"),
-    ]);
-    srv.check(
-        o.stdout == b"201",
-        &format!("PUT new file: {}", String::from_utf8_lossy(&o.stdout)),
-    );
+    let status = srv.put("/upload.bin", &body);
+    srv.check(status == "201", &format!("PUT new file: {status}"));
     let o = srv.curl(&[&url("/upload.bin")]);
     srv.check(o.stdout == body, "GET after PUT differs");
     // Partial write with Content-Range.
@@ -445,7 +430,6 @@ fn put_then_get(srv: &ServerGuest) {
         srv.curl(&[&url("/upload.bin")]).stdout == expected,
         "GET after partial PUT differs",
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Writers PUT new versions of a file while readers download it: every body must be exactly

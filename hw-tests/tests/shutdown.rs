@@ -104,22 +104,8 @@ impl HeldDownload {
 
 /// PUTs `body` to `path` and checks it was created.
 fn put(srv: &ServerGuest, path: &str, body: &[u8]) {
-    let dir = srv.scratch_dir("put");
-    let file = dir.join("body");
-    std::fs::write(&file, body).unwrap();
-    let o = srv.curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-T",
-        file.to_str().unwrap(),
-        &url(path),
-    ]);
-    srv.check(
-        String::from_utf8_lossy(&o.stdout) == "201",
-        &format!("PUT {path}: {}", String::from_utf8_lossy(&o.stdout)),
-    );
+    let status = srv.put(path, body);
+    srv.check(status == "201", &format!("PUT {path}: {status}"));
 }
 
 /// Waits for the `n`th console line containing `needle`.
