@@ -35,7 +35,7 @@ mod upload;
 #[path = "../../src/warnings.rs"]
 mod warnings;
 
-use conn::{Connection, Outgoing, ServerCore};
+use conn::{Connection, Outgoing, PutAccess, Role, ServerCore};
 
 const METHODS: &[&str] = &[
     "GET", "HEAD", "PUT", "OPTIONS", "DELETE", "POST", "get", "PRI",
@@ -211,9 +211,11 @@ fuzz_target!(|input: Input| {
         limits,
     );
     core.record_request_lines = true;
+    // Writes on, so PUT bodies, uploads and ranged writes are exercised (not only the 405).
+    core.put_access = PutAccess::Open;
     let mut offset = Duration::ZERO;
     let now = |offset: Duration| Instant::now() + offset;
-    let mut conn = Connection::new(now(offset));
+    let mut conn = Connection::with_role(Role::Files, now(offset));
     let mut out = Vec::new();
     let mut queued = 0usize;
     let mut cuts = input.cuts.iter().cycle().map(|&c| c as usize + 1);
