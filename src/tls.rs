@@ -220,7 +220,7 @@ impl Certificates {
     /// The pair for a client asking for `name`: the first whose end-entity certificate is
     /// valid for it, else the default (the first pair).
     fn choose(&self, name: Option<&str>) -> Arc<CertifiedKey> {
-        let wanted = name.and_then(|n| ServerName::try_from(n.to_string()).ok());
+        let wanted = name.and_then(|n| ServerName::try_from(n).ok());
         if let Some(wanted) = &wanted {
             for pair in &self.pairs {
                 let key = pair.key();

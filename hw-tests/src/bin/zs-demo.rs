@@ -218,21 +218,18 @@ fn throwaway_pki(dir: &Path) -> DemoTls {
             ));
         }
     };
+    // Each command is one line of words (no argument has a space).
+    let run = |line: &str| openssl(&line.split_whitespace().collect::<Vec<_>>());
     let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1";
-    let words = |s: String| s.split(' ').map(str::to_string).collect::<Vec<_>>();
-    let run = |s: String| openssl(&words(s).iter().map(String::as_str).collect::<Vec<_>>());
-    run(format!(
+    run(&format!(
         "req -x509 -nodes -days 7 {ec} -keyout ca.key -out ca.pem -subj /CN=zerosend-demo-CA"
     ));
-    run(format!(
+    run(&format!(
         "req -nodes {ec} -keyout key.pem -out srv.csr -subj /CN=localhost"
     ));
     run(
         "x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 7 \
-         -extfile ext.cnf -out cert.pem"
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" "),
+         -extfile ext.cnf -out cert.pem",
     );
     let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
     DemoTls {
