@@ -25,9 +25,11 @@ pub mod content;
 mod guest_programs;
 mod initramfs;
 pub mod netns;
+pub mod pki;
 mod qemu;
 mod qmp;
 pub mod raw_http;
+pub mod relay;
 pub mod serve_guest;
 pub mod wire;
 

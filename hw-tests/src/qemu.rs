@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::initramfs::{build_run_initramfs, GuestFile, EXIT_MARKER};
 use crate::netns::{self, NetNs};
 use crate::qmp::{json_string, Qmp};
+use crate::relay::{Relay, RelayConfig, RelayStats};
 use crate::{cache_dir, require_testbed, target_dir};
 
 /// NIC models QEMU emulates for us.
@@ -84,6 +85,7 @@ pub struct Guest {
     cpus: u32,
     append: String,
     network: Network,
+    relay: Option<RelayConfig>,
     pcap: bool,
     auto_bind: bool,
     script: String,
@@ -107,6 +109,7 @@ impl Guest {
             network: Network::User {
                 forwards: Vec::new(),
             },
+            relay: None,
             pcap: false,
             auto_bind: true,
             script: String::new(),
@@ -161,6 +164,17 @@ impl Guest {
         })
     }
     /// Record every frame on the NIC's netdev (QEMU `filter-dump`).
+    /// Put the impairing relay ([`crate::relay`]) between the NIC and the namespace's TAP
+    /// (implies [`Network::Tap`]): QEMU's NIC talks to the relay over UDP on the
+    /// namespace's loopback, the relay to the host's TAP. Its counters:
+    /// [`RunningGuest::relay_stats`].
+    pub fn relay(self, config: RelayConfig) -> Self {
+        self.with(|g| {
+            g.network = Network::Tap;
+            g.relay = Some(config);
+        })
+    }
+
     pub fn pcap(self) -> Self {
         self.with(|g| g.pcap = true)
     }
@@ -239,6 +253,10 @@ impl Guest {
             Network::Tap => Some(NetNs::create()?),
             Network::User { .. } => None,
         };
+        let relay = match (&netns, &self.relay) {
+            (Some(ns), Some(config)) => Some(Relay::start(ns, config.clone())?),
+            _ => None,
+        };
         let mut cmd = match &netns {
             Some(ns) => ns.command("qemu-system-x86_64"),
             None => Command::new("qemu-system-x86_64"),
@@ -288,6 +306,9 @@ impl Guest {
                     write!(netdev, ",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}").unwrap();
                 }
                 cmd.args(["-netdev", &netdev]);
+            }
+            Network::Tap if relay.is_some() => {
+                cmd.args(["-netdev", &Relay::netdev_arg("n0")]);
             }
             Network::Tap => {
                 cmd.args([
@@ -371,6 +392,7 @@ impl Guest {
             readers,
             host_ports,
             netns,
+            relay,
             pcap,
             qmp_path,
             qmp: Mutex::new(None),
@@ -430,6 +452,7 @@ pub struct RunningGuest {
     readers: Vec<std::thread::JoinHandle<()>>,
     host_ports: HashMap<u16, u16>,
     netns: Option<NetNs>,
+    relay: Option<Relay>,
     pcap: Option<PathBuf>,
     qmp_path: PathBuf,
     /// Connected on first use.
@@ -461,6 +484,19 @@ impl RunningGuest {
             json_string("n0")
         ))
         .map(drop)
+    }
+
+    /// The impairing relay's counters, if the guest has one ([`Guest::relay`]).
+    pub fn relay_stats(&self) -> Option<RelayStats> {
+        self.relay.as_ref().map(Relay::stats)
+    }
+
+    /// Change the relay's impairments from now on; panics if the guest has no relay.
+    pub fn set_relay(&self, config: RelayConfig) {
+        self.relay
+            .as_ref()
+            .expect("set_relay: the guest has no relay (Guest::relay)")
+            .set_config(config);
     }
 
     /// The 127.0.0.1 port forwarded to `guest_port`.

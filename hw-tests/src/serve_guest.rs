@@ -137,6 +137,26 @@ impl ServerGuest {
         secs
     }
 
+    /// The server's metrics page; panics with the console tail if it cannot be read.
+    pub fn metrics(&self) -> String {
+        let o = self.curl(&[&metrics_url()]);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        self.check(
+            text.contains("zerosend_frames_tx_total"),
+            &format!("no metrics: {text} {}", String::from_utf8_lossy(&o.stderr)),
+        );
+        text
+    }
+
+    /// One sample of a metrics page `text`; panics if it is missing.
+    pub fn metric(&self, text: &str, name: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .unwrap_or_else(|| self.guest.fail(&format!("metric {name} missing:\n{text}")))
+    }
+
     /// A host directory of this server's own, `what` for: the NIC models run in parallel in
     /// one test process, so shared paths would mix their downloads.
     pub fn scratch_dir(&self, what: &str) -> PathBuf {

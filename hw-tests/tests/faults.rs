@@ -21,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use hw_tests::netns::GUEST_IP;
-use hw_tests::serve_guest::{metrics_url, url, ServerGuest, ACCESS_FLAGS, BIG_LEN, PORT};
+use hw_tests::serve_guest::{url, ServerGuest, ACCESS_FLAGS, BIG_LEN, PORT};
 use hw_tests::wire::{pcap_frames, Ipv4Frame, IPPROTO_UDP};
 use hw_tests::{Guest, GuestRun, Nic};
 /// The server's TX hang strikes after this many frames. Chosen to fall inside the first
@@ -157,31 +157,12 @@ fn download_big(srv: &ServerGuest, what: &str) -> f64 {
     secs
 }
 
-/// The server's metrics page.
-fn metrics(srv: &ServerGuest) -> String {
-    let o = srv.curl(&[&metrics_url()]);
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    srv.check(
-        text.contains("zerosend_frames_tx_total"),
-        &format!("no metrics: {text} {}", String::from_utf8_lossy(&o.stderr)),
-    );
-    text
-}
-
-/// One sample of the metrics page.
-fn metric(srv: &ServerGuest, text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| srv.guest.fail(&format!("metric {name} missing:\n{text}")))
-}
-
 /// No page-cache pin outlives the responses: the frames dropped by a reset were handed
 /// back (their tokens returned) and released their pins.
 fn check_no_pins(srv: &ServerGuest, what: &str) {
-    let m = metrics(srv);
+    let m = srv.metrics();
     for name in ["zerosend_pins_held", "zerosend_pinned_pages"] {
-        let v = metric(srv, &m, name);
+        let v = srv.metric(&m, name);
         srv.check(v == 0, &format!("{what}: {name} is {v}, not 0"));
     }
 }
@@ -189,15 +170,15 @@ fn check_no_pins(srv: &ServerGuest, what: &str) {
 /// (a) A TX hang strikes in the middle of an 8 MiB download.
 fn tx_hang_mid_download(srv: &ServerGuest) {
     let strike = "fault injection: TxHang strikes now";
-    let before = metrics(srv);
-    let frames_before = metric(srv, &before, "zerosend_frames_tx_total");
+    let before = srv.metrics();
+    let frames_before = srv.metric(&before, "zerosend_frames_tx_total");
     srv.check(
         srv.guest.console_lines_with(strike).is_empty() && frames_before + 10 < HANG_AFTER_FRAMES,
         &format!("the TX hang struck before the download ({frames_before} frames sent)"),
     );
     download_big(srv, "download across a TX hang");
-    let after = metrics(srv);
-    let frames_after = metric(srv, &after, "zerosend_frames_tx_total");
+    let after = srv.metrics();
+    let frames_after = srv.metric(&after, "zerosend_frames_tx_total");
     srv.check(
         !srv.guest.console_lines_with(strike).is_empty(),
         "the injected TX hang never struck",
@@ -221,7 +202,7 @@ fn tx_hang_mid_download(srv: &ServerGuest) {
             .is_empty(),
         "the stack did not report a recovered NIC fault",
     );
-    let resets = metric(srv, &after, "zerosend_device_resets_total");
+    let resets = srv.metric(&after, "zerosend_device_resets_total");
     srv.check(
         resets == 1,
         &format!("zerosend_device_resets_total is {resets}, expected 1"),
@@ -236,7 +217,7 @@ fn tx_hang_mid_download(srv: &ServerGuest) {
 
 /// (b) The link goes down for 3 s in the middle of a download.
 fn link_down_mid_download(srv: &ServerGuest) {
-    let retransmits_before = metric(srv, &metrics(srv), "zerosend_tcp_retransmits_total");
+    let retransmits_before = srv.metric(&srv.metrics(), "zerosend_tcp_retransmits_total");
     let out = srv.scratch_dir("faults").join("flap.bin");
     let _ = std::fs::remove_file(&out);
     // curl reads at most 1 MiB/s, so the download takes about 8 s and the link goes down
@@ -297,7 +278,7 @@ fn link_down_mid_download(srv: &ServerGuest) {
         );
         "reset cleanly"
     };
-    let retransmits = metric(srv, &metrics(srv), "zerosend_tcp_retransmits_total");
+    let retransmits = srv.metric(&srv.metrics(), "zerosend_tcp_retransmits_total");
     srv.check(
         retransmits > retransmits_before,
         "no TCP retransmission: the link outage lost nothing?",

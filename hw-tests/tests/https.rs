@@ -6,13 +6,14 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hw_tests::content::{check_stamped, random_bytes, sha256_hex, stamped_version};
 use hw_tests::netns::GUEST_IP;
+use hw_tests::pki::{Pki, SNI_NAME};
 use hw_tests::serve_guest::{metrics_url, url, ServerGuest, ACCESS_FLAGS, BIG_LEN, PORT};
 use hw_tests::Nic;
 
@@ -22,105 +23,6 @@ const HUGE_LEN: usize = 48 << 20;
 
 fn https(path: &str) -> String {
     format!("https://{GUEST_IP}{path}")
-}
-
-/// A throwaway CA and a server certificate for the guest's address, signed by it.
-/// The name only the second certificate is valid for.
-const SNI_NAME: &str = "media.zerosend.test";
-
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn make(nic: Nic) -> Pki {
-        let dir = std::env::temp_dir().join(format!(
-            "zs-https-{}-{}-pki",
-            std::process::id(),
-            nic.name()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let openssl = |args: &[&str]| {
-            let o = Command::new("openssl")
-                .current_dir(&dir)
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-        openssl(
-            &[
-                &["req", "-x509", "-nodes", "-days", "2"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.pem",
-                    "-subj",
-                    "/CN=zs test CA",
-                ],
-            ]
-            .concat(),
-        );
-        // The default certificate, and a second one (SNI) for another name only.
-        for (prefix, san) in [
-            ("", format!("IP:{GUEST_IP},DNS:zerosend.test")),
-            ("media-", format!("DNS:{SNI_NAME}")),
-        ] {
-            std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={san}\n")).unwrap();
-            let (key, csr, cert) = (
-                format!("{prefix}key.pem"),
-                format!("{prefix}srv.csr"),
-                format!("{prefix}cert.pem"),
-            );
-            openssl(
-                &[
-                    &["req", "-nodes"][..],
-                    &ec,
-                    &["-keyout", &key, "-out", &csr, "-subj", "/CN=zerosend.test"],
-                ]
-                .concat(),
-            );
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-                "-out",
-                &cert,
-            ]);
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.join(file)
-    }
-
-    fn ca(&self) -> String {
-        self.path("ca.pem").to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn boot(nic: Nic, pki: &Pki) -> ServerGuest {
