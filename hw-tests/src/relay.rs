@@ -150,8 +150,11 @@ pub struct RetransmitStats {
     pub differing_bytes: u64,
     /// The first difference, described.
     pub first_difference: Option<String>,
-    /// Payload of flows whose start (SYN) the relay did not see, or beyond the tracked size.
+    /// Payload of flows whose start (SYN) the relay did not see (or whose record it had to
+    /// drop to bound its memory: `evicted_open_flows`), or beyond the tracked size.
     pub untracked_bytes: u64,
+    pub untracked_out_of_range_bytes: u64,
+    pub evicted_open_flows: u64,
     /// Fragmented datagrams reassembled, and those never completed (a fragment was lost
     /// on the way from QEMU: cannot happen on loopback unless a buffer overflowed).
     pub reassembled: u64,
@@ -781,12 +784,14 @@ struct Flow {
     bytes: Vec<u8>,
     seen: Vec<u64>,
     last_active: u64,
+    /// A FIN or RST went by: evicted before open flows.
+    closed: bool,
 }
 
 /// The most payload tracked per flow (the tests' largest download plus headers).
 const MAX_TRACKED: usize = 64 << 20;
-/// Flows tracked at once; the least recently active goes first.
-const MAX_FLOWS: usize = 24;
+/// Flows tracked at once; closed ones go first, then the least recently active.
+const MAX_FLOWS: usize = 64;
 
 #[derive(Default)]
 struct RetransmitTracker {
@@ -832,6 +837,7 @@ impl RetransmitTracker {
         let seq = u32::from_be_bytes(tcp[4..8].try_into().unwrap());
         let data_offset = usize::from(tcp[12] >> 4) * 4;
         let syn = tcp[13] & 0x02 != 0;
+        let fin_or_rst = tcp[13] & 0x05 != 0;
         if data_offset < 20 || data_offset > tcp.len() {
             return;
         }
@@ -846,12 +852,14 @@ impl RetransmitTracker {
                 .is_none_or(|f| f.isn != seq.wrapping_add(1));
             if fresh {
                 if self.flows.len() >= MAX_FLOWS {
-                    let oldest = *self
+                    let (&oldest, flow) = self
                         .flows
                         .iter()
-                        .min_by_key(|(_, f)| f.last_active)
-                        .unwrap()
-                        .0;
+                        .min_by_key(|(_, f)| (!f.closed, f.last_active))
+                        .unwrap();
+                    if !flow.closed {
+                        r.evicted_open_flows += 1;
+                    }
                     self.flows.remove(&oldest);
                 }
                 r.flows += 1;
@@ -862,8 +870,14 @@ impl RetransmitTracker {
                         bytes: Vec::new(),
                         seen: Vec::new(),
                         last_active: self.tick,
+                        closed: false,
                     },
                 );
+            }
+        }
+        if fin_or_rst {
+            if let Some(flow) = self.flows.get_mut(&key) {
+                flow.closed = true;
             }
         }
         if payload.is_empty() {
@@ -880,6 +894,7 @@ impl RetransmitTracker {
         let end = start + payload.len();
         if end > MAX_TRACKED {
             r.untracked_bytes += payload.len() as u64;
+            r.untracked_out_of_range_bytes += payload.len() as u64;
             return;
         }
         if flow.bytes.len() < end {
