@@ -100,7 +100,8 @@ fn tls_config(cert: &Path, key: &Path) -> Result<ServerConfig> {
         .with_context(|| format!("reading {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing {}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
     let mut provider = rustls::crypto::ring::default_provider();
     // The one suite handed to the kernel here (`tls12_crypto_info_aes_gcm_128`).
     provider.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256];
@@ -249,7 +250,8 @@ fn serve(stream: &TcpStream, root: &Path, mut buf: Vec<u8>) -> io::Result<()> {
         );
         let close_asked = lines.any(|l| {
             l.split_once(':').is_some_and(|(k, v)| {
-                k.trim().eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+                k.trim().eq_ignore_ascii_case("connection")
+                    && v.trim().eq_ignore_ascii_case("close")
             })
         });
         let keep_alive = version == "HTTP/1.1" && !close_asked;
@@ -286,10 +288,7 @@ fn respond_status(mut stream: &TcpStream, status: &str) -> io::Result<()> {
 /// The file under `root` that `target` names, if it stays under `root`.
 fn resolve(root: &Path, target: &str) -> Option<PathBuf> {
     let rel = Path::new(target.split('?').next()?.strip_prefix('/')?);
-    if rel
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_)))
-    {
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
         return None;
     }
     Some(root.join(rel))
@@ -302,7 +301,10 @@ mod tests {
     #[test]
     fn resolve_stays_under_root() {
         let root = Path::new("/data");
-        assert_eq!(resolve(root, "/big.bin"), Some(PathBuf::from("/data/big.bin")));
+        assert_eq!(
+            resolve(root, "/big.bin"),
+            Some(PathBuf::from("/data/big.bin"))
+        );
         assert_eq!(resolve(root, "/a/b?x=1"), Some(PathBuf::from("/data/a/b")));
         assert_eq!(resolve(root, "/../etc/passwd"), None);
         assert_eq!(resolve(root, "big.bin"), None);

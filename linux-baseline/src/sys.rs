@@ -41,7 +41,8 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
 /// connecting at once; the kernel caps it at `net.core.somaxconn`, 4096 on 6.1).
 pub fn listen(port: u16, backlog: i32) -> io::Result<TcpListener> {
     // SAFETY: plain socket(2); the result is checked before use.
-    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `fd` is a socket this function just created and owns; the listener takes it
     // over here, so it is closed on every error path below.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
