@@ -649,3 +649,13 @@ fn bench_linux() {
     let _ = std::fs::remove_dir_all(&scratch);
     println!("bench: samples in {}", tsv.display());
 }
+
+#[test]
+fn cpu_sample_lines_parse() {
+    // /proc/stat's first line (user nice system idle iowait irq softirq steal guest
+    // guest_nice) and a /proc/<pid>/stat (utime 3048, stime 1202 at fields 14 and 15).
+    let line = "ZS-CPU cpu  1681 0 1623 640 7 0 48 0 0 0 | 107 (zerosend) R 106 0 0 0 -1 \
+                4194560 6396 0 0 0 3048 1202 0 0 20 0 4 0 1805";
+    assert_eq!(parse_cpu_line(line), Some((1681 + 1623 + 48, 3048 + 1202)));
+    assert_eq!(parse_cpu_line("zerosend: stats up 5s"), None);
+}
