@@ -60,3 +60,37 @@ fn build() -> Result<GuestPrograms, String> {
         zerosend: bin.join("zerosend"),
     })
 }
+
+/// Build (or reuse) the static `zs-linux-serve` (crate `linux-baseline`), the Linux
+/// sendfile/kTLS server `scripts/bench` compares zerosend with. Built on its own, on first
+/// use, so the other tests do not wait for it.
+pub fn linux_baseline_program() -> &'static PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match BUILT.get_or_init(build_linux_baseline) {
+        Ok(p) => p,
+        Err(e) => panic!("building zs-linux-serve failed:\n{e}"),
+    }
+}
+
+fn build_linux_baseline() -> Result<PathBuf, String> {
+    let target = "x86_64-unknown-linux-gnu";
+    let dir = target_dir().join("guest");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--release", "--target", target, "--target-dir"])
+        .arg(&dir)
+        .args(["-p", "linux-baseline", "--bin", "zs-linux-serve"])
+        // The same static build as the other guest programs (see `build`).
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C strip=debuginfo",
+        )
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(dir.join(target).join("release").join("zs-linux-serve"))
+}

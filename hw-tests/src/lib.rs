@@ -33,7 +33,7 @@ pub mod relay;
 pub mod serve_guest;
 pub mod wire;
 
-pub use guest_programs::guest_programs;
+pub use guest_programs::{guest_programs, linux_baseline_program};
 pub use initramfs::EXIT_MARKER;
 pub use netns::NetNs;
 pub use qemu::{Guest, GuestRun, Network, Nic, RunningGuest};

@@ -796,3 +796,11 @@ impl Drop for GuestSlot {
         SLOT_FREED.notify_one();
     }
 }
+
+impl RunningGuest {
+    /// The QEMU process's id while it runs (for its CPU time, `/proc/<pid>/stat`; with
+    /// [`Network::Tap`] `ip netns exec` has exec'd QEMU, so this is QEMU itself).
+    pub fn qemu_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}

@@ -1,0 +1,661 @@
+//! zerosend against the guest's own Linux (run by `scripts/bench`; ignored in the suite).
+//!
+//! For each NIC model, three variants in alternating boots of the same guest (q35, TCG,
+//! emulated VT-d with caching mode, 1 vCPU, 1 GiB, TAP device in a network namespace the
+//! harness creates):
+//! - `zerosend`: `zerosend serve` on the NIC bound to vfio-pci (its own driver and stack);
+//! - `linux-strict`: the guest kernel's driver and TCP, `zs-linux-serve` with `sendfile(2)`,
+//!   the vIOMMU on with strict invalidation (`iommu.strict=1`: the NIC's group is `DMA`);
+//! - `linux-off`: the same with `intel_iommu=off` (the NIC has no IOMMU group).
+//!
+//! Both servers serve the same files from the initramfs's tmpfs. Per boot, after every file
+//! is downloaded once and sha256-checked (HTTP and HTTPS), the workloads run from the
+//! namespace: 64 MiB single downloads with curl (HTTP, then HTTPS: zerosend's own TLS
+//! against rustls handshake + kernel kTLS, AES-128-GCM both); 4 KiB keep-alive GETs with
+//! `wrk`, 64 connections; 1 MiB GETs with `wrk` at 1, 16, 256 and 1024 connections
+//! (aggregate bytes, partial responses included). Each sample records QEMU's CPU time
+//! (`/proc/<pid>/stat`), the guest's busy CPU time (`/proc/stat` in the guest, sampled
+//! every 0.5 s on the console) and the server process's (its `/proc/<pid>/stat`).
+//!
+//! Samples go to `target/bench/samples.tsv`; `scripts/bench-report` makes the tables and
+//! plots. Environment: BENCH_BOOTS (per variant, default 3), BENCH_SECONDS (per wrk run,
+//! default 10), BENCH_DOWNLOADS (64 MiB HTTP downloads per boot, default 3),
+//! BENCH_TLS_DOWNLOADS (HTTPS, default BENCH_DOWNLOADS),
+//! BENCH_NICS (comma-separated, default all), BENCH_VARIANTS (default all),
+//! BENCH_CONNS (default 1,16,256,1024).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hw_tests::content::{random_bytes, sha256_hex};
+use hw_tests::netns::GUEST_IP;
+use hw_tests::{cache_dir, linux_baseline_program, target_dir, Guest, Network, Nic, RunningGuest};
+
+const BIG: usize = 64 << 20;
+const MID: usize = 1 << 20;
+const SMALL: usize = 4 << 10;
+/// How long one client run may take before it counts as hung.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Variant {
+    Zerosend,
+    LinuxStrict,
+    LinuxOff,
+}
+
+impl Variant {
+    const ALL: [Variant; 3] = [Variant::Zerosend, Variant::LinuxStrict, Variant::LinuxOff];
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Zerosend => "zerosend",
+            Variant::LinuxStrict => "linux-strict",
+            Variant::LinuxOff => "linux-off",
+        }
+    }
+}
+
+/// CPU counters at one moment: QEMU's, and the guest's from its latest console sample.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    /// QEMU process utime+stime, host clock ticks.
+    qemu_ticks: u64,
+    /// Guest `/proc/stat` busy ticks (all but idle and iowait), USER_HZ.
+    guest_busy: u64,
+    /// Server process utime+stime in the guest, USER_HZ.
+    server: u64,
+}
+
+struct Bench {
+    guest: RunningGuest,
+    files: Vec<(&'static str, Vec<u8>)>,
+    pki: PathBuf,
+    scratch: PathBuf,
+    lua: PathBuf,
+}
+
+/// One measured row (a line of samples.tsv).
+struct Sample {
+    workload: String,
+    /// Bytes received (wrk: including partial responses), responses completed, seconds.
+    bytes: u64,
+    requests: u64,
+    secs: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    cpu: (Cpu, Cpu),
+    /// The host's 1-minute load average when the sample started (other work on the machine).
+    load: String,
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+fn qemu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime and stime are fields 14, 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|w| w.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// Parses `ZS-CPU cpu u n s i iow irq sirq steal ... | <pid> (comm) S ... utime stime ...`.
+fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
+    let body = line.split_once("ZS-CPU ")?.1;
+    let (sys, proc_) = body.split_once('|')?;
+    let v: Vec<u64> = sys
+        .split_whitespace()
+        .skip(1)
+        .map(|w| w.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let server = proc_
+        .rsplit_once(')')
+        .map(|(_, r)| {
+            let f: Vec<u64> = r
+                .split_whitespace()
+                .map(|w| w.parse().unwrap_or(0))
+                .collect();
+            f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+        })
+        .unwrap_or(0);
+    Some((total - idle, server))
+}
+
+impl Bench {
+    /// The latest guest CPU sample at or after console line `from` (waiting for one to
+    /// appear, up to 5 s), with QEMU's counter read now.
+    fn cpu_after(&self, from: usize) -> (Cpu, usize) {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (lines, next) = self.guest.console_lines_from(from);
+            if let Some((busy, server)) = lines.iter().rev().find_map(|l| parse_cpu_line(l)) {
+                let qemu = qemu_ticks(self.guest.qemu_pid().unwrap());
+                return (
+                    Cpu {
+                        qemu_ticks: qemu,
+                        guest_busy: busy,
+                        server,
+                    },
+                    next,
+                );
+            }
+            if Instant::now() > until {
+                self.guest.fail("no ZS-CPU sample on the console for 5 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn console_len(&self) -> usize {
+        self.guest.console_lines_from(usize::MAX).1
+    }
+
+    /// CPU counters before a workload: the last sample so far (taken while idle).
+    fn cpu_before(&self) -> (Cpu, usize) {
+        let len = self.console_len();
+        let (cpu, _) = self.cpu_after(len.saturating_sub(20));
+        (cpu, len)
+    }
+
+    fn run_measured(
+        &self,
+        workload: &str,
+        f: impl FnOnce() -> (u64, u64, f64, f64, f64, u64),
+    ) -> Sample {
+        // Let the previous workload's connections wind down first.
+        std::thread::sleep(Duration::from_millis(1500));
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let load = load.split(' ').next().unwrap_or("?").to_string();
+        let (before, len) = self.cpu_before();
+        let (bytes, requests, secs, p50_ms, p99_ms, errors) = f();
+        let (after, _) = self.cpu_after(len);
+        Sample {
+            workload: workload.into(),
+            bytes,
+            requests,
+            secs,
+            p50_ms,
+            p99_ms,
+            errors,
+            cpu: (before, after),
+            load,
+        }
+    }
+
+    fn curl(&self, args: &[&str]) -> std::process::Output {
+        self.guest.curl(CLIENT_TIMEOUT, args)
+    }
+
+    fn tls_args(&self) -> Vec<String> {
+        vec![
+            "--cacert".into(),
+            self.pki.join("ca.pem").display().to_string(),
+            "--tls13-ciphers".into(),
+            "TLS_AES_128_GCM_SHA256".into(),
+        ]
+    }
+
+    fn url(&self, https: bool, name: &str) -> String {
+        if https {
+            format!("https://{GUEST_IP}:443/{name}")
+        } else {
+            format!("http://{GUEST_IP}:80/{name}")
+        }
+    }
+
+    /// Every file once over HTTP and the big one over HTTPS, sha256-checked (retrying the
+    /// first until the link is up).
+    fn verify(&self, with_https: bool) {
+        for (i, (name, data)) in self.files.iter().enumerate() {
+            for https in [false, true] {
+                if https && (i != 0 || !with_https) {
+                    continue;
+                }
+                let out = self.scratch.join("verify.bin");
+                let mut args: Vec<String> = Vec::new();
+                if https {
+                    args.extend(self.tls_args());
+                }
+                args.extend(
+                    [
+                        "--retry",
+                        "20",
+                        "--retry-connrefused",
+                        "--retry-delay",
+                        "1",
+                        "-o",
+                        out.to_str().unwrap(),
+                        "-w",
+                        "%{http_code}",
+                    ]
+                    .map(String::from),
+                );
+                args.push(self.url(https, name));
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                let o = self.curl(&refs);
+                let got = std::fs::read(&out).unwrap_or_default();
+                let _ = std::fs::remove_file(&out);
+                self.guest.check(
+                    o.stdout == b"200" && sha256_hex(&got) == sha256_hex(data),
+                    &format!(
+                        "{name} (https {https}): status {} stderr {}, {} bytes, sha256 differs or short",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr),
+                        got.len()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// One 64 MiB download to /dev/null (its bytes were checked by [`Bench::verify`]).
+    fn download(&self, https: bool) -> (u64, u64, f64, f64, f64, u64) {
+        let mut args: Vec<String> = if https { self.tls_args() } else { Vec::new() };
+        args.extend(
+            [
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download} %{time_total}",
+            ]
+            .map(String::from),
+        );
+        args.push(self.url(https, "big.bin"));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = self.curl(&refs);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let w: Vec<&str> = text.split_whitespace().collect();
+        let size: u64 = w.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let secs: f64 = w.get(2).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        self.guest.check(
+            w.first() == Some(&"200") && size == BIG as u64,
+            &format!(
+                "download (https {https}): {text} {}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        );
+        (size, 1, secs, 0.0, 0.0, 0)
+    }
+
+    /// `wrk` for `seconds` with `conns` connections on `name`.
+    fn wrk(&self, name: &str, conns: u32, seconds: u32) -> (u64, u64, f64, f64, f64, u64) {
+        let threads = conns.min(2);
+        let cmd = format!(
+            "ulimit -n 8192; exec wrk -t{threads} -c{conns} -d{seconds}s --timeout 60s -s {} {}",
+            self.lua.display(),
+            self.url(false, name)
+        );
+        let o = self
+            .guest
+            .netns()
+            .command("sh")
+            .args(["-c", &cmd])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let Some(line) = text.lines().find(|l| l.starts_with("WRK ")) else {
+            self.guest.fail(&format!(
+                "wrk gave no summary: {text} {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        };
+        let get = |k: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+                .unwrap_or(0)
+        };
+        let errors = get("connect") + get("read") + get("write") + get("status") + get("timeout");
+        (
+            get("bytes"),
+            get("requests"),
+            get("duration_us") as f64 / 1e6,
+            get("p50_us") as f64 / 1e3,
+            get("p99_us") as f64 / 1e3,
+            errors,
+        )
+    }
+}
+
+/// A CA and a server certificate for GUEST_IP, made with openssl.
+fn make_pki(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    openssl(
+        &[
+            &["req", "-x509", "-nodes", "-days", "2"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-subj",
+                "/CN=zs bench CA",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName=IP:{GUEST_IP}\n"),
+    )
+    .unwrap();
+    openssl(
+        &[
+            &["req", "-nodes"][..],
+            &ec,
+            &[
+                "-keyout",
+                "key.pem",
+                "-out",
+                "srv.csr",
+                "-subj",
+                "/CN=zerosend.test",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+}
+
+/// wrk's summary as one parseable line (latencies in microseconds).
+const WRK_LUA: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRK requests=%d bytes=%d duration_us=%d p50_us=%d p99_us=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
+    summary.requests, summary.bytes, summary.duration, latency:percentile(50),
+    latency:percentile(99), e.connect, e.read, e.write, e.status, e.timeout))
+end
+"#;
+
+/// The guest's CPU sampler: every 0.5 s one console line with the first line of
+/// /proc/stat and the server's /proc/<pid>/stat (shell builtins only, so the sampling
+/// itself costs little and the same in every variant).
+const SAMPLER: &str = r#"zs_sample() { while :; do read -r l < /proc/stat; s=""; read -r s < /proc/$1/stat || true; echo "ZS-CPU $l | $s"; sleep 0.5; done; }"#;
+
+fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Path) -> RunningGuest {
+    let read =
+        |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    let mut guest = Guest::new(
+        &format!("bench-linux-{}-{}", nic.name(), variant.name()),
+        nic,
+    )
+    .network(Network::Tap)
+    .memory_mb(1024)
+    .cpus(1)
+    .timeout(Duration::from_secs(1800))
+    .file("/etc/zs/cert.pem", read(&pki.join("cert.pem")))
+    .file("/etc/zs/key.pem", read(&pki.join("key.pem")));
+    for (name, data) in files {
+        guest = guest.file(&format!("/data/{name}"), data.clone());
+    }
+    let tls = "--tls-cert /etc/zs/cert.pem --tls-key /etc/zs/key.pem --tls-port 443";
+    let script = match variant {
+        Variant::Zerosend => format!(
+            "{SAMPLER}\nzerosend serve --root /data --ip {GUEST_IP}/24 --port 80 {tls} \
+             --max-connections 1100 &\npid=$!\nzs_sample $pid &\nwait $pid"
+        ),
+        Variant::LinuxStrict | Variant::LinuxOff => {
+            let mods = cache_dir().join("kernel/current/linux-modules");
+            let order = std::fs::read_to_string(mods.join("order"))
+                .expect("no linux-modules/order: run scripts/setup");
+            for m in order.split_whitespace() {
+                guest = guest.file(&format!("/lib/zs-linux/{m}"), read(&mods.join(m)));
+            }
+            guest = guest.file("/lib/zs-linux/order", order.into_bytes());
+            guest = guest
+                .no_auto_bind()
+                .append(if variant == Variant::LinuxStrict {
+                    "iommu.strict=1"
+                } else {
+                    "intel_iommu=off"
+                })
+                .file_with_mtime(
+                    "/bin/zs-linux-serve",
+                    read(linux_baseline_program()),
+                    0o755,
+                    0,
+                );
+            format!(
+                "{SAMPLER}\nfor m in $(cat /lib/zs-linux/order); do insmod /lib/zs-linux/$m; done\n\
+                 dev=$(ls /sys/class/net | grep -v '^lo$' | head -n1)\n\
+                 pci=$(readlink -f /sys/class/net/$dev/device); case $pci in */virtio*) pci=$(dirname $pci);; esac\n\
+                 grp=none; [ -e $pci/iommu_group ] && grp=$(cat $pci/iommu_group/type)\n\
+                 echo \"ZS-IOMMU dev=$dev driver=$(basename $(readlink /sys/class/net/$dev/device/driver)) group_type=$grp\"\n\
+                 ip addr add {GUEST_IP}/24 dev $dev\nip link set $dev up\n\
+                 zs-linux-serve --root /data --port 80 {tls} &\npid=$!\nzs_sample $pid &\nwait $pid"
+            )
+        }
+    };
+    let guest = guest.run(&script).start().unwrap();
+    let ready = match variant {
+        Variant::Zerosend => "zerosend: serving",
+        _ => "zs-linux-serve: serving",
+    };
+    guest.wait_for_console(ready, Duration::from_secs(300));
+    if variant != Variant::Zerosend {
+        // The label must be true: strict means the NIC's DMA goes through the vIOMMU with
+        // strict invalidation (group type "DMA", not the lazy "DMA-FQ"); off means no group.
+        let line = guest.wait_for_console("ZS-IOMMU", Duration::from_secs(30));
+        let want = if variant == Variant::LinuxStrict {
+            "group_type=DMA"
+        } else {
+            "group_type=none"
+        };
+        guest.check(
+            line.split_whitespace().any(|w| w == want),
+            &format!("{}: expected {want}: {line}", variant.name()),
+        );
+    }
+    guest
+}
+
+#[test]
+#[ignore = "benchmark: run with scripts/bench"]
+fn bench_linux() {
+    let boots: usize = env_or("BENCH_BOOTS", 3);
+    let seconds: u32 = env_or("BENCH_SECONDS", 10);
+    let downloads: usize = env_or("BENCH_DOWNLOADS", 3);
+    let tls_downloads: usize = env_or("BENCH_TLS_DOWNLOADS", downloads);
+    let nics: Vec<Nic> = env_list("BENCH_NICS", "virtio,e1000,e1000e")
+        .iter()
+        .map(|n| Nic::parse(n).unwrap_or_else(|| panic!("unknown NIC {n}")))
+        .collect();
+    let variants: Vec<Variant> = env_list("BENCH_VARIANTS", "zerosend,linux-strict,linux-off")
+        .iter()
+        .map(|v| {
+            *Variant::ALL
+                .iter()
+                .find(|x| x.name() == v)
+                .unwrap_or_else(|| panic!("unknown variant {v}"))
+        })
+        .collect();
+    let conns: Vec<u32> = env_list("BENCH_CONNS", "1,16,256,1024")
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
+
+    let out_dir = target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let scratch = std::env::temp_dir().join(format!("zs-bench-linux-{}", std::process::id()));
+    let pki = scratch.join("pki");
+    make_pki(&pki);
+    let lua = scratch.join("report.lua");
+    std::fs::write(&lua, WRK_LUA).unwrap();
+    let files: Vec<(&'static str, Vec<u8>)> = vec![
+        ("big.bin", random_bytes(64, BIG)),
+        ("1m.bin", random_bytes(65, MID)),
+        ("4k.bin", random_bytes(66, SMALL)),
+    ];
+    // Build the baseline before the first boot so the build is not inside a measurement.
+    let _ = linux_baseline_program();
+
+    let tsv = out_dir.join("samples.tsv");
+    let mut rows = String::from(
+        "nic\tvariant\tboot\tworkload\tbytes\trequests\tsecs\tp50_ms\tp99_ms\terrors\tqemu_cpu_s\tguest_cpu_s\tserver_cpu_s\tload\n",
+    );
+    let host_hz = clock_ticks();
+    let started = Instant::now();
+    for round in 0..boots {
+        for &nic in &nics {
+            // Alternate: each round starts with the next variant.
+            for k in 0..variants.len() {
+                let variant = variants[(k + round) % variants.len()];
+                let t0 = Instant::now();
+                let guest = boot(nic, variant, &files, &pki);
+                let bench = Bench {
+                    guest,
+                    files: files.clone(),
+                    pki: pki.clone(),
+                    scratch: scratch.clone(),
+                    lua: lua.clone(),
+                };
+                bench.verify(true);
+                let mut samples = Vec::new();
+                for _ in 0..downloads {
+                    samples.push(bench.run_measured("download-64m", || bench.download(false)));
+                }
+                for _ in 0..tls_downloads {
+                    samples.push(bench.run_measured("download-64m-tls", || bench.download(true)));
+                }
+                if variant != Variant::Zerosend {
+                    let line = bench
+                        .guest
+                        .wait_for_console("zs-linux-serve: ktls", Duration::from_secs(5));
+                    let counter = |k: &str| -> u64 {
+                        line.split_whitespace()
+                            .find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+                            .unwrap_or(0)
+                    };
+                    // Printed while the first kTLS connection is open: the kernel seals its
+                    // records in software (no NIC here offloads TLS).
+                    bench.guest.check(
+                        counter("TlsCurrTxSw") >= 1 && counter("TlsTxSw") >= 1,
+                        &format!("kTLS not active: {line}"),
+                    );
+                }
+                samples.push(bench.run_measured("get-4k-c64", || bench.wrk("4k.bin", 64, seconds)));
+                for &c in &conns {
+                    samples.push(
+                        bench.run_measured(&format!("get-1m-c{c}"), || {
+                            bench.wrk("1m.bin", c, seconds)
+                        }),
+                    );
+                }
+                // The server must still serve correct bytes after the load (HTTP: the
+                // HTTPS download is the slowest step of a boot, and was checked above).
+                bench.verify(false);
+                let run = bench.guest.stop_server();
+                for s in &samples {
+                    let (b, a) = s.cpu;
+                    writeln!(
+                        rows,
+                        "{}\t{}\t{round}\t{}\t{}\t{}\t{:.4}\t{:.3}\t{:.3}\t{}\t{:.3}\t{:.3}\t{:.3}\t{}",
+                        nic.name(),
+                        variant.name(),
+                        s.workload,
+                        s.bytes,
+                        s.requests,
+                        s.secs,
+                        s.p50_ms,
+                        s.p99_ms,
+                        s.errors,
+                        a.qemu_ticks.saturating_sub(b.qemu_ticks) as f64 / host_hz,
+                        a.guest_busy.saturating_sub(b.guest_busy) as f64 / 100.0,
+                        a.server.saturating_sub(b.server) as f64 / 100.0,
+                        s.load,
+                    )
+                    .unwrap();
+                    let rate = if s.workload.starts_with("get-4k") {
+                        format!("{:.0} req/s", s.requests as f64 / s.secs)
+                    } else {
+                        format!("{:.0} Mbit/s", s.bytes as f64 * 8.0 / s.secs / 1e6)
+                    };
+                    println!(
+                        "bench: {} {} boot {round} {}: {rate} (errors {})",
+                        nic.name(),
+                        variant.name(),
+                        s.workload,
+                        s.errors
+                    );
+                }
+                std::fs::write(&tsv, &rows).unwrap();
+                println!(
+                    "bench: {} {} boot {round} done in {:.0} s (total {:.0} s, {})",
+                    nic.name(),
+                    variant.name(),
+                    t0.elapsed().as_secs_f64(),
+                    started.elapsed().as_secs_f64(),
+                    run.dir.display()
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    println!("bench: samples in {}", tsv.display());
+}
+
+#[test]
+fn cpu_sample_lines_parse() {
+    // /proc/stat's first line (user nice system idle iowait irq softirq steal guest
+    // guest_nice) and a /proc/<pid>/stat (utime 3048, stime 1202 at fields 14 and 15).
+    let line = "ZS-CPU cpu  1681 0 1623 640 7 0 48 0 0 0 | 107 (zerosend) R 106 0 0 0 -1 \
+                4194560 6396 0 0 0 3048 1202 0 0 20 0 4 0 1805";
+    assert_eq!(parse_cpu_line(line), Some((1681 + 1623 + 48, 3048 + 1202)));
+    assert_eq!(parse_cpu_line("zerosend: stats up 5s"), None);
+}
