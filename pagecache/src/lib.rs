@@ -110,6 +110,7 @@ mod arena;
 mod audit;
 mod cache;
 mod error;
+mod fast;
 mod file;
 mod fill;
 mod frames;
@@ -126,6 +127,8 @@ mod writeback;
 pub use arena::{FrameArena, PAGE_SIZE};
 pub use cache::{Backpressure, CacheConfig, OldVersionPolicy, PageCache};
 pub use error::{Error, Result};
+#[cfg(any(test, feature = "test-hooks"))]
+pub use file::set_unsafe_skip_pin_recheck;
 pub use file::{CachedFile, OpenOptions, WritePolicy};
 pub use identity::FileIdentity;
 pub use pin::{Pin, Span, Spans};

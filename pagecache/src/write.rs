@@ -557,7 +557,7 @@ impl CachedFile {
                 PageAction::Replace { old, new } => {
                     // SAFETY (for `put`): `new` is freshly allocated and not yet mapped.
                     put(new);
-                    st.pages.insert(page, new);
+                    st.pages.insert(page, new, &self.cache.frames);
                     self.cache.frames.set_owners(&[new], self.shared.id, page);
                     if let Some(old) = old {
                         // A frame kept for snapshots is held, so this does not free it.
