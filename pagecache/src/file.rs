@@ -676,6 +676,7 @@ impl CachedFile {
                 next_sequential.store(pages.end, Ordering::Relaxed);
             }
             cache.stats.pins.add(1);
+            cache.stats.lock_free_pins.add(1);
             return Some(Pin::new(
                 self.anchor(),
                 range.clone(),

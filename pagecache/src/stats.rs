@@ -121,6 +121,9 @@ impl PinnedGauge {
 pub struct CacheStats {
     /// `pin` and `sub_pin` calls that succeeded.
     pub pins: u64,
+    /// Of `pins`, those served without the file lock (resident pages, see
+    /// [`crate::CachedFile::pin`]).
+    pub lock_free_pins: u64,
     /// Frames currently pinned (by `Pin`s or by writeback in flight).
     pub pinned_pages_now: u64,
     /// Highest `pinned_pages_now` seen. Counted per thread without a shared write per pin, it
@@ -188,6 +191,7 @@ pub struct CacheStats {
 #[derive(Default)]
 pub(crate) struct StatCounters {
     pub pins: Sharded,
+    pub lock_free_pins: Sharded,
     pub pinned_pages: PinnedGauge,
     pub cow_copies: AtomicU64,
     pub writer_waits: AtomicU64,
@@ -221,6 +225,7 @@ impl StatCounters {
     pub fn snapshot(&self, resident: u64, free: u64) -> CacheStats {
         CacheStats {
             pins: self.pins.sum(),
+            lock_free_pins: self.lock_free_pins.sum(),
             pinned_pages_now: self.pinned_pages.now(),
             pinned_pages_peak: self.pinned_pages.peak(),
             resident_pages_now: resident,
