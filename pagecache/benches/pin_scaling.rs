@@ -45,6 +45,7 @@ enum Scenario {
     OneFile,
     SamePage,
     OwnFiles,
+    Control,
 }
 
 impl Scenario {
@@ -53,8 +54,18 @@ impl Scenario {
             Scenario::OneFile => "one file, own pages",
             Scenario::SamePage => "one file, same page",
             Scenario::OwnFiles => "own files",
+            Scenario::Control => "control: no page cache, nothing shared",
         }
     }
+}
+
+/// The control's unit of work: an allocation and a small checksum, nothing shared between
+/// threads. How its throughput grows with threads is what the machine gives at the moment
+/// (a shared, loaded 2-core machine gives far less than 2x).
+fn control_work(seed: u64) -> u32 {
+    let buf = Box::new([seed; 8]);
+    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_le_bytes()).collect();
+    crc32fast::hash(&bytes)
 }
 
 struct Fixture {
@@ -92,12 +103,18 @@ fn run(f: &Fixture, scenario: Scenario, path: Path, threads: usize, iters: u64) 
             let (file, page) = match scenario {
                 Scenario::OneFile => (f.files[0].clone(), (t * 8 % FILE_PAGES) as u64),
                 Scenario::SamePage => (f.files[0].clone(), 3),
-                Scenario::OwnFiles => (f.files[t].clone(), 3),
+                Scenario::OwnFiles | Scenario::Control => (f.files[t].clone(), 3),
             };
             let barrier = barrier.clone();
             thread::spawn(move || {
                 let range = page * PAGE..(page + 1) * PAGE;
                 barrier.wait();
+                if scenario == Scenario::Control {
+                    for i in 0..iters {
+                        black_box(control_work(black_box(i)));
+                    }
+                    return;
+                }
                 for _ in 0..iters {
                     let pin = match path {
                         Path::Locked => file.pin_locked(black_box(range.clone())),
@@ -147,7 +164,13 @@ fn main() {
         env("PIN_ITERS", 300_000)
     };
     let f = fixture();
-    let scenarios = [Scenario::OneFile, Scenario::SamePage, Scenario::OwnFiles];
+    let scenarios = [
+        Scenario::OneFile,
+        Scenario::SamePage,
+        Scenario::OwnFiles,
+        Scenario::Control,
+    ];
+    let csv = std::env::var_os("PIN_CSV").is_some();
     let paths = [Path::Locked, Path::LockFree];
     // results[scenario][threads][path] = pins/s per round
     let mut results = vec![vec![vec![Vec::new(); paths.len()]; THREADS.len()]; scenarios.len()];
@@ -164,6 +187,13 @@ fn main() {
                 }
                 for p in order {
                     let rate = run(&f, scenario, paths[p], threads, iters);
+                    if csv {
+                        println!(
+                            "csv,{},{threads},{},{rate:.0}",
+                            scenario.name(),
+                            paths[p].name()
+                        );
+                    }
                     results[s][t][p].push(rate);
                 }
             }
@@ -204,9 +234,15 @@ fn main() {
         }
     }
     let one_file = &medians[0];
+    let control = &medians[3];
+    let control_2 = (control[1][0] + control[1][1]) / (control[0][0] + control[0][1]);
     println!(
-        "\nheadline (one file, own pages): 2 threads / 1 thread = {:.2}x lock-free, {:.2}x locked",
+        "\nheadline (one file, own pages): 2 threads / 1 thread = {:.2}x lock-free, {:.2}x locked; \
+         the control gains {control_2:.2}x from a second thread now, so relative to what the \
+         machine gives: {:.2} lock-free, {:.2} locked (1.00 = scales like unshared work)",
         one_file[1][1] / one_file[0][1],
-        one_file[1][0] / one_file[0][0]
+        one_file[1][0] / one_file[0][0],
+        one_file[1][1] / one_file[0][1] / control_2,
+        one_file[1][0] / one_file[0][0] / control_2,
     );
 }

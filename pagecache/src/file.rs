@@ -237,9 +237,11 @@ impl Drop for StateGuard<'_> {
 /// Pages being read by the I/O pool, with the ticket of their fill.
 pub(crate) type FillTable = HashMap<u64, Ticket, BuildHasherDefault<PageIndexHasher>>;
 
-/// Mutable state of a cached file, behind its lock. Every operation that changes which bytes
-/// the file holds (write, truncate, invalidate) and every pin takes this lock, which is what
-/// makes a multi-page pin an atomic snapshot.
+/// Mutable state of a cached file, behind its lock ([`StateLock`]). Every operation that
+/// changes which bytes the file holds (write, truncate, invalidate, fill, evict) takes this
+/// lock, and so does every pin that is not served lock-free; lock-free pins validate against
+/// the sequence the lock publishes, which is what keeps a multi-page pin an atomic snapshot
+/// either way.
 pub(crate) struct FileState {
     /// `None` while closed by the open-file bound ([`crate::CacheConfig::max_open_files`]);
     /// reopened by [`FileState::io_fd`].
@@ -601,6 +603,11 @@ impl CachedFile {
     /// Fails with [`Error::OutOfRange`] if the range reaches past the end of the file, and
     /// with [`Error::OutOfFrames`] if the pages cannot be brought in (see
     /// [`crate::Backpressure`]).
+    ///
+    /// When every page is resident (and no read-ahead is due, audit mode is off, the range
+    /// spans at most 64 pages), the pin takes no lock: it is counted in
+    /// [`crate::CacheStats::lock_free_pins`]. Otherwise, or when a change of the file
+    /// overlaps it, it takes the file lock as before.
     pub fn pin(&self, range: Range<u64>) -> Result<Pin> {
         if let Some(pin) = self.pin_lock_free(&range) {
             return Ok(pin);

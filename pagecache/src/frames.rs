@@ -166,7 +166,8 @@ impl FrameTable {
 
     /// Advances the clock hand and returns up to `want` eviction candidates: owned, unpinned
     /// frames whose referenced bit was clear (the bit of skipped frames is cleared, giving
-    /// them a second chance). Candidates must be re-checked under their file's lock.
+    /// them a second chance). Candidates must be re-checked under their file's lock and
+    /// claimed ([`FrameTable::claim_for_eviction`]).
     pub fn clock_candidates(&self, want: usize) -> Vec<(FrameId, Owner)> {
         let mut alloc = self.alloc.lock();
         let n = self.meta.len();

@@ -122,7 +122,7 @@ fn stress(breakage: Breakage, run_for: Duration, until_broken: bool) -> Outcome 
                     Err(pagecache::Error::WriteTimeout { .. }) => {}
                     Err(e) => panic!("write: {e}"),
                 }
-                if xorshift(&mut rng) % 4 == 0 {
+                if xorshift(&mut rng).is_multiple_of(4) {
                     thread::yield_now();
                 }
             }
@@ -175,7 +175,7 @@ fn stress(breakage: Breakage, run_for: Duration, until_broken: bool) -> Outcome 
                 for _ in 0..(xorshift(&mut rng) % 64) {
                     std::hint::spin_loop();
                 }
-                if xorshift(&mut rng) % 8 == 0 {
+                if xorshift(&mut rng).is_multiple_of(8) {
                     thread::yield_now();
                 }
                 if crc32fast::hash(&pin.to_vec()) != crc_at_pin {
