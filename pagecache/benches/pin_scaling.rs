@@ -189,7 +189,7 @@ fn main() {
                     let rate = run(&f, scenario, paths[p], threads, iters);
                     if csv {
                         println!(
-                            "csv,{},{threads},{},{rate:.0}",
+                            "csv;{};{threads};{};{rate:.0}",
                             scenario.name(),
                             paths[p].name()
                         );

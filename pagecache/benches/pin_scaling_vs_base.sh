@@ -23,6 +23,9 @@ git -C "$repo" archive "$base" | tar -x -C "$tmp"
 cp "$repo/pagecache/benches/pin_scaling.rs" "$tmp/pagecache/benches/pin_scaling.rs"
 sed -i 's/\.pin_locked(/.pin(/' "$tmp/pagecache/benches/pin_scaling.rs"
 printf '\n[[bench]]\nname = "pin_scaling"\nharness = false\n' >>"$tmp/pagecache/Cargo.toml"
+# Another version, so that its artifacts get other names than this checkout's in the shared
+# target directory (cargo names workspace members by name, version and path in the workspace).
+sed -i 's/^version.workspace = true/version = "0.0.0-base"/' "$tmp/pagecache/Cargo.toml"
 
 build() { # dir -> path of the bench executable
     (cd "$1" && CARGO_TARGET_DIR=$target nice -n 5 cargo bench -p pagecache --bench pin_scaling \
@@ -33,8 +36,11 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "pin_scaling" and m.get("executable"):
         print(m["executable"])'
 }
-new_exe=$(build "$repo")
-base_exe=$(build "$tmp")
+# Keep a copy of each executable (a later build may reuse the name).
+cp "$(build "$repo")" "$tmp/new_exe"
+cp "$(build "$tmp")" "$tmp/base_exe"
+new_exe=$tmp/new_exe
+base_exe=$tmp/base_exe
 echo "new:  $new_exe ($(git -C "$repo" rev-parse --short HEAD))"
 echo "base: $base_exe ($base)"
 
@@ -45,14 +51,14 @@ for i in $(seq "$runs"); do
     for which in $order; do
         exe=new_exe
         [[ $which == base ]] && exe=base_exe
-        PIN_ROUNDS=1 PIN_CSV=1 nice -n 5 "${!exe}" --bench | grep '^csv,' | sed "s/^csv,/$which,/" >>"$out"
+        PIN_ROUNDS=1 PIN_CSV=1 nice -n 5 "${!exe}" --bench | grep '^csv;' | sed "s/^csv;/$which;/" >>"$out"
     done
 done
 
 python3 - "$out" <<'EOF'
 import csv, statistics, sys
 rows = {}
-for build, scenario, threads, path, rate in csv.reader(open(sys.argv[1])):
+for build, scenario, threads, path, rate in csv.reader(open(sys.argv[1]), delimiter=";"):
     if build == "base" and path == "lock-free":
         continue  # the base has one path; its "locked" rows are it
     name = "base pin" if build == "base" else f"new {path}"
