@@ -10,7 +10,11 @@
 //! last thread's end. Scenarios: "one file" (each thread its own page of one shared file, as
 //! in the issue's benchmark), "same page" (every thread the same page: the frame's state word
 //! is shared by construction) and "own files" (each thread its own file). Per scenario,
-//! thread count and path: median and range over the rounds, then the ratios.
+//! thread count and path: median and range over the rounds, then the ratios. A control
+//! (unshared work, no page cache) shows what a second thread gives on the machine at that
+//! moment. Each thread's CPU time and run-queue wait (from `/proc/thread-self/schedstat`) give
+//! the CPU cost per pin, which grows with contention (bouncing lines, spinning) when threads
+//! really run at once, and the share of time threads waited for a CPU.
 
 mod common;
 
@@ -95,8 +99,28 @@ fn fixture() -> Fixture {
     }
 }
 
-/// One run: pins per second.
-fn run(f: &Fixture, scenario: Scenario, path: Path, threads: usize, iters: u64) -> f64 {
+/// This thread's time on a CPU and time waiting for one (runnable), in ns, from
+/// `/proc/thread-self/schedstat` (zeros where it is not available).
+fn sched_ns() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let mut fields = text.split_whitespace().map(|f| f.parse().unwrap_or(0));
+    (fields.next().unwrap_or(0), fields.next().unwrap_or(0))
+}
+
+/// What one run measured.
+struct Measured {
+    /// Pins per second of wall time, all threads together.
+    rate: f64,
+    /// CPU time per pin, over all threads (ns): rises with cache-line bouncing and spinning
+    /// when threads really run at once; does not count time parked on a lock or preempted.
+    cpu_ns: f64,
+    /// Share of the threads' time spent runnable but waiting for a CPU (other processes and
+    /// sessions on the machine, or more threads than cores).
+    queued: f64,
+}
+
+/// One run.
+fn run(f: &Fixture, scenario: Scenario, path: Path, threads: usize, iters: u64) -> Measured {
     let barrier = Arc::new(Barrier::new(threads + 1));
     let workers: Vec<_> = (0..threads)
         .map(|t| {
@@ -109,28 +133,39 @@ fn run(f: &Fixture, scenario: Scenario, path: Path, threads: usize, iters: u64) 
             thread::spawn(move || {
                 let range = page * PAGE..(page + 1) * PAGE;
                 barrier.wait();
+                let (cpu0, queued0) = sched_ns();
                 if scenario == Scenario::Control {
                     for i in 0..iters {
                         black_box(control_work(black_box(i)));
                     }
-                    return;
+                } else {
+                    for _ in 0..iters {
+                        let pin = match path {
+                            Path::Locked => file.pin_locked(black_box(range.clone())),
+                            Path::LockFree => file.pin(black_box(range.clone())),
+                        };
+                        black_box(pin.unwrap());
+                    }
                 }
-                for _ in 0..iters {
-                    let pin = match path {
-                        Path::Locked => file.pin_locked(black_box(range.clone())),
-                        Path::LockFree => file.pin(black_box(range.clone())),
-                    };
-                    black_box(pin.unwrap());
-                }
+                let (cpu1, queued1) = sched_ns();
+                (cpu1 - cpu0, queued1 - queued0)
             })
         })
         .collect();
     barrier.wait();
     let start = Instant::now();
+    let (mut cpu, mut queued) = (0u64, 0u64);
     for w in workers {
-        w.join().unwrap();
+        let (c, q) = w.join().unwrap();
+        cpu += c;
+        queued += q;
     }
-    (threads as u64 * iters) as f64 / start.elapsed().as_secs_f64()
+    let pins = (threads as u64 * iters) as f64;
+    Measured {
+        rate: pins / start.elapsed().as_secs_f64(),
+        cpu_ns: cpu as f64 / pins,
+        queued: queued as f64 / (cpu + queued).max(1) as f64,
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -174,6 +209,8 @@ fn main() {
     let paths = [Path::Locked, Path::LockFree];
     // results[scenario][threads][path] = pins/s per round
     let mut results = vec![vec![vec![Vec::new(); paths.len()]; THREADS.len()]; scenarios.len()];
+    let mut cpu = results.clone();
+    let mut queued = results.clone();
     let cores = thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "pin_scaling: {rounds} rounds x {iters} pin+release per thread and run, {cores} cores; paths alternate (order flipped every round)"
@@ -186,25 +223,35 @@ fn main() {
                     order.reverse();
                 }
                 for p in order {
-                    let rate = run(&f, scenario, paths[p], threads, iters);
+                    let m = run(&f, scenario, paths[p], threads, iters);
                     if csv {
                         println!(
-                            "csv;{};{threads};{};{rate:.0}",
+                            "csv;{};{threads};{};{:.0}",
                             scenario.name(),
-                            paths[p].name()
+                            paths[p].name(),
+                            m.rate
                         );
                     }
-                    results[s][t][p].push(rate);
+                    results[s][t][p].push(m.rate);
+                    cpu[s][t][p].push(m.cpu_ns);
+                    queued[s][t][p].push(m.queued);
                 }
             }
         }
     }
     let mut medians = vec![vec![[0.0f64; 2]; THREADS.len()]; scenarios.len()];
+    let mut cpu_medians = medians.clone();
     for (s, &scenario) in scenarios.iter().enumerate() {
         println!("\n{}:", scenario.name());
         println!(
-            "  {:>7}  {:>10}  {:>26}  {:>11}  {:>14}",
-            "threads", "path", "Mpins/s median [min-max]", "ns/pin/core", "vs 1 thread"
+            "  {:>7}  {:>10}  {:>26}  {:>11}  {:>11}  {:>17}  {:>7}",
+            "threads",
+            "path",
+            "Mpins/s median [min-max]",
+            "vs 1 thread",
+            "CPU ns/pin",
+            "CPU vs 1 thread",
+            "queued"
         );
         for (t, &threads) in THREADS.iter().enumerate() {
             for (p, &path) in paths.iter().enumerate() {
@@ -214,15 +261,18 @@ fn main() {
                     .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
                 let med = median(runs);
                 medians[s][t][p] = med;
-                let busy_cores = threads.min(cores.max(1)) as f64;
+                let cpu_med = median(&mut cpu[s][t][p]);
+                cpu_medians[s][t][p] = cpu_med;
                 println!(
-                    "  {threads:>7}  {:>10}  {:>8.2} [{:>6.2}-{:>6.2}]      {:>11.1}  {:>13.2}x",
+                    "  {threads:>7}  {:>10}  {:>8.2} [{:>6.2}-{:>6.2}]    {:>10.2}x  {:>11.1}  {:>16.2}x  {:>6.0}%",
                     path.name(),
                     med / 1e6,
                     min / 1e6,
                     max / 1e6,
-                    1e9 * busy_cores / med,
                     med / medians[s][0][p],
+                    cpu_med,
+                    cpu_med / cpu_medians[s][0][p],
+                    100.0 * median(&mut queued[s][t][p]),
                 );
             }
         }
@@ -244,5 +294,12 @@ fn main() {
         one_file[1][0] / one_file[0][0],
         one_file[1][1] / one_file[0][1] / control_2,
         one_file[1][0] / one_file[0][0] / control_2,
+    );
+    let cpu_one = &cpu_medians[0];
+    println!(
+        "CPU per pin (one file, own pages), 2 threads vs 1: {:.2}x lock-free, {:.2}x locked \
+         (1.00 = no contention cost; only meaningful where the threads ran at once, see queued)",
+        cpu_one[1][1] / cpu_one[0][1],
+        cpu_one[1][0] / cpu_one[0][0],
     );
 }
