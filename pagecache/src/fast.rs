@@ -19,7 +19,10 @@
 //! 2. reads length, version and the slot of each page (empty: locked path);
 //! 3. pins each frame with one compare-and-swap on its state word that succeeds only while
 //!    the frame is in the incarnation the slot recorded and carries no flag (`ORPHAN`,
-//!    `HELD`): a frame freed, evicted or replaced since cannot be pinned by a stale slot;
+//!    `HELD`): a frame freed, evicted or replaced since cannot be pinned by a stale slot (the
+//!    bytes would be safe anyway, step 4 rejects the pin; this keeps a pin that backs out
+//!    from ever counting on a frame being handed to another page, whose reset on freeing
+//!    could lose it);
 //! 4. re-reads the sequence: unchanged means no change of the file overlapped steps 2-3, so
 //!    the pin is an atomic snapshot of one version; otherwise it releases what it pinned and
 //!    takes the locked path.
@@ -45,10 +48,16 @@
 //!
 //! # Scaling, measured and planned
 //! The benchmark `pin_scaling` prints pin+release throughput for 1, 2, 4 and 8 threads on
-//! one file and on different files, locked path against this one, in the same run. A two-core
-//! machine can show that the lock-free path removes the serialization (2 threads on one file
-//! about twice one thread, where the locked path does not gain) and that 4 and 8 threads on
-//! 2 cores keep the 2-thread throughput instead of collapsing; it cannot show how the
+//! one file and on different files, locked path against this one, in the same run, beside a
+//! control (unshared work) and each thread's CPU time per pin and run-queue wait; the script
+//! `benches/pin_scaling_vs_base.sh` runs it against the commit before this path too. An idle
+//! two-core machine can show that the lock-free path removes the serialization (2 threads on
+//! one file about twice one thread, where the locked path does not gain) and that 4 and 8
+//! threads on 2 cores keep the 2-thread throughput instead of collapsing (no lock holder to
+//! be preempted); a two-core machine shared with other work shows it only as far as its
+//! control scales (on the development machine, loaded by other sessions, the control gained
+//! 0.8-1.25x from a second thread, so there the figures show the cost per pin and the
+//! lock-free/locked ratio, not the scaling itself). No two-core machine can show how the
 //! remaining shared lines behave at 64 cores (coherence traffic across sockets, the
 //! allocator, pins of the *same* page from many cores). For 64 cores the design keeps every
 //! per-pin write core-local except the pinned frame's own line: the sequence word and slots
