@@ -16,8 +16,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_PCI_MSI_IRQ_INDEX,
+    VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
 };
 use vfio_ioctls::VfioDevice;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -77,7 +76,11 @@ impl std::fmt::Debug for DeviceIrq {
 impl DeviceIrq {
     /// Enable the first of `modes` the device has, with up to `vectors` eventfds (one for
     /// INTx and MSI). Each refused mode is noted in the error if none is left.
-    pub(crate) fn enable(device: &Arc<VfioDevice>, modes: &[IrqMode], vectors: u32) -> Result<Self> {
+    pub(crate) fn enable(
+        device: &Arc<VfioDevice>,
+        modes: &[IrqMode],
+        vectors: u32,
+    ) -> Result<Self> {
         let mut refused = Vec::new();
         for &mode in modes {
             let index = mode.vfio_index();
@@ -185,4 +188,23 @@ pub trait Interruptible {
     fn irq_disarm(&mut self) -> u64;
     /// Interrupts signalled so far.
     fn irq_count(&self) -> u64;
+}
+
+/// A capture passes interrupts through to the NIC it wraps.
+impl<Q: Interruptible + crate::queue::NetQueue> Interruptible for crate::pcap::PcapTap<Q> {
+    fn irq_mode(&self) -> Option<IrqMode> {
+        self.inner().irq_mode()
+    }
+    fn irq_fds(&self) -> Vec<RawFd> {
+        self.inner().irq_fds()
+    }
+    fn irq_arm(&mut self) {
+        self.inner_mut().irq_arm()
+    }
+    fn irq_disarm(&mut self) -> u64 {
+        self.inner_mut().irq_disarm()
+    }
+    fn irq_count(&self) -> u64 {
+        self.inner().irq_count()
+    }
 }
