@@ -92,16 +92,29 @@ struct Sleeper {
     events: [EpollEvent; 8],
     /// Read end of the socket pair signal-hook writes a byte to on SIGTERM/SIGINT.
     signals: UnixStream,
+    /// Its write end, kept open: once every write end is closed the read end is readable
+    /// (end of file) for good, and every sleep would end at once.
+    _signal_writer: UnixStream,
 }
 
 impl Idle {
     /// Set up sleeping on `nic`'s interrupts if asked for and available, else polling.
     pub fn new<N: Interruptible>(options: IdleOptions, nic: &N) -> Result<Self> {
+        Self::with_signals(options, nic, true)
+    }
+
+    /// As [`Idle::new`]; `signals`: SIGTERM/SIGINT end a sleep (off only in unit tests,
+    /// which must not take the test process's signals).
+    fn with_signals<N: Interruptible>(
+        options: IdleOptions,
+        nic: &N,
+        signals: bool,
+    ) -> Result<Self> {
         let mut counts = LoopCounts::default();
         let sleeper = match (options.interrupts, nic.irq_mode()) {
             (true, Some(mode)) => {
                 counts.mode = Some(mode);
-                Some(Sleeper::new(&nic.irq_fds())?)
+                Some(Sleeper::new(&nic.irq_fds(), signals)?)
             }
             (true, None) => {
                 println!("zerosend: the NIC has no usable interrupt: polling (--interrupts off)");
@@ -193,7 +206,7 @@ impl Idle {
 }
 
 impl Sleeper {
-    fn new(irq_fds: &[std::os::fd::RawFd]) -> Result<Self> {
+    fn new(irq_fds: &[std::os::fd::RawFd], signals_wake: bool) -> Result<Self> {
         let epoll = Epoll::new().context("epoll_create1")?;
         for &fd in irq_fds {
             epoll
@@ -207,9 +220,11 @@ impl Sleeper {
         let (signals, writer) = UnixStream::pair().context("socketpair for signals")?;
         signals.set_nonblocking(true)?;
         writer.set_nonblocking(true)?;
-        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            signal_hook::low_level::pipe::register(signal, writer.try_clone()?)
-                .context("installing the signal wake-up")?;
+        if signals_wake {
+            for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::low_level::pipe::register(signal, writer.try_clone()?)
+                    .context("installing the signal wake-up")?;
+            }
         }
         epoll
             .ctl(
@@ -222,6 +237,7 @@ impl Sleeper {
             epoll,
             events: [EpollEvent::default(); 8],
             signals,
+            _signal_writer: writer,
         })
     }
 
@@ -244,5 +260,170 @@ impl Sleeper {
             }
         }
         irq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::RawFd;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// A NIC whose "interrupt" is an eventfd the test writes.
+    struct FakeNic {
+        fd: EventFd,
+        armed: bool,
+        arms: u32,
+        count: u64,
+    }
+
+    impl FakeNic {
+        fn new() -> Self {
+            FakeNic {
+                fd: EventFd::new(EFD_NONBLOCK).unwrap(),
+                armed: false,
+                arms: 0,
+                count: 0,
+            }
+        }
+    }
+
+    impl Interruptible for FakeNic {
+        fn irq_mode(&self) -> Option<IrqMode> {
+            Some(IrqMode::MsiX)
+        }
+        fn irq_fds(&self) -> Vec<RawFd> {
+            vec![self.fd.as_raw_fd()]
+        }
+        fn irq_arm(&mut self) {
+            self.armed = true;
+            self.arms += 1;
+        }
+        fn irq_disarm(&mut self) -> u64 {
+            self.armed = false;
+            let n = self.fd.read().unwrap_or(0);
+            self.count += n;
+            n
+        }
+        fn irq_count(&self) -> u64 {
+            self.count
+        }
+    }
+
+    fn idle_round() -> Round {
+        Round {
+            work: false,
+            must_poll: false,
+            next_timer: None,
+        }
+    }
+
+    fn options(interrupts: bool, idle_poll: Duration) -> IdleOptions {
+        IdleOptions {
+            interrupts,
+            idle_poll,
+            // Long: a sleep that ends is ended by the interrupt, not the clock.
+            max_sleep: Duration::from_secs(600),
+        }
+    }
+
+    /// Interrupts on: the first idle round arms, the next sleeps until the interrupt, which
+    /// is counted; the NIC is quiet (disarmed) again after waking.
+    #[test]
+    fn sleeps_until_the_interrupt() {
+        let mut nic = FakeNic::new();
+        let mut idle = Idle::with_signals(options(true, Duration::ZERO), &nic, false).unwrap();
+        idle.after_round(&mut nic, idle_round());
+        assert!(nic.armed, "the first idle round arms the interrupts");
+        assert_eq!(idle.counts.sleeps, 0, "and polls once more before sleeping");
+        let writer = nic.fd.try_clone().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            writer.write(1).unwrap();
+        });
+        idle.after_round(&mut nic, idle_round());
+        t.join().unwrap();
+        assert_eq!(idle.counts.sleeps, 1);
+        assert_eq!(idle.counts.irq_wakeups, 1);
+        assert_eq!(idle.counts.interrupts, 1);
+        assert!(!nic.armed, "disarmed after waking");
+        // The wake-up counts as traffic: with a long idle-poll the loop polls busily again.
+        idle.options.idle_poll = Duration::from_secs(3600);
+        idle.after_round(&mut nic, idle_round());
+        assert!(!nic.armed && idle.counts.sleeps == 1);
+    }
+
+    /// The same rounds with interrupts off: the NIC is never armed, the loop naps (64 spins
+    /// first) and no interrupt is ever counted; the assertions of the test above fail.
+    #[test]
+    fn polling_mode_naps_and_never_arms() {
+        let mut nic = FakeNic::new();
+        let mut idle = Idle::with_signals(options(false, Duration::ZERO), &nic, false).unwrap();
+        for _ in 0..(SPINS_BEFORE_NAP + 10) {
+            idle.after_round(&mut nic, idle_round());
+        }
+        nic.fd.write(1).unwrap();
+        idle.after_round(&mut nic, idle_round());
+        assert_eq!(nic.arms, 0);
+        assert_eq!(idle.counts.sleeps, 11);
+        assert_eq!(idle.counts.irq_wakeups, 0);
+        assert_eq!(idle.counts.interrupts, 0);
+    }
+
+    /// Work in the last `idle_poll`: busy-poll, neither arm nor sleep.
+    #[test]
+    fn busy_polls_while_traffic_is_recent() {
+        let mut nic = FakeNic::new();
+        let mut idle =
+            Idle::with_signals(options(true, Duration::from_secs(3600)), &nic, false).unwrap();
+        idle.after_round(
+            &mut nic,
+            Round {
+                work: true,
+                ..idle_round()
+            },
+        );
+        for _ in 0..1000 {
+            idle.after_round(&mut nic, idle_round());
+        }
+        assert_eq!(nic.arms, 0);
+        assert_eq!(idle.counts.sleeps, 0);
+    }
+
+    /// A page-cache wait has no descriptor: the loop naps and polls, never sleeps on the
+    /// interrupts (which would delay the fill's completion by up to the longest sleep).
+    #[test]
+    fn page_cache_waits_are_polled() {
+        let mut nic = FakeNic::new();
+        let mut idle = Idle::with_signals(options(true, Duration::ZERO), &nic, false).unwrap();
+        for _ in 0..5 {
+            idle.after_round(
+                &mut nic,
+                Round {
+                    must_poll: true,
+                    ..idle_round()
+                },
+            );
+        }
+        assert_eq!(nic.arms, 0);
+        assert_eq!(idle.counts.sleeps, 5);
+        assert_eq!(idle.counts.irq_wakeups, 0);
+    }
+
+    /// The stack's next timer bounds the sleep: without an interrupt the sleep ends (the
+    /// test would hang on `max_sleep` of 600 s otherwise) and no interrupt wake is counted.
+    #[test]
+    fn the_next_timer_ends_a_sleep() {
+        let mut nic = FakeNic::new();
+        let mut idle = Idle::with_signals(options(true, Duration::ZERO), &nic, false).unwrap();
+        let round = || Round {
+            next_timer: Some(Duration::from_millis(2)),
+            ..idle_round()
+        };
+        idle.after_round(&mut nic, round());
+        idle.after_round(&mut nic, round());
+        assert_eq!(idle.counts.sleeps, 1);
+        assert_eq!(idle.counts.irq_wakeups, 0);
+        assert!(!nic.armed);
     }
 }
