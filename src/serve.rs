@@ -508,12 +508,16 @@ impl<Q: ServerNic> Server<Q> {
         })
     }
 
-    /// Whether a connection waits for the page cache (a parked response, a body piece being
-    /// read or short of frames): only polling notices when it is ready.
+    /// Whether a connection waits for something with no file descriptor, which only
+    /// polling notices: the page cache (a parked response, a body piece being read or
+    /// short of frames), the upload thread (a PUT publishing, or a PUT body waiting for
+    /// room in `--put-memory-mb`: `waiting_since` is `None` while a body is received).
     fn waits_for_cache(&self) -> bool {
-        self.conns
-            .values()
-            .any(|e| e.body_wait.is_some() || e.http.is_parked())
+        self.conns.values().any(|e| {
+            e.body_wait.is_some()
+                || e.http.is_parked()
+                || (e.http.waiting_since().is_none() && !e.http.closing() && !e.http.held_back())
+        })
     }
 
     /// Print the "serving" line once the interface has an address; returns whether it did.

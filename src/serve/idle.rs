@@ -6,10 +6,11 @@
 //! interrupt eventfds), the stack's timers (smoltcp's `poll_delay`: retransmissions, delayed
 //! ACKs, DHCP, TLS work queued), SIGTERM/SIGINT (signal-hook writes to a socket pair whose
 //! other end is in the epoll set), and the page cache: a parked response or a body piece
-//! waiting for a fill or a writer (`Pending::is_ready`, an atomic the loop polls). The page
-//! cache has no file descriptor to wait on, so while any connection waits for it the loop
-//! does not sleep on interrupts but naps as in polling mode (200 us), which bounds that
-//! wake-up's delay exactly as before. Everything else the loop does on a clock (timeouts
+//! waiting for a fill or a writer (`Pending::is_ready`, an atomic the loop polls), and the
+//! upload thread (a PUT being published, a PUT body waiting for room). Those have no file
+//! descriptor to wait on, so while any connection waits for one the loop does not sleep on
+//! interrupts but naps as in polling mode (200 us), which bounds that wake-up's delay
+//! exactly as before. Everything else the loop does on a clock (timeouts
 //! every 500 ms, the certificate check every 2 s, the stats line) is bounded by
 //! `--idle-max-sleep-ms`, the longest sleep.
 
