@@ -30,6 +30,14 @@ const HUGE_LEN: usize = 64 << 20;
 /// Longest sleep with interrupts on (`--idle-max-sleep-ms`, the default).
 const MAX_SLEEP_MS: u64 = 100;
 
+/// `--idle-poll-us` of the interrupt boot (`ZEROSEND_IDLE_POLL_US`, default the server's 100).
+fn idle_poll_us() -> u64 {
+    std::env::var("ZEROSEND_IDLE_POLL_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
 fn idle_secs() -> u64 {
     std::env::var("ZEROSEND_IDLE_SECS")
         .ok()
@@ -100,8 +108,9 @@ fn run_boot(nic: Nic, interrupts: bool, huge: &[u8]) -> Figures {
     let srv = ServerGuest::boot(&format!("idle-{mode}"), nic, 15, |guest| {
         guest.file("/data/huge.bin", huge.to_vec()).run(&format!(
             "zerosend serve --nic auto --root /data --ip {GUEST_IP}/24 --port {PORT} \
-             --metrics-listen {METRICS_PORT} --interrupts {mode} --idle-max-sleep-ms {MAX_SLEEP_MS} \
-             --stats-interval 3600"
+             --metrics-listen {METRICS_PORT} --interrupts {mode} --idle-max-sleep-ms {MAX_SLEEP_MS} --idle-poll-us {} \
+             --stats-interval 3600",
+            idle_poll_us()
         ))
     });
     let mode_line = srv
