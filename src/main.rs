@@ -162,6 +162,20 @@ struct ServeArgs {
     /// Seconds between stats lines.
     #[arg(long, default_value_t = 5)]
     stats_interval: u64,
+    /// NIC interrupts (through VFIO: MSI-X, MSI or INTx): `on` busy-polls while there is
+    /// traffic and sleeps on the interrupts when idle; `off` only polls, napping 200 us
+    /// between idle polls (about 5,000 wake-ups a second). A NIC without a usable
+    /// interrupt is polled either way.
+    #[arg(long, value_enum, default_value = "on")]
+    interrupts: InterruptsArg,
+    /// With interrupts: microseconds of polls finding nothing before the loop arms the
+    /// interrupts and sleeps.
+    #[arg(long, default_value_t = 100)]
+    idle_poll_us: u64,
+    /// With interrupts: longest sleep, in milliseconds (timers such as timeouts, the
+    /// certificate check and the stats line are looked at at least this often).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    idle_max_sleep_ms: u64,
     /// Test hook: after this many more transmitted frames the NIC stops completing
     /// transmissions (driver::faults::Fault::TxHang); the driver must recover.
     #[cfg(feature = "test-hooks")]
@@ -286,6 +300,11 @@ impl ServeArgs {
             max_connections: self.max_connections,
             cache_mb: self.cache_mb,
             stats_interval: Duration::from_secs(self.stats_interval.max(1)),
+            idle: serve::IdleOptions {
+                interrupts: matches!(self.interrupts, InterruptsArg::On),
+                idle_poll: Duration::from_micros(self.idle_poll_us),
+                max_sleep: Duration::from_millis(self.idle_max_sleep_ms),
+            },
             #[cfg(feature = "test-hooks")]
             inject_tx_hang_after_frames: self.inject_tx_hang_after_frames,
             ipv6: ipv6::config(&self.ipv6, self.ipv6_gateway, self.ipv6_slaac)?,
@@ -305,6 +324,12 @@ mod serve;
 mod tls;
 mod upload;
 mod warnings;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum InterruptsArg {
+    On,
+    Off,
+}
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum PolicyArg {

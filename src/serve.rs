@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context, Result};
 use driver::anynic::{open_nic, NicConfig};
 use driver::dma::{DmaAccess, DmaRegion};
+use driver::irq::Interruptible;
 use driver::pcap::PcapTap;
 use driver::pci::{self, PciAddress};
 use driver::{NetQueue, NicModel};
@@ -28,7 +29,10 @@ use crate::metrics::{render_prometheus, Metric};
 use crate::root::ServeRoot;
 use crate::warnings::WarnKind;
 
+mod idle;
 mod snapshot;
+pub use idle::IdleOptions;
+use idle::{Idle, LoopCounts, Round};
 use snapshot::stats_snapshot;
 
 /// Received bytes are read from the stack in chunks of this size.
@@ -45,10 +49,6 @@ const MAX_PIN_BYTES: u64 = 256 * 1024;
 const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the HTTPS certificate files are looked at for a change (two `stat`s).
 const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
-/// Polls with nothing to do before the loop starts napping between polls.
-const SPINS_BEFORE_NAP: u32 = 64;
-/// The nap of an idle loop: short, so a new request waits at most this long.
-const IDLE_NAP: Duration = Duration::from_micros(200);
 /// At an orderly stop, how long the stack keeps running after the last connection: the
 /// final FINs and ACKs, and resets of connections cut off at the deadline, go out.
 const FINAL_FLUSH: Duration = Duration::from_millis(200);
@@ -103,6 +103,9 @@ pub struct ServeOptions {
     pub max_connections: usize,
     pub cache_mb: usize,
     pub stats_interval: Duration,
+    /// Interrupts or polling when idle (`--interrupts`, `--idle-poll-us`,
+    /// `--idle-max-sleep-ms`).
+    pub idle: IdleOptions,
     /// Test hook: arm a TX hang after this many frames (`driver::faults`).
     #[cfg(feature = "test-hooks")]
     pub inject_tx_hang_after_frames: Option<u64>,
@@ -140,8 +143,11 @@ fn choose_nic(spec: &str) -> Result<PciAddress> {
 
 pub fn serve(options: ServeOptions) -> Result<()> {
     let address = choose_nic(&options.nic)?;
-    let nic = open_nic(&address, &NicConfig::default())
-        .with_context(|| format!("opening NIC {address}"))?;
+    let nic_config = NicConfig {
+        interrupts: options.idle.interrupts,
+        ..NicConfig::default()
+    };
+    let nic = open_nic(&address, &nic_config).with_context(|| format!("opening NIC {address}"))?;
     tracing::info!(nic = %address, model = ?nic.model(), mac = %nic.mac_address(), "NIC opened");
     #[cfg(feature = "test-hooks")]
     let mut nic = nic;
@@ -159,12 +165,12 @@ pub fn serve(options: ServeOptions) -> Result<()> {
     }
 }
 
-/// What the loop needs from a NIC beyond the queue API: flushing a capture.
-trait ServerNic: NetQueue {
+/// What the loop needs from a NIC beyond the queue API: its interrupts, flushing a capture.
+trait ServerNic: NetQueue + Interruptible {
     fn flush_capture(&mut self) {}
 }
 impl ServerNic for driver::anynic::AnyNic {}
-impl<Q: NetQueue> ServerNic for PcapTap<Q> {
+impl<Q: NetQueue + Interruptible> ServerNic for PcapTap<Q> {
     fn flush_capture(&mut self) {
         self.flush();
     }
@@ -329,6 +335,8 @@ struct Server<Q: NetQueue> {
     access_log: Option<AccessLog>,
     /// For the resident-memory gauge.
     page_size: u64,
+    /// The loop's sleeps and the NIC's interrupts, as of the last round.
+    loop_counts: LoopCounts,
     /// Most bytes queued and unacknowledged per connection, hence pinned by its body.
     pin_window: u64,
     /// The page cache's DMA memory. Dropping it removes its IOMMU mapping, so it lives as
@@ -348,7 +356,8 @@ fn run<Q: ServerNic>(
     let mut stats = StatsLine::new(options.stats_interval);
     let mut last_timeouts = Instant::now();
     let mut last_cert_check = Instant::now();
-    let mut idle = IdleBackoff::default();
+    let mut idle = Idle::new(options.idle, server.stack.nic())?;
+    println!("zerosend: when idle: {}", idle.describe());
     loop {
         let now = Instant::now();
         let mut work = server.stack.poll(netstack::Instant::now())?;
@@ -369,7 +378,20 @@ fn run<Q: ServerNic>(
         if server.stop_requested.load(Ordering::Relaxed) && server.drained(now, options) {
             break;
         }
-        idle.after_poll(work);
+        let round = Round {
+            work,
+            must_poll: !work && server.waits_for_cache(),
+            next_timer: if work {
+                None
+            } else {
+                server
+                    .stack
+                    .poll_delay(netstack::Instant::now())
+                    .map(|d| Duration::from_micros(d.total_micros()))
+            },
+        };
+        idle.after_round(server.stack.nic_mut(), round);
+        server.loop_counts = idle.counts;
     }
     server.stop()
 }
@@ -480,8 +502,21 @@ impl<Q: ServerNic> Server<Q> {
             ids: Vec::new(),
             access_log,
             page_size: crate::process::page_size(),
+            loop_counts: LoopCounts::default(),
             pin_window: options.pin_window,
             _cache_dma: region,
+        })
+    }
+
+    /// Whether a connection waits for something with no file descriptor, which only
+    /// polling notices: the page cache (a parked response, a body piece being read or
+    /// short of frames), the upload thread (a PUT publishing, or a PUT body waiting for
+    /// room in `--put-memory-mb`: `waiting_since` is `None` while a body is received).
+    fn waits_for_cache(&self) -> bool {
+        self.conns.values().any(|e| {
+            e.body_wait.is_some()
+                || e.http.is_parked()
+                || (e.http.waiting_since().is_none() && !e.http.closing() && !e.http.held_back())
         })
     }
 
@@ -751,6 +786,7 @@ impl<Q: ServerNic> Server<Q> {
             access_log,
             page_size,
             pin_window,
+            loop_counts,
             ..
         } = self;
         let open = conns.len() as u64;
@@ -773,6 +809,7 @@ impl<Q: ServerNic> Server<Q> {
                 parked: conns.values().filter(|e| e.http.is_parked()).count() as u64,
                 body_aborts: counts.body_aborts,
                 pin_window: *pin_window,
+                idle: *loop_counts,
             };
             stats_snapshot(stack, cache, core, &server)
         } else {
@@ -911,25 +948,6 @@ impl StatsLine {
             s.payload_bytes_copied,
             s.file_bytes_sent,
         );
-    }
-}
-
-/// Polling-mode NIC: spin briefly, then nap so an idle server does not burn a core.
-#[derive(Default)]
-struct IdleBackoff {
-    idle_polls: u32,
-}
-
-impl IdleBackoff {
-    fn after_poll(&mut self, work: bool) {
-        if work {
-            self.idle_polls = 0;
-            return;
-        }
-        self.idle_polls += 1;
-        if self.idle_polls > SPINS_BEFORE_NAP {
-            std::thread::sleep(IDLE_NAP);
-        }
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use crate::dma::{DmaAccess, DmaSpace};
 use crate::e1000::E1000;
 use crate::error::{DriverError, Result};
+use crate::irq::{Interruptible, IrqMode};
 use crate::nic::NicModel;
 use crate::pci::PciAddress;
 use crate::queue::{Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TxFrame, TxToken};
@@ -89,6 +90,10 @@ pub struct NicConfig {
     pub virtio_indirect: bool,
     /// virtio-net: use packed virtqueues when offered (with indirect descriptors only).
     pub virtio_packed: bool,
+    /// Enable the device's interrupts through VFIO (MSI-X, else MSI, else INTx) for
+    /// [`crate::irq::Interruptible`]. Off: the driver only polls and never touches them. A
+    /// device without a usable interrupt is logged and polled.
+    pub interrupts: bool,
 }
 
 impl Default for NicConfig {
@@ -104,6 +109,7 @@ impl Default for NicConfig {
             fault_injection: FaultInjection::None,
             virtio_indirect: true,
             virtio_packed: true,
+            interrupts: false,
         }
     }
 }
@@ -187,6 +193,39 @@ impl AnyNic {
         match self {
             AnyNic::E1000(n) => n,
             AnyNic::Virtio(n) => n,
+        }
+    }
+}
+
+impl Interruptible for AnyNic {
+    fn irq_mode(&self) -> Option<IrqMode> {
+        match self {
+            AnyNic::E1000(n) => n.irq_mode(),
+            AnyNic::Virtio(n) => n.irq_mode(),
+        }
+    }
+    fn irq_fds(&self) -> Vec<std::os::fd::RawFd> {
+        match self {
+            AnyNic::E1000(n) => n.irq_fds(),
+            AnyNic::Virtio(n) => n.irq_fds(),
+        }
+    }
+    fn irq_arm(&mut self) {
+        match self {
+            AnyNic::E1000(n) => n.irq_arm(),
+            AnyNic::Virtio(n) => n.irq_arm(),
+        }
+    }
+    fn irq_disarm(&mut self) -> u64 {
+        match self {
+            AnyNic::E1000(n) => n.irq_disarm(),
+            AnyNic::Virtio(n) => n.irq_disarm(),
+        }
+    }
+    fn irq_count(&self) -> u64 {
+        match self {
+            AnyNic::E1000(n) => n.irq_count(),
+            AnyNic::Virtio(n) => n.irq_count(),
         }
     }
 }

@@ -71,6 +71,9 @@ pub enum DriverError {
     #[error("TX hang: the device made no progress for {ms} ms; the driver reset its transmit path (e1000: the TX ring; virtio-net: the device) and {lost} frames were dropped")]
     TxHang { ms: u64, lost: usize },
 
+    #[error("no usable interrupt through VFIO ({0}); polling instead")]
+    NoInterrupt(String),
+
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
 

@@ -3,7 +3,7 @@
 //! that tests and benchmarks use is the separate `softnic` crate, a dev-dependency only.)
 //!
 //! `unsafe` lives only in the modules that touch MMIO and DMA memory ([`mmio`], [`dma`]) and
-//! in the VFIO ioctl wrappers ([`vfio`]).
+//! in the VFIO ioctl wrappers ([`vfio`]; interrupts in [`irq`] go through `vfio-ioctls`' safe API).
 
 pub mod anynic;
 pub mod dma;
@@ -11,6 +11,7 @@ pub mod e1000;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+pub mod irq;
 pub mod mmio;
 pub mod nic;
 pub mod pcap;

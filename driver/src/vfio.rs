@@ -22,6 +22,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::dma::{DmaAccess, DmaMapper, DmaMapping, DmaSpace};
 use crate::error::{DriverError, Result};
+use crate::irq::{DeviceIrq, IrqMode};
 use crate::mmio::Mmio;
 use crate::pci::{self, PciAddress};
 use crate::queue::Iova;
@@ -193,7 +194,8 @@ impl VfioPci {
         self.config_write(offset, &value.to_le_bytes())
     }
 
-    /// Let the device respond to BAR accesses and do DMA; legacy interrupts off (we poll).
+    /// Let the device respond to BAR accesses and do DMA; legacy interrupts off (we poll, or
+    /// use MSI/MSI-X; [`VfioPci::enable_interrupts`] turns INTx back on when it is used).
     /// Returns the command register as written.
     pub fn enable_bus_master(&self) -> Result<u16> {
         let cmd = self.config_read_u16(pci::CONFIG_COMMAND)?;
@@ -205,6 +207,20 @@ impl VfioPci {
             return Err(DriverError::Device("bus mastering did not stick".into()));
         }
         Ok(back)
+    }
+
+    /// Enable the device's interrupts through VFIO onto eventfds: the first of `modes` it
+    /// has (see [`crate::irq`]), with up to `vectors` MSI-X vectors. For INTx the command
+    /// register's Interrupt Disable bit (PCI Local Bus 3.0 section 6.2.2, bit 10), which
+    /// [`VfioPci::enable_bus_master`] sets and vfio-pci honours by masking the line, is
+    /// cleared; for MSI and MSI-X it stays set.
+    pub fn enable_interrupts(&self, modes: &[IrqMode], vectors: u32) -> Result<DeviceIrq> {
+        let irq = DeviceIrq::enable(&self.device, modes, vectors)?;
+        if irq.mode() == IrqMode::Intx {
+            let cmd = self.config_read_u16(pci::CONFIG_COMMAND)?;
+            self.config_write_u16(pci::CONFIG_COMMAND, cmd & !pci::COMMAND_INTX_DISABLE)?;
+        }
+        Ok(irq)
     }
 
     /// Walk the PCI capability list: (capability id, config offset) pairs.

@@ -653,6 +653,21 @@ impl RunningGuest {
         }
         Ok(run)
     }
+
+    /// CPU time the guest's QEMU process has used so far, user plus system, in seconds
+    /// (`/proc/PID/stat` fields 14 and 15, in USER_HZ = 100 ticks per second on Linux);
+    /// `None` once QEMU has exited.
+    pub fn qemu_cpu_seconds(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) is in parentheses and may hold spaces: count after it.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(ticks as f64 / 100.0)
+    }
 }
 
 impl Drop for RunningGuest {

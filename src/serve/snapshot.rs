@@ -29,6 +29,8 @@ pub(super) struct ServerCounts {
     pub body_aborts: u64,
     /// `--pin-window-kb`, in bytes.
     pub pin_window: u64,
+    /// The event loop's sleeps and the NIC's interrupts.
+    pub idle: super::idle::LoopCounts,
 }
 
 /// Every counter, for the metrics page.
@@ -238,6 +240,21 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             "zerosend_body_aborts_total",
             "Connections reset mid-response because the rest of the body could not be had from its version.",
             server.body_aborts,
+        ),
+        Metric::counter(
+            "zerosend_loop_sleeps_total",
+            "Times the event loop gave up the CPU when idle (naps of the polling loop, sleeps on the NIC's interrupts).",
+            server.idle.sleeps,
+        ),
+        Metric::counter(
+            "zerosend_loop_irq_wakeups_total",
+            "Sleeps on the NIC's interrupts that an interrupt ended.",
+            server.idle.irq_wakeups,
+        ),
+        Metric::counter(
+            "zerosend_interrupts_total",
+            "Interrupts the NIC signalled through VFIO (0 when polling).",
+            server.idle.interrupts,
         ),
         Metric::counter(
             "zerosend_fills_total",

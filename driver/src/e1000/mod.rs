@@ -75,6 +75,7 @@ use std::time::{Duration, Instant};
 use crate::anynic::NicConfig;
 use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
+use crate::irq::{DeviceIrq, Interruptible, IrqMode};
 use crate::mmio::Mmio;
 use crate::nic::NicModel;
 use crate::queue::{
@@ -235,6 +236,10 @@ pub struct E1000 {
     /// Test-only run-time faults ([`crate::faults`]).
     #[cfg(feature = "fault-injection")]
     faults: crate::faults::FaultInjector,
+    /// Interrupts through VFIO (`NicConfig::interrupts`), and the causes IMS enables when
+    /// armed.
+    irq: Option<DeviceIrq>,
+    irq_causes: u32,
     /// Last: the VFIO device (and with it the IOMMU domain) outlives every mapping above.
     pci: VfioPci,
 }
@@ -308,6 +313,11 @@ impl E1000 {
 
         let rx = init_rx(&bar0, &dma, config)?;
         let tx = init_tx(&bar0, &dma, config, model)?;
+        let (irq, irq_causes) = if config.interrupts {
+            init_interrupts(&pci, &bar0, model)
+        } else {
+            (None, 0)
+        };
 
         let mut nic = E1000 {
             bar0,
@@ -320,6 +330,8 @@ impl E1000 {
             rx_integrity_drops: 0,
             #[cfg(feature = "fault-injection")]
             faults: Default::default(),
+            irq,
+            irq_causes,
             pci,
         };
         // Receiver on, once (QEMU's e1000 refuses frames for a second after every RCTL write).
@@ -449,6 +461,82 @@ fn reset(bar0: &Mmio) -> Result<()> {
     bar0.write32(regs::IMC, regs::IMC_ALL);
     let _ = bar0.read32(regs::ICR);
     Ok(())
+}
+
+/// Enable interrupts through VFIO, all causes still masked (IMC): MSI-X on the 82574 (its
+/// 5 vectors, 82574 DS 7.4.2; we route every cause to vector 0 through IVAR), else MSI,
+/// else INTx (the 82540EM/82545EM as QEMU models them have neither MSI nor MSI-X). RDTR is
+/// 0 (`init_rx`), so a received frame raises RXT0 at once; ITR is left at its reset value
+/// (SDM 13.4.18, 82574 DS 10.2.4.2): the loop masks interrupts while busy, so throttling
+/// only matters for the first wake-up. Returns the causes to set in IMS when arming.
+fn init_interrupts(pci: &VfioPci, bar0: &Mmio, model: NicModel) -> (Option<DeviceIrq>, u32) {
+    let modes: &[IrqMode] = if model == NicModel::I82574L {
+        &[IrqMode::MsiX, IrqMode::Msi, IrqMode::Intx]
+    } else {
+        &[IrqMode::Msi, IrqMode::Intx]
+    };
+    match pci.enable_interrupts(modes, 1) {
+        Ok(irq) => {
+            let causes = if irq.mode() == IrqMode::MsiX {
+                // 82574 DS 7.4.2.1 / 10.2.4.9: each MSI-X cause goes to the vector its IVAR
+                // entry names, if valid; no auto-clear (EIAC 0) so the ICR bits stay until
+                // the driver clears them on waking.
+                bar0.write32(regs::IVAR, regs::IVAR_ALL_TO_VECTOR_0);
+                bar0.write32(regs::EIAC, 0);
+                let ext = bar0.read32(regs::CTRL_EXT) | regs::CTRL_EXT_PBA_SUPPORT;
+                bar0.write32(regs::CTRL_EXT, ext);
+                regs::IMS_WAKE_MSIX
+            } else {
+                regs::IMS_WAKE
+            };
+            tracing::info!(device = %pci.address(), mode = %irq.mode(), "e1000 interrupts enabled");
+            (Some(irq), causes)
+        }
+        Err(e) => {
+            tracing::warn!(device = %pci.address(), "{e}");
+            (None, 0)
+        }
+    }
+}
+
+impl Interruptible for E1000 {
+    fn irq_mode(&self) -> Option<IrqMode> {
+        self.irq.as_ref().map(DeviceIrq::mode)
+    }
+
+    fn irq_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.irq.as_ref().map(DeviceIrq::fds).unwrap_or_default()
+    }
+
+    fn irq_arm(&mut self) {
+        if self.irq.is_some() {
+            // A cause already pending in ICR interrupts at once (the device asserts when
+            // ICR & IMS != 0, SDM 13.4.17-13.4.20), so nothing that arrived since the last
+            // clear is missed.
+            self.bar0.write32(regs::IMS, self.irq_causes);
+        }
+    }
+
+    fn irq_disarm(&mut self) -> u64 {
+        let Some(irq) = &mut self.irq else {
+            return 0;
+        };
+        // Mask first: with IMS 0 the 82574 also clears ICR on read (82574 DS 10.2.4.1); the
+        // write of the causes read clears them where ICR is write-1-to-clear. For INTx this
+        // deasserts the line before VFIO unmasks it.
+        self.bar0.write32(regs::IMC, regs::IMC_ALL);
+        let causes = self.bar0.read32(regs::ICR);
+        if causes != 0 {
+            self.bar0.write32(regs::ICR, causes);
+        }
+        let n = irq.drain();
+        irq.unmask();
+        n
+    }
+
+    fn irq_count(&self) -> u64 {
+        self.irq.as_ref().map_or(0, DeviceIrq::count)
+    }
 }
 
 /// 82574-specific initialisation bits (82574 DS 4.6 and the reserved-bit notes in 10.2).

@@ -61,15 +61,49 @@ pub const CTRL_EXT_82574_SET_22: u32 = 1 << 22;
 pub const CTRL_EXT_82574_CLEAR_23: u32 = 1 << 23;
 
 // ---------------------------------------------------------------------------------------
-// Interrupts: we poll, so all causes stay masked.
+// Interrupts: masked while the loop polls, enabled (IMS) only to wake an idle loop.
 // ---------------------------------------------------------------------------------------
 
-/// Interrupt Cause Read, clear-on-read (SDM 13.4.17; 82574 DS 10.2).
+/// Interrupt Cause Read, clear-on-read (SDM 13.4.17; 82574 DS 10.2.4.1: there it clears on
+/// read only while IMS is 0 or INT_ASSERTED with IAME, and writing 1s clears bits).
 pub const ICR: usize = 0x00C0;
-/// Interrupt Mask Clear: writing 1s masks those causes (SDM 13.4.21; 82574 DS 10.2).
+/// Interrupt Mask Set/Read: writing 1s enables those causes (SDM 13.4.20; 82574 DS 10.2.4.4).
+pub const IMS: usize = 0x00D0;
+/// Interrupt Mask Clear: writing 1s masks those causes (SDM 13.4.21; 82574 DS 10.2.4.5).
 pub const IMC: usize = 0x00D8;
 /// Every interrupt cause bit.
 pub const IMC_ALL: u32 = 0xFFFF_FFFF;
+/// Interrupt causes (SDM table 13-68; 82574 DS 10.2.4.1): TXDW transmit descriptor written
+/// back (bit 0), LSC link status change (bit 2), RXDMT0 receive descriptors below the
+/// threshold (bit 4), RXO receiver overrun (bit 6), RXT0 receive timer (bit 7: a frame was
+/// written back, at once as RDTR is 0).
+pub const ICR_TXDW: u32 = 1 << 0;
+pub const ICR_LSC: u32 = 1 << 2;
+pub const ICR_RXDMT0: u32 = 1 << 4;
+pub const ICR_RXO: u32 = 1 << 6;
+pub const ICR_RXT0: u32 = 1 << 7;
+/// 82574 only, MSI-X mode (82574 DS 10.2.4.1, 7.4.2): RxQ0 (bit 20), TxQ0 (bit 22) and
+/// Other (bit 24, for LSC and RXO) are the causes routed to vectors by IVAR.
+pub const ICR_RXQ0: u32 = 1 << 20;
+pub const ICR_TXQ0: u32 = 1 << 22;
+pub const ICR_OTHER: u32 = 1 << 24;
+/// The causes that wake the loop: a received frame, a transmit completion (pins to
+/// release), a link change.
+pub const IMS_WAKE: u32 = ICR_RXT0 | ICR_RXDMT0 | ICR_RXO | ICR_TXDW | ICR_LSC;
+/// 82574 MSI-X: the same plus the per-queue causes IVAR routes.
+pub const IMS_WAKE_MSIX: u32 = IMS_WAKE | ICR_RXQ0 | ICR_TXQ0 | ICR_OTHER;
+/// 82574: Extended Interrupt Auto Clear (82574 DS 10.2.4.6): left 0, so no cause clears
+/// itself when its vector fires; the driver clears ICR when it wakes.
+pub const EIAC: usize = 0x00DC;
+/// 82574: Interrupt Vector Allocation Registers (82574 DS 10.2.4.9): 3-bit vector and a
+/// valid bit per cause: RxQ0 bits 2:0/3, RxQ1 6:4/7, TxQ0 10:8/11, TxQ1 14:12/15, Other
+/// 18:16/19.
+pub const IVAR: usize = 0x00E4;
+/// RxQ0, TxQ0 and Other all on MSI-X vector 0, each entry valid.
+pub const IVAR_ALL_TO_VECTOR_0: u32 = (1 << 3) | (1 << 11) | (1 << 19);
+/// 82574: CTRL_EXT.PBA_support (bit 31, 82574 DS 10.2.2.3): set when MSI-X is used, so the
+/// MSI-X pending bits are handled by the device.
+pub const CTRL_EXT_PBA_SUPPORT: u32 = 1 << 31;
 
 // ---------------------------------------------------------------------------------------
 // Receive

@@ -108,6 +108,7 @@ use std::time::{Duration, Instant};
 use crate::anynic::NicConfig;
 use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
+use crate::irq::{DeviceIrq, Interruptible, IrqMode};
 use crate::queue::{
     Capabilities, DeviceStats, L4Protocol, MacAddress, NetQueue, RxBuffer, TsoHeaders, TxFrame,
     TxOffload, TxSegment, TxToken,
@@ -116,7 +117,7 @@ use crate::vfio::VfioPci;
 
 use super::features as f;
 use super::packed::{write_indirect_desc, PackedQueue};
-use super::transport::{DeviceStatus, VirtioPciTransport};
+use super::transport::{DeviceStatus, VirtioPciTransport, NO_VECTOR};
 use super::virtqueue::{
     write_desc, SplitQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE,
 };
@@ -218,6 +219,12 @@ impl Ring {
         match self {
             Ring::Split(q) => q.pop_used(),
             Ring::Packed(q) => q.pop_used(),
+        }
+    }
+    fn set_interrupts(&self, enabled: bool) {
+        match self {
+            Ring::Split(q) => q.set_interrupts(enabled),
+            Ring::Packed(q) => q.set_interrupts(enabled),
         }
     }
     fn unpublished(&self) -> u16 {
@@ -436,6 +443,9 @@ impl Rx {
 
 /// A modern virtio-net device driven through VFIO.
 pub struct VirtioNet {
+    /// Interrupts through VFIO (`NicConfig::interrupts`): MSI-X vector 0 for both queues,
+    /// or INTx (the ISR byte). First, so they are disabled before anything else goes.
+    irq: Option<DeviceIrq>,
     transport: VirtioPciTransport,
     pci: VfioPci,
     config: NicConfig,
@@ -485,6 +495,23 @@ impl VirtioNet {
         pci.enable_bus_master()?;
         let transport = VirtioPciTransport::new(&pci)?;
         transport.reset()?;
+        // Interrupts before the queues are set up: queue_msix_vector is written then
+        // (section 4.1.5.1.2). MSI-X is how virtio-pci signals per queue (section 4.1.4.3,
+        // 4.1.5.1.2); without it, INTx with the ISR status (section 4.1.4.5).
+        let irq = if config.interrupts {
+            match pci.enable_interrupts(&[IrqMode::MsiX, IrqMode::Intx], 1) {
+                Ok(irq) => {
+                    tracing::info!(device = %pci.address(), mode = %irq.mode(), "virtio-net interrupts enabled");
+                    Some(irq)
+                }
+                Err(e) => {
+                    tracing::warn!(device = %pci.address(), "{e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let (offered, negotiated) = negotiate(&transport, config, None)?;
 
         let mac = if negotiated & f::NET_F_MAC != 0 {
@@ -572,6 +599,7 @@ impl VirtioNet {
             tls_tx: None,
         };
         let mut nic = VirtioNet {
+            irq,
             transport,
             pci,
             config: config.clone(),
@@ -669,10 +697,12 @@ impl VirtioNet {
     /// and DRIVER_OK, its queues disabled; our rings are zeroed.
     fn start_queues(&mut self) -> Result<()> {
         let t = &self.transport;
-        let (desc, driver, device) = self.rx.vq.areas();
-        self.rx_notify = t.setup_queue(RX_QUEUE, self.rx.vq.size(), desc, driver, device)?;
-        let (desc, driver, device) = self.tx.vq.areas();
-        self.tx_notify = t.setup_queue(TX_QUEUE, self.tx.vq.size(), desc, driver, device)?;
+        let vector = match self.irq.as_ref().map(DeviceIrq::mode) {
+            Some(IrqMode::MsiX) => 0,
+            _ => NO_VECTOR,
+        };
+        self.rx_notify = t.setup_queue(RX_QUEUE, self.rx.vq.size(), self.rx.vq.areas(), vector)?;
+        self.tx_notify = t.setup_queue(TX_QUEUE, self.tx.vq.size(), self.tx.vq.areas(), vector)?;
         self.rx.post_all();
         // Section 3.1.1 step 8; section 3.1.1 also forbids notifications before DRIVER_OK.
         t.add_status(DeviceStatus::DRIVER_OK);
@@ -1193,6 +1223,43 @@ impl std::fmt::Debug for VirtioNet {
             .field("in_flight", &self.tx.order.len())
             .field("dead", &self.dead)
             .finish()
+    }
+}
+
+impl Interruptible for VirtioNet {
+    fn irq_mode(&self) -> Option<IrqMode> {
+        self.irq.as_ref().map(DeviceIrq::mode)
+    }
+
+    fn irq_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.irq.as_ref().map(DeviceIrq::fds).unwrap_or_default()
+    }
+
+    fn irq_arm(&mut self) {
+        if self.irq.is_some() {
+            self.rx.vq.set_interrupts(true);
+            self.tx.vq.set_interrupts(true);
+        }
+    }
+
+    fn irq_disarm(&mut self) -> u64 {
+        let Some(irq) = &mut self.irq else {
+            return 0;
+        };
+        self.rx.vq.set_interrupts(false);
+        self.tx.vq.set_interrupts(false);
+        if irq.mode() == IrqMode::Intx {
+            // Reading the ISR status clears it and deasserts the line (section 4.1.4.5.1)
+            // before VFIO unmasks it.
+            let _ = self.transport.isr_status();
+        }
+        let n = irq.drain();
+        irq.unmask();
+        n
+    }
+
+    fn irq_count(&self) -> u64 {
+        self.irq.as_ref().map_or(0, DeviceIrq::count)
     }
 }
 

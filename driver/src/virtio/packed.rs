@@ -126,6 +126,17 @@ impl PackedQueue {
         self.outstanding = 0;
     }
 
+    /// Used buffer notifications on or off: the driver event suppression structure's flags
+    /// RING_EVENT_FLAGS_ENABLE (0) or DISABLE (1) (section 2.8.10, 2.8.14). Enabling is
+    /// followed by a full fence, as for the split ring.
+    pub fn set_interrupts(&self, enabled: bool) {
+        let flags = if enabled { 0 } else { RING_EVENT_FLAGS_DISABLE };
+        self.driver_event.write_volatile(EVENT_FLAGS, flags.to_le());
+        if enabled {
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     pub fn size(&self) -> u16 {
         self.size
     }

@@ -291,16 +291,16 @@ impl VirtioPciTransport {
     /// Configure and enable virtqueue `index` (section 4.1.5.1.3): select it, check the
     /// device has it (`queue_size` != 0), write our `size` (a power of two no larger than
     /// the device's maximum), the three area addresses (IOVAs: ACCESS_PLATFORM is
-    /// negotiated), leave the MSI-X vector at NO_VECTOR (we poll), then `queue_enable = 1`.
-    /// Returns the queue's offset in the notification BAR.
+    /// negotiated), the MSI-X vector (`vector`, or NO_VECTOR when we only poll or use
+    /// INTx), then `queue_enable = 1`. Returns the queue's offset in the notification BAR.
     pub fn setup_queue(
         &self,
         index: u16,
         size: u16,
-        desc: u64,
-        driver: u64,
-        device: u64,
+        areas: (u64, u64, u64),
+        vector: u16,
     ) -> Result<usize> {
+        let (desc, driver, device) = areas;
         self.common_write16(common::QUEUE_SELECT, index);
         let max = self.common_read16(common::QUEUE_SIZE);
         if max == 0 {
@@ -319,7 +319,14 @@ impl VirtioPciTransport {
             )));
         }
         self.common_write16(common::QUEUE_SIZE, size);
-        self.common_write16(common::QUEUE_MSIX_VECTOR, NO_VECTOR);
+        self.common_write16(common::QUEUE_MSIX_VECTOR, vector);
+        // Section 4.1.5.1.2.1: the device answers NO_VECTOR when it could not map the vector.
+        let back = self.common_read16(common::QUEUE_MSIX_VECTOR);
+        if back != vector {
+            return Err(DriverError::Device(format!(
+                "virtqueue {index}: MSI-X vector {vector} not accepted (reads back {back:#x})"
+            )));
+        }
         self.common_write64(common::QUEUE_DESC, desc);
         self.common_write64(common::QUEUE_DRIVER, driver);
         self.common_write64(common::QUEUE_DEVICE, device);

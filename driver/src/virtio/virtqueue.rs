@@ -52,7 +52,8 @@ pub fn write_desc(region: &DmaRegion, offset: usize, addr: Iova, len: u32, flags
 const AVAIL_FLAGS: usize = 0;
 const AVAIL_IDX: usize = 2;
 const AVAIL_RING: usize = 4;
-/// `VIRTQ_AVAIL_F_NO_INTERRUPT`: we poll, so the device need not interrupt (section 2.7.7).
+/// `VIRTQ_AVAIL_F_NO_INTERRUPT`: set while we poll, so the device need not interrupt
+/// (section 2.7.7); cleared by [`SplitQueue::set_interrupts`] before the loop sleeps.
 pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// `struct virtq_used` (section 2.7.8): `le16 flags; le16 idx; struct virtq_used_elem
@@ -146,6 +147,20 @@ impl SplitQueue {
             self.avail_offset + AVAIL_FLAGS,
             AVAIL_F_NO_INTERRUPT.to_le(),
         );
+    }
+
+    /// Used buffer notifications on or off (section 2.7.7: without VIRTIO_F_EVENT_IDX the
+    /// driver sets `VIRTQ_AVAIL_F_NO_INTERRUPT` in the available ring's flags to ask the
+    /// device not to interrupt; the device may still do so, which costs a spurious wake-up).
+    /// Enabling is followed by a full fence, so a later look at the used ring sees every
+    /// buffer the device used without seeing the flag clear.
+    pub fn set_interrupts(&self, enabled: bool) {
+        let flags = if enabled { 0 } else { AVAIL_F_NO_INTERRUPT };
+        self.driver_area
+            .write_volatile(self.avail_offset + AVAIL_FLAGS, flags.to_le());
+        if enabled {
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     pub fn index(&self) -> u16 {
