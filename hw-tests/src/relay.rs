@@ -128,6 +128,9 @@ pub struct DirectionStats {
     /// datagram the receiver checks only if every fragment arrives).
     pub corrupted_segments: u64,
     pub corrupted_fragments: u64,
+    /// Of those, flips in the TCP header's data offset: the header no longer parses, and
+    /// receivers drop it as malformed (Linux without counting it as a checksum error).
+    pub corrupted_data_offset: u64,
     /// Dropped because the rate-capped queue was full, or the receiving socket refused.
     pub queue_drops: u64,
     pub send_errors: u64,
@@ -514,8 +517,11 @@ impl Forwarder {
             // that a good copy still gets through.
             if copy == 0 && lane.rng.chance(imp.corrupt) {
                 match flip_tcp_bit(&mut frame, &mut lane.rng) {
-                    Some(true) => s.corrupted_fragments += 1,
-                    Some(false) => s.corrupted_segments += 1,
+                    Some(Flip { fragment: true, .. }) => s.corrupted_fragments += 1,
+                    Some(Flip { data_offset, .. }) => {
+                        s.corrupted_segments += 1;
+                        s.corrupted_data_offset += u64::from(data_offset);
+                    }
                     None => {}
                 }
             }
@@ -618,9 +624,18 @@ fn parse_ipv4(frame: &[u8]) -> Option<Ipv4<'_>> {
     })
 }
 
+/// Where [`flip_tcp_bit`] flipped a bit.
+#[derive(Debug, PartialEq, Eq)]
+struct Flip {
+    /// In an IPv4 fragment (whose TCP header, if any, the relay does not look at).
+    fragment: bool,
+    /// In the data-offset field of a whole segment's TCP header.
+    data_offset: bool,
+}
+
 /// Flip one random bit of the TCP segment (header or payload) in an IPv4 TCP frame or
-/// fragment; `Some(is_fragment)` if a bit was flipped.
-fn flip_tcp_bit(frame: &mut [u8], rng: &mut Rng) -> Option<bool> {
+/// fragment; where, if a bit was flipped.
+fn flip_tcp_bit(frame: &mut [u8], rng: &mut Rng) -> Option<Flip> {
     let (start, len, fragment) = {
         let ip = parse_ipv4(frame)?;
         if ip.protocol != 6 || ip.payload.is_empty() {
@@ -634,7 +649,11 @@ fn flip_tcp_bit(frame: &mut [u8], rng: &mut Rng) -> Option<bool> {
     };
     let bit = rng.below(len as u64 * 8) as usize;
     frame[start + bit / 8] ^= 1 << (bit % 8);
-    Some(fragment)
+    Some(Flip {
+        fragment,
+        // Byte 12 of the TCP header holds the data offset in its high nibble.
+        data_offset: !fragment && bit / 8 == 12 && bit % 8 >= 4,
+    })
 }
 
 /// An IPv4 datagram's identity: source address and IP id.
@@ -1096,11 +1115,14 @@ mod tests {
         for _ in 0..200 {
             let orig = tcp_frame(5, 0x10, b"payload bytes");
             let mut f = orig.clone();
-            assert_eq!(flip_tcp_bit(&mut f, &mut rng), Some(false));
+            let flip = flip_tcp_bit(&mut f, &mut rng).unwrap();
+            assert!(!flip.fragment);
             let diff: Vec<usize> = (0..f.len()).filter(|&i| f[i] != orig[i]).collect();
             assert_eq!(diff.len(), 1);
             assert!(diff[0] >= 34, "flipped byte {} outside TCP", diff[0]);
             assert_eq!((f[diff[0]] ^ orig[diff[0]]).count_ones(), 1);
+            let in_offset = diff[0] == 34 + 12 && (f[diff[0]] ^ orig[diff[0]]) >= 0x10;
+            assert_eq!(flip.data_offset, in_offset);
         }
         let mut arp = vec![0u8; 60];
         arp[12..14].copy_from_slice(&[0x08, 0x06]);

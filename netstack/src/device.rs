@@ -1256,6 +1256,11 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
                 self.nic.rx_recycle(buffer);
                 continue;
             }
+            if frame::is_malformed_tcp(received) {
+                self.tx.stats.rx_malformed_tcp_drops += 1;
+                self.nic.rx_recycle(buffer);
+                continue;
+            }
             if self.tx.is_duplicate_syn(received) {
                 self.tx.stats.rx_duplicate_syns += 1;
                 self.nic.rx_recycle(buffer);

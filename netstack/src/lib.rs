@@ -152,6 +152,9 @@ pub struct StackStats {
     /// Received TCP the boundary cannot verify (IPv4 fragments, IPv6 behind extension
     /// headers): dropped (see `frame::is_unverified_tcp`).
     pub rx_unverified_tcp_drops: u64,
+    /// Received frames whose IP header says TCP but whose TCP header does not parse
+    /// (damaged): dropped (see `frame::is_malformed_tcp`).
+    pub rx_malformed_tcp_drops: u64,
     /// `send_file` calls completed (acknowledged or aborted).
     pub sends_completed: u64,
     /// Page-cache pins the stack holds now (one per queued file chunk).

@@ -151,6 +151,11 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             s.rx_unverified_tcp_drops,
         ),
         Metric::counter(
+            "zerosend_rx_malformed_tcp_drops_total",
+            "Received frames whose IP header says TCP but whose TCP header does not parse: dropped.",
+            s.rx_malformed_tcp_drops,
+        ),
+        Metric::counter(
             "zerosend_frames_tx_total",
             "Frames handed to the NIC.",
             s.frames_tx,
