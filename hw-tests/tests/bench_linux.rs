@@ -26,11 +26,11 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hw_tests::content::{random_bytes, sha256_hex};
 use hw_tests::netns::GUEST_IP;
+use hw_tests::pki::Pki;
 use hw_tests::{cache_dir, linux_baseline_program, target_dir, Guest, Network, Nic, RunningGuest};
 
 const BIG: usize = 64 << 20;
@@ -342,76 +342,6 @@ impl Bench {
     }
 }
 
-/// A CA and a server certificate for GUEST_IP, made with openssl.
-fn make_pki(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let openssl = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-    openssl(
-        &[
-            &["req", "-x509", "-nodes", "-days", "2"][..],
-            &ec,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-subj",
-                "/CN=zs bench CA",
-            ],
-        ]
-        .concat(),
-    );
-    std::fs::write(
-        dir.join("ext.cnf"),
-        format!("subjectAltName=IP:{GUEST_IP}\n"),
-    )
-    .unwrap();
-    openssl(
-        &[
-            &["req", "-nodes"][..],
-            &ec,
-            &[
-                "-keyout",
-                "key.pem",
-                "-out",
-                "srv.csr",
-                "-subj",
-                "/CN=zerosend.test",
-            ],
-        ]
-        .concat(),
-    );
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "cert.pem",
-    ]);
-}
-
 /// wrk's summary as one parseable line (latencies in microseconds).
 const WRK_LUA: &str = r#"
 done = function(summary, latency, requests)
@@ -533,8 +463,9 @@ fn bench_linux() {
     let out_dir = target_dir().join("bench");
     std::fs::create_dir_all(&out_dir).unwrap();
     let scratch = std::env::temp_dir().join(format!("zs-bench-linux-{}", std::process::id()));
-    let pki = scratch.join("pki");
-    make_pki(&pki);
+    // The shared test PKI (its server certificate names GUEST_IP); deleted at the end.
+    let pki_files = Pki::make(Nic::Virtio);
+    let pki = pki_files.path("");
     let lua = scratch.join("report.lua");
     std::fs::write(&lua, WRK_LUA).unwrap();
     let files: Vec<(&'static str, Vec<u8>)> = vec![
