@@ -758,21 +758,17 @@ fn segment_tcp(headers: &[u8], tcp: &[u8]) -> Option<Vec<Vec<u8>>> {
         ip[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
         ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF, no fragment
         ip[10..12].copy_from_slice(&[0, 0]);
-        let sum = internet_checksum(&ip[..ihl], 0);
+        let sum = inet_checksum::checksum(&ip[..ihl]);
         ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        let (src, dst) = (ip[12..16].to_vec(), ip[16..20].to_vec());
+        let src: [u8; 4] = ip[12..16].try_into().unwrap();
+        let dst: [u8; 4] = ip[16..20].try_into().unwrap();
         let t = &mut ip[ihl..];
         t[4..8].copy_from_slice(&seq.wrapping_add(offset as u32).to_be_bytes());
         if i != last {
             t[13] &= !(0x01 | 0x08); // FIN, PSH
         }
         t[16..18].copy_from_slice(&[0, 0]);
-        let mut pseudo = Vec::with_capacity(12);
-        pseudo.extend_from_slice(&src);
-        pseudo.extend_from_slice(&dst);
-        pseudo.extend_from_slice(&[0, 6]);
-        pseudo.extend_from_slice(&(t.len() as u16).to_be_bytes());
-        let sum = internet_checksum(t, ones_sum(&pseudo));
+        let sum = tcp_checksum(src, dst, t);
         t[16..18].copy_from_slice(&sum.to_be_bytes());
         offset += chunk.len();
         frames.push(f);
@@ -780,21 +776,11 @@ fn segment_tcp(headers: &[u8], tcp: &[u8]) -> Option<Vec<Vec<u8>>> {
     Some(frames)
 }
 
-/// The one's-complement sum of `bytes` as 16-bit big-endian words, unfolded.
-fn ones_sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-/// The Internet checksum (RFC 1071) of `bytes` with `initial` (an unfolded sum) added.
-fn internet_checksum(bytes: &[u8], initial: u32) -> u16 {
-    let mut sum = u64::from(initial) + u64::from(ones_sum(bytes));
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+/// The TCP checksum (RFC 9293 3.1) of `segment` between IPv4 `src` and `dst`, with the
+/// checksum field counted as it stands (0 to compute it; a valid segment gives 0).
+fn tcp_checksum(src: [u8; 4], dst: [u8; 4], segment: &[u8]) -> u16 {
+    let pseudo = inet_checksum::ipv4_pseudo_header(src, dst, 6, segment.len() as u32);
+    !inet_checksum::fold(inet_checksum::sum_be(segment) + u64::from(pseudo))
 }
 
 /// Payload bytes of one guest-to-host TCP flow, by offset from the first sequence number.
@@ -1053,12 +1039,9 @@ mod tests {
         let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
         let mut whole = tcp_frame(1_000_000, 0x18 | 0x01, &payload); // PSH FIN
                                                                      // A valid checksum on the original, as the guest's offload would write.
-        let (src, dst) = (whole[26..30].to_vec(), whole[30..34].to_vec());
-        let mut pseudo = src.clone();
-        pseudo.extend_from_slice(&dst);
-        pseudo.extend_from_slice(&[0, 6]);
-        pseudo.extend_from_slice(&((whole.len() - 34) as u16).to_be_bytes());
-        let sum = internet_checksum(&whole[34..], ones_sum(&pseudo));
+        let src: [u8; 4] = whole[26..30].try_into().unwrap();
+        let dst: [u8; 4] = whole[30..34].try_into().unwrap();
+        let sum = tcp_checksum(src, dst, &whole[34..]);
         whole[50..52].copy_from_slice(&sum.to_be_bytes());
         // QEMU 7.2's e1000e: IP fragments of 1480 payload bytes, same id.
         let ip_payload = whole[34..].to_vec();
@@ -1086,19 +1069,11 @@ mod tests {
             let ip = parse_ipv4(f).unwrap();
             assert!(!ip.more && ip.frag_offset == 0);
             assert_eq!(
-                internet_checksum(ip.header, 0),
+                inet_checksum::checksum(ip.header),
                 0,
                 "IP checksum of segment {i}"
             );
-            let mut pseudo = src.clone();
-            pseudo.extend_from_slice(&dst);
-            pseudo.extend_from_slice(&[0, 6]);
-            pseudo.extend_from_slice(&(ip.payload.len() as u16).to_be_bytes());
-            assert_eq!(
-                internet_checksum(ip.payload, ones_sum(&pseudo)),
-                0,
-                "TCP checksum {i}"
-            );
+            assert_eq!(tcp_checksum(src, dst, ip.payload), 0, "TCP checksum {i}");
             let seq = u32::from_be_bytes(ip.payload[4..8].try_into().unwrap());
             assert_eq!(seq as usize, 1_000_000 + joined.len());
             let fin_psh = ip.payload[13] & 0x09;
