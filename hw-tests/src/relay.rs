@@ -20,7 +20,7 @@
 //! Besides impairing, the relay checks the one promise a bad wire tests: every byte the
 //! guest transmits again is identical to its first transmission. It records the TCP payload
 //! of each guest-to-host flow as it arrives from QEMU (before any impairment) and compares
-//! each retransmitted byte with the first copy ([`Direction::stats`] `retransmitted_bytes`,
+//! each retransmitted byte with the first copy ([`DirectionStats`] `retransmitted_bytes`,
 //! `differing_bytes`). Corrupted frames get one flipped bit inside the TCP segment, which the
 //! receiver's TCP checksum must catch: the tests compare the relay's count with the drops
 //! counted by Linux (`InCsumErrors`) and by zerosend (`rx_tcp_checksum_drops`).
