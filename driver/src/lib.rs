@@ -13,6 +13,7 @@ pub mod error;
 pub mod faults;
 pub mod irq;
 pub mod mmio;
+pub mod multiqueue;
 pub mod nic;
 pub mod pcap;
 pub mod pci;

@@ -47,6 +47,12 @@ fn ip(args: &[&str]) -> Result<(), String> {
 impl NetNs {
     /// Create `zs-<pid>-<n>` with loopback up and a TAP device at [`HOST_IP`].
     pub fn create() -> Result<Self, String> {
+        Self::create_with_tap_queues(1)
+    }
+
+    /// A namespace whose TAP is multi-queue (`IFF_MULTI_QUEUE`), for QEMU's `tap,queues=N`
+    /// behind a virtio-net device with `mq=on`.
+    pub fn create_with_tap_queues(queues: u32) -> Result<Self, String> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "zs-{}-{}",
@@ -59,9 +65,13 @@ impl NetNs {
         let ns = NetNs { name };
         let cidr = format!("{HOST_IP}/{PREFIX_LEN}");
         ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
-        ip(&[
+        let mut tuntap = vec![
             "-n", &ns.name, "tuntap", "add", "dev", TAP_NAME, "mode", "tap",
-        ])?;
+        ];
+        if queues > 1 {
+            tuntap.push("multi_queue");
+        }
+        ip(&tuntap)?;
         ip(&["-n", &ns.name, "addr", "add", &cidr, "dev", TAP_NAME])?;
         ip(&["-n", &ns.name, "link", "set", TAP_NAME, "up"])?;
         Ok(ns)

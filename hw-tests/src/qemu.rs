@@ -83,6 +83,7 @@ pub struct Guest {
     virtio_packed: bool,
     memory_mb: u32,
     cpus: u32,
+    queues: u32,
     append: String,
     network: Network,
     relay: Option<RelayConfig>,
@@ -105,6 +106,7 @@ impl Guest {
             virtio_packed: false,
             memory_mb: 512,
             cpus: 1,
+            queues: 1,
             append: String::new(),
             network: Network::User {
                 forwards: Vec::new(),
@@ -146,6 +148,11 @@ impl Guest {
         self.with(|g| g.cpus = n)
     }
     /// Extra kernel command line.
+    /// Queue pairs of a virtio-net device (`mq=on` on a multi-queue TAP, [`Network::Tap`]
+    /// only). The e1000e always has its two queues; other models have one.
+    pub fn queues(self, n: u32) -> Self {
+        self.with(|g| g.queues = n.max(1))
+    }
     pub fn append(self, args: &str) -> Self {
         self.with(|g| g.append = args.into())
     }
@@ -250,7 +257,7 @@ impl Guest {
         let _ = std::fs::remove_file(&qmp_path);
         let mut host_ports = HashMap::new();
         let netns = match &self.network {
-            Network::Tap => Some(NetNs::create()?),
+            Network::Tap => Some(NetNs::create_with_tap_queues(self.queues)?),
             Network::User { .. } => None,
         };
         let relay = match (&netns, &self.relay) {
@@ -314,8 +321,13 @@ impl Guest {
                 cmd.args([
                     "-netdev",
                     &format!(
-                        "tap,id=n0,ifname={},script=no,downscript=no",
-                        netns::TAP_NAME
+                        "tap,id=n0,ifname={},script=no,downscript=no{}",
+                        netns::TAP_NAME,
+                        if self.queues > 1 {
+                            format!(",queues={}", self.queues)
+                        } else {
+                            String::new()
+                        }
                     ),
                 ]);
             }
@@ -325,8 +337,14 @@ impl Guest {
             Nic::E1000e => format!("e1000e,netdev=n0,mac={}", self.mac),
             Nic::E1000_82545em => format!("e1000-82545em,netdev=n0,mac={}", self.mac),
             Nic::Virtio => format!(
-                "virtio-net-pci,netdev=n0,mac={},disable-legacy=on{}{}",
+                "virtio-net-pci,netdev=n0,mac={},disable-legacy=on{}{}{}",
                 self.mac,
+                if self.queues > 1 {
+                    // One MSI-X vector per queue, plus configuration and control.
+                    format!(",mq=on,rss=on,vectors={}", 2 * self.queues + 2)
+                } else {
+                    String::new()
+                },
                 if self.virtio_iommu_platform {
                     ",iommu_platform=on"
                 } else {
