@@ -11,13 +11,109 @@
 //! [`toeplitz_hash`] computes the same hash in software, so tests can predict the queue a
 //! flow lands on and check the device did what the specification says.
 
-use crate::irq::Interruptible;
-use crate::queue::NetQueue;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use crate::anynic::NicConfig;
+use crate::dma::DmaSpace;
+use crate::error::{DriverError, Result};
+use crate::irq::{Interruptible, IrqMode};
+use crate::nic::NicModel;
+use crate::pci::PciAddress;
+use crate::queue::{Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TxFrame, TxToken};
+use crate::vfio::VfioPci;
 
 /// One queue pair of a multi-queue device.
 pub trait QueuePair: NetQueue + Interruptible + Send {
     /// This pair's index on the device (0 is the pair that also gets unhashed frames).
     fn queue_index(&self) -> usize;
+}
+
+/// Opens the NIC at `address` with up to `pairs` queue pairs (fewer if the device has
+/// fewer: the e1000 has one, the 82574L two, virtio-net what `max_virtqueue_pairs` says) and
+/// RSS across them; one handle per pair, pair 0 first.
+pub fn open_nic_queues(
+    address: &PciAddress,
+    config: &NicConfig,
+    pairs: usize,
+) -> Result<Vec<Box<dyn QueuePair>>> {
+    if pairs == 0 {
+        return Err(DriverError::InvalidArgument(
+            "queue pairs: at least 1".into(),
+        ));
+    }
+    let pci = VfioPci::open(address)?;
+    let (vendor, device) = pci.ids();
+    match NicModel::from_ids(vendor, device)? {
+        NicModel::I82540EM | NicModel::I82545EM | NicModel::I82574L => {
+            crate::e1000::multiqueue::open_queues(pci, config, pairs)
+        }
+        NicModel::VirtioNet => crate::virtio::multiqueue::open_queues(pci, config, pairs),
+    }
+}
+
+/// A boxed queue pair is a queue: the stack and the server take `Box<dyn QueuePair>`.
+impl<Q: NetQueue + ?Sized> NetQueue for Box<Q> {
+    fn mac_address(&self) -> MacAddress {
+        (**self).mac_address()
+    }
+    fn dma(&self) -> &Arc<DmaSpace> {
+        (**self).dma()
+    }
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    fn link_up(&mut self) -> bool {
+        (**self).link_up()
+    }
+    fn tx_capacity(&self, segments: usize) -> usize {
+        (**self).tx_capacity(segments)
+    }
+    fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
+        (**self).tx_enqueue(frame)
+    }
+    fn tx_flush(&mut self) {
+        (**self).tx_flush()
+    }
+    fn tx_reap(&mut self, done: &mut dyn FnMut(TxToken)) -> Result<usize> {
+        (**self).tx_reap(done)
+    }
+    fn rx_next(&mut self) -> Option<RxBuffer> {
+        (**self).rx_next()
+    }
+    fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
+        (**self).rx_read(buffer, out)
+    }
+    fn rx_recycle(&mut self, buffer: RxBuffer) {
+        (**self).rx_recycle(buffer)
+    }
+    fn rx_flush(&mut self) {
+        (**self).rx_flush()
+    }
+    fn rx_poll(&mut self, budget: usize, f: &mut dyn FnMut(&[u8])) -> usize {
+        (**self).rx_poll(budget, f)
+    }
+    fn stats(&mut self) -> DeviceStats {
+        (**self).stats()
+    }
+}
+
+impl<Q: Interruptible + ?Sized> Interruptible for Box<Q> {
+    fn irq_mode(&self) -> Option<IrqMode> {
+        (**self).irq_mode()
+    }
+    fn irq_fds(&self) -> Vec<RawFd> {
+        (**self).irq_fds()
+    }
+    fn irq_arm(&mut self) {
+        (**self).irq_arm()
+    }
+    fn irq_disarm(&mut self) -> u64 {
+        (**self).irq_disarm()
+    }
+    fn irq_count(&self) -> u64 {
+        (**self).irq_count()
+    }
 }
 
 /// The RSS secret key every driver programs: the well-known default key of Microsoft's RSS

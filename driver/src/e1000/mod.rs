@@ -65,6 +65,7 @@
 //! ([`NetQueue::rx_read`]), never lent as a slice of device-writable memory.
 
 pub mod desc;
+pub mod multiqueue;
 pub mod regs;
 
 use std::collections::VecDeque;

@@ -5,6 +5,7 @@
 //! Section numbers in this module refer to "Virtual I/O Device (VIRTIO) Version 1.2",
 //! OASIS Committee Specification 01 (2022).
 
+pub mod multiqueue;
 pub mod net;
 pub mod packed;
 pub mod transport;
