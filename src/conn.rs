@@ -275,6 +275,12 @@ impl ServerCore {
     }
 
     /// Reserves `bytes` of the PUT memory budget, if they fit.
+    /// Share the PUT body memory pool with other cores' `ServerCore`s: `put_memory_limit`
+    /// then bounds them all together.
+    pub fn share_put_memory(&mut self, pool: Arc<AtomicU64>) {
+        self.put_memory = pool;
+    }
+
     fn reserve_put_memory(&self, bytes: u64) -> Option<PutReservation> {
         let limit = self.put_memory_limit;
         self.put_memory

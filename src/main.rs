@@ -194,6 +194,12 @@ struct ServeArgs {
     /// Also take addresses from router advertisements (SLAAC, RFC 4862).
     #[arg(long)]
     ipv6_slaac: bool,
+    /// NIC queue pairs, each served by its own stack on its own thread and core, flows
+    /// spread by the NIC's receive-side scaling (default: one per CPU this process may
+    /// use, at most what the NIC has: 1 on the e1000, 2 on the 82574L, virtio-net's
+    /// max_virtqueue_pairs). More than one needs --ip and no --pcap.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: Option<u16>,
 }
 
 impl ServeArgs {
@@ -310,6 +316,7 @@ impl ServeArgs {
             #[cfg(feature = "test-hooks")]
             inject_tx_hang_after_frames: self.inject_tx_hang_after_frames,
             ipv6: ipv6::config(&self.ipv6, self.ipv6_gateway, self.ipv6_slaac)?,
+            queues: self.queues.map(usize::from),
         })
     }
 }

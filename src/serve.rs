@@ -6,19 +6,19 @@ use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use driver::anynic::{open_nic, NicConfig};
-use driver::dma::{DmaAccess, DmaRegion};
 use driver::irq::Interruptible;
+use driver::multiqueue::open_nic_queues;
 use driver::pcap::PcapTap;
 use driver::pci::{self, PciAddress};
 use driver::{NetQueue, NicModel};
 use netstack::{ConnId, Event, Ipv4Config, ListenerId, Stack, StackConfig};
-use pagecache::{Attempt, Backpressure, CacheConfig, FrameArena, PageCache, Pending, WritePolicy};
+use pagecache::{Attempt, Backpressure, PageCache, Pending, WritePolicy};
 
 use crate::accesslog::{self, AccessLog};
 use crate::conn::{
@@ -29,8 +29,10 @@ use crate::metrics::{render_prometheus, Metric};
 use crate::root::ServeRoot;
 use crate::warnings::WarnKind;
 
+mod cores;
 mod idle;
 mod snapshot;
+use cores::{CoreQueue, CoreReport, Publisher, Shared, Summary};
 pub use idle::IdleOptions;
 use idle::{Idle, LoopCounts, Round};
 use snapshot::stats_snapshot;
@@ -111,6 +113,9 @@ pub struct ServeOptions {
     pub inject_tx_hang_after_frames: Option<u64>,
     /// IPv6 beside IPv4 (always on: link-local at least); see `crate::ipv6`.
     pub ipv6: netstack::Ipv6Config,
+    /// Queue pairs, each with its own stack on its own core (`None`: one per CPU the
+    /// process may use); see `serve::cores`.
+    pub queues: Option<usize>,
 }
 
 /// Find the NIC to drive.
@@ -147,6 +152,10 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         interrupts: options.idle.interrupts,
         ..NicConfig::default()
     };
+    let wanted = options.queues.unwrap_or_else(cores::cpus_allowed);
+    if wanted > 1 {
+        return serve_cores(address, &nic_config, wanted, &options);
+    }
     let nic = open_nic(&address, &nic_config).with_context(|| format!("opening NIC {address}"))?;
     tracing::info!(nic = %address, model = ?nic.model(), mac = %nic.mac_address(), "NIC opened");
     #[cfg(feature = "test-hooks")]
@@ -155,14 +164,78 @@ pub fn serve(options: ServeOptions) -> Result<()> {
     if let Some(frames) = options.inject_tx_hang_after_frames {
         nic.inject_fault(driver::faults::Fault::TxHang, frames)?;
     }
-    match options.pcap.clone() {
+    let shared = Arc::new(Shared::new(nic.dma(), &options, 1)?);
+    let synced = match options.pcap.clone() {
         Some(path) => {
             let tap = PcapTap::new(nic, &path)
                 .with_context(|| format!("opening pcap {}", path.display()))?;
-            run(tap, &options, address, true)
+            run(tap, &options, address, true, shared, 0)?
         }
-        None => run(nic, &options, address, false),
+        None => run(nic, &options, address, false, shared, 0)?,
+    };
+    println!("zerosend: stopped: {synced} files synced, NIC released");
+    Ok(())
+}
+
+/// `--queues N` with N > 1: the NIC with N queue pairs and RSS, a thread per pair pinned to
+/// a core, each with its own stack, all sharing the page cache (see `serve::cores`).
+fn serve_cores(
+    address: PciAddress,
+    nic_config: &NicConfig,
+    wanted: usize,
+    options: &ServeOptions,
+) -> Result<()> {
+    if options.pcap.is_some() {
+        bail!("--pcap captures a single queue: use it with --queues 1");
     }
+    if options.ip.is_none() {
+        bail!(
+            "--queues {wanted}: every core's stack needs the address from the start: give --ip (DHCP needs --queues 1)"
+        );
+    }
+    let queues = open_nic_queues(&address, nic_config, wanted)
+        .with_context(|| format!("opening NIC {address} with {wanted} queue pairs"))?;
+    let n = queues.len();
+    println!("zerosend: {n} queue pairs ({wanted} wanted), one stack per core");
+    let shared = Arc::new(Shared::new(queues[0].dma(), options, n)?);
+    let mut threads = Vec::new();
+    for queue in CoreQueue::link(queues) {
+        let shared = Arc::clone(&shared);
+        let options = options.clone();
+        let index = queue.queue_index();
+        let address = address.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("zerosend-core{index}"))
+            .spawn(move || {
+                cores::pin_to_cpu(index);
+                let result = run(queue, &options, address, false, Arc::clone(&shared), index);
+                if result.is_err() {
+                    // The other cores stop in order too.
+                    shared.stop_requested.store(true, Ordering::Relaxed);
+                }
+                result
+            })
+            .context("starting a core's thread")?;
+        threads.push(thread);
+    }
+    let mut synced = 0;
+    let mut failure = None;
+    for thread in threads {
+        match thread.join() {
+            Ok(Ok(files)) => synced += files,
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(_) => {
+                failure.get_or_insert(anyhow!("a core's thread panicked"));
+            }
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    println!("zerosend: stopped: {synced} files synced, NIC released");
+    Ok(())
 }
 
 /// What the loop needs from a NIC beyond the queue API: its interrupts, flushing a capture.
@@ -170,6 +243,7 @@ trait ServerNic: NetQueue + Interruptible {
     fn flush_capture(&mut self) {}
 }
 impl ServerNic for driver::anynic::AnyNic {}
+impl ServerNic for CoreQueue {}
 impl<Q: NetQueue + Interruptible> ServerNic for PcapTap<Q> {
     fn flush_capture(&mut self) {
         self.flush();
@@ -318,8 +392,6 @@ struct Server<Q: NetQueue> {
     tls_listener: Option<ListenerId>,
     /// Serves only the metrics page (`--metrics-listen`).
     metrics_listener: Option<ListenerId>,
-    /// Set from SIGTERM/SIGINT: stop in order.
-    stop_requested: Arc<AtomicBool>,
     /// An orderly stop is under way, to be over by this instant.
     draining_until: Option<Instant>,
     /// The HTTPS certificate, re-read when its files change.
@@ -339,29 +411,39 @@ struct Server<Q: NetQueue> {
     loop_counts: LoopCounts,
     /// Most bytes queued and unacknowledged per connection, hence pinned by its body.
     pin_window: u64,
-    /// The page cache's DMA memory. Dropping it removes its IOMMU mapping, so it lives as
-    /// long as the server and is dropped last (fields drop in order), after the stack and
-    /// the cache whose pins the NIC may still be reading.
-    _cache_dma: DmaRegion,
+    /// This server's core (its queue pair) and when it last published its counters.
+    core_index: usize,
+    publisher: Publisher,
+    /// What the cores share: the page cache and its DMA memory, whose IOMMU mapping goes
+    /// with the last `Shared`, so it is dropped last (fields drop in order), after the stack
+    /// and the cache whose pins the NIC may still be reading.
+    shared: Arc<Shared>,
 }
 
+/// One core's event loop until the orderly stop; returns the files synced at the end.
 fn run<Q: ServerNic>(
     nic: Q,
     options: &ServeOptions,
     address: PciAddress,
     capturing: bool,
-) -> Result<()> {
-    let mut server = Server::start(nic, options)?;
-    let mut announced = false;
+    shared: Arc<Shared>,
+    core_index: usize,
+) -> Result<usize> {
+    let mut server = Server::start(nic, options, shared, core_index)?;
+    server.shared.started.fetch_add(1, Ordering::Relaxed);
+    // Core 0 speaks for the server, once every core listens.
+    let mut announced = core_index != 0;
     let mut stats = StatsLine::new(options.stats_interval);
     let mut last_timeouts = Instant::now();
     let mut last_cert_check = Instant::now();
     let mut idle = Idle::new(options.idle, server.stack.nic())?;
-    println!("zerosend: when idle: {}", idle.describe());
+    if core_index == 0 {
+        println!("zerosend: when idle: {}", idle.describe());
+    }
     loop {
         let now = Instant::now();
         let mut work = server.stack.poll(netstack::Instant::now())?;
-        if !announced {
+        if !announced && server.shared.started.load(Ordering::Relaxed) == server.shared.cores() {
             announced = server.announce(options, &address, capturing);
         }
         work |= server.dispatch_events(now);
@@ -374,8 +456,14 @@ fn run<Q: ServerNic>(
             last_cert_check = now;
             server.reload_certificate();
         }
-        stats.print_when_due(now, &mut server);
-        if server.stop_requested.load(Ordering::Relaxed) && server.drained(now, options) {
+        server.shared.open[core_index].store(server.conns.len(), Ordering::Relaxed);
+        if server.shared.cores() > 1 && server.publisher.due(now) {
+            server.publish();
+        }
+        if core_index == 0 {
+            stats.print_when_due(now, &mut server);
+        }
+        if server.shared.stop_requested.load(Ordering::Relaxed) && server.drained(now, options) {
             break;
         }
         let round = Round {
@@ -398,22 +486,13 @@ fn run<Q: ServerNic>(
 
 impl<Q: ServerNic> Server<Q> {
     /// Page cache in DMA memory, the HTTP core, and the stack listening on the port.
-    fn start(nic: Q, options: &ServeOptions) -> Result<Self> {
-        // The page cache's frames live in DMA memory mapped read-only for the NIC: the device
-        // can read file pages but never change them.
-        let region = nic
-            .dma()
-            .allocate(options.cache_mb << 20, DmaAccess::DeviceReads)
-            .context("allocating the page cache's DMA memory")?;
-        let arena = FrameArena::from_shared(Arc::clone(region.memory()))?;
-        let cache_config = CacheConfig {
-            audit: options.audit,
-            backpressure: options.backpressure,
-            old_version_limit_pages: options.old_version_limit_pages,
-            old_version_policy: options.old_version_policy,
-            ..CacheConfig::default()
-        };
-        let cache = PageCache::new(arena, cache_config)?;
+    fn start(
+        nic: Q,
+        options: &ServeOptions,
+        shared: Arc<Shared>,
+        core_index: usize,
+    ) -> Result<Self> {
+        let cache = shared.cache.clone();
         let root = ServeRoot::new(&options.root)
             .with_context(|| format!("--root {}", options.root.display()))?;
         let mut core = ServerCore::new(root, cache.clone(), options.write_policy, options.limits);
@@ -428,6 +507,7 @@ impl<Q: ServerNic> Server<Q> {
         };
         core.record_request_lines = access_log.is_some();
         core.put_memory_limit = options.put_memory;
+        core.share_put_memory(Arc::clone(&shared.put_memory));
         core.put_access = options.put_access.clone();
 
         let ipv4 = match options.ip {
@@ -467,30 +547,18 @@ impl<Q: ServerNic> Server<Q> {
             .map(|port| stack.listen(port))
             .transpose()
             .context("--metrics-listen")?;
-        let stop_requested = Arc::new(AtomicBool::new(false));
-        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            // The first signal asks for an orderly stop; a second one, with the flag still
-            // set, exits at once (status 1).
-            signal_hook::flag::register_conditional_shutdown(
-                signal,
-                1,
-                Arc::clone(&stop_requested),
-            )
-            .context("installing the signal handlers")?;
-            signal_hook::flag::register(signal, Arc::clone(&stop_requested))
-                .context("installing the signal handlers")?;
-        }
         let page_size = crate::process::page_size();
-        let resident =
-            crate::process::resident_bytes(page_size).unwrap_or((options.cache_mb as u64) << 20);
-        let budget = MemoryBudget::compute(&stack, options, resident);
-        println!("zerosend: memory budget: {budget}");
+        if core_index == 0 {
+            let resident = crate::process::resident_bytes(page_size)
+                .unwrap_or((options.cache_mb as u64) << 20);
+            let budget = MemoryBudget::compute(&stack, options, resident, shared.cores());
+            println!("zerosend: memory budget: {budget}");
+        }
         Ok(Server {
             stack,
             listener,
             tls_listener,
             metrics_listener,
-            stop_requested,
             draining_until: None,
             tls_certificate: options.tls.as_ref().map(|t| Arc::clone(&t.certificate)),
             cache,
@@ -504,7 +572,9 @@ impl<Q: ServerNic> Server<Q> {
             page_size: crate::process::page_size(),
             loop_counts: LoopCounts::default(),
             pin_window: options.pin_window,
-            _cache_dma: region,
+            core_index,
+            publisher: Publisher::new(),
+            shared,
         })
     }
 
@@ -610,7 +680,7 @@ impl<Q: ServerNic> Server<Q> {
 
     /// After the orderly stop's connections: send what is left (FINs, resets), make the
     /// dirty pages durable, then release the NIC (dropping the stack) and the cache memory.
-    fn stop(mut self) -> Result<()> {
+    fn stop(mut self) -> Result<usize> {
         let until = Instant::now() + FINAL_FLUSH;
         while Instant::now() < until {
             if !self.stack.poll(netstack::Instant::now())? {
@@ -618,17 +688,60 @@ impl<Q: ServerNic> Server<Q> {
             }
         }
         self.stack.nic_mut().flush_capture();
+        if self.shared.cores() > 1 {
+            self.publish();
+        }
         let synced = self.cache.sync_all();
         let Server { stack, cache, .. } = self;
         drop(stack);
         drop(cache);
-        match synced {
-            Ok(files) => {
-                println!("zerosend: stopped: {files} files synced, NIC released");
-                Ok(())
-            }
-            Err(e) => Err(anyhow::Error::new(e).context("writing back dirty pages at stop")),
+        synced.map_err(|e| anyhow::Error::new(e).context("writing back dirty pages at stop"))
+    }
+
+    /// This core's counters for the stats line.
+    fn summary(&self) -> Summary {
+        let s = self.stack.stats();
+        Summary {
+            payload_bytes_sent: s.payload_bytes_sent,
+            open: self.conns.len() as u64,
+            accepted: self.counts.accepted,
+            tls_accepted: self.counts.tls_accepted,
+            rejected: self.counts.rejected,
+            evicted: self.counts.evicted,
+            requests: self.core.counters.requests,
+            retransmits: s.retransmitted_segments,
+            copied: s.payload_bytes_copied,
+            file_bytes: s.file_bytes_sent,
         }
+    }
+
+    /// This core's metrics (the page cache's included).
+    fn own_metrics(&mut self) -> Vec<Metric> {
+        let server = snapshot::ServerCounts {
+            accepted: self.counts.accepted,
+            tls_accepted: self.counts.tls_accepted,
+            rejected: self.counts.rejected,
+            evicted: self.counts.evicted,
+            open: self.conns.len() as u64,
+            access_log_dropped: self.access_log.as_ref().map_or(0, AccessLog::dropped),
+            page_size: self.page_size,
+            parked: self.conns.values().filter(|e| e.http.is_parked()).count() as u64,
+            body_aborts: self.counts.body_aborts,
+            pin_window: self.pin_window,
+            idle: self.loop_counts,
+            queue: self.core_index,
+            device: self.stack.nic_mut().stats(),
+        };
+        stats_snapshot(&self.stack, &self.cache, &self.core, &server)
+    }
+
+    /// Hands this core's counters to the others (their metrics page and stats line).
+    fn publish(&mut self) {
+        let report = CoreReport {
+            summary: self.summary(),
+            metrics: self.own_metrics(),
+        };
+        self.shared.publish(self.core_index, report);
     }
 
     /// New and closed connections.
@@ -672,7 +785,8 @@ impl<Q: ServerNic> Server<Q> {
 
     fn accept(&mut self, conn: ConnId, role: Role, now: Instant) {
         self.counts.accepted += 1;
-        if self.conns.len() >= self.max_connections && !self.evict_longest_waiting(now) {
+        let open = self.conns.len() + self.shared.open_elsewhere(self.core_index);
+        if open >= self.max_connections && !self.evict_longest_waiting(now) {
             self.reject(conn, now);
             return;
         }
@@ -776,45 +890,35 @@ impl<Q: ServerNic> Server<Q> {
     }
 
     fn serve_connection(&mut self, id: ConnId, now: Instant) -> bool {
-        let Server {
-            stack,
-            cache,
-            core,
-            conns,
-            counts,
-            recv_buf,
-            access_log,
-            page_size,
-            pin_window,
-            loop_counts,
-            ..
-        } = self;
-        let open = conns.len() as u64;
-        let entry = conns.get_mut(&id).expect("ids are taken from conns");
-        let mut work = receive_requests(stack, id, entry, recv_buf, core, now);
-        // Metrics are rendered only when a metrics response is queued.
+        let entry = self.conns.get_mut(&id).expect("ids are taken from conns");
+        let mut work = receive_requests(
+            &mut self.stack,
+            id,
+            entry,
+            &mut self.recv_buf,
+            &mut self.core,
+            now,
+        );
+        // Metrics are rendered only when a metrics response is queued: this core's, and
+        // with several cores what the others last published, added up.
         let wants_metrics = entry
             .out
             .iter()
             .any(|o| matches!(o, Outgoing::Metrics { .. }));
         let metrics = if wants_metrics {
-            let server = snapshot::ServerCounts {
-                accepted: counts.accepted,
-                tls_accepted: counts.tls_accepted,
-                rejected: counts.rejected,
-                evicted: counts.evicted,
-                open,
-                access_log_dropped: access_log.as_ref().map_or(0, AccessLog::dropped),
-                page_size: *page_size,
-                parked: conns.values().filter(|e| e.http.is_parked()).count() as u64,
-                body_aborts: counts.body_aborts,
-                pin_window: *pin_window,
-                idle: *loop_counts,
-            };
-            stats_snapshot(stack, cache, core, &server)
+            let own = self.own_metrics();
+            self.shared.metrics(self.core_index, own)
         } else {
             Vec::new()
         };
+        let Server {
+            stack,
+            conns,
+            counts,
+            access_log,
+            pin_window,
+            ..
+        } = self;
         let entry = conns.get_mut(&id).expect("ids are taken from conns");
         let how = Pumping {
             metrics: &metrics,
@@ -923,30 +1027,29 @@ impl StatsLine {
         let secs = now.duration_since(self.last).as_secs_f64();
         self.last = now;
         server.stack.nic_mut().flush_capture();
-        let s = server.stack.stats();
+        // All cores: this one's fresh figures, the others' last published.
+        let t = server.shared.summary(server.core_index, server.summary());
         let c = server.cache.stats();
-        let tx_mbit = (s.payload_bytes_sent - self.last_tx_bytes) as f64 * 8.0 / secs / 1e6;
-        self.last_tx_bytes = s.payload_bytes_sent;
-        let ConnectionCounts {
-            accepted,
-            tls_accepted,
-            rejected,
-            evicted,
-            ..
-        } = server.counts;
+        let tx_mbit =
+            t.payload_bytes_sent.saturating_sub(self.last_tx_bytes) as f64 * 8.0 / secs / 1e6;
+        self.last_tx_bytes = t.payload_bytes_sent;
         println!(
-            "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {accepted}, tls {tls_accepted}, rejected {rejected}, evicted {evicted}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
+            "zerosend: stats up {:.0}s tx {tx_mbit:.1} Mbit/s conns {} (accepted {}, tls {}, rejected {}, evicted {}) requests {} pinned {} pages cow {} waits {} retransmits {} audit {}/{} copied {} B file {} B",
             self.started.elapsed().as_secs_f64(),
-            server.conns.len(),
-            server.core.counters.requests,
+            t.open,
+            t.accepted,
+            t.tls_accepted,
+            t.rejected,
+            t.evicted,
+            t.requests,
             c.pinned_pages_now,
             c.cow_copies,
             c.writer_waits,
-            s.retransmitted_segments,
+            t.retransmits,
             c.audit_checks,
             c.audit_violations,
-            s.payload_bytes_copied,
-            s.file_bytes_sent,
+            t.copied,
+            t.file_bytes,
         );
     }
 }
@@ -1135,12 +1238,18 @@ struct MemoryBudget {
 }
 
 impl MemoryBudget {
-    fn compute<Q: NetQueue>(stack: &Stack<Q>, options: &ServeOptions, resident: u64) -> Self {
+    /// `stacks`: one per core, each with its own listen backlog.
+    fn compute<Q: NetQueue>(
+        stack: &Stack<Q>,
+        options: &ServeOptions,
+        resident: u64,
+        stacks: usize,
+    ) -> Self {
         // Request head, the HTTP state and queued response pieces of a connection.
         let http = (options.limits.max_head_bytes + CONNECTION_STATE) as u64;
         MemoryBudget {
             baseline: resident,
-            connections: (options.max_connections + options.listen_backlog) as u64,
+            connections: (options.max_connections + options.listen_backlog * stacks) as u64,
             per_connection: stack.memory_per_connection() as u64 + http,
             put_memory: options.put_memory,
         }

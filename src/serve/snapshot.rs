@@ -31,6 +31,9 @@ pub(super) struct ServerCounts {
     pub pin_window: u64,
     /// The event loop's sleeps and the NIC's interrupts.
     pub idle: super::idle::LoopCounts,
+    /// This core's queue pair and its counters (the driver's, per queue).
+    pub queue: usize,
+    pub device: driver::DeviceStats,
 }
 
 /// Every counter, for the metrics page.
@@ -401,6 +404,33 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
         )
         .with_label("code", code)
     }));
+    let q = server.queue;
+    metrics.extend([
+        Metric::counter(
+            "zerosend_queue_rx_frames_total",
+            "Frames received, per NIC queue pair (the driver's count).",
+            server.device.rx_frames,
+        )
+        .with_label("queue", q),
+        Metric::counter(
+            "zerosend_queue_rx_bytes_total",
+            "Bytes received, per NIC queue pair.",
+            server.device.rx_bytes,
+        )
+        .with_label("queue", q),
+        Metric::counter(
+            "zerosend_queue_tx_frames_total",
+            "Frames sent, per NIC queue pair (a TSO frame counts once).",
+            server.device.tx_frames,
+        )
+        .with_label("queue", q),
+        Metric::counter(
+            "zerosend_queue_tx_bytes_total",
+            "Bytes sent, per NIC queue pair.",
+            server.device.tx_bytes,
+        )
+        .with_label("queue", q),
+    ]);
     metrics.extend(WarnKind::ALL.into_iter().map(|kind| {
         Metric::counter(
             "zerosend_warnings_total",
