@@ -21,8 +21,10 @@
 //! plots. Environment: BENCH_BOOTS (per variant, default 3), BENCH_SECONDS (per wrk run,
 //! default 10), BENCH_DOWNLOADS (64 MiB HTTP downloads per boot, default 3),
 //! BENCH_TLS_DOWNLOADS (HTTPS, default BENCH_DOWNLOADS),
-//! BENCH_NICS (comma-separated, default all), BENCH_VARIANTS (default all),
-//! BENCH_CONNS (default 1,16,256,1024).
+//! BENCH_NICS (comma-separated, default all), BENCH_VARIANTS (default zerosend, linux-strict,
+//! linux-off; also zerosend-smp2-q1 and zerosend-smp2-q2: a 2-vCPU guest with one or two
+//! queue pairs, `scripts/bench --cores`), BENCH_CONNS (1 MiB GETs, default 1,16,256,1024),
+//! BENCH_SMALL_CONNS (4 KiB GETs, default 64).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -60,13 +62,39 @@ enum Variant {
     Zerosend,
     LinuxStrict,
     LinuxOff,
+    /// zerosend in a 2-vCPU guest with one queue pair, and with two (a stack per core;
+    /// virtio-net gets `mq=on` on a multi-queue TAP, the 82574L always has two).
+    ZerosendSmp2Q1,
+    ZerosendSmp2Q2,
 }
 
 impl Variant {
-    const ALL: [Variant; 3] = [Variant::Zerosend, Variant::LinuxStrict, Variant::LinuxOff];
+    const ALL: [Variant; 5] = [
+        Variant::Zerosend,
+        Variant::LinuxStrict,
+        Variant::LinuxOff,
+        Variant::ZerosendSmp2Q1,
+        Variant::ZerosendSmp2Q2,
+    ];
+    fn is_zerosend(self) -> bool {
+        matches!(
+            self,
+            Variant::Zerosend | Variant::ZerosendSmp2Q1 | Variant::ZerosendSmp2Q2
+        )
+    }
+    /// vCPUs of the guest and queue pairs of the server.
+    fn cpus_and_queues(self) -> (u32, u32) {
+        match self {
+            Variant::ZerosendSmp2Q1 => (2, 1),
+            Variant::ZerosendSmp2Q2 => (2, 2),
+            _ => (1, 1),
+        }
+    }
     fn name(self) -> &'static str {
         match self {
             Variant::Zerosend => "zerosend",
+            Variant::ZerosendSmp2Q1 => "zerosend-smp2-q1",
+            Variant::ZerosendSmp2Q2 => "zerosend-smp2-q2",
             Variant::LinuxStrict => "linux-strict",
             Variant::LinuxOff => "linux-off",
         }
@@ -367,7 +395,12 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
     )
     .network(Network::Tap)
     .memory_mb(1024)
-    .cpus(1)
+    .cpus(variant.cpus_and_queues().0)
+    .queues(if nic == Nic::Virtio {
+        variant.cpus_and_queues().1
+    } else {
+        1
+    })
     .timeout(Duration::from_secs(1800))
     .file("/etc/zs/cert.pem", read(&pki.join("cert.pem")))
     .file("/etc/zs/key.pem", read(&pki.join("key.pem")));
@@ -376,9 +409,10 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
     }
     let tls = "--tls-cert /etc/zs/cert.pem --tls-key /etc/zs/key.pem --tls-port 443";
     let script = match variant {
-        Variant::Zerosend => format!(
+        Variant::Zerosend | Variant::ZerosendSmp2Q1 | Variant::ZerosendSmp2Q2 => format!(
             "{SAMPLER}\nzerosend serve --root /data --ip {GUEST_IP}/24 --port 80 {tls} \
-             --max-connections 1100 &\npid=$!\nzs_sample $pid &\nwait $pid"
+             --max-connections 1100 --queues {} &\npid=$!\nzs_sample $pid &\nwait $pid",
+            variant.cpus_and_queues().1
         ),
         Variant::LinuxStrict | Variant::LinuxOff => {
             let mods = cache_dir().join("kernel/current/linux-modules");
@@ -413,12 +447,13 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
         }
     };
     let guest = guest.run(&script).start().unwrap();
-    let ready = match variant {
-        Variant::Zerosend => "zerosend: serving",
-        _ => "zs-linux-serve: serving",
+    let ready = if variant.is_zerosend() {
+        "zerosend: serving"
+    } else {
+        "zs-linux-serve: serving"
     };
     guest.wait_for_console(ready, Duration::from_secs(300));
-    if variant != Variant::Zerosend {
+    if !variant.is_zerosend() {
         // The label must be true: strict means the NIC's DMA goes through the vIOMMU with
         // strict invalidation (group type "DMA", not the lazy "DMA-FQ"); off means no group.
         let line = guest.wait_for_console("ZS-IOMMU", Duration::from_secs(30));
@@ -454,6 +489,10 @@ fn bench_linux() {
                 .find(|x| x.name() == v)
                 .unwrap_or_else(|| panic!("unknown variant {v}"))
         })
+        .collect();
+    let small_conns: Vec<u32> = env_list("BENCH_SMALL_CONNS", "64")
+        .iter()
+        .map(|c| c.parse().unwrap())
         .collect();
     let conns: Vec<u32> = env_list("BENCH_CONNS", "1,16,256,1024")
         .iter()
@@ -504,7 +543,7 @@ fn bench_linux() {
                 for _ in 0..tls_downloads {
                     samples.push(bench.run_measured("download-64m-tls", || bench.download(true)));
                 }
-                if variant != Variant::Zerosend {
+                if !variant.is_zerosend() {
                     let line = bench
                         .guest
                         .wait_for_console("zs-linux-serve: ktls", Duration::from_secs(5));
@@ -520,7 +559,13 @@ fn bench_linux() {
                         &format!("kTLS not active: {line}"),
                     );
                 }
-                samples.push(bench.run_measured("get-4k-c64", || bench.wrk("4k.bin", 64, seconds)));
+                for &c in &small_conns {
+                    samples.push(
+                        bench.run_measured(&format!("get-4k-c{c}"), || {
+                            bench.wrk("4k.bin", c, seconds)
+                        }),
+                    );
+                }
                 for &c in &conns {
                     samples.push(
                         bench.run_measured(&format!("get-1m-c{c}"), || {
