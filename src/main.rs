@@ -134,7 +134,8 @@ struct ServeArgs {
     /// zero window, or gone without a reset) is reset, and the pins of its response go.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     send_stall_timeout_secs: u64,
-    /// Listening sockets kept ready for simultaneous connection attempts (more are reset).
+    /// Listening sockets kept ready for simultaneous connection attempts (per core); more
+    /// SYNs are dropped, so their clients retry (as with a full Linux listen queue).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     listen_backlog: u64,
     /// Memory for PUT bodies being received, all connections together, in MiB: a

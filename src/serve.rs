@@ -94,7 +94,7 @@ pub struct ServeOptions {
     /// A connection whose client acknowledges nothing of what is outstanding for this long
     /// (a zero window, or gone) is reset and its pins released.
     pub send_stall_timeout: Duration,
-    /// Listening sockets kept ready: simultaneous connection attempts beyond it are reset.
+    /// Listening sockets kept ready: SYNs beyond them are dropped (the client retries).
     pub listen_backlog: usize,
     /// Memory for PUT bodies being received, all connections together.
     pub put_memory: u64,

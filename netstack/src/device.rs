@@ -226,6 +226,11 @@ pub struct TxPath {
     pub pending_iss: HashMap<FlowKey, u32, FlowHashBuilder>,
     /// Flows whose handshake a listening socket is in the middle of (as of the last poll).
     pub handshaking: std::collections::HashSet<FlowKey, FlowHashBuilder>,
+    /// Per listening port, sockets still in LISTEN (as of the last poll, less the new SYNs
+    /// let through since). A SYN beyond them would be answered with a RST by smoltcp (no
+    /// socket to take it); it is dropped instead, so the client retries it, as Linux does
+    /// when a listen queue is full.
+    pub listen_room: Vec<(u16, u32)>,
     /// How connections without a send queue entry transmit (the stack's mode).
     default_mode: SendMode,
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
@@ -334,6 +339,7 @@ impl TxPath {
             flows: HashMap::default(),
             pending_iss: HashMap::default(),
             handshaking: Default::default(),
+            listen_room: Vec::new(),
             default_mode,
             fault: config.fault,
             dma: std::sync::Arc::clone(dma),
@@ -544,19 +550,38 @@ impl TxPath {
     /// 4-tuple whose connection is closed or closing (`sendq` aborted) is a new incarnation
     /// and goes through. The same holds for a SYN of a 4-tuple whose handshake a listening
     /// socket is in the middle of: that socket retransmits its SYN-ACK on its own.
-    fn is_duplicate_syn(&self, frame: &[u8]) -> bool {
+    ///
+    /// A new SYN to a listening port with no socket left in LISTEN is dropped too
+    /// ([`TxPath::listen_room`]); one that goes through takes a socket's room.
+    fn check_syn(&mut self, frame: &[u8]) -> SynCheck {
         let Some(tcp) = frame::parse_tcp(frame) else {
-            return false;
+            return SynCheck::Pass;
         };
         if !tcp.syn || tcp.ack {
-            return false;
+            return SynCheck::Pass;
         }
         let flow = FlowKey::new(tcp.dst_port, tcp.src, tcp.src_port);
-        self.handshaking.contains(&flow)
+        let duplicate = self.handshaking.contains(&flow)
             || self
                 .flows
                 .get(&flow)
-                .is_some_and(|&index| !self.conns[index as usize].sendq.is_aborted())
+                .is_some_and(|&index| !self.conns[index as usize].sendq.is_aborted());
+        if duplicate {
+            return SynCheck::Duplicate;
+        }
+        match self
+            .listen_room
+            .iter_mut()
+            .find(|(port, _)| *port == tcp.dst_port)
+        {
+            Some((_, 0)) => SynCheck::NoRoom,
+            Some((_, room)) => {
+                *room -= 1;
+                SynCheck::Pass
+            }
+            // Not a listening port: smoltcp answers with a RST, as a closed port should.
+            None => SynCheck::Pass,
+        }
     }
 
     /// Learns the ISS of a connection from the SYN (or SYN-ACK) smoltcp sends.
@@ -1220,6 +1245,15 @@ impl phy::TxToken for NicTxToken<'_> {
     }
 }
 
+/// What becomes of a received frame that may be a SYN ([`TxPath::check_syn`]).
+enum SynCheck {
+    Pass,
+    /// A retransmitted SYN of a connection or handshake already under way.
+    Duplicate,
+    /// A new SYN to a listening port whose sockets are all taken.
+    NoRoom,
+}
+
 impl<Q: NetQueue> phy::Device for NicDevice<Q> {
     type RxToken<'a>
         = NicRxToken<'a, Q>
@@ -1261,10 +1295,18 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
                 self.nic.rx_recycle(buffer);
                 continue;
             }
-            if self.tx.is_duplicate_syn(received) {
-                self.tx.stats.rx_duplicate_syns += 1;
-                self.nic.rx_recycle(buffer);
-                continue;
+            match self.tx.check_syn(received) {
+                SynCheck::Pass => {}
+                SynCheck::Duplicate => {
+                    self.tx.stats.rx_duplicate_syns += 1;
+                    self.nic.rx_recycle(buffer);
+                    continue;
+                }
+                SynCheck::NoRoom => {
+                    self.tx.stats.rx_syns_over_backlog += 1;
+                    self.nic.rx_recycle(buffer);
+                    continue;
+                }
             }
             break (buffer, len);
         };

@@ -138,8 +138,11 @@ pub struct StackStats {
     /// ISS entries of half-open flows dropped to keep that table bounded.
     pub pending_iss_evicted: u64,
     /// Received SYNs for a 4-tuple that has a live connection, dropped (see the device
-    /// boundary's `is_duplicate_syn`).
+    /// boundary's `check_syn`).
     pub rx_duplicate_syns: u64,
+    /// New SYNs dropped because every listening socket of their port was taken (the
+    /// client retries; see `StackConfig::backlog`).
+    pub rx_syns_over_backlog: u64,
     /// Device faults the driver recovered from (TX hang, device reset).
     pub device_resets: u64,
     /// Connections aborted for making no send progress within the send-stall timeout.

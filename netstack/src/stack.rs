@@ -831,7 +831,34 @@ impl<Q: NetQueue> Stack<Q> {
     /// Turns listening sockets that completed a handshake into connections.
     fn service_listeners(&mut self, now: Instant) {
         self.device.tx.handshaking.clear();
+        self.device.tx.listen_room.clear();
         for li in 0..self.listeners.len() {
+            let room = self.listeners[li]
+                .sockets
+                .iter()
+                .filter(|&&h| {
+                    matches!(
+                        self.sockets.get::<tcp::Socket>(h).state(),
+                        tcp::State::Listen | tcp::State::Closed
+                    )
+                })
+                .count();
+            // Sockets replaced below (handshakes completed) listen again as fresh ones.
+            let completed = self.listeners[li]
+                .sockets
+                .iter()
+                .filter(|&&h| {
+                    !matches!(
+                        self.sockets.get::<tcp::Socket>(h).state(),
+                        tcp::State::Listen | tcp::State::Closed | tcp::State::SynReceived
+                    )
+                })
+                .count();
+            let port = self.listeners[li].port;
+            self.device
+                .tx
+                .listen_room
+                .push((port, (room + completed) as u32));
             for si in 0..self.listeners[li].sockets.len() {
                 let handle = self.listeners[li].sockets[si];
                 let socket = self.sockets.get_mut::<tcp::Socket>(handle);

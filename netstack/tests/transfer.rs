@@ -407,3 +407,66 @@ fn reconnecting_from_the_same_port_after_our_close_is_served_byte_exact() {
     assert_eq!(stats.pins_held_now, 0);
     assert_eq!(bed.cache.stats().pinned_pages_now, 0);
 }
+
+/// Six clients connect at once to a listener with two sockets: the SYNs beyond the free
+/// listening sockets are dropped (and counted), not reset, so every client gets in when it
+/// retries. With the check switched off smoltcp answers them with RSTs and those clients'
+/// connections fail.
+#[test]
+fn syns_beyond_the_backlog_are_dropped_for_a_retry_not_reset() {
+    let mut config = BedConfig::new(SoftNicConfig::default(), 1 << 20);
+    config.stack.backlog = 2;
+    let mut bed = Bed::new(config);
+    bed.stack.listen(SERVER_PORT).unwrap();
+    let remote = (
+        smoltcp::wire::IpAddress::from(smoltcp::wire::Ipv4Address::from(STACK_IP)),
+        SERVER_PORT,
+    );
+    let mut clients = vec![bed.peer_socket];
+    for _ in 1..6 {
+        let socket = smoltcp::socket::tcp::Socket::new(
+            smoltcp::socket::tcp::SocketBuffer::new(vec![0; 4096]),
+            smoltcp::socket::tcp::SocketBuffer::new(vec![0; 4096]),
+        );
+        clients.push(bed.peer_sockets.add(socket));
+    }
+    for (i, &handle) in clients.iter().enumerate() {
+        let cx = bed.peer_iface.context();
+        bed.peer_sockets
+            .get_mut::<smoltcp::socket::tcp::Socket>(handle)
+            .connect(cx, remote, 41000 + i as u16)
+            .unwrap();
+    }
+    let mut accepted = 0;
+    let all_in = bed.run_until(200_000, |bed| {
+        accepted += bed
+            .stack
+            .poll_events()
+            .filter(|e| matches!(e, Event::Accepted { .. }))
+            .count();
+        accepted == clients.len()
+    });
+    let states: Vec<_> = clients
+        .iter()
+        .map(|&h| {
+            bed.peer_sockets
+                .get::<smoltcp::socket::tcp::Socket>(h)
+                .state()
+        })
+        .collect();
+    assert!(
+        all_in,
+        "accepted {accepted} of {}; clients: {states:?}",
+        clients.len()
+    );
+    assert!(
+        states
+            .iter()
+            .all(|s| *s == smoltcp::socket::tcp::State::Established),
+        "{states:?}"
+    );
+    assert!(
+        bed.stack.stats().rx_syns_over_backlog > 0,
+        "the backlog was never full: the test shows nothing"
+    );
+}

@@ -159,6 +159,11 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             s.rx_malformed_tcp_drops,
         ),
         Metric::counter(
+            "zerosend_rx_syns_over_backlog_total",
+            "New connection attempts (SYNs) dropped with every listening socket taken (--listen-backlog): the client retries.",
+            s.rx_syns_over_backlog,
+        ),
+        Metric::counter(
             "zerosend_frames_tx_total",
             "Frames handed to the NIC.",
             s.frames_tx,
