@@ -466,16 +466,37 @@ mod tests {
         // Legacy: length 60, status DD|EOP, errors none.
         let legacy = 60 | RX_STA_DD | RX_STA_EOP;
         let w = rx_writeback(RxFormat::Legacy, legacy);
-        assert_eq!((w.done, w.eop, w.frame_error, w.len), (true, true, false, 60));
-        assert!(rx_writeback(RxFormat::Legacy, legacy | 1 << 40).frame_error, "CE");
-        assert!(!rx_writeback(RxFormat::Legacy, legacy | 1 << 45).frame_error, "TCPE only");
+        assert_eq!(
+            (w.done, w.eop, w.frame_error, w.len),
+            (true, true, false, 60)
+        );
+        assert!(
+            rx_writeback(RxFormat::Legacy, legacy | 1 << 40).frame_error,
+            "CE"
+        );
+        assert!(
+            !rx_writeback(RxFormat::Legacy, legacy | 1 << 45).frame_error,
+            "TCPE only"
+        );
         // Extended: status DD|EOP in bits 1:0, length in 47:32.
         let ext = RXE_STA_DD | RXE_STA_EOP | 1514 << 32 | 0x0abc_u64 << 48;
         let w = rx_writeback(RxFormat::Extended, ext);
-        assert_eq!((w.done, w.eop, w.frame_error, w.len), (true, true, false, 1514));
-        assert!(rx_writeback(RxFormat::Extended, ext | 1 << 24).frame_error, "CE");
-        assert!(rx_writeback(RxFormat::Extended, ext | 1 << 31).frame_error, "RXE");
-        assert!(!rx_writeback(RxFormat::Extended, ext | 1 << 29).frame_error, "TCPE");
+        assert_eq!(
+            (w.done, w.eop, w.frame_error, w.len),
+            (true, true, false, 1514)
+        );
+        assert!(
+            rx_writeback(RxFormat::Extended, ext | 1 << 24).frame_error,
+            "CE"
+        );
+        assert!(
+            rx_writeback(RxFormat::Extended, ext | 1 << 31).frame_error,
+            "RXE"
+        );
+        assert!(
+            !rx_writeback(RxFormat::Extended, ext | 1 << 29).frame_error,
+            "TCPE"
+        );
         assert!(!rx_writeback(RxFormat::Extended, 1514 << 32).done);
         // The same word read as legacy would be wrong: the formats really differ.
         assert!(!rx_writeback(RxFormat::Legacy, ext).done);

@@ -495,41 +495,8 @@ impl E1000 {
     /// check [`NetQueue::link_up`]).
     pub fn open(pci: VfioPci, config: &NicConfig) -> Result<E1000> {
         config.validate()?;
-        let (vendor, device) = pci.ids();
-        let model = NicModel::from_ids(vendor, device)?;
-        if !model.is_e1000_family() {
-            return Err(DriverError::UnsupportedDevice { vendor, device });
-        }
-        pci.enable_bus_master()?;
-        let bar0 = pci.map_bar(0)?;
-        if bar0.len() < regs::GCR2 + 4 {
-            return Err(DriverError::Device(format!(
-                "BAR0 of {} bytes is too small for an e1000",
-                bar0.len()
-            )));
-        }
+        let (model, bar0, mac) = bring_up(&pci)?;
         let dma = Arc::clone(pci.dma());
-
-        reset(&bar0)?;
-        if model == NicModel::I82574L {
-            init_82574_bits(&bar0);
-        }
-        // Link set-up (SDM 14.3): SLU and ASDE, no forced speed/duplex, no resets pending.
-        let ctrl = bar0.read32(regs::CTRL);
-        let ctrl = (ctrl | regs::CTRL_SLU | regs::CTRL_ASDE)
-            & !(regs::CTRL_LRST
-                | regs::CTRL_PHY_RST
-                | regs::CTRL_ILOS
-                | regs::CTRL_FRCSPD
-                | regs::CTRL_FRCDPLX
-                | regs::CTRL_VME);
-        bar0.write32(regs::CTRL, ctrl);
-
-        let mac = match read_mac_from_receive_address(&bar0) {
-            Some(mac) => mac,
-            None => read_mac_from_eeprom(&bar0, model)?,
-        };
-        program_filters(&bar0, mac);
 
         let rx = init_rx(&bar0, &dma, config, 0, RxFormat::Legacy)?;
         // Write descriptors back at once; we poll (SDM 13.4.30, 13.4.31).
@@ -631,19 +598,69 @@ impl E1000 {
 fn read_device_counters(bar0: &Mmio, s: &mut DeviceStats, traffic: bool) {
     let r = |reg| bar0.read32(reg) as u64;
     if traffic {
-            // The 64-bit octet counters clear when the high word is read: low first.
-            let gotc = r(regs::GOTCL) | r(regs::GOTCH) << 32;
-            let gorc = r(regs::GORCL) | r(regs::GORCH) << 32;
-            let gptc = r(regs::GPTC);
-            let gprc = r(regs::GPRC);
-            s.tx_frames += gptc;
-            s.tx_bytes += gotc.saturating_sub(gptc * regs::FCS_LEN);
-            s.rx_frames += gprc;
-            s.rx_bytes += gorc.saturating_sub(gprc * regs::FCS_LEN);
+        // The 64-bit octet counters clear when the high word is read: low first.
+        let gotc = r(regs::GOTCL) | r(regs::GOTCH) << 32;
+        let gorc = r(regs::GORCL) | r(regs::GORCH) << 32;
+        let gptc = r(regs::GPTC);
+        let gprc = r(regs::GPRC);
+        s.tx_frames += gptc;
+        s.tx_bytes += gotc.saturating_sub(gptc * regs::FCS_LEN);
+        s.rx_frames += gprc;
+        s.rx_bytes += gorc.saturating_sub(gprc * regs::FCS_LEN);
     }
     s.rx_missed += r(regs::MPC);
     s.rx_errors += r(regs::CRCERRS) + r(regs::RXERRC);
     s.tx_errors += r(regs::ECOL) + r(regs::LATECOL) + r(regs::TSCTFC);
+}
+
+/// What every open does first, one queue or two: check the model, bus mastering on, BAR0
+/// mapped, global reset, the 82574's bits, link set-up (SDM 14.3), the station address and
+/// the address filters. Receive and transmit are still off.
+fn bring_up(pci: &VfioPci) -> Result<(NicModel, Mmio, MacAddress)> {
+    let (vendor, device) = pci.ids();
+    let model = NicModel::from_ids(vendor, device)?;
+    if !model.is_e1000_family() {
+        return Err(DriverError::UnsupportedDevice { vendor, device });
+    }
+    pci.enable_bus_master()?;
+    let bar0 = pci.map_bar(0)?;
+    if bar0.len() < regs::GCR2 + 4 {
+        return Err(DriverError::Device(format!(
+            "BAR0 of {} bytes is too small for an e1000",
+            bar0.len()
+        )));
+    }
+    reset(&bar0)?;
+    if model == NicModel::I82574L {
+        init_82574_bits(&bar0);
+    }
+    // Link set-up (SDM 14.3): SLU and ASDE, no forced speed/duplex, no resets pending.
+    let ctrl = bar0.read32(regs::CTRL);
+    let ctrl = (ctrl | regs::CTRL_SLU | regs::CTRL_ASDE)
+        & !(regs::CTRL_LRST
+            | regs::CTRL_PHY_RST
+            | regs::CTRL_ILOS
+            | regs::CTRL_FRCSPD
+            | regs::CTRL_FRCDPLX
+            | regs::CTRL_VME);
+    bar0.write32(regs::CTRL, ctrl);
+
+    let mac = match read_mac_from_receive_address(&bar0) {
+        Some(mac) => mac,
+        None => read_mac_from_eeprom(&bar0, model)?,
+    };
+    program_filters(&bar0, mac);
+    Ok((model, bar0, mac))
+}
+
+/// Stop all DMA before rings and buffers are unmapped: interrupts masked, transmitter and
+/// receiver off, global reset (SDM 14.2).
+fn quiesce(bar0: &Mmio) {
+    bar0.write32(regs::IMC, regs::IMC_ALL);
+    bar0.write32(regs::TCTL, 0);
+    bar0.write32(regs::RCTL, 0);
+    bar0.write32(regs::CTRL, bar0.read32(regs::CTRL) | regs::CTRL_RST);
+    std::thread::sleep(Duration::from_millis(1));
 }
 
 /// Mask interrupts, stop RX/TX and reset the controller (SDM 14.2-14.3; 82574 DS 4.6).
@@ -963,10 +980,7 @@ impl RxRing {
         self.next = (self.next + 1) % self.size;
         self.posted -= 1;
         let len = wb.len as usize;
-        let bad_frame = wb.frame_error
-            || !wb.eop
-            || len < 14
-            || len > self.buffer_size;
+        let bad_frame = wb.frame_error || !wb.eop || len < 14 || len > self.buffer_size;
         if bad_frame {
             self.free.push(slot);
             return RxTake::Bad;
@@ -1070,12 +1084,7 @@ impl RxRing {
 impl Drop for E1000 {
     fn drop(&mut self) {
         // Stop all DMA before the rings and buffers are unmapped (fields drop after this).
-        self.bar0.write32(regs::IMC, regs::IMC_ALL);
-        self.bar0.write32(regs::TCTL, 0);
-        self.bar0.write32(regs::RCTL, 0);
-        self.bar0
-            .write32(regs::CTRL, self.bar0.read32(regs::CTRL) | regs::CTRL_RST);
-        std::thread::sleep(Duration::from_millis(1));
+        quiesce(&self.bar0);
     }
 }
 
