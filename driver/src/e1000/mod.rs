@@ -208,6 +208,23 @@ impl TxRing {
         n
     }
 
+    /// Wire frames and bytes of every frame the device has completed, reaped or not (the
+    /// not yet reaped ones found by their DD bit, as [`TxRing::reap`] finds them, without
+    /// handing them back).
+    fn completed(&self) -> (u64, u64) {
+        let (mut frames, mut bytes) = (self.completed_frames, self.completed_bytes);
+        let flushed = self.frames.len() - self.unflushed;
+        for f in self.frames.iter().take(flushed) {
+            let word1: u64 = self.ring.read_volatile(f.eop as usize * DESC_LEN + 8);
+            if word1 & desc::TX_STA_DD == 0 {
+                break;
+            }
+            frames += f.wire_frames as u64;
+            bytes += f.wire_bytes;
+        }
+        (frames, bytes)
+    }
+
     /// The watchdog's verdict: how long frames the device was told about (flushed) have
     /// made no progress, if that is longer than `timeout`. Frames not yet flushed do not
     /// count: the device knows nothing of them.
@@ -1367,7 +1384,13 @@ mod tests {
         assert_eq!(reap(&mut tx), [10]);
         assert_eq!(tx.used, 4);
         complete(&tx, 0); // frame 11, now at the front
+        assert_eq!(
+            tx.completed(),
+            (2, 120),
+            "frame 10 reaped, 11 done but not reaped"
+        );
         assert_eq!(reap(&mut tx), [11, 12]);
+        assert_eq!(tx.completed(), (3, 180));
         assert_eq!(tx.free(), 15);
     }
 

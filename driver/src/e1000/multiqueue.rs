@@ -45,7 +45,7 @@
 //! # Counters
 //! The 82574's statistics registers count the whole device, so each pair counts its own
 //! traffic: `tx_frames`/`tx_bytes` are the wire frames (TSO segments) and bytes (without
-//! FCS, padded to 60) of the frames it completed, `rx_frames`/`rx_bytes` the good frames it
+//! FCS, padded to 60) of the frames the device completed (DD written back, reaped or not), `rx_frames`/`rx_bytes` the good frames it
 //! handed out, `rx_errors` the frames its ring dropped, `doorbells` and `watchdog_resets`
 //! its own. Pair 0 also carries the device-wide clear-on-read error counters: `rx_missed`
 //! (MPC), CRC and receive errors, and the transmit errors.
@@ -506,9 +506,10 @@ impl NetQueue for E1000Queue {
         if self.index == 0 {
             read_device_counters(&self.dev.bar0, &mut self.stats, false);
         }
+        let (tx_frames, tx_bytes) = self.tx.completed();
         DeviceStats {
-            tx_frames: self.tx.completed_frames,
-            tx_bytes: self.tx.completed_bytes,
+            tx_frames,
+            tx_bytes,
             rx_frames: self.rx.frames,
             rx_bytes: self.rx.bytes,
             rx_errors: self.stats.rx_errors + self.rx.bad + self.rx.unwritten,
