@@ -1,5 +1,11 @@
 //! Intel 8254x (82540EM, 82545EM) and 82574L driver, polling mode.
 //!
+//! [`E1000`] drives one queue pair (every model). The 82574L's two queue pairs with RSS, one
+//! [`multiqueue::E1000Queue`] per pair, are in [`multiqueue`]; both use the same ring code
+//! (`TxRing`, `RxRing` here: enqueue, doorbells, completion, the watchdog's ring reset,
+//! receive and its integrity check), with legacy receive descriptors for one queue and the
+//! 82574's extended ones (which carry the RSS hash) for two.
+//!
 //! References: "PCI/PCI-X Family of Gigabit Ethernet Controllers Software Developer's Manual"
 //! (8254x SDM, 317453006EN) and the "82574 GbE Controller Datasheet" (82574 DS). Register
 //! citations are on the constants in [`regs`], descriptor citations in [`desc`].
