@@ -74,6 +74,71 @@ pub const RX_STA_EOP: u64 = 1 << 33;
 /// to the stack.
 pub const RX_ERR_FRAME: u64 = (0b1001_0111u64) << 40;
 
+// --- Extended receive descriptor, one buffer (82574 DS 7.1.4, "Extended Rx Descriptor") --
+// Selected by RFCTL.EXTEN = 1 with RCTL.DTYP = 00b. Read format (software writes): word 0
+// buffer address, word 1 zero (its bit 0 is DD). Write-back format (the device writes):
+// word 0: MRQ 31:0 (RSS type 3:0) | RSS hash 63:32 (with RXCSUM.PCSD = 1);
+// word 1: extended status 19:0 | extended errors 31:20 | length 47:32 | VLAN 63:48.
+// The device overwrites the buffer address, so every descriptor is rewritten when posted.
+
+/// Extended status bit 0, Descriptor Done, and bit 1, End Of Packet (82574 DS 7.1.4).
+pub const RXE_STA_DD: u64 = 1 << 0;
+pub const RXE_STA_EOP: u64 = 1 << 1;
+/// Extended errors that mean the frame itself is bad: CE (bit 24), SE (25), SEQ (26), CXE
+/// (28), RXE (31) (82574 DS 7.1.4); TCPE/IPE (29, 30) are checksum results only.
+pub const RXE_ERR_FRAME: u64 = (1 << 24) | (1 << 25) | (1 << 26) | (1 << 28) | (1 << 31);
+/// MRQ.RSS Type (bits 3:0 of word 0): 0 = no hash computed (82574 DS 7.1.4, 7.1.2).
+pub const RSS_TYPE_NONE: u8 = 0;
+pub const RSS_TYPE_TCP_IPV4: u8 = 1;
+pub const RSS_TYPE_IPV4: u8 = 2;
+pub const RSS_TYPE_TCP_IPV6: u8 = 3;
+
+/// Which receive descriptor layout a ring uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxFormat {
+    /// The 8254x legacy descriptor (SDM 3.2.3): the single-queue driver on every model.
+    Legacy,
+    /// The 82574's extended descriptor with the RSS hash: the multi-queue driver.
+    Extended,
+}
+
+/// What a receive descriptor's write-back says about its frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxWriteback {
+    /// DD: the device has written this descriptor back.
+    pub done: bool,
+    /// EOP: the frame ends in this buffer.
+    pub eop: bool,
+    /// An error that makes the frame unusable (CRC, symbol, sequence, carrier, data).
+    pub frame_error: bool,
+    /// Bytes written to the buffer.
+    pub len: u32,
+}
+
+/// Decode word 1 of a written-back receive descriptor.
+pub fn rx_writeback(format: RxFormat, word1: u64) -> RxWriteback {
+    match format {
+        RxFormat::Legacy => RxWriteback {
+            done: word1 & RX_STA_DD != 0,
+            eop: word1 & RX_STA_EOP != 0,
+            frame_error: word1 & RX_ERR_FRAME != 0,
+            len: rx_len(word1),
+        },
+        RxFormat::Extended => RxWriteback {
+            done: word1 & RXE_STA_DD != 0,
+            eop: word1 & RXE_STA_EOP != 0,
+            frame_error: word1 & RXE_ERR_FRAME != 0,
+            len: ((word1 >> 32) & 0xffff) as u32,
+        },
+    }
+}
+
+/// The RSS type and hash of an extended write-back's word 0 (type 0: no hash, the frame
+/// went to queue 0).
+pub fn rx_rss(word0: u64) -> (u8, u32) {
+    ((word0 & 0xf) as u8, (word0 >> 32) as u32)
+}
+
 /// Word 1 of a legacy transmit descriptor.
 pub fn legacy_tx(len: u16, cmd: u8) -> u64 {
     len as u64 | (cmd as u64) << 24
@@ -394,6 +459,51 @@ mod tests {
             tso: None,
         };
         assert!(plan_offload(&far, 400, 1500).is_err(), "TUCSS is 8 bits");
+    }
+
+    #[test]
+    fn receive_writebacks_decode_per_format() {
+        // Legacy: length 60, status DD|EOP, errors none.
+        let legacy = 60 | RX_STA_DD | RX_STA_EOP;
+        let w = rx_writeback(RxFormat::Legacy, legacy);
+        assert_eq!(
+            (w.done, w.eop, w.frame_error, w.len),
+            (true, true, false, 60)
+        );
+        assert!(
+            rx_writeback(RxFormat::Legacy, legacy | 1 << 40).frame_error,
+            "CE"
+        );
+        assert!(
+            !rx_writeback(RxFormat::Legacy, legacy | 1 << 45).frame_error,
+            "TCPE only"
+        );
+        // Extended: status DD|EOP in bits 1:0, length in 47:32.
+        let ext = RXE_STA_DD | RXE_STA_EOP | 1514 << 32 | 0x0abc_u64 << 48;
+        let w = rx_writeback(RxFormat::Extended, ext);
+        assert_eq!(
+            (w.done, w.eop, w.frame_error, w.len),
+            (true, true, false, 1514)
+        );
+        assert!(
+            rx_writeback(RxFormat::Extended, ext | 1 << 24).frame_error,
+            "CE"
+        );
+        assert!(
+            rx_writeback(RxFormat::Extended, ext | 1 << 31).frame_error,
+            "RXE"
+        );
+        assert!(
+            !rx_writeback(RxFormat::Extended, ext | 1 << 29).frame_error,
+            "TCPE"
+        );
+        assert!(!rx_writeback(RxFormat::Extended, 1514 << 32).done);
+        // The same word read as legacy would be wrong: the formats really differ.
+        assert!(!rx_writeback(RxFormat::Legacy, ext).done);
+        assert_eq!(
+            rx_rss(0x51cc_c178_0000_0001),
+            (RSS_TYPE_TCP_IPV4, 0x51cc_c178)
+        );
     }
 
     #[test]

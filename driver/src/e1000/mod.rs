@@ -1,5 +1,11 @@
 //! Intel 8254x (82540EM, 82545EM) and 82574L driver, polling mode.
 //!
+//! [`E1000`] drives one queue pair (every model). The 82574L's two queue pairs with RSS, one
+//! [`multiqueue::E1000Queue`] per pair, are in [`multiqueue`]; both use the same ring code
+//! (`TxRing`, `RxRing` here: enqueue, doorbells, completion, the watchdog's ring reset,
+//! receive and its integrity check), with legacy receive descriptors for one queue and the
+//! 82574's extended ones (which carry the RSS hash) for two.
+//!
 //! References: "PCI/PCI-X Family of Gigabit Ethernet Controllers Software Developer's Manual"
 //! (8254x SDM, 317453006EN) and the "82574 GbE Controller Datasheet" (82574 DS). Register
 //! citations are on the constants in [`regs`], descriptor citations in [`desc`].
@@ -73,7 +79,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::anynic::NicConfig;
+use crate::anynic::{NicConfig, OffloadSwitches};
 use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
 use crate::error::{DriverError, Result};
 use crate::irq::{DeviceIrq, Interruptible, IrqMode};
@@ -85,7 +91,7 @@ use crate::queue::{
 };
 use crate::vfio::VfioPci;
 
-use desc::{Context, DESC_LEN};
+use desc::{Context, RxFormat, DESC_LEN};
 
 /// The station address from Receive Address 0 (RAL0/RAH0), which the controller loads from
 /// the EEPROM at reset (SDM 13.5.2, 13.5.3; 82574 DS 10.2).
@@ -119,10 +125,29 @@ struct RingFrame {
     /// Descriptors it occupies (context descriptor included).
     descs: u16,
     token: TxToken,
+    /// What it becomes on the wire: frames (TSO segments) and bytes without FCS.
+    wire_frames: u32,
+    wire_bytes: u64,
 }
 
+/// Frames and bytes (FCS excluded) that a frame of `frame_len` bytes becomes on the wire:
+/// one frame padded to 60 bytes (TCTL.PSP), or for TSO one segment per `mss` bytes of
+/// payload, each carrying the `header_len` bytes of headers (SDM 3.5).
+fn wire_size(frame_len: u64, tso: Option<crate::queue::Tso>) -> (u32, u64) {
+    match tso {
+        Some(t) if t.mss > 0 => {
+            let payload = frame_len.saturating_sub(t.header_len as u64);
+            let segments = payload.div_ceil(t.mss as u64).max(1);
+            (segments as u32, payload + segments * t.header_len as u64)
+        }
+        _ => (1, frame_len.max(60)),
+    }
+}
+
+/// One transmit ring (queue 0 of any model, or queue 1 of the 82574) and the code that fills
+/// it: the same for the single-queue driver and each pair of the multi-queue driver.
 struct TxRing {
-    ring: DmaRegion,
+    ring: Arc<DmaRegion>,
     size: u16,
     /// Next descriptor software fills.
     tail: u16,
@@ -135,9 +160,29 @@ struct TxRing {
     csum_context: Option<Context>,
     /// Last time the device showed progress (or the ring went from idle to busy).
     last_progress: Instant,
+    /// Wire frames and bytes of the frames completed so far ([`wire_size`]).
+    completed_frames: u64,
+    completed_bytes: u64,
 }
 
 impl TxRing {
+    /// An empty ring of `size` descriptors in `ring` (zeroed).
+    fn new(ring: Arc<DmaRegion>, size: u16) -> TxRing {
+        ring.zero();
+        TxRing {
+            ring,
+            size,
+            tail: 0,
+            used: 0,
+            frames: VecDeque::with_capacity(size as usize),
+            unflushed: 0,
+            csum_context: None,
+            last_progress: Instant::now(),
+            completed_frames: 0,
+            completed_bytes: 0,
+        }
+    }
+
     fn free(&self) -> usize {
         // One descriptor stays unused so that TDH == TDT always means "empty" (SDM 3.4).
         self.size as usize - 1 - self.used as usize
@@ -158,6 +203,8 @@ impl TxRing {
             fence(Ordering::Acquire);
             let f = self.frames.pop_front().expect("checked non-empty");
             self.used -= f.descs;
+            self.completed_frames += f.wire_frames as u64;
+            self.completed_bytes += f.wire_bytes;
             done(f.token);
             n += 1;
         }
@@ -165,6 +212,23 @@ impl TxRing {
             self.last_progress = now;
         }
         n
+    }
+
+    /// Wire frames and bytes of every frame the device has completed, reaped or not (the
+    /// not yet reaped ones found by their DD bit, as [`TxRing::reap`] finds them, without
+    /// handing them back).
+    fn completed(&self) -> (u64, u64) {
+        let (mut frames, mut bytes) = (self.completed_frames, self.completed_bytes);
+        let flushed = self.frames.len() - self.unflushed;
+        for f in self.frames.iter().take(flushed) {
+            let word1: u64 = self.ring.read_volatile(f.eop as usize * DESC_LEN + 8);
+            if word1 & desc::TX_STA_DD == 0 {
+                break;
+            }
+            frames += f.wire_frames as u64;
+            bytes += f.wire_bytes;
+        }
+        (frames, bytes)
     }
 
     /// The watchdog's verdict: how long frames the device was told about (flushed) have
@@ -200,11 +264,182 @@ impl TxRing {
         self.tail = (self.tail + 1) % self.size;
         self.used += 1;
     }
+
+    /// Frames of `segments` segments that fit now (see [`NetQueue::tx_capacity`]).
+    fn capacity(&self, segments: usize) -> usize {
+        self.free() / (2 * segments.max(1) + 1)
+    }
+
+    /// Place `frame` on the ring without telling the device ([`NetQueue::tx_enqueue`]).
+    /// `offloads` are the ones the configuration allows, `model` the controller.
+    fn enqueue(
+        &mut self,
+        frame: TxFrame<'_>,
+        offloads: &OffloadSwitches,
+        model: NicModel,
+    ) -> Result<()> {
+        let (segments, offload, token) = (frame.segments, frame.offload, frame.token);
+        if !frame.tls.is_empty() {
+            // It would put the plaintext on the wire.
+            return Err(DriverError::BadFrame("no inline TLS engine".into()));
+        }
+        if segments.is_empty() || segments.len() > MAX_TX_SEGMENTS {
+            return Err(DriverError::BadFrame(format!(
+                "{} segments (1..={MAX_TX_SEGMENTS} allowed)",
+                segments.len()
+            )));
+        }
+        let frame_len: u64 = segments.iter().map(|s| s.len as u64).sum();
+        let limit = if offload.tso.is_some() {
+            TSO_MAX_FRAME as u64
+        } else {
+            MTU as u64 + 14
+        };
+        if frame_len == 0 || frame_len > limit {
+            return Err(DriverError::BadFrame(format!(
+                "frame of {frame_len} bytes (1..={limit} allowed)"
+            )));
+        }
+        let o = offloads;
+        if (offload.ipv4_header.is_some() && !o.ipv4_header_checksum)
+            || (offload.l4_checksum.is_some() && !o.l4_checksum)
+            || (offload.tso.is_some() && !o.tso)
+            || (offload.tso.is_some() && offload.ipv6_header.is_some() && !tso_ipv6(model))
+        {
+            return Err(DriverError::BadFrame(
+                "offload requested that NicConfig switched off".into(),
+            ));
+        }
+        let plan = desc::plan_offload(offload, frame_len as u32, MTU)?;
+        if let Some(tso) = offload.tso {
+            if (segments[0].len as u64) < tso.header_len as u64 {
+                return Err(DriverError::BadFrame(
+                    "TSO headers must lie wholly in the first segment".into(),
+                ));
+            }
+        }
+        let data_descs = descriptors_needed(segments);
+        if data_descs > MAX_DESCS_PER_FRAME {
+            return Err(DriverError::BadFrame(format!(
+                "frame needs {data_descs} descriptors (at most {MAX_DESCS_PER_FRAME})"
+            )));
+        }
+        let context = plan
+            .map(|p| p.context)
+            .filter(|c| c.is_tso() || self.csum_context != Some(*c));
+        let needed = data_descs + context.is_some() as usize;
+        if needed > self.free() {
+            return Err(DriverError::TxRingFull);
+        }
+
+        if let Some(c) = context {
+            let [w0, w1] = c.words();
+            self.write(w0, w1);
+            // A TSO context may replace the checksum context (the 82574 holds one context).
+            self.csum_context = if c.is_tso() { None } else { Some(c) };
+        }
+        let (dcmd_extra, popts) = match plan {
+            Some(p) if p.context.is_tso() => (desc::DCMD_TSE, p.popts),
+            Some(p) => (0, p.popts),
+            None => (0, 0),
+        };
+        let mut remaining = data_descs;
+        for s in segments {
+            desc::split_points(s.iova, s.len as u64, |iova, len| {
+                remaining -= 1;
+                let last = remaining == 0;
+                let mut cmd = desc::CMD_IFCS;
+                if last {
+                    cmd |= desc::CMD_EOP | desc::CMD_RS;
+                }
+                let word1 = if plan.is_some() {
+                    desc::data_tx(len as u32, cmd | dcmd_extra, popts)
+                } else {
+                    desc::legacy_tx(len as u16, cmd)
+                };
+                self.write(iova, word1);
+            });
+        }
+        let eop = (self.tail + self.size - 1) % self.size;
+        let (wire_frames, wire_bytes) = wire_size(frame_len, offload.tso);
+        self.frames.push_back(RingFrame {
+            eop,
+            descs: needed as u16,
+            token,
+            wire_frames,
+            wire_bytes,
+        });
+        self.unflushed += 1;
+        Ok(())
+    }
+
+    /// Whether there are frames to tell the device about; if the ring was idle, the
+    /// watchdog measures from now.
+    fn begin_flush(&mut self) -> bool {
+        if self.unflushed == 0 {
+            return false;
+        }
+        if self.frames.len() == self.unflushed {
+            self.last_progress = Instant::now();
+        }
+        true
+    }
+
+    /// The doorbell: the new tail to `tdt` (after [`TxRing::begin_flush`]).
+    fn ring_doorbell(&mut self, bar0: &Mmio, tdt: usize) {
+        // Descriptors must be visible before the device sees the new tail.
+        fence(Ordering::SeqCst);
+        bar0.write32(tdt, self.tail as u32);
+        self.unflushed = 0;
+    }
+
+    /// The TX-hang recovery for the ring whose head and tail registers are `tdh`/`tdt`:
+    /// stop the transmitter, rewind the ring, give every outstanding token back, start the
+    /// transmitter again. Returns how many frames were dropped.
+    ///
+    /// TCTL.EN is device-wide: on a two-queue 82574 this pauses the other queue's transmit
+    /// ring too, whose descriptors and registers are left alone; it resumes where it was
+    /// when the transmitter is enabled again (SDM 13.4.33: clearing EN stops transmission
+    /// after the frame in progress, SDM 3.4: the ring is processed while EN is set).
+    fn reset(
+        &mut self,
+        bar0: &Mmio,
+        tdh: usize,
+        tdt: usize,
+        done: &mut dyn FnMut(TxToken),
+    ) -> usize {
+        let tctl = bar0.read32(regs::TCTL);
+        bar0.write32(regs::TCTL, tctl & !regs::TCTL_EN);
+        // Flush the posted write.
+        let _ = bar0.read32(regs::STATUS);
+        // TCTL.EN = 0 stops after the frame in progress (SDM 13.4.33); give a stalled DMA
+        // engine time to settle before the memory goes back to the caller.
+        std::thread::sleep(Duration::from_millis(10));
+        let lost = self.rewind(done);
+        // TDH may be written while TCTL.EN is 0 (SDM 13.4.39).
+        bar0.write32(tdh, 0);
+        bar0.write32(tdt, 0);
+        bar0.write32(regs::TCTL, tctl | regs::TCTL_EN);
+        self.last_progress = Instant::now();
+        lost
+    }
 }
 
+/// Data descriptors `segments` need after 4 KiB splitting.
+fn descriptors_needed(segments: &[TxSegment]) -> usize {
+    segments
+        .iter()
+        .map(|s| desc::split_count(s.iova, s.len as u64))
+        .sum()
+}
+
+/// One receive ring and its buffers (queue 0 of any model, or queue 1 of the 82574), shared
+/// by the single-queue driver and each pair of the multi-queue driver.
 struct RxRing {
-    ring: DmaRegion,
-    buffers: DmaRegion,
+    ring: Arc<DmaRegion>,
+    buffers: Arc<DmaRegion>,
+    /// The descriptor layout the device writes back.
+    format: RxFormat,
     buffer_size: usize,
     size: u16,
     /// Next descriptor to check for DD.
@@ -221,6 +456,13 @@ struct RxRing {
     free: Vec<u32>,
     /// Buffers currently lent to the caller.
     lent: Vec<bool>,
+    /// Good frames handed out, and their bytes (FCS stripped).
+    frames: u64,
+    bytes: u64,
+    /// Frames dropped: written back bad ([`RxTake::Bad`]), or never written
+    /// ([`RxTake::Unwritten`]).
+    bad: u64,
+    unwritten: u64,
 }
 
 /// An e1000-family NIC driven through VFIO. See the [module documentation](self).
@@ -231,9 +473,9 @@ pub struct E1000 {
     config: NicConfig,
     tx: TxRing,
     rx: RxRing,
+    /// Counters read from the device (SDM 13.7) and the driver's own (doorbells, resets);
+    /// the receive ring's drops are added in [`NetQueue::stats`].
     stats: DeviceStats,
-    /// Frames dropped by the receive integrity check (part of `stats.rx_errors`).
-    rx_integrity_drops: u64,
     /// Test-only run-time faults ([`crate::faults`]).
     #[cfg(feature = "fault-injection")]
     faults: crate::faults::FaultInjector,
@@ -276,44 +518,15 @@ impl E1000 {
     /// check [`NetQueue::link_up`]).
     pub fn open(pci: VfioPci, config: &NicConfig) -> Result<E1000> {
         config.validate()?;
-        let (vendor, device) = pci.ids();
-        let model = NicModel::from_ids(vendor, device)?;
-        if !model.is_e1000_family() {
-            return Err(DriverError::UnsupportedDevice { vendor, device });
-        }
-        pci.enable_bus_master()?;
-        let bar0 = pci.map_bar(0)?;
-        if bar0.len() < regs::GCR2 + 4 {
-            return Err(DriverError::Device(format!(
-                "BAR0 of {} bytes is too small for an e1000",
-                bar0.len()
-            )));
-        }
+        let (model, bar0, mac) = bring_up(&pci)?;
         let dma = Arc::clone(pci.dma());
 
-        reset(&bar0)?;
-        if model == NicModel::I82574L {
-            init_82574_bits(&bar0);
-        }
-        // Link set-up (SDM 14.3): SLU and ASDE, no forced speed/duplex, no resets pending.
-        let ctrl = bar0.read32(regs::CTRL);
-        let ctrl = (ctrl | regs::CTRL_SLU | regs::CTRL_ASDE)
-            & !(regs::CTRL_LRST
-                | regs::CTRL_PHY_RST
-                | regs::CTRL_ILOS
-                | regs::CTRL_FRCSPD
-                | regs::CTRL_FRCDPLX
-                | regs::CTRL_VME);
-        bar0.write32(regs::CTRL, ctrl);
-
-        let mac = match read_mac_from_receive_address(&bar0) {
-            Some(mac) => mac,
-            None => read_mac_from_eeprom(&bar0, model)?,
-        };
-        program_filters(&bar0, mac);
-
-        let rx = init_rx(&bar0, &dma, config)?;
-        let tx = init_tx(&bar0, &dma, config, model)?;
+        let rx = init_rx(&bar0, &dma, config, 0, RxFormat::Legacy)?;
+        // Write descriptors back at once; we poll (SDM 13.4.30, 13.4.31).
+        bar0.write32(regs::RDTR, 0);
+        bar0.write32(regs::RADV, 0);
+        let tx = init_tx(&bar0, &dma, config, model, 0)?;
+        enable_transmitter(&bar0);
         let (irq, irq_causes) = if config.interrupts {
             init_interrupts(&pci, &bar0, model)
         } else {
@@ -328,7 +541,6 @@ impl E1000 {
             tx,
             rx,
             stats: DeviceStats::default(),
-            rx_integrity_drops: 0,
             #[cfg(feature = "fault-injection")]
             faults: Default::default(),
             irq,
@@ -364,7 +576,7 @@ impl E1000 {
     /// Frames dropped because their data never arrived in the buffer (see the module docs);
     /// included in [`DeviceStats::rx_errors`].
     pub fn rx_integrity_drops(&self) -> u64 {
-        self.rx_integrity_drops
+        self.rx.unwritten
     }
 
     #[cfg(feature = "fault-injection")]
@@ -391,51 +603,87 @@ impl E1000 {
 
     /// Read the clear-on-read counters (SDM 13.7) into `self.stats`.
     fn read_counters(&mut self) {
-        let r = |reg| self.bar0.read32(reg) as u64;
+        read_device_counters(&self.bar0, &mut self.stats, true);
+    }
+
+    /// Stop the transmitter, rewind the ring, give every outstanding token back.
+    fn reset_tx_ring(&mut self, done: &mut dyn FnMut(TxToken)) -> usize {
+        let lost = self.tx.reset(&self.bar0, regs::TDH, regs::TDT, done);
+        #[cfg(feature = "fault-injection")]
+        self.faults.on_reset();
+        self.stats.watchdog_resets += 1;
+        lost
+    }
+}
+
+/// Add the device's clear-on-read counters (SDM 13.7) to `stats`: the error and missed
+/// counters, and with `traffic` also the good frames and octets (byte counts without FCS).
+fn read_device_counters(bar0: &Mmio, s: &mut DeviceStats, traffic: bool) {
+    let r = |reg| bar0.read32(reg) as u64;
+    if traffic {
         // The 64-bit octet counters clear when the high word is read: low first.
         let gotc = r(regs::GOTCL) | r(regs::GOTCH) << 32;
         let gorc = r(regs::GORCL) | r(regs::GORCH) << 32;
         let gptc = r(regs::GPTC);
         let gprc = r(regs::GPRC);
-        let mpc = r(regs::MPC);
-        let rx_err = r(regs::CRCERRS) + r(regs::RXERRC);
-        let tx_err = r(regs::ECOL) + r(regs::LATECOL) + r(regs::TSCTFC);
-        let s = &mut self.stats;
         s.tx_frames += gptc;
         s.tx_bytes += gotc.saturating_sub(gptc * regs::FCS_LEN);
         s.rx_frames += gprc;
         s.rx_bytes += gorc.saturating_sub(gprc * regs::FCS_LEN);
-        s.rx_missed += mpc;
-        s.rx_errors += rx_err;
-        s.tx_errors += tx_err;
     }
+    s.rx_missed += r(regs::MPC);
+    s.rx_errors += r(regs::CRCERRS) + r(regs::RXERRC);
+    s.tx_errors += r(regs::ECOL) + r(regs::LATECOL) + r(regs::TSCTFC);
+}
 
-    /// Stop the transmitter, rewind the ring, give every outstanding token back.
-    fn reset_tx_ring(&mut self, done: &mut dyn FnMut(TxToken)) -> usize {
-        let tctl = self.bar0.read32(regs::TCTL);
-        self.bar0.write32(regs::TCTL, tctl & !regs::TCTL_EN);
-        // Flush the posted write.
-        let _ = self.bar0.read32(regs::STATUS);
-        // TCTL.EN = 0 stops after the frame in progress (SDM 13.4.33); give a stalled DMA
-        // engine time to settle before the memory goes back to the caller.
-        std::thread::sleep(Duration::from_millis(10));
-        let lost = self.tx.rewind(done);
-        self.bar0.write32(regs::TDH, 0);
-        self.bar0.write32(regs::TDT, 0);
-        self.bar0.write32(regs::TCTL, tctl | regs::TCTL_EN);
-        #[cfg(feature = "fault-injection")]
-        self.faults.on_reset();
-        self.stats.watchdog_resets += 1;
-        self.tx.last_progress = Instant::now();
-        lost
+/// What every open does first, one queue or two: check the model, bus mastering on, BAR0
+/// mapped, global reset, the 82574's bits, link set-up (SDM 14.3), the station address and
+/// the address filters. Receive and transmit are still off.
+fn bring_up(pci: &VfioPci) -> Result<(NicModel, Mmio, MacAddress)> {
+    let (vendor, device) = pci.ids();
+    let model = NicModel::from_ids(vendor, device)?;
+    if !model.is_e1000_family() {
+        return Err(DriverError::UnsupportedDevice { vendor, device });
     }
+    pci.enable_bus_master()?;
+    let bar0 = pci.map_bar(0)?;
+    if bar0.len() < regs::GCR2 + 4 {
+        return Err(DriverError::Device(format!(
+            "BAR0 of {} bytes is too small for an e1000",
+            bar0.len()
+        )));
+    }
+    reset(&bar0)?;
+    if model == NicModel::I82574L {
+        init_82574_bits(&bar0);
+    }
+    // Link set-up (SDM 14.3): SLU and ASDE, no forced speed/duplex, no resets pending.
+    let ctrl = bar0.read32(regs::CTRL);
+    let ctrl = (ctrl | regs::CTRL_SLU | regs::CTRL_ASDE)
+        & !(regs::CTRL_LRST
+            | regs::CTRL_PHY_RST
+            | regs::CTRL_ILOS
+            | regs::CTRL_FRCSPD
+            | regs::CTRL_FRCDPLX
+            | regs::CTRL_VME);
+    bar0.write32(regs::CTRL, ctrl);
 
-    fn descriptors_needed(&self, segments: &[TxSegment]) -> usize {
-        segments
-            .iter()
-            .map(|s| desc::split_count(s.iova, s.len as u64))
-            .sum()
-    }
+    let mac = match read_mac_from_receive_address(&bar0) {
+        Some(mac) => mac,
+        None => read_mac_from_eeprom(&bar0, model)?,
+    };
+    program_filters(&bar0, mac);
+    Ok((model, bar0, mac))
+}
+
+/// Stop all DMA before rings and buffers are unmapped: interrupts masked, transmitter and
+/// receiver off, global reset (SDM 14.2).
+fn quiesce(bar0: &Mmio) {
+    bar0.write32(regs::IMC, regs::IMC_ALL);
+    bar0.write32(regs::TCTL, 0);
+    bar0.write32(regs::RCTL, 0);
+    bar0.write32(regs::CTRL, bar0.read32(regs::CTRL) | regs::CTRL_RST);
+    std::thread::sleep(Duration::from_millis(1));
 }
 
 /// Mask interrupts, stop RX/TX and reset the controller (SDM 14.2-14.3; 82574 DS 4.6).
@@ -619,48 +867,63 @@ fn rctl_value(buffer_size: usize) -> u32 {
     regs::RCTL_EN | regs::RCTL_BAM | regs::RCTL_MPE | regs::RCTL_SECRC | size_bits
 }
 
-/// Receive initialisation without enabling the receiver (SDM 14.4).
-fn init_rx(bar0: &Mmio, dma: &Arc<DmaSpace>, config: &NicConfig) -> Result<RxRing> {
+/// Receive initialisation of queue `queue` without enabling the receiver (SDM 14.4; the
+/// 82574's queue 1 at [`regs::queue_reg`]): ring, buffers, base, length, head and tail.
+fn init_rx(
+    bar0: &Mmio,
+    dma: &Arc<DmaSpace>,
+    config: &NicConfig,
+    queue: usize,
+    format: RxFormat,
+) -> Result<RxRing> {
     let mut rx = RxRing::new(
         dma,
         config.rx_ring_size,
         config.rx_buffer_size,
         config.rx_buffer_access(),
+        format,
     )?;
+    let q = |reg| regs::queue_reg(reg, queue);
     let base = rx.ring.iova();
-    bar0.write32(regs::RDBAL, base as u32);
-    bar0.write32(regs::RDBAH, (base >> 32) as u32);
-    bar0.write32(regs::RDLEN, (rx.size as usize * DESC_LEN) as u32);
-    bar0.write32(regs::RDH, 0);
-    bar0.write32(regs::RDT, 0);
-    // Write descriptors back at once; we poll (SDM 13.4.30, 13.4.31).
-    bar0.write32(regs::RDTR, 0);
-    bar0.write32(regs::RADV, 0);
+    bar0.write32(q(regs::RDBAL), base as u32);
+    bar0.write32(q(regs::RDBAH), (base >> 32) as u32);
+    bar0.write32(q(regs::RDLEN), (rx.size as usize * DESC_LEN) as u32);
+    bar0.write32(q(regs::RDH), 0);
+    bar0.write32(q(regs::RDT), 0);
     fence(Ordering::SeqCst);
-    bar0.write32(regs::RDT, rx.tail as u32);
+    bar0.write32(q(regs::RDT), rx.tail as u32);
     rx.hw_tail = rx.tail;
     Ok(rx)
 }
 
-/// Transmit initialisation (SDM 14.5; 82574 DS 4.6).
+/// Transmit ring initialisation of queue `queue` (SDM 14.5; 82574 DS 4.6), the transmitter
+/// not yet enabled ([`enable_transmitter`]).
 fn init_tx(
     bar0: &Mmio,
     dma: &Arc<DmaSpace>,
     config: &NicConfig,
     model: NicModel,
+    queue: usize,
 ) -> Result<TxRing> {
     let size = config.tx_ring_size;
-    let ring = dma.allocate(size as usize * DESC_LEN, config.tx_completion_access())?;
-    ring.zero();
-    let base = ring.iova();
-    bar0.write32(regs::TDBAL, base as u32);
-    bar0.write32(regs::TDBAH, (base >> 32) as u32);
-    bar0.write32(regs::TDLEN, (size as usize * DESC_LEN) as u32);
-    bar0.write32(regs::TDH, 0);
-    bar0.write32(regs::TDT, 0);
+    let ring = Arc::new(dma.allocate(size as usize * DESC_LEN, config.tx_completion_access())?);
+    let tx = TxRing::new(ring, size);
+    let q = |reg| regs::queue_reg(reg, queue);
+    let base = tx.ring.iova();
+    bar0.write32(q(regs::TDBAL), base as u32);
+    bar0.write32(q(regs::TDBAH), (base >> 32) as u32);
+    bar0.write32(q(regs::TDLEN), (size as usize * DESC_LEN) as u32);
+    bar0.write32(q(regs::TDH), 0);
+    bar0.write32(q(regs::TDT), 0);
     if model == NicModel::I82574L {
-        bar0.write32(regs::TXDCTL, regs::TXDCTL_82574_INIT);
+        bar0.write32(q(regs::TXDCTL), regs::TXDCTL_82574_INIT);
     }
+    Ok(tx)
+}
+
+/// Inter-packet gap and TCTL with the transmitter enabled (SDM 14.5), once every ring is
+/// programmed.
+fn enable_transmitter(bar0: &Mmio) {
     bar0.write32(regs::TIPG, regs::TIPG_COPPER);
     bar0.write32(
         regs::TCTL,
@@ -670,16 +933,6 @@ fn init_tx(
             | regs::TCTL_COLD_FULL_DUPLEX << regs::TCTL_COLD_SHIFT
             | regs::TCTL_RTLC,
     );
-    Ok(TxRing {
-        ring,
-        size,
-        tail: 0,
-        used: 0,
-        frames: VecDeque::with_capacity(size as usize),
-        unflushed: 0,
-        csum_context: None,
-        last_progress: Instant::now(),
-    })
 }
 
 /// What the next receive descriptor held (see [`RxRing::take`]).
@@ -704,14 +957,16 @@ impl RxRing {
         size: u16,
         buffer_size: usize,
         buffer_access: DmaAccess,
+        format: RxFormat,
     ) -> Result<RxRing> {
-        let ring = dma.allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)?;
+        let ring = Arc::new(dma.allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)?);
         ring.zero();
         let count = size as usize; // one spare beyond the size-1 the ring can hold
-        let buffers = dma.allocate(count * buffer_size, buffer_access)?;
+        let buffers = Arc::new(dma.allocate(count * buffer_size, buffer_access)?);
         let mut rx = RxRing {
             ring,
             buffers,
+            format,
             buffer_size,
             size,
             next: 0,
@@ -721,6 +976,10 @@ impl RxRing {
             desc_slot: vec![0; size as usize],
             free: (0..count as u32).rev().collect(),
             lent: vec![false; count],
+            frames: 0,
+            bytes: 0,
+            bad: 0,
+            unwritten: 0,
         };
         rx.post_free();
         Ok(rx)
@@ -734,7 +993,8 @@ impl RxRing {
         }
         let i = self.next as usize;
         let word1: u64 = self.ring.read_volatile(i * DESC_LEN + 8);
-        if word1 & desc::RX_STA_DD == 0 {
+        let wb = desc::rx_writeback(self.format, word1);
+        if !wb.done {
             return RxTake::Empty;
         }
         fence(Ordering::Acquire);
@@ -742,11 +1002,8 @@ impl RxRing {
         let slot = self.desc_slot[i];
         self.next = (self.next + 1) % self.size;
         self.posted -= 1;
-        let len = desc::rx_len(word1) as usize;
-        let bad_frame = word1 & desc::RX_ERR_FRAME != 0
-            || word1 & desc::RX_STA_EOP == 0
-            || len < 14
-            || len > self.buffer_size;
+        let len = wb.len as usize;
+        let bad_frame = wb.frame_error || !wb.eop || len < 14 || len > self.buffer_size;
         if bad_frame {
             self.free.push(slot);
             return RxTake::Bad;
@@ -766,6 +1023,44 @@ impl RxRing {
             slot,
             len: len as u32,
         })
+    }
+
+    /// The next good frame ([`NetQueue::rx_next`]), dropping and counting bad and unwritten
+    /// ones on the way; the first unwritten one is logged, naming `device`.
+    fn next(&mut self, mac: &MacAddress, device: &dyn std::fmt::Display) -> Option<RxBuffer> {
+        loop {
+            match self.take(mac) {
+                RxTake::Empty => return None,
+                RxTake::Frame(buffer) => {
+                    self.frames += 1;
+                    self.bytes += buffer.len as u64;
+                    return Some(buffer);
+                }
+                RxTake::Bad => self.bad += 1,
+                RxTake::Unwritten => {
+                    self.unwritten += 1;
+                    if self.unwritten == 1 {
+                        tracing::error!(
+                            %device,
+                            "received frame's data missing from its buffer (device write blocked by the IOMMU?)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Post recycled buffers and, if the tail moved, tell the device through `rdt`. Returns
+    /// whether a doorbell was written.
+    fn flush(&mut self, bar0: &Mmio, rdt: usize) -> bool {
+        self.post_free();
+        if self.tail == self.hw_tail {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        bar0.write32(rdt, self.tail as u32);
+        self.hw_tail = self.tail;
+        true
     }
 
     fn read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
@@ -812,12 +1107,7 @@ impl RxRing {
 impl Drop for E1000 {
     fn drop(&mut self) {
         // Stop all DMA before the rings and buffers are unmapped (fields drop after this).
-        self.bar0.write32(regs::IMC, regs::IMC_ALL);
-        self.bar0.write32(regs::TCTL, 0);
-        self.bar0.write32(regs::RCTL, 0);
-        self.bar0
-            .write32(regs::CTRL, self.bar0.read32(regs::CTRL) | regs::CTRL_RST);
-        std::thread::sleep(Duration::from_millis(1));
+        quiesce(&self.bar0);
     }
 }
 
@@ -833,6 +1123,22 @@ fn tso_ipv6(model: NicModel) -> bool {
     model == NicModel::I82574L
 }
 
+/// What the e1000 family offers with the offloads `o` allows (the same for every queue).
+fn capabilities(o: &OffloadSwitches, model: NicModel) -> Capabilities {
+    Capabilities {
+        ipv4_header_checksum: o.ipv4_header_checksum,
+        tcp_checksum: o.l4_checksum,
+        udp_checksum: o.l4_checksum,
+        tso_max_frame: (o.tso && o.l4_checksum && o.ipv4_header_checksum).then_some(TSO_MAX_FRAME),
+        tso_headers: TsoHeaders::PerSegment,
+        tso_ipv6: o.tso && o.l4_checksum && tso_ipv6(model),
+        max_tx_segments: MAX_TX_SEGMENTS,
+        mtu: MTU,
+        // No inline TLS engine: the stack encrypts records itself.
+        tls_tx: None,
+    }
+}
+
 impl NetQueue for E1000 {
     fn mac_address(&self) -> MacAddress {
         self.mac
@@ -843,20 +1149,7 @@ impl NetQueue for E1000 {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let o = &self.config.offloads;
-        Capabilities {
-            ipv4_header_checksum: o.ipv4_header_checksum,
-            tcp_checksum: o.l4_checksum,
-            udp_checksum: o.l4_checksum,
-            tso_max_frame: (o.tso && o.l4_checksum && o.ipv4_header_checksum)
-                .then_some(TSO_MAX_FRAME),
-            tso_headers: TsoHeaders::PerSegment,
-            tso_ipv6: o.tso && o.l4_checksum && tso_ipv6(self.model),
-            max_tx_segments: MAX_TX_SEGMENTS,
-            mtu: MTU,
-            // No inline TLS engine: the stack encrypts records itself.
-            tls_tx: None,
-        }
+        capabilities(&self.config.offloads, self.model)
     }
 
     fn link_up(&mut self) -> bool {
@@ -868,116 +1161,20 @@ impl NetQueue for E1000 {
     /// segments need one more descriptor per 4 KiB; [`NetQueue::tx_enqueue`] reports
     /// [`DriverError::TxRingFull`] when a frame does not fit.
     fn tx_capacity(&self, segments: usize) -> usize {
-        self.tx.free() / (2 * segments.max(1) + 1)
+        self.tx.capacity(segments)
     }
 
     fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
-        let (segments, offload, token) = (frame.segments, frame.offload, frame.token);
-        if !frame.tls.is_empty() {
-            // It would put the plaintext on the wire.
-            return Err(DriverError::BadFrame("no inline TLS engine".into()));
-        }
-        if segments.is_empty() || segments.len() > MAX_TX_SEGMENTS {
-            return Err(DriverError::BadFrame(format!(
-                "{} segments (1..={MAX_TX_SEGMENTS} allowed)",
-                segments.len()
-            )));
-        }
-        let frame_len: u64 = segments.iter().map(|s| s.len as u64).sum();
-        let limit = if offload.tso.is_some() {
-            TSO_MAX_FRAME as u64
-        } else {
-            MTU as u64 + 14
-        };
-        if frame_len == 0 || frame_len > limit {
-            return Err(DriverError::BadFrame(format!(
-                "frame of {frame_len} bytes (1..={limit} allowed)"
-            )));
-        }
-        let o = &self.config.offloads;
-        if (offload.ipv4_header.is_some() && !o.ipv4_header_checksum)
-            || (offload.l4_checksum.is_some() && !o.l4_checksum)
-            || (offload.tso.is_some() && !o.tso)
-            || (offload.tso.is_some() && offload.ipv6_header.is_some() && !tso_ipv6(self.model))
-        {
-            return Err(DriverError::BadFrame(
-                "offload requested that NicConfig switched off".into(),
-            ));
-        }
-        let plan = desc::plan_offload(offload, frame_len as u32, MTU)?;
-        if let Some(tso) = offload.tso {
-            if (segments[0].len as u64) < tso.header_len as u64 {
-                return Err(DriverError::BadFrame(
-                    "TSO headers must lie wholly in the first segment".into(),
-                ));
-            }
-        }
-        let data_descs = self.descriptors_needed(segments);
-        if data_descs > MAX_DESCS_PER_FRAME {
-            return Err(DriverError::BadFrame(format!(
-                "frame needs {data_descs} descriptors (at most {MAX_DESCS_PER_FRAME})"
-            )));
-        }
-        let context = plan
-            .map(|p| p.context)
-            .filter(|c| c.is_tso() || self.tx.csum_context != Some(*c));
-        let needed = data_descs + context.is_some() as usize;
-        if needed > self.tx.free() {
-            return Err(DriverError::TxRingFull);
-        }
-
-        if let Some(c) = context {
-            let [w0, w1] = c.words();
-            self.tx.write(w0, w1);
-            // A TSO context may replace the checksum context (the 82574 holds one context).
-            self.tx.csum_context = if c.is_tso() { None } else { Some(c) };
-        }
-        let (dcmd_extra, popts) = match plan {
-            Some(p) if p.context.is_tso() => (desc::DCMD_TSE, p.popts),
-            Some(p) => (0, p.popts),
-            None => (0, 0),
-        };
-        let mut remaining = data_descs;
-        for s in segments {
-            desc::split_points(s.iova, s.len as u64, |iova, len| {
-                remaining -= 1;
-                let last = remaining == 0;
-                let mut cmd = desc::CMD_IFCS;
-                if last {
-                    cmd |= desc::CMD_EOP | desc::CMD_RS;
-                }
-                let word1 = if plan.is_some() {
-                    desc::data_tx(len as u32, cmd | dcmd_extra, popts)
-                } else {
-                    desc::legacy_tx(len as u16, cmd)
-                };
-                self.tx.write(iova, word1);
-            });
-        }
-        let eop = (self.tx.tail + self.tx.size - 1) % self.tx.size;
-        self.tx.frames.push_back(RingFrame {
-            eop,
-            descs: needed as u16,
-            token,
-        });
-        self.tx.unflushed += 1;
-        Ok(())
+        self.tx.enqueue(frame, &self.config.offloads, self.model)
     }
 
     fn tx_flush(&mut self) {
-        if self.tx.unflushed == 0 {
+        if !self.tx.begin_flush() {
             return;
-        }
-        if self.tx.frames.len() == self.tx.unflushed {
-            // The ring was idle: the watchdog measures from now.
-            self.tx.last_progress = Instant::now();
         }
         #[cfg(feature = "fault-injection")]
         self.inject_before_doorbell();
-        // Descriptors must be visible before the device sees the new tail.
-        fence(Ordering::SeqCst);
-        self.bar0.write32(regs::TDT, self.tx.tail as u32);
-        self.tx.unflushed = 0;
+        self.tx.ring_doorbell(&self.bar0, regs::TDT);
         self.stats.doorbells += 1;
     }
 
@@ -1004,23 +1201,7 @@ impl NetQueue for E1000 {
     }
 
     fn rx_next(&mut self) -> Option<RxBuffer> {
-        loop {
-            match self.rx.take(&self.mac) {
-                RxTake::Empty => return None,
-                RxTake::Frame(buffer) => return Some(buffer),
-                RxTake::Bad => self.stats.rx_errors += 1,
-                RxTake::Unwritten => {
-                    self.stats.rx_errors += 1;
-                    self.rx_integrity_drops += 1;
-                    if self.rx_integrity_drops == 1 {
-                        tracing::error!(
-                            device = %self.pci.address(),
-                            "received frame's data missing from its buffer (device write blocked by the IOMMU?)"
-                        );
-                    }
-                }
-            }
-        }
+        self.rx.next(&self.mac, self.pci.address())
     }
 
     /// Copies a lent buffer's bytes out.
@@ -1037,18 +1218,16 @@ impl NetQueue for E1000 {
     }
 
     fn rx_flush(&mut self) {
-        self.rx.post_free();
-        if self.rx.tail != self.rx.hw_tail {
-            fence(Ordering::SeqCst);
-            self.bar0.write32(regs::RDT, self.rx.tail as u32);
-            self.rx.hw_tail = self.rx.tail;
+        if self.rx.flush(&self.bar0, regs::RDT) {
             self.stats.doorbells += 1;
         }
     }
 
     fn stats(&mut self) -> DeviceStats {
         self.read_counters();
-        self.stats
+        let mut s = self.stats;
+        s.rx_errors += self.rx.bad + self.rx.unwritten;
+        s
     }
 }
 
@@ -1074,7 +1253,13 @@ impl RxRingHarness {
         mac: MacAddress,
     ) -> Result<Self> {
         Ok(Self {
-            ring: RxRing::new(dma, size, buffer_size, DmaAccess::DeviceReadsWrites)?,
+            ring: RxRing::new(
+                dma,
+                size,
+                buffer_size,
+                DmaAccess::DeviceReadsWrites,
+                RxFormat::Legacy,
+            )?,
             mac,
             rx_errors: 0,
             unwritten: 0,
@@ -1156,16 +1341,7 @@ mod tests {
         let ring = dma
             .allocate(size as usize * DESC_LEN, DmaAccess::DeviceReadsWrites)
             .unwrap();
-        TxRing {
-            ring,
-            size,
-            tail: 0,
-            used: 0,
-            frames: VecDeque::new(),
-            unflushed: 0,
-            csum_context: None,
-            last_progress: Instant::now(),
-        }
+        TxRing::new(Arc::new(ring), size)
     }
 
     /// Queue a frame of `descs` legacy descriptors, as `tx_enqueue` does (not flushed).
@@ -1179,7 +1355,13 @@ mod tests {
             tx.write(0x10_0000, desc::legacy_tx(60, cmd | desc::CMD_IFCS));
         }
         let eop = (tx.tail + tx.size - 1) % tx.size;
-        tx.frames.push_back(RingFrame { eop, descs, token });
+        tx.frames.push_back(RingFrame {
+            eop,
+            descs,
+            token,
+            wire_frames: 1,
+            wire_bytes: 60,
+        });
         tx.unflushed += 1;
     }
 
@@ -1208,7 +1390,10 @@ mod tests {
         assert_eq!(reap(&mut tx), [10]);
         assert_eq!(tx.used, 4);
         complete(&tx, 0); // frame 11, now at the front
+                          // Frame 10 reaped; 11 and 12 carry DD but are not reaped yet.
+        assert_eq!(tx.completed(), (3, 180));
         assert_eq!(reap(&mut tx), [11, 12]);
+        assert_eq!(tx.completed(), (3, 180));
         assert_eq!(tx.free(), 15);
     }
 

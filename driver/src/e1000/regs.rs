@@ -87,6 +87,11 @@ pub const ICR_RXT0: u32 = 1 << 7;
 pub const ICR_RXQ0: u32 = 1 << 20;
 pub const ICR_TXQ0: u32 = 1 << 22;
 pub const ICR_OTHER: u32 = 1 << 24;
+/// 82574 only, MSI-X mode: RxQ1 (bit 21) and TxQ1 (bit 23), queue 1's causes (82574 DS
+/// 10.2.4.1, 7.4.2). In MSI-X mode a received frame sets RxQn of its queue and a transmit
+/// write-back TxQn, which IVAR routes to a vector; IMS masks each (82574 DS 10.2.4.4).
+pub const ICR_RXQ1: u32 = 1 << 21;
+pub const ICR_TXQ1: u32 = 1 << 23;
 /// The causes that wake the loop: a received frame, a transmit completion (pins to
 /// release), a link change.
 pub const IMS_WAKE: u32 = ICR_RXT0 | ICR_RXDMT0 | ICR_RXO | ICR_TXDW | ICR_LSC;
@@ -101,6 +106,14 @@ pub const EIAC: usize = 0x00DC;
 pub const IVAR: usize = 0x00E4;
 /// RxQ0, TxQ0 and Other all on MSI-X vector 0, each entry valid.
 pub const IVAR_ALL_TO_VECTOR_0: u32 = (1 << 3) | (1 << 11) | (1 << 19);
+/// IVAR field positions (82574 DS 10.2.4.9): each a 3-bit vector number with its valid bit
+/// (bit 3 of the 4-bit field).
+pub const IVAR_RXQ0_SHIFT: u32 = 0;
+pub const IVAR_RXQ1_SHIFT: u32 = 4;
+pub const IVAR_TXQ0_SHIFT: u32 = 8;
+pub const IVAR_TXQ1_SHIFT: u32 = 12;
+pub const IVAR_OTHER_SHIFT: u32 = 16;
+pub const IVAR_VALID: u32 = 1 << 3;
 /// 82574: CTRL_EXT.PBA_support (bit 31, 82574 DS 10.2.2.3): set when MSI-X is used, so the
 /// MSI-X pending bits are handled by the device.
 pub const CTRL_EXT_PBA_SUPPORT: u32 = 1 << 31;
@@ -142,6 +155,48 @@ pub const RDT: usize = 0x2818;
 pub const RDTR: usize = 0x2820;
 /// Receive Interrupt Absolute Delay Timer (SDM 13.4.31).
 pub const RADV: usize = 0x282C;
+
+/// 82574: the registers of receive and transmit queue n (RDBALn..RDTn, TDBALn..TDTn,
+/// TXDCTLn, TARCn) sit at the queue-0 offset plus n * 0x100 (82574 DS 10.2 register
+/// summary: RDBAL1 0x2900, TDBAL1 0x3900, TXDCTL1 0x3928, TARC1 0x3940).
+pub const QUEUE_STRIDE: usize = 0x100;
+
+/// The offset of queue `queue`'s copy of the per-queue register `reg` (given at its queue-0
+/// offset).
+pub const fn queue_reg(reg: usize, queue: usize) -> usize {
+    reg + queue * QUEUE_STRIDE
+}
+
+/// 82574 Receive Checksum Control (82574 DS 10.2.5.x, RXCSUM). PCSD (bit 13), Packet
+/// Checksum Disable: the descriptor's word 0 carries the RSS hash instead of the packet
+/// checksum and IP identification; RSS requires it (82574 DS 7.1.2: the hash is reported in
+/// the extended descriptor only with PCSD set).
+pub const RXCSUM: usize = 0x5000;
+pub const RXCSUM_PCSD: u32 = 1 << 13;
+/// 82574 Receive Filter Control (RFCTL). EXTEN (bit 15): extended receive descriptors
+/// (82574 DS 7.1.4; with RCTL.DTYP = 00b the one-buffer extended format).
+pub const RFCTL: usize = 0x5008;
+pub const RFCTL_EXTEN: u32 = 1 << 15;
+/// 82574 Multiple Receive Queues Command (MRQC, 82574 DS 7.1.2 and the register in 10.2):
+/// bits 1:0 Multiple Receive Queues Enable (01b: RSS over the two queues); bits 31:16 the
+/// hash functions: TcpIPv4 (16), IPv4 (17), TcpIPv6 (18), IPv6Ex (19), IPv6 (20).
+pub const MRQC: usize = 0x5818;
+pub const MRQC_RSS_ENABLE: u32 = 0b01;
+pub const MRQC_HASH_TCP_IPV4: u32 = 1 << 16;
+pub const MRQC_HASH_IPV4: u32 = 1 << 17;
+pub const MRQC_HASH_TCP_IPV6: u32 = 1 << 18;
+pub const MRQC_HASH_IPV6: u32 = 1 << 20;
+/// 82574 RSS Random Key (RSSRK0..9, 82574 DS 7.1.2): the 40-byte Toeplitz key, key byte
+/// 4i + j in bits 8j+7:8j of RSSRK[i] (byte 0 of the key in the low byte of RSSRK0).
+pub const RSSRK: usize = 0x5C80;
+pub const RSSRK_WORDS: usize = 10;
+/// 82574 Redirection Table (RETA0..31, 82574 DS 7.1.2): 128 one-byte entries, entry i in
+/// byte i % 4 of RETA[i / 4]; the low 7 bits of the hash index it, and bit 7 of the entry
+/// is the receive queue (the 82574 has two).
+pub const RETA: usize = 0x5C00;
+pub const RETA_WORDS: usize = 32;
+pub const RETA_ENTRIES: usize = 128;
+pub const RETA_QUEUE_SHIFT: u32 = 7;
 
 // ---------------------------------------------------------------------------------------
 // Transmit
@@ -190,6 +245,14 @@ pub const TADV: usize = 0x382C;
 /// Linux e1000e does the same).
 pub const TARC0: usize = 0x3840;
 pub const TARC0_82574_SET_26: u32 = 1 << 26;
+/// 82574 TARCn.ENABLE (bit 10): the transmit queue takes part in arbitration (82574 DS
+/// 10.2.6.9; set at reset, set again here for queue 1).
+pub const TARC_ENABLE: u32 = 1 << 10;
+/// 82574 with two transmit queues: TARCn bit 7 (compensation mode) and bits 23-25 set in
+/// both TARC0 and TARC1, with bit 26 as for one queue: the multi-queue settings of the 82574
+/// specification update's transmit-arbitration erratum (also what FreeBSD's em driver
+/// programs for two queues, citing 82574 DS 10.2.6.9).
+pub const TARC_82574_MQ: u32 = (1 << 7) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26);
 
 // ---------------------------------------------------------------------------------------
 // Filters
