@@ -132,6 +132,19 @@ impl DeviceIrq {
         self.fds.iter().map(|f| f.as_raw_fd()).collect()
     }
 
+    /// Duplicates of the first `n` eventfds, one per vector, for queue pairs that each wait
+    /// on and read their own vector.
+    pub fn clone_vectors(&self, n: usize) -> Result<Vec<EventFd>> {
+        self.fds
+            .iter()
+            .take(n)
+            .map(|fd| {
+                fd.try_clone()
+                    .map_err(|e| DriverError::io("duplicating an interrupt eventfd", e))
+            })
+            .collect()
+    }
+
     /// Read (and so reset) every eventfd; returns how many interrupts they counted.
     pub fn drain(&mut self) -> u64 {
         let mut n = 0;

@@ -62,9 +62,7 @@
 //! is no full device reset in multi-queue mode: a device that stays wedged keeps reporting
 //! hangs, and the caller should drop every pair and open the device again.
 
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -82,6 +80,7 @@ use crate::multiqueue::{QueuePair, RSS_KEY};
 use crate::nic::NicModel;
 use crate::queue::{Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TxFrame, TxToken};
 use crate::vfio::VfioPci;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Queue pairs of the 82574L (82574 DS 7.1.2: two receive and two transmit queues).
 pub const MAX_PAIRS_82574: usize = 2;
@@ -163,7 +162,7 @@ impl QueueRegs {
 /// One pair's interrupt vector: its eventfd (a duplicate of the one VFIO signals) and how
 /// many interrupts it counted.
 struct QueueIrq {
-    event: File,
+    event: EventFd,
     count: u64,
 }
 
@@ -292,15 +291,6 @@ fn init_msix(pci: &VfioPci, bar0: &Mmio, pairs: usize) -> Option<DeviceIrq> {
     }
 }
 
-/// A duplicate of the eventfd `fd`, owned by one pair.
-fn dup_eventfd(fd: RawFd) -> std::io::Result<File> {
-    // SAFETY: `fd` is one of the eventfds of the `DeviceIrq` that the caller holds (in
-    // `Shared`, alive for this whole call), so it is open for the borrow's lifetime; the
-    // borrow is only used to duplicate it into a descriptor the pair owns.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    Ok(File::from(borrowed.try_clone_to_owned()?))
-}
-
 /// The two-queue open (see the [module documentation](self)).
 fn open_82574(pci: VfioPci, config: &NicConfig, pairs: usize) -> Result<Vec<Box<dyn QueuePair>>> {
     config.validate()?;
@@ -330,15 +320,10 @@ fn open_82574(pci: VfioPci, config: &NicConfig, pairs: usize) -> Result<Vec<Box<
     } else {
         None
     };
-    let mut events = Vec::with_capacity(pairs);
-    if let Some(irq) = &irq {
-        for fd in irq.fds().into_iter().take(pairs) {
-            events.push(
-                dup_eventfd(fd)
-                    .map_err(|e| DriverError::io("duplicating an interrupt eventfd", e))?,
-            );
-        }
-    }
+    let events = match &irq {
+        Some(irq) => irq.clone_vectors(pairs)?,
+        None => Vec::new(),
+    };
     let memory = rings
         .iter()
         .flat_map(|(rx, tx)| {
@@ -543,13 +528,9 @@ impl Interruptible for E1000Queue {
         // 10.2.4.5, 10.2.4.1). No ICR read (it could clear the other pair's causes).
         self.dev.bar0.write32(regs::IMC, self.irq_causes);
         self.dev.bar0.write32(regs::ICR, self.irq_clear);
-        let mut value = [0u8; 8];
         // Non-blocking (the eventfd was created with EFD_NONBLOCK): nothing signalled reads
         // as WouldBlock, which is no interrupt.
-        let n = match irq.event.read(&mut value) {
-            Ok(8) => u64::from_ne_bytes(value),
-            _ => 0,
-        };
+        let n = irq.event.read().unwrap_or(0);
         irq.count += n;
         n
     }
