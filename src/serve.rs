@@ -199,7 +199,8 @@ fn serve_cores(
     println!("zerosend: {n} queue pairs ({wanted} wanted), one stack per core");
     let shared = Arc::new(Shared::new(queues[0].dma(), options, n)?);
     let mut threads = Vec::new();
-    for queue in CoreQueue::link(queues) {
+    let queues = CoreQueue::link(queues).context("creating the cores' wake-up eventfds")?;
+    for queue in queues {
         let shared = Arc::clone(&shared);
         let options = options.clone();
         let index = queue.queue_index();

@@ -18,7 +18,7 @@
 //! it as if their own queue had received it.
 
 use std::collections::VecDeque;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ use driver::irq::{Interruptible, IrqMode};
 use driver::multiqueue::QueuePair;
 use driver::{Capabilities, DeviceStats, MacAddress, NetQueue, RxBuffer, TxFrame, TxToken};
 use pagecache::{CacheConfig, FrameArena, PageCache};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::metrics::Metric;
 
@@ -233,19 +234,29 @@ pub(super) fn merge_metrics(cores: Vec<Vec<Metric>>) -> Vec<Metric> {
     merged
 }
 
-/// Frames handed from queue 0 to one other core.
-#[derive(Default)]
+/// Frames handed from queue 0 to one other core, and the eventfd that wakes that core if
+/// it sleeps on its interrupts.
 pub(super) struct Inbox {
     frames: Mutex<VecDeque<Vec<u8>>>,
+    wake: EventFd,
 }
 
 impl Inbox {
+    fn new() -> std::io::Result<Self> {
+        Ok(Inbox {
+            frames: Mutex::default(),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
     fn push(&self, frame: &[u8]) {
         let mut frames = self.frames.lock().unwrap();
         if frames.len() >= INBOX_FRAMES {
             return;
         }
         frames.push_back(frame.to_vec());
+        // A failed write only delays the frame to the core's next wake-up.
+        let _ = self.wake.write(1);
     }
 
     fn pop(&self) -> Option<Vec<u8>> {
@@ -276,9 +287,12 @@ pub(super) struct CoreQueue {
 
 impl CoreQueue {
     /// Links the queues: queue 0 hands copies to every other one.
-    pub fn link(queues: Vec<Box<dyn QueuePair>>) -> Vec<CoreQueue> {
-        let inboxes: Vec<Arc<Inbox>> = queues.iter().map(|_| Arc::default()).collect();
-        queues
+    pub fn link(queues: Vec<Box<dyn QueuePair>>) -> std::io::Result<Vec<CoreQueue>> {
+        let inboxes = queues
+            .iter()
+            .map(|_| Inbox::new().map(Arc::new))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(queues
             .into_iter()
             .enumerate()
             .map(|(i, inner)| CoreQueue {
@@ -291,7 +305,7 @@ impl CoreQueue {
                 },
                 lent: Vec::new(),
             })
-            .collect()
+            .collect())
     }
 
     pub fn queue_index(&self) -> usize {
@@ -380,13 +394,21 @@ impl Interruptible for CoreQueue {
     fn irq_mode(&self) -> Option<IrqMode> {
         self.inner.irq_mode()
     }
+    /// The queue's vectors, and on cores other than 0 the eventfd queue 0 signals when it
+    /// hands over a frame (polled interrupts-off loops never sleep on it).
     fn irq_fds(&self) -> Vec<RawFd> {
-        self.inner.irq_fds()
+        let mut fds = self.inner.irq_fds();
+        if self.inner.queue_index() != 0 && !fds.is_empty() {
+            fds.push(self.inbox.wake.as_raw_fd());
+        }
+        fds
     }
     fn irq_arm(&mut self) {
         self.inner.irq_arm()
     }
     fn irq_disarm(&mut self) -> u64 {
+        // Non-blocking: nothing handed over reads as WouldBlock.
+        let _ = self.inbox.wake.read();
         self.inner.irq_disarm()
     }
     fn irq_count(&self) -> u64 {
