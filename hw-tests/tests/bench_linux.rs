@@ -502,6 +502,7 @@ fn bench_linux() {
     let out_dir = target_dir().join("bench");
     std::fs::create_dir_all(&out_dir).unwrap();
     let scratch = std::env::temp_dir().join(format!("zs-bench-linux-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
     // The shared test PKI (its server certificate names GUEST_IP); deleted at the end.
     let pki_files = Pki::make(Nic::Virtio);
     let pki = pki_files.path("");
