@@ -484,6 +484,11 @@ impl RunningGuest {
     /// Send one QMP command, written as a JSON object (e.g.
     /// `{"execute": "query-status"}`), to the guest's QEMU and return the response line
     /// (`{"return": ...}`); an `{"error": ...}` response is an `Err` with that line.
+    /// `target/hw-tests/<name>/`, where the console log and captures go.
+    pub fn log_dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn monitor_command(&self, command: &str) -> Result<String, String> {
         let mut qmp = self.qmp.lock().unwrap();
         if qmp.is_none() {

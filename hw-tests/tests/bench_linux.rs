@@ -411,7 +411,7 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
     let script = match variant {
         Variant::Zerosend | Variant::ZerosendSmp2Q1 | Variant::ZerosendSmp2Q2 => format!(
             "{SAMPLER}\nzerosend serve --root /data --ip {GUEST_IP}/24 --port 80 {tls} \
-             --max-connections 1100 --queues {} &\npid=$!\nzs_sample $pid &\nwait $pid",
+             --max-connections 1100 --queues {} --metrics-listen 9464 &\npid=$!\nzs_sample $pid &\nwait $pid",
             variant.cpus_and_queues().1
         ),
         Variant::LinuxStrict | Variant::LinuxOff => {
@@ -577,6 +577,15 @@ fn bench_linux() {
                 // The server must still serve correct bytes after the load (HTTP: the
                 // HTTPS download is the slowest step of a boot, and was checked above).
                 bench.verify(false);
+                if variant.is_zerosend() {
+                    // The server's own counters after the load, for looking into a figure.
+                    let o = bench.guest.curl(
+                        Duration::from_secs(30),
+                        &[&format!("http://{GUEST_IP}:9464/_zerosend/metrics")],
+                    );
+                    let path = bench.guest.log_dir().join("metrics-after.txt");
+                    let _ = std::fs::write(path, &o.stdout);
+                }
                 let run = bench.guest.stop_server();
                 for s in &samples {
                     let (b, a) = s.cpu;

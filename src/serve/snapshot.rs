@@ -424,6 +424,12 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
         )
         .with_label("queue", q),
         Metric::counter(
+            "zerosend_queue_rx_missed_total",
+            "Frames the NIC dropped for want of receive buffers, per queue pair (device-wide counts on queue 0).",
+            server.device.rx_missed,
+        )
+        .with_label("queue", q),
+        Metric::counter(
             "zerosend_queue_tx_frames_total",
             "Frames sent, per NIC queue pair (a TSO frame counts once).",
             server.device.tx_frames,
