@@ -124,7 +124,7 @@ use super::virtqueue::{
 
 /// receiveq1 and transmitq1 (section 5.1.2); the driver computes every pair's indices
 /// ([`VqPair::new`]), these name pair 0 for the fuzz harness and the tests.
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(feature = "fuzzing")]
 const RX_QUEUE: u16 = 0;
 #[cfg(test)]
 const TX_QUEUE: u16 = 1;
@@ -163,13 +163,13 @@ const STATUS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 /// The queue layout negotiated: split (section 2.7) or packed (section 2.8, with
 /// VIRTIO_F_RING_PACKED). The packed layout is used only with INDIRECT_DESC, so every buffer
 /// on it is one descriptor.
-enum Ring {
+pub(super) enum Ring {
     Split(SplitQueue),
     Packed(PackedQueue),
 }
 
 impl Ring {
-    fn new(
+    pub(super) fn new(
         dma: &Arc<DmaSpace>,
         index: u16,
         size: u16,
@@ -187,50 +187,50 @@ impl Ring {
             )?)
         })
     }
-    fn size(&self) -> u16 {
+    pub(super) fn size(&self) -> u16 {
         match self {
             Ring::Split(q) => q.size(),
             Ring::Packed(q) => q.size(),
         }
     }
     /// `queue_desc`, `queue_driver`, `queue_device` (section 4.1.4.3).
-    fn areas(&self) -> (u64, u64, u64) {
+    pub(super) fn areas(&self) -> (u64, u64, u64) {
         match self {
             Ring::Split(q) => (q.desc_iova(), q.avail_iova(), q.used_iova()),
             Ring::Packed(q) => (q.desc_iova(), q.driver_iova(), q.device_iova()),
         }
     }
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         match self {
             Ring::Split(q) => q.reset(),
             Ring::Packed(q) => q.reset(),
         }
     }
-    fn publish(&mut self) -> bool {
+    pub(super) fn publish(&mut self) -> bool {
         match self {
             Ring::Split(q) => q.publish(),
             Ring::Packed(q) => q.publish(),
         }
     }
-    fn device_wants_notification(&self) -> bool {
+    pub(super) fn device_wants_notification(&self) -> bool {
         match self {
             Ring::Split(q) => q.device_wants_notification(),
             Ring::Packed(q) => q.device_wants_notification(),
         }
     }
-    fn pop_used(&mut self) -> Option<(u32, u32)> {
+    pub(super) fn pop_used(&mut self) -> Option<(u32, u32)> {
         match self {
             Ring::Split(q) => q.pop_used(),
             Ring::Packed(q) => q.pop_used(),
         }
     }
-    fn set_interrupts(&self, enabled: bool) {
+    pub(super) fn set_interrupts(&self, enabled: bool) {
         match self {
             Ring::Split(q) => q.set_interrupts(enabled),
             Ring::Packed(q) => q.set_interrupts(enabled),
         }
     }
-    fn unpublished(&self) -> u16 {
+    pub(super) fn unpublished(&self) -> u16 {
         match self {
             Ring::Split(q) => q.unpublished(),
             Ring::Packed(q) => q.unpublished(),
@@ -239,7 +239,7 @@ impl Ring {
     /// Make a one-descriptor buffer with buffer id `id` available (split: in descriptor
     /// `id`, which the caller owns). The caller guarantees room: ids are unique among the
     /// outstanding buffers and there are at most `size` of them.
-    fn post(&mut self, id: u16, iova: u64, len: u32, flags: u16) {
+    pub(super) fn post(&mut self, id: u16, iova: u64, len: u32, flags: u16) {
         match self {
             Ring::Split(q) => {
                 q.set_desc(id, iova, len, flags, 0);
@@ -249,7 +249,7 @@ impl Ring {
         }
     }
     /// The split queue, for TX chains of several ring descriptors (no INDIRECT_DESC).
-    fn split(&mut self) -> &mut SplitQueue {
+    pub(super) fn split(&mut self) -> &mut SplitQueue {
         match self {
             Ring::Split(q) => q,
             Ring::Packed(_) => unreachable!("packed rings are used only with indirect descriptors"),
@@ -531,8 +531,10 @@ impl VqPair {
     /// FEATURES_OK and DRIVER_OK, the queues disabled, our rings zeroed. The receive queue
     /// is notified by [`VqPair::kick_rx`] after DRIVER_OK.
     pub(super) fn setup(&mut self, t: &VirtioPciTransport, vector: u16) -> Result<()> {
-        self.rx_notify = t.setup_queue(self.rx_index, self.rx.vq.size(), self.rx.vq.areas(), vector)?;
-        self.tx_notify = t.setup_queue(self.tx_index, self.tx.vq.size(), self.tx.vq.areas(), vector)?;
+        self.rx_notify =
+            t.setup_queue(self.rx_index, self.rx.vq.size(), self.rx.vq.areas(), vector)?;
+        self.tx_notify =
+            t.setup_queue(self.tx_index, self.tx.vq.size(), self.tx.vq.areas(), vector)?;
         self.rx.post_all();
         Ok(())
     }
@@ -752,7 +754,7 @@ impl VqPair {
 }
 
 /// The largest power of two no larger than `want` and virtqueue `index`'s maximum.
-fn fit_queue_size(t: &VirtioPciTransport, want: u16, index: u16) -> Result<u16> {
+pub(super) fn fit_queue_size(t: &VirtioPciTransport, want: u16, index: u16) -> Result<u16> {
     let max = t.max_queue_size(index);
     if max == 0 {
         return Err(DriverError::Device(format!(
@@ -1337,7 +1339,9 @@ impl NetQueue for VirtioNet {
             return Ok(n);
         };
         self.check_status();
-        if self.pending_error.is_none() && self.dead.is_none() && stalled > self.config.tx_hang_timeout
+        if self.pending_error.is_none()
+            && self.dead.is_none()
+            && stalled > self.config.tx_hang_timeout
         {
             let ms = stalled.as_millis() as u64;
             self.recover(|lost| DriverError::TxHang { ms, lost });
