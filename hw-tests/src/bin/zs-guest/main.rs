@@ -10,6 +10,7 @@ use driver::vfio::VfioPci;
 use driver::virtio::{features, VirtioPciTransport};
 use driver::{Capabilities, L4Checksum, L4Protocol, NicModel, Tso, TsoHeaders, TxOffload};
 
+mod mq;
 mod nictest;
 mod stack;
 mod virtio;
@@ -31,6 +32,8 @@ enum Command {
     },
     /// Send a file with the netstack (zero-copy from the page cache) to a TCP peer.
     StackSend(stack::StackSendArgs),
+    /// Answer TCP SYNs with RSTs on every queue pair of a multi-queue NIC, one thread each.
+    MqSyn(mq::MqSynArgs),
     #[command(flatten)]
     Nic(nictest::NicCommand),
     #[command(flatten)]
@@ -42,6 +45,7 @@ fn main() {
     let result = match cli.command {
         Command::Identify { pci } => identify(pci.as_deref()),
         Command::StackSend(a) => stack::run(a),
+        Command::MqSyn(a) => mq::run(a),
         Command::Nic(c) => nictest::run(c),
         Command::Virtio(c) => virtio::run(c),
     };
