@@ -315,6 +315,39 @@ impl ControlQueue {
     }
 }
 
+/// The first fault any handle noticed: (queue, what). Set once, never cleared (see the
+/// module documentation).
+#[derive(Default)]
+struct FaultFlag(OnceLock<(usize, String)>);
+
+impl FaultFlag {
+    fn is_set(&self) -> bool {
+        self.0.get().is_some()
+    }
+
+    /// The error every handle reports once the flag is set.
+    fn error(&self) -> Option<DriverError> {
+        self.0.get().map(|(queue, reason)| DriverError::QueueFault {
+            queue: *queue,
+            reason: reason.clone(),
+        })
+    }
+
+    /// Record a fault noticed on `queue` (a later one is only logged) and return the error
+    /// to report: the first fault's.
+    fn declare(&self, queue: usize, reason: String) -> DriverError {
+        if self.0.set((queue, reason.clone())).is_ok() {
+            tracing::error!(queue, "virtio-net multi-queue fault, not reset: {reason}");
+        } else {
+            tracing::debug!(
+                queue,
+                "virtio-net multi-queue fault after the first: {reason}"
+            );
+        }
+        self.error().expect("set above or before")
+    }
+}
+
 /// The device-wide part, shared by every handle.
 struct Device {
     transport: VirtioPciTransport,
@@ -328,9 +361,7 @@ struct Device {
     mac: MacAddress,
     max_pairs: u16,
     steering: Steering,
-    /// The first fault noticed: (queue, what). Set once; never cleared (see the module
-    /// documentation).
-    fault: OnceLock<(usize, String)>,
+    fault: FaultFlag,
     ctrl: Mutex<Option<ControlQueue>>,
     /// Pairs not (or no longer) owned by a handle: while opening, and after a handle is
     /// dropped. Freed only after the reset in `Drop`, as the device may still use them.
@@ -343,24 +374,6 @@ impl Drop for Device {
         if let Err(e) = self.transport.reset() {
             tracing::error!("virtio-net: reset on close failed: {e}");
         }
-    }
-}
-
-impl Device {
-    fn fault(&self) -> Option<DriverError> {
-        self.fault
-            .get()
-            .map(|(queue, reason)| DriverError::QueueFault {
-                queue: *queue,
-                reason: reason.clone(),
-            })
-    }
-
-    fn declare_fault(&self, queue: usize, reason: String) -> DriverError {
-        if self.fault.set((queue, reason.clone())).is_ok() {
-            tracing::error!(queue, "virtio-net multi-queue fault, not reset: {reason}");
-        }
-        self.fault().expect("just set")
     }
 }
 
@@ -410,7 +423,7 @@ pub fn open_queues(
         mac: MacAddress([0; 6]),
         max_pairs: 0,
         steering: Steering::Single,
-        fault: OnceLock::new(),
+        fault: FaultFlag::default(),
         ctrl: Mutex::new(None),
         parked: Mutex::new(Vec::new()),
     };
@@ -686,19 +699,19 @@ impl VirtioNetQueue {
     fn check_status(&mut self) {
         let now = Instant::now();
         if now.duration_since(self.last_status_check) < STATUS_CHECK_INTERVAL
-            || self.dev.fault.get().is_some()
+            || self.dev.fault.is_set()
         {
             return;
         }
         self.last_status_check = now;
         let status = self.dev.transport.status();
         if status & DeviceStatus::DEVICE_NEEDS_RESET != 0 {
-            self.dev.declare_fault(
+            self.dev.fault.declare(
                 self.index,
                 format!("virtio-net set DEVICE_NEEDS_RESET (status {status:#04x})"),
             );
         } else if status & DeviceStatus::DRIVER_OK == 0 {
-            self.dev.declare_fault(
+            self.dev.fault.declare(
                 self.index,
                 format!("virtio-net lost DRIVER_OK (status {status:#04x})"),
             );
@@ -729,7 +742,7 @@ impl std::fmt::Debug for VirtioNetQueue {
             .field("rx_queue", &rx)
             .field("tx_queue", &tx)
             .field("in_flight", &self.q().tx_outstanding())
-            .field("fault", &self.dev.fault.get())
+            .field("fault", &self.dev.fault.0.get())
             .finish()
     }
 }
@@ -749,28 +762,28 @@ impl NetQueue for VirtioNetQueue {
 
     fn link_up(&mut self) -> bool {
         self.check_status();
-        if self.dev.fault.get().is_some() {
+        if self.dev.fault.is_set() {
             return false;
         }
         link_status(&self.dev.transport, self.dev.negotiated)
     }
 
     fn tx_capacity(&self, segments: usize) -> usize {
-        if self.dev.fault.get().is_some() {
+        if self.dev.fault.is_set() {
             return 0;
         }
         self.q().tx_capacity(segments)
     }
 
     fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
-        if let Some(e) = self.dev.fault() {
+        if let Some(e) = self.dev.fault.error() {
             return Err(e);
         }
         self.q_mut().tx_enqueue(frame)
     }
 
     fn tx_flush(&mut self) {
-        if self.dev.fault.get().is_some() {
+        if self.dev.fault.is_set() {
             return;
         }
         let dev = Arc::clone(&self.dev);
@@ -778,13 +791,13 @@ impl NetQueue for VirtioNetQueue {
     }
 
     fn tx_reap(&mut self, done: &mut dyn FnMut(TxToken)) -> Result<usize> {
-        if let Some(e) = self.dev.fault() {
+        if let Some(e) = self.dev.fault.error() {
             return Err(e);
         }
         let completed = match self.q_mut().tx_complete(done) {
             Ok(n) => n,
             Err(id) => {
-                return Err(self.dev.declare_fault(
+                return Err(self.dev.fault.declare(
                     self.index,
                     format!(
                         "virtio-net returned descriptor {id}, which is not an outstanding TX chain"
@@ -796,21 +809,21 @@ impl NetQueue for VirtioNetQueue {
             return Ok(completed);
         };
         self.check_status();
-        if self.dev.fault.get().is_none() && stalled > self.dev.config.tx_hang_timeout {
+        if !self.dev.fault.is_set() && stalled > self.dev.config.tx_hang_timeout {
             let (ms, stuck) = (stalled.as_millis() as u64, self.q().tx_outstanding());
-            self.dev.declare_fault(
+            self.dev.fault.declare(
                 self.index,
                 format!("TX hang: {stuck} frames made no progress for {ms} ms"),
             );
         }
-        match self.dev.fault() {
+        match self.dev.fault.error() {
             Some(e) => Err(e),
             None => Ok(completed),
         }
     }
 
     fn rx_next(&mut self) -> Option<RxBuffer> {
-        if self.dev.fault.get().is_some() {
+        if self.dev.fault.is_set() {
             return None;
         }
         match self.q_mut().rx_take() {
@@ -820,7 +833,7 @@ impl NetQueue for VirtioNetQueue {
                 None
             }
             Err(id) => {
-                self.dev.declare_fault(
+                self.dev.fault.declare(
                     self.index,
                     format!("virtio-net returned RX descriptor {id}, which was not posted"),
                 );
@@ -838,7 +851,7 @@ impl NetQueue for VirtioNetQueue {
     }
 
     fn rx_flush(&mut self) {
-        if self.dev.fault.get().is_some() {
+        if self.dev.fault.is_set() {
             return;
         }
         let dev = Arc::clone(&self.dev);
@@ -968,15 +981,17 @@ mod tests {
 
     #[test]
     fn a_fault_is_reported_by_every_queue_with_the_first_reason() {
-        let fault = OnceLock::new();
-        assert!(fault.set((1usize, "TX hang".to_string())).is_ok());
-        assert!(fault.set((0usize, "later".to_string())).is_err());
-        let (queue, reason) = fault.get().unwrap();
-        let e = DriverError::QueueFault {
-            queue: *queue,
-            reason: reason.clone(),
-        };
-        assert!(!e.is_recovered());
-        assert!(e.to_string().contains("queue 1: TX hang"), "{e}");
+        let flag = FaultFlag::default();
+        assert!(!flag.is_set() && flag.error().is_none());
+        let first = flag.declare(1, "TX hang".into());
+        let later = flag.declare(0, "DEVICE_NEEDS_RESET".into());
+        for e in [first, later, flag.error().unwrap()] {
+            assert!(
+                matches!(&e, DriverError::QueueFault { queue: 1, reason } if reason == "TX hang"),
+                "{e:?}"
+            );
+            assert!(!e.is_recovered());
+            assert!(e.to_string().contains("queue 1: TX hang"), "{e}");
+        }
     }
 }

@@ -12,7 +12,8 @@
 //! below). Not taken: EVENT_IDX (we poll; the device's "no notification" hints suffice),
 //! MRG_RXBUF (every frame fits one
 //! buffer), GUEST_CSUM/GUEST_TSO* (the queue API has no way to hand partial checksums or
-//! large frames to the stack), CTRL_VQ, MQ. What was offered and taken is logged (`tracing`,
+//! large frames to the stack), CTRL_VQ, MQ, RSS (taken by the multi-queue driver,
+//! [`super::multiqueue`]). What was offered and taken is logged (`tracing`,
 //! info) and available from [`VirtioNet::offered_features`] /
 //! [`VirtioNet::negotiated_features`].
 //!
@@ -21,7 +22,10 @@
 //! control queue. Every frame on either queue is preceded by a 12-byte
 //! `struct virtio_net_hdr` (section 5.1.6; 12 bytes because VIRTIO_F_VERSION_1 always includes
 //! `num_buffers`). Ring sizes come from [`NicConfig`], rounded down to a power of two and
-//! capped at the device's maximum (QEMU: 256).
+//! capped at the device's maximum (QEMU: 256). Everything per queue (rings, buffers, the
+//! RX and TX paths, counters) is in `VqPair`, which the multi-queue driver
+//! ([`super::multiqueue`]) uses once per pair; `VirtioNet` adds the device-wide part (features,
+//! interrupts, status checks, reset and recovery).
 //!
 //! - **TX**: a frame is our `virtio_net_hdr` (in a driver-owned region the device may only
 //!   read, one 12-byte slot per ring descriptor) followed by the caller's segments,
