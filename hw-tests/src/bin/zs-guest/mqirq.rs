@@ -26,6 +26,10 @@ pub struct MqIrqArgs {
     frames: u64,
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// No indirect descriptors (and so split rings): TX chains and the control command in
+    /// ring descriptors.
+    #[arg(long)]
+    no_indirect: bool,
 }
 
 pub fn run(args: MqIrqArgs) -> Result<()> {
@@ -33,6 +37,7 @@ pub fn run(args: MqIrqArgs) -> Result<()> {
     println!("NIC {address} {model}");
     let config = NicConfig {
         interrupts: true,
+        virtio_indirect: !args.no_indirect,
         ..NicConfig::default()
     };
     let queues = open_nic_queues(&address, &config, args.queues)
