@@ -11,7 +11,7 @@
 //! transmitq(k+1) = virtqueue 2k+1; the control queue is virtqueue 2 * `max_virtqueue_pairs`
 //! (section 5.1.2), whatever n is. Queues above n are left disabled. Every pair has its own
 //! rings and buffers, sized from [`NicConfig`] as in the single-queue driver, with the same
-//! RX and TX code ([`super::net::VqPair`]).
+//! RX and TX code (`super::net::VqPair`).
 //!
 //! # Receive steering
 //! Multi-queue is off until the driver sends a `VIRTIO_NET_CTRL_MQ` command after DRIVER_OK
