@@ -1,5 +1,5 @@
 //! `zs-guest mq-irq`: every queue pair of a multi-queue NIC, each on its own thread, sleeps
-//! on its own interrupt eventfds ([`driver::Interruptible`]: arm, poll once more, sleep,
+//! on its own interrupt eventfds ([`driver::irq::Interruptible`]: arm, poll once more, sleep,
 //! disarm) and counts the frames it receives and the wake-ups its interrupts gave it.
 //!
 //! The host sends TCP SYNs from many source ports (nothing answers them); RSS spreads them
