@@ -81,6 +81,12 @@ pub enum DriverError {
         "device reset: {reason}; the device was re-initialised and {lost} frames were dropped"
     )]
     DeviceReset { reason: String, lost: usize },
+
+    /// A multi-queue device hit a fault (TX hang, DEVICE_NEEDS_RESET, a bad used-ring
+    /// entry) that needs a device reset, which the driver does not do while other threads
+    /// drive the other queues. Every queue of the device reports it from then on.
+    #[error("multi-queue device fault detected on queue {queue}: {reason}; the device was not reset (other queues are in use): drop every queue handle, which resets it, and open it again")]
+    QueueFault { queue: usize, reason: String },
 }
 
 pub type Result<T, E = DriverError> = std::result::Result<T, E>;

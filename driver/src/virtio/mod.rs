@@ -60,6 +60,11 @@ pub mod features {
     pub const NET_F_MQ: u64 = 1 << 22;
     /// Set MAC address through the control channel.
     pub const NET_F_CTRL_MAC_ADDR: u64 = 1 << 23;
+    /// Device can report a per-packet hash value and type.
+    pub const NET_F_HASH_REPORT: u64 = 1 << 57;
+    /// Device supports RSS (Toeplitz hash, configurable key and indirection table) for
+    /// receive steering (section 5.1.6.5.7).
+    pub const NET_F_RSS: u64 = 1 << 60;
     /// Indirect descriptors (section 2.7.5.3).
     pub const F_INDIRECT_DESC: u64 = 1 << 28;
     /// used_event / avail_event notification suppression (section 2.7.7, 2.7.10).
@@ -108,6 +113,8 @@ pub mod features {
             (NET_F_GUEST_ANNOUNCE, "GUEST_ANNOUNCE"),
             (NET_F_MQ, "MQ"),
             (NET_F_CTRL_MAC_ADDR, "CTRL_MAC_ADDR"),
+            (NET_F_HASH_REPORT, "HASH_REPORT"),
+            (NET_F_RSS, "RSS"),
             (F_INDIRECT_DESC, "INDIRECT_DESC"),
             (F_EVENT_IDX, "EVENT_IDX"),
             (F_VERSION_1, "VERSION_1"),

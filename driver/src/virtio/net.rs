@@ -12,7 +12,8 @@
 //! below). Not taken: EVENT_IDX (we poll; the device's "no notification" hints suffice),
 //! MRG_RXBUF (every frame fits one
 //! buffer), GUEST_CSUM/GUEST_TSO* (the queue API has no way to hand partial checksums or
-//! large frames to the stack), CTRL_VQ, MQ. What was offered and taken is logged (`tracing`,
+//! large frames to the stack), CTRL_VQ, MQ, RSS (taken by the multi-queue driver,
+//! [`super::multiqueue`]). What was offered and taken is logged (`tracing`,
 //! info) and available from [`VirtioNet::offered_features`] /
 //! [`VirtioNet::negotiated_features`].
 //!
@@ -21,7 +22,10 @@
 //! control queue. Every frame on either queue is preceded by a 12-byte
 //! `struct virtio_net_hdr` (section 5.1.6; 12 bytes because VIRTIO_F_VERSION_1 always includes
 //! `num_buffers`). Ring sizes come from [`NicConfig`], rounded down to a power of two and
-//! capped at the device's maximum (QEMU: 256).
+//! capped at the device's maximum (QEMU: 256). Everything per queue (rings, buffers, the
+//! RX and TX paths, counters) is in `VqPair`, which the multi-queue driver
+//! ([`super::multiqueue`]) uses once per pair; `VirtioNet` adds the device-wide part (features,
+//! interrupts, status checks, reset and recovery).
 //!
 //! - **TX**: a frame is our `virtio_net_hdr` (in a driver-owned region the device may only
 //!   read, one 12-byte slot per ring descriptor) followed by the caller's segments,
@@ -122,8 +126,11 @@ use super::virtqueue::{
     write_desc, SplitQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE,
 };
 
-/// receiveq1 and transmitq1 (section 5.1.2).
+/// receiveq1 and transmitq1 (section 5.1.2); the driver computes every pair's indices
+/// ([`VqPair::new`]), these name pair 0 for the fuzz harness and the tests.
+#[cfg(feature = "fuzzing")]
 const RX_QUEUE: u16 = 0;
+#[cfg(test)]
 const TX_QUEUE: u16 = 1;
 
 /// `struct virtio_net_hdr` (section 5.1.6): `u8 flags; u8 gso_type; le16 hdr_len;
@@ -160,13 +167,13 @@ const STATUS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 /// The queue layout negotiated: split (section 2.7) or packed (section 2.8, with
 /// VIRTIO_F_RING_PACKED). The packed layout is used only with INDIRECT_DESC, so every buffer
 /// on it is one descriptor.
-enum Ring {
+pub(super) enum Ring {
     Split(SplitQueue),
     Packed(PackedQueue),
 }
 
 impl Ring {
-    fn new(
+    pub(super) fn new(
         dma: &Arc<DmaSpace>,
         index: u16,
         size: u16,
@@ -184,50 +191,50 @@ impl Ring {
             )?)
         })
     }
-    fn size(&self) -> u16 {
+    pub(super) fn size(&self) -> u16 {
         match self {
             Ring::Split(q) => q.size(),
             Ring::Packed(q) => q.size(),
         }
     }
     /// `queue_desc`, `queue_driver`, `queue_device` (section 4.1.4.3).
-    fn areas(&self) -> (u64, u64, u64) {
+    pub(super) fn areas(&self) -> (u64, u64, u64) {
         match self {
             Ring::Split(q) => (q.desc_iova(), q.avail_iova(), q.used_iova()),
             Ring::Packed(q) => (q.desc_iova(), q.driver_iova(), q.device_iova()),
         }
     }
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         match self {
             Ring::Split(q) => q.reset(),
             Ring::Packed(q) => q.reset(),
         }
     }
-    fn publish(&mut self) -> bool {
+    pub(super) fn publish(&mut self) -> bool {
         match self {
             Ring::Split(q) => q.publish(),
             Ring::Packed(q) => q.publish(),
         }
     }
-    fn device_wants_notification(&self) -> bool {
+    pub(super) fn device_wants_notification(&self) -> bool {
         match self {
             Ring::Split(q) => q.device_wants_notification(),
             Ring::Packed(q) => q.device_wants_notification(),
         }
     }
-    fn pop_used(&mut self) -> Option<(u32, u32)> {
+    pub(super) fn pop_used(&mut self) -> Option<(u32, u32)> {
         match self {
             Ring::Split(q) => q.pop_used(),
             Ring::Packed(q) => q.pop_used(),
         }
     }
-    fn set_interrupts(&self, enabled: bool) {
+    pub(super) fn set_interrupts(&self, enabled: bool) {
         match self {
             Ring::Split(q) => q.set_interrupts(enabled),
             Ring::Packed(q) => q.set_interrupts(enabled),
         }
     }
-    fn unpublished(&self) -> u16 {
+    pub(super) fn unpublished(&self) -> u16 {
         match self {
             Ring::Split(q) => q.unpublished(),
             Ring::Packed(q) => q.unpublished(),
@@ -236,7 +243,7 @@ impl Ring {
     /// Make a one-descriptor buffer with buffer id `id` available (split: in descriptor
     /// `id`, which the caller owns). The caller guarantees room: ids are unique among the
     /// outstanding buffers and there are at most `size` of them.
-    fn post(&mut self, id: u16, iova: u64, len: u32, flags: u16) {
+    pub(super) fn post(&mut self, id: u16, iova: u64, len: u32, flags: u16) {
         match self {
             Ring::Split(q) => {
                 q.set_desc(id, iova, len, flags, 0);
@@ -246,7 +253,7 @@ impl Ring {
         }
     }
     /// The split queue, for TX chains of several ring descriptors (no INDIRECT_DESC).
-    fn split(&mut self) -> &mut SplitQueue {
+    pub(super) fn split(&mut self) -> &mut SplitQueue {
         match self {
             Ring::Split(q) => q,
             Ring::Packed(_) => unreachable!("packed rings are used only with indirect descriptors"),
@@ -441,6 +448,399 @@ impl Rx {
     }
 }
 
+/// One receiveq/transmitq pair with its rings and buffers: the per-queue half of the driver,
+/// shared by [`VirtioNet`] (pair 0 alone) and the multi-queue handles of
+/// [`super::multiqueue`]. Pair `k` is receiveq(k+1) = virtqueue 2k and transmitq(k+1) =
+/// virtqueue 2k+1 (section 5.1.2). It touches the device only through the select-free
+/// registers (its own notification addresses), so pairs can be driven from different
+/// threads; queue set-up and resets stay with the owner of the whole device.
+pub(super) struct VqPair {
+    // Boxed: keeps `VirtioNet` (and `AnyNic`) small to move.
+    rx: Box<Rx>,
+    tx: Box<Tx>,
+    rx_index: u16,
+    tx_index: u16,
+    rx_notify: usize,
+    tx_notify: usize,
+    caps: Capabilities,
+    pub(super) stats: DeviceStats,
+}
+
+impl VqPair {
+    /// Rings and buffers of pair `pair` (not yet set up on the device): ring sizes from
+    /// `config`, rounded down to a power of two and capped at the device's maximum
+    /// (section 4.1.4.3.2: the driver may choose a smaller queue_size), buffers mapped as
+    /// `config`'s fault injection says.
+    pub(super) fn new(
+        t: &VirtioPciTransport,
+        dma: &Arc<DmaSpace>,
+        config: &NicConfig,
+        negotiated: u64,
+        pair: u16,
+    ) -> Result<VqPair> {
+        let (rx_index, tx_index) = (2 * pair, 2 * pair + 1);
+        let rx_size = fit_queue_size(t, config.rx_ring_size, rx_index)?;
+        let tx_size = fit_queue_size(t, config.tx_ring_size, tx_index)?;
+        if tx_size < 4 {
+            return Err(DriverError::InvalidArgument(format!(
+                "virtio-net TX queue of {tx_size} entries is too small"
+            )));
+        }
+        let packed = negotiated & f::F_RING_PACKED != 0;
+        // Fault injection: the device's writes into the receive buffers, or into the TX used
+        // ring (its completions), are stopped by the IOMMU.
+        let (rx_access, tx_used_access) =
+            (config.rx_buffer_access(), config.tx_completion_access());
+        let rx = Rx {
+            vq: Ring::new(dma, rx_index, rx_size, packed, DmaAccess::DeviceReadsWrites)?,
+            buffers: dma.allocate(rx_size as usize * config.rx_buffer_size, rx_access)?,
+            buffer_size: config.rx_buffer_size,
+            posted: vec![false; rx_size as usize],
+            lent: vec![false; rx_size as usize],
+            recycled: Vec::new(),
+        };
+        let n = tx_size as usize;
+        let tx = Tx::new(
+            Ring::new(dma, tx_index, tx_size, packed, tx_used_access)?,
+            dma.allocate(n * TX_HDR_SLOT, DmaAccess::DeviceReads)?,
+            if negotiated & f::F_INDIRECT_DESC != 0 {
+                Some(dma.allocate(n * INDIRECT_TABLE, DmaAccess::DeviceReads)?)
+            } else {
+                None
+            },
+        );
+        Ok(VqPair {
+            rx: Box::new(rx),
+            tx: Box::new(tx),
+            rx_index,
+            tx_index,
+            rx_notify: 0,
+            tx_notify: 0,
+            caps: capabilities(negotiated, tx_size),
+            stats: DeviceStats::default(),
+        })
+    }
+
+    pub(super) fn caps(&self) -> Capabilities {
+        self.caps
+    }
+
+    /// (receive, transmit) ring sizes.
+    pub(super) fn ring_sizes(&self) -> (u16, u16) {
+        (self.rx.vq.size(), self.tx.vq.size())
+    }
+
+    /// Set up both virtqueues with MSI-X `vector` (or NO_VECTOR) and post every receive
+    /// buffer not lent out (section 3.1.1 step 7, section 5.1.6.3). The device is between
+    /// FEATURES_OK and DRIVER_OK, the queues disabled, our rings zeroed. The receive queue
+    /// is notified by [`VqPair::kick_rx`] after DRIVER_OK.
+    pub(super) fn setup(&mut self, t: &VirtioPciTransport, vector: u16) -> Result<()> {
+        self.rx_notify =
+            t.setup_queue(self.rx_index, self.rx.vq.size(), self.rx.vq.areas(), vector)?;
+        self.tx_notify =
+            t.setup_queue(self.tx_index, self.tx.vq.size(), self.tx.vq.areas(), vector)?;
+        self.rx.post_all();
+        Ok(())
+    }
+
+    /// Tell the device about the posted receive buffers (after DRIVER_OK: section 3.1.1
+    /// forbids notifications before it).
+    pub(super) fn kick_rx(&mut self, t: &VirtioPciTransport) {
+        t.notify(self.rx_notify, self.rx_index);
+        self.stats.doorbells += 1;
+    }
+
+    /// After a device reset (the device no longer touches any buffer): drop every frame,
+    /// appending its token to `lost` in submission order, and zero both rings. Returns how
+    /// many frames were dropped.
+    pub(super) fn reset_rings(&mut self, lost: &mut VecDeque<TxToken>) -> usize {
+        let n = self.tx.drop_all(lost);
+        self.tx.vq.reset();
+        self.rx.vq.reset();
+        self.tx.last_progress = Instant::now();
+        n
+    }
+
+    pub(super) fn tx_capacity(&self, segments: usize) -> usize {
+        if segments == 0 || segments > self.caps.max_tx_segments {
+            return 0;
+        }
+        if self.tx.indirect.is_some() {
+            return self.tx.free.len();
+        }
+        // The header descriptor, then one per segment.
+        self.tx.free.len() / (segments + 1)
+    }
+
+    /// Check `frame`, build its `virtio_net_hdr` and descriptor chain, and push it on the
+    /// available ring (published by [`VqPair::tx_publish`]).
+    pub(super) fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
+        let (segments, offload, token) = (frame.segments, frame.offload, frame.token);
+        if !frame.tls.is_empty() {
+            // It would put the plaintext on the wire.
+            return Err(DriverError::BadFrame("no inline TLS engine".into()));
+        }
+        if segments.is_empty() || segments.len() > self.caps.max_tx_segments {
+            return Err(DriverError::BadFrame(format!(
+                "{} segments (1 to {} allowed)",
+                segments.len(),
+                self.caps.max_tx_segments
+            )));
+        }
+        if segments.iter().any(|s| s.len == 0) {
+            return Err(DriverError::BadFrame("zero-length segment".into()));
+        }
+        let total: u64 = segments.iter().map(|s| s.len as u64).sum();
+        if total < 14 {
+            return Err(DriverError::BadFrame(format!(
+                "{total}-byte frame is shorter than an Ethernet header"
+            )));
+        }
+        let hdr = tx_net_hdr(&self.caps, segments, offload, total)?;
+        // The chain: the header descriptor, then the caller's segments (in the ring, or in
+        // the frame's indirect table behind one ring descriptor).
+        let n = segments.len() + 1;
+        let ring_descs = if self.tx.indirect.is_some() { 1 } else { n };
+        if self.tx.free.len() < ring_descs {
+            return Err(DriverError::TxRingFull);
+        }
+        let head = *self.tx.free.last().unwrap();
+        let slot = head as usize * TX_HDR_SLOT;
+        self.tx.headers.write_bytes(slot, &hdr);
+        let header = (self.tx.headers.iova() + slot as u64, NET_HDR_LEN as u32);
+        let pieces = std::iter::once(header).chain(segments.iter().map(|s| (s.iova, s.len)));
+        let h = head as usize;
+        if let Some(table) = &self.tx.indirect {
+            // Section 2.7.5.3 (split): the table's descriptors chain by index within the
+            // table; the ring descriptor has only VIRTQ_DESC_F_INDIRECT (never with NEXT),
+            // and its len is the table's size in bytes. Section 2.8.19 (packed): the same
+            // ring descriptor, the table in the packed layout.
+            let base = h * INDIRECT_TABLE;
+            let packed = matches!(self.tx.vq, Ring::Packed(_));
+            for (k, (iova, len)) in pieces.enumerate() {
+                if packed {
+                    // Section 2.8.19: packed-layout entries, consecutive, no NEXT.
+                    write_indirect_desc(table, base + k * DESC_SIZE, iova, len, 0);
+                    continue;
+                }
+                let (flags, next) = if k + 1 == n {
+                    (0, 0)
+                } else {
+                    (DESC_F_NEXT, k as u16 + 1)
+                };
+                write_desc(table, base + k * DESC_SIZE, iova, len, flags, next);
+            }
+            self.tx.free.pop();
+            let table_iova = table.iova() + base as u64;
+            let table_len = (n * DESC_SIZE) as u32;
+            self.tx
+                .vq
+                .post(head, table_iova, table_len, DESC_F_INDIRECT);
+            self.tx.chain_len[h] = 1;
+        } else {
+            let mut d = self.tx.free.pop().unwrap();
+            debug_assert_eq!(d, head);
+            for (k, (iova, len)) in pieces.enumerate() {
+                let (flags, next) = if k + 1 == n {
+                    (0, 0)
+                } else {
+                    (DESC_F_NEXT, self.tx.free.pop().unwrap())
+                };
+                // TX buffers are device-readable: no VIRTQ_DESC_F_WRITE (section 2.7.5).
+                self.tx.vq.split().set_desc(d, iova, len, flags, next);
+                self.tx.next[d as usize] = next;
+                d = next;
+            }
+            self.tx.chain_len[h] = n as u16;
+            self.tx.vq.split().push_avail(head);
+        }
+        self.tx.token[h] = token;
+        self.tx.bytes[h] = total;
+        self.tx.in_flight[h] = true;
+        self.tx.done[h] = false;
+        if self.tx.order.is_empty() {
+            self.tx.last_progress = Instant::now();
+        }
+        self.tx.order.push_back(head);
+        Ok(())
+    }
+
+    /// Publish the enqueued frames and notify the transmit queue unless the device said it
+    /// needs no notification (section 2.7.13.3-4, 2.8.21.3).
+    pub(super) fn tx_publish(&mut self, t: &VirtioPciTransport) {
+        if self.tx.vq.publish() && self.tx.vq.device_wants_notification() {
+            t.notify(self.tx_notify, self.tx_index);
+            self.stats.doorbells += 1;
+        }
+    }
+
+    /// Consume the transmit used ring and hand back, in submission order, the tokens of the
+    /// frames completed. `Err(id)`: the device returned `id`, which is not an outstanding
+    /// chain (section 2.7.8: used ids are heads the driver made available); no token is
+    /// handed back then, and the caller must stop the device before reusing anything.
+    pub(super) fn tx_complete(
+        &mut self,
+        done: &mut dyn FnMut(TxToken),
+    ) -> std::result::Result<usize, u32> {
+        let size = self.tx.vq.size() as u32;
+        while let Some((id, _len)) = self.tx.vq.pop_used() {
+            if id >= size || !self.tx.in_flight[id as usize] || self.tx.done[id as usize] {
+                return Err(id);
+            }
+            self.tx.done[id as usize] = true;
+        }
+        let mut n = 0;
+        while let Some(&head) = self.tx.order.front() {
+            let h = head as usize;
+            if !self.tx.done[h] {
+                break;
+            }
+            self.tx.order.pop_front();
+            self.tx.in_flight[h] = false;
+            self.tx.done[h] = false;
+            let mut d = head;
+            for _ in 0..self.tx.chain_len[h] {
+                self.tx.free.push(d);
+                d = self.tx.next[d as usize];
+            }
+            self.stats.tx_frames += 1;
+            self.stats.tx_bytes += self.tx.bytes[h];
+            done(self.tx.token[h]);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The TX watchdog's view after a [`VqPair::tx_complete`] that handed back `completed`
+    /// frames: `None` while there is progress or nothing published, otherwise how long the
+    /// published frames have made none.
+    pub(super) fn tx_stalled(&mut self, completed: usize) -> Option<Duration> {
+        let published = self.tx.order.len() - self.tx.vq.unpublished() as usize;
+        if completed > 0 || published == 0 {
+            self.tx.last_progress = Instant::now();
+            return None;
+        }
+        Some(self.tx.last_progress.elapsed())
+    }
+
+    /// Frames enqueued and not yet handed back.
+    pub(super) fn tx_outstanding(&self) -> usize {
+        self.tx.order.len()
+    }
+
+    /// The next good received frame, lent out (see [`Rx::take`]); `Err(id)`: a used id
+    /// that was not posted (the device is broken).
+    pub(super) fn rx_take(&mut self) -> std::result::Result<Option<RxBuffer>, u32> {
+        self.rx.take(&mut self.stats)
+    }
+
+    pub(super) fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
+        self.rx.read(buffer, out)
+    }
+
+    pub(super) fn rx_recycle(&mut self, buffer: RxBuffer) {
+        self.rx.recycle(buffer)
+    }
+
+    /// Re-post the recycled buffers and notify the receive queue if the device wants it.
+    pub(super) fn rx_flush(&mut self, t: &VirtioPciTransport) {
+        if self.rx.repost() && self.rx.vq.device_wants_notification() {
+            t.notify(self.rx_notify, self.rx_index);
+            self.stats.doorbells += 1;
+        }
+    }
+
+    /// Used buffer notifications of both queues on or off (section 2.7.7, 2.8.10).
+    pub(super) fn set_interrupts(&self, enabled: bool) {
+        self.rx.vq.set_interrupts(enabled);
+        self.tx.vq.set_interrupts(enabled);
+    }
+}
+
+/// The largest power of two no larger than `want` and virtqueue `index`'s maximum.
+pub(super) fn fit_queue_size(t: &VirtioPciTransport, want: u16, index: u16) -> Result<u16> {
+    let max = t.max_queue_size(index);
+    if max == 0 {
+        return Err(DriverError::Device(format!(
+            "virtio-net has no virtqueue {index}"
+        )));
+    }
+    // Section 4.1.4.3.2: the driver may choose a smaller queue_size than the device's
+    // maximum.
+    let size = want.min(max).max(1);
+    Ok(1u16 << (15 - size.leading_zeros()))
+}
+
+/// What the queue API may use with `negotiated` features and a TX ring of `tx_size`.
+fn capabilities(negotiated: u64, tx_size: u16) -> Capabilities {
+    let csum = negotiated & f::NET_F_CSUM != 0;
+    Capabilities {
+        // Section 5.1.6.2: virtio-net offers L4 checksums and segmentation only.
+        ipv4_header_checksum: false,
+        tcp_checksum: csum,
+        udp_checksum: csum,
+        tso_max_frame: (negotiated & f::NET_F_HOST_TSO4 != 0).then_some(TSO_MAX_FRAME),
+        tso_headers: TsoHeaders::WholePacket,
+        tso_ipv6: negotiated & f::NET_F_HOST_TSO4 != 0 && negotiated & f::NET_F_HOST_TSO6 != 0,
+        max_tx_segments: if negotiated & f::F_INDIRECT_DESC != 0 {
+            MAX_TX_SEGMENTS
+        } else {
+            // A direct chain is the header descriptor plus one per segment.
+            MAX_TX_SEGMENTS.min(tx_size as usize - 1)
+        },
+        mtu: 1500,
+        // virtio-net has no TLS offload: the stack encrypts records itself.
+        tls_tx: None,
+    }
+}
+
+/// The checks `open` makes before touching the device: the configuration, the PCI ids
+/// (modern virtio-net, section 4.1.2.1: 0x1040 + device id 1) and a receive buffer size
+/// that holds the header and a full frame.
+pub(super) fn check_open(pci: &VfioPci, config: &NicConfig) -> Result<()> {
+    config.validate()?;
+    let (vendor, device) = pci.ids();
+    if (vendor, device) != (0x1af4, 0x1041) {
+        return Err(DriverError::UnsupportedDevice { vendor, device });
+    }
+    if config.rx_buffer_size < NET_HDR_LEN + MAX_FRAME as usize {
+        return Err(DriverError::InvalidArgument(format!(
+            "virtio-net receive buffers must hold the 12-byte header and a 1514-byte frame; {} is too small",
+            config.rx_buffer_size
+        )));
+    }
+    Ok(())
+}
+
+/// The MAC address: the device's with VIRTIO_NET_F_MAC, otherwise a random locally
+/// administered unicast one (section 5.1.5: "If the VIRTIO_NET_F_MAC feature bit is not set,
+/// the driver SHOULD generate a random MAC address").
+pub(super) fn read_mac(t: &VirtioPciTransport, negotiated: u64) -> Result<MacAddress> {
+    if negotiated & f::NET_F_MAC != 0 {
+        let mut mac = [0u8; 6];
+        t.read_device_config(CONFIG_MAC, &mut mac)?;
+        return Ok(MacAddress(mac));
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ (std::process::id() as u64) << 20;
+    let b = seed.to_le_bytes();
+    Ok(MacAddress([0x02, b[0], b[1], b[2], b[3], b[4]]))
+}
+
+/// The link state (section 5.1.4: the `status` field's VIRTIO_NET_S_LINK_UP; without
+/// VIRTIO_NET_F_STATUS the link is assumed active).
+pub(super) fn link_status(t: &VirtioPciTransport, negotiated: u64) -> bool {
+    if negotiated & f::NET_F_STATUS == 0 {
+        return true;
+    }
+    t.device_config_read16(CONFIG_STATUS)
+        .map(|s| s & S_LINK_UP != 0)
+        .unwrap_or(false)
+}
+
 /// A modern virtio-net device driven through VFIO.
 pub struct VirtioNet {
     /// Interrupts through VFIO (`NicConfig::interrupts`): MSI-X vector 0 for both queues,
@@ -452,13 +852,8 @@ pub struct VirtioNet {
     offered: u64,
     negotiated: u64,
     mac: MacAddress,
-    caps: Capabilities,
-    // Boxed: keeps `VirtioNet` (and `AnyNic`) small to move.
-    rx: Box<Rx>,
-    tx: Box<Tx>,
-    rx_notify: usize,
-    tx_notify: usize,
-    stats: DeviceStats,
+    /// receiveq1 and transmitq1.
+    q: VqPair,
     /// Tokens of frames dropped by a reset, handed back by the next `tx_reap`.
     lost: VecDeque<TxToken>,
     /// Error to report from the next `tx_reap` (after the lost tokens).
@@ -481,17 +876,7 @@ impl VirtioNet {
     /// maximum), receive buffer size, which offloads to negotiate or offer, how long to wait
     /// for the link, the TX-hang timeout, and fault injection (read-only receive buffers).
     pub fn open(pci: VfioPci, config: &NicConfig) -> Result<VirtioNet> {
-        config.validate()?;
-        let (vendor, device) = pci.ids();
-        if (vendor, device) != (0x1af4, 0x1041) {
-            return Err(DriverError::UnsupportedDevice { vendor, device });
-        }
-        if config.rx_buffer_size < NET_HDR_LEN + MAX_FRAME as usize {
-            return Err(DriverError::InvalidArgument(format!(
-                "virtio-net receive buffers must hold the 12-byte header and a 1514-byte frame; {} is too small",
-                config.rx_buffer_size
-            )));
-        }
+        check_open(&pci, config)?;
         pci.enable_bus_master()?;
         let transport = VirtioPciTransport::new(&pci)?;
         transport.reset()?;
@@ -512,92 +897,10 @@ impl VirtioNet {
         } else {
             None
         };
-        let (offered, negotiated) = negotiate(&transport, config, None)?;
-
-        let mac = if negotiated & f::NET_F_MAC != 0 {
-            let mut mac = [0u8; 6];
-            transport.read_device_config(CONFIG_MAC, &mut mac)?;
-            MacAddress(mac)
-        } else {
-            // Section 5.1.5: "If the VIRTIO_NET_F_MAC feature bit is not set, the driver
-            // SHOULD generate a random MAC address" (locally administered, unicast).
-            let seed = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-                ^ (std::process::id() as u64) << 20;
-            let b = seed.to_le_bytes();
-            MacAddress([0x02, b[0], b[1], b[2], b[3], b[4]])
-        };
-
-        let fit = |want: u16, index: u16| -> Result<u16> {
-            let max = transport.max_queue_size(index);
-            if max == 0 {
-                return Err(DriverError::Device(format!(
-                    "virtio-net has no virtqueue {index}"
-                )));
-            }
-            // Largest power of two no larger than both (section 4.1.4.3.2: the driver may
-            // choose a smaller queue_size than the device's maximum).
-            let size = want.min(max).max(1);
-            Ok(1u16 << (15 - size.leading_zeros()))
-        };
-        let rx_size = fit(config.rx_ring_size, RX_QUEUE)?;
-        let tx_size = fit(config.tx_ring_size, TX_QUEUE)?;
-        if tx_size < 4 {
-            return Err(DriverError::InvalidArgument(format!(
-                "virtio-net TX queue of {tx_size} entries is too small"
-            )));
-        }
+        let (offered, negotiated) = negotiate(&transport, config, None, 0)?;
+        let mac = read_mac(&transport, negotiated)?;
         let dma = Arc::clone(pci.dma());
-        let packed = negotiated & f::F_RING_PACKED != 0;
-        // Fault injection: the device's writes into the receive buffers, or into the TX used
-        // ring (its completions), are stopped by the IOMMU.
-        let (rx_access, tx_used_access) =
-            (config.rx_buffer_access(), config.tx_completion_access());
-        let rx = Rx {
-            vq: Ring::new(
-                &dma,
-                RX_QUEUE,
-                rx_size,
-                packed,
-                DmaAccess::DeviceReadsWrites,
-            )?,
-            buffers: dma.allocate(rx_size as usize * config.rx_buffer_size, rx_access)?,
-            buffer_size: config.rx_buffer_size,
-            posted: vec![false; rx_size as usize],
-            lent: vec![false; rx_size as usize],
-            recycled: Vec::new(),
-        };
-        let n = tx_size as usize;
-        let tx = Tx::new(
-            Ring::new(&dma, TX_QUEUE, tx_size, packed, tx_used_access)?,
-            dma.allocate(n * TX_HDR_SLOT, DmaAccess::DeviceReads)?,
-            if negotiated & f::F_INDIRECT_DESC != 0 {
-                Some(dma.allocate(n * INDIRECT_TABLE, DmaAccess::DeviceReads)?)
-            } else {
-                None
-            },
-        );
-        let csum = negotiated & f::NET_F_CSUM != 0;
-        let caps = Capabilities {
-            // Section 5.1.6.2: virtio-net offers L4 checksums and segmentation only.
-            ipv4_header_checksum: false,
-            tcp_checksum: csum,
-            udp_checksum: csum,
-            tso_max_frame: (negotiated & f::NET_F_HOST_TSO4 != 0).then_some(TSO_MAX_FRAME),
-            tso_headers: TsoHeaders::WholePacket,
-            tso_ipv6: negotiated & f::NET_F_HOST_TSO4 != 0 && negotiated & f::NET_F_HOST_TSO6 != 0,
-            max_tx_segments: if negotiated & f::F_INDIRECT_DESC != 0 {
-                MAX_TX_SEGMENTS
-            } else {
-                // A direct chain is the header descriptor plus one per segment.
-                MAX_TX_SEGMENTS.min(n - 1)
-            },
-            mtu: 1500,
-            // virtio-net has no TLS offload: the stack encrypts records itself.
-            tls_tx: None,
-        };
+        let q = VqPair::new(&transport, &dma, config, negotiated, 0)?;
         let mut nic = VirtioNet {
             irq,
             transport,
@@ -606,12 +909,7 @@ impl VirtioNet {
             offered,
             negotiated,
             mac,
-            caps,
-            rx: Box::new(rx),
-            tx: Box::new(tx),
-            rx_notify: 0,
-            tx_notify: 0,
-            stats: DeviceStats::default(),
+            q,
             lost: VecDeque::new(),
             pending_error: None,
             dead: None,
@@ -627,11 +925,12 @@ impl VirtioNet {
         while !nic.link_up() && Instant::now() < link_deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        let (rx_size, tx_size) = nic.q.ring_sizes();
         tracing::info!(
             mac = %nic.mac,
             rx_queue = rx_size,
             tx_queue = tx_size,
-            caps = ?nic.caps,
+            caps = ?nic.q.caps(),
             "virtio-net ready"
         );
         Ok(nic)
@@ -666,7 +965,7 @@ impl VirtioNet {
     /// indirect-table length of a split-queue ring descriptor.
     #[cfg(feature = "fault-injection")]
     pub(crate) fn can_inject_device_error(&self) -> bool {
-        self.tx.indirect.is_some() && matches!(self.tx.vq, Ring::Split(_))
+        self.q.tx.indirect.is_some() && matches!(self.q.tx.vq, Ring::Split(_))
     }
 
     /// Test hook ([`crate::faults`]): produce a fault that strikes at this doorbell, before
@@ -674,16 +973,16 @@ impl VirtioNet {
     #[cfg(feature = "fault-injection")]
     fn inject_before_doorbell(&mut self) -> bool {
         use crate::faults::Fault;
-        let new = self.tx.vq.unpublished() as usize;
+        let tx = &mut self.q.tx;
+        let new = tx.vq.unpublished() as usize;
         if new > 0 && self.faults.before_doorbell(new) == Some(Fault::DeviceError) {
             // The first new frame's ring descriptor announces an indirect table of half a
             // descriptor: not an array of `struct virtq_desc` (section 2.7.5.3), so the
             // device cannot use the buffer and reports DEVICE_NEEDS_RESET (section 2.1.2).
-            let head = self.tx.order[self.tx.order.len() - new];
-            let table = self.tx.indirect.as_ref().expect("checked when armed");
+            let head = tx.order[tx.order.len() - new];
+            let table = tx.indirect.as_ref().expect("checked when armed");
             let iova = table.iova() + (head as usize * INDIRECT_TABLE) as u64;
-            self.tx
-                .vq
+            tx.vq
                 .split()
                 .set_desc(head, iova, DESC_SIZE as u32 / 2, DESC_F_INDIRECT, 0);
         }
@@ -701,9 +1000,7 @@ impl VirtioNet {
             Some(IrqMode::MsiX) => 0,
             _ => NO_VECTOR,
         };
-        self.rx_notify = t.setup_queue(RX_QUEUE, self.rx.vq.size(), self.rx.vq.areas(), vector)?;
-        self.tx_notify = t.setup_queue(TX_QUEUE, self.tx.vq.size(), self.tx.vq.areas(), vector)?;
-        self.rx.post_all();
+        self.q.setup(t, vector)?;
         // Section 3.1.1 step 8; section 3.1.1 also forbids notifications before DRIVER_OK.
         t.add_status(DeviceStatus::DRIVER_OK);
         let status = t.status();
@@ -712,8 +1009,7 @@ impl VirtioNet {
                 "virtio-net refused DRIVER_OK: status {status:#04x}"
             )));
         }
-        t.notify(self.rx_notify, RX_QUEUE);
-        self.stats.doorbells += 1;
+        self.q.kick_rx(t);
         Ok(())
     }
 
@@ -723,17 +1019,15 @@ impl VirtioNet {
         // Reset first: once the status reads 0 the device no longer touches any buffer, so
         // the dropped frames' memory may be reused by the caller (section 2.4).
         let reset = self.transport.reset();
-        let lost = self.tx.drop_all(&mut self.lost);
-        self.stats.tx_errors += lost as u64;
-        self.stats.watchdog_resets += 1;
-        self.tx.vq.reset();
-        self.rx.vq.reset();
+        let lost = self.q.reset_rings(&mut self.lost);
+        self.q.stats.tx_errors += lost as u64;
+        self.q.stats.watchdog_resets += 1;
         #[cfg(feature = "fault-injection")]
         self.faults.on_reset();
         let err = error(lost);
         tracing::warn!("virtio-net: {err}");
         let restarted = reset
-            .and_then(|()| negotiate(&self.transport, &self.config, Some(self.negotiated)))
+            .and_then(|()| negotiate(&self.transport, &self.config, Some(self.negotiated), 0))
             .and_then(|_| self.start_queues());
         match restarted {
             // Recovered: `tx_reap` reports it (once, with every frame dropped since the
@@ -755,7 +1049,6 @@ impl VirtioNet {
                 ));
             }
         }
-        self.tx.last_progress = Instant::now();
     }
 
     /// Read the status when the device has been idle for a while; recover on
@@ -895,8 +1188,14 @@ fn tx_net_hdr(
 /// Feature negotiation (section 3.1.1 steps 2-6, section 2.2): ACKNOWLEDGE, DRIVER, read the
 /// offered bits, refuse without VERSION_1 or ACCESS_PLATFORM, take what we use, FEATURES_OK
 /// and check that the device kept it. With `same`, insist on exactly those bits (re-init).
+/// `extra`: further bits to take when offered (the multi-queue driver's MQ, CTRL_VQ, RSS).
 /// Returns (offered, negotiated).
-fn negotiate(t: &VirtioPciTransport, config: &NicConfig, same: Option<u64>) -> Result<(u64, u64)> {
+pub(super) fn negotiate(
+    t: &VirtioPciTransport,
+    config: &NicConfig,
+    same: Option<u64>,
+    extra: u64,
+) -> Result<(u64, u64)> {
     t.add_status(DeviceStatus::ACKNOWLEDGE);
     t.add_status(DeviceStatus::DRIVER);
     let offered = t.device_features();
@@ -940,7 +1239,15 @@ fn negotiate(t: &VirtioPciTransport, config: &NicConfig, same: Option<u64>) -> R
             )));
         }
         Some(bits) => bits,
-        None => offered & want,
+        None => {
+            let mut taken = offered & (want | extra);
+            // Section 5.1.3.1: MQ and RSS require CTRL_VQ (a device offering them without it
+            // is broken; use one queue pair then).
+            if taken & f::NET_F_CTRL_VQ == 0 {
+                taken &= !(f::NET_F_MQ | f::NET_F_RSS);
+            }
+            taken
+        }
     };
     if same.is_none() {
         tracing::info!(
@@ -973,7 +1280,7 @@ impl NetQueue for VirtioNet {
     }
 
     fn capabilities(&self) -> Capabilities {
-        self.caps
+        self.q.caps()
     }
 
     fn link_up(&mut self) -> bool {
@@ -981,131 +1288,30 @@ impl NetQueue for VirtioNet {
         if self.dead.is_some() {
             return false;
         }
-        if self.negotiated & f::NET_F_STATUS == 0 {
-            // Section 5.1.4: without VIRTIO_NET_F_STATUS the link is assumed active.
-            return true;
-        }
-        self.transport
-            .device_config_read16(CONFIG_STATUS)
-            .map(|s| s & S_LINK_UP != 0)
-            .unwrap_or(false)
+        link_status(&self.transport, self.negotiated)
     }
 
     fn tx_capacity(&self, segments: usize) -> usize {
-        if self.dead.is_some() || segments == 0 || segments > self.caps.max_tx_segments {
+        if self.dead.is_some() {
             return 0;
         }
-        if self.tx.indirect.is_some() {
-            return self.tx.free.len();
-        }
-        // The header descriptor, then one per segment.
-        self.tx.free.len() / (segments + 1)
+        self.q.tx_capacity(segments)
     }
 
     fn tx_enqueue(&mut self, frame: TxFrame<'_>) -> Result<()> {
-        let (segments, offload, token) = (frame.segments, frame.offload, frame.token);
-        if !frame.tls.is_empty() {
-            // It would put the plaintext on the wire.
-            return Err(DriverError::BadFrame("no inline TLS engine".into()));
-        }
         if let Some(why) = &self.dead {
             return Err(DriverError::Device(why.clone()));
         }
-        if segments.is_empty() || segments.len() > self.caps.max_tx_segments {
-            return Err(DriverError::BadFrame(format!(
-                "{} segments (1 to {} allowed)",
-                segments.len(),
-                self.caps.max_tx_segments
-            )));
-        }
-        if segments.iter().any(|s| s.len == 0) {
-            return Err(DriverError::BadFrame("zero-length segment".into()));
-        }
-        let total: u64 = segments.iter().map(|s| s.len as u64).sum();
-        if total < 14 {
-            return Err(DriverError::BadFrame(format!(
-                "{total}-byte frame is shorter than an Ethernet header"
-            )));
-        }
-        let hdr = tx_net_hdr(&self.caps, segments, offload, total)?;
-        // The chain: the header descriptor, then the caller's segments (in the ring, or in
-        // the frame's indirect table behind one ring descriptor).
-        let n = segments.len() + 1;
-        let ring_descs = if self.tx.indirect.is_some() { 1 } else { n };
-        if self.tx.free.len() < ring_descs {
-            return Err(DriverError::TxRingFull);
-        }
-        let head = *self.tx.free.last().unwrap();
-        let slot = head as usize * TX_HDR_SLOT;
-        self.tx.headers.write_bytes(slot, &hdr);
-        let header = (self.tx.headers.iova() + slot as u64, NET_HDR_LEN as u32);
-        let pieces = std::iter::once(header).chain(segments.iter().map(|s| (s.iova, s.len)));
-        let h = head as usize;
-        if let Some(table) = &self.tx.indirect {
-            // Section 2.7.5.3 (split): the table's descriptors chain by index within the
-            // table; the ring descriptor has only VIRTQ_DESC_F_INDIRECT (never with NEXT),
-            // and its len is the table's size in bytes. Section 2.8.19 (packed): the same
-            // ring descriptor, the table in the packed layout.
-            let base = h * INDIRECT_TABLE;
-            let packed = matches!(self.tx.vq, Ring::Packed(_));
-            for (k, (iova, len)) in pieces.enumerate() {
-                if packed {
-                    // Section 2.8.19: packed-layout entries, consecutive, no NEXT.
-                    write_indirect_desc(table, base + k * DESC_SIZE, iova, len, 0);
-                    continue;
-                }
-                let (flags, next) = if k + 1 == n {
-                    (0, 0)
-                } else {
-                    (DESC_F_NEXT, k as u16 + 1)
-                };
-                write_desc(table, base + k * DESC_SIZE, iova, len, flags, next);
-            }
-            self.tx.free.pop();
-            let table_iova = table.iova() + base as u64;
-            let table_len = (n * DESC_SIZE) as u32;
-            self.tx
-                .vq
-                .post(head, table_iova, table_len, DESC_F_INDIRECT);
-            self.tx.chain_len[h] = 1;
-        } else {
-            let mut d = self.tx.free.pop().unwrap();
-            debug_assert_eq!(d, head);
-            for (k, (iova, len)) in pieces.enumerate() {
-                let (flags, next) = if k + 1 == n {
-                    (0, 0)
-                } else {
-                    (DESC_F_NEXT, self.tx.free.pop().unwrap())
-                };
-                // TX buffers are device-readable: no VIRTQ_DESC_F_WRITE (section 2.7.5).
-                self.tx.vq.split().set_desc(d, iova, len, flags, next);
-                self.tx.next[d as usize] = next;
-                d = next;
-            }
-            self.tx.chain_len[h] = n as u16;
-            self.tx.vq.split().push_avail(head);
-        }
-        self.tx.token[h] = token;
-        self.tx.bytes[h] = total;
-        self.tx.in_flight[h] = true;
-        self.tx.done[h] = false;
-        if self.tx.order.is_empty() {
-            self.tx.last_progress = Instant::now();
-        }
-        self.tx.order.push_back(head);
-        Ok(())
+        self.q.tx_enqueue(frame)
     }
 
     fn tx_flush(&mut self) {
         #[cfg(feature = "fault-injection")]
         if !self.inject_before_doorbell() {
-            self.tx.vq.publish();
+            self.q.tx.vq.publish();
             return;
         }
-        if self.tx.vq.publish() && self.tx.vq.device_wants_notification() {
-            self.transport.notify(self.tx_notify, TX_QUEUE);
-            self.stats.doorbells += 1;
-        }
+        self.q.tx_publish(&self.transport);
     }
 
     fn tx_reap(&mut self, done: &mut dyn FnMut(TxToken)) -> Result<usize> {
@@ -1120,10 +1326,9 @@ impl NetQueue for VirtioNet {
         if let Some(why) = &self.dead {
             return Err(DriverError::Device(why.clone()));
         }
-        let size = self.tx.vq.size() as u32;
-        while let Some((id, _len)) = self.tx.vq.pop_used() {
-            // Section 2.7.8: id is the head of a chain we made available.
-            if id >= size || !self.tx.in_flight[id as usize] || self.tx.done[id as usize] {
+        let completed = match self.q.tx_complete(done) {
+            Ok(completed) => completed,
+            Err(id) => {
                 self.recover(|lost| DriverError::DeviceReset {
                     reason: format!(
                         "virtio-net returned descriptor {id}, which is not an outstanding TX chain"
@@ -1132,38 +1337,18 @@ impl NetQueue for VirtioNet {
                 });
                 return self.tx_reap(done).map(|m| m + n);
             }
-            self.tx.done[id as usize] = true;
-        }
-        while let Some(&head) = self.tx.order.front() {
-            let h = head as usize;
-            if !self.tx.done[h] {
-                break;
-            }
-            self.tx.order.pop_front();
-            self.tx.in_flight[h] = false;
-            self.tx.done[h] = false;
-            let mut d = head;
-            for _ in 0..self.tx.chain_len[h] {
-                self.tx.free.push(d);
-                d = self.tx.next[d as usize];
-            }
-            self.stats.tx_frames += 1;
-            self.stats.tx_bytes += self.tx.bytes[h];
-            done(self.tx.token[h]);
-            n += 1;
-        }
-        let published = self.tx.order.len() - self.tx.vq.unpublished() as usize;
-        if n > 0 || published == 0 {
-            self.tx.last_progress = Instant::now();
+        };
+        n += completed;
+        let Some(stalled) = self.q.tx_stalled(completed) else {
             return Ok(n);
-        }
+        };
         self.check_status();
-        if self.pending_error.is_none() && self.dead.is_none() {
-            let stalled = self.tx.last_progress.elapsed();
-            if stalled > self.config.tx_hang_timeout {
-                let ms = stalled.as_millis() as u64;
-                self.recover(|lost| DriverError::TxHang { ms, lost });
-            }
+        if self.pending_error.is_none()
+            && self.dead.is_none()
+            && stalled > self.config.tx_hang_timeout
+        {
+            let ms = stalled.as_millis() as u64;
+            self.recover(|lost| DriverError::TxHang { ms, lost });
         }
         if self.pending_error.is_some() || self.dead.is_some() || !self.lost.is_empty() {
             // A reset happened: hand back its tokens and report it (or the dead device).
@@ -1176,7 +1361,7 @@ impl NetQueue for VirtioNet {
         if self.dead.is_some() {
             return None;
         }
-        match self.rx.take(&mut self.stats) {
+        match self.q.rx_take() {
             Ok(Some(buffer)) => Some(buffer),
             Ok(None) => {
                 self.check_status();
@@ -1193,22 +1378,19 @@ impl NetQueue for VirtioNet {
     }
 
     fn rx_read<'out>(&self, buffer: &RxBuffer, out: &'out mut [u8]) -> &'out [u8] {
-        self.rx.read(buffer, out)
+        self.q.rx_read(buffer, out)
     }
 
     fn rx_recycle(&mut self, buffer: RxBuffer) {
-        self.rx.recycle(buffer)
+        self.q.rx_recycle(buffer)
     }
 
     fn rx_flush(&mut self) {
-        if self.rx.repost() && self.rx.vq.device_wants_notification() {
-            self.transport.notify(self.rx_notify, RX_QUEUE);
-            self.stats.doorbells += 1;
-        }
+        self.q.rx_flush(&self.transport);
     }
 
     fn stats(&mut self) -> DeviceStats {
-        self.stats
+        self.q.stats
     }
 }
 
@@ -1218,9 +1400,9 @@ impl std::fmt::Debug for VirtioNet {
             .field("pci", &self.pci.address().to_string())
             .field("mac", &self.mac)
             .field("negotiated", &f::names(self.negotiated).join(","))
-            .field("rx_queue", &self.rx.vq.size())
-            .field("tx_queue", &self.tx.vq.size())
-            .field("in_flight", &self.tx.order.len())
+            .field("rx_queue", &self.q.rx.vq.size())
+            .field("tx_queue", &self.q.tx.vq.size())
+            .field("in_flight", &self.q.tx_outstanding())
             .field("dead", &self.dead)
             .finish()
     }
@@ -1237,8 +1419,7 @@ impl Interruptible for VirtioNet {
 
     fn irq_arm(&mut self) {
         if self.irq.is_some() {
-            self.rx.vq.set_interrupts(true);
-            self.tx.vq.set_interrupts(true);
+            self.q.set_interrupts(true);
         }
     }
 
@@ -1246,8 +1427,7 @@ impl Interruptible for VirtioNet {
         let Some(irq) = &mut self.irq else {
             return 0;
         };
-        self.rx.vq.set_interrupts(false);
-        self.tx.vq.set_interrupts(false);
+        self.q.set_interrupts(false);
         if irq.mode() == IrqMode::Intx {
             // Reading the ISR status clears it and deasserts the line (section 4.1.4.5.1)
             // before VFIO unmasks it.

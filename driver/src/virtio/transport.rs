@@ -273,6 +273,37 @@ impl VirtioPciTransport {
         ))
     }
 
+    /// A le32 field of device configuration, read at its natural width.
+    pub fn device_config_read32(&self, offset: usize) -> Result<u32> {
+        self.check_device_config(offset, 4)?;
+        Ok(u32::from_le(
+            self.bar(self.device)
+                .read32(self.device.offset as usize + offset),
+        ))
+    }
+
+    /// A u8 field of device configuration.
+    pub fn device_config_read8(&self, offset: usize) -> Result<u8> {
+        self.check_device_config(offset, 1)?;
+        Ok(self
+            .bar(self.device)
+            .read8(self.device.offset as usize + offset))
+    }
+
+    /// Route configuration change notifications to MSI-X `vector` (NO_VECTOR: none), checked
+    /// by reading it back (section 4.1.5.1.2.1: the device answers NO_VECTOR when it could not
+    /// map the vector).
+    pub fn set_config_vector(&self, vector: u16) -> Result<()> {
+        self.common_write16(common::CONFIG_MSIX_VECTOR, vector);
+        let back = self.common_read16(common::CONFIG_MSIX_VECTOR);
+        if back != vector {
+            return Err(DriverError::Device(format!(
+                "configuration MSI-X vector {vector} not accepted (reads back {back:#x})"
+            )));
+        }
+        Ok(())
+    }
+
     /// Offset in the notify BAR for a queue whose `queue_notify_off` is `notify_off`:
     /// `cap.offset + queue_notify_off * notify_off_multiplier` (section 4.1.4.4), checked to
     /// lie inside the notification structure ("cap.length ... at least

@@ -11,6 +11,7 @@ use driver::virtio::{features, VirtioPciTransport};
 use driver::{Capabilities, L4Checksum, L4Protocol, NicModel, Tso, TsoHeaders, TxOffload};
 
 mod mq;
+mod mqirq;
 mod nictest;
 mod stack;
 mod virtio;
@@ -34,6 +35,8 @@ enum Command {
     StackSend(stack::StackSendArgs),
     /// Answer TCP SYNs with RSTs on every queue pair of a multi-queue NIC, one thread each.
     MqSyn(mq::MqSynArgs),
+    /// Sleep on each queue pair's own interrupt vector, one thread each.
+    MqIrq(mqirq::MqIrqArgs),
     #[command(flatten)]
     Nic(nictest::NicCommand),
     #[command(flatten)]
@@ -46,6 +49,7 @@ fn main() {
         Command::Identify { pci } => identify(pci.as_deref()),
         Command::StackSend(a) => stack::run(a),
         Command::MqSyn(a) => mq::run(a),
+        Command::MqIrq(a) => mqirq::run(a),
         Command::Nic(c) => nictest::run(c),
         Command::Virtio(c) => virtio::run(c),
     };
