@@ -70,11 +70,11 @@
 //! it again. `QueueFault` is not [`DriverError::is_recovered`]. The TX watchdog is
 //! per queue, with [`NicConfig::tx_hang_timeout`] as in the single-queue driver.
 
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
+
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::anynic::NicConfig;
 use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
@@ -448,15 +448,15 @@ pub fn open_queues(
     for (index, q) in pairs_taken.into_iter().enumerate() {
         let irq = match &dev.irq {
             Some(irq) => {
-                let fds = irq.fds();
+                let mut all = irq.clone_vectors(n + 1)?;
                 // Vector 0 is the configuration's (pair 0 listens to it too), k + 1 pair k's.
-                let mine: Vec<RawFd> = if index == 0 {
-                    vec![fds[0], fds[1]]
+                let mine: Vec<EventFd> = if index == 0 {
+                    all.drain(..2).collect()
                 } else {
-                    vec![fds[index + 1]]
+                    vec![all.swap_remove(index + 1)]
                 };
                 Some(QueueIrq {
-                    fds: mine.into_iter().map(dup_eventfd).collect::<Result<_>>()?,
+                    fds: mine,
                     count: 0,
                 })
             }
@@ -619,23 +619,10 @@ fn initialise(dev: &mut Device, pairs: usize) -> Result<()> {
     Ok(())
 }
 
-/// A duplicate of one of the device's interrupt eventfds, so a handle can read its own
-/// vector without touching the others'.
-fn dup_eventfd(fd: RawFd) -> Result<File> {
-    // SAFETY: `fd` is an eventfd owned by the `DeviceIrq` in the shared `Device`, which is
-    // alive (the caller holds it) for the whole call; it is only borrowed here to duplicate
-    // it, and the duplicate is owned independently.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let owned = borrowed
-        .try_clone_to_owned()
-        .map_err(|e| DriverError::io("duplicating an interrupt eventfd", e))?;
-    Ok(File::from(owned))
-}
-
 /// One handle's interrupt vectors.
 struct QueueIrq {
     /// Duplicates of its eventfds (pair 0: the configuration vector's too).
-    fds: Vec<File>,
+    fds: Vec<EventFd>,
     count: u64,
 }
 
@@ -643,13 +630,10 @@ impl QueueIrq {
     /// Read (and so reset) the eventfds; returns the interrupts they counted.
     fn drain(&mut self) -> u64 {
         let mut n = 0;
-        for mut fd in &self.fds {
-            let mut value = [0u8; 8];
+        for fd in &self.fds {
             // Non-blocking (EFD_NONBLOCK is shared with the original): WouldBlock is no
             // interrupt.
-            if let Ok(8) = fd.read(&mut value) {
-                n += u64::from_ne_bytes(value);
-            }
+            n += fd.read().unwrap_or(0);
         }
         self.count += n;
         n
