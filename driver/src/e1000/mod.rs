@@ -547,14 +547,7 @@ impl E1000 {
             irq_causes,
             pci,
         };
-        // Receiver on, once (QEMU's e1000 refuses frames for a second after every RCTL write).
-        nic.bar0
-            .write32(regs::RCTL, rctl_value(config.rx_buffer_size));
-        if !wait_until(config.link_wait, || {
-            nic.bar0.read32(regs::STATUS) & regs::STATUS_LU != 0
-        }) {
-            tracing::warn!(device = %nic.pci.address(), "link still down after {:?}", config.link_wait);
-        }
+        start_receiver(&nic.bar0, config, nic.pci.address());
         // Counters are cumulative from here on (reset cleared them; this discards anything
         // counted during initialisation).
         nic.read_counters();
@@ -848,6 +841,18 @@ fn program_filters(bar0: &Mmio, mac: MacAddress) {
     }
     for w in 0..regs::MTA_WORDS {
         bar0.write32(regs::MTA + 4 * w, 0);
+    }
+}
+
+/// Turns the receiver on, once, after every ring is set (RCTL is never written again: QEMU's
+/// e1000 refuses frames for a second after every RCTL write), then waits up to
+/// `config.link_wait` for the link (8254x SDM 13.4.2 STATUS.LU), warning if it stays down.
+pub(super) fn start_receiver(bar0: &Mmio, config: &NicConfig, address: &crate::pci::PciAddress) {
+    bar0.write32(regs::RCTL, rctl_value(config.rx_buffer_size));
+    if !wait_until(config.link_wait, || {
+        bar0.read32(regs::STATUS) & regs::STATUS_LU != 0
+    }) {
+        tracing::warn!(device = %address, "link still down after {:?}", config.link_wait);
     }
 }
 

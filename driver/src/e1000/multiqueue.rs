@@ -1,6 +1,6 @@
 //! The 82574L's two queue pairs with receive-side scaling (see [`crate::multiqueue`]).
 //!
-//! [`open_queues`] gives the 82540EM and 82545EM (one queue each), and the 82574L asked for
+//! [`open_nic_queues`](crate::multiqueue::open_nic_queues) gives the 82540EM and 82545EM (one queue each), and the 82574L asked for
 //! one pair, today's single-queue [`E1000`] driver as pair 0. An 82574L asked for two or more
 //! gets two [`E1000Queue`]s, each with its own receive ring, transmit ring, MSI-X vector and
 //! counters, to be driven by one thread each.
@@ -13,7 +13,7 @@
 //! - **Descriptors.** RSS needs the extended receive descriptor (RFCTL.EXTEN, 82574 DS 7.1.4)
 //!   with RXCSUM.PCSD set, so that the write-back's first quadword carries the RSS type and
 //!   hash instead of the packet checksum (82574 DS 7.1.2). The ring code is the one of the
-//!   single-queue driver with [`desc::RxFormat::Extended`]; the same integrity check (a
+//!   single-queue driver with [`super::desc::RxFormat::Extended`]; the same integrity check (a
 //!   destination address the filter would not pass means the data never landed) applies.
 //! - **RSS.** RSSRK = [`RSS_KEY`] (key byte 0 in the low byte of RSSRK0), RETA entry i = queue
 //!   `i % n` (bit 7 of each byte, the 82574's queue index), MRQC = RSS enabled with the
@@ -68,8 +68,8 @@ use std::time::Instant;
 
 use super::desc::RxFormat;
 use super::{
-    bring_up, capabilities, enable_transmitter, init_rx, init_tx, quiesce, rctl_value,
-    read_device_counters, regs, wait_until, RxRing, TxRing, E1000,
+    bring_up, capabilities, enable_transmitter, init_rx, init_tx, quiesce, read_device_counters,
+    regs, start_receiver, RxRing, TxRing, E1000,
 };
 use crate::anynic::NicConfig;
 use crate::dma::{DmaRegion, DmaSpace};
@@ -87,17 +87,13 @@ pub const MAX_PAIRS_82574: usize = 2;
 
 /// Opens the device with up to `pairs` queue pairs: one on the 82540EM/82545EM (today's
 /// [`E1000`] driver), `min(pairs, 2)` on the 82574L with RSS across them (see the
-/// [module documentation](self)). Pair 0 first.
-pub fn open_queues(
+/// [module documentation](self)). Pair 0 first. Called by
+/// [`crate::multiqueue::open_nic_queues`], which has checked `pairs >= 1`.
+pub(crate) fn open_queues(
     pci: VfioPci,
     config: &NicConfig,
     pairs: usize,
 ) -> Result<Vec<Box<dyn QueuePair>>> {
-    if pairs == 0 {
-        return Err(DriverError::InvalidArgument(
-            "queue pairs: at least 1".into(),
-        ));
-    }
     let (vendor, device) = pci.ids();
     let model = NicModel::from_ids(vendor, device)?;
     let n = if model == NicModel::I82574L {
@@ -209,7 +205,7 @@ fn reta_words(pairs: usize) -> [u32; regs::RETA_WORDS] {
 }
 
 /// The queue the device puts a frame with RSS hash `hash` in when `pairs` queues share the
-/// RETA as [`open_queues`] programs it: the entry the low 7 bits of the hash index (82574 DS
+/// RETA as [`open_nic_queues`](crate::multiqueue::open_nic_queues) programs it: the entry the low 7 bits of the hash index (82574 DS
 /// 7.1.2). Frames without a hash (RSS type 0) go to queue 0. For tests: with
 /// [`crate::multiqueue::toeplitz_hash`] it predicts where a flow lands.
 pub fn rss_queue(hash: u32, pairs: usize) -> usize {
@@ -345,14 +341,8 @@ fn open_82574(pci: VfioPci, config: &NicConfig, pairs: usize) -> Result<Vec<Box<
         pci,
     });
 
-    // Receiver on, once, after RSS and both rings are set (RCTL is never written again).
-    dev.bar0
-        .write32(regs::RCTL, rctl_value(config.rx_buffer_size));
-    if !wait_until(config.link_wait, || {
-        dev.bar0.read32(regs::STATUS) & regs::STATUS_LU != 0
-    }) {
-        tracing::warn!(device = %dev.pci.address(), "link still down after {:?}", config.link_wait);
-    }
+    // Receiver on, once, after RSS and both rings are set.
+    start_receiver(&dev.bar0, config, dev.pci.address());
     // Discard whatever the clear-on-read counters saw during initialisation.
     read_device_counters(&dev.bar0, &mut DeviceStats::default(), true);
     tracing::info!(device = %dev.pci.address(), model = %model, mac = %mac, pairs, "e1000e ready with RSS");

@@ -187,7 +187,7 @@ pub const MRQC_HASH_IPV4: u32 = 1 << 17;
 pub const MRQC_HASH_TCP_IPV6: u32 = 1 << 18;
 pub const MRQC_HASH_IPV6: u32 = 1 << 20;
 /// 82574 RSS Random Key (RSSRK0..9, 82574 DS 7.1.2): the 40-byte Toeplitz key, key byte
-/// 4i + j in bits 8j+7:8j of RSSRK[i] (byte 0 of the key in the low byte of RSSRK0).
+/// 4i + j in bits 8j+7:8j of RSSRK\[i\] (byte 0 of the key in the low byte of RSSRK0).
 pub const RSSRK: usize = 0x5C80;
 pub const RSSRK_WORDS: usize = 10;
 /// 82574 Redirection Table (RETA0..31, 82574 DS 7.1.2): 128 one-byte entries, entry i in

@@ -2,7 +2,7 @@
 //! VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_RSS; see [`crate::multiqueue`] for the API).
 //!
 //! # Opening
-//! [`open_queues`] first looks at the offered features. With one pair asked for, or a device
+//! [`open_nic_queues`](crate::multiqueue::open_nic_queues) first looks at the offered features. With one pair asked for, or a device
 //! without CTRL_VQ and MQ/RSS, it returns one handle: the single-queue [`VirtioNet`] itself,
 //! unchanged (its TX watchdog and device resets included). Otherwise it initialises the
 //! device as section 3.1.1 and 5.1.5 say, taking CTRL_VQ, MQ and RSS (when offered) on top of
@@ -15,7 +15,7 @@
 //!
 //! # Receive steering
 //! Multi-queue is off until the driver sends a `VIRTIO_NET_CTRL_MQ` command after DRIVER_OK
-//! (section 5.1.6.5.5); [`open_queues`] sends it before handing out any handle, so no frame
+//! (section 5.1.6.5.5); [`open_nic_queues`](crate::multiqueue::open_nic_queues) sends it before handing out any handle, so no frame
 //! is queued on a transmitq above 1 before it (section 5.1.6.5.6.1).
 //! - With VIRTIO_NET_F_RSS: `VIRTIO_NET_CTRL_MQ_RSS_CONFIG` (section 5.1.6.5.7.1) with the
 //!   key [`RSS_KEY`], hash types TCPv4 and TCPv6 (those of them the device's
@@ -378,18 +378,14 @@ impl Drop for Device {
 }
 
 /// Opens the virtio-net device behind `pci` with up to `pairs` queue pairs and programs the
-/// receive steering (see the module documentation). Handles are in pair order.
-pub fn open_queues(
+/// receive steering (see the module documentation). Handles are in pair order. Called by
+/// [`crate::multiqueue::open_nic_queues`], which has checked `pairs >= 1`.
+pub(crate) fn open_queues(
     pci: VfioPci,
     config: &NicConfig,
     pairs: usize,
 ) -> Result<Vec<Box<dyn QueuePair>>> {
     check_open(&pci, config)?;
-    if pairs == 0 {
-        return Err(DriverError::InvalidArgument(
-            "queue pairs: at least 1".into(),
-        ));
-    }
     pci.enable_bus_master()?;
     let offered = {
         // A look at the offered features (section 3.1.1 steps 1-4), then a reset again.
