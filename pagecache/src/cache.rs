@@ -302,7 +302,7 @@ impl PageCache {
             if !st.dirty.is_empty() || !st.writing_back.is_empty() || !st.filling.is_empty() {
                 return true; // writeback still has work on the old inode; later
             }
-            let pages: Vec<(u64, FrameId)> = st.pages.drain().collect();
+            let pages = st.pages.take_all();
             for (_, frame) in pages {
                 self.shared.orphan(frame);
             }
@@ -447,7 +447,6 @@ impl CacheShared {
         debug_assert!(previous & HELD != 0, "release_hold of a frame not held");
         debug_assert!(previous & ORPHAN != 0, "a held frame is always an orphan");
         if previous & PIN_MASK == 0 {
-            meta.state.store(0, Ordering::SeqCst);
             self.frames.put_free(&[frame]);
         }
         self.old_versions.fetch_sub(1, Ordering::SeqCst);
@@ -466,10 +465,7 @@ impl CacheShared {
         let previous = meta.state.fetch_add(1, Ordering::SeqCst);
         debug_assert!(previous & PIN_MASK < PIN_MASK, "pin count overflow");
         if previous & PIN_MASK == 0 {
-            let pinned = self.stats.pinned_pages_now.fetch_add(1, Ordering::Relaxed) + 1;
-            self.stats
-                .pinned_pages_peak
-                .fetch_max(pinned, Ordering::Relaxed);
+            self.stats.pinned_pages.add_one();
             if self.config.audit {
                 audit::record(&self.arena, frame, meta);
             }
@@ -516,12 +512,63 @@ impl CacheShared {
         } else {
             meta.state.fetch_sub(1, Ordering::SeqCst)
         };
+        self.after_unpin(frame, previous);
+    }
+
+    /// Pins `frame` without the file lock if it is still in `incarnation` with no flag
+    /// (see `fast`): one compare-and-swap on the frame's own cache line. Returns false
+    /// (changing nothing) if the frame was freed, evicted, replaced or is held.
+    #[inline]
+    pub fn pin_lock_free(&self, frame: FrameId, incarnation: u32) -> bool {
+        let Some(meta) = self.frames.meta.get(frame as usize) else {
+            return false;
+        };
+        let mut current = meta.state.load(Ordering::Relaxed);
+        loop {
+            if crate::frames::incarnation(current) != incarnation
+                || current & (ORPHAN | HELD) != 0
+                || current & PIN_MASK == PIN_MASK
+            {
+                return false;
+            }
+            // SeqCst: the pinner's half of the Dekker pattern (this CAS, then the sequence
+            // load); see `fast`.
+            match meta.state.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => current = now,
+            }
+        }
+        if current & PIN_MASK == 0 {
+            self.stats.pinned_pages.add_one();
+        }
+        if !meta.referenced.load(Ordering::Relaxed) {
+            meta.referenced.store(true, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Gives back a pin taken by [`CacheShared::pin_lock_free`] whose snapshot turned out
+    /// not to be valid (the file changed meanwhile): its bytes were never used, so there is
+    /// nothing to audit; otherwise as [`CacheShared::unpin`].
+    pub fn unpin_unused(&self, frame: FrameId) {
+        let previous = self.frames.meta(frame).state.fetch_sub(1, Ordering::SeqCst);
+        self.after_unpin(frame, previous);
+    }
+
+    /// After a release that left the state word at `previous - 1`.
+    #[inline]
+    fn after_unpin(&self, frame: FrameId, previous: u64) {
         debug_assert!(previous & PIN_MASK != 0, "unpin of an unpinned frame");
         if previous & PIN_MASK == 1 {
-            self.stats.pinned_pages_now.fetch_sub(1, Ordering::Relaxed);
+            self.stats.pinned_pages.sub_one();
             if previous & ORPHAN != 0 && previous & HELD == 0 {
-                // We were the last holder of a frame no file maps any more.
-                meta.state.store(0, Ordering::SeqCst);
+                // We were the last holder of a frame no file maps any more (and lock-free
+                // pinners refuse orphans, so nobody pins it again).
                 self.frames.put_free(&[frame]);
             }
             self.events.notify();
@@ -540,7 +587,6 @@ impl CacheShared {
             .state
             .fetch_or(ORPHAN, Ordering::SeqCst);
         if previous & PIN_MASK == 0 && previous & HELD == 0 {
-            self.frames.meta(frame).state.store(0, Ordering::SeqCst);
             self.frames.put_free(&[frame]);
             self.events.notify();
         }

@@ -33,8 +33,9 @@ use crate::cache::{Backpressure, CacheShared};
 use crate::error::{Error, Result};
 use crate::file::{pages_covering, FileShared, FileState, Stall};
 use crate::fill;
+use crate::frames::Waiter;
 use crate::identity::FileIdentity;
-use crate::pin::Pin;
+use crate::pin::{Anchor, Pin};
 use crate::stats::StatCounters;
 use crate::ticket::{Attempt, Pending, PendingReason, Ticket};
 
@@ -207,6 +208,8 @@ impl Snapshots {
 /// valid on their own. `Send + Sync`.
 pub struct Snapshot {
     cache: Arc<CacheShared>,
+    /// What its pins hold the cache by (one per snapshot: its pins are taken in sequence).
+    anchor: Arc<Anchor>,
     file: Arc<FileShared>,
     id: u64,
     range: Range<u64>,
@@ -254,6 +257,7 @@ impl Snapshot {
         StatCounters::add(&cache.stats.snapshots, 1);
         Ok(Self {
             identity: st.identity(),
+            anchor: Anchor::new(cache.clone()),
             cache,
             file,
             id,
@@ -375,12 +379,18 @@ impl Snapshot {
 
     fn attempt(&mut self, range: Range<u64>, prefix_ok: bool) -> Result<Attempt<Pin>> {
         let cache = self.cache.clone();
+        // Registered only after a first stall, then the attempt is made again (see
+        // `CachedFile::run_now`).
+        let mut waiter: Option<Waiter<'_>> = None;
         loop {
-            let seen = cache.events.generation();
             let outcome = {
                 let mut st = self.file.state.lock();
                 self.try_pin(&mut st, &range, prefix_ok)
             };
+            if matches!(outcome, Err(Stall::NeedFrames(_))) && waiter.is_none() {
+                waiter = Some(cache.events.waiter());
+                continue;
+            }
             match outcome {
                 Ok(pin) => {
                     self.frames_short_since = None;
@@ -403,7 +413,9 @@ impl Snapshot {
                     }
                     StatCounters::add(&cache.stats.frame_waits, 1);
                     let ticket = Ticket::new();
-                    cache.events.park(&ticket, seen);
+                    cache
+                        .events
+                        .park(&ticket, waiter.take().expect("registered"));
                     return Ok(Attempt::Pending(Pending::new(
                         ticket,
                         PendingReason::OutOfFrames { needed },
@@ -455,10 +467,10 @@ impl Snapshot {
         for &frame in &frames {
             self.cache.pin_locked(frame);
         }
-        StatCounters::add(&self.cache.stats.pins, 1);
+        self.cache.stats.pins.add(1);
         let end = range.end.min(available_end * PAGE).max(range.start);
         let pin = Pin::new(
-            self.cache.clone(),
+            self.anchor.clone(),
             range.start..end,
             self.identity.version,
             pages.start,
