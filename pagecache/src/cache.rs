@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::arena::{FrameArena, FrameId};
 use crate::audit;
@@ -119,6 +119,13 @@ pub(crate) struct CacheShared {
     pub open_files: OpenFiles,
     pub io: IoPool,
     registry: Mutex<Registry>,
+    /// Orders [`PageCache::install`] (write: taking the old entry off the path *and* the
+    /// rename) against [`PageCache::open`] (read: finding or creating the path's entry). Without
+    /// it an open between the two made a fresh entry on the old inode, which the rename then
+    /// unlinked under it: its ctime moved, so its next fill or revalidation took the rename for
+    /// an external edit and invalidated the snapshots being streamed from it (a GET during a
+    /// PUT answered 500; `tests/replace_stress.rs`).
+    paths: RwLock<()>,
 }
 
 /// The file a frame allocation is made for: its lock is already held by the caller, and
@@ -176,6 +183,7 @@ impl PageCache {
                 open_files: OpenFiles::new(config.max_open_files),
                 io: IoPool::start(config.io_threads, cache.clone()),
                 registry: Mutex::new(Registry::default()),
+                paths: RwLock::new(()),
             }),
         })
     }
@@ -188,6 +196,9 @@ impl PageCache {
         let path = path.as_ref();
         self.sweep_replaced();
         let canonical = std::fs::canonicalize(path).map_err(|e| Error::io("open", path, e))?;
+        // No install may take the entry off the path or rename over it until the entry found
+        // or made here is under the path (it is then detached properly by the install).
+        let paths = self.shared.paths.read();
         let existing = self.shared.registry.lock().by_path.get(&canonical).cloned();
         let file = match existing {
             Some(file) => {
@@ -219,6 +230,7 @@ impl PageCache {
                 }
             }
         };
+        drop(paths);
         let handle = CachedFile::new(self.shared.clone(), file, options);
         handle.revalidate()?;
         Ok(handle)
@@ -239,11 +251,15 @@ impl PageCache {
     /// change of its inode) and the error returned; `target` is unchanged.
     pub fn install(&self, new: &Path, target: &Path) -> Result<()> {
         self.sweep_replaced();
+        // Detach and rename as one step for `open` (see `CacheShared::paths`).
+        let paths = self.shared.paths.write();
         let detached = match std::fs::canonicalize(target) {
             Ok(canonical) => self.detach(&canonical),
             Err(_) => None, // nothing there yet
         };
-        if let Err(e) = std::fs::rename(new, target) {
+        let renamed = std::fs::rename(new, target);
+        drop(paths);
+        if let Err(e) = renamed {
             if let Some(file) = detached {
                 let mut st = file.state.lock();
                 let ids: Vec<u64> = st.snapshots.entries.keys().copied().collect();
