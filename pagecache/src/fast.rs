@@ -79,8 +79,9 @@ use std::sync::OnceLock;
 use crate::arena::FrameId;
 
 /// Largest pin (in pages) the lock-free path takes; larger ones take the lock (their
-/// per-page work dwarfs the lock anyway).
-pub(crate) const MAX_FAST_PAGES: u64 = 64;
+/// per-page work dwarfs the lock anyway). 256 KiB at any offset (the server's largest
+/// streaming pin) spans 65 pages.
+pub(crate) const MAX_FAST_PAGES: u64 = 65;
 
 const FAN_BITS: u32 = 6;
 const FAN: usize = 1 << FAN_BITS;

@@ -530,6 +530,73 @@ pub fn set_unsafe_skip_pin_recheck(skip: bool) {
     SKIP_RECHECK.store(skip, Ordering::Relaxed);
 }
 
+/// The core of every lock-free pin (see `fast`): pins the resident pages covering `range`
+/// (non-empty) as one version of the file and returns their frames and that version, or
+/// `None` (nothing pinned) when the locked path must decide: the range reaches past the
+/// published length or spans more than [`MAX_FAST_PAGES`], a page is not resident, the file
+/// is not at `want_version` (when given), page `ahead` (when given and inside the file) is
+/// not resident (read-ahead is due: the locked path starts it), `still_valid` says no (read
+/// inside the validated window), or the file changed meanwhile.
+pub(crate) fn pin_resident(
+    cache: &CacheShared,
+    published: &Published,
+    range: &Range<u64>,
+    want_version: Option<u64>,
+    ahead: Option<u64>,
+    still_valid: impl Fn() -> bool,
+) -> Option<(Box<[FrameId]>, u64)> {
+    const ATTEMPTS: usize = 2;
+    let pages = pages_covering(range);
+    if pages.is_empty() || pages.end - pages.start > MAX_FAST_PAGES {
+        return None;
+    }
+    for _ in 0..ATTEMPTS {
+        let seq = published.seq.load(Ordering::Acquire);
+        if seq & 1 != 0 && !skip_recheck() {
+            std::hint::spin_loop();
+            continue;
+        }
+        let len = published.len.load(Ordering::Acquire);
+        let version = published.version.load(Ordering::Acquire);
+        if range.end > len || want_version.is_some_and(|v| v != version) {
+            return None; // the locked path reports it (or sees a newer state)
+        }
+        if let Some(ahead) = ahead {
+            if ahead < len.div_ceil(PAGE) && published.slots.get(ahead).is_none() {
+                return None;
+            }
+        }
+        let mut frames = Vec::with_capacity((pages.end - pages.start) as usize);
+        let mut complete = true;
+        for page in pages.clone() {
+            match published.slots.get(page) {
+                Some(slot) if cache.pin_lock_free(slot.frame, slot.incarnation) => {
+                    frames.push(slot.frame)
+                }
+                _ => {
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        // SeqCst: after the pins' CASes (the pinner's half of the Dekker pattern).
+        let valid = complete
+            && still_valid()
+            && (published.seq.load(Ordering::SeqCst) == seq || skip_recheck());
+        if !valid {
+            for &frame in &frames {
+                cache.unpin_unused(frame);
+            }
+            if !complete {
+                return None;
+            }
+            continue;
+        }
+        return Some((frames.into_boxed_slice(), version));
+    }
+    None
+}
+
 pub(crate) fn pages_covering(range: &Range<u64>) -> Range<u64> {
     if range.is_empty() {
         return range.start / PAGE..range.start / PAGE;
@@ -625,74 +692,29 @@ impl CachedFile {
     /// The lock-free pin of resident pages (see `fast`); `None` when the locked path must
     /// decide (absent pages, read-ahead due, errors, a concurrent change, audit mode).
     fn pin_lock_free(&self, range: &Range<u64>) -> Option<Pin> {
-        const ATTEMPTS: usize = 2;
         let cache = &*self.cache;
         if cache.config.audit || range.start >= range.end {
             return None;
         }
         let published = self.shared.state.published();
         let pages = pages_covering(range);
-        if pages.end - pages.start > MAX_FAST_PAGES {
-            return None;
+        let ahead = (cache.config.readahead_max_pages > 0).then_some(pages.end);
+        let (frames, version) = pin_resident(cache, published, range, None, ahead, || true)?;
+        let next_sequential = &published.next_sequential_page;
+        if next_sequential.load(Ordering::Relaxed) == pages.start {
+            // Continuing a sequential stream: keep read-ahead's detection in step. Pins
+            // elsewhere in the file leave the line alone (no shared write).
+            next_sequential.store(pages.end, Ordering::Relaxed);
         }
-        for _ in 0..ATTEMPTS {
-            let seq = published.seq.load(Ordering::Acquire);
-            if seq & 1 != 0 && !skip_recheck() {
-                std::hint::spin_loop();
-                continue;
-            }
-            let len = published.len.load(Ordering::Acquire);
-            let version = published.version.load(Ordering::Acquire);
-            if range.end > len {
-                return None; // the locked path reports it (or sees a newer length)
-            }
-            if cache.config.readahead_max_pages > 0
-                && pages.end < len.div_ceil(PAGE)
-                && published.slots.get(pages.end).is_none()
-            {
-                return None; // read-ahead is due: the locked path starts it
-            }
-            let mut frames = Vec::with_capacity((pages.end - pages.start) as usize);
-            let mut complete = true;
-            for page in pages.clone() {
-                match published.slots.get(page) {
-                    Some(slot) if cache.pin_lock_free(slot.frame, slot.incarnation) => {
-                        frames.push(slot.frame)
-                    }
-                    _ => {
-                        complete = false;
-                        break;
-                    }
-                }
-            }
-            // SeqCst: after the pins' CASes (the pinner's half of the Dekker pattern).
-            let valid = complete && (published.seq.load(Ordering::SeqCst) == seq || skip_recheck());
-            if !valid {
-                for &frame in &frames {
-                    cache.unpin_unused(frame);
-                }
-                if !complete {
-                    return None;
-                }
-                continue;
-            }
-            let next_sequential = &published.next_sequential_page;
-            if next_sequential.load(Ordering::Relaxed) == pages.start {
-                // Continuing a sequential stream: keep read-ahead's detection in step. Pins
-                // elsewhere in the file leave the line alone (no shared write).
-                next_sequential.store(pages.end, Ordering::Relaxed);
-            }
-            cache.stats.pins.add(1);
-            cache.stats.lock_free_pins.add(1);
-            return Some(Pin::new(
-                self.anchor(),
-                range.clone(),
-                version,
-                pages.start,
-                frames.into_boxed_slice(),
-            ));
-        }
-        None
+        cache.stats.pins.add(1);
+        cache.stats.lock_free_pins.add(1);
+        Some(Pin::new(
+            self.anchor(),
+            range.clone(),
+            version,
+            pages.start,
+            frames,
+        ))
     }
 
     /// Takes a [`Snapshot`] of `range`: fixes the current version of every page in it

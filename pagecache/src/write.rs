@@ -292,8 +292,9 @@ impl CachedFile {
                     continue;
                 }
                 for range in ranges {
-                    let from = range.start.max(entry.needed.start);
-                    let to = range.end.min(entry.needed.end);
+                    let needed = entry.needed();
+                    let from = range.start.max(needed.start);
+                    let to = range.end.min(needed.end);
                     for page in from..to {
                         if !entry.preserved.contains_key(&page) {
                             needs.entry(page).or_default().push(id);

@@ -95,12 +95,16 @@ fn pin_whole(cache: &PageCache, path: &std::path::Path, tally: &mut Tally) {
     }
 }
 
-fn run(run_for: Duration) -> (Tally, u64) {
+fn run(run_for: Duration, audit: bool) -> (Tally, u64, pagecache::CacheStats) {
     let dir = common::temp_dir("pagecache-replace-stress");
     let target = common::make_file(&dir, "versioned.bin", &common::version_bytes(0, LEN));
     let other = common::make_file(&dir, "rewritten.bin", &common::version_bytes(0, LEN));
     // Room for a few versions at once: the readers' fills compete for frames.
-    let cache = common::cache(PAGES * 6, common::stress_config());
+    let config = CacheConfig {
+        audit,
+        ..common::stress_config()
+    };
+    let cache = common::cache(PAGES * 6, config);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let installs = Arc::new(AtomicU64::new(0));
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -175,7 +179,7 @@ fn run(run_for: Duration) -> (Tally, u64) {
         t.join().unwrap();
     }
     let tally = std::mem::take(&mut *tally.lock().unwrap());
-    (tally, installs.load(Ordering::Relaxed))
+    (tally, installs.load(Ordering::Relaxed), cache.stats())
 }
 
 /// Pins of the file that is truncated and rewritten: any length, but one version.
@@ -200,17 +204,21 @@ fn pin_whole_or_empty(cache: &PageCache, path: &std::path::Path, tally: &mut Tal
     }
 }
 
-#[test]
-fn gets_during_installs_and_truncations_never_fail() {
-    let _ = CacheConfig::default();
-    let (tally, installs) = run(Duration::from_secs(4));
+fn check(audit: bool) {
+    let (tally, installs, stats) = run(Duration::from_secs(2), audit);
     eprintln!(
-        "{} bodies, {} pins, {installs} installs, {} length retries, {} errors",
+        "audit {audit}: {} bodies, {} pins, {installs} installs, {} length retries, {} errors; \
+         {} of {} cache pins lock-free",
         tally.bodies,
         tally.pins,
         tally.retried_len,
-        tally.errors.len()
+        tally.errors.len(),
+        stats.lock_free_pins,
+        stats.pins,
     );
+    if !audit {
+        assert!(stats.lock_free_pins > 0, "{stats:?}");
+    }
     assert!(installs > 10 && tally.bodies > 10, "{tally:?}");
     assert_eq!(tally.torn, 0, "{tally:?}");
     let mut distinct = tally.errors.clone();
@@ -222,4 +230,15 @@ fn gets_during_installs_and_truncations_never_fail() {
         tally.errors.len(),
         &distinct[..distinct.len().min(5)]
     );
+    common::assert_settled(&stats);
+}
+
+#[test]
+fn gets_during_installs_and_truncations_never_fail() {
+    check(false);
+}
+
+#[test]
+fn audited_gets_during_installs_and_truncations_never_fail() {
+    check(true);
 }
