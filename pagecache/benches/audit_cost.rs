@@ -11,8 +11,9 @@
 //! AUDIT=off AUDIT_ITERS=200 valgrind --tool=callgrind --callgrind-out-file=/dev/null BIN --bench
 //! ```
 //!
-//! `AUDIT`: `off`, or `on` (the crate's default audit settings), or `every` (audit on,
-//! every release verified: `audit_verify_every = 1`). Without valgrind it prints ns per
+//! `AUDIT`: `off`, or `on` (the crate's default audit settings; `AUDIT_EVERY=N` sets
+//! `audit_verify_every`), or `every` (audit on, every release verified:
+//! `audit_verify_every = 1`). Without valgrind it prints ns per
 //! pinned page (wall time, noisy on a loaded machine).
 
 mod common;
@@ -32,8 +33,20 @@ fn config(mode: &str) -> CacheConfig {
             audit: false,
             ..base
         },
-        "on" => CacheConfig { audit: true, ..base },
-        other => panic!("AUDIT={other}: off or on"),
+        "on" => CacheConfig {
+            audit: true,
+            audit_verify_every: std::env::var("AUDIT_EVERY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(base.audit_verify_every),
+            ..base
+        },
+        "every" => CacheConfig {
+            audit: true,
+            audit_verify_every: 1,
+            ..base
+        },
+        other => panic!("AUDIT={other}: off, on or every"),
     }
 }
 
@@ -71,9 +84,11 @@ fn main() {
     let elapsed = start.elapsed();
     let stats = cache.stats();
     println!(
-        "audit={mode}: {pages} pinned pages, {:.1} ns per pinned page (wall), checks {} violations {}",
+        "audit={mode}: {pages} pinned pages, {:.1} ns per pinned page (wall), records {} checks {} skipped {} violations {}",
         elapsed.as_nanos() as f64 / pages.max(1) as f64,
+        stats.audit_records,
         stats.audit_checks,
+        stats.audit_skipped,
         stats.audit_violations
     );
 }

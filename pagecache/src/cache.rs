@@ -59,8 +59,17 @@ pub struct CacheConfig {
     pub soft_limit_frames: Option<usize>,
     /// Behaviour when no frame can be found.
     pub backpressure: Backpressure,
-    /// Audit mode: checksum pages at first pin and verify them at last unpin.
+    /// Audit mode: prove at run time that pinned pages do not change. The crc32 of each frame
+    /// version is recorded at its first pin; it is verified at every
+    /// [`CacheConfig::audit_verify_every`]-th release of a pin of the frame and when the
+    /// version ends (written while unpinned, evicted, freed). See
+    /// [`CacheStats::audit_violations`] and the other `audit_*` counters.
     pub audit: bool,
+    /// Audit mode: verify a frame's checksum at every N-th release of a pin of it (counted
+    /// per frame, deterministic: releases 0, N, 2N, ...). 1 verifies every release (tests); 0
+    /// only when the version ends. Larger N costs less (each verification is a crc32 of
+    /// 4 KiB) and reports a violation later, never misses one that persists. Default 16.
+    pub audit_verify_every: u32,
     /// Largest read-ahead window, in pages, for sequential pins (0 disables read-ahead).
     pub readahead_max_pages: usize,
     /// Most frames that may hold old versions kept for open snapshots
@@ -81,6 +90,7 @@ impl Default for CacheConfig {
             soft_limit_frames: None,
             backpressure: Backpressure::Error,
             audit: false,
+            audit_verify_every: audit::DEFAULT_VERIFY_EVERY,
             readahead_max_pages: 32,
             old_version_limit_pages: None,
             old_version_policy: OldVersionPolicy::WriterWaits {
@@ -463,7 +473,7 @@ impl CacheShared {
         debug_assert!(previous & HELD != 0, "release_hold of a frame not held");
         debug_assert!(previous & ORPHAN != 0, "a held frame is always an orphan");
         if previous & PIN_MASK == 0 {
-            self.frames.put_free(&[frame]);
+            self.free(frame);
         }
         self.old_versions.fetch_sub(1, Ordering::SeqCst);
         self.events.notify();
@@ -482,9 +492,9 @@ impl CacheShared {
         debug_assert!(previous & PIN_MASK < PIN_MASK, "pin count overflow");
         if previous & PIN_MASK == 0 {
             self.stats.pinned_pages.add_one();
-            if self.config.audit {
-                audit::record(&self.arena, frame, meta);
-            }
+        }
+        if self.config.audit {
+            audit::on_pin(&self.arena, frame, meta, &self.stats);
         }
         if !meta.referenced.load(Ordering::Relaxed) {
             meta.referenced.store(true, Ordering::Relaxed);
@@ -504,30 +514,17 @@ impl CacheShared {
     #[inline]
     pub fn unpin(&self, frame: FrameId) {
         let meta = self.frames.meta(frame);
-        let previous = if self.config.audit {
-            // Verify before letting go of the last pin, while the bytes must still be stable.
-            loop {
-                let current = meta.state.load(Ordering::SeqCst);
-                let intact =
-                    (current & PIN_MASK == 1).then(|| audit::verify(&self.arena, frame, meta));
-                if meta
-                    .state
-                    .compare_exchange(current, current - 1, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    if let Some(intact) = intact {
-                        StatCounters::add(&self.stats.audit_checks, 1);
-                        if !intact {
-                            StatCounters::add(&self.stats.audit_violations, 1);
-                            tracing::error!(frame, "audit: pinned page changed while pinned");
-                        }
-                    }
-                    break current;
-                }
-            }
-        } else {
-            meta.state.fetch_sub(1, Ordering::SeqCst)
-        };
+        if self.config.audit {
+            // While the pin is still held: the bytes must be the recorded ones.
+            audit::on_release(
+                &self.arena,
+                frame,
+                meta,
+                self.config.audit_verify_every,
+                &self.stats,
+            );
+        }
+        let previous = meta.state.fetch_sub(1, Ordering::SeqCst);
         self.after_unpin(frame, previous);
     }
 
@@ -585,7 +582,7 @@ impl CacheShared {
             if previous & ORPHAN != 0 && previous & HELD == 0 {
                 // We were the last holder of a frame no file maps any more (and lock-free
                 // pinners refuse orphans, so nobody pins it again).
-                self.frames.put_free(&[frame]);
+                self.free(frame);
             }
             self.events.notify();
         }
@@ -603,8 +600,33 @@ impl CacheShared {
             .state
             .fetch_or(ORPHAN, Ordering::SeqCst);
         if previous & PIN_MASK == 0 && previous & HELD == 0 {
-            self.frames.put_free(&[frame]);
+            self.free(frame);
             self.events.notify();
+        }
+    }
+
+    /// Frees a frame that held a file page and that nobody pins, holds or maps any more (so
+    /// the caller has exclusive use of it): in audit mode its version ends here.
+    fn free(&self, frame: FrameId) {
+        self.end_of_version(frame);
+        self.frames.put_free(&[frame]);
+    }
+
+    /// Audit mode: the frame's bytes are about to change or go, legitimately (the caller has
+    /// exclusive use of the frame): verify and clear its recorded checksum (see `audit`).
+    #[inline]
+    pub fn end_of_version(&self, frame: FrameId) {
+        if self.config.audit {
+            audit::end_of_version(&self.arena, frame, self.frames.meta(frame), &self.stats);
+        }
+    }
+
+    /// Audit mode: a pin of `frame` was validated; record the checksum of its version if
+    /// none is yet.
+    #[inline]
+    pub fn audit_pinned(&self, frame: FrameId) {
+        if self.config.audit {
+            audit::on_pin(&self.arena, frame, self.frames.meta(frame), &self.stats);
         }
     }
 

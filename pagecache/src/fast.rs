@@ -43,8 +43,10 @@
 //! Pages not resident (or being filled), a page after the range not resident while
 //! read-ahead is on (the locked path starts the read-ahead), ranges beyond the published
 //! length or larger than [`MAX_FAST_PAGES`], a file past [`SlotTree::CAPACITY_PAGES`] pages,
-//! audit mode (its checksum is recorded at the first pin, under the lock), or any change of
-//! the file while pinning.
+//! or any change of the file while pinning. Audit mode pins lock-free too: the checksum of a
+//! frame version is recorded after the pin is validated (see `audit`). [`crate::Snapshot::pin_next`]
+//! uses the same core ([`crate::file::pin_resident`]) while the file is still at the
+//! snapshot's version.
 //!
 //! # Scaling, measured and planned
 //! The benchmark `pin_scaling` prints pin+release throughput for 1, 2, 4 and 8 threads on

@@ -592,6 +592,9 @@ pub(crate) fn pin_resident(
             }
             continue;
         }
+        for &frame in &frames {
+            cache.audit_pinned(frame);
+        }
         return Some((frames.into_boxed_slice(), version));
     }
     None
@@ -693,7 +696,7 @@ impl CachedFile {
     /// decide (absent pages, read-ahead due, errors, a concurrent change, audit mode).
     fn pin_lock_free(&self, range: &Range<u64>) -> Option<Pin> {
         let cache = &*self.cache;
-        if cache.config.audit || range.start >= range.end {
+        if range.start >= range.end {
             return None;
         }
         let published = self.shared.state.published();

@@ -51,8 +51,11 @@ pub(crate) struct FrameMeta {
     pub state: AtomicU64,
     /// Clock "recently used" bit.
     pub referenced: AtomicBool,
-    /// Audit mode: crc32 of the frame's bytes recorded when it was first pinned.
-    pub audit_crc: AtomicU32,
+    /// Audit mode: the crc32 of the frame's current version, with a "recorded" bit (see
+    /// `audit`).
+    pub audit: AtomicU64,
+    /// Audit mode: releases of pins of this frame, for the 1-in-N verification.
+    pub audit_releases: AtomicU32,
 }
 
 /// Which file page a frame holds.

@@ -101,8 +101,11 @@
 //! [`Error::OutOfFrames`] at once or after a bounded wait ([`Backpressure`]).
 //!
 //! # Auditing
-//! With [`CacheConfig::audit`], the crc32 of each page is recorded at first pin and checked
-//! at last unpin; mismatches are counted in [`CacheStats::audit_violations`]. The test-only
+//! With [`CacheConfig::audit`], the crc32 of each frame version is recorded at its first pin,
+//! verified at every [`CacheConfig::audit_verify_every`]-th release of a pin of it (1: every
+//! release) and when the version ends (rewritten, evicted, freed); mismatches are counted in
+//! [`CacheStats::audit_violations`] (the `audit` module says why this design and what it
+//! costs). The test-only
 //! `WritePolicy::InPlaceUnsafe` (available under `cfg(test)` and the `test-hooks` feature)
 //! writes into pinned pages the way Linux would, to prove that such detectors can fire.
 //!

@@ -156,8 +156,13 @@ pub struct CacheStats {
     pub writebacks: u64,
     /// Bytes written to disk by writeback.
     pub bytes_written: u64,
-    /// Pages whose checksum was verified at last unpin (audit mode).
+    /// Audit mode: checksums of frame versions recorded (once per version, at its first pin).
+    pub audit_records: u64,
+    /// Audit mode: checksums verified (at sampled releases and when a version ends).
     pub audit_checks: u64,
+    /// Audit mode: releases of pinned pages not verified (1-in-N sampling,
+    /// [`crate::CacheConfig::audit_verify_every`]).
+    pub audit_skipped: u64,
     /// Pages whose bytes changed while pinned (audit mode). Must stay zero unless the
     /// test-only `InPlaceUnsafe` policy is used.
     pub audit_violations: u64,
@@ -204,7 +209,9 @@ pub(crate) struct StatCounters {
     pub bytes_read: AtomicU64,
     pub writebacks: AtomicU64,
     pub bytes_written: AtomicU64,
-    pub audit_checks: AtomicU64,
+    pub audit_records: Sharded,
+    pub audit_checks: Sharded,
+    pub audit_skipped: Sharded,
     pub audit_violations: AtomicU64,
     pub external_changes: AtomicU64,
     pub background_fills: AtomicU64,
@@ -241,7 +248,9 @@ impl StatCounters {
             bytes_read: self.bytes_read.load(Relaxed),
             writebacks: self.writebacks.load(Relaxed),
             bytes_written: self.bytes_written.load(Relaxed),
-            audit_checks: self.audit_checks.load(Relaxed),
+            audit_records: self.audit_records.sum(),
+            audit_checks: self.audit_checks.sum(),
+            audit_skipped: self.audit_skipped.sum(),
             audit_violations: self.audit_violations.load(Relaxed),
             external_changes: self.external_changes.load(Relaxed),
             background_fills: self.background_fills.load(Relaxed),

@@ -557,6 +557,11 @@ impl CachedFile {
                     // keeps the sequence odd, see `fast`), so nobody reads these bytes as
                     // pinned. Under the test-only InPlaceUnsafe policy this deliberately
                     // writes pinned bytes.
+                    if !self.is_pinned(frame) {
+                        // The frame's version ends here (a write into a *pinned* frame keeps
+                        // its recorded checksum, so the audit catches it later).
+                        self.cache.end_of_version(frame);
+                    }
                     put(frame);
                 }
                 PageAction::Replace { old, new } => {

@@ -246,6 +246,8 @@ pub(crate) fn evict_page(
     if !cache.frames.claim_for_eviction(frame) {
         return false;
     }
+    // Claimed: nobody can pin it any more, so its audited version ends here.
+    cache.end_of_version(frame);
     st.pages.remove(&page);
     cache.frames.set_owner(frame, None);
     true
