@@ -49,6 +49,9 @@ enum Scenario {
     OneFile,
     SamePage,
     OwnFiles,
+    /// Each thread streams its own snapshots of one shared file (`Snapshot::pin_next`, one
+    /// page at a time, a new snapshot every 64 pins): the server's download path.
+    Stream,
     Control,
 }
 
@@ -58,6 +61,7 @@ impl Scenario {
             Scenario::OneFile => "one file, own pages",
             Scenario::SamePage => "one file, same page",
             Scenario::OwnFiles => "own files",
+            Scenario::Stream => "one file, streaming snapshots (pin_next)",
             Scenario::Control => "control: no page cache, nothing shared",
         }
     }
@@ -128,6 +132,7 @@ fn run(f: &Fixture, scenario: Scenario, path: Path, threads: usize, iters: u64) 
                 Scenario::OneFile => (f.files[0].clone(), (t * 8 % FILE_PAGES) as u64),
                 Scenario::SamePage => (f.files[0].clone(), 3),
                 Scenario::OwnFiles | Scenario::Control => (f.files[t].clone(), 3),
+                Scenario::Stream => (f.files[0].clone(), 0),
             };
             let barrier = barrier.clone();
             thread::spawn(move || {
@@ -137,6 +142,19 @@ fn run(f: &Fixture, scenario: Scenario, path: Path, threads: usize, iters: u64) 
                 if scenario == Scenario::Control {
                     for i in 0..iters {
                         black_box(control_work(black_box(i)));
+                    }
+                } else if scenario == Scenario::Stream {
+                    let whole = 0..FILE_PAGES as u64 * PAGE;
+                    let mut snapshot = file.snapshot(whole.clone()).unwrap();
+                    for _ in 0..iters {
+                        if snapshot.remaining() == 0 {
+                            snapshot = file.snapshot(whole.clone()).unwrap();
+                        }
+                        let pin = match path {
+                            Path::Locked => snapshot.pin_next_locked(PAGE),
+                            Path::LockFree => snapshot.pin_next(PAGE),
+                        };
+                        black_box(pin.unwrap().ready().expect("resident"));
                     }
                 } else {
                     for _ in 0..iters {
@@ -203,6 +221,7 @@ fn main() {
         Scenario::OneFile,
         Scenario::SamePage,
         Scenario::OwnFiles,
+        Scenario::Stream,
         Scenario::Control,
     ];
     let csv = std::env::var_os("PIN_CSV").is_some();
@@ -284,7 +303,7 @@ fn main() {
         }
     }
     let one_file = &medians[0];
-    let control = &medians[3];
+    let control = &medians[4];
     let control_2 = (control[1][0] + control[1][1]) / (control[0][0] + control[0][1]);
     println!(
         "\nheadline (one file, own pages): 2 threads / 1 thread = {:.2}x lock-free, {:.2}x locked; \

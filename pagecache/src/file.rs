@@ -204,6 +204,18 @@ impl StateLock {
         })
     }
 
+    /// The lock for changing the file's snapshot registry only (opening, releasing and closing
+    /// snapshots): no page, byte, length or version can change through it, so it leaves the
+    /// sequence alone and lock-free pins of the file go on meanwhile (a server opening and
+    /// closing a snapshot per response would otherwise send every concurrent lock-free pin of
+    /// the file to the locked path). Freeing old-version frames through it is fine: they are
+    /// held orphans, which no page table maps and lock-free pinners refuse.
+    pub fn lock_snapshots(&self) -> SnapshotsGuard<'_> {
+        SnapshotsGuard {
+            guard: self.mutex.lock(),
+        }
+    }
+
     /// The lock for reading only: no change is possible through it (`Deref` only).
     pub fn read(&self) -> impl std::ops::Deref<Target = FileState> + '_ {
         self.mutex.lock()
@@ -211,6 +223,24 @@ impl StateLock {
 
     pub fn published(&self) -> &Published {
         &self.published
+    }
+}
+
+/// The file lock, held for the snapshot registry only: see [`StateLock::lock_snapshots`].
+pub(crate) struct SnapshotsGuard<'a> {
+    guard: MutexGuard<'a, FileState>,
+}
+
+impl SnapshotsGuard<'_> {
+    pub fn snapshots(&mut self) -> &mut Snapshots {
+        &mut self.guard.snapshots
+    }
+}
+
+impl std::ops::Deref for SnapshotsGuard<'_> {
+    type Target = FileState;
+    fn deref(&self) -> &FileState {
+        &self.guard
     }
 }
 
@@ -725,7 +755,7 @@ impl CachedFile {
     /// [`Snapshot::pin_next`]. Fails with [`Error::OutOfRange`] if the range reaches past the
     /// end of the file.
     pub fn snapshot(&self, range: Range<u64>) -> Result<Snapshot> {
-        let mut st = self.shared.state.lock();
+        let mut st = self.shared.state.lock_snapshots();
         Snapshot::open(self.cache.clone(), self.shared.clone(), &mut st, range)
     }
 

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use crate::arena::{FrameId, PAGE_SIZE};
 use crate::cache::{Backpressure, CacheShared};
 use crate::error::{Error, Result};
-use crate::file::{pages_covering, FileShared, FileState, Stall};
+use crate::file::{pages_covering, FileShared, FileState, SnapshotsGuard, Stall};
 use crate::fill;
 use crate::frames::Waiter;
 use crate::identity::FileIdentity;
@@ -258,7 +258,7 @@ impl Snapshot {
     pub(crate) fn open(
         cache: Arc<CacheShared>,
         file: Arc<FileShared>,
-        st: &mut FileState,
+        st: &mut SnapshotsGuard<'_>,
         range: Range<u64>,
     ) -> Result<Self> {
         if range.start > range.end || range.end > st.len {
@@ -270,7 +270,7 @@ impl Snapshot {
         }
         let id = cache.next_snapshot_id();
         let lazy = Arc::new(SnapShared::default());
-        st.snapshots.entries.insert(
+        st.snapshots().entries.insert(
             id,
             SnapEntry {
                 needed: pages_covering(&range),
@@ -416,9 +416,22 @@ impl Snapshot {
         } else {
             offset / PAGE
         };
-        let mut st = self.file.state.lock();
-        st.snapshots
+        let mut st = self.file.state.lock_snapshots();
+        st.snapshots()
             .release_before(&self.cache, self.id, first_needed);
+    }
+
+    /// [`Snapshot::pin_next`] always through the file lock, as before its lock-free path: for
+    /// benchmarks comparing the two in one run, not for production use.
+    #[doc(hidden)]
+    pub fn pin_next_locked(&mut self, max_len: u64) -> Result<Attempt<Pin>> {
+        let end = self.cursor.saturating_add(max_len).min(self.range.end);
+        let attempt = self.attempt(self.cursor..end, true)?;
+        if let Attempt::Ready(pin) = &attempt {
+            self.cursor = pin.range().end;
+            self.release_before(self.cursor);
+        }
+        Ok(attempt)
     }
 
     /// [`Snapshot::pin_next`] without the file lock: only while the file is at the snapshot's
@@ -585,7 +598,7 @@ fn preserved_in(entry: &SnapEntry, pages: &Range<u64>) -> Vec<u64> {
 
 impl Drop for Snapshot {
     fn drop(&mut self) {
-        let mut st = self.file.state.lock();
-        st.snapshots.remove(&self.cache, self.id);
+        let mut st = self.file.state.lock_snapshots();
+        st.snapshots().remove(&self.cache, self.id);
     }
 }
