@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::arena::{FrameArena, FrameId};
 use crate::audit;
@@ -59,8 +59,17 @@ pub struct CacheConfig {
     pub soft_limit_frames: Option<usize>,
     /// Behaviour when no frame can be found.
     pub backpressure: Backpressure,
-    /// Audit mode: checksum pages at first pin and verify them at last unpin.
+    /// Audit mode: prove at run time that pinned pages do not change. The crc32 of each frame
+    /// version is recorded at its first pin; it is verified at every
+    /// [`CacheConfig::audit_verify_every`]-th release of a pin of the frame and when the
+    /// version ends (written while unpinned, evicted, freed). See
+    /// [`CacheStats::audit_violations`] and the other `audit_*` counters.
     pub audit: bool,
+    /// Audit mode: verify a frame's checksum at every N-th release of a pin of it (counted
+    /// per frame, deterministic: releases 0, N, 2N, ...). 1 verifies every release (tests); 0
+    /// only when the version ends. Larger N costs less (each verification is a crc32 of
+    /// 4 KiB) and reports a violation later, never misses one that persists. Default 16.
+    pub audit_verify_every: u32,
     /// Largest read-ahead window, in pages, for sequential pins (0 disables read-ahead).
     pub readahead_max_pages: usize,
     /// Most frames that may hold old versions kept for open snapshots
@@ -81,6 +90,7 @@ impl Default for CacheConfig {
             soft_limit_frames: None,
             backpressure: Backpressure::Error,
             audit: false,
+            audit_verify_every: audit::DEFAULT_VERIFY_EVERY,
             readahead_max_pages: 32,
             old_version_limit_pages: None,
             old_version_policy: OldVersionPolicy::WriterWaits {
@@ -119,6 +129,13 @@ pub(crate) struct CacheShared {
     pub open_files: OpenFiles,
     pub io: IoPool,
     registry: Mutex<Registry>,
+    /// Orders [`PageCache::install`] (write: taking the old entry off the path *and* the
+    /// rename) against [`PageCache::open`] (read: finding or creating the path's entry). Without
+    /// it an open between the two made a fresh entry on the old inode, which the rename then
+    /// unlinked under it: its ctime moved, so its next fill or revalidation took the rename for
+    /// an external edit and invalidated the snapshots being streamed from it (a GET during a
+    /// PUT answered 500; `tests/replace_stress.rs`).
+    paths: RwLock<()>,
 }
 
 /// The file a frame allocation is made for: its lock is already held by the caller, and
@@ -176,6 +193,7 @@ impl PageCache {
                 open_files: OpenFiles::new(config.max_open_files),
                 io: IoPool::start(config.io_threads, cache.clone()),
                 registry: Mutex::new(Registry::default()),
+                paths: RwLock::new(()),
             }),
         })
     }
@@ -188,6 +206,9 @@ impl PageCache {
         let path = path.as_ref();
         self.sweep_replaced();
         let canonical = std::fs::canonicalize(path).map_err(|e| Error::io("open", path, e))?;
+        // No install may take the entry off the path or rename over it until the entry found
+        // or made here is under the path (it is then detached properly by the install).
+        let paths = self.shared.paths.read();
         let existing = self.shared.registry.lock().by_path.get(&canonical).cloned();
         let file = match existing {
             Some(file) => {
@@ -219,6 +240,7 @@ impl PageCache {
                 }
             }
         };
+        drop(paths);
         let handle = CachedFile::new(self.shared.clone(), file, options);
         handle.revalidate()?;
         Ok(handle)
@@ -239,11 +261,15 @@ impl PageCache {
     /// change of its inode) and the error returned; `target` is unchanged.
     pub fn install(&self, new: &Path, target: &Path) -> Result<()> {
         self.sweep_replaced();
+        // Detach and rename as one step for `open` (see `CacheShared::paths`).
+        let paths = self.shared.paths.write();
         let detached = match std::fs::canonicalize(target) {
             Ok(canonical) => self.detach(&canonical),
             Err(_) => None, // nothing there yet
         };
-        if let Err(e) = std::fs::rename(new, target) {
+        let renamed = std::fs::rename(new, target);
+        drop(paths);
+        if let Err(e) = renamed {
             if let Some(file) = detached {
                 let mut st = file.state.lock();
                 let ids: Vec<u64> = st.snapshots.entries.keys().copied().collect();
@@ -302,7 +328,7 @@ impl PageCache {
             if !st.dirty.is_empty() || !st.writing_back.is_empty() || !st.filling.is_empty() {
                 return true; // writeback still has work on the old inode; later
             }
-            let pages: Vec<(u64, FrameId)> = st.pages.drain().collect();
+            let pages = st.pages.take_all();
             for (_, frame) in pages {
                 self.shared.orphan(frame);
             }
@@ -447,8 +473,7 @@ impl CacheShared {
         debug_assert!(previous & HELD != 0, "release_hold of a frame not held");
         debug_assert!(previous & ORPHAN != 0, "a held frame is always an orphan");
         if previous & PIN_MASK == 0 {
-            meta.state.store(0, Ordering::SeqCst);
-            self.frames.put_free(&[frame]);
+            self.free(frame);
         }
         self.old_versions.fetch_sub(1, Ordering::SeqCst);
         self.events.notify();
@@ -466,13 +491,10 @@ impl CacheShared {
         let previous = meta.state.fetch_add(1, Ordering::SeqCst);
         debug_assert!(previous & PIN_MASK < PIN_MASK, "pin count overflow");
         if previous & PIN_MASK == 0 {
-            let pinned = self.stats.pinned_pages_now.fetch_add(1, Ordering::Relaxed) + 1;
-            self.stats
-                .pinned_pages_peak
-                .fetch_max(pinned, Ordering::Relaxed);
-            if self.config.audit {
-                audit::record(&self.arena, frame, meta);
-            }
+            self.stats.pinned_pages.add_one();
+        }
+        if self.config.audit {
+            audit::on_pin(&self.arena, frame, meta, &self.stats);
         }
         if !meta.referenced.load(Ordering::Relaxed) {
             meta.referenced.store(true, Ordering::Relaxed);
@@ -492,37 +514,75 @@ impl CacheShared {
     #[inline]
     pub fn unpin(&self, frame: FrameId) {
         let meta = self.frames.meta(frame);
-        let previous = if self.config.audit {
-            // Verify before letting go of the last pin, while the bytes must still be stable.
-            loop {
-                let current = meta.state.load(Ordering::SeqCst);
-                let intact =
-                    (current & PIN_MASK == 1).then(|| audit::verify(&self.arena, frame, meta));
-                if meta
-                    .state
-                    .compare_exchange(current, current - 1, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    if let Some(intact) = intact {
-                        StatCounters::add(&self.stats.audit_checks, 1);
-                        if !intact {
-                            StatCounters::add(&self.stats.audit_violations, 1);
-                            tracing::error!(frame, "audit: pinned page changed while pinned");
-                        }
-                    }
-                    break current;
-                }
-            }
-        } else {
-            meta.state.fetch_sub(1, Ordering::SeqCst)
+        if self.config.audit {
+            // While the pin is still held: the bytes must be the recorded ones.
+            audit::on_release(
+                &self.arena,
+                frame,
+                meta,
+                self.config.audit_verify_every,
+                &self.stats,
+            );
+        }
+        let previous = meta.state.fetch_sub(1, Ordering::SeqCst);
+        self.after_unpin(frame, previous);
+    }
+
+    /// Pins `frame` without the file lock if it is still in `incarnation` with no flag
+    /// (see `fast`): one compare-and-swap on the frame's own cache line. Returns false
+    /// (changing nothing) if the frame was freed, evicted, replaced or is held.
+    #[inline]
+    pub fn pin_lock_free(&self, frame: FrameId, incarnation: u32) -> bool {
+        let Some(meta) = self.frames.meta.get(frame as usize) else {
+            return false;
         };
+        let mut current = meta.state.load(Ordering::Relaxed);
+        loop {
+            if crate::frames::incarnation(current) != incarnation
+                || current & (ORPHAN | HELD) != 0
+                || current & PIN_MASK == PIN_MASK
+            {
+                return false;
+            }
+            // SeqCst: the pinner's half of the Dekker pattern (this CAS, then the sequence
+            // load); see `fast`.
+            match meta.state.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => current = now,
+            }
+        }
+        if current & PIN_MASK == 0 {
+            self.stats.pinned_pages.add_one();
+        }
+        if !meta.referenced.load(Ordering::Relaxed) {
+            meta.referenced.store(true, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Gives back a pin taken by [`CacheShared::pin_lock_free`] whose snapshot turned out
+    /// not to be valid (the file changed meanwhile): its bytes were never used, so there is
+    /// nothing to audit; otherwise as [`CacheShared::unpin`].
+    pub fn unpin_unused(&self, frame: FrameId) {
+        let previous = self.frames.meta(frame).state.fetch_sub(1, Ordering::SeqCst);
+        self.after_unpin(frame, previous);
+    }
+
+    /// After a release that left the state word at `previous - 1`.
+    #[inline]
+    fn after_unpin(&self, frame: FrameId, previous: u64) {
         debug_assert!(previous & PIN_MASK != 0, "unpin of an unpinned frame");
         if previous & PIN_MASK == 1 {
-            self.stats.pinned_pages_now.fetch_sub(1, Ordering::Relaxed);
+            self.stats.pinned_pages.sub_one();
             if previous & ORPHAN != 0 && previous & HELD == 0 {
-                // We were the last holder of a frame no file maps any more.
-                meta.state.store(0, Ordering::SeqCst);
-                self.frames.put_free(&[frame]);
+                // We were the last holder of a frame no file maps any more (and lock-free
+                // pinners refuse orphans, so nobody pins it again).
+                self.free(frame);
             }
             self.events.notify();
         }
@@ -540,9 +600,33 @@ impl CacheShared {
             .state
             .fetch_or(ORPHAN, Ordering::SeqCst);
         if previous & PIN_MASK == 0 && previous & HELD == 0 {
-            self.frames.meta(frame).state.store(0, Ordering::SeqCst);
-            self.frames.put_free(&[frame]);
+            self.free(frame);
             self.events.notify();
+        }
+    }
+
+    /// Frees a frame that held a file page and that nobody pins, holds or maps any more (so
+    /// the caller has exclusive use of it): in audit mode its version ends here.
+    fn free(&self, frame: FrameId) {
+        self.end_of_version(frame);
+        self.frames.put_free(&[frame]);
+    }
+
+    /// Audit mode: the frame's bytes are about to change or go, legitimately (the caller has
+    /// exclusive use of the frame): verify and clear its recorded checksum (see `audit`).
+    #[inline]
+    pub fn end_of_version(&self, frame: FrameId) {
+        if self.config.audit {
+            audit::end_of_version(&self.arena, frame, self.frames.meta(frame), &self.stats);
+        }
+    }
+
+    /// Audit mode: a pin of `frame` was validated; record the checksum of its version if
+    /// none is yet.
+    #[inline]
+    pub fn audit_pinned(&self, frame: FrameId) {
+        if self.config.audit {
+            audit::on_pin(&self.arena, frame, self.frames.meta(frame), &self.stats);
         }
     }
 

@@ -8,18 +8,19 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::arena::{FrameId, PAGE_SIZE};
 use crate::cache::{Backpressure, CacheShared, OldVersionPolicy, OwnFile};
 use crate::error::{Error, Result};
-use crate::frames::{Waiter, PIN_MASK};
+use crate::fast::{Published, Slot, MAX_FAST_PAGES};
+use crate::frames::{FrameTable, Waiter, PIN_MASK};
 use crate::identity::{DiskIdentity, FileIdentity};
-use crate::pin::Pin;
+use crate::pin::{Anchor, Anchors, Pin};
 use crate::snapshot::{Snapshot, Snapshots};
 use crate::stats::StatCounters;
 use crate::ticket::{Attempt, Pending, PendingReason, Ticket};
@@ -100,13 +101,177 @@ impl Hasher for PageIndexHasher {
     }
 }
 
-pub(crate) type PageTable = HashMap<u64, FrameId, BuildHasherDefault<PageIndexHasher>>;
+type PageMap = HashMap<u64, FrameId, BuildHasherDefault<PageIndexHasher>>;
+
+/// A file's page table (page index -> frame), mirrored into the lock-free [`SlotTree`] of
+/// its [`Published`] state on every change, so lock-free pinners see exactly the frames the
+/// table maps (with each frame's incarnation at mapping time). Reads go through `Deref` to
+/// the map; the only ways to change it are the methods below, which keep the mirror.
+pub(crate) struct PageTable {
+    map: PageMap,
+    published: Arc<Published>,
+}
+
+impl std::ops::Deref for PageTable {
+    type Target = PageMap;
+    fn deref(&self) -> &PageMap {
+        &self.map
+    }
+}
+
+impl PageTable {
+    fn new(published: Arc<Published>) -> Self {
+        Self {
+            map: PageMap::default(),
+            published,
+        }
+    }
+
+    /// Maps `page` to `frame`, a frame just allocated (not mapped elsewhere).
+    pub fn insert(&mut self, page: u64, frame: FrameId, frames: &FrameTable) -> Option<FrameId> {
+        let state = frames.meta(frame).state.load(Ordering::SeqCst);
+        self.published.slots.set(
+            page,
+            Some(Slot {
+                frame,
+                incarnation: crate::frames::incarnation(state),
+            }),
+        );
+        self.map.insert(page, frame)
+    }
+
+    pub fn remove(&mut self, page: &u64) -> Option<FrameId> {
+        self.published.slots.set(*page, None);
+        self.map.remove(page)
+    }
+
+    /// Unmaps every page.
+    pub fn take_all(&mut self) -> Vec<(u64, FrameId)> {
+        let all: Vec<(u64, FrameId)> = self.map.drain().collect();
+        for &(page, _) in &all {
+            self.published.slots.set(page, None);
+        }
+        all
+    }
+
+    /// The lock-free state this table publishes into.
+    pub fn published(&self) -> &Published {
+        &self.published
+    }
+}
+
+/// The lock of a file's [`FileState`]. Taking it makes the file's published sequence odd, and
+/// letting go publishes length and version and makes it even again (see `fast`), so every
+/// change made under the lock is seen by lock-free pinners, which then back out. Reading
+/// without changing anything goes through [`StateLock::read`], which leaves the sequence
+/// alone (lock-free pins go on meanwhile).
+pub(crate) struct StateLock {
+    mutex: Mutex<FileState>,
+    published: Arc<Published>,
+}
+
+/// The file lock, held for changing: see [`StateLock`].
+pub(crate) struct StateGuard<'a> {
+    guard: MutexGuard<'a, FileState>,
+    published: &'a Published,
+}
+
+impl StateLock {
+    fn new(state: FileState, published: Arc<Published>) -> Self {
+        published.len.store(state.len, Ordering::Release);
+        published.version.store(state.version, Ordering::Release);
+        Self {
+            mutex: Mutex::new(state),
+            published,
+        }
+    }
+
+    pub fn lock(&self) -> StateGuard<'_> {
+        let guard = self.mutex.lock();
+        self.published.begin();
+        StateGuard {
+            guard,
+            published: &self.published,
+        }
+    }
+
+    pub fn try_lock(&self) -> Option<StateGuard<'_>> {
+        let guard = self.mutex.try_lock()?;
+        self.published.begin();
+        Some(StateGuard {
+            guard,
+            published: &self.published,
+        })
+    }
+
+    /// The lock for changing the file's snapshot registry only (opening, releasing and closing
+    /// snapshots): no page, byte, length or version can change through it, so it leaves the
+    /// sequence alone and lock-free pins of the file go on meanwhile (a server opening and
+    /// closing a snapshot per response would otherwise send every concurrent lock-free pin of
+    /// the file to the locked path). Freeing old-version frames through it is fine: they are
+    /// held orphans, which no page table maps and lock-free pinners refuse.
+    pub fn lock_snapshots(&self) -> SnapshotsGuard<'_> {
+        SnapshotsGuard {
+            guard: self.mutex.lock(),
+        }
+    }
+
+    /// The lock for reading only: no change is possible through it (`Deref` only).
+    pub fn read(&self) -> impl std::ops::Deref<Target = FileState> + '_ {
+        self.mutex.lock()
+    }
+
+    pub fn published(&self) -> &Published {
+        &self.published
+    }
+}
+
+/// The file lock, held for the snapshot registry only: see [`StateLock::lock_snapshots`].
+pub(crate) struct SnapshotsGuard<'a> {
+    guard: MutexGuard<'a, FileState>,
+}
+
+impl SnapshotsGuard<'_> {
+    pub fn snapshots(&mut self) -> &mut Snapshots {
+        &mut self.guard.snapshots
+    }
+}
+
+impl std::ops::Deref for SnapshotsGuard<'_> {
+    type Target = FileState;
+    fn deref(&self) -> &FileState {
+        &self.guard
+    }
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = FileState;
+    fn deref(&self) -> &FileState {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut FileState {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        // Before the mutex is let go (fields drop after this): the next holder's odd window
+        // starts from an even sequence.
+        self.published.end(self.guard.len, self.guard.version);
+    }
+}
 /// Pages being read by the I/O pool, with the ticket of their fill.
 pub(crate) type FillTable = HashMap<u64, Ticket, BuildHasherDefault<PageIndexHasher>>;
 
-/// Mutable state of a cached file, behind its lock. Every operation that changes which bytes
-/// the file holds (write, truncate, invalidate) and every pin takes this lock, which is what
-/// makes a multi-page pin an atomic snapshot.
+/// Mutable state of a cached file, behind its lock ([`StateLock`]). Every operation that
+/// changes which bytes the file holds (write, truncate, invalidate, fill, evict) takes this
+/// lock, and so does every pin that is not served lock-free; lock-free pins validate against
+/// the sequence the lock publishes, which is what keeps a multi-page pin an atomic snapshot
+/// either way.
 pub(crate) struct FileState {
     /// `None` while closed by the open-file bound ([`crate::CacheConfig::max_open_files`]);
     /// reopened by [`FileState::io_fd`].
@@ -132,8 +297,6 @@ pub(crate) struct FileState {
     pub disk: DiskIdentity,
     /// The version whose bytes `disk` describes (see [`FileIdentity::matches_disk`]).
     pub disk_version: u64,
-    /// Page after the last pin, to detect sequential access.
-    next_sequential_page: u64,
     /// Current read-ahead window in pages.
     readahead_pages: usize,
 }
@@ -221,7 +384,7 @@ pub(crate) fn apply_external_change(
         );
         st.dirty.clear();
     }
-    let pages: Vec<(u64, FrameId)> = st.pages.drain().collect();
+    let pages = st.pages.take_all();
     for (_, frame) in pages {
         cache.orphan(frame);
     }
@@ -230,7 +393,10 @@ pub(crate) fn apply_external_change(
     st.version += 1;
     st.disk = now;
     st.disk_version = st.version;
-    st.next_sequential_page = 0;
+    st.pages
+        .published()
+        .next_sequential_page
+        .store(0, Ordering::Relaxed);
     st.readahead_pages = 0;
     StatCounters::add(&cache.stats.external_changes, 1);
     tracing::debug!(path = %path.display(), "pagecache: external change detected");
@@ -240,7 +406,7 @@ pub(crate) fn apply_external_change(
 pub(crate) struct FileShared {
     pub id: u32,
     pub path: PathBuf,
-    pub state: Mutex<FileState>,
+    pub state: StateLock,
     /// Serializes writeback against truncation, so a writeback in flight cannot re-extend a
     /// file that was just truncated.
     pub io_lock: Mutex<()>,
@@ -256,24 +422,27 @@ impl FileShared {
         let fd = open_fd(&path, writable)?;
         let meta = fd.metadata().map_err(|e| Error::io("fstat", &path, e))?;
         let disk = DiskIdentity::of(&meta);
+        let published = Arc::new(Published::default());
         Ok(Self {
             id,
-            state: Mutex::new(FileState {
-                fd: Some(Arc::new(fd)),
-                fd_writable: writable,
-                len: disk.size,
-                version: 1,
-                pages: PageTable::default(),
-                filling: FillTable::default(),
-                dirty: BTreeSet::new(),
-                writing_back: BTreeSet::new(),
-                own_disk_writes: 0,
-                snapshots: Snapshots::default(),
-                disk,
-                disk_version: 1,
-                next_sequential_page: 0,
-                readahead_pages: 0,
-            }),
+            state: StateLock::new(
+                FileState {
+                    fd: Some(Arc::new(fd)),
+                    fd_writable: writable,
+                    len: disk.size,
+                    version: 1,
+                    pages: PageTable::new(published.clone()),
+                    filling: FillTable::default(),
+                    dirty: BTreeSet::new(),
+                    writing_back: BTreeSet::new(),
+                    own_disk_writes: 0,
+                    snapshots: Snapshots::default(),
+                    disk,
+                    disk_version: 1,
+                    readahead_pages: 0,
+                },
+                published,
+            ),
             path,
             io_lock: Mutex::new(()),
             writeback_queued: AtomicBool::new(false),
@@ -354,6 +523,8 @@ pub struct CachedFile {
     pub(crate) cache: Arc<CacheShared>,
     pub(crate) shared: Arc<FileShared>,
     pub(crate) options: OpenOptions,
+    /// What this handle's pins hold the cache by, one per thread shard (see [`Anchors`]).
+    anchors: Arc<Anchors>,
 }
 
 impl std::fmt::Debug for CachedFile {
@@ -363,6 +534,100 @@ impl std::fmt::Debug for CachedFile {
             .field("options", &self.options)
             .finish()
     }
+}
+
+/// Test hook (feature `test-hooks`): lock-free pins skip the re-check of the file's sequence,
+/// so a pin may overlap a change. Switches the guarantee off for the lock-free path on purpose,
+/// to show that the stress test catches it.
+#[cfg(any(test, feature = "test-hooks"))]
+static SKIP_RECHECK: AtomicBool = AtomicBool::new(false);
+
+#[cfg(any(test, feature = "test-hooks"))]
+fn skip_recheck() -> bool {
+    SKIP_RECHECK.load(Ordering::Relaxed)
+}
+
+#[cfg(not(any(test, feature = "test-hooks")))]
+fn skip_recheck() -> bool {
+    false
+}
+
+/// **Test only** (feature `test-hooks`): makes lock-free pins skip their validation (see
+/// [`CachedFile::pin`]), breaking the stable-page guarantee on purpose.
+#[cfg(any(test, feature = "test-hooks"))]
+#[doc(hidden)]
+pub fn set_unsafe_skip_pin_recheck(skip: bool) {
+    SKIP_RECHECK.store(skip, Ordering::Relaxed);
+}
+
+/// The core of every lock-free pin (see `fast`): pins the resident pages covering `range`
+/// (non-empty) as one version of the file and returns their frames and that version, or
+/// `None` (nothing pinned) when the locked path must decide: the range reaches past the
+/// published length or spans more than [`MAX_FAST_PAGES`], a page is not resident, the file
+/// is not at `want_version` (when given), page `ahead` (when given and inside the file) is
+/// not resident (read-ahead is due: the locked path starts it), `still_valid` says no (read
+/// inside the validated window), or the file changed meanwhile.
+pub(crate) fn pin_resident(
+    cache: &CacheShared,
+    published: &Published,
+    range: &Range<u64>,
+    want_version: Option<u64>,
+    ahead: Option<u64>,
+    still_valid: impl Fn() -> bool,
+) -> Option<(Box<[FrameId]>, u64)> {
+    const ATTEMPTS: usize = 2;
+    let pages = pages_covering(range);
+    if pages.is_empty() || pages.end - pages.start > MAX_FAST_PAGES {
+        return None;
+    }
+    for _ in 0..ATTEMPTS {
+        let seq = published.seq.load(Ordering::Acquire);
+        if seq & 1 != 0 && !skip_recheck() {
+            std::hint::spin_loop();
+            continue;
+        }
+        let len = published.len.load(Ordering::Acquire);
+        let version = published.version.load(Ordering::Acquire);
+        if range.end > len || want_version.is_some_and(|v| v != version) {
+            return None; // the locked path reports it (or sees a newer state)
+        }
+        if let Some(ahead) = ahead {
+            if ahead < len.div_ceil(PAGE) && published.slots.get(ahead).is_none() {
+                return None;
+            }
+        }
+        let mut frames = Vec::with_capacity((pages.end - pages.start) as usize);
+        let mut complete = true;
+        for page in pages.clone() {
+            match published.slots.get(page) {
+                Some(slot) if cache.pin_lock_free(slot.frame, slot.incarnation) => {
+                    frames.push(slot.frame)
+                }
+                _ => {
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        // SeqCst: after the pins' CASes (the pinner's half of the Dekker pattern).
+        let valid = complete
+            && still_valid()
+            && (published.seq.load(Ordering::SeqCst) == seq || skip_recheck());
+        if !valid {
+            for &frame in &frames {
+                cache.unpin_unused(frame);
+            }
+            if !complete {
+                return None;
+            }
+            continue;
+        }
+        for &frame in &frames {
+            cache.audit_pinned(frame);
+        }
+        return Some((frames.into_boxed_slice(), version));
+    }
+    None
 }
 
 pub(crate) fn pages_covering(range: &Range<u64>) -> Range<u64> {
@@ -383,10 +648,16 @@ impl CachedFile {
         options: OpenOptions,
     ) -> Self {
         Self {
+            anchors: Arc::new(Anchors::new(cache.clone())),
             cache,
             shared,
             options,
         }
+    }
+
+    /// The anchor this thread's pins of this handle hold.
+    pub(crate) fn anchor(&self) -> Arc<Anchor> {
+        self.anchors.get()
     }
 
     /// The canonical path of the file.
@@ -401,7 +672,8 @@ impl CachedFile {
 
     /// Length of the file as seen through the cache (includes unwritten-back writes).
     pub fn len(&self) -> u64 {
-        self.shared.state.lock().len
+        // As published when the lock was last let go: what a lock-free reader sees.
+        self.shared.state.published().len.load(Ordering::Acquire)
     }
 
     /// Whether the file is empty.
@@ -411,13 +683,17 @@ impl CachedFile {
 
     /// Current version number of the file's content (see [`Pin::version`]).
     pub fn version(&self) -> u64 {
-        self.shared.state.lock().version
+        self.shared
+            .state
+            .published()
+            .version
+            .load(Ordering::Acquire)
     }
 
     /// The identity of the file's current version (device, inode, size and mtime on disk,
     /// in-process version), for validators that survive restarts; see [`FileIdentity`].
     pub fn identity(&self) -> FileIdentity {
-        self.shared.state.lock().identity()
+        self.shared.state.read().identity()
     }
 
     /// Pins `range` (byte offsets) as an atomic snapshot: every page comes from the same
@@ -427,8 +703,51 @@ impl CachedFile {
     /// Fails with [`Error::OutOfRange`] if the range reaches past the end of the file, and
     /// with [`Error::OutOfFrames`] if the pages cannot be brought in (see
     /// [`crate::Backpressure`]).
+    ///
+    /// When every page is resident (and no read-ahead is due, audit mode is off, the range
+    /// spans at most 64 pages), the pin takes no lock: it is counted in
+    /// [`crate::CacheStats::lock_free_pins`]. Otherwise, or when a change of the file
+    /// overlaps it, it takes the file lock as before.
     pub fn pin(&self, range: Range<u64>) -> Result<Pin> {
+        if let Some(pin) = self.pin_lock_free(&range) {
+            return Ok(pin);
+        }
+        self.pin_locked(range)
+    }
+
+    /// [`CachedFile::pin`] always through the file lock, as every pin was before the
+    /// lock-free path: for benchmarks comparing the two in one run, not for production use.
+    #[doc(hidden)]
+    pub fn pin_locked(&self, range: Range<u64>) -> Result<Pin> {
         self.run(|this, st| this.try_pin(st, &range))
+    }
+
+    /// The lock-free pin of resident pages (see `fast`); `None` when the locked path must
+    /// decide (absent pages, read-ahead due, errors, a concurrent change, audit mode).
+    fn pin_lock_free(&self, range: &Range<u64>) -> Option<Pin> {
+        let cache = &*self.cache;
+        if range.start >= range.end {
+            return None;
+        }
+        let published = self.shared.state.published();
+        let pages = pages_covering(range);
+        let ahead = (cache.config.readahead_max_pages > 0).then_some(pages.end);
+        let (frames, version) = pin_resident(cache, published, range, None, ahead, || true)?;
+        let next_sequential = &published.next_sequential_page;
+        if next_sequential.load(Ordering::Relaxed) == pages.start {
+            // Continuing a sequential stream: keep read-ahead's detection in step. Pins
+            // elsewhere in the file leave the line alone (no shared write).
+            next_sequential.store(pages.end, Ordering::Relaxed);
+        }
+        cache.stats.pins.add(1);
+        cache.stats.lock_free_pins.add(1);
+        Some(Pin::new(
+            self.anchor(),
+            range.clone(),
+            version,
+            pages.start,
+            frames,
+        ))
     }
 
     /// Takes a [`Snapshot`] of `range`: fixes the current version of every page in it
@@ -436,7 +755,7 @@ impl CachedFile {
     /// [`Snapshot::pin_next`]. Fails with [`Error::OutOfRange`] if the range reaches past the
     /// end of the file.
     pub fn snapshot(&self, range: Range<u64>) -> Result<Snapshot> {
-        let mut st = self.shared.state.lock();
+        let mut st = self.shared.state.lock_snapshots();
         Snapshot::open(self.cache.clone(), self.shared.clone(), &mut st, range)
     }
 
@@ -634,12 +953,22 @@ impl CachedFile {
         mut attempt: impl FnMut(&Self, &mut FileState) -> Result<T, Stall>,
     ) -> Result<Attempt<T>> {
         let cache = &*self.cache;
+        // Registered only after a first stall, then the attempt is made again: the common
+        // (ready) case never registers, so releases stay free of wake-up work (see `Events`).
+        let mut waiter: Option<Waiter<'_>> = None;
         loop {
-            let seen = cache.events.generation();
             let outcome = {
                 let mut st = self.shared.state.lock();
                 attempt(self, &mut st)
             };
+            let stalled = !matches!(
+                outcome,
+                Ok(_) | Err(Stall::Fatal(_) | Stall::Restart | Stall::Filling(_))
+            );
+            if stalled && waiter.is_none() {
+                waiter = Some(cache.events.waiter());
+                continue;
+            }
             let now = Instant::now();
             let (reason, deadline) = match outcome {
                 Ok(value) => return Ok(Attempt::Ready(value)),
@@ -647,7 +976,9 @@ impl CachedFile {
                 Err(Stall::Restart) => continue,
                 Err(Stall::Busy) => {
                     let ticket = Ticket::new();
-                    cache.events.park(&ticket, seen);
+                    cache
+                        .events
+                        .park(&ticket, waiter.take().expect("registered"));
                     return Ok(Attempt::Pending(Pending::new(
                         ticket,
                         PendingReason::Io,
@@ -675,7 +1006,9 @@ impl CachedFile {
                 }
             };
             let ticket = Ticket::new();
-            cache.events.park(&ticket, seen);
+            cache
+                .events
+                .park(&ticket, waiter.take().expect("registered"));
             return Ok(Attempt::Pending(Pending::new(
                 ticket,
                 reason,
@@ -695,8 +1028,9 @@ impl CachedFile {
         }
         let pages = pages_covering(range);
         if !pages.is_empty() {
-            let sequential = pages.start == st.next_sequential_page
-                || pages.start + 1 == st.next_sequential_page;
+            let next_sequential = &st.pages.published().next_sequential_page;
+            let previous_end = next_sequential.load(Ordering::Relaxed);
+            let sequential = pages.start == previous_end || pages.start + 1 == previous_end;
             let readahead = if sequential && self.cache.config.readahead_max_pages > 0 {
                 // Start at 4 pages and double per sequential pin, up to the configured maximum.
                 (st.readahead_pages * 2)
@@ -707,7 +1041,10 @@ impl CachedFile {
             };
             self.ensure_resident(st, pages.clone(), readahead)?;
             st.readahead_pages = readahead;
-            st.next_sequential_page = pages.end;
+            st.pages
+                .published()
+                .next_sequential_page
+                .store(pages.end, Ordering::Relaxed);
         }
         let mut frames = Vec::with_capacity(pages.clone().count());
         for page in pages.clone() {
@@ -715,9 +1052,9 @@ impl CachedFile {
             self.cache.pin_locked(frame);
             frames.push(frame);
         }
-        StatCounters::add(&self.cache.stats.pins, 1);
+        self.cache.stats.pins.add(1);
         Ok(Pin::new(
-            self.cache.clone(),
+            self.anchor(),
             range.clone(),
             st.version,
             pages.start,
@@ -821,7 +1158,7 @@ impl CachedFile {
             }
         }
         for (i, &frame) in frames.iter().enumerate() {
-            st.pages.insert(first + i as u64, frame);
+            st.pages.insert(first + i as u64, frame, &self.cache.frames);
         }
         self.cache.frames.set_owners(frames, self.shared.id, first);
         StatCounters::add(&self.cache.stats.fills, frames.len() as u64);
@@ -830,12 +1167,6 @@ impl CachedFile {
     }
 
     pub(crate) fn is_pinned(&self, frame: FrameId) -> bool {
-        self.cache
-            .frames
-            .meta(frame)
-            .state
-            .load(std::sync::atomic::Ordering::SeqCst)
-            & PIN_MASK
-            != 0
+        self.cache.frames.meta(frame).state.load(Ordering::SeqCst) & PIN_MASK != 0
     }
 }

@@ -174,7 +174,7 @@ impl FillJob {
                     st.filling.remove(&page);
                 }
                 if ours && read.is_ok() {
-                    st.pages.insert(page, frame);
+                    st.pages.insert(page, frame, &cache.frames);
                     cache.frames.set_owners(&[frame], self.file.id, page);
                     installed += 1;
                 } else {

@@ -12,24 +12,50 @@ use crate::ticket::Ticket;
 /// Flag in a frame's state word: the frame no longer belongs to any file page (it was
 /// replaced by copy-on-write, truncated away or invalidated) and is freed by whoever drops
 /// its last pin.
-pub(crate) const ORPHAN: u32 = 1 << 31;
+pub(crate) const ORPHAN: u64 = 1 << 31;
 /// Flag in a frame's state word: the frame holds an old version of a page that open
 /// snapshots still need (see `snapshot`). A held frame is never written, evicted or freed;
 /// when the last snapshot lets go the flag is cleared and the frame is freed with its last pin.
-pub(crate) const HELD: u32 = 1 << 30;
+pub(crate) const HELD: u64 = 1 << 30;
 /// Mask of the pin count in a frame's state word.
-pub(crate) const PIN_MASK: u32 = HELD - 1;
+pub(crate) const PIN_MASK: u64 = HELD - 1;
+/// The low half of a state word: pin count and flags. The high half is the frame's
+/// *incarnation*, moved on whenever the frame stops holding a file page (freed, or claimed
+/// by eviction), so a lock-free pinner holding a stale page-table entry (frame, incarnation)
+/// cannot pin the frame once it holds something else (see `fast`).
+pub(crate) const LOW_MASK: u64 = (1 << 32) - 1;
+const INCARNATION_SHIFT: u32 = 32;
 
-/// Lock-free per-frame metadata.
+/// The incarnation of a state word.
+#[inline]
+pub(crate) fn incarnation(state: u64) -> u32 {
+    (state >> INCARNATION_SHIFT) as u32
+}
+
+/// A state word with no pins, no flags and the next incarnation.
+#[inline]
+fn next_incarnation(state: u64) -> u64 {
+    u64::from(incarnation(state).wrapping_add(1)) << INCARNATION_SHIFT
+}
+
+/// Lock-free per-frame metadata, one cache line per frame: pinners of different pages on
+/// different cores never write the same line (false sharing would cost what the per-file
+/// lock cost).
 #[derive(Default)]
+#[repr(align(64))]
 pub(crate) struct FrameMeta {
-    /// Pin count (low 31 bits) and [`ORPHAN`] flag. Increments from zero happen only under
-    /// the owning file's lock; decrements happen anywhere (pin release).
-    pub state: AtomicU32,
+    /// Pin count (low 30 bits), [`HELD`] and [`ORPHAN`] flags, and the incarnation (high 32
+    /// bits). A pin from zero is taken either under the owning file's lock, or lock-free by
+    /// a compare-and-swap that checks the incarnation and the absence of flags (`fast`);
+    /// decrements happen anywhere (pin release).
+    pub state: AtomicU64,
     /// Clock "recently used" bit.
     pub referenced: AtomicBool,
-    /// Audit mode: crc32 of the frame's bytes recorded when it was first pinned.
-    pub audit_crc: AtomicU32,
+    /// Audit mode: the crc32 of the frame's current version, with a "recorded" bit (see
+    /// `audit`).
+    pub audit: AtomicU64,
+    /// Audit mode: releases of pins of this frame, for the 1-in-N verification.
+    pub audit_releases: AtomicU32,
 }
 
 /// Which file page a frame holds.
@@ -90,14 +116,37 @@ impl FrameTable {
         alloc.free.split_off(at)
     }
 
-    /// Returns frames to the free list. They must have no owner and a zero state word.
+    /// Returns frames to the free list. They must have no owner and no pins; their state
+    /// word is reset (flags cleared) and their incarnation moved on, so that no stale page-table
+    /// entry can pin them (the frame is not mapped, or is an orphan, which lock-free pinners
+    /// refuse, so nobody races this store).
     pub fn put_free(&self, frames: &[FrameId]) {
         let mut alloc = self.alloc.lock();
         for &frame in frames {
-            debug_assert_eq!(self.meta(frame).state.load(Ordering::Relaxed), 0);
+            let state = &self.meta(frame).state;
+            let now = state.load(Ordering::SeqCst);
+            debug_assert_eq!(now & (PIN_MASK | HELD), 0, "freeing a pinned or held frame");
+            state.store(next_incarnation(now), Ordering::SeqCst);
             debug_assert!(alloc.owners[frame as usize].is_none());
             alloc.free.push(frame);
         }
+    }
+
+    /// Claims an unpinned, mapped frame for eviction: moves its incarnation on unless a pin
+    /// (possibly a lock-free one) got there first. After success no lock-free pinner can pin
+    /// it through the page-table entry it may still hold.
+    pub fn claim_for_eviction(&self, frame: FrameId) -> bool {
+        let state = &self.meta(frame).state;
+        let now = state.load(Ordering::SeqCst);
+        now & LOW_MASK == 0
+            && state
+                .compare_exchange(
+                    now,
+                    next_incarnation(now),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
     }
 
     pub fn set_owner(&self, frame: FrameId, owner: Option<Owner>) {
@@ -120,7 +169,8 @@ impl FrameTable {
 
     /// Advances the clock hand and returns up to `want` eviction candidates: owned, unpinned
     /// frames whose referenced bit was clear (the bit of skipped frames is cleared, giving
-    /// them a second chance). Candidates must be re-checked under their file's lock.
+    /// them a second chance). Candidates must be re-checked under their file's lock and
+    /// claimed ([`FrameTable::claim_for_eviction`]).
     pub fn clock_candidates(&self, want: usize) -> Vec<(FrameId, Owner)> {
         let mut alloc = self.alloc.lock();
         let n = self.meta.len();
@@ -134,7 +184,7 @@ impl FrameTable {
                 continue;
             };
             let meta = &self.meta[frame];
-            if meta.state.load(Ordering::Relaxed) != 0 {
+            if meta.state.load(Ordering::Relaxed) & LOW_MASK != 0 {
                 continue;
             }
             if meta.referenced.swap(false, Ordering::Relaxed) {
@@ -150,10 +200,13 @@ impl FrameTable {
 /// go": blocking callers (a [`Waiter`] on the condition variable) and non-blocking ones (a
 /// parked [`Ticket`], completed so that its holder retries).
 ///
-/// The generation counter moves on every event, unconditionally: a non-blocking caller reads
-/// it before its attempt and, having parked its ticket after a stall, compares again, so an
-/// event between the two is never lost. The mutex is only taken when someone waits, so
-/// releasing a pin stays a few atomic operations. Both sides use `SeqCst`.
+/// Nobody waiting is the common case, and then an event costs one load of a line that is
+/// only written when someone starts or stops waiting: releasing a pin does not write a
+/// cache-wide line (a generation counter bumped on every release bounced between every core
+/// that unpins). This is safe because a waiter *registers first* ([`Events::waiter`]: the
+/// count of waiters goes up) and only then re-checks its condition: either the notifier's
+/// load sees the registration (and wakes it), or the re-check sees the notifier's change.
+/// Both sides use `SeqCst` (and changes made under a mutex are seen through that mutex).
 #[derive(Default)]
 pub(crate) struct Events {
     generation: AtomicU64,
@@ -162,7 +215,9 @@ pub(crate) struct Events {
     changed: Condvar,
 }
 
-/// A blocking wait registration (see [`Events::waiter`]).
+/// A wait registration (see [`Events::waiter`]): counted among the waiters from its creation,
+/// so events after it are never lost. Either wait on it (blocking) or hand it to
+/// [`Events::park`] with a ticket (non-blocking).
 pub(crate) struct Waiter<'a> {
     events: &'a Events,
     generation: u64,
@@ -170,26 +225,26 @@ pub(crate) struct Waiter<'a> {
 
 impl Events {
     pub fn notify(&self) {
+        if self.waiters.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         self.generation.fetch_add(1, Ordering::SeqCst);
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            let woken = {
-                let mut parked = self.parked.lock();
-                self.changed.notify_all();
-                std::mem::take(&mut *parked)
-            };
-            self.waiters.fetch_sub(woken.len(), Ordering::SeqCst);
-            for ticket in woken {
-                ticket.complete(None);
-            }
+        let woken = {
+            let mut parked = self.parked.lock();
+            self.changed.notify_all();
+            std::mem::take(&mut *parked)
+        };
+        self.waiters.fetch_sub(woken.len(), Ordering::SeqCst);
+        for ticket in woken {
+            ticket.complete(None);
         }
     }
 
-    /// The current generation, to be read before an attempt that may park a ticket.
-    pub fn generation(&self) -> u64 {
+    fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Registers a blocking waiter; take it *before* re-checking the condition.
+    /// Registers a waiter; take it *before* re-checking the condition.
     pub fn waiter(&self) -> Waiter<'_> {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         Waiter {
@@ -198,10 +253,13 @@ impl Events {
         }
     }
 
-    /// Parks `ticket` until the next event; completes it at once if an event happened since
-    /// generation `seen`.
-    pub fn park(&self, ticket: &Ticket, seen: u64) {
-        self.waiters.fetch_add(1, Ordering::SeqCst);
+    /// Parks `ticket` until the next event after `waiter` was registered (its registration
+    /// now stands for the ticket); completes it at once if there was one already.
+    pub fn park(&self, ticket: &Ticket, waiter: Waiter<'_>) {
+        let seen = waiter.generation;
+        // The registration's count now belongs to the parked ticket: `notify` (or the
+        // check below) takes it back when it completes the ticket.
+        std::mem::forget(waiter);
         self.parked.lock().push(ticket.clone());
         if self.generation() != seen {
             let mut parked = self.parked.lock();

@@ -11,8 +11,12 @@
 //! such external changes only become visible to *later* pins after revalidation.
 //!
 //! A multi-page pin is an atomic snapshot: every page belongs to the same version of the
-//! file, even while writers run (pins and writes serialize on a per-file lock, which is held
-//! only for page-table work, not for the lifetime of a pin).
+//! file, even while writers run. Writes (and fills, evictions, truncations) take a per-file
+//! lock, held only for page-table work, never for the lifetime of a pin; a pin of pages that
+//! are already cached takes no lock at all: it validates itself against the file's published
+//! sequence word and pins each frame with one compare-and-swap, falling back to the lock when
+//! anything changed meanwhile (see the `fast` module's documentation for the protocol, what
+//! it costs, and what a 64-core machine would still share).
 //!
 //! # How the netstack uses it
 //! 1. `cache.open(path, OpenOptions::read_only())` once per file (cheap if already open).
@@ -97,8 +101,11 @@
 //! [`Error::OutOfFrames`] at once or after a bounded wait ([`Backpressure`]).
 //!
 //! # Auditing
-//! With [`CacheConfig::audit`], the crc32 of each page is recorded at first pin and checked
-//! at last unpin; mismatches are counted in [`CacheStats::audit_violations`]. The test-only
+//! With [`CacheConfig::audit`], the crc32 of each frame version is recorded at its first pin,
+//! verified at every [`CacheConfig::audit_verify_every`]-th release of a pin of it (1: every
+//! release) and when the version ends (rewritten, evicted, freed); mismatches are counted in
+//! [`CacheStats::audit_violations`] (the `audit` module says why this design and what it
+//! costs). The test-only
 //! `WritePolicy::InPlaceUnsafe` (available under `cfg(test)` and the `test-hooks` feature)
 //! writes into pinned pages the way Linux would, to prove that such detectors can fire.
 //!
@@ -110,6 +117,7 @@ mod arena;
 mod audit;
 mod cache;
 mod error;
+mod fast;
 mod file;
 mod fill;
 mod frames;
@@ -126,6 +134,8 @@ mod writeback;
 pub use arena::{FrameArena, PAGE_SIZE};
 pub use cache::{Backpressure, CacheConfig, OldVersionPolicy, PageCache};
 pub use error::{Error, Result};
+#[cfg(any(test, feature = "test-hooks"))]
+pub use file::set_unsafe_skip_pin_recheck;
 pub use file::{CachedFile, OpenOptions, WritePolicy};
 pub use identity::FileIdentity;
 pub use pin::{Pin, Span, Spans};

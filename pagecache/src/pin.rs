@@ -1,17 +1,56 @@
 //! Pins: guards over immutable page versions.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::arena::{FrameId, PAGE_SIZE};
 use crate::cache::CacheShared;
-use crate::stats::StatCounters;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
+/// What pins hold the cache by: a reference-counted handle of its own, so that pins taken on
+/// different threads do not all count references on the cache's one `Arc` (a cache line
+/// every pin and release would write). Aligned so its count has a line to itself.
+#[repr(align(64))]
+pub(crate) struct Anchor {
+    pub cache: Arc<CacheShared>,
+}
+
+impl Anchor {
+    /// An anchor of its own (for pins taken off the hot path).
+    pub fn new(cache: Arc<CacheShared>) -> Arc<Self> {
+        Arc::new(Self { cache })
+    }
+}
+
+/// Anchors for the pins of one handle, one per thread shard, created on first use.
+pub(crate) struct Anchors {
+    cache: Arc<CacheShared>,
+    slots: [OnceLock<Arc<Anchor>>; ANCHORS],
+}
+
+/// Anchors per handle: threads beyond this share them (round-robin, see `stats::shard`).
+const ANCHORS: usize = 16;
+
+impl Anchors {
+    pub fn new(cache: Arc<CacheShared>) -> Self {
+        Self {
+            cache,
+            slots: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self) -> Arc<Anchor> {
+        self.slots[crate::stats::shard() % ANCHORS]
+            .get_or_init(|| Anchor::new(self.cache.clone()))
+            .clone()
+    }
+}
+
 /// The frames one pin operation holds; released when the last [`Pin`] sharing them drops.
 struct PinnedFrames {
-    cache: Arc<CacheShared>,
+    anchor: Arc<Anchor>,
     version: u64,
     /// File page index of `frames[0]`.
     first_page: u64,
@@ -21,7 +60,7 @@ struct PinnedFrames {
 impl Drop for PinnedFrames {
     fn drop(&mut self) {
         for &frame in self.frames.iter() {
-            self.cache.unpin(frame);
+            self.anchor.cache.unpin(frame);
         }
     }
 }
@@ -60,7 +99,7 @@ pub struct Span<'a> {
 
 impl Pin {
     pub(crate) fn new(
-        cache: Arc<CacheShared>,
+        anchor: Arc<Anchor>,
         range: Range<u64>,
         version: u64,
         first_page: u64,
@@ -68,7 +107,7 @@ impl Pin {
     ) -> Self {
         Self {
             frames: Arc::new(PinnedFrames {
-                cache,
+                anchor,
                 version,
                 first_page,
                 frames,
@@ -148,11 +187,12 @@ impl Pin {
         let to = (end.max(first) - frames.first_page) as usize;
         let sub: Box<[FrameId]> =
             frames.frames[from.min(frames.frames.len())..to.min(frames.frames.len())].into();
+        let cache = &frames.anchor.cache;
         for &frame in sub.iter() {
-            frames.cache.pin_again(frame);
+            cache.pin_again(frame);
         }
-        StatCounters::add(&frames.cache.stats.pins, 1);
-        Pin::new(frames.cache.clone(), range, frames.version, first, sub)
+        cache.stats.pins.add(1);
+        Pin::new(frames.anchor.clone(), range, frames.version, first, sub)
     }
 
     fn check_inside(&self, range: &Range<u64>) {
@@ -184,7 +224,7 @@ impl<'a> Iterator for Spans<'a> {
         let frame = self.frames.frames[(page - self.frames.first_page) as usize];
         let in_page = (self.position % PAGE) as usize;
         let n = (PAGE_SIZE - in_page).min((self.end - self.position) as usize);
-        let arena = &self.frames.cache.arena;
+        let arena = &self.frames.anchor.cache.arena;
         // SAFETY: `frame` is pinned by `self.frames` for at least `'a`, and pinned frames are
         // never written (the test-only InPlaceUnsafe policy excepted, by design).
         let bytes = unsafe { arena.bytes(frame) };

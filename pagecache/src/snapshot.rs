@@ -25,16 +25,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::arena::{FrameId, PAGE_SIZE};
 use crate::cache::{Backpressure, CacheShared};
 use crate::error::{Error, Result};
-use crate::file::{pages_covering, FileShared, FileState, Stall};
+use crate::file::{pages_covering, FileShared, FileState, SnapshotsGuard, Stall};
 use crate::fill;
+use crate::frames::Waiter;
 use crate::identity::FileIdentity;
-use crate::pin::Pin;
+use crate::pin::{Anchor, Pin};
 use crate::stats::StatCounters;
 use crate::ticket::{Attempt, Pending, PendingReason, Ticket};
 
@@ -61,10 +63,23 @@ impl std::fmt::Display for InvalidationReason {
     }
 }
 
+/// What a snapshot and its entry share without the file lock, for [`Snapshot::pin_next`]'s
+/// lock-free path: how far the holder has moved on (published lazily; writers read it under
+/// the lock, and a stale value only makes them keep an old page a little longer), and whether
+/// the snapshot was invalidated.
+#[derive(Default)]
+pub(crate) struct SnapShared {
+    /// Pages before this one will not be pinned again (0: nothing released lock-free yet).
+    released_page: AtomicU64,
+    invalid: AtomicBool,
+}
+
 /// An open snapshot as the file sees it.
 pub(crate) struct SnapEntry {
-    /// Pages the snapshot may still pin (the start moves up as the holder releases).
-    pub needed: Range<u64>,
+    /// Pages the snapshot may still pin (the start moves up as the holder releases; see
+    /// [`SnapEntry::needed`] for the start including lock-free progress).
+    needed: Range<u64>,
+    lazy: Arc<SnapShared>,
     /// Pages whose snapshot version is no longer the file's: the frames holding it.
     pub preserved: HashMap<u64, FrameId>,
     pub invalid: Option<InvalidationReason>,
@@ -78,6 +93,14 @@ pub(crate) struct Snapshots {
     /// Number of snapshots holding each preserved frame (several snapshots of the same
     /// version share one frame).
     held: HashMap<FrameId, u32>,
+}
+
+impl SnapEntry {
+    /// Pages the snapshot may still pin.
+    pub fn needed(&self) -> Range<u64> {
+        let released = self.lazy.released_page.load(Ordering::Acquire);
+        self.needed.start.max(released).min(self.needed.end)..self.needed.end
+    }
 }
 
 impl Snapshots {
@@ -136,6 +159,7 @@ impl Snapshots {
             return;
         }
         entry.invalid = Some(reason);
+        entry.lazy.invalid.store(true, Ordering::Release);
         let frames: Vec<FrameId> = entry.preserved.drain().map(|(_, f)| f).collect();
         for frame in frames {
             self.unhold(cache, frame);
@@ -167,8 +191,7 @@ impl Snapshots {
                 continue;
             }
             let missing: Vec<u64> = entry
-                .needed
-                .clone()
+                .needed()
                 .filter(|p| !entry.preserved.contains_key(p))
                 .collect();
             let all_resident = missing.iter().all(|p| pages.contains_key(p));
@@ -207,6 +230,9 @@ impl Snapshots {
 /// valid on their own. `Send + Sync`.
 pub struct Snapshot {
     cache: Arc<CacheShared>,
+    /// What its pins hold the cache by (one per snapshot: its pins are taken in sequence).
+    anchor: Arc<Anchor>,
+    lazy: Arc<SnapShared>,
     file: Arc<FileShared>,
     id: u64,
     range: Range<u64>,
@@ -232,7 +258,7 @@ impl Snapshot {
     pub(crate) fn open(
         cache: Arc<CacheShared>,
         file: Arc<FileShared>,
-        st: &mut FileState,
+        st: &mut SnapshotsGuard<'_>,
         range: Range<u64>,
     ) -> Result<Self> {
         if range.start > range.end || range.end > st.len {
@@ -243,10 +269,12 @@ impl Snapshot {
             });
         }
         let id = cache.next_snapshot_id();
-        st.snapshots.entries.insert(
+        let lazy = Arc::new(SnapShared::default());
+        st.snapshots().entries.insert(
             id,
             SnapEntry {
                 needed: pages_covering(&range),
+                lazy: lazy.clone(),
                 preserved: HashMap::new(),
                 invalid: None,
             },
@@ -254,6 +282,8 @@ impl Snapshot {
         StatCounters::add(&cache.stats.snapshots, 1);
         Ok(Self {
             identity: st.identity(),
+            anchor: Anchor::new(cache.clone()),
+            lazy,
             cache,
             file,
             id,
@@ -310,9 +340,27 @@ impl Snapshot {
     /// (until the back-pressure deadline; a retry after it fails with
     /// [`Error::OutOfFrames`]). Fails with [`Error::SnapshotInvalidated`] if the snapshot was
     /// invalidated. At the end, returns an empty pin.
+    ///
+    /// While the file is still at the snapshot's version and the pages (and the read-ahead
+    /// window behind them) are resident, this takes no lock: the pin is validated like a
+    /// lock-free [`crate::CachedFile::pin`], and the release of the bytes before it is
+    /// published to writers lazily (an atomic they read under the lock).
     pub fn pin_next(&mut self, max_len: u64) -> Result<Attempt<Pin>> {
         let end = self.cursor.saturating_add(max_len).min(self.range.end);
         let range = self.cursor..end;
+        if let Some(pin) = self.pin_lock_free(&range) {
+            self.cursor = pin.range().end;
+            self.released = self.cursor;
+            let first_needed = if self.cursor >= self.range.end {
+                u64::MAX
+            } else {
+                self.cursor / PAGE
+            };
+            self.lazy
+                .released_page
+                .fetch_max(first_needed, Ordering::Release);
+            return Ok(Attempt::Ready(pin));
+        }
         let attempt = self.attempt(range, true)?;
         if let Attempt::Ready(pin) = &attempt {
             self.cursor = pin.range().end;
@@ -368,19 +416,73 @@ impl Snapshot {
         } else {
             offset / PAGE
         };
-        let mut st = self.file.state.lock();
-        st.snapshots
+        let mut st = self.file.state.lock_snapshots();
+        st.snapshots()
             .release_before(&self.cache, self.id, first_needed);
+    }
+
+    /// [`Snapshot::pin_next`] always through the file lock, as before its lock-free path: for
+    /// benchmarks comparing the two in one run, not for production use.
+    #[doc(hidden)]
+    pub fn pin_next_locked(&mut self, max_len: u64) -> Result<Attempt<Pin>> {
+        let end = self.cursor.saturating_add(max_len).min(self.range.end);
+        let attempt = self.attempt(self.cursor..end, true)?;
+        if let Attempt::Ready(pin) = &attempt {
+            self.cursor = pin.range().end;
+            self.release_before(self.cursor);
+        }
+        Ok(attempt)
+    }
+
+    /// [`Snapshot::pin_next`] without the file lock: only while the file is at the snapshot's
+    /// version (then no page of it was preserved or changed: every resident page of the file
+    /// is the snapshot's) and the snapshot is valid; `None` leaves it to the locked path.
+    fn pin_lock_free(&self, range: &Range<u64>) -> Option<Pin> {
+        let cache = &*self.cache;
+        if range.is_empty() {
+            return None;
+        }
+        let pages = pages_covering(range);
+        let needed_end = pages_covering(&self.range).end;
+        let readahead = cache.config.readahead_max_pages as u64;
+        // The far end of the read-ahead window must be resident, else the locked path starts
+        // the fills behind this pin.
+        let ahead = (readahead > 0 && pages.end < needed_end)
+            .then(|| (pages.end + readahead).min(needed_end) - 1);
+        let lazy = &self.lazy;
+        let (frames, version) = crate::file::pin_resident(
+            cache,
+            self.file.state.published(),
+            range,
+            Some(self.identity.version),
+            ahead,
+            || !lazy.invalid.load(Ordering::Acquire),
+        )?;
+        cache.stats.pins.add(1);
+        cache.stats.lock_free_pins.add(1);
+        Some(Pin::new(
+            self.anchor.clone(),
+            range.clone(),
+            version,
+            pages.start,
+            frames,
+        ))
     }
 
     fn attempt(&mut self, range: Range<u64>, prefix_ok: bool) -> Result<Attempt<Pin>> {
         let cache = self.cache.clone();
+        // Registered only after a first stall, then the attempt is made again (see
+        // `CachedFile::run_now`).
+        let mut waiter: Option<Waiter<'_>> = None;
         loop {
-            let seen = cache.events.generation();
             let outcome = {
                 let mut st = self.file.state.lock();
                 self.try_pin(&mut st, &range, prefix_ok)
             };
+            if matches!(outcome, Err(Stall::NeedFrames(_))) && waiter.is_none() {
+                waiter = Some(cache.events.waiter());
+                continue;
+            }
             match outcome {
                 Ok(pin) => {
                     self.frames_short_since = None;
@@ -403,7 +505,9 @@ impl Snapshot {
                     }
                     StatCounters::add(&cache.stats.frame_waits, 1);
                     let ticket = Ticket::new();
-                    cache.events.park(&ticket, seen);
+                    cache
+                        .events
+                        .park(&ticket, waiter.take().expect("registered"));
                     return Ok(Attempt::Pending(Pending::new(
                         ticket,
                         PendingReason::OutOfFrames { needed },
@@ -455,10 +559,10 @@ impl Snapshot {
         for &frame in &frames {
             self.cache.pin_locked(frame);
         }
-        StatCounters::add(&self.cache.stats.pins, 1);
+        self.cache.stats.pins.add(1);
         let end = range.end.min(available_end * PAGE).max(range.start);
         let pin = Pin::new(
-            self.cache.clone(),
+            self.anchor.clone(),
             range.start..end,
             self.identity.version,
             pages.start,
@@ -494,7 +598,7 @@ fn preserved_in(entry: &SnapEntry, pages: &Range<u64>) -> Vec<u64> {
 
 impl Drop for Snapshot {
     fn drop(&mut self) {
-        let mut st = self.file.state.lock();
-        st.snapshots.remove(&self.cache, self.id);
+        let mut st = self.file.state.lock_snapshots();
+        st.snapshots().remove(&self.cache, self.id);
     }
 }

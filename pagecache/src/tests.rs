@@ -528,6 +528,87 @@ fn audit_detects_in_place_writes_to_pinned_pages() {
     assert_eq!(stats.audit_checks, 2);
 }
 
+fn audited(verify_every: u32) -> CacheConfig {
+    CacheConfig {
+        audit: true,
+        audit_verify_every: verify_every,
+        ..CacheConfig::default()
+    }
+}
+
+/// One checksum per frame version, however often it is pinned; a deterministic 1-in-N of the
+/// releases verified (releases 0, N, 2N, ... of each frame), the others counted as skipped.
+#[test]
+fn audit_records_once_per_version_and_samples_releases() {
+    let dir = temp_dir();
+    let path = make_file(&dir, "sampled", &pattern(PAGE_SIZE, 17));
+    let cache = cache(16, audited(4));
+    let file = cache.open(&path, rw(WritePolicy::CopyOnWrite)).unwrap();
+    for _ in 0..8 {
+        drop(file.pin(0..PAGE).unwrap());
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.audit_records, 1, "{stats:?}");
+    assert_eq!(stats.audit_checks, 2, "releases 0 and 4: {stats:?}");
+    assert_eq!(stats.audit_skipped, 6, "{stats:?}");
+    assert!(
+        stats.lock_free_pins >= 7,
+        "audit pins go lock-free: {stats:?}"
+    );
+    // A write into the unpinned frame ends its version (verified, then recorded anew).
+    file.write(0, b"new").unwrap();
+    assert_eq!(cache.stats().audit_checks, 3);
+    drop(file.pin(0..PAGE).unwrap());
+    let stats = cache.stats();
+    assert_eq!(stats.audit_records, 2, "{stats:?}");
+    assert_eq!(stats.audit_violations, 0, "{stats:?}");
+}
+
+/// With every release verified (N = 1), a write into a pinned page is reported at the release
+/// of the pin that saw it, even on a release that is not the last.
+#[test]
+fn audit_every_release_catches_a_write_at_the_next_release() {
+    let dir = temp_dir();
+    let path = make_file(&dir, "every", &pattern(2 * PAGE_SIZE, 18));
+    let cache = cache(16, audited(1));
+    let file = cache.open(&path, rw(WritePolicy::InPlaceUnsafe)).unwrap();
+    let outer = file.pin(0..2 * PAGE).unwrap();
+    drop(file.pin(0..PAGE).unwrap());
+    assert_eq!(cache.stats().audit_violations, 0);
+    let inner = file.pin(0..PAGE).unwrap();
+    file.write(1, b"scribble").unwrap();
+    drop(inner); // not the last pin: the outer one still holds the page
+    let stats = cache.stats();
+    assert_eq!(stats.audit_violations, 1, "{stats:?}");
+    drop(outer);
+    assert!(cache.stats().audit_violations >= 2);
+}
+
+/// A write into a pinned page that no sampled release sees is still caught when the frame's
+/// version ends (here: the next write into it once unpinned; eviction and freeing too).
+#[test]
+fn audit_catches_an_unsampled_violation_when_the_version_ends() {
+    let dir = temp_dir();
+    let path = make_file(&dir, "late", &pattern(2 * PAGE_SIZE, 19));
+    let cache = cache(16, audited(0)); // no release is verified
+    let file = cache.open(&path, rw(WritePolicy::InPlaceUnsafe)).unwrap();
+    let pin = file.pin(0..2 * PAGE).unwrap();
+    file.write(PAGE + 3, b"scribble").unwrap(); // into the pinned second page
+    drop(pin);
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.audit_checks, stats.audit_violations),
+        (0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.audit_skipped, 2, "{stats:?}");
+    // Unpinned now: this write ends both versions, and the second one had changed.
+    file.write(0, &[9; 2 * PAGE_SIZE]).unwrap();
+    let stats = cache.stats();
+    assert_eq!(stats.audit_checks, 2, "{stats:?}");
+    assert_eq!(stats.audit_violations, 1, "{stats:?}");
+}
+
 #[test]
 fn replace_contents_is_one_atomic_version() {
     let dir = temp_dir();

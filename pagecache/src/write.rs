@@ -292,8 +292,9 @@ impl CachedFile {
                     continue;
                 }
                 for range in ranges {
-                    let from = range.start.max(entry.needed.start);
-                    let to = range.end.min(entry.needed.end);
+                    let needed = entry.needed();
+                    let from = range.start.max(needed.start);
+                    let to = range.end.min(needed.end);
                     for page in from..to {
                         if !entry.preserved.contains_key(&page) {
                             needs.entry(page).or_default().push(id);
@@ -432,8 +433,10 @@ impl CachedFile {
                 return Err(self.stall_for_fills(st, &from_disk));
             }
         }
-        // Decide per page; pins can only go away meanwhile (pinning needs our lock), so a
-        // decision to copy stays safe even if the pin is released before we apply. A page
+        // Decide per page; pins can only go away meanwhile, so a decision to copy stays safe
+        // even if the pin is released before we apply. (A lock-free pin can still land on a
+        // frame we found unpinned, but our lock keeps the file's sequence odd since before
+        // this check, so such a pin backs out without using a byte: see `fast`.) A page
         // kept for snapshots is always replaced: its frame becomes their old version.
         let mut needs_frame = Vec::new();
         for page in pages.clone() {
@@ -550,14 +553,21 @@ impl CachedFile {
                 PageAction::InPlace(frame) => {
                     // SAFETY (for `put`): under the Wait and CopyOnWrite policies the frame is
                     // unpinned and not kept for snapshots (checked under the file lock we
-                    // hold, and pinning needs that lock), so we have exclusive access. Under
-                    // the test-only InPlaceUnsafe policy this deliberately writes pinned bytes.
+                    // hold; a pin taken since is lock-free and backs out unused, as our lock
+                    // keeps the sequence odd, see `fast`), so nobody reads these bytes as
+                    // pinned. Under the test-only InPlaceUnsafe policy this deliberately
+                    // writes pinned bytes.
+                    if !self.is_pinned(frame) {
+                        // The frame's version ends here (a write into a *pinned* frame keeps
+                        // its recorded checksum, so the audit catches it later).
+                        self.cache.end_of_version(frame);
+                    }
                     put(frame);
                 }
                 PageAction::Replace { old, new } => {
                     // SAFETY (for `put`): `new` is freshly allocated and not yet mapped.
                     put(new);
-                    st.pages.insert(page, new);
+                    st.pages.insert(page, new, &self.cache.frames);
                     self.cache.frames.set_owners(&[new], self.shared.id, page);
                     if let Some(old) = old {
                         // A frame kept for snapshots is held, so this does not free it.

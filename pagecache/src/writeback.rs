@@ -11,6 +11,7 @@ use crate::arena::{FrameId, PAGE_SIZE};
 use crate::cache::CacheShared;
 use crate::error::{Error, Result};
 use crate::file::{FileShared, FileState, Stall};
+use crate::frames::LOW_MASK;
 use crate::stats::StatCounters;
 use crate::ticket::{IoFailure, Ticket};
 
@@ -204,14 +205,8 @@ pub(crate) fn evict_page(
     if st.pages.get(&page) != Some(&frame) {
         return false;
     }
-    // Pinning needs the file lock, which we hold: an unpinned frame stays unpinned.
-    if cache
-        .frames
-        .meta(frame)
-        .state
-        .load(std::sync::atomic::Ordering::SeqCst)
-        != 0
-    {
+    // Lock-free pinners may still pin it until it is claimed below; a pin seen now means no.
+    if cache.frames.meta(frame).state.load(Ordering::SeqCst) & LOW_MASK != 0 {
         return false;
     }
     if st.dirty.contains(&page) {
@@ -246,6 +241,13 @@ pub(crate) fn evict_page(
         StatCounters::add(&cache.stats.bytes_written, n as u64);
         st.refresh_disk_identity(&fd);
     }
+    // Written back (or clean): claim it. The claim fails if a lock-free pinner got it
+    // meanwhile (the page stays, clean); after it no stale page-table entry can pin it.
+    if !cache.frames.claim_for_eviction(frame) {
+        return false;
+    }
+    // Claimed: nobody can pin it any more, so its audited version ends here.
+    cache.end_of_version(frame);
     st.pages.remove(&page);
     cache.frames.set_owner(frame, None);
     true

@@ -36,13 +36,16 @@ fn versions_in(at: usize, bytes: &[u8]) -> Vec<u64> {
     seen
 }
 
-fn stress(policy: OldVersionPolicy) -> pagecache::CacheStats {
+fn stress(policy: OldVersionPolicy, audit: bool) -> pagecache::CacheStats {
     let dir = common::temp_dir("pagecache-snapstress");
     let path = common::make_file(&dir, "versions", &version_bytes(0));
     let config = CacheConfig {
         old_version_limit_pages: Some(OLD_LIMIT),
         old_version_policy: policy,
         readahead_max_pages: 4,
+        // Audit pins take the locked path; without audit, pins of pages at the snapshot's
+        // version go lock-free (`Snapshot::pin_next`).
+        audit,
         ..common::stress_config()
     };
     // Room for the file, the old-version limit and the readers' windows, not much more:
@@ -177,13 +180,32 @@ fn stress(policy: OldVersionPolicy) -> pagecache::CacheStats {
 
 #[test]
 fn stress_snapshots_writer_waits() {
-    let stats = stress(OldVersionPolicy::WriterWaits {
-        timeout: Duration::from_millis(100),
-    });
+    let stats = stress(
+        OldVersionPolicy::WriterWaits {
+            timeout: Duration::from_millis(100),
+        },
+        true,
+    );
     assert_eq!(stats.snapshots_invalidated, 0);
 }
 
 #[test]
 fn stress_snapshots_invalidated() {
-    stress(OldVersionPolicy::InvalidateSnapshots);
+    stress(OldVersionPolicy::InvalidateSnapshots, true);
+    stress(OldVersionPolicy::InvalidateSnapshots, false);
+}
+
+/// The same without audit: streaming pins of unchanged versions are lock-free, mixed with
+/// locked ones (old versions, fills), and every body is still one version.
+#[test]
+fn stress_snapshots_lock_free() {
+    let stats = stress(
+        OldVersionPolicy::WriterWaits {
+            timeout: Duration::from_millis(100),
+        },
+        false,
+    );
+    assert_eq!(stats.snapshots_invalidated, 0);
+    assert!(stats.lock_free_pins > 0, "{stats:?}");
+    assert!(stats.lock_free_pins < stats.pins, "{stats:?}");
 }
