@@ -143,9 +143,16 @@ struct ServeArgs {
     /// through a 1 MiB window (a PUT that does not fit gets 503).
     #[arg(long, default_value_t = 64)]
     put_memory_mb: u64,
-    /// Audit mode: checksum every page at pin and verify it at release.
+    /// Audit mode: prove pinned pages do not change. Each page version's crc32 is recorded
+    /// at its first pin and verified at every --audit-verify-every-th release of a pin of it
+    /// (while that pin is held) and when the version ends (rewritten, evicted, freed).
     #[arg(long)]
     audit: bool,
+    /// With --audit: verify a page at every Nth release of a pin of it (1: every release,
+    /// the strictest, about 6x the instructions per page of 16; 0: only when the version ends). A change
+    /// to a pinned page that persists is always caught, at most N releases late.
+    #[arg(long, default_value_t = 16)]
+    audit_verify_every: u32,
     /// Write every frame sent and received to this pcap file.
     #[arg(long)]
     pcap: Option<std::path::PathBuf>,
@@ -301,6 +308,7 @@ impl ServeArgs {
             listen_backlog: self.listen_backlog as usize,
             put_memory: self.put_memory_mb << 20,
             audit: self.audit,
+            audit_verify_every: self.audit_verify_every,
             pcap: self.pcap,
             access_log: self
                 .access_log

@@ -99,6 +99,8 @@ pub struct ServeOptions {
     /// Memory for PUT bodies being received, all connections together.
     pub put_memory: u64,
     pub audit: bool,
+    /// With `audit`: verify at every Nth release (`CacheConfig::audit_verify_every`).
+    pub audit_verify_every: u32,
     pub pcap: Option<PathBuf>,
     /// One line per response, to a file or stdout.
     pub access_log: Option<accesslog::Destination>,

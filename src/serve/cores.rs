@@ -106,6 +106,7 @@ impl Shared {
         let arena = FrameArena::from_shared(Arc::clone(region.memory()))?;
         let cache_config = CacheConfig {
             audit: options.audit,
+            audit_verify_every: options.audit_verify_every,
             backpressure: options.backpressure,
             old_version_limit_pages: options.old_version_limit_pages,
             old_version_policy: options.old_version_policy,
@@ -188,6 +189,8 @@ fn is_process_wide(name: &str) -> bool {
     matches!(
         name,
         "zerosend_audit_checks_total"
+            | "zerosend_audit_records_total"
+            | "zerosend_audit_skipped_total"
             | "zerosend_audit_violations_total"
             | "zerosend_fills_total"
             | "zerosend_cow_copies_total"

@@ -302,9 +302,19 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
         ),
         Metric::counter("zerosend_evictions_total", "Pages evicted.", c.evictions),
         Metric::counter(
+            "zerosend_audit_records_total",
+            "Page versions whose crc32 was recorded at their first pin (audit mode).",
+            c.audit_records,
+        ),
+        Metric::counter(
             "zerosend_audit_checks_total",
-            "Pages verified at last unpin (audit mode).",
+            "Pages verified against their recorded crc32 (audit mode: every --audit-verify-every-th release, and when a version ends).",
             c.audit_checks,
+        ),
+        Metric::counter(
+            "zerosend_audit_skipped_total",
+            "Releases of audited pins not verified (sampling, --audit-verify-every).",
+            c.audit_skipped,
         ),
         Metric::counter(
             "zerosend_audit_violations_total",
