@@ -517,9 +517,14 @@ impl Parked {
 
 fn cache_error_status(e: pagecache::Error) -> HttpError {
     match e {
+        // Transient: a retry succeeds (a snapshot is invalidated when the file changed on
+        // disk behind the cache while its pages were being read).
         pagecache::Error::WriteTimeout { .. }
         | pagecache::Error::OutOfFrames { .. }
-        | pagecache::Error::OldVersionLimit { .. } => HttpError::new(503, "Service Unavailable"),
+        | pagecache::Error::OldVersionLimit { .. }
+        | pagecache::Error::SnapshotInvalidated { .. } => {
+            HttpError::new(503, "Service Unavailable")
+        }
         pagecache::Error::Io { ref source, .. }
             if source.kind() == std::io::ErrorKind::NotFound =>
         {
