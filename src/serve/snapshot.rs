@@ -419,39 +419,37 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
         )
         .with_label("code", code)
     }));
-    let q = server.queue;
-    metrics.extend([
-        Metric::counter(
+    let d = &server.device;
+    let per_queue: [(&'static str, &'static str, u64); 5] = [
+        (
             "zerosend_queue_rx_frames_total",
             "Frames received, per NIC queue pair (the driver's count).",
-            server.device.rx_frames,
-        )
-        .with_label("queue", q),
-        Metric::counter(
+            d.rx_frames,
+        ),
+        (
             "zerosend_queue_rx_bytes_total",
             "Bytes received, per NIC queue pair.",
-            server.device.rx_bytes,
-        )
-        .with_label("queue", q),
-        Metric::counter(
+            d.rx_bytes,
+        ),
+        (
             "zerosend_queue_rx_missed_total",
             "Frames the NIC dropped for want of receive buffers, per queue pair (device-wide counts on queue 0).",
-            server.device.rx_missed,
-        )
-        .with_label("queue", q),
-        Metric::counter(
+            d.rx_missed,
+        ),
+        (
             "zerosend_queue_tx_frames_total",
             "Frames sent, per NIC queue pair (a TSO frame counts once).",
-            server.device.tx_frames,
-        )
-        .with_label("queue", q),
-        Metric::counter(
+            d.tx_frames,
+        ),
+        (
             "zerosend_queue_tx_bytes_total",
             "Bytes sent, per NIC queue pair.",
-            server.device.tx_bytes,
-        )
-        .with_label("queue", q),
-    ]);
+            d.tx_bytes,
+        ),
+    ];
+    metrics.extend(per_queue.into_iter().map(|(name, help, value)| {
+        Metric::counter(name, help, value).with_label("queue", server.queue)
+    }));
     metrics.extend(WarnKind::ALL.into_iter().map(|kind| {
         Metric::counter(
             "zerosend_warnings_total",
