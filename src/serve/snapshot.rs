@@ -438,7 +438,7 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
         ),
         (
             "zerosend_queue_tx_frames_total",
-            "Frames sent, per NIC queue pair (a TSO frame counts once).",
+            "Frames sent, per NIC queue pair, as the driver counts them (the 82574L counts a TSO frame's wire segments, virtio-net the frame).",
             d.tx_frames,
         ),
         (
