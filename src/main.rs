@@ -203,9 +203,10 @@ struct ServeArgs {
     #[arg(long)]
     ipv6_slaac: bool,
     /// NIC queue pairs, each served by its own stack on its own thread and core, flows
-    /// spread by the NIC's receive-side scaling (default: one per CPU this process may
-    /// use, at most what the NIC has: 1 on the e1000, 2 on the 82574L, virtio-net's
-    /// max_virtqueue_pairs). More than one needs --ip and no --pcap.
+    /// spread by the NIC's receive-side scaling (at most what the NIC has: 1 on the e1000,
+    /// 2 on the 82574L, virtio-net's max_virtqueue_pairs). Default 1: with more, a queue
+    /// was seen to stop receiving under heavy load (not yet fixed). More than one needs
+    /// --ip and no --pcap.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: Option<u16>,
 }

@@ -154,7 +154,9 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         interrupts: options.idle.interrupts,
         ..NicConfig::default()
     };
-    let wanted = options.queues.unwrap_or_else(cores::cpus_allowed);
+    // One queue unless asked: under heavy load (wrk, 256 connections) a multi-queue server
+    // was seen to stop receiving on a queue (see docs/architecture.md, One stack per core).
+    let wanted = options.queues.unwrap_or(1);
     if wanted > 1 {
         return serve_cores(address, &nic_config, wanted, &options);
     }

@@ -427,11 +427,6 @@ pub(super) fn pin_to_cpu(index: usize) {
     }
 }
 
-/// The number of CPUs this process may run on: the default queue count.
-pub(super) fn cpus_allowed() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 /// When a core last published.
 pub(super) struct Publisher {
     last: Instant,
