@@ -241,6 +241,9 @@ pub(super) fn merge_metrics(cores: Vec<Vec<Metric>>) -> Vec<Metric> {
 /// it sleeps on its interrupts.
 pub(super) struct Inbox {
     frames: Mutex<VecDeque<Vec<u8>>>,
+    /// How many frames wait: the receiving core reads this on every `rx_next` and takes
+    /// the lock only when it is non-zero (ARP is rare; the per-frame path stays lock-free).
+    waiting: AtomicUsize,
     wake: EventFd,
 }
 
@@ -248,6 +251,7 @@ impl Inbox {
     fn new() -> std::io::Result<Self> {
         Ok(Inbox {
             frames: Mutex::default(),
+            waiting: AtomicUsize::new(0),
             wake: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -258,12 +262,19 @@ impl Inbox {
             return;
         }
         frames.push_back(frame.to_vec());
+        self.waiting.store(frames.len(), Ordering::Release);
         // A failed write only delays the frame to the core's next wake-up.
         let _ = self.wake.write(1);
     }
 
     fn pop(&self) -> Option<Vec<u8>> {
-        self.frames.lock().unwrap().pop_front()
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut frames = self.frames.lock().unwrap();
+        let frame = frames.pop_front();
+        self.waiting.store(frames.len(), Ordering::Release);
+        frame
     }
 }
 
