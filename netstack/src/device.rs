@@ -553,8 +553,8 @@ impl TxPath {
     ///
     /// A new SYN to a listening port with no socket left in LISTEN is dropped too
     /// ([`TxPath::listen_room`]); one that goes through takes a socket's room.
-    fn check_syn(&mut self, frame: &[u8]) -> SynCheck {
-        let Some(tcp) = frame::parse_tcp(frame) else {
+    fn check_syn(&mut self, tcp: Option<&TcpFrame>) -> SynCheck {
+        let Some(tcp) = tcp else {
             return SynCheck::Pass;
         };
         if !tcp.syn || tcp.ack {
@@ -1279,7 +1279,11 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
             let len = self.nic.rx_read(&buffer, &mut self.rx_frame).len();
             let received = &self.rx_frame[..len];
             // TCP checksums are verified here rather than by smoltcp, to count the drops.
-            if frame::parse_tcp(received).is_some_and(|tcp| !frame::tcp_checksum_ok(received, &tcp))
+            // Parsed once for both the checksum and the SYN checks.
+            let tcp = frame::parse_tcp(received);
+            if tcp
+                .as_ref()
+                .is_some_and(|tcp| !frame::tcp_checksum_ok(received, tcp))
             {
                 self.tx.stats.rx_tcp_checksum_drops += 1;
                 self.nic.rx_recycle(buffer);
@@ -1295,7 +1299,7 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
                 self.nic.rx_recycle(buffer);
                 continue;
             }
-            match self.tx.check_syn(received) {
+            match self.tx.check_syn(tcp.as_ref()) {
                 SynCheck::Pass => {}
                 SynCheck::Duplicate => {
                     self.tx.stats.rx_duplicate_syns += 1;
