@@ -6,12 +6,12 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use cpio::newc::{trailer, Builder};
 
-use crate::{cache_dir, guest_programs, target_dir};
+use crate::{cache_dir, guest_programs};
 
 /// Printed by `/init` after the command, with its exit status.
 pub const EXIT_MARKER: &str = "ZEROSEND-GUEST-EXIT:";
@@ -78,9 +78,10 @@ fn push_dir(out: &mut Vec<u8>, name: &str) {
     push(out, name, 0o040755, &[]);
 }
 
-/// The base archive, built once per process.
-pub fn base_archive() -> &'static Path {
-    static BASE: OnceLock<PathBuf> = OnceLock::new();
+/// The base archive, built once per process and kept in memory (a file per test process
+/// would be left behind by every run).
+pub fn base_archive() -> &'static [u8] {
+    static BASE: OnceLock<Vec<u8>> = OnceLock::new();
     BASE.get_or_init(|| {
         let progs = guest_programs();
         let modules = cache_dir().join("kernel/current/modules");
@@ -124,18 +125,13 @@ pub fn base_archive() -> &'static Path {
         while out.len() % 512 != 0 {
             out.push(0);
         }
-        let path = target_dir()
-            .join("hw-tests")
-            .join(format!("base-{}.cpio", std::process::id()));
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, out).unwrap();
-        path
+        out
     })
 }
 
 /// Write `base + per-run archive` to `dest`.
 pub fn build_run_initramfs(dest: &Path, bind: &[(u16, u16)], script: &str, files: &[GuestFile]) {
-    let mut out = fs::read(base_archive()).unwrap();
+    let mut out = base_archive().to_vec();
     let mut run = Vec::new();
     let bind_lines: String = bind
         .iter()
