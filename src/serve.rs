@@ -462,6 +462,7 @@ fn run<Q: ServerNic>(
             server.reload_certificate();
         }
         server.shared.open[core_index].store(server.conns.len(), Ordering::Relaxed);
+        server.shared.beat(core_index, now);
         if server.shared.cores() > 1 && server.publisher.due(now) {
             server.publish();
         }
@@ -717,6 +718,8 @@ impl<Q: ServerNic> Server<Q> {
             retransmits: s.retransmitted_segments,
             copied: s.payload_bytes_copied,
             file_bytes: s.file_bytes_sent,
+            frames_rx: s.frames_rx,
+            frames_tx: s.frames_tx,
         }
     }
 
@@ -1007,6 +1010,10 @@ fn receive_requests<Q: NetQueue>(
 }
 
 /// The periodic one-line summary on stdout.
+/// A core whose loop has not gone round for this long is named on the stats line (a
+/// loop round takes microseconds; even a slow disk read is done in well under this).
+const CORE_STALL_WARNING: Duration = Duration::from_secs(2);
+
 struct StatsLine {
     interval: Duration,
     started: Instant,
@@ -1056,6 +1063,26 @@ impl StatsLine {
             t.copied,
             t.file_bytes,
         );
+        let cores = server.shared.cores();
+        if cores > 1 {
+            let own = server.summary();
+            let per_core = server.shared.per_core(server.core_index, own);
+            let mut line = String::from("zerosend: stats per core:");
+            for (i, s) in per_core.iter().enumerate() {
+                let since = server.shared.since_beat(i, now);
+                line.push_str(&format!(
+                    " [{i}] conns {} rx {} tx {} frames",
+                    s.open, s.frames_rx, s.frames_tx
+                ));
+                if since > CORE_STALL_WARNING {
+                    line.push_str(&format!(
+                        " NOT RUNNING (last loop {:.1} s ago)",
+                        since.as_secs_f64()
+                    ));
+                }
+            }
+            println!("{line}");
+        }
     }
 }
 

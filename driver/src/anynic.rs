@@ -94,6 +94,11 @@ pub struct NicConfig {
     /// [`crate::irq::Interruptible`]. Off: the driver only polls and never touches them. A
     /// device without a usable interrupt is logged and polled.
     pub interrupts: bool,
+    /// virtio-net with several queue pairs: a receive queue that ran dry notifies every
+    /// receive queue when refilled, releasing frames the device may hold for it behind
+    /// another queue (`virtio::multiqueue`, "A receive queue that ran dry"). Off only to
+    /// show the stall it prevents.
+    pub virtio_rx_notify_all: bool,
 }
 
 impl Default for NicConfig {
@@ -110,6 +115,7 @@ impl Default for NicConfig {
             virtio_indirect: true,
             virtio_packed: true,
             interrupts: false,
+            virtio_rx_notify_all: true,
         }
     }
 }

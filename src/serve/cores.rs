@@ -62,6 +62,8 @@ pub(super) struct Summary {
     pub retransmits: u64,
     pub copied: u64,
     pub file_bytes: u64,
+    pub frames_rx: u64,
+    pub frames_tx: u64,
 }
 
 impl Summary {
@@ -76,6 +78,8 @@ impl Summary {
         self.retransmits += o.retransmits;
         self.copied += o.copied;
         self.file_bytes += o.file_bytes;
+        self.frames_rx += o.frames_rx;
+        self.frames_tx += o.frames_tx;
     }
 }
 
@@ -92,6 +96,10 @@ pub(super) struct Shared {
     /// Cores that have their listeners up; the server is announced when all have.
     pub started: AtomicUsize,
     pub reports: Vec<Mutex<CoreReport>>,
+    /// When each core last went round its loop (milliseconds since `epoch`): a core that
+    /// stops going round (stuck, or its thread gone) is named on the stats line.
+    heartbeat: Vec<AtomicU64>,
+    epoch: Instant,
     _cache_dma: DmaRegion,
 }
 
@@ -133,6 +141,8 @@ impl Shared {
             open: (0..cores).map(|_| AtomicUsize::new(0)).collect(),
             started: AtomicUsize::new(0),
             reports: (0..cores).map(|_| Mutex::default()).collect(),
+            heartbeat: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
             _cache_dma: region,
         })
     }
@@ -149,6 +159,33 @@ impl Shared {
             .filter(|(i, _)| *i != core)
             .map(|(_, n)| n.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// `core` is going round its loop at `now`.
+    pub fn beat(&self, core: usize, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.heartbeat[core].store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago `core` last went round its loop.
+    pub fn since_beat(&self, core: usize, now: Instant) -> Duration {
+        let at = self.epoch + Duration::from_millis(self.heartbeat[core].load(Ordering::Relaxed));
+        now.saturating_duration_since(at)
+    }
+
+    /// Every core's last published stats-line figures (`own` fresh for `core`).
+    pub fn per_core(&self, core: usize, own: Summary) -> Vec<Summary> {
+        self.reports
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                if i == core {
+                    own
+                } else {
+                    r.lock().unwrap().summary
+                }
+            })
+            .collect()
     }
 
     pub fn publish(&self, core: usize, report: CoreReport) {

@@ -69,6 +69,19 @@
 //! the caller drops every handle, which resets the device and frees the memory, and opens
 //! it again. `QueueFault` is not [`DriverError::is_recovered`]. The TX watchdog is
 //! per queue, with [`NicConfig::tx_hang_timeout`] as in the single-queue driver.
+//!
+//! # A receive queue that ran dry notifies every receive queue
+//! The specification lets a driver notify a queue whenever it likes (a notification only
+//! says "look at the available ring again", section 2.7.13.4); it asks for one when the
+//! device wants it. With more than one pair, when a receive queue's device side asked for a
+//! notification (it found the ring without room), the handle refilling it notifies every
+//! other receive queue too. Why: a device that steers in software may have been holding a
+//! frame for this queue in the backend of another (QEMU's virtio-net, 7.2 at least, parks
+//! such a frame on the queue its TAP queue feeds, and looks at it again only when *that*
+//! receive queue is notified; the notification of the queue that ran dry does not release
+//! it, and that TAP queue's flows stop for good: seen as a two-queue server that stopped
+//! answering under `wrk -c256`). It costs one doorbell per other pair, only after a ring ran
+//! dry.
 
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -366,6 +379,8 @@ struct Device {
     /// Pairs not (or no longer) owned by a handle: while opening, and after a handle is
     /// dropped. Freed only after the reset in `Drop`, as the device may still use them.
     parked: Mutex<Vec<VqPair>>,
+    /// Every pair's receive queue notification (offset, queue index), by pair, once open.
+    rx_doorbells: Vec<(usize, u16)>,
 }
 
 impl Drop for Device {
@@ -422,6 +437,7 @@ pub(crate) fn open_queues(
         fault: FaultFlag::default(),
         ctrl: Mutex::new(None),
         parked: Mutex::new(Vec::new()),
+        rx_doorbells: Vec::new(),
     };
     if let Err(e) = initialise(&mut dev, pairs) {
         dev.transport.fail();
@@ -431,6 +447,7 @@ pub(crate) fn open_queues(
     let pairs_taken: Vec<VqPair> =
         std::mem::take(&mut *dev.parked.lock().unwrap_or_else(|p| p.into_inner()));
     let n = pairs_taken.len();
+    dev.rx_doorbells = pairs_taken.iter().map(VqPair::rx_doorbell).collect();
     tracing::info!(
         mac = %dev.mac,
         pairs = n,
@@ -835,7 +852,16 @@ impl NetQueue for VirtioNetQueue {
             return;
         }
         let dev = Arc::clone(&self.dev);
-        self.q_mut().rx_flush(&dev.transport);
+        if self.q_mut().rx_flush(&dev.transport) && dev.config.virtio_rx_notify_all {
+            // This ring ran dry: release what the device may hold for it elsewhere (see
+            // the module documentation).
+            for (pair, &(offset, queue)) in dev.rx_doorbells.iter().enumerate() {
+                if pair != self.index {
+                    dev.transport.notify(offset, queue);
+                    self.q_mut().stats.doorbells += 1;
+                }
+            }
+        }
     }
 
     fn stats(&mut self) -> DeviceStats {

@@ -742,12 +742,20 @@ impl VqPair {
         self.rx.recycle(buffer)
     }
 
-    /// Re-post the recycled buffers and notify the receive queue if the device wants it.
-    pub(super) fn rx_flush(&mut self, t: &VirtioPciTransport) {
+    /// Re-post the recycled buffers and notify the receive queue if the device wants it
+    /// (it asks only after it found the ring without room). Returns whether it notified.
+    pub(super) fn rx_flush(&mut self, t: &VirtioPciTransport) -> bool {
         if self.rx.repost() && self.rx.vq.device_wants_notification() {
             t.notify(self.rx_notify, self.rx_index);
             self.stats.doorbells += 1;
+            return true;
         }
+        false
+    }
+
+    /// The receive queue's notification address offset and queue index (set by `setup`).
+    pub(super) fn rx_doorbell(&self) -> (usize, u16) {
+        (self.rx_notify, self.rx_index)
     }
 
     /// Used buffer notifications of both queues on or off (section 2.7.7, 2.8.10).
@@ -1386,7 +1394,7 @@ impl NetQueue for VirtioNet {
     }
 
     fn rx_flush(&mut self) {
-        self.q.rx_flush(&self.transport);
+        let _ = self.q.rx_flush(&self.transport);
     }
 
     fn stats(&mut self) -> DeviceStats {

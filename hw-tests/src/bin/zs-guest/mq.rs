@@ -10,6 +10,11 @@
 //! (`conflicts`, counted over the low 7 bits: both drivers use a table of 128 or fewer
 //! entries, a power of two).
 //!
+//! With `--pause-queue I --pause-ms M` queue I's thread receives nothing for its first M ms,
+//! so (with a small `--rx-ring`) its ring runs dry while SYNs for it keep coming: the
+//! device must then still deliver every later frame (see `driver::virtio::multiqueue`, "A
+//! receive queue that ran dry").
+//!
 //! Prints `MQ_QUEUES n=N`, `MQ_READY`, then one `MQ_QUEUE index=I syns=S rsts=R arps=A
 //! rx_frames=F tx_frames=T` per queue and `MQ_STEERING conflicts=C`.
 
@@ -40,6 +45,18 @@ pub struct MqSynArgs {
     syns: u64,
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Receive descriptors per queue (small: a paused queue runs dry sooner).
+    #[arg(long, default_value_t = 256)]
+    rx_ring: u16,
+    /// This queue's thread receives nothing for the first `--pause-ms` (its ring runs dry).
+    #[arg(long)]
+    pause_queue: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
+    /// Turn off the virtio-net driver's "a ring that ran dry notifies every receive queue"
+    /// (`NicConfig::virtio_rx_notify_all`), to show the stall it prevents.
+    #[arg(long)]
+    no_rx_notify_all: bool,
 }
 
 /// What one queue's thread saw.
@@ -61,7 +78,12 @@ pub fn run(args: MqSynArgs) -> Result<()> {
     let ip = ip.octets();
     let (address, model) = super::find_nic(None)?;
     println!("NIC {address} {model}");
-    let queues = open_nic_queues(&address, &NicConfig::default(), args.queues)
+    let config = NicConfig {
+        rx_ring_size: args.rx_ring,
+        virtio_rx_notify_all: !args.no_rx_notify_all,
+        ..NicConfig::default()
+    };
+    let queues = open_nic_queues(&address, &config, args.queues)
         .with_context(|| format!("opening {address} with {} queue pairs", args.queues))?;
     println!("MQ_QUEUES n={}", queues.len());
     let total_syns = Arc::new(AtomicU64::new(0));
@@ -77,8 +99,17 @@ pub fn run(args: MqSynArgs) -> Result<()> {
         let stop = Arc::clone(&stop);
         let steering = Arc::clone(&steering);
         let port = args.port;
+        let pause_until = (args.pause_queue == Some(queue.queue_index()))
+            .then(|| Instant::now() + Duration::from_millis(args.pause_ms));
         threads.push(std::thread::spawn(move || {
-            serve_queue(queue, ip, port, &total_syns, &stop, &steering, deadline)
+            serve_queue(
+                queue,
+                ip,
+                port,
+                (&total_syns, &stop, &steering),
+                deadline,
+                pause_until,
+            )
         }));
     }
     println!("MQ_READY");
@@ -120,10 +151,9 @@ fn serve_queue(
     mut queue: Box<dyn QueuePair>,
     ip: [u8; 4],
     port: u16,
-    total_syns: &AtomicU64,
-    stop: &AtomicBool,
-    steering: &Mutex<Steering>,
+    (total_syns, stop, steering): (&AtomicU64, &AtomicBool, &Mutex<Steering>),
     deadline: Instant,
+    pause_until: Option<Instant>,
 ) -> QueueResult {
     let index = queue.queue_index();
     let mac = queue.mac_address().0;
@@ -134,6 +164,11 @@ fn serve_queue(
     let mut counts = QueueCounts::default();
     let mut replies: Vec<Vec<u8>> = Vec::new();
     let offload = TxOffload::default();
+    if let Some(until) = pause_until {
+        println!("MQ_PAUSED index={index}");
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        println!("MQ_RESUMED index={index}");
+    }
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         queue.tx_reap(&mut |token| free.push(token as usize))?;
         queue.rx_poll(64, &mut |frame| {
