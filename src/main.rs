@@ -204,9 +204,8 @@ struct ServeArgs {
     ipv6_slaac: bool,
     /// NIC queue pairs, each served by its own stack on its own thread and core, flows
     /// spread by the NIC's receive-side scaling (at most what the NIC has: 1 on the e1000,
-    /// 2 on the 82574L, virtio-net's max_virtqueue_pairs). Default 1: with more, a queue
-    /// was seen to stop receiving under heavy load (not yet fixed). More than one needs
-    /// --ip and no --pcap.
+    /// 2 on the 82574L, virtio-net's max_virtqueue_pairs). Default: one per CPU the server
+    /// may run on (its affinity mask), but 1 without --ip or with --pcap.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: Option<u16>,
 }

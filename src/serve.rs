@@ -154,9 +154,7 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         interrupts: options.idle.interrupts,
         ..NicConfig::default()
     };
-    // One queue unless asked: under heavy load (wrk, 256 connections) a multi-queue server
-    // was seen to stop receiving on a queue (see docs/architecture.md, One stack per core).
-    let wanted = options.queues.unwrap_or(1);
+    let wanted = queue_count(&options);
     if wanted > 1 {
         return serve_cores(address, &nic_config, wanted, &options);
     }
@@ -179,6 +177,28 @@ pub fn serve(options: ServeOptions) -> Result<()> {
     };
     println!("zerosend: stopped: {synced} files synced, NIC released");
     Ok(())
+}
+
+/// Queue pairs to open: `--queues`, else one per CPU the process may run on, but one when
+/// more could not work (no `--ip`: DHCP configures one interface; `--pcap` captures one
+/// queue), said on the console.
+fn queue_count(options: &ServeOptions) -> usize {
+    if let Some(n) = options.queues {
+        return n;
+    }
+    let cpus = core_affinity::get_core_ids().map_or(1, |c| c.len().clamp(1, 64));
+    if cpus > 1 && (options.ip.is_none() || options.pcap.is_some()) {
+        println!(
+            "zerosend: one queue pair, not one per CPU ({cpus}): {} (give --queues to choose)",
+            if options.pcap.is_some() {
+                "--pcap captures a single queue"
+            } else {
+                "DHCP configures a single queue's stack; give --ip for more"
+            }
+        );
+        return 1;
+    }
+    cpus
 }
 
 /// `--queues N` with N > 1: the NIC with N queue pairs and RSS, a thread per pair pinned to
