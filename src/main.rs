@@ -173,10 +173,8 @@ struct ServeArgs {
     /// NIC interrupts (through VFIO: MSI-X, MSI or INTx): `on` busy-polls while there is
     /// traffic and sleeps on the interrupts when idle; `off` only polls, napping 200 us
     /// between idle polls (about 5,000 wake-ups a second). A NIC without a usable
-    /// interrupt is polled either way. Off by default for now: with `on`, the server's
-    /// FIN after a `Connection: close` response can come late enough that the client closes
-    /// first (hw-tests load.rs fixed-port reconnects, seen on e1000 and virtio).
-    #[arg(long, value_enum, default_value = "off")]
+    /// interrupt is polled either way.
+    #[arg(long, value_enum, default_value = "on")]
     interrupts: InterruptsArg,
     /// With interrupts: microseconds of polls finding nothing before the loop arms the
     /// interrupts and sleeps.

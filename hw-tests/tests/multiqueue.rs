@@ -415,7 +415,7 @@ fn server_spreads_connections_over_cores(nic: Nic, flags: &str) {
 
 #[test]
 fn serve_virtio() {
-    server_spreads_connections_over_cores(Nic::Virtio, "")
+    server_spreads_connections_over_cores(Nic::Virtio, "--interrupts off")
 }
 
 #[test]
@@ -425,7 +425,7 @@ fn serve_virtio_interrupts() {
 
 #[test]
 fn serve_e1000e() {
-    server_spreads_connections_over_cores(Nic::E1000e, "")
+    server_spreads_connections_over_cores(Nic::E1000e, "--interrupts off")
 }
 
 /// Each core sleeps on its own MSI-X vector when idle; core 1 also on the eventfd queue 0

@@ -422,6 +422,9 @@ impl NetQueue for E1000Queue {
 
     /// Completions, and the per-pair watchdog (see "TX hang in multi-queue mode").
     fn tx_reap(&mut self, done: &mut dyn FnMut(TxToken)) -> Result<usize> {
+        if self.tx.nothing_flushed() {
+            return Ok(0);
+        }
         let now = Instant::now();
         let n = self.tx.reap(done, now);
         if n > 0 {
