@@ -420,7 +420,7 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
         .with_label("code", code)
     }));
     let d = &server.device;
-    let per_queue: [(&'static str, &'static str, u64); 5] = [
+    let per_queue: [(&'static str, &'static str, u64); 6] = [
         (
             "zerosend_queue_rx_frames_total",
             "Frames received, per NIC queue pair (the driver's count).",
@@ -445,6 +445,11 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             "zerosend_queue_tx_bytes_total",
             "Bytes sent, per NIC queue pair.",
             d.tx_bytes,
+        ),
+        (
+            "zerosend_queue_doorbells_total",
+            "Doorbell writes (TX/RX tail registers, virtio notifications), per NIC queue pair: each is a trip into the device.",
+            d.doorbells,
         ),
     ];
     metrics.extend(per_queue.into_iter().map(|(name, help, value)| {
