@@ -435,6 +435,8 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
                     0o755,
                     0,
                 );
+            // The kernel's e1000e reports carrier a second or more after `ip link set up`
+            // (a first connection before it failed): wait for it, at most 10 s.
             format!(
                 "{SAMPLER}\nfor m in $(cat /lib/zs-linux/order); do insmod /lib/zs-linux/$m; done\n\
                  dev=$(ls /sys/class/net | grep -v '^lo$' | head -n1)\n\
@@ -442,6 +444,7 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
                  grp=none; [ -e $pci/iommu_group ] && grp=$(cat $pci/iommu_group/type)\n\
                  echo \"ZS-IOMMU dev=$dev driver=$(basename $(readlink /sys/class/net/$dev/device/driver)) group_type=$grp\"\n\
                  ip addr add {GUEST_IP}/24 dev $dev\nip link set $dev up\n\
+                 i=0; while [ \"$(cat /sys/class/net/$dev/carrier 2>/dev/null)\" != 1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
                  zs-linux-serve --root /data --port 80 {tls} &\npid=$!\nzs_sample $pid &\nwait $pid"
             )
         }
