@@ -482,7 +482,6 @@ fn run<Q: ServerNic>(
             server.reload_certificate();
         }
         server.shared.open[core_index].store(server.conns.len(), Ordering::Relaxed);
-        server.shared.beat(core_index, now);
         if server.shared.cores() > 1 && server.publisher.due(now) {
             server.publish();
         }
@@ -768,6 +767,7 @@ impl<Q: ServerNic> Server<Q> {
         let report = CoreReport {
             summary: self.summary(),
             metrics: self.own_metrics(),
+            published: Some(Instant::now()),
         };
         self.shared.publish(self.core_index, report);
     }
@@ -1030,8 +1030,8 @@ fn receive_requests<Q: NetQueue>(
 }
 
 /// The periodic one-line summary on stdout.
-/// A core whose loop has not gone round for this long is named on the stats line (a
-/// loop round takes microseconds; even a slow disk read is done in well under this).
+/// A core whose last report (published every 100 ms from its loop) is older than this is
+/// named on the stats line: its loop has stopped going round.
 const CORE_STALL_WARNING: Duration = Duration::from_secs(2);
 
 struct StatsLine {
@@ -1060,7 +1060,13 @@ impl StatsLine {
         self.last = now;
         server.stack.nic_mut().flush_capture();
         // All cores: this one's fresh figures, the others' last published.
-        let t = server.shared.summary(server.core_index, server.summary());
+        let per_core = server
+            .shared
+            .per_core(server.core_index, server.summary(), now);
+        let mut t = Summary::default();
+        for (core, _) in &per_core {
+            t.add(core);
+        }
         let c = server.cache.stats();
         let tx_mbit =
             t.payload_bytes_sent.saturating_sub(self.last_tx_bytes) as f64 * 8.0 / secs / 1e6;
@@ -1083,21 +1089,17 @@ impl StatsLine {
             t.copied,
             t.file_bytes,
         );
-        let cores = server.shared.cores();
-        if cores > 1 {
-            let own = server.summary();
-            let per_core = server.shared.per_core(server.core_index, own);
+        if per_core.len() > 1 {
             let mut line = String::from("zerosend: stats per core:");
-            for (i, s) in per_core.iter().enumerate() {
-                let since = server.shared.since_beat(i, now);
+            for (i, (s, age)) in per_core.iter().enumerate() {
                 line.push_str(&format!(
                     " [{i}] conns {} rx {} tx {} frames",
                     s.open, s.frames_rx, s.frames_tx
                 ));
-                if since > CORE_STALL_WARNING {
+                if *age > CORE_STALL_WARNING {
                     line.push_str(&format!(
-                        " NOT RUNNING (last loop {:.1} s ago)",
-                        since.as_secs_f64()
+                        " NOT RUNNING (last report {:.1} s ago)",
+                        age.as_secs_f64()
                     ));
                 }
             }

@@ -47,6 +47,9 @@ const HANDED_OVER: u32 = 1 << 31;
 pub(super) struct CoreReport {
     pub summary: Summary,
     pub metrics: Vec<Metric>,
+    /// When the core published it (`None`: not yet): a core whose reports stop coming
+    /// (stuck, or its thread gone) is named on the stats line.
+    pub published: Option<Instant>,
 }
 
 /// The figures of the stats line, per core.
@@ -96,10 +99,8 @@ pub(super) struct Shared {
     /// Cores that have their listeners up; the server is announced when all have.
     pub started: AtomicUsize,
     pub reports: Vec<Mutex<CoreReport>>,
-    /// When each core last went round its loop (milliseconds since `epoch`): a core that
-    /// stops going round (stuck, or its thread gone) is named on the stats line.
-    heartbeat: Vec<AtomicU64>,
-    epoch: Instant,
+    /// When the cores were set up: the age of a core's report before its first.
+    created: Instant,
     _cache_dma: DmaRegion,
 }
 
@@ -141,8 +142,7 @@ impl Shared {
             open: (0..cores).map(|_| AtomicUsize::new(0)).collect(),
             started: AtomicUsize::new(0),
             reports: (0..cores).map(|_| Mutex::default()).collect(),
-            heartbeat: (0..cores).map(|_| AtomicU64::new(0)).collect(),
-            epoch: Instant::now(),
+            created: Instant::now(),
             _cache_dma: region,
         })
     }
@@ -161,47 +161,25 @@ impl Shared {
             .sum()
     }
 
-    /// `core` is going round its loop at `now`.
-    pub fn beat(&self, core: usize, now: Instant) {
-        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        self.heartbeat[core].store(ms, Ordering::Relaxed);
-    }
-
-    /// How long ago `core` last went round its loop.
-    pub fn since_beat(&self, core: usize, now: Instant) -> Duration {
-        let at = self.epoch + Duration::from_millis(self.heartbeat[core].load(Ordering::Relaxed));
-        now.saturating_duration_since(at)
-    }
-
-    /// Every core's last published stats-line figures (`own` fresh for `core`).
-    pub fn per_core(&self, core: usize, own: Summary) -> Vec<Summary> {
+    /// Every core's stats-line figures with the age of each (`own`, fresh, for `core`; the
+    /// others' last published and how long ago).
+    pub fn per_core(&self, core: usize, own: Summary, now: Instant) -> Vec<(Summary, Duration)> {
         self.reports
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 if i == core {
-                    own
-                } else {
-                    r.lock().unwrap().summary
+                    return (own, Duration::ZERO);
                 }
+                let r = r.lock().unwrap();
+                let at = r.published.unwrap_or(self.created);
+                (r.summary, now.saturating_duration_since(at))
             })
             .collect()
     }
 
     pub fn publish(&self, core: usize, report: CoreReport) {
         *self.reports[core].lock().unwrap() = report;
-    }
-
-    /// The stats-line figures of every core: `own` (fresh) for `core`, the last published
-    /// for the others.
-    pub fn summary(&self, core: usize, own: Summary) -> Summary {
-        let mut total = own;
-        for (i, report) in self.reports.iter().enumerate() {
-            if i != core {
-                total.add(&report.lock().unwrap().summary);
-            }
-        }
-        total
     }
 
     /// The metrics page of the whole server: `own` (fresh) for `core` and the others' last
