@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use vm_memory::{
@@ -130,6 +131,11 @@ pub struct DmaSpace {
     /// Live regions allocated here, by first IOVA, so a driver can read device-visible bytes
     /// by IOVA ([`DmaSpace::read_iova`]). Weak: the registry never keeps memory alive.
     regions: Mutex<BTreeMap<Iova, (usize, Weak<GuestMemoryMmap>)>>,
+    /// Live regions backed by 2 MiB pages (so mapped in the IOMMU by 2 MiB pages where it
+    /// supports them), and a version bumped whenever that list changes, so a driver can keep
+    /// its own copy and check it with one atomic load per frame ([`LargePageRanges`]).
+    large_pages: Mutex<Vec<Range<Iova>>>,
+    large_pages_version: AtomicU64,
 }
 
 impl DmaSpace {
@@ -139,6 +145,8 @@ impl DmaSpace {
             mapper,
             iovas,
             regions: Mutex::new(BTreeMap::new()),
+            large_pages: Mutex::new(Vec::new()),
+            large_pages_version: AtomicU64::new(0),
         })
     }
 
@@ -172,13 +180,32 @@ impl DmaSpace {
             .lock()
             .unwrap()
             .insert(iova.start, (len, Arc::downgrade(&memory)));
+        if align == HUGE_PAGE_SIZE {
+            let mut large = self.large_pages.lock().unwrap();
+            large.push(iova.clone());
+            large.sort_by_key(|r| r.start);
+            self.large_pages_version.fetch_add(1, Ordering::Release);
+        }
         Ok(DmaRegion {
             space: Arc::clone(self),
             memory,
             iova: iova.start,
             len,
             access,
+            page_size: align,
         })
+    }
+
+    /// Version of the list of regions in 2 MiB pages; changes whenever one is allocated or
+    /// freed.
+    pub fn large_pages_version(&self) -> u64 {
+        self.large_pages_version.load(Ordering::Acquire)
+    }
+
+    /// IOVA ranges of the live regions in 2 MiB pages, sorted, with the version they match.
+    pub fn large_page_ranges(&self) -> (u64, Vec<Range<Iova>>) {
+        let large = self.large_pages.lock().unwrap();
+        (self.large_pages_version(), large.clone())
     }
 
     /// The mapper behind this space.
@@ -208,6 +235,50 @@ impl DmaSpace {
         memory
             .read_slice(out, GuestAddress(iova))
             .map_err(|e| DriverError::Dma(format!("reading IOVA {iova:#x}: {e}")))
+    }
+}
+
+/// A driver's copy of [`DmaSpace::large_page_ranges`], refreshed when the space's version
+/// moves, so it can tell the page size behind an IOVA without a lock per frame.
+///
+/// Why a driver asks: an emulated device may map each descriptor's buffer with one
+/// translation (QEMU's e1000e does, one `pci_dma_map` per descriptor), which covers at most
+/// one IOMMU page. A buffer in 4 KiB pages must then be cut at every 4 KiB; one in 2 MiB
+/// pages (vfio maps physically contiguous, aligned 2 MiB runs with the IOMMU's 2 MiB pages
+/// where it has them) only at 2 MiB.
+pub struct LargePageRanges {
+    space: Arc<DmaSpace>,
+    version: u64,
+    ranges: Vec<Range<Iova>>,
+}
+
+impl LargePageRanges {
+    pub fn new(space: Arc<DmaSpace>) -> Self {
+        let (version, ranges) = space.large_page_ranges();
+        LargePageRanges {
+            space,
+            version,
+            ranges,
+        }
+    }
+
+    /// Takes the space's list again if it changed since the last call (one atomic load
+    /// when it did not).
+    pub fn refresh(&mut self) {
+        if self.space.large_pages_version() != self.version {
+            (self.version, self.ranges) = self.space.large_page_ranges();
+        }
+    }
+
+    /// Size of the page that holds `iova`: [`HUGE_PAGE_SIZE`] inside a region in 2 MiB
+    /// pages, [`PAGE_SIZE`] anywhere else.
+    pub fn page_size_at(&self, iova: Iova) -> u64 {
+        // Few ranges (the page cache, perhaps a pool or two): a scan beats a search.
+        if self.ranges.iter().any(|r| r.contains(&iova)) {
+            HUGE_PAGE_SIZE as u64
+        } else {
+            PAGE_SIZE as u64
+        }
     }
 }
 
@@ -246,6 +317,8 @@ pub struct DmaRegion {
     iova: Iova,
     len: usize,
     access: DmaAccess,
+    /// Size of the host pages backing the region: [`HUGE_PAGE_SIZE`] or [`PAGE_SIZE`].
+    page_size: usize,
 }
 
 /// Source of [`DmaRegion::zero`]'s copies (`VolatileSlice` has no fill operation).
@@ -265,6 +338,15 @@ impl DmaRegion {
     }
     pub fn access(&self) -> DmaAccess {
         self.access
+    }
+    /// Size of the host pages backing the region ([`HUGE_PAGE_SIZE`] when the host had
+    /// huge pages reserved and the length is a multiple of it, else [`PAGE_SIZE`]).
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+    /// The space the region was allocated in.
+    pub fn space(&self) -> &Arc<DmaSpace> {
+        &self.space
     }
     /// The memory as `vm-memory` sees it (`GuestAddress` = IOVA); hand this to the page
     /// cache so its frames are DMA-able.
@@ -370,6 +452,16 @@ impl DmaRegion {
 impl Drop for DmaRegion {
     fn drop(&mut self) {
         self.space.regions.lock().unwrap().remove(&self.iova);
+        if self.page_size == HUGE_PAGE_SIZE {
+            self.space
+                .large_pages
+                .lock()
+                .unwrap()
+                .retain(|r| r.start != self.iova);
+            self.space
+                .large_pages_version
+                .fetch_add(1, Ordering::Release);
+        }
         if let Err(e) = self.space.mapper.unmap(self.iova, self.len) {
             // The device may still reach this memory: leak it rather than free it under DMA.
             tracing::error!(

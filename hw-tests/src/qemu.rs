@@ -154,7 +154,12 @@ impl Guest {
         self.with(|g| g.queues = n.max(1))
     }
     pub fn append(self, args: &str) -> Self {
-        self.with(|g| g.append = args.into())
+        self.with(|g| {
+            if !g.append.is_empty() {
+                g.append.push(' ');
+            }
+            g.append.push_str(args)
+        })
     }
     pub fn network(self, network: Network) -> Self {
         self.with(|g| g.network = network)

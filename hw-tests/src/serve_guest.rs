@@ -24,6 +24,10 @@ use crate::{Guest, Network, Nic, RunningGuest};
 pub const PORT: u16 = 80;
 /// Length of `/data/big.bin`: 8 MiB, large enough for TSO, many windows and evictions.
 pub const BIG_LEN: usize = 8 << 20;
+
+/// Kernel argument reserving 2 MiB pages at boot for a server guest: 288 MiB, the default
+/// 256 MiB page cache and room for the pools.
+pub const HUGE_PAGES_ARG: &str = "hugepages=144";
 /// The content of `/data/hello.txt`.
 pub const HELLO: &[u8] = b"hello from zerosend\n";
 /// How long one curl may take before it counts as hung.
@@ -67,6 +71,9 @@ impl ServerGuest {
         let guest = Guest::new(&format!("{name}-{}", nic.name()), nic)
             .network(Network::Tap)
             .memory_mb(1024)
+            // The page cache (256 MiB by default) in 2 MiB pages, as README advises a
+            // deployment: fewer descriptors and IOMMU translations per frame.
+            .append(HUGE_PAGES_ARG)
             .timeout(Duration::from_secs(900))
             .file("/data/big.bin", big.clone())
             .file("/data/hello.txt", HELLO.to_vec());

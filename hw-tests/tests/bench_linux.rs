@@ -60,6 +60,12 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
     Zerosend,
+    /// zerosend with `--audit` (as the demo runs it): the cost of proving pinned pages
+    /// stable, against `Zerosend` in the same run.
+    ZerosendAudit,
+    /// zerosend with the extra flags in `BENCH_ALT_FLAGS`: an A/B of a setting against
+    /// `Zerosend` in one run (e.g. `BENCH_ALT_FLAGS="--tcp-send-buffer-kb 2048"`).
+    ZerosendAlt,
     LinuxStrict,
     LinuxOff,
     /// zerosend in a 2-vCPU guest with one queue pair, and with two (a stack per core;
@@ -69,8 +75,10 @@ enum Variant {
 }
 
 impl Variant {
-    const ALL: [Variant; 5] = [
+    const ALL: [Variant; 7] = [
         Variant::Zerosend,
+        Variant::ZerosendAudit,
+        Variant::ZerosendAlt,
         Variant::LinuxStrict,
         Variant::LinuxOff,
         Variant::ZerosendSmp2Q1,
@@ -79,8 +87,22 @@ impl Variant {
     fn is_zerosend(self) -> bool {
         matches!(
             self,
-            Variant::Zerosend | Variant::ZerosendSmp2Q1 | Variant::ZerosendSmp2Q2
+            Variant::Zerosend
+                | Variant::ZerosendAudit
+                | Variant::ZerosendAlt
+                | Variant::ZerosendSmp2Q1
+                | Variant::ZerosendSmp2Q2
         )
+    }
+    /// Flags a zerosend variant adds to the common `zerosend serve` command.
+    fn extra_flags(self) -> String {
+        match self {
+            Variant::ZerosendAudit => " --audit".into(),
+            Variant::ZerosendAlt => {
+                format!(" {}", std::env::var("BENCH_ALT_FLAGS").unwrap_or_default())
+            }
+            _ => String::new(),
+        }
     }
     /// vCPUs of the guest and queue pairs of the server.
     fn cpus_and_queues(self) -> (u32, u32) {
@@ -93,6 +115,8 @@ impl Variant {
     fn name(self) -> &'static str {
         match self {
             Variant::Zerosend => "zerosend",
+            Variant::ZerosendAudit => "zerosend-audit",
+            Variant::ZerosendAlt => "zerosend-alt",
             Variant::ZerosendSmp2Q1 => "zerosend-smp2-q1",
             Variant::ZerosendSmp2Q2 => "zerosend-smp2-q2",
             Variant::LinuxStrict => "linux-strict",
@@ -408,11 +432,19 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
         guest = guest.file(&format!("/data/{name}"), data.clone());
     }
     let tls = "--tls-cert /etc/zs/cert.pem --tls-key /etc/zs/key.pem --tls-port 443";
+    if variant.is_zerosend() {
+        guest = guest.append(hw_tests::serve_guest::HUGE_PAGES_ARG);
+    }
     let script = match variant {
-        Variant::Zerosend | Variant::ZerosendSmp2Q1 | Variant::ZerosendSmp2Q2 => format!(
+        Variant::Zerosend
+        | Variant::ZerosendAudit
+        | Variant::ZerosendAlt
+        | Variant::ZerosendSmp2Q1
+        | Variant::ZerosendSmp2Q2 => format!(
             "{SAMPLER}\nzerosend serve --root /data --ip {GUEST_IP}/24 --port 80 {tls} \
-             --max-connections 1100 --queues {} --metrics-listen 9464 &\npid=$!\nzs_sample $pid &\nwait $pid",
-            variant.cpus_and_queues().1
+             --max-connections 1100 --queues {} --metrics-listen 9464{} &\npid=$!\nzs_sample $pid &\nwait $pid",
+            variant.cpus_and_queues().1,
+            variant.extra_flags(),
         ),
         Variant::LinuxStrict | Variant::LinuxOff => {
             let mods = cache_dir().join("kernel/current/linux-modules");
@@ -455,7 +487,19 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
     } else {
         "zs-linux-serve: serving"
     };
-    guest.wait_for_console(ready, Duration::from_secs(300));
+    let serving = guest.wait_for_console(ready, Duration::from_secs(300));
+    if variant.is_zerosend() {
+        // The label must be true here too.
+        let audit = if variant.extra_flags().contains("--audit") {
+            "audit on"
+        } else {
+            "audit off"
+        };
+        guest.check(
+            serving.contains(audit),
+            &format!("expected {audit}: {serving}"),
+        );
+    }
     if !variant.is_zerosend() {
         // The label must be true: strict means the NIC's DMA goes through the vIOMMU with
         // strict invalidation (group type "DMA", not the lazy "DMA-FQ"); off means no group.

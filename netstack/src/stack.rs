@@ -666,8 +666,17 @@ impl<Q: NetQueue> Stack<Q> {
     /// Memory one connection may use at most, in bytes: its socket buffers and its share of
     /// the copy pool (the application's own buffers come on top).
     pub fn memory_per_connection(&self) -> usize {
+        // Of the send ring, zero-copy writes only the poisoned span (`crate::poison`); a
+        // copying connection writes all of it.
+        let tx_ring = match self.config.send_mode {
+            SendMode::ZeroCopy => self
+                .config
+                .tcp_tx_buffer
+                .min(crate::poison::POISON_SPAN as usize),
+            SendMode::Copying => self.config.tcp_tx_buffer,
+        };
         self.config.tcp_rx_buffer
-            + self.config.tcp_tx_buffer
+            + tx_ring
             + self.config.tx.copy_blocks_per_conn * crate::sendq::COPY_BLOCK
     }
 
@@ -1036,9 +1045,7 @@ impl<Q: NetQueue> Stack<Q> {
                                 // never written: poison it (`crate::poison`), so smoltcp's
                                 // copy of it is unmistakable should it ever reach a wire.
                                 let n = (ring.len() as u64).min(unfed) as usize;
-                                if fed_before < ring_len {
-                                    crate::poison::fill_at(&mut ring[..n], fed_before);
-                                }
+                                crate::poison::fill_fresh(ring, n, fed_before, ring_len);
                                 (n, n)
                             })
                             .unwrap_or(0),
@@ -1221,9 +1228,7 @@ fn feed_placeholders(socket: &mut tcp::Socket<'static>, fed: &mut u64, end: u64,
         let n = socket
             .send(|ring| {
                 let n = (ring.len() as u64).min(unfed) as usize;
-                if fed_before < ring_len as u64 {
-                    crate::poison::fill_at(&mut ring[..n], fed_before);
-                }
+                crate::poison::fill_fresh(ring, n, fed_before, ring_len as u64);
                 (n, n)
             })
             .unwrap_or(0);

@@ -112,6 +112,22 @@ impl Shared {
         let region = dma
             .allocate(options.cache_mb << 20, DmaAccess::DeviceReads)
             .context("allocating the page cache's DMA memory")?;
+        if region.page_size() == driver::dma::HUGE_PAGE_SIZE {
+            println!(
+                "zerosend: page cache: {} MiB in 2 MiB pages",
+                options.cache_mb
+            );
+        } else {
+            // Still correct, only dearer: a frame's payload is cut at every 4 KiB for the
+            // device, and every 4 KiB is an IOMMU translation of its own.
+            println!(
+                "zerosend: page cache: {} MiB in 4 KiB pages (too few free 2 MiB pages; \
+                 `echo {} > /proc/sys/vm/nr_hugepages` reserves enough, for fewer DMA \
+                 descriptors and IOMMU lookups per frame)",
+                options.cache_mb,
+                options.cache_mb.div_ceil(2) + 8,
+            );
+        }
         let arena = FrameArena::from_shared(Arc::clone(region.memory()))?;
         let cache_config = CacheConfig {
             audit: options.audit,

@@ -16,10 +16,12 @@ pub const DESC_LEN: usize = 16;
 /// [`split_points`].
 pub const MAX_DESC_LEN: u64 = 16288;
 
-/// The driver never lets one data descriptor cross a 4 KiB IOVA page. Any split is legal for
-/// the device (a frame may span any number of descriptors, SDM 3.3.3), and it keeps every
-/// descriptor inside one IOMMU page, which emulated devices that map guest memory page by
-/// page (QEMU's e1000e maps each descriptor's buffer with one `pci_dma_map`) require.
+/// The driver never lets one data descriptor cross a page of the memory it points into: a
+/// 4 KiB IOVA page, or a 2 MiB one inside a region backed by 2 MiB pages
+/// ([`crate::dma::LargePageRanges`]). Any split is legal for the device (a frame may span any
+/// number of descriptors, SDM 3.3.3), and it keeps every descriptor inside one IOMMU page,
+/// which emulated devices that map guest memory descriptor by descriptor (QEMU's e1000e maps
+/// each descriptor's buffer with one `pci_dma_map`, one IOMMU translation) require.
 pub const SPLIT_BOUNDARY: u64 = 4096;
 
 // --- Legacy transmit descriptor (SDM 3.3.3, table 3-8) -----------------------------------
@@ -313,13 +315,20 @@ pub fn plan_offload(
     }))
 }
 
-/// Pieces `(iova, len)` of a segment, split so that no piece crosses a
-/// [`SPLIT_BOUNDARY`] or exceeds [`MAX_DESC_LEN`]. Calls `f` for each.
-pub fn split_points(iova: u64, len: u64, mut f: impl FnMut(u64, u64)) {
+/// Pieces `(iova, len)` of a segment, split so that no piece crosses a boundary of the page
+/// holding it (`page_size_at(iova)`: a power of two, at least [`SPLIT_BOUNDARY`]) or
+/// exceeds [`MAX_DESC_LEN`]. Calls `f` for each.
+pub fn split_points(
+    iova: u64,
+    len: u64,
+    page_size_at: impl Fn(u64) -> u64,
+    mut f: impl FnMut(u64, u64),
+) {
     let mut at = iova;
     let end = iova + len;
     while at < end {
-        let boundary = (at / SPLIT_BOUNDARY + 1) * SPLIT_BOUNDARY;
+        let page = page_size_at(at).max(SPLIT_BOUNDARY);
+        let boundary = (at / page + 1) * page;
         let piece_end = end.min(boundary).min(at + MAX_DESC_LEN);
         f(at, piece_end - at);
         at = piece_end;
@@ -327,13 +336,10 @@ pub fn split_points(iova: u64, len: u64, mut f: impl FnMut(u64, u64)) {
 }
 
 /// How many descriptors [`split_points`] produces.
-pub fn split_count(iova: u64, len: u64) -> usize {
-    if len == 0 {
-        return 0;
-    }
-    let first = iova / SPLIT_BOUNDARY;
-    let last = (iova + len - 1) / SPLIT_BOUNDARY;
-    (last - first + 1) as usize
+pub fn split_count(iova: u64, len: u64, page_size_at: impl Fn(u64) -> u64) -> usize {
+    let mut n = 0;
+    split_points(iova, len, page_size_at, |_, _| n += 1);
+    n
 }
 
 #[cfg(test)]
@@ -508,15 +514,46 @@ mod tests {
 
     #[test]
     fn splits_at_pages() {
+        let small = |_| 4096;
         let mut v = Vec::new();
-        split_points(0x1f00, 0x300, |a, l| v.push((a, l)));
+        split_points(0x1f00, 0x300, small, |a, l| v.push((a, l)));
         assert_eq!(v, vec![(0x1f00, 0x100), (0x2000, 0x200)]);
-        assert_eq!(split_count(0x1f00, 0x300), 2);
-        assert_eq!(split_count(0x2000, 0x1000), 1);
-        assert_eq!(split_count(0x2000, 0), 0);
+        assert_eq!(split_count(0x1f00, 0x300, small), 2);
+        assert_eq!(split_count(0x2000, 0x1000, small), 1);
+        assert_eq!(split_count(0x2000, 0, small), 0);
         v.clear();
-        split_points(0x10000, 0x10000, |a, l| v.push((a, l)));
+        split_points(0x10000, 0x10000, small, |a, l| v.push((a, l)));
         assert_eq!(v.len(), 16);
-        assert_eq!(split_count(0x10000, 0x10000), 16);
+        assert_eq!(split_count(0x10000, 0x10000, small), 16);
+        // A page size below 4 KiB is never honoured: 4 KiB is the floor.
+        assert_eq!(split_count(0x10000, 0x10000, |_| 512), 16);
+    }
+
+    #[test]
+    fn splits_at_large_pages_and_descriptor_length() {
+        let huge = |_| 2 << 20;
+        let mut v = Vec::new();
+        // 64 KiB inside one 2 MiB page: cut only at MAX_DESC_LEN.
+        split_points(0x20_0000, 0x10000, huge, |a, l| v.push((a, l)));
+        let lens: Vec<u64> = v.iter().map(|p| p.1).collect();
+        assert_eq!(lens, vec![16288, 16288, 16288, 16288, 384]);
+        assert_eq!(v[1].0, 0x20_0000 + 16288);
+        assert_eq!(split_count(0x20_0000, 0x10000, huge), 5);
+        // Across a 2 MiB boundary: cut there too.
+        v.clear();
+        split_points(0x3f_f000, 0x2000, huge, |a, l| v.push((a, l)));
+        assert_eq!(v, vec![(0x3f_f000, 0x1000), (0x40_0000, 0x1000)]);
+        // From a 2 MiB region into 4 KiB pages behind it: 4 KiB cuts resume there.
+        let mixed = |iova: u64| if iova < 0x40_0000 { 2 << 20 } else { 4096 };
+        v.clear();
+        split_points(0x3f_e000, 0x4000, mixed, |a, l| v.push((a, l)));
+        assert_eq!(
+            v,
+            vec![
+                (0x3f_e000, 0x2000),
+                (0x40_0000, 0x1000),
+                (0x40_1000, 0x1000)
+            ]
+        );
     }
 }

@@ -24,7 +24,8 @@
 //!   last one only, IFCS on all. The checksum context is written only when its parameters
 //!   change; a TSO context is written for every TSO frame (its PAYLEN is per frame) and
 //!   invalidates the cached checksum context. Descriptors point straight at the caller's
-//!   IOVAs: no copy. A segment is split at 4 KiB IOVA boundaries ([`desc::SPLIT_BOUNDARY`]).
+//!   IOVAs: no copy. A segment is split where its memory's IOMMU pages end (4 KiB, or 2 MiB in regions
+//!   backed by huge pages) and at 16288 bytes ([`desc::SPLIT_BOUNDARY`]).
 //! - **Completion**: the DD bit of each frame's last descriptor (SDM 3.3.3.2); TDH is never
 //!   used for that (SDM 13.4.39 says it is unreliable).
 //! - **TX-hang watchdog** in [`NetQueue::tx_reap`]: when frames handed to the device make no
@@ -80,7 +81,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::anynic::{NicConfig, OffloadSwitches};
-use crate::dma::{DmaAccess, DmaRegion, DmaSpace};
+use crate::dma::{DmaAccess, DmaRegion, DmaSpace, LargePageRanges};
 use crate::error::{DriverError, Result};
 use crate::irq::{DeviceIrq, Interruptible, IrqMode};
 use crate::mmio::Mmio;
@@ -163,13 +164,18 @@ struct TxRing {
     /// Wire frames and bytes of the frames completed so far ([`wire_size`]).
     completed_frames: u64,
     completed_bytes: u64,
+    /// Which IOVAs lie in 2 MiB pages, so descriptors are cut only where the memory's
+    /// IOMMU pages end ([`desc::SPLIT_BOUNDARY`]).
+    pages: LargePageRanges,
 }
 
 impl TxRing {
     /// An empty ring of `size` descriptors in `ring` (zeroed).
     fn new(ring: Arc<DmaRegion>, size: u16) -> TxRing {
         ring.zero();
+        let pages = LargePageRanges::new(Arc::clone(ring.space()));
         TxRing {
+            pages,
             ring,
             size,
             tail: 0,
@@ -264,11 +270,13 @@ impl TxRing {
 
     /// Write one descriptor (its two 64-bit words) at the tail.
     fn write(&mut self, word0: u64, word1: u64) {
-        let at = self.tail as usize * DESC_LEN;
-        self.ring.write_volatile(at, word0);
-        self.ring.write_volatile(at + 8, word1);
-        self.tail = (self.tail + 1) % self.size;
-        self.used += 1;
+        write_desc(
+            &self.ring,
+            self.size,
+            &mut self.tail,
+            &mut self.used,
+            [word0, word1],
+        );
     }
 
     /// Frames of `segments` segments that fit now (see [`NetQueue::tx_capacity`]).
@@ -324,7 +332,8 @@ impl TxRing {
                 ));
             }
         }
-        let data_descs = descriptors_needed(segments);
+        self.pages.refresh();
+        let data_descs = descriptors_needed(segments, &self.pages);
         if data_descs > MAX_DESCS_PER_FRAME {
             return Err(DriverError::BadFrame(format!(
                 "frame needs {data_descs} descriptors (at most {MAX_DESCS_PER_FRAME})"
@@ -351,7 +360,8 @@ impl TxRing {
         };
         let mut remaining = data_descs;
         for s in segments {
-            desc::split_points(s.iova, s.len as u64, |iova, len| {
+            let page_size_at = |iova| self.pages.page_size_at(iova);
+            desc::split_points(s.iova, s.len as u64, page_size_at, |iova, len| {
                 remaining -= 1;
                 let last = remaining == 0;
                 let mut cmd = desc::CMD_IFCS;
@@ -363,7 +373,14 @@ impl TxRing {
                 } else {
                     desc::legacy_tx(len as u16, cmd)
                 };
-                self.write(iova, word1);
+                // By fields, not `self.write`: `page_size_at` borrows `self.pages`.
+                write_desc(
+                    &self.ring,
+                    self.size,
+                    &mut self.tail,
+                    &mut self.used,
+                    [iova, word1],
+                );
             });
         }
         let eop = (self.tail + self.size - 1) % self.size;
@@ -431,11 +448,21 @@ impl TxRing {
     }
 }
 
-/// Data descriptors `segments` need after 4 KiB splitting.
-fn descriptors_needed(segments: &[TxSegment]) -> usize {
+/// Writes one descriptor at `tail` of the ring of `size` descriptors and advances it.
+fn write_desc(ring: &DmaRegion, size: u16, tail: &mut u16, used: &mut u16, words: [u64; 2]) {
+    let at = *tail as usize * DESC_LEN;
+    ring.write_volatile(at, words[0]);
+    ring.write_volatile(at + 8, words[1]);
+    *tail = (*tail + 1) % size;
+    *used += 1;
+}
+
+/// Data descriptors `segments` need after splitting at page boundaries and
+/// [`desc::MAX_DESC_LEN`].
+fn descriptors_needed(segments: &[TxSegment], pages: &LargePageRanges) -> usize {
     segments
         .iter()
-        .map(|s| desc::split_count(s.iova, s.len as u64))
+        .map(|s| desc::split_count(s.iova, s.len as u64, |iova| pages.page_size_at(iova)))
         .sum()
 }
 

@@ -389,7 +389,8 @@ fn main() {
     );
     let mut guest = Guest::new(&format!("demo-{}", nic.name()), nic)
         .mac("52:54:00:5a:e0:01")
-        .memory_mb(memory_mb);
+        .memory_mb(memory_mb)
+        .append(hw_tests::serve_guest::HUGE_PAGES_ARG);
     guest = if args.tap {
         guest.network(Network::Tap)
     } else {
