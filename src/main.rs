@@ -114,9 +114,9 @@ struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     max_put_mb: u64,
     /// Send buffer of each TCP connection in KiB: bytes in flight plus queued at most. In
-    /// zero-copy mode it costs no memory beyond 64 KiB (the payload stays in the page cache;
-    /// see `--pin-window-kb`), so it is sized for one fast flow: 512 KiB capped a single
-    /// download in the guest at about 0.6x of 2 MiB (benchmarks, `zerosend-alt`).
+    /// zero-copy mode only its first 64 KiB are written (the payload stays in the page
+    /// cache, see `--pin-window-kb`), so it is sized for one fast flow: 512 KiB capped a
+    /// single download in the guest at about 0.7x of 2 MiB (`scripts/bench`, `zerosend-alt`).
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     tcp_send_buffer_kb: u64,
     /// Most bytes of a response a connection keeps pinned in the page cache, in KiB: a body

@@ -130,6 +130,9 @@ impl Variant {
 struct Cpu {
     /// QEMU process utime+stime, host clock ticks.
     qemu_ticks: u64,
+    /// Of those, the vCPU threads' ("CPU n/TCG"): the guest's own work. The rest is QEMU's
+    /// device emulation (main loop and I/O threads), so the two tell which side was busy.
+    qemu_vcpu_ticks: u64,
     /// Guest `/proc/stat` busy ticks (all but idle and iowait), USER_HZ.
     guest_busy: u64,
     /// Server process utime+stime in the guest, USER_HZ.
@@ -164,8 +167,27 @@ fn clock_ticks() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 
+/// utime+stime of QEMU's vCPU threads (named "CPU n/TCG"), host clock ticks.
+fn qemu_vcpu_ticks(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("CPU "))
+        })
+        .map(|t| stat_ticks(&t.path().join("stat")))
+        .sum()
+}
+
 fn qemu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_ticks(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// utime+stime of a `/proc/.../stat` file, clock ticks (0 if it cannot be read).
+fn stat_ticks(path: &Path) -> u64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name (which ends with ')'): utime and stime are fields 14, 15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<u64> = rest
@@ -207,10 +229,12 @@ impl Bench {
         loop {
             let (lines, next) = self.guest.console_lines_from(from);
             if let Some((busy, server)) = lines.iter().rev().find_map(|l| parse_cpu_line(l)) {
-                let qemu = qemu_ticks(self.guest.qemu_pid().unwrap());
+                let pid = self.guest.qemu_pid().unwrap();
+                let qemu = qemu_ticks(pid);
                 return (
                     Cpu {
                         qemu_ticks: qemu,
+                        qemu_vcpu_ticks: qemu_vcpu_ticks(pid),
                         guest_busy: busy,
                         server,
                     },
@@ -565,7 +589,7 @@ fn bench_linux() {
 
     let tsv = out_dir.join("samples.tsv");
     let mut rows = String::from(
-        "nic\tvariant\tboot\tworkload\tbytes\trequests\tsecs\tp50_ms\tp99_ms\terrors\tqemu_cpu_s\tguest_cpu_s\tserver_cpu_s\tload\n",
+        "nic\tvariant\tboot\tworkload\tbytes\trequests\tsecs\tp50_ms\tp99_ms\terrors\tqemu_cpu_s\tguest_cpu_s\tserver_cpu_s\tload\tqemu_vcpu_s\n",
     );
     let host_hz = clock_ticks();
     let started = Instant::now();
@@ -638,7 +662,7 @@ fn bench_linux() {
                     let (b, a) = s.cpu;
                     writeln!(
                         rows,
-                        "{}\t{}\t{round}\t{}\t{}\t{}\t{:.4}\t{:.3}\t{:.3}\t{}\t{:.3}\t{:.3}\t{:.3}\t{}",
+                        "{}\t{}\t{round}\t{}\t{}\t{}\t{:.4}\t{:.3}\t{:.3}\t{}\t{:.3}\t{:.3}\t{:.3}\t{}\t{:.3}",
                         nic.name(),
                         variant.name(),
                         s.workload,
@@ -652,6 +676,7 @@ fn bench_linux() {
                         a.guest_busy.saturating_sub(b.guest_busy) as f64 / 100.0,
                         a.server.saturating_sub(b.server) as f64 / 100.0,
                         s.load,
+                        a.qemu_vcpu_ticks.saturating_sub(b.qemu_vcpu_ticks) as f64 / host_hz,
                     )
                     .unwrap();
                     let rate = if s.workload.starts_with("get-4k") {
@@ -659,12 +684,17 @@ fn bench_linux() {
                     } else {
                         format!("{:.0} Mbit/s", s.bytes as f64 * 8.0 / s.secs / 1e6)
                     };
+                    // Busy share of the wall time: QEMU's vCPU threads and its other threads.
+                    let busy = |ticks: u64| ticks as f64 / host_hz / s.secs.max(1e-9) * 100.0;
+                    let vcpu = busy(a.qemu_vcpu_ticks.saturating_sub(b.qemu_vcpu_ticks));
+                    let all = busy(a.qemu_ticks.saturating_sub(b.qemu_ticks));
                     println!(
-                        "bench: {} {} boot {round} {}: {rate} (errors {})",
+                        "bench: {} {} boot {round} {}: {rate} (errors {}; QEMU vCPU {vcpu:.0}%, other threads {:.0}%)",
                         nic.name(),
                         variant.name(),
                         s.workload,
-                        s.errors
+                        s.errors,
+                        (all - vcpu).max(0.0),
                     );
                 }
                 std::fs::write(&tsv, &rows).unwrap();

@@ -666,17 +666,10 @@ impl<Q: NetQueue> Stack<Q> {
     /// Memory one connection may use at most, in bytes: its socket buffers and its share of
     /// the copy pool (the application's own buffers come on top).
     pub fn memory_per_connection(&self) -> usize {
-        // Of the send ring, zero-copy writes only the poisoned span (`crate::poison`); a
-        // copying connection writes all of it.
-        let tx_ring = match self.config.send_mode {
-            SendMode::ZeroCopy => self
-                .config
-                .tcp_tx_buffer
-                .min(crate::poison::POISON_SPAN as usize),
-            SendMode::Copying => self.config.tcp_tx_buffer,
-        };
+        // The whole send ring, although zero-copy writes only its poisoned span
+        // (`crate::poison`): an upper bound, whatever the allocator commits.
         self.config.tcp_rx_buffer
-            + tx_ring
+            + self.config.tcp_tx_buffer
             + self.config.tx.copy_blocks_per_conn * crate::sendq::COPY_BLOCK
     }
 

@@ -1,7 +1,7 @@
 //! The placeholder poison scan can fail: with the device boundary deliberately broken (it
 //! sends zero-copy segments as smoltcp built them, i.e. placeholder payload), the scan that
-//! every SoftNic test runs over the wire (see `common::Bed`) finds the poison, and the peer
-//! receives wrong bytes. Needs `--features test-hooks` (the workspace test run enables it).
+//! every SoftNic test runs over the wire (see `common::Bed`) finds the poison in every frame
+//! from the poisoned span (`netstack::poison::POISON_SPAN`), and the peer receives wrong bytes. Needs `--features test-hooks` (the workspace test run enables it).
 
 mod common;
 
@@ -36,8 +36,13 @@ fn the_wire_scan_finds_poison_when_the_mapping_is_broken() {
     let (mut bed, intact, poisoned) = send_file_over(BoundaryFault::SendPlaceholders);
     bed.poison_expected = true;
     assert!(!intact, "the peer got placeholder bytes, not the file");
+    // Every frame carrying stream bytes of the poisoned span (the first 64 KiB of the
+    // connection) is caught by the scan; past it a leak is zeros, caught by the sha256.
+    let mss = 1460;
+    let span_frames = netstack::poison::POISON_SPAN / mss;
     assert!(
-        poisoned > 100,
-        "every data frame carries poison, and the scan sees it ({poisoned} frames)"
+        poisoned >= span_frames,
+        "every data frame of the poisoned span carries poison, and the scan sees it \
+         ({poisoned} frames, {span_frames} expected)"
     );
 }

@@ -667,10 +667,6 @@ impl CacheShared {
             let missing = n - got.len();
             self.evict_into(missing, own, &mut got);
         }
-        // Ascending, so consecutive file pages get consecutive frames where they are free
-        // (the free list is a stack, so it hands them out in descending order): pages
-        // adjacent in IOVA space become one DMA descriptor and one IOMMU translation.
-        got.sort_unstable();
         got
     }
 

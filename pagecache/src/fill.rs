@@ -41,11 +41,15 @@ pub(crate) struct Started {
 
 /// Starts background fills for the pages of `pages` that are neither resident nor being
 /// filled (and not in `skip`), within the file's length. Stops at the first lack of frames.
+/// Frames may be taken by evicting this file's own clean pages outside `protect`: a pin
+/// passes just the pages it needs, so its read-ahead never holds the frames its first
+/// pages need (with a cache no larger than the read-ahead, that was a wait no event ends).
 pub(crate) fn start_fills(
     cache: &Arc<CacheShared>,
     file: &Arc<FileShared>,
     st: &mut FileState,
     pages: Range<u64>,
+    protect: Range<u64>,
     skip: &[u64],
 ) -> Result<Started, Stall> {
     let file_pages = st.len.div_ceil(PAGE);
@@ -76,7 +80,7 @@ pub(crate) fn start_fills(
         let want = (run_end - page) as usize;
         let fd = st.io_fd(cache, file)?;
         let frames = {
-            let mut own = file.own(st, pages.clone(), false);
+            let mut own = file.own(st, protect.clone(), false);
             cache.alloc_best_effort(want, &mut own)
         };
         if frames.is_empty() {

@@ -113,7 +113,13 @@ impl FrameTable {
             .min(max_in_use.saturating_sub(in_use))
             .min(alloc.free.len());
         let at = alloc.free.len() - n;
-        alloc.free.split_off(at)
+        // The top of the stack is its end: reversed, a fresh list (and any run freed in
+        // descending order) hands out ascending frames, so consecutive file pages get
+        // frames adjacent in IOVA space, which become one DMA descriptor (and, in 2 MiB
+        // pages, one IOMMU translation).
+        let mut taken = alloc.free.split_off(at);
+        taken.reverse();
+        taken
     }
 
     /// Returns frames to the free list. They must have no owner and no pins; their state

@@ -550,7 +550,8 @@ impl Snapshot {
             // of the range plus read-ahead, if needed).
             let wanted = available_end..(pages.end + readahead).min(self.needed_end(st));
             let skip = preserved_in(entry, &wanted);
-            let started = fill::start_fills(&self.cache, &self.file, st, wanted, &skip)?;
+            let started =
+                fill::start_fills(&self.cache, &self.file, st, wanted, pages.clone(), &skip)?;
             return Err(match started.first {
                 Some(ticket) => Stall::Filling(ticket),
                 None => Stall::NeedFrames(started.short.max(1)),
@@ -574,7 +575,7 @@ impl Snapshot {
             let entry = &st.snapshots.entries[&self.id];
             let skip = preserved_in(entry, &ahead);
             if let Err(Stall::Fatal(e)) =
-                fill::start_fills(&self.cache, &self.file, st, ahead, &skip)
+                fill::start_fills(&self.cache, &self.file, st, ahead.clone(), ahead, &skip)
             {
                 tracing::debug!(error = %e, "pagecache: snapshot read-ahead failed");
             }

@@ -370,7 +370,7 @@ impl CachedFile {
     fn stall_for_fills(&self, st: &mut FileState, pages: &[u64]) -> Stall {
         let mut short = 0;
         for run in runs(pages) {
-            match fill::start_fills(&self.cache, &self.shared, st, run.clone(), &[]) {
+            match fill::start_fills(&self.cache, &self.shared, st, run.clone(), run.clone(), &[]) {
                 Ok(started) => {
                     if let Some(ticket) = started
                         .first
