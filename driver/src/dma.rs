@@ -124,17 +124,19 @@ impl IovaAllocator {
     }
 }
 
+/// A live region in [`DmaSpace`]'s registry: length, page size, memory.
+type LiveRegion = (usize, usize, Weak<GuestMemoryMmap>);
+
 /// A DMA mapper plus the IOVA allocator for its address space.
 pub struct DmaSpace {
     mapper: Arc<dyn DmaMapper>,
     iovas: Mutex<IovaAllocator>,
     /// Live regions allocated here, by first IOVA, so a driver can read device-visible bytes
     /// by IOVA ([`DmaSpace::read_iova`]). Weak: the registry never keeps memory alive.
-    regions: Mutex<BTreeMap<Iova, (usize, Weak<GuestMemoryMmap>)>>,
-    /// Live regions backed by 2 MiB pages (so mapped in the IOMMU by 2 MiB pages where it
-    /// supports them), and a version bumped whenever that list changes, so a driver can keep
-    /// its own copy and check it with one atomic load per frame ([`LargePageRanges`]).
-    large_pages: Mutex<Vec<Range<Iova>>>,
+    regions: Mutex<BTreeMap<Iova, LiveRegion>>,
+    /// Bumped whenever a region in 2 MiB pages is allocated or freed, so a driver can keep
+    /// its own list of them and check it with one atomic load per frame
+    /// ([`LargePageRanges`]).
     large_pages_version: AtomicU64,
 }
 
@@ -145,7 +147,6 @@ impl DmaSpace {
             mapper,
             iovas,
             regions: Mutex::new(BTreeMap::new()),
-            large_pages: Mutex::new(Vec::new()),
             large_pages_version: AtomicU64::new(0),
         })
     }
@@ -179,11 +180,8 @@ impl DmaSpace {
         self.regions
             .lock()
             .unwrap()
-            .insert(iova.start, (len, Arc::downgrade(&memory)));
+            .insert(iova.start, (len, align, Arc::downgrade(&memory)));
         if align == HUGE_PAGE_SIZE {
-            let mut large = self.large_pages.lock().unwrap();
-            large.push(iova.clone());
-            large.sort_by_key(|r| r.start);
             self.large_pages_version.fetch_add(1, Ordering::Release);
         }
         Ok(DmaRegion {
@@ -204,8 +202,13 @@ impl DmaSpace {
 
     /// IOVA ranges of the live regions in 2 MiB pages, sorted, with the version they match.
     pub fn large_page_ranges(&self) -> (u64, Vec<Range<Iova>>) {
-        let large = self.large_pages.lock().unwrap();
-        (self.large_pages_version(), large.clone())
+        let regions = self.regions.lock().unwrap();
+        let ranges = regions
+            .iter()
+            .filter(|(_, &(_, page_size, _))| page_size == HUGE_PAGE_SIZE)
+            .map(|(&start, &(len, _, _))| start..start + len as u64)
+            .collect();
+        (self.large_pages_version(), ranges)
     }
 
     /// The mapper behind this space.
@@ -225,7 +228,7 @@ impl DmaSpace {
         };
         let memory = {
             let regions = self.regions.lock().unwrap();
-            let (&start, (len, memory)) =
+            let (&start, (len, _, memory)) =
                 regions.range(..=iova).next_back().ok_or_else(not_found)?;
             if iova + out.len() as u64 > start + *len as u64 {
                 return Err(not_found());
@@ -453,11 +456,6 @@ impl Drop for DmaRegion {
     fn drop(&mut self) {
         self.space.regions.lock().unwrap().remove(&self.iova);
         if self.page_size == HUGE_PAGE_SIZE {
-            self.space
-                .large_pages
-                .lock()
-                .unwrap()
-                .retain(|r| r.start != self.iova);
             self.space
                 .large_pages_version
                 .fetch_add(1, Ordering::Release);
