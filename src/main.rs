@@ -1,7 +1,8 @@
 //! `zerosend`: the command-line program (file server and tools).
 
-// DMA, VFIO and MMIO live in the driver crates: the server itself is safe Rust.
-#![forbid(unsafe_code)]
+// DMA, VFIO and MMIO live in the driver crates: the server itself is safe Rust, but for
+// one allocator setting (`process::map_large_allocations_fresh`, allowed there alone).
+#![deny(unsafe_code)]
 
 use std::time::Duration;
 
@@ -117,8 +118,10 @@ struct ServeArgs {
     /// zero-copy mode only its first 64 KiB are written (the payload stays in the page
     /// cache, see `--pin-window-kb`), so it is sized for one fast flow: 512 KiB capped a
     /// single download in the guest at about 0.7x of 2 MiB (`scripts/bench`, `zerosend-alt`).
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
-    tcp_send_buffer_kb: u64,
+    /// Default: 2048, halved (down to 256) until every connection's worst case fits the
+    /// memory the machine has available once the page cache is set up.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    tcp_send_buffer_kb: Option<u64>,
     /// Most bytes of a response a connection keeps pinned in the page cache, in KiB: a body
     /// is pinned piece by piece as acknowledgements make room, whatever the file's size.
     /// Default: the TCP send buffer plus 128 KiB.
@@ -294,8 +297,8 @@ impl ServeArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             limits,
-            tcp_send_buffer: (self.tcp_send_buffer_kb as usize) << 10,
-            pin_window: self.pin_window_kb.unwrap_or(self.tcp_send_buffer_kb + 128) << 10,
+            tcp_send_buffer: self.tcp_send_buffer_kb.map(|kb| (kb as usize) << 10),
+            pin_window: self.pin_window_kb.map(|kb| kb << 10),
             old_version_limit_pages: self
                 .old_versions_mb
                 .map(|mb| (mb << 20) as usize / pagecache::PAGE_SIZE),

@@ -43,6 +43,13 @@ const RECV_CHUNK: usize = 64 * 1024;
 /// for the whole process, allocator slack and bookkeeping (metrics, registry, log queue).
 const CONNECTION_STATE: usize = 16 * 1024;
 const SLACK: u64 = 16 << 20;
+/// The TCP send buffer when memory allows: a single fast flow in the guest needs 2 MiB.
+pub const DEFAULT_SEND_BUFFER: usize = 2 << 20;
+/// The smallest send buffer [`fitted_send_buffer`] halves the default down to.
+const MIN_FITTED_SEND_BUFFER: usize = 256 << 10;
+/// A response's pin window by default: its send buffer and this much more, so that a full
+/// ring never waits for the next piece to be pinned.
+pub const PIN_WINDOW_BEYOND_SEND_BUFFER: u64 = 128 << 10;
 /// A body is pinned in pieces of at least this much room in the pin window (or what is
 /// left of it), and at most this much at a time.
 const MIN_PIN_BYTES: u64 = 16 * 1024;
@@ -82,11 +89,12 @@ pub struct ServeOptions {
     /// A request head (or PUT body) must arrive within this long of its first byte.
     pub request_timeout: Duration,
     pub limits: Limits,
-    /// Send buffer of each TCP connection, in bytes.
-    pub tcp_send_buffer: usize,
+    /// Send buffer of each TCP connection, in bytes (`None`: [`fitted_send_buffer`]).
+    pub tcp_send_buffer: Option<usize>,
     /// Most bytes a connection has queued and unacknowledged (what its response body keeps
-    /// pinned); bodies are pinned piece by piece within it.
-    pub pin_window: u64,
+    /// pinned); bodies are pinned piece by piece within it. `None`: the send buffer plus
+    /// [`PIN_WINDOW_BEYOND_SEND_BUFFER`].
+    pub pin_window: Option<u64>,
     /// Bound on page-cache frames kept for old versions (`None`: a quarter of the cache).
     pub old_version_limit_pages: Option<usize>,
     /// What a writer does at that bound.
@@ -149,6 +157,9 @@ fn choose_nic(spec: &str) -> Result<PciAddress> {
 }
 
 pub fn serve(options: ServeOptions) -> Result<()> {
+    if !crate::process::map_large_allocations_fresh() {
+        tracing::warn!("could not set the allocator's mapping threshold: closed connections' send rings may stay resident");
+    }
     let address = choose_nic(&options.nic)?;
     let nic_config = NicConfig {
         interrupts: options.idle.interrupts,
@@ -547,7 +558,7 @@ impl<Q: ServerNic> Server<Q> {
         // gets its 503 rather than a reset). Idle listening sockets cost address space, not
         // memory: their buffers are untouched until used.
         config.backlog = options.listen_backlog.max(1);
-        config.tcp_tx_buffer = options.tcp_send_buffer;
+        config.tcp_tx_buffer = shared.send_buffer;
         // `--audit` covers HTTPS too: a retransmitted record slice must recompute to the
         // record's kept tag (a changed pinned page would re-encrypt under the same nonce).
         config.tls.audit = options.audit;
@@ -578,6 +589,16 @@ impl<Q: ServerNic> Server<Q> {
                 .unwrap_or((options.cache_mb as u64) << 20);
             let budget = MemoryBudget::compute(&stack, options, resident, shared.cores());
             println!("zerosend: memory budget: {budget}");
+            let beyond_setup = budget.total() - budget.baseline;
+            if let Some(available) = crate::process::available_bytes() {
+                if available < beyond_setup {
+                    println!(
+                        "zerosend: warning: under full load the server may need {} MiB more, but this machine has {} MiB available: lower --max-connections or --tcp-send-buffer-kb, or the kernel may kill the server",
+                        beyond_setup >> 20,
+                        available >> 20
+                    );
+                }
+            }
         }
         Ok(Server {
             stack,
@@ -596,7 +617,7 @@ impl<Q: ServerNic> Server<Q> {
             access_log,
             page_size: crate::process::page_size(),
             loop_counts: LoopCounts::default(),
-            pin_window: options.pin_window,
+            pin_window: shared.pin_window,
             core_index,
             publisher: Publisher::new(),
             shared,
@@ -1280,6 +1301,27 @@ fn pump<Q: NetQueue>(
     work
 }
 
+/// The default send buffer per connection, halved (down to [`MIN_FITTED_SEND_BUFFER`])
+/// until `connections` at their worst case (`besides_ring` bytes each beyond the ring) plus
+/// `fixed` bytes fit in `available`; the default itself when `available` is unknown.
+pub fn fitted_send_buffer(
+    besides_ring: u64,
+    connections: u64,
+    fixed: u64,
+    available: Option<u64>,
+) -> usize {
+    let Some(available) = available else {
+        return DEFAULT_SEND_BUFFER;
+    };
+    let mut ring = DEFAULT_SEND_BUFFER;
+    while ring > MIN_FITTED_SEND_BUFFER
+        && connections * (ring as u64 + besides_ring) + fixed > available
+    {
+        ring /= 2;
+    }
+    ring
+}
+
 /// What the server may use at most, from its flags: the process as it stands once set up
 /// (page cache and DMA buffers are allocated and touched up front), plus for every
 /// connection its socket buffers, its request buffers and its share of the copy pool,
@@ -1299,14 +1341,53 @@ impl MemoryBudget {
         resident: u64,
         stacks: usize,
     ) -> Self {
-        // Request head, the HTTP state and queued response pieces of a connection.
-        let http = (options.limits.max_head_bytes + CONNECTION_STATE) as u64;
         MemoryBudget {
             baseline: resident,
-            connections: (options.max_connections + options.listen_backlog * stacks) as u64,
-            per_connection: stack.memory_per_connection() as u64 + http,
+            connections: Self::connections(options, stacks),
+            per_connection: stack.memory_per_connection() as u64 + Self::http(options),
             put_memory: options.put_memory,
         }
+    }
+
+    /// Connections that may hold buffers at once: the limit, and every core's backlog.
+    fn connections(options: &ServeOptions, stacks: usize) -> u64 {
+        (options.max_connections + options.listen_backlog * stacks) as u64
+    }
+
+    /// Request head, the HTTP state and queued response pieces of a connection.
+    fn http(options: &ServeOptions) -> u64 {
+        (options.limits.max_head_bytes + CONNECTION_STATE) as u64
+    }
+
+    /// The send buffer and pin window of every connection: the flags', or the default
+    /// fitted to the memory available now (the page cache is set up by then).
+    pub fn send_buffer(options: &ServeOptions, stacks: usize) -> (usize, u64) {
+        let send_buffer = options.tcp_send_buffer.unwrap_or_else(|| {
+            let mut config = StackConfig::new(Ipv4Config::Dhcp);
+            config.tcp_tx_buffer = 0;
+            let besides_ring = config.memory_per_connection() as u64 + Self::http(options);
+            let connections = Self::connections(options, stacks);
+            let available = crate::process::available_bytes();
+            let fitted = fitted_send_buffer(
+                besides_ring,
+                connections,
+                options.put_memory + SLACK,
+                available,
+            );
+            if fitted < DEFAULT_SEND_BUFFER {
+                println!(
+                    "zerosend: TCP send buffer {} KiB per connection: {} KiB would not fit {connections} connections in the {} MiB available (--tcp-send-buffer-kb sets it)",
+                    fitted >> 10,
+                    DEFAULT_SEND_BUFFER >> 10,
+                    available.unwrap_or(0) >> 20
+                );
+            }
+            fitted
+        });
+        let pin_window = options
+            .pin_window
+            .unwrap_or(send_buffer as u64 + PIN_WINDOW_BEYOND_SEND_BUFFER);
+        (send_buffer, pin_window)
     }
 
     fn total(&self) -> u64 {
@@ -1328,5 +1409,36 @@ impl std::fmt::Display for MemoryBudget {
             mib(SLACK),
             self.total()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_send_buffer_halves_until_the_connections_fit() {
+        const MIB: u64 = 1 << 20;
+        let besides_ring = 160 << 10;
+        let fixed = 80 * MIB;
+        // 320 connections at 2 MiB + 160 KiB need 690 MiB: 1 GiB takes the default.
+        assert_eq!(
+            fitted_send_buffer(besides_ring, 320, fixed, Some(1024 * MIB)),
+            DEFAULT_SEND_BUFFER
+        );
+        // A 1 GiB guest with 288 MiB in 2 MiB pages has about 509 MiB: 1 MiB rings fit.
+        assert_eq!(
+            fitted_send_buffer(besides_ring, 320, fixed, Some(509 * MIB)),
+            1 << 20
+        );
+        // 1100 connections never fit there: the floor, and the budget line says so.
+        assert_eq!(
+            fitted_send_buffer(besides_ring, 1100, fixed, Some(509 * MIB)),
+            MIN_FITTED_SEND_BUFFER
+        );
+        assert_eq!(
+            fitted_send_buffer(besides_ring, 1100, fixed, None),
+            DEFAULT_SEND_BUFFER
+        );
     }
 }

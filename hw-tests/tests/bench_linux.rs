@@ -104,6 +104,16 @@ impl Variant {
             _ => String::new(),
         }
     }
+    /// The send buffer every zerosend variant runs with unless its extra flags set one:
+    /// 2 MiB explicitly, because with `--max-connections 1100` the default would be
+    /// fitted down to the guest's memory (256 KiB) for the sake of the worst case.
+    fn send_buffer_flag(self) -> &'static str {
+        if self.extra_flags().contains("--tcp-send-buffer-kb") {
+            ""
+        } else {
+            " --tcp-send-buffer-kb 2048"
+        }
+    }
     /// vCPUs of the guest and queue pairs of the server.
     fn cpus_and_queues(self) -> (u32, u32) {
         match self {
@@ -466,8 +476,9 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
         | Variant::ZerosendSmp2Q1
         | Variant::ZerosendSmp2Q2 => format!(
             "{SAMPLER}\nzerosend serve --root /data --ip {GUEST_IP}/24 --port 80 {tls} \
-             --max-connections 1100 --queues {} --metrics-listen 9464{} &\npid=$!\nzs_sample $pid &\nwait $pid",
+             --max-connections 1100 --queues {} --metrics-listen 9464{}{} &\npid=$!\nzs_sample $pid &\nwait $pid",
             variant.cpus_and_queues().1,
+            variant.send_buffer_flag(),
             variant.extra_flags(),
         ),
         Variant::LinuxStrict | Variant::LinuxOff => {

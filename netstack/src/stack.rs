@@ -131,6 +131,16 @@ pub struct StackConfig {
 }
 
 impl StackConfig {
+    /// Memory one connection may use at most, in bytes: its socket buffers and its share of
+    /// the copy pool (the application's own buffers come on top). The whole send ring
+    /// counts, although zero-copy writes only its poisoned span (`crate::poison`): an upper
+    /// bound, whatever the allocator commits.
+    pub fn memory_per_connection(&self) -> usize {
+        self.tcp_rx_buffer
+            + self.tcp_tx_buffer
+            + self.tx.copy_blocks_per_conn * crate::sendq::COPY_BLOCK
+    }
+
     pub fn new(ipv4: Ipv4Config) -> Self {
         Self {
             ipv4,
@@ -222,9 +232,10 @@ fn listening_socket(config: &StackConfig, port: u16) -> Result<tcp::Socket<'stat
 }
 
 fn tcp_socket(config: &StackConfig) -> tcp::Socket<'static> {
-    // Zeroed allocations of this size are fresh anonymous pages: they cost no memory until
-    // touched, so idle and listening sockets stay cheap. The send ring is filled with poison
-    // as zero-copy claims it (see `feed_sockets`).
+    // Zeroed allocations of this size are fresh anonymous pages when the allocator maps
+    // large blocks on their own (the server makes glibc's do so, `process.rs`): they cost
+    // no memory until touched, so idle and listening sockets stay cheap. Only the first
+    // span of the send ring is poisoned as zero-copy claims it (see `feed_sockets`).
     let rx = tcp::SocketBuffer::new(vec![0; config.tcp_rx_buffer]);
     let tx = tcp::SocketBuffer::new(vec![0; config.tcp_tx_buffer]);
     let mut socket = tcp::Socket::new(rx, tx);
@@ -666,11 +677,7 @@ impl<Q: NetQueue> Stack<Q> {
     /// Memory one connection may use at most, in bytes: its socket buffers and its share of
     /// the copy pool (the application's own buffers come on top).
     pub fn memory_per_connection(&self) -> usize {
-        // The whole send ring, although zero-copy writes only its poisoned span
-        // (`crate::poison`): an upper bound, whatever the allocator commits.
-        self.config.tcp_rx_buffer
-            + self.config.tcp_tx_buffer
-            + self.config.tx.copy_blocks_per_conn * crate::sendq::COPY_BLOCK
+        self.config.memory_per_connection()
     }
 
     /// smoltcp's TCP state of the connection.

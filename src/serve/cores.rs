@@ -101,6 +101,9 @@ pub(super) struct Shared {
     pub reports: Vec<Mutex<CoreReport>>,
     /// When the cores were set up: the age of a core's report before its first.
     created: Instant,
+    /// Every connection's TCP send buffer and pin window (`MemoryBudget::send_buffer`).
+    pub send_buffer: usize,
+    pub pin_window: u64,
     _cache_dma: DmaRegion,
 }
 
@@ -151,7 +154,10 @@ impl Shared {
             signal_hook::flag::register(signal, Arc::clone(&stop_requested))
                 .context("installing the signal handlers")?;
         }
+        let (send_buffer, pin_window) = super::MemoryBudget::send_buffer(options, cores);
         Ok(Shared {
+            send_buffer,
+            pin_window,
             cache,
             stop_requested,
             put_memory: Arc::default(),
