@@ -294,7 +294,10 @@ impl Guest {
             "-smp",
             &self.cpus.to_string(),
         ])
-        .args(["-machine", "q35,kernel-irqchip=split"]);
+        .args(["-machine", "q35,kernel-irqchip=split"])
+        // Named threads ("CPU 0/TCG" for a vCPU): the benchmarks split QEMU's CPU time
+        // into the guest's work and the device models' by thread.
+        .args(["-name", "zs-guest,debug-threads=on"]);
         if self.iommu {
             // The vIOMMU must exist before the devices it translates for.
             cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
