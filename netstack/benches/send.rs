@@ -28,14 +28,36 @@ struct Figures {
     polls: u64,
 }
 
-fn run(mode: SendMode, tso: bool, data: &[u8], repeat: usize) -> Figures {
+/// Who cuts the stream into MSS-sized frames.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Segmentation {
+    /// The NIC (64 KiB TSO frames).
+    Tso,
+    /// The stack's boundary, from smoltcp's 64 KiB segments (no TSO).
+    Gso,
+    /// smoltcp, one segment per MSS (no TSO, no GSO).
+    Mss,
+}
+
+impl Segmentation {
+    fn name(self) -> &'static str {
+        match self {
+            Segmentation::Tso => "tso",
+            Segmentation::Gso => "gso",
+            Segmentation::Mss => "mss",
+        }
+    }
+}
+
+fn run(mode: SendMode, segmentation: Segmentation, data: &[u8], repeat: usize) -> Figures {
     let nic = SoftNicConfig {
         dma_timing: DmaTiming::Manual,
         ..SoftNicConfig::default()
     };
     let mut config = BedConfig::new(nic, data.len() + (8 << 20));
     config.stack.send_mode = mode;
-    config.stack.tx.tso = tso;
+    config.stack.tx.tso = segmentation == Segmentation::Tso;
+    config.stack.tx.gso = segmentation == Segmentation::Gso;
     config.peer_rx_buffer = 4 << 20;
     let mut bed = Bed::new(config);
     let path = bed.write_file("bench", data);
@@ -110,7 +132,7 @@ fn main() {
     );
     println!(
         "{:<6} {:<10} {:>12} {:>14} {:>10} {:>12} {:>16} {:>10} {:>8}",
-        "TSO",
+        "segments",
         "mode",
         "sender s",
         "sender Gbit/s",
@@ -120,13 +142,17 @@ fn main() {
         "frames",
         "polls"
     );
-    // Optional filters for profiling: ZS_BENCH_TSO=on|off, ZS_BENCH_MODE=zerocopy|copying.
-    let tso_filter = std::env::var("ZS_BENCH_TSO").ok();
+    // Optional filters for profiling: ZS_BENCH_SEGMENTS=tso|gso|mss,
+    // ZS_BENCH_MODE=zerocopy|copying.
+    let segments_filter = std::env::var("ZS_BENCH_SEGMENTS").ok();
     let mode_filter = std::env::var("ZS_BENCH_MODE")
         .ok()
         .map(|m| m.to_lowercase());
-    for tso in [true, false] {
-        if tso_filter.as_deref().is_some_and(|f| (f == "on") != tso) {
+    for segmentation in [Segmentation::Tso, Segmentation::Gso, Segmentation::Mss] {
+        if segments_filter
+            .as_deref()
+            .is_some_and(|f| f != segmentation.name())
+        {
             continue;
         }
         let mut results = Vec::new();
@@ -137,10 +163,10 @@ fn main() {
             {
                 continue;
             }
-            let f = run(mode, tso, &data, repeat);
+            let f = run(mode, segmentation, &data, repeat);
             println!(
                 "{:<6} {:<10} {:>12.3} {:>14.2} {:>10.3} {:>12.2} {:>7.3} (+{:.3} ph) {:>10} {:>8}",
-                if tso { "on" } else { "off" },
+                segmentation.name(),
                 format!("{mode:?}"),
                 f.sender.as_secs_f64(),
                 gbit(f.bytes, f.sender),
@@ -155,8 +181,8 @@ fn main() {
         }
         let [z, c] = &results[..] else { continue };
         println!(
-            "TSO {}: zero-copy / copying sender throughput ratio {:.2}x (wall {:.2}x); payload bytes copied per byte sent: zero-copy {:.3}, copying {:.3}; placeholder bytes copied per byte (zero-copy) {:.3}",
-            if tso { "on" } else { "off" },
+            "{}: zero-copy / copying sender throughput ratio {:.2}x (wall {:.2}x); payload bytes copied per byte sent: zero-copy {:.3}, copying {:.3}; placeholder bytes copied per byte (zero-copy) {:.3}",
+            segmentation.name(),
             c.sender.as_secs_f64() / z.sender.as_secs_f64(),
             c.wall.as_secs_f64() / z.wall.as_secs_f64(),
             z.copied as f64 / z.bytes as f64,

@@ -51,6 +51,11 @@ pub const SLOT_SIZE: usize = 2048;
 const MAX_TSO_FRAME: usize = 65535 + ETHERNET_HEADER_LEN - 1;
 /// IP protocol number of TCP, for pseudo-header sums (RFC 9293 section 3.1).
 const IP_PROTOCOL_TCP: u8 = 6;
+/// Ethernet + IPv4 + TCP headers at their longest (both with 40 bytes of options).
+const MAX_HEADERS_LEN: usize = ETHERNET_HEADER_LEN + 60 + 60;
+/// The MSS software segmentation reserves header slots for: the MTU less this (IPv4 and
+/// TCP headers with 20 bytes of options).
+const GSO_RESERVED_MSS_SLACK: usize = 60;
 /// Bound on ISS entries of flows not yet bound to a connection.
 const MAX_PENDING_ISS: usize = 4096;
 
@@ -200,6 +205,11 @@ struct StagedPart {
 pub struct TxPath {
     caps: Capabilities,
     tso_frame: Option<usize>,
+    /// Largest segment smoltcp builds for software segmentation (`TxConfig::gso`).
+    gso_frame: Option<usize>,
+    /// Header slots a frame smoltcp builds may need: one, or the MSS-sized frames of a
+    /// software-segmented one.
+    slots_per_frame: usize,
     slots: BufferPool,
     jumbo: Option<BufferPool>,
     /// Frames the NIC holds, by token (= slot index).
@@ -291,6 +301,12 @@ pub struct TxConfig {
     pub copy_blocks: usize,
     /// Use TSO when the NIC offers it.
     pub tso: bool,
+    /// Without TSO, segment in software (GSO): smoltcp is told the device takes 64 KiB
+    /// IPv4 segments and builds one where it would build 45 MSS-sized ones, and the
+    /// boundary cuts it into MSS-sized frames ([`TxPath::stage_gso`]). smoltcp's work per
+    /// segment (socket dispatch, headers, timers) is then done once per 64 KiB, the
+    /// boundary's per frame is a header copy and a few fields.
+    pub gso: bool,
     /// Copy blocks one connection may hold at most, so one client cannot take the pool.
     pub copy_blocks_per_conn: usize,
     /// Normal operation, or a deliberately broken boundary (tests only).
@@ -313,6 +329,17 @@ impl TxPath {
             .filter(|_| config.tso && caps.tcp_checksum)
             .map(|m| (m as usize).min(MAX_TSO_FRAME).min(max_by_segments))
             .filter(|&m| m > caps.mtu + ETHERNET_HEADER_LEN);
+        // GSO pieces of a 64 KiB segment at the smallest MSS the slots are reserved for
+        // (a peer's MSS option below it makes pieces beyond the reservation wait for a
+        // retransmission, counted in `tx_dropped_no_buffer`).
+        let gso_frame = Some(MAX_TSO_FRAME).filter(|_| tso_frame.is_none() && config.gso);
+        let slots_per_frame =
+            gso_frame.map_or(1, |frame| frame.div_ceil(caps.mtu - GSO_RESERVED_MSS_SLACK));
+        let (gso_frame, slots_per_frame) = if slots_per_frame * 4 > config.slots {
+            (None, 1)
+        } else {
+            (gso_frame, slots_per_frame)
+        };
         let jumbo = match tso_frame {
             Some(size) if config.jumbo_buffers > 0 => Some(BufferPool::new(
                 dma,
@@ -324,6 +351,8 @@ impl TxPath {
         Ok(Self {
             caps,
             tso_frame,
+            gso_frame,
+            slots_per_frame,
             in_flight: (0..slots.capacity()).map(|_| None).collect(),
             slots,
             jumbo,
@@ -333,7 +362,7 @@ impl TxPath {
             first_pass: true,
             egress_flows: Default::default(),
             frame_start: 0,
-            build: vec![0; tso_frame.unwrap_or(SLOT_SIZE).max(SLOT_SIZE)],
+            build: vec![0; tso_frame.or(gso_frame).unwrap_or(SLOT_SIZE).max(SLOT_SIZE)],
             pool: copy_pool(dma, config.copy_blocks)?,
             conns: Vec::new(),
             flows: HashMap::default(),
@@ -375,6 +404,11 @@ impl TxPath {
         self.tso_frame
     }
 
+    /// Largest segment smoltcp may build: a TSO frame, or one the boundary segments itself.
+    pub fn segment_frame(&self) -> Option<usize> {
+        self.tso_frame.or(self.gso_frame)
+    }
+
     /// Frames in flight (header slots in use).
     pub fn frames_in_flight(&self) -> usize {
         self.slots.capacity() - self.slots.free_count()
@@ -384,7 +418,8 @@ impl TxPath {
     /// a cipher buffer: dropping a built frame would cost a retransmission timeout). It
     /// waits in `staged` if the ring is full.
     fn can_stage(&self) -> bool {
-        self.slots.free_count() > 0 && self.cipher.as_ref().is_none_or(|c| c.free_count() > 0)
+        self.slots.free_count() >= self.slots_per_frame
+            && self.cipher.as_ref().is_none_or(|c| c.free_count() > 0)
     }
 
     /// Whether smoltcp's egress gets a TX token now. smoltcp serves sockets in the fixed
@@ -454,6 +489,11 @@ impl TxPath {
             self.first_pass = false;
         }
         self.note_syn(&tcp);
+        if let Some(mss) = tso_mss.filter(|_| self.gso_frame.is_some()) {
+            if tcp.payload_len > mss as usize && !tcp.is_ipv6() {
+                return self.stage_gso(slot, buffer, tcp, mss as usize);
+            }
+        }
         let conn_index = self.flows.get(&tcp.flow()).copied();
         // smoltcp asks for IPv6 TSO only if told the device has it (see `capabilities`:
         // it is not, for now); checked again here.
@@ -524,6 +564,69 @@ impl TxPath {
         }
         let offload = self.prepare_tcp_checksum(buffer, &tcp, tso, None);
         self.stage_whole(slot, buffer, offload);
+    }
+
+    /// Software segmentation (`TxConfig::gso`): stages an IPv4 segment smoltcp built larger
+    /// than the MSS as the MSS-sized frames it would otherwise have built, each through
+    /// [`TxPath::stage_frame`] (zero-copy, TLS or whole, like any frame). No payload byte
+    /// moves: piece `i`'s headers are written just before its payload in `buffer`, over
+    /// the end of piece `i - 1`, which is staged (copied into its slot, or described by
+    /// IOVA) by then.
+    fn stage_gso(&mut self, first_slot: DmaBuffer, buffer: &mut [u8], tcp: TcpFrame, mss: usize) {
+        let header_len = tcp.header_len;
+        let mut headers = [0u8; MAX_HEADERS_LEN];
+        let Some(headers) = headers.get_mut(..header_len) else {
+            // parse_tcp bounds IPv4 and TCP headers at 60 bytes each.
+            unreachable!("headers of {header_len} bytes");
+        };
+        headers.copy_from_slice(&buffer[..header_len]);
+        let pieces = tcp.payload_len.div_ceil(mss);
+        self.stats.gso_segments += 1;
+        // A zero-copy connection's data (the common case): every piece maps to the send
+        // queue at its offset, found once for the segment instead of once per piece.
+        let zero_copy = self.flows.get(&tcp.flow()).copied().and_then(|index| {
+            let conn = &self.conns[index as usize];
+            if conn.tls.is_some()
+                || conn.sendq.mode != SendMode::ZeroCopy
+                || self.sends_placeholders()
+            {
+                return None;
+            }
+            match conn.locate(tcp.seq)? {
+                SegmentStart::Stream(start) => Some((index, start)),
+                _ => None,
+            }
+        });
+        let mut slot = Some(first_slot);
+        for index in 0..pieces {
+            let Some(slot) = slot.take().or_else(|| self.slots.take()) else {
+                // Only with a peer MSS below the reservation (`slots_per_frame`).
+                self.stats.tx_dropped_no_buffer += (pieces - index) as u64;
+                break;
+            };
+            let offset = index * mss;
+            let len = mss.min(tcp.payload_len - offset);
+            let piece = &mut buffer[offset..offset + header_len + len];
+            piece[..header_len].copy_from_slice(headers);
+            let piece_tcp = tcp.cut_ipv4(piece, index, offset, len, index + 1 == pieces);
+            self.stats.gso_frames += 1;
+            match zero_copy {
+                Some((conn, start)) => {
+                    self.frame_start = self.staged_segments.len();
+                    let at = start + offset as u64;
+                    let segment = MappedSegment {
+                        tcp: piece_tcp,
+                        conn,
+                        stream: at..at + len as u64,
+                        tso: None,
+                    };
+                    self.stage_zero_copy(slot, piece, segment);
+                }
+                // Not `egress`: the flow's first frame of the poll was noted for the
+                // segment.
+                None => self.stage_frame(slot, piece, None, false),
+            }
+        }
     }
 
     /// Never put placeholders on the wire: drop a zero-copy segment whose payload cannot
@@ -1340,14 +1443,16 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
-        capabilities(&self.tx.caps, self.tx.tso_frame)
+        capabilities(&self.tx.caps, self.tx.segment_frame())
     }
 }
 
 /// What smoltcp is told about the device. smoltcp never computes TCP checksums: on transmit
 /// the boundary does, from the real payload; on receive `NicDevice::receive` verifies them
 /// (and counts the drops in `rx_tcp_checksum_drops`) before smoltcp sees the frame.
-pub fn capabilities(caps: &Capabilities, tso_frame: Option<usize>) -> DeviceCapabilities {
+/// `segment_frame`: the largest segment smoltcp may build, for the NIC's TSO or the
+/// boundary's own segmentation (GSO).
+pub fn capabilities(caps: &Capabilities, segment_frame: Option<usize>) -> DeviceCapabilities {
     let mut checksum = ChecksumCapabilities::default();
     checksum.ipv4 = SmolChecksum::Both;
     checksum.tcp = SmolChecksum::None;
@@ -1359,7 +1464,7 @@ pub fn capabilities(caps: &Capabilities, tso_frame: Option<usize>) -> DeviceCapa
     d.max_transmission_unit = caps.mtu + ETHERNET_HEADER_LEN;
     d.max_burst_size = None;
     d.checksum = checksum;
-    d.segmentation.tcpv4 = tso_frame.and_then(NonZeroUsize::new);
+    d.segmentation.tcpv4 = segment_frame.and_then(NonZeroUsize::new);
     // Not `tcpv6`, whatever `caps.tso_ipv6` says: smoltcp 0.14's `dispatch_ip` drops every
     // IPv6 packet longer than the IP MTU ("IPv6 fragmentation support is unimplemented"),
     // segmentation offload or not (its IPv4 arm exempts TSO packets, the IPv6 arm does not;

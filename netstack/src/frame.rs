@@ -62,6 +62,41 @@ impl TcpFrame {
         }
     }
 
+    /// Turns `frame`, a copy of this IPv4 frame's headers followed by `len` payload bytes,
+    /// into the headers of piece `index` of its payload, which starts `offset` bytes in:
+    /// the IPv4 total length, identification (one more per piece, as a NIC's TSO numbers
+    /// them) and
+    /// header checksum, the TCP sequence number, and FIN and PSH only on the `last` piece
+    /// (RFC 9293 section 3.1 fields; Intel 82574 datasheet section 7.3.6.2 does the same in
+    /// hardware). The TCP checksum is left to the caller.
+    pub fn cut_ipv4(
+        &self,
+        frame: &mut [u8],
+        index: usize,
+        offset: usize,
+        len: usize,
+        last: bool,
+    ) -> TcpFrame {
+        let header_len = self.header_len;
+        let mut ip = Ipv4Packet::new_unchecked(&mut frame[self.ip..self.tcp]);
+        ip.set_total_len((header_len - self.ip + len) as u16);
+        let ident = ip.ident().wrapping_add(index as u16);
+        ip.set_ident(ident);
+        ip.fill_checksum();
+        let mut tcp = TcpPacket::new_unchecked(&mut frame[self.tcp..header_len]);
+        let seq = self.seq.wrapping_add(offset as u32);
+        tcp.set_seq_number(smoltcp::wire::TcpSeqNumber(seq as i32));
+        if !last {
+            tcp.set_fin(false);
+            tcp.set_psh(false);
+        }
+        TcpFrame {
+            payload_len: len,
+            seq,
+            ..*self
+        }
+    }
+
     /// Offset of the TCP checksum field in the frame (for the NIC's offload request).
     pub fn checksum_field(&self) -> usize {
         // RFC 9293 section 3.1: the checksum is the 16-bit field at octet 16 of the header.

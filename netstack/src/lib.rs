@@ -126,6 +126,11 @@ pub struct StackStats {
     pub retransmitted_bytes: u64,
     /// Frames too fragmented for the NIC, copied into one buffer.
     pub linearized_frames: u64,
+    /// Segments smoltcp built larger than the MSS for a NIC without TSO, cut into MSS-sized
+    /// frames at the boundary (software segmentation, `TxConfig::gso`) ...
+    pub gso_segments: u64,
+    /// ... and the frames they were cut into.
+    pub gso_frames: u64,
     /// Bytes checksummed in software (NIC without TCP checksum offload).
     pub software_checksum_bytes: u64,
     /// Frames dropped for lack of a TX buffer (TCP retransmits them).

@@ -153,6 +153,7 @@ impl StackConfig {
                 jumbo_buffers: 16,
                 copy_blocks: 256,
                 tso: true,
+                gso: true,
                 copy_blocks_per_conn: 16,
                 fault: BoundaryFault::None,
             },

@@ -178,6 +178,62 @@ fn software_checksums_and_mss_segmentation_when_the_nic_has_no_offloads() {
     assert!(nic.lost > 0);
 }
 
+/// Without TSO the stack cuts smoltcp's 64 KiB segments into MSS-sized frames itself (GSO):
+/// byte-exact through 1% loss, every wire frame within the MTU, with the IPv4 and TCP
+/// checksums the peer verifies, and far fewer segments for smoltcp to build. Switched off
+/// (`TxConfig::gso`), smoltcp builds one segment per MSS: the count assertion fails.
+#[test]
+fn without_tso_large_segments_are_cut_into_mss_frames_byte_exact() {
+    const LEN: usize = 4 << 20;
+    let data = pattern(LEN, 21);
+    for (gso, software_checksum) in [(true, false), (true, true), (false, false)] {
+        let mut nic = lossy_nic(0.01);
+        nic.capabilities = Capabilities {
+            tcp_checksum: !software_checksum,
+            tso_max_frame: None,
+            ..nic.capabilities
+        };
+        let mut config = BedConfig::new(nic, LEN + (4 << 20));
+        config.stack.tx.gso = gso;
+        config.capture_stream_len = Some(LEN);
+        let mut bed = Bed::new(config);
+        assert_eq!(bed.stack.tso_frame(), None);
+        let conn = bed.connect_and_send_file("f", &data);
+        bed.stack.close(conn).unwrap();
+        let received = bed.receive_all(&data, |_, _| {});
+        intact_and_acknowledged(&mut bed, received, &data);
+        let closed = bed.run_until(10_000, |bed| !bed.peer_socket().may_recv());
+        assert!(closed, "the FIN arrived on the last piece");
+        {
+            let capture = bed.capture.as_ref().unwrap().lock().unwrap();
+            assert_eq!(capture.differing_bytes, 0, "retransmissions byte-identical");
+        }
+        let stats = bed.stack.stats();
+        let nic = bed.stack.nic().counters();
+        eprintln!(
+            "gso {gso}, software checksum {software_checksum}: smoltcp built {} frames, {} on the wire, {} GSO segments cut into {} frames",
+            stats.frames_tx, nic.wire_frames, stats.gso_segments, stats.gso_frames
+        );
+        assert_eq!((nic.tso_frames, nic.mtu_drops, nic.bad_frames), (0, 0, 0));
+        assert_eq!(stats.payload_bytes_copied, 0, "zero-copy all the same");
+        assert_eq!(stats.tx_unmapped_drops, 0);
+        let data_frames_at_mss = (LEN / 1460) as u64;
+        if gso {
+            assert!(stats.gso_frames >= data_frames_at_mss);
+            assert!(
+                stats.frames_tx < data_frames_at_mss / 4,
+                "smoltcp built {} frames for {} MSS-sized ones",
+                stats.frames_tx,
+                stats.gso_frames
+            );
+        } else {
+            assert_eq!(stats.gso_segments, 0);
+            assert!(stats.frames_tx >= data_frames_at_mss);
+        }
+        assert_eq!(bed.cache.stats().pinned_pages_now, 0);
+    }
+}
+
 #[test]
 fn close_after_send_delivers_everything_then_fin() {
     let data = pattern(200_000, 9);
