@@ -303,7 +303,7 @@ pub struct TxConfig {
     pub tso: bool,
     /// Without TSO, segment in software (GSO): smoltcp is told the device takes 64 KiB
     /// IPv4 segments and builds one where it would build 45 MSS-sized ones, and the
-    /// boundary cuts it into MSS-sized frames ([`TxPath::stage_gso`]). smoltcp's work per
+    /// boundary cuts it into MSS-sized frames (`TxPath::stage_gso`). smoltcp's work per
     /// segment (socket dispatch, headers, timers) is then done once per 64 KiB, the
     /// boundary's per frame is a header copy and a few fields.
     pub gso: bool,
