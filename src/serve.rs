@@ -45,7 +45,7 @@ const CONNECTION_STATE: usize = 16 * 1024;
 const SLACK: u64 = 16 << 20;
 /// The TCP send buffer when memory allows: a single fast flow in the guest needs 2 MiB.
 pub const DEFAULT_SEND_BUFFER: usize = 2 << 20;
-/// The smallest send buffer [`fitted_send_buffer`] halves the default down to.
+/// The smallest send buffer `fitted_send_buffer` halves the default down to.
 const MIN_FITTED_SEND_BUFFER: usize = 256 << 10;
 /// A response's pin window by default: its send buffer and this much more, so that a full
 /// ring never waits for the next piece to be pinned.
@@ -89,7 +89,8 @@ pub struct ServeOptions {
     /// A request head (or PUT body) must arrive within this long of its first byte.
     pub request_timeout: Duration,
     pub limits: Limits,
-    /// Send buffer of each TCP connection, in bytes (`None`: [`fitted_send_buffer`]).
+    /// Send buffer of each TCP connection, in bytes (`None`: the default fitted to the
+    /// memory available, `MemoryBudget::send_buffer`).
     pub tcp_send_buffer: Option<usize>,
     /// Most bytes a connection has queued and unacknowledged (what its response body keeps
     /// pinned); bodies are pinned piece by piece within it. `None`: the send buffer plus
@@ -1302,21 +1303,19 @@ fn pump<Q: NetQueue>(
 }
 
 /// The default send buffer per connection, halved (down to [`MIN_FITTED_SEND_BUFFER`])
-/// until `connections` at their worst case (`besides_ring` bytes each beyond the ring) plus
-/// `fixed` bytes fit in `available`; the default itself when `available` is unknown.
-pub fn fitted_send_buffer(
-    besides_ring: u64,
-    connections: u64,
-    fixed: u64,
-    available: Option<u64>,
-) -> usize {
+/// until `budget` fits in `available` with that ring added to each connection's
+/// `per_connection` (which holds everything but the ring); the default itself when
+/// `available` is unknown.
+fn fitted_send_buffer(budget: &MemoryBudget, available: Option<u64>) -> usize {
     let Some(available) = available else {
         return DEFAULT_SEND_BUFFER;
     };
+    let with_ring = |ring: usize| MemoryBudget {
+        per_connection: budget.per_connection + ring as u64,
+        ..*budget
+    };
     let mut ring = DEFAULT_SEND_BUFFER;
-    while ring > MIN_FITTED_SEND_BUFFER
-        && connections * (ring as u64 + besides_ring) + fixed > available
-    {
+    while ring > MIN_FITTED_SEND_BUFFER && with_ring(ring).total() > available {
         ring /= 2;
     }
     ring
@@ -1326,6 +1325,7 @@ pub fn fitted_send_buffer(
 /// (page cache and DMA buffers are allocated and touched up front), plus for every
 /// connection its socket buffers, its request buffers and its share of the copy pool,
 /// plus the memory PUT bodies may take. Printed at start (`total=` in bytes, for tools).
+#[derive(Clone, Copy)]
 struct MemoryBudget {
     baseline: u64,
     connections: u64,
@@ -1365,15 +1365,16 @@ impl MemoryBudget {
         let send_buffer = options.tcp_send_buffer.unwrap_or_else(|| {
             let mut config = StackConfig::new(Ipv4Config::Dhcp);
             config.tcp_tx_buffer = 0;
-            let besides_ring = config.memory_per_connection() as u64 + Self::http(options);
-            let connections = Self::connections(options, stacks);
+            // What the connections may need beyond what is resident now.
+            let beyond_setup = MemoryBudget {
+                baseline: 0,
+                connections: Self::connections(options, stacks),
+                per_connection: config.memory_per_connection() as u64 + Self::http(options),
+                put_memory: options.put_memory,
+            };
+            let connections = beyond_setup.connections;
             let available = crate::process::available_bytes();
-            let fitted = fitted_send_buffer(
-                besides_ring,
-                connections,
-                options.put_memory + SLACK,
-                available,
-            );
+            let fitted = fitted_send_buffer(&beyond_setup, available);
             if fitted < DEFAULT_SEND_BUFFER {
                 println!(
                     "zerosend: TCP send buffer {} KiB per connection: {} KiB would not fit {connections} connections in the {} MiB available (--tcp-send-buffer-kb sets it)",
@@ -1419,26 +1420,26 @@ mod tests {
     #[test]
     fn the_default_send_buffer_halves_until_the_connections_fit() {
         const MIB: u64 = 1 << 20;
-        let besides_ring = 160 << 10;
-        let fixed = 80 * MIB;
+        // 160 KiB per connection beside the ring, 64 MiB of PUT bodies and the slack:
+        // 80 MiB fixed.
+        let budget = |connections| MemoryBudget {
+            baseline: 0,
+            connections,
+            per_connection: 160 << 10,
+            put_memory: 80 * MIB - SLACK,
+        };
         // 320 connections at 2 MiB + 160 KiB need 690 MiB: 1 GiB takes the default.
         assert_eq!(
-            fitted_send_buffer(besides_ring, 320, fixed, Some(1024 * MIB)),
+            fitted_send_buffer(&budget(320), Some(1024 * MIB)),
             DEFAULT_SEND_BUFFER
         );
         // A 1 GiB guest with 288 MiB in 2 MiB pages has about 509 MiB: 1 MiB rings fit.
-        assert_eq!(
-            fitted_send_buffer(besides_ring, 320, fixed, Some(509 * MIB)),
-            1 << 20
-        );
+        assert_eq!(fitted_send_buffer(&budget(320), Some(509 * MIB)), 1 << 20);
         // 1100 connections never fit there: the floor, and the budget line says so.
         assert_eq!(
-            fitted_send_buffer(besides_ring, 1100, fixed, Some(509 * MIB)),
+            fitted_send_buffer(&budget(1100), Some(509 * MIB)),
             MIN_FITTED_SEND_BUFFER
         );
-        assert_eq!(
-            fitted_send_buffer(besides_ring, 1100, fixed, None),
-            DEFAULT_SEND_BUFFER
-        );
+        assert_eq!(fitted_send_buffer(&budget(1100), None), DEFAULT_SEND_BUFFER);
     }
 }

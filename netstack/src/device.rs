@@ -332,14 +332,11 @@ impl TxPath {
         // GSO pieces of a 64 KiB segment at the smallest MSS the slots are reserved for
         // (a peer's MSS option below it makes pieces beyond the reservation wait for a
         // retransmission, counted in `tx_dropped_no_buffer`).
-        let gso_frame = Some(MAX_TSO_FRAME).filter(|_| tso_frame.is_none() && config.gso);
-        let slots_per_frame =
-            gso_frame.map_or(1, |frame| frame.div_ceil(caps.mtu - GSO_RESERVED_MSS_SLACK));
-        let (gso_frame, slots_per_frame) = if slots_per_frame * 4 > config.slots {
-            (None, 1)
-        } else {
-            (gso_frame, slots_per_frame)
-        };
+        // Without room for four such segments in flight, GSO would starve the ring: off.
+        let gso_slots = MAX_TSO_FRAME.div_ceil(caps.mtu - GSO_RESERVED_MSS_SLACK);
+        let gso_frame = Some(MAX_TSO_FRAME)
+            .filter(|_| tso_frame.is_none() && config.gso && 4 * gso_slots <= config.slots);
+        let slots_per_frame = if gso_frame.is_some() { gso_slots } else { 1 };
         let jumbo = match tso_frame {
             Some(size) if config.jumbo_buffers > 0 => Some(BufferPool::new(
                 dma,
@@ -512,11 +509,7 @@ impl TxPath {
 
         // A zero-copy data segment carries placeholders: it goes out only with its payload
         // mapped to the send queue, or not at all.
-        let zero_copy = match conn_index {
-            Some(index) => self.conns[index as usize].sendq.mode == SendMode::ZeroCopy,
-            None => self.default_mode == SendMode::ZeroCopy,
-        };
-        if tcp.payload_len > 0 && zero_copy && !self.sends_placeholders() {
+        if tcp.payload_len > 0 && self.maps_payload(conn_index) {
             let located =
                 conn_index.and_then(|i| Some((i, self.conns[i as usize].locate(tcp.seq)?)));
             match located {
@@ -566,37 +559,42 @@ impl TxPath {
         self.stage_whole(slot, buffer, offload);
     }
 
+    /// Whether data segments of the connection at `conn_index` (`None`: not bound yet) are
+    /// zero-copy, their placeholder payload to be mapped to the send queue.
+    fn maps_payload(&self, conn_index: Option<u32>) -> bool {
+        let mode = match conn_index {
+            Some(index) => self.conns[index as usize].sendq.mode,
+            None => self.default_mode,
+        };
+        mode == SendMode::ZeroCopy && !self.sends_placeholders()
+    }
+
     /// Software segmentation (`TxConfig::gso`): stages an IPv4 segment smoltcp built larger
-    /// than the MSS as the MSS-sized frames it would otherwise have built, each through
-    /// [`TxPath::stage_frame`] (zero-copy, TLS or whole, like any frame). No payload byte
+    /// than the MSS as the MSS-sized frames it would otherwise have built: a zero-copy
+    /// connection's pieces straight to [`TxPath::stage_zero_copy`] (mapped from one lookup
+    /// for the segment), any other piece through [`TxPath::stage_frame`]. No payload byte
     /// moves: piece `i`'s headers are written just before its payload in `buffer`, over
     /// the end of piece `i - 1`, which is staged (copied into its slot, or described by
     /// IOVA) by then.
     fn stage_gso(&mut self, first_slot: DmaBuffer, buffer: &mut [u8], tcp: TcpFrame, mss: usize) {
         let header_len = tcp.header_len;
+        // `parse_tcp` bounds IPv4 and TCP headers at 60 bytes each.
         let mut headers = [0u8; MAX_HEADERS_LEN];
-        let Some(headers) = headers.get_mut(..header_len) else {
-            // parse_tcp bounds IPv4 and TCP headers at 60 bytes each.
-            unreachable!("headers of {header_len} bytes");
-        };
+        let headers = &mut headers[..header_len];
         headers.copy_from_slice(&buffer[..header_len]);
         let pieces = tcp.payload_len.div_ceil(mss);
         self.stats.gso_segments += 1;
         // A zero-copy connection's data (the common case): every piece maps to the send
         // queue at its offset, found once for the segment instead of once per piece.
-        let zero_copy = self.flows.get(&tcp.flow()).copied().and_then(|index| {
-            let conn = &self.conns[index as usize];
-            if conn.tls.is_some()
-                || conn.sendq.mode != SendMode::ZeroCopy
-                || self.sends_placeholders()
-            {
-                return None;
-            }
-            match conn.locate(tcp.seq)? {
+        let conn_index = self.flows.get(&tcp.flow()).copied();
+        let zero_copy = conn_index
+            .filter(|&index| {
+                self.conns[index as usize].tls.is_none() && self.maps_payload(conn_index)
+            })
+            .and_then(|index| match self.conns[index as usize].locate(tcp.seq)? {
                 SegmentStart::Stream(start) => Some((index, start)),
                 _ => None,
-            }
-        });
+            });
         let mut slot = Some(first_slot);
         for index in 0..pieces {
             let Some(slot) = slot.take().or_else(|| self.slots.take()) else {
