@@ -277,11 +277,18 @@ fn impaired_downloads(nic: Nic) {
     let downloads = plan(n, seed, max_len);
     let mixed = run(&srv, &pki, &large, &small, &downloads, concurrency);
     let lossy_run = run(&srv, &pki, &large, &small, &like_for_like, 1);
+    // The metrics page is fetched over the same wire: on the impaired one its own frames
+    // (and frames still queued in the relay) could be corrupted after the counters were
+    // read on one side and before the other. So the wire is clean again, and its queue
+    // drained, before either side is read.
+    srv.guest
+        .set_relay(RelayConfig::symmetric(seed, Impairment::none()));
+    std::thread::sleep(Duration::from_secs(1));
+    let relay = srv.guest.relay_stats().unwrap();
     let after = sample(&srv, METRICS);
     let linux_csum = linux_tcp_counter(&srv, "InCsumErrors") - linux_csum_before;
     let linux_retrans = linux_tcp_counter(&srv, "RetransSegs") - linux_retrans_before;
     let udp_overflows = snmp_counter(&srv, "Udp:", "RcvbufErrors") - udp_overflows_before;
-    let relay = srv.guest.relay_stats().unwrap();
     let delta = |name: &str| after[name] - before[name];
     // A flip in the TCP data offset leaves a header that does not parse: zerosend drops it
     // as malformed rather than for its checksum (Linux drops it uncounted, or as InErrs).

@@ -67,7 +67,7 @@ impl TcpFrame {
     /// the IPv4 total length, identification (one more per piece, as a NIC's TSO numbers
     /// them) and
     /// header checksum, the TCP sequence number, and FIN and PSH only on the `last` piece
-    /// (RFC 9293 section 3.1 fields; Intel 82574 datasheet section 7.3.6.2 does the same in
+    /// (RFC 9293 section 3.1 fields; Intel 82574 datasheet section 7.3.6 does the same in
     /// hardware). The TCP checksum is left to the caller.
     pub fn cut_ipv4(
         &self,
