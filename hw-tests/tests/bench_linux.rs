@@ -24,7 +24,8 @@
 //! BENCH_NICS (comma-separated, default all), BENCH_VARIANTS (default zerosend, linux-strict,
 //! linux-off; also zerosend-smp2-q1 and zerosend-smp2-q2: a 2-vCPU guest with one or two
 //! queue pairs, `scripts/bench --cores`), BENCH_CONNS (1 MiB GETs, default 1,16,256,1024),
-//! BENCH_SMALL_CONNS (4 KiB GETs, default 64).
+//! BENCH_SMALL_CONNS (4 KiB GETs, default 64); zerosend-alt takes BENCH_ALT_FLAGS and
+//! BENCH_ALT_ENV (see `Variant::ZerosendAlt`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -63,8 +64,10 @@ enum Variant {
     /// zerosend with `--audit` (as the demo runs it): the cost of proving pinned pages
     /// stable, against `Zerosend` in the same run.
     ZerosendAudit,
-    /// zerosend with the extra flags in `BENCH_ALT_FLAGS`: an A/B of a setting against
-    /// `Zerosend` in one run (e.g. `BENCH_ALT_FLAGS="--tcp-send-buffer-kb 2048"`).
+    /// zerosend with the extra flags in `BENCH_ALT_FLAGS` and the environment assignments in
+    /// `BENCH_ALT_ENV`: an A/B of a setting against `Zerosend` in one run (e.g.
+    /// `BENCH_ALT_FLAGS="--tcp-send-buffer-kb 2048"`, or `BENCH_ALT_ENV="GLIBC_TUNABLES="`
+    /// for glibc's default copy thresholds instead of the guest's `/init` ones).
     ZerosendAlt,
     LinuxStrict,
     LinuxOff,
@@ -101,6 +104,16 @@ impl Variant {
             Variant::ZerosendAlt => {
                 format!(" {}", std::env::var("BENCH_ALT_FLAGS").unwrap_or_default())
             }
+            _ => String::new(),
+        }
+    }
+    /// Environment assignments put before the `zerosend serve` command.
+    fn env_prefix(self) -> String {
+        match self {
+            Variant::ZerosendAlt => match std::env::var("BENCH_ALT_ENV") {
+                Ok(env) if !env.trim().is_empty() => format!("{} ", env.trim()),
+                _ => String::new(),
+            },
             _ => String::new(),
         }
     }
@@ -475,8 +488,9 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
         | Variant::ZerosendAlt
         | Variant::ZerosendSmp2Q1
         | Variant::ZerosendSmp2Q2 => format!(
-            "{SAMPLER}\nzerosend serve --root /data --ip {GUEST_IP}/24 --port 80 {tls} \
+            "{SAMPLER}\n{}zerosend serve --root /data --ip {GUEST_IP}/24 --port 80 {tls} \
              --max-connections 1100 --queues {} --metrics-listen 9464{}{} &\npid=$!\nzs_sample $pid &\nwait $pid",
+            variant.env_prefix(),
             variant.cpus_and_queues().1,
             variant.send_buffer_flag(),
             variant.extra_flags(),
