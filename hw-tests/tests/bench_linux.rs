@@ -183,6 +183,16 @@ struct Sample {
     cpu: (Cpu, Cpu),
     /// The host's 1-minute load average when the sample started (other work on the machine).
     load: String,
+    /// The host's busy CPU ticks (all CPUs, all but idle and iowait) during the workload
+    /// alone: whether the host itself (QEMU, the TAP device, the client) ran out of cores.
+    host_busy_ticks: u64,
+}
+
+/// The host's busy ticks so far, from the first line of its /proc/stat (USER_HZ).
+fn host_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let first = stat.lines().next().unwrap_or_default();
+    parse_cpu_line(&format!("ZS-CPU {first} |")).map_or(0, |(busy, _)| busy)
 }
 
 fn clock_ticks() -> f64 {
@@ -292,7 +302,9 @@ impl Bench {
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let load = load.split(' ').next().unwrap_or("?").to_string();
         let (before, len) = self.cpu_before();
+        let host_before = host_busy_ticks();
         let (bytes, requests, secs, p50_ms, p99_ms, errors) = f();
+        let host_busy_ticks = host_busy_ticks().saturating_sub(host_before);
         let (after, _) = self.cpu_after(len);
         Sample {
             workload: workload.into(),
@@ -304,6 +316,7 @@ impl Bench {
             errors,
             cpu: (before, after),
             load,
+            host_busy_ticks,
         }
     }
 
@@ -614,7 +627,7 @@ fn bench_linux() {
 
     let tsv = out_dir.join("samples.tsv");
     let mut rows = String::from(
-        "nic\tvariant\tboot\tworkload\tbytes\trequests\tsecs\tp50_ms\tp99_ms\terrors\tqemu_cpu_s\tguest_cpu_s\tserver_cpu_s\tload\tqemu_vcpu_s\n",
+        "nic\tvariant\tboot\tworkload\tbytes\trequests\tsecs\tp50_ms\tp99_ms\terrors\tqemu_cpu_s\tguest_cpu_s\tserver_cpu_s\tload\tqemu_vcpu_s\thost_busy_s\n",
     );
     let host_hz = clock_ticks();
     let started = Instant::now();
@@ -687,7 +700,7 @@ fn bench_linux() {
                     let (b, a) = s.cpu;
                     writeln!(
                         rows,
-                        "{}\t{}\t{round}\t{}\t{}\t{}\t{:.4}\t{:.3}\t{:.3}\t{}\t{:.3}\t{:.3}\t{:.3}\t{}\t{:.3}",
+                        "{}\t{}\t{round}\t{}\t{}\t{}\t{:.4}\t{:.3}\t{:.3}\t{}\t{:.3}\t{:.3}\t{:.3}\t{}\t{:.3}\t{:.3}",
                         nic.name(),
                         variant.name(),
                         s.workload,
@@ -702,6 +715,7 @@ fn bench_linux() {
                         a.server.saturating_sub(b.server) as f64 / 100.0,
                         s.load,
                         a.qemu_vcpu_ticks.saturating_sub(b.qemu_vcpu_ticks) as f64 / host_hz,
+                        s.host_busy_ticks as f64 / host_hz,
                     )
                     .unwrap();
                     let rate = if s.workload.starts_with("get-4k") {
@@ -713,13 +727,15 @@ fn bench_linux() {
                     let busy = |ticks: u64| ticks as f64 / host_hz / s.secs.max(1e-9) * 100.0;
                     let vcpu = busy(a.qemu_vcpu_ticks.saturating_sub(b.qemu_vcpu_ticks));
                     let all = busy(a.qemu_ticks.saturating_sub(b.qemu_ticks));
+                    let host = s.host_busy_ticks as f64 / host_hz / s.secs.max(1e-9);
                     println!(
-                        "bench: {} {} boot {round} {}: {rate} (errors {}; QEMU vCPU {vcpu:.0}%, other threads {:.0}%)",
+                        "bench: {} {} boot {round} {}: {rate} (errors {}; QEMU vCPU {vcpu:.0}%, other threads {:.0}%; host busy {host:.2} of {} cores)",
                         nic.name(),
                         variant.name(),
                         s.workload,
                         s.errors,
                         (all - vcpu).max(0.0),
+                        std::thread::available_parallelism().map_or(0, |n| n.get()),
                     );
                 }
                 std::fs::write(&tsv, &rows).unwrap();
