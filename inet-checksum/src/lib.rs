@@ -169,6 +169,28 @@ mod tests {
         assert_eq!(add(0x8000, 0x8000), 0x0001);
     }
 
+    /// Software segmentation sums a segment's pseudo-header once without its length and
+    /// adds each piece's TCP length: that must equal the full sum for every length, carry
+    /// included (addresses chosen so the base sum is near 0xffff).
+    #[test]
+    fn pseudo_header_length_added_later_matches_the_full_sum() {
+        let pairs = [
+            ([10, 0, 0, 1], [10, 0, 0, 2]),
+            ([0xff, 0xff, 0xff, 0xf0], [0xff, 0xff, 0x00, 0x09]),
+            ([192, 168, 200, 255], [172, 31, 255, 254]),
+        ];
+        for (src, dst) in pairs {
+            let base = ipv4_pseudo_header(src, dst, 6, 0);
+            for len in (0u32..=65535).step_by(7).chain([1, 20, 1480, 65535]) {
+                assert_eq!(
+                    add(base, len as u16),
+                    ipv4_pseudo_header(src, dst, 6, len),
+                    "{src:?} -> {dst:?}, length {len}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn pseudo_header_matches_a_known_value() {
         // 10.0.0.1 -> 10.0.0.2, TCP, length 20: 0x0a00+0x0001+0x0a00+0x0002+6+20.

@@ -27,8 +27,8 @@ use std::ops::Range;
 
 use driver::dma::{ChunkPool, DeviceChunk, DmaSpace};
 use driver::{
-    Capabilities, L4Checksum, L4Protocol, NetQueue, RxBuffer, Tso, TsoHeaders, TxFrame, TxOffload,
-    TxSegment,
+    Capabilities, Iova, L4Checksum, L4Protocol, NetQueue, RxBuffer, Tso, TsoHeaders, TxFrame,
+    TxOffload, TxSegment,
 };
 use inet_checksum::{ipv4_pseudo_header, ipv6_pseudo_header, Checksum};
 use smoltcp::phy::{
@@ -216,6 +216,8 @@ pub struct TxPath {
     in_flight: Vec<Option<Frame>>,
     staged: VecDeque<Staged>,
     staged_segments: Vec<TxSegment>,
+    /// Working memory of a GSO segment's payload spans (kept, so staging does not allocate).
+    gso_spans: Vec<GsoSpan>,
     /// Frames smoltcp may still build this poll once every socket has had its turn (see
     /// [`TxPath::may_transmit`]).
     budget: usize,
@@ -355,6 +357,7 @@ impl TxPath {
             jumbo,
             staged: VecDeque::with_capacity(config.slots),
             staged_segments: Vec::with_capacity(config.slots * 4),
+            gso_spans: Vec::with_capacity(if gso_frame.is_some() { 64 } else { 0 }),
             budget: 0,
             first_pass: true,
             egress_flows: Default::default(),
@@ -571,21 +574,13 @@ impl TxPath {
 
     /// Software segmentation (`TxConfig::gso`): stages an IPv4 segment smoltcp built larger
     /// than the MSS as the MSS-sized frames it would otherwise have built: a zero-copy
-    /// connection's pieces straight to [`TxPath::stage_zero_copy`] (mapped from one lookup
-    /// for the segment), any other piece through [`TxPath::stage_frame`]. No payload byte
-    /// moves: piece `i`'s headers are written just before its payload in `buffer`, over
-    /// the end of piece `i - 1`, which is staged (copied into its slot, or described by
-    /// IOVA) by then.
+    /// connection's pieces through [`TxPath::stage_gso_zero_copy`], any other piece through
+    /// [`TxPath::stage_frame`]. No payload byte moves: piece `i`'s headers are written just
+    /// before its payload in `buffer`, over the end of piece `i - 1`, which is staged
+    /// (copied into its slot, or described by IOVA) by then.
     fn stage_gso(&mut self, first_slot: DmaBuffer, buffer: &mut [u8], tcp: TcpFrame, mss: usize) {
-        let header_len = tcp.header_len;
-        // `parse_tcp` bounds IPv4 and TCP headers at 60 bytes each.
-        let mut headers = [0u8; MAX_HEADERS_LEN];
-        let headers = &mut headers[..header_len];
-        headers.copy_from_slice(&buffer[..header_len]);
-        let pieces = tcp.payload_len.div_ceil(mss);
         self.stats.gso_segments += 1;
-        // A zero-copy connection's data (the common case): every piece maps to the send
-        // queue at its offset, found once for the segment instead of once per piece.
+        // A zero-copy connection's data (the common case).
         let conn_index = self.flows.get(&tcp.flow()).copied();
         let zero_copy = conn_index
             .filter(|&index| {
@@ -595,36 +590,151 @@ impl TxPath {
                 SegmentStart::Stream(start) => Some((index, start)),
                 _ => None,
             });
+        if let Some((conn, start)) = zero_copy {
+            return self.stage_gso_zero_copy(first_slot, buffer, tcp, mss, conn, start);
+        }
+        let cutter = GsoCutter::new(buffer, tcp, mss);
         let mut slot = Some(first_slot);
-        for index in 0..pieces {
+        for index in 0..cutter.pieces {
             let Some(slot) = slot.take().or_else(|| self.slots.take()) else {
                 // Only with a peer MSS below the reservation (`slots_per_frame`).
-                self.stats.tx_dropped_no_buffer += (pieces - index) as u64;
+                self.stats.tx_dropped_no_buffer += (cutter.pieces - index) as u64;
                 break;
             };
-            let offset = index * mss;
-            let len = mss.min(tcp.payload_len - offset);
-            let piece = &mut buffer[offset..offset + header_len + len];
-            piece[..header_len].copy_from_slice(headers);
-            let piece_tcp = tcp.cut_ipv4(piece, index, offset, len, index + 1 == pieces);
+            let (piece, _) = cutter.cut(buffer, index);
             self.stats.gso_frames += 1;
-            match zero_copy {
-                Some((conn, start)) => {
-                    self.frame_start = self.staged_segments.len();
-                    let at = start + offset as u64;
-                    let segment = MappedSegment {
-                        tcp: piece_tcp,
-                        conn,
-                        stream: at..at + len as u64,
-                        tso: None,
-                    };
-                    self.stage_zero_copy(slot, piece, segment);
-                }
-                // Not `egress`: the flow's first frame of the poll was noted for the
-                // segment.
-                None => self.stage_frame(slot, piece, None, false),
-            }
+            // Not `egress`: the flow's first frame of the poll was noted for the segment.
+            self.stage_frame(slot, piece, None, false);
         }
+    }
+
+    /// [`TxPath::stage_gso`] of a zero-copy connection's segment at stream offset `start`.
+    /// What does not depend on the piece is done once for the segment: the send-queue walk
+    /// to the payload's IOVA spans (each piece then takes the next `len` bytes of them), the
+    /// DMA references (every piece's frame holds one on the whole segment's items), and the
+    /// pseudo-header's address sum.
+    fn stage_gso_zero_copy(
+        &mut self,
+        first_slot: DmaBuffer,
+        buffer: &mut [u8],
+        tcp: TcpFrame,
+        mss: usize,
+        conn: u32,
+        start: u64,
+    ) {
+        let stream = start..start + tcp.payload_len as u64;
+        let mut spans = std::mem::take(&mut self.gso_spans);
+        spans.clear();
+        let sendq = &self.conns[conn as usize].sendq;
+        let sent_max = sendq.sent_max;
+        let mapped = sendq.for_each_piece(stream.clone(), |piece| match spans.last_mut() {
+            Some(last) if last.file == piece.is_file() && last.iova + last.len == piece.iova => {
+                last.len += piece.len as u64;
+            }
+            _ => spans.push(GsoSpan {
+                iova: piece.iova,
+                len: piece.len as u64,
+                file: piece.is_file(),
+            }),
+        });
+        if mapped.is_err() {
+            // smoltcp sent bytes we never queued: a bug; never put placeholders on the wire.
+            self.gso_spans = spans;
+            return self.drop_unmapped(&tcp, "segment not in the send queue");
+        }
+        // RFC 9293 section 3.1: addresses and protocol, the same for every piece; a piece
+        // adds its own TCP length (one's-complement addition is associative).
+        let pseudo_base = match (tcp.src, tcp.dst) {
+            (IpAddress::Ipv4(src), IpAddress::Ipv4(dst)) => {
+                ipv4_pseudo_header(src.octets(), dst.octets(), IP_PROTOCOL_TCP, 0)
+            }
+            _ => unreachable!("GSO segments are IPv4 (stage_frame)"),
+        };
+        let generation = self.conns[conn as usize].generation;
+        let cutter = GsoCutter::new(buffer, tcp, mss);
+        let (mut span, mut span_used) = (0usize, 0u64);
+        let mut referencing = 0i32;
+        let mut slot = Some(first_slot);
+        for index in 0..cutter.pieces {
+            let Some(mut slot) = slot.take().or_else(|| self.slots.take()) else {
+                // Only with a peer MSS below the reservation (`slots_per_frame`).
+                self.stats.tx_dropped_no_buffer += (cutter.pieces - index) as u64;
+                break;
+            };
+            let (piece, piece_tcp) = cutter.cut(buffer, index);
+            self.stats.gso_frames += 1;
+            self.stats.placeholder_bytes_copied += piece_tcp.payload_len as u64;
+            let at = start + (index * mss) as u64;
+            let piece_stream = at..at + piece_tcp.payload_len as u64;
+            // The header chain entry, then the piece's payload from the segment's spans.
+            let frame_start = self.staged_segments.len();
+            self.frame_start = frame_start;
+            self.staged_segments.push(TxSegment {
+                iova: slot.iova(0),
+                len: piece_tcp.header_len as u32,
+            });
+            let (mut position, mut left, mut new_file_bytes) =
+                (at, piece_tcp.payload_len as u64, 0u64);
+            while left > 0 {
+                let from = spans[span];
+                let take = (from.len - span_used).min(left);
+                self.staged_segments.push(TxSegment {
+                    iova: from.iova + span_used,
+                    len: take as u32,
+                });
+                if from.file {
+                    new_file_bytes += (position + take).saturating_sub(position.max(sent_max));
+                }
+                (position, left, span_used) = (position + take, left - take, span_used + take);
+                if span_used == from.len {
+                    (span, span_used) = (span + 1, 0);
+                }
+            }
+            self.stats.file_bytes_sent += new_file_bytes;
+            let segment = MappedSegment {
+                tcp: piece_tcp,
+                conn,
+                stream: piece_stream.clone(),
+                tso: None,
+            };
+            if self.staged_segments.len() - frame_start > self.caps.max_tx_segments {
+                // Too fragmented for the NIC (see `stage_zero_copy`).
+                self.staged_segments.truncate(frame_start);
+                self.linearize(slot, piece, segment);
+                continue;
+            }
+            let offload = if self.caps.tcp_checksum {
+                let pseudo = inet_checksum::add(pseudo_base, piece_tcp.tcp_len() as u16);
+                piece_tcp.set_tcp_checksum(piece, pseudo);
+                TxOffload {
+                    l4_checksum: Some(tcp_checksum_request(&piece_tcp)),
+                    ..TxOffload::default()
+                }
+            } else {
+                let payload = Some((conn, piece_stream.clone()));
+                self.prepare_tcp_checksum(piece, &piece_tcp, None, payload)
+            };
+            slot.write(0, &piece[..piece_tcp.header_len]);
+            let sendq = &mut self.conns[conn as usize].sendq;
+            account_sent(&mut self.stats, sendq, piece_stream);
+            self.stats.zero_copy_frames += 1;
+            referencing += 1;
+            let frame = Frame {
+                slot,
+                _jumbo: None,
+                _cipher: None,
+                tls_held: 0,
+                reads: Some((conn, generation, stream.clone())),
+            };
+            self.stage(frame, offload);
+        }
+        if referencing > 0 {
+            // One walk for all the pieces; each piece's retirement gives one back.
+            self.conns[conn as usize]
+                .sendq
+                .add_dma_refs(stream, referencing);
+        }
+        self.gso_spans = spans;
     }
 
     /// Never put placeholders on the wire: drop a zero-copy segment whose payload cannot
@@ -1071,11 +1181,7 @@ impl TxPath {
             return TxOffload {
                 ipv4_header: (per_segment && !ipv6).then_some(tcp.ip as u16),
                 ipv6_header: (tso.is_some() && ipv6).then_some(tcp.ip as u16),
-                l4_checksum: Some(L4Checksum {
-                    protocol: L4Protocol::Tcp,
-                    start: tcp.tcp as u16,
-                    field: tcp.checksum_field() as u16,
-                }),
+                l4_checksum: Some(tcp_checksum_request(tcp)),
                 tso,
             };
         }
@@ -1144,6 +1250,59 @@ fn staged_parts(
         });
     }
     true
+}
+
+/// The NIC's TCP checksum request for `tcp`: sum from the TCP header on, into its field.
+fn tcp_checksum_request(tcp: &TcpFrame) -> L4Checksum {
+    L4Checksum {
+        protocol: L4Protocol::Tcp,
+        start: tcp.tcp as u16,
+        field: tcp.checksum_field() as u16,
+    }
+}
+
+/// A run of a GSO segment's payload contiguous in IOVA space, from one kind of item.
+#[derive(Clone, Copy)]
+struct GsoSpan {
+    iova: Iova,
+    len: u64,
+    /// File bytes (a pin), as opposed to a copy block.
+    file: bool,
+}
+
+/// Cuts a segment smoltcp built into MSS-sized IPv4 frames in place (see
+/// [`TxPath::stage_gso`]): piece `i`'s headers go just before its payload.
+struct GsoCutter {
+    headers: [u8; MAX_HEADERS_LEN],
+    tcp: TcpFrame,
+    mss: usize,
+    pieces: usize,
+}
+
+impl GsoCutter {
+    fn new(buffer: &[u8], tcp: TcpFrame, mss: usize) -> Self {
+        let mut headers = [0u8; MAX_HEADERS_LEN];
+        // `parse_tcp` bounds IPv4 and TCP headers at 60 bytes each.
+        headers[..tcp.header_len].copy_from_slice(&buffer[..tcp.header_len]);
+        Self {
+            headers,
+            tcp,
+            mss,
+            pieces: tcp.payload_len.div_ceil(mss),
+        }
+    }
+
+    /// Piece `index` of `buffer` (the segment): its bytes, headers written, and its frame.
+    fn cut<'b>(&self, buffer: &'b mut [u8], index: usize) -> (&'b mut [u8], TcpFrame) {
+        let header_len = self.tcp.header_len;
+        let offset = index * self.mss;
+        let len = self.mss.min(self.tcp.payload_len - offset);
+        let piece = &mut buffer[offset..offset + header_len + len];
+        piece[..header_len].copy_from_slice(&self.headers[..header_len]);
+        let last = index + 1 == self.pieces;
+        let tcp = self.tcp.cut_ipv4(piece, index, offset, len, last);
+        (piece, tcp)
+    }
 }
 
 /// Where a frame's TCP payload is, for a software checksum.
