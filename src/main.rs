@@ -154,6 +154,11 @@ struct ServeArgs {
     /// (while that pin is held) and when the version ends (rewritten, evicted, freed).
     #[arg(long)]
     audit: bool,
+    /// HTTPS record encryption: ring's fused AES-GCM (gathers a record's pages, then seals
+    /// in place) or the `aes-gcm` crate's parts (encrypts out of place, piece by piece).
+    /// Which is faster depends on the CPU (`cargo bench -p netstack --bench tls`).
+    #[arg(long, value_enum, default_value_t = TlsAeadArg::Ring)]
+    tls_aead: TlsAeadArg,
     /// With --audit: verify a page at every Nth release of a pin of it (1: every release,
     /// the strictest, about 6x the instructions per page of 16; 0: only when the version ends). A change
     /// to a pinned page that persists is always caught, at most N releases late.
@@ -312,6 +317,10 @@ impl ServeArgs {
             listen_backlog: self.listen_backlog as usize,
             put_memory: self.put_memory_mb << 20,
             audit: self.audit,
+            tls_aead: match self.tls_aead {
+                TlsAeadArg::Ring => netstack::tls::aead::Backend::Ring,
+                TlsAeadArg::AesGcm => netstack::tls::aead::Backend::AesGcm,
+            },
             audit_verify_every: self.audit_verify_every,
             pcap: self.pcap,
             access_log: self
@@ -363,6 +372,12 @@ enum PolicyArg {
 enum BackpressureArg {
     Wait,
     Error,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum TlsAeadArg {
+    Ring,
+    AesGcm,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

@@ -108,6 +108,8 @@ pub struct ServeOptions {
     /// Memory for PUT bodies being received, all connections together.
     pub put_memory: u64,
     pub audit: bool,
+    /// Which AES-GCM implementation seals HTTPS records.
+    pub tls_aead: netstack::tls::aead::Backend,
     /// With `audit`: verify at every Nth release (`CacheConfig::audit_verify_every`).
     pub audit_verify_every: u32,
     pub pcap: Option<PathBuf>,
@@ -563,6 +565,7 @@ impl<Q: ServerNic> Server<Q> {
         // `--audit` covers HTTPS too: a retransmitted record slice must recompute to the
         // record's kept tag (a changed pinned page would re-encrypt under the same nonce).
         config.tls.audit = options.audit;
+        config.tls.backend = options.tls_aead;
         config.send_stall_timeout = Some(netstack::Duration::from_micros(
             options.send_stall_timeout.as_micros() as u64,
         ));

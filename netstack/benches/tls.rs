@@ -65,9 +65,9 @@ fn aead_figures(time: Duration) {
                 black_box(aead.tag_of(&nonce, &aad, black_box(&out)));
             });
             println!(
-                "aead {algorithm:?} {backend:?}: seal 16 KiB in place {in_place:.2} GB/s, \
-                 seal 4 pages out of place {scattered:.2} GB/s, CTR slice 1448 B at 9000 \
-                 {ctr:.2} GB/s, tag (GHASH) {ghash:.2} GB/s"
+                "aead {algorithm:?} {backend:?}: seal 16 KiB in place {in_place:.3} GB/s, \
+                 seal 4 pages out of place {scattered:.3} GB/s, CTR slice 1448 B at 9000 \
+                 {ctr:.3} GB/s, tag (GHASH) {ghash:.3} GB/s"
             );
         }
     }
@@ -168,7 +168,7 @@ fn record_path_figures(time: Duration) {
                 };
                 println!(
                     "record path {algorithm:?} {backend:?} ({label} frames, {how}): \
-                     {path_rate:.2} GB/s, bare seal (copy in + seal in place) {bare:.2} GB/s, \
+                     {path_rate:.3} GB/s, bare seal (copy in + seal in place) {bare:.3} GB/s, \
                      ratio {:.2}; CPU bytes written per payload byte {writes:.2}",
                     path_rate / bare
                 );
