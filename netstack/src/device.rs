@@ -650,13 +650,12 @@ impl TxPath {
             }
             _ => unreachable!("GSO segments are IPv4 (stage_frame)"),
         };
-        let generation = self.conns[conn as usize].generation;
         let cutter = GsoCutter::new(buffer, tcp, mss);
         let (mut span, mut span_used) = (0usize, 0u64);
         let mut referencing = 0i32;
         let mut slot = Some(first_slot);
         for index in 0..cutter.pieces {
-            let Some(mut slot) = slot.take().or_else(|| self.slots.take()) else {
+            let Some(slot) = slot.take().or_else(|| self.slots.take()) else {
                 // Only with a peer MSS below the reservation (`slots_per_frame`).
                 self.stats.tx_dropped_no_buffer += (cutter.pieces - index) as u64;
                 break;
@@ -697,9 +696,7 @@ impl TxPath {
                 stream: piece_stream.clone(),
                 tso: None,
             };
-            if self.staged_segments.len() - frame_start > self.caps.max_tx_segments {
-                // Too fragmented for the NIC (see `stage_zero_copy`).
-                self.staged_segments.truncate(frame_start);
+            if self.too_fragmented(frame_start) {
                 self.linearize(slot, piece, segment);
                 continue;
             }
@@ -714,19 +711,9 @@ impl TxPath {
                 let payload = Some((conn, piece_stream.clone()));
                 self.prepare_tcp_checksum(piece, &piece_tcp, None, payload)
             };
-            slot.write(0, &piece[..piece_tcp.header_len]);
-            let sendq = &mut self.conns[conn as usize].sendq;
-            account_sent(&mut self.stats, sendq, piece_stream);
-            self.stats.zero_copy_frames += 1;
+            // Each piece's frame reads the whole segment's items (one count added below).
             referencing += 1;
-            let frame = Frame {
-                slot,
-                _jumbo: None,
-                _cipher: None,
-                tls_held: 0,
-                reads: Some((conn, generation, stream.clone())),
-            };
-            self.stage(frame, offload);
+            self.stage_mapped(slot, piece, segment, offload, stream.clone());
         }
         if referencing > 0 {
             // One walk for all the pieces; each piece's retirement gives one back.
@@ -875,7 +862,7 @@ impl TxPath {
     }
 
     /// Stages a zero-copy segment: headers in the slot, payload by IOVA from the send queue.
-    fn stage_zero_copy(&mut self, mut slot: DmaBuffer, buffer: &mut [u8], seg: MappedSegment) {
+    fn stage_zero_copy(&mut self, slot: DmaBuffer, buffer: &mut [u8], seg: MappedSegment) {
         let (tcp, index, start) = (seg.tcp, seg.conn, self.frame_start);
         self.stats.placeholder_bytes_copied += tcp.payload_len as u64;
         // Header chain entry first; the payload comes from the send queue.
@@ -911,25 +898,51 @@ impl TxPath {
             return self.drop_unmapped(&tcp, "segment not in the send queue");
         }
         self.stats.file_bytes_sent += new_file_bytes;
-        if self.staged_segments.len() - start > self.caps.max_tx_segments {
-            // Too fragmented for the NIC: linearize into the slot (or a jumbo buffer) like
-            // skb_linearize. Counted as copied payload.
-            self.staged_segments.truncate(start);
+        if self.too_fragmented(start) {
+            // Linearize into the slot (or a jumbo buffer) like skb_linearize. Counted as
+            // copied payload.
             return self.linearize(slot, buffer, seg);
         }
         let payload = Some((index, seg.stream.clone()));
         let offload = self.prepare_tcp_checksum(buffer, &tcp, seg.tso, payload);
-        slot.write(0, &buffer[..tcp.header_len]);
-        let conn = &mut self.conns[index as usize];
-        conn.sendq.add_dma_refs(seg.stream.clone(), 1);
+        let reads = seg.stream.clone();
+        self.conns[index as usize]
+            .sendq
+            .add_dma_refs(reads.clone(), 1);
+        self.stage_mapped(slot, buffer, seg, offload, reads);
+    }
+
+    /// Whether the frame whose segments are staged from `frame_start` on has more than the
+    /// NIC takes; if so they are unstaged (the caller linearizes the frame).
+    fn too_fragmented(&mut self, frame_start: usize) -> bool {
+        let too_many = self.staged_segments.len() - frame_start > self.caps.max_tx_segments;
+        if too_many {
+            self.staged_segments.truncate(frame_start);
+        }
+        too_many
+    }
+
+    /// The end of a zero-copy frame's staging, its payload segments staged and its checksum
+    /// prepared in `buffer`: the headers go into the slot, the bytes count as sent, and the
+    /// frame holds the DMA reference on `reads` the caller added until it completes.
+    fn stage_mapped(
+        &mut self,
+        mut slot: DmaBuffer,
+        buffer: &[u8],
+        seg: MappedSegment,
+        offload: TxOffload,
+        reads: Range<u64>,
+    ) {
+        slot.write(0, &buffer[..seg.tcp.header_len]);
+        let conn = &mut self.conns[seg.conn as usize];
         self.stats.zero_copy_frames += 1;
-        account_sent(&mut self.stats, &mut conn.sendq, seg.stream.clone());
+        account_sent(&mut self.stats, &mut conn.sendq, seg.stream);
         let frame = Frame {
             slot,
             _jumbo: None,
             _cipher: None,
             tls_held: 0,
-            reads: Some((index, conn.generation, seg.stream)),
+            reads: Some((seg.conn, conn.generation, reads)),
         };
         self.stage(frame, offload);
     }
