@@ -35,6 +35,7 @@ use crate::http::{
     parse_request, simple_response, ChunkStep, ChunkedDecoder, HttpError, Limits, Method, Parsed,
     Request, ResponseHead, ALLOWED_METHODS,
 };
+use crate::openfiles::OpenFiles;
 use crate::respond::{content_type, plan_file_response, FileMeta};
 use crate::root::ServeRoot;
 use crate::upload::{Outcome, Upload, Uploads, UPLOAD_WINDOW};
@@ -156,6 +157,8 @@ pub struct ServerCore {
     /// Who may PUT.
     pub put_access: PutAccess,
     uploads: Uploads,
+    /// Files GETs resolved and opened recently, by request path (`--file-check-ms`).
+    pub open_files: OpenFiles,
 }
 
 /// Bytes of the PUT memory budget held by one body being received; returned on drop
@@ -271,6 +274,7 @@ impl ServerCore {
             put_memory: Default::default(),
             put_memory_limit: 64 << 20,
             put_access: PutAccess::Refused,
+            open_files: OpenFiles::new(Duration::ZERO, 0),
         }
     }
 
@@ -353,10 +357,20 @@ impl ServerCore {
     /// Answer a GET or HEAD of a file: take a snapshot (one version, nothing pinned or read
     /// yet), describe exactly that version, and start its body.
     fn get(&mut self, req: &Request, out: &mut Vec<Outgoing>) -> Result<Got, HttpError> {
-        let path = self.root.resolve(req.raw_path(), false)?;
-        let file = match self.cache.open(&path, OpenOptions::read_only()) {
-            Ok(file) => file,
-            Err(e) => return Err(self.cache_error(e)),
+        let now = Instant::now();
+        let (file, content_type) = match self.open_files.get(req.raw_path(), now) {
+            Some(hit) => hit,
+            None => {
+                let path = self.root.resolve(req.raw_path(), false)?;
+                let file = match self.cache.open(&path, OpenOptions::read_only()) {
+                    Ok(file) => file,
+                    Err(e) => return Err(self.cache_error(e)),
+                };
+                let content_type = content_type(&path.to_string_lossy());
+                self.open_files
+                    .insert(req.raw_path(), file.clone(), content_type, now);
+                (file, content_type)
+            }
         };
         // A writer may change the length between reading it and taking the snapshot (or a
         // range of it): retry, so the head always describes the snapshot's bytes.
@@ -372,7 +386,7 @@ impl ServerCore {
                 etag: identity.etag(),
                 modified: identity.last_modified(),
             };
-            let plan = plan_file_response(req, &meta, content_type(&path.to_string_lossy()));
+            let plan = plan_file_response(req, &meta, content_type);
             let Some(range) = plan.body else {
                 out.push(Outgoing::Bytes(plan.head));
                 return Ok(Got::Answered(plan.status));
@@ -1549,6 +1563,39 @@ mod tests {
             render(&mut f.send("GET /hello.txt HTTP/1.1\r\n\r\n")).1,
             vec![b"abcdef".to_vec()]
         );
+    }
+
+    /// With the path cache on (`--file-check-ms`), what zerosend itself writes is seen by
+    /// the next GET, whole PUTs (a new file installed over the path) and ranged ones (writes
+    /// into the cached file) alike; a change made on disk behind its back is seen once the
+    /// interval has passed. Without the detach check in `OpenFiles::get` the GET after the
+    /// whole PUT returns the old bytes and this test fails.
+    #[test]
+    fn the_path_cache_sees_puts_at_once_and_disk_changes_after_its_interval() {
+        let mut f = fixture(WritePolicy::CopyOnWrite);
+        f.core.open_files = OpenFiles::new(Duration::from_secs(3600), 16);
+        let get = |f: &mut Fixture| render(&mut f.send("GET /hello.txt HTTP/1.1\r\n\r\n")).1;
+        assert_eq!(get(&mut f), vec![b"hello, world\n".to_vec()]);
+        let (h, _) = render(&mut f.send("PUT /hello.txt HTTP/1.1\r\nContent-Length: 3\r\n\r\nnew"));
+        assert!(h[0].starts_with("HTTP/1.1 204 "), "{h:?}");
+        assert_eq!(
+            get(&mut f),
+            vec![b"new".to_vec()],
+            "a whole PUT is seen at once"
+        );
+        let (h, _) = render(&mut f.send(
+            "PUT /hello.txt HTTP/1.1\r\nContent-Length: 1\r\nContent-Range: bytes 0-0/*\r\n\r\nN",
+        ));
+        assert!(h[0].starts_with("HTTP/1.1 204 "), "{h:?}");
+        assert_eq!(get(&mut f), vec![b"New".to_vec()], "so is a ranged one");
+        // Another program replaces the file on disk: trusted for the interval ...
+        let other = f.dir.join("other.tmp");
+        fs::write(&other, b"changed on disk").unwrap();
+        fs::rename(&other, f.dir.join("hello.txt")).unwrap();
+        assert_eq!(get(&mut f), vec![b"New".to_vec()]);
+        // ... and seen once it has passed (here: at once, as with --file-check-ms 0).
+        f.core.open_files = OpenFiles::new(Duration::ZERO, 16);
+        assert_eq!(get(&mut f), vec![b"changed on disk".to_vec()]);
     }
 
     #[test]

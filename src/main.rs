@@ -111,6 +111,12 @@ struct ServeArgs {
     /// the page cache (frames, a `wait` write) gets 503 after as long.
     #[arg(long, default_value_t = 20)]
     request_timeout_secs: u64,
+    /// How long, in milliseconds, the file a GET's path named is trusted without walking
+    /// the path and checking the file on disk again: a file another program changes or
+    /// replaces is seen within this long (one replaced through zerosend, by PUT, at once).
+    /// 0 checks on every request.
+    #[arg(long, default_value_t = 100)]
+    file_check_ms: u64,
     /// Largest PUT body accepted, in MiB (413 above).
     #[arg(long, default_value_t = 256)]
     max_put_mb: u64,
@@ -301,6 +307,7 @@ impl ServeArgs {
             backpressure,
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
+            file_check: Duration::from_millis(self.file_check_ms),
             limits,
             tcp_send_buffer: self.tcp_send_buffer_kb.map(|kb| (kb as usize) << 10),
             pin_window: self.pin_window_kb.map(|kb| kb << 10),
@@ -348,6 +355,7 @@ mod conn;
 mod http;
 mod ipv6;
 mod metrics;
+mod openfiles;
 mod process;
 mod respond;
 mod root;

@@ -32,6 +32,13 @@ impl Metric {
             value: value as f64,
         }
     }
+    /// A counter of a quantity that is not whole (seconds).
+    pub fn counter_f64(name: &'static str, help: &'static str, value: f64) -> Self {
+        Metric {
+            kind: Kind::Counter,
+            ..Metric::gauge(name, help, value)
+        }
+    }
     pub fn gauge(name: &'static str, help: &'static str, value: f64) -> Self {
         Metric {
             name,

@@ -26,6 +26,7 @@ use crate::conn::{
 };
 use crate::http::{simple_response, Limits};
 use crate::metrics::{render_prometheus, Metric};
+use crate::openfiles::OpenFiles;
 use crate::root::ServeRoot;
 use crate::warnings::WarnKind;
 
@@ -56,6 +57,9 @@ const MIN_PIN_BYTES: u64 = 16 * 1024;
 const MAX_PIN_BYTES: u64 = 256 * 1024;
 /// How often idle and slow connections are looked for.
 const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// Paths each core remembers the file of (`--file-check-ms`): a few hot files are what
+/// the cache is for; a scan of many distinct paths gains nothing from it.
+const OPEN_FILES_CAPACITY: usize = 256;
 /// How often the HTTPS certificate files are looked at for a change (two `stat`s).
 const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// At an orderly stop, how long the stack keeps running after the last connection: the
@@ -88,6 +92,8 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// A request head (or PUT body) must arrive within this long of its first byte.
     pub request_timeout: Duration,
+    /// How long what a GET's path named is trusted (`--file-check-ms`, [`OpenFiles`]).
+    pub file_check: Duration,
     pub limits: Limits,
     /// Send buffer of each TCP connection, in bytes (`None`: the default fitted to the
     /// memory available, `MemoryBudget::send_buffer`).
@@ -537,6 +543,7 @@ impl<Q: ServerNic> Server<Q> {
         let mut core = ServerCore::new(root, cache.clone(), options.write_policy, options.limits);
         core.idle_timeout = options.idle_timeout;
         core.request_timeout = options.request_timeout;
+        core.open_files = OpenFiles::new(options.file_check, OPEN_FILES_CAPACITY);
         let access_log = match &options.access_log {
             Some(destination) => Some(
                 AccessLog::open(destination)
@@ -998,6 +1005,8 @@ impl<Q: ServerNic> Server<Q> {
         let Server {
             stack, core, conns, ..
         } = self;
+        // Replaced files' old versions are not kept alive by the path cache.
+        core.open_files.sweep(now);
         let mut pieces = Vec::new();
         // (A client that stops taking what is sent is reset by the stack's send-stall
         // timeout, `--send-stall-timeout-secs`.)

@@ -665,6 +665,14 @@ impl CachedFile {
         &self.shared.path
     }
 
+    /// Whether the path no longer names this file because the cache replaced it
+    /// ([`crate::PageCache::install`]): a later open of the path finds the new one.
+    pub fn is_detached(&self) -> bool {
+        self.shared
+            .detached
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The options this handle was opened with.
     pub fn options(&self) -> OpenOptions {
         self.options

@@ -64,6 +64,13 @@ pub(super) struct LoopCounts {
     pub interrupts: u64,
     /// The interrupt kind in use, `None` when polling.
     pub mode: Option<IrqMode>,
+    /// Rounds of the loop.
+    pub rounds: u64,
+    /// Of those, rounds that found nothing to do.
+    pub empty_rounds: u64,
+    /// Time the loop spent in rounds that found nothing, sleeps excluded (busy polling:
+    /// against the wall time it tells how much of a busy CPU was waiting, not working).
+    pub empty_round_time: Duration,
 }
 
 /// What the server tells the idle policy after a round.
@@ -83,6 +90,8 @@ pub(super) struct Idle {
     sleeper: Option<Sleeper>,
     idle_polls: u32,
     last_work: Instant,
+    /// When the last round ended (after its sleep, if it slept).
+    last_round: Instant,
     /// Interrupts armed; the round after arming found nothing yet to sleep on.
     armed: bool,
     pub counts: LoopCounts,
@@ -128,6 +137,7 @@ impl Idle {
             sleeper,
             idle_polls: 0,
             last_work: Instant::now(),
+            last_round: Instant::now(),
             armed: false,
             counts,
         })
@@ -149,6 +159,13 @@ impl Idle {
     /// a signal comes, the stack's next timer or the longest sleep.
     pub fn after_round<N: Interruptible>(&mut self, nic: &mut N, round: Round) {
         let now = Instant::now();
+        let spent = now.saturating_duration_since(self.last_round);
+        self.last_round = now;
+        self.counts.rounds += 1;
+        if !round.work {
+            self.counts.empty_rounds += 1;
+            self.counts.empty_round_time += spent;
+        }
         if round.work {
             self.idle_polls = 0;
             self.last_work = now;
@@ -162,6 +179,7 @@ impl Idle {
             if self.idle_polls > SPINS_BEFORE_NAP {
                 self.counts.sleeps += 1;
                 std::thread::sleep(IDLE_NAP);
+                self.last_round = Instant::now();
             }
             return;
         };
@@ -178,6 +196,7 @@ impl Idle {
             }
             self.counts.sleeps += 1;
             std::thread::sleep(IDLE_NAP.min(timeout));
+            self.last_round = Instant::now();
             return;
         }
         if !self.armed {
@@ -192,10 +211,11 @@ impl Idle {
         // and busy-waited for.
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         let woke_by_irq = sleeper.wait(ms);
+        self.last_round = Instant::now();
         if woke_by_irq {
             self.counts.irq_wakeups += 1;
             // Traffic: poll busily for a while before sleeping again.
-            self.last_work = Instant::now();
+            self.last_work = self.last_round;
         }
         self.disarm(nic);
     }
@@ -352,6 +372,36 @@ mod tests {
         idle.options.idle_poll = Duration::from_secs(3600);
         idle.after_round(&mut nic, idle_round());
         assert!(!nic.armed && idle.counts.sleeps == 1);
+    }
+
+    /// Rounds are counted, empty ones apart, and the time of empty rounds leaves out the
+    /// sleeps: a loop that sleeps 50 ms on the interrupt spent almost none of it polling.
+    #[test]
+    fn empty_round_time_counts_polling_not_sleeping() {
+        let mut nic = FakeNic::new();
+        let mut idle = Idle::with_signals(options(true, Duration::ZERO), &nic, false).unwrap();
+        let busy = Round {
+            work: true,
+            ..idle_round()
+        };
+        idle.after_round(&mut nic, busy);
+        idle.after_round(&mut nic, idle_round()); // arms
+        let writer = nic.fd.try_clone().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            writer.write(1).unwrap();
+        });
+        idle.after_round(&mut nic, idle_round()); // sleeps until the interrupt
+        t.join().unwrap();
+        std::thread::sleep(Duration::from_millis(20)); // a round spent polling
+        idle.after_round(&mut nic, idle_round());
+        assert_eq!((idle.counts.rounds, idle.counts.empty_rounds), (4, 3));
+        let polled = idle.counts.empty_round_time;
+        assert!(polled >= Duration::from_millis(20), "{polled:?}");
+        assert!(
+            polled < Duration::from_millis(50),
+            "the sleep is not polling: {polled:?}"
+        );
     }
 
     /// The same rounds with interrupts off: the NIC is never armed, the loop naps (64 spins

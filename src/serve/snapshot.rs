@@ -265,6 +265,21 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             server.idle.irq_wakeups,
         ),
         Metric::counter(
+            "zerosend_loop_rounds_total",
+            "Rounds of the event loop (poll the stack, serve the connections).",
+            server.idle.rounds,
+        ),
+        Metric::counter(
+            "zerosend_loop_empty_rounds_total",
+            "Rounds of the event loop that found nothing to do.",
+            server.idle.empty_rounds,
+        ),
+        Metric::counter_f64(
+            "zerosend_loop_empty_round_seconds_total",
+            "Seconds the event loop spent in rounds that found nothing to do, sleeps excluded (busy polling that waited rather than worked).",
+            server.idle.empty_round_time.as_secs_f64(),
+        ),
+        Metric::counter(
             "zerosend_interrupts_total",
             "Interrupts the NIC signalled through VFIO (0 when polling).",
             server.idle.interrupts,
