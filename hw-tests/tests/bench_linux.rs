@@ -24,8 +24,8 @@
 //! BENCH_NICS (comma-separated, default all), BENCH_VARIANTS (default zerosend, linux-strict,
 //! linux-off; also zerosend-smp2-q1 and zerosend-smp2-q2: a 2-vCPU guest with one or two
 //! queue pairs, `scripts/bench --cores`), BENCH_CONNS (1 MiB GETs, default 1,16,256,1024),
-//! BENCH_SMALL_CONNS (4 KiB GETs, default 64); zerosend-alt takes BENCH_ALT_FLAGS and
-//! BENCH_ALT_ENV (see `Variant::ZerosendAlt`).
+//! BENCH_SMALL_CONNS (4 KiB GETs, default 64); zerosend-alt takes BENCH_ALT_FLAGS,
+//! BENCH_ALT_ENV and BENCH_ALT_BIN (see `Variant::ZerosendAlt`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -67,7 +67,8 @@ enum Variant {
     /// zerosend with the extra flags in `BENCH_ALT_FLAGS` and the environment assignments in
     /// `BENCH_ALT_ENV`: an A/B of a setting against `Zerosend` in one run (e.g.
     /// `BENCH_ALT_FLAGS="--tcp-send-buffer-kb 2048"`, or `BENCH_ALT_ENV="GLIBC_TUNABLES="`
-    /// for glibc's default copy thresholds instead of the guest's `/init` ones).
+    /// for glibc's default copy thresholds instead of the guest's `/init` ones), or of another
+    /// build of the server at `BENCH_ALT_BIN`.
     ZerosendAlt,
     LinuxStrict,
     LinuxOff,
@@ -96,6 +97,17 @@ impl Variant {
                 | Variant::ZerosendSmp2Q1
                 | Variant::ZerosendSmp2Q2
         )
+    }
+    /// The server binary a zerosend variant runs: `zerosend` (the build under test), or for
+    /// zerosend-alt the one at `BENCH_ALT_BIN` if set (an A/B of two builds, e.g. another
+    /// profile, alternating boot by boot in one run), copied to `/opt/zerosend-alt`.
+    fn alt_binary(self) -> Option<PathBuf> {
+        match self {
+            Variant::ZerosendAlt => std::env::var_os("BENCH_ALT_BIN")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
+            _ => None,
+        }
     }
     /// Flags a zerosend variant adds to the common `zerosend serve` command.
     fn extra_flags(self) -> String {
@@ -495,13 +507,20 @@ fn boot(nic: Nic, variant: Variant, files: &[(&'static str, Vec<u8>)], pki: &Pat
     if variant.is_zerosend() {
         guest = guest.append(hw_tests::serve_guest::HUGE_PAGES_ARG);
     }
+    let (server_prefix, server_cmd) = match variant.alt_binary() {
+        Some(path) => {
+            guest = guest.file("/opt/zerosend-alt", read(&path));
+            ("chmod 755 /opt/zerosend-alt\n", "/opt/zerosend-alt")
+        }
+        None => ("", "zerosend"),
+    };
     let script = match variant {
         Variant::Zerosend
         | Variant::ZerosendAudit
         | Variant::ZerosendAlt
         | Variant::ZerosendSmp2Q1
         | Variant::ZerosendSmp2Q2 => format!(
-            "{SAMPLER}\n{}zerosend serve --root /data --ip {GUEST_IP}/24 --port 80 {tls} \
+            "{SAMPLER}\n{server_prefix}{}{server_cmd} serve --root /data --ip {GUEST_IP}/24 --port 80 {tls} \
              --max-connections 1100 --queues {} --metrics-listen 9464{}{} &\npid=$!\nzs_sample $pid &\nwait $pid",
             variant.env_prefix(),
             variant.cpus_and_queues().1,
