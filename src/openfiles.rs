@@ -110,19 +110,21 @@ mod tests {
     use super::*;
     use pagecache::{CacheConfig, FrameArena, OpenOptions, PageCache};
 
-    fn cache_with(dir: &std::path::Path) -> PageCache {
-        std::fs::write(dir.join("a"), b"first").unwrap();
+    /// A page cache over a temporary directory holding the file `a`, and `a` opened.
+    fn opened() -> (tempfile::TempDir, PageCache, CachedFile) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"first").unwrap();
         let arena = FrameArena::anonymous(0x1000_0000, 1 << 20).unwrap();
-        PageCache::new(arena, CacheConfig::default()).unwrap()
+        let cache = PageCache::new(arena, CacheConfig::default()).unwrap();
+        let file = cache
+            .open(dir.path().join("a"), OpenOptions::read_only())
+            .unwrap();
+        (dir, cache, file)
     }
 
     #[test]
     fn a_hit_within_the_interval_and_none_after() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = cache_with(dir.path());
-        let file = cache
-            .open(dir.path().join("a"), OpenOptions::read_only())
-            .unwrap();
+        let (_dir, _cache, file) = opened();
         let mut open = OpenFiles::new(Duration::from_millis(100), 4);
         let t0 = Instant::now();
         open.insert("/a", file, "text/plain", t0);
@@ -134,11 +136,7 @@ mod tests {
 
     #[test]
     fn zero_interval_caches_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = cache_with(dir.path());
-        let file = cache
-            .open(dir.path().join("a"), OpenOptions::read_only())
-            .unwrap();
+        let (_dir, _cache, file) = opened();
         let mut open = OpenFiles::new(Duration::ZERO, 4);
         open.insert("/a", file, "text/plain", Instant::now());
         assert_eq!(open.len(), 0);
@@ -149,14 +147,11 @@ mod tests {
     /// recent its check: the next GET resolves the path again and finds the new file.
     #[test]
     fn a_replaced_file_is_never_a_hit() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = cache_with(dir.path());
-        let path = dir.path().join("a");
-        let file = cache.open(&path, OpenOptions::read_only()).unwrap();
+        let (dir, cache, file) = opened();
         let mut open = OpenFiles::new(Duration::from_secs(3600), 4);
         let now = Instant::now();
         open.insert("/a", file, "text/plain", now);
-        let new = dir.path().join("a.new");
+        let (new, path) = (dir.path().join("a.new"), dir.path().join("a"));
         std::fs::write(&new, b"second").unwrap();
         cache.install(&new, &path).unwrap();
         assert!(open.get("/a", now).is_none());
@@ -166,11 +161,7 @@ mod tests {
 
     #[test]
     fn bounded_and_swept() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = cache_with(dir.path());
-        let file = cache
-            .open(dir.path().join("a"), OpenOptions::read_only())
-            .unwrap();
+        let (_dir, _cache, file) = opened();
         let mut open = OpenFiles::new(Duration::from_millis(100), 3);
         let t0 = Instant::now();
         for (i, p) in ["/1", "/2", "/3", "/4", "/5"].iter().enumerate() {
