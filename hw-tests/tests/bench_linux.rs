@@ -645,6 +645,7 @@ fn bench_linux() {
     let _ = linux_baseline_program();
 
     let tsv = out_dir.join("samples.tsv");
+    let _ = std::fs::remove_file(out_dir.join("failed-boots.txt"));
     let mut rows = String::from(
         "nic\tvariant\tboot\tworkload\tbytes\trequests\tsecs\tp50_ms\tp99_ms\terrors\tqemu_cpu_s\tguest_cpu_s\tserver_cpu_s\tload\tqemu_vcpu_s\thost_busy_s\n",
     );
@@ -716,20 +717,50 @@ fn bench_linux() {
                     let run = bench.guest.stop_server();
                     (samples, run.dir)
                 };
-                // A Linux baseline that fails (seen once: virtio_net's transmit queue timed
-                // out in the guest, and the host could no longer reach it) is booted once
-                // more, saying so; zerosend failing fails the benchmark.
+                // A Linux baseline that fails (seen on virtio-net with intel_iommu=off:
+                // virtio_net's transmit queue timed out in the guest, and the host could no
+                // longer reach it) is booted once more; failing twice, its boot is recorded in
+                // failed-boots.txt (the report lists it) and has no samples. zerosend failing
+                // fails the benchmark.
+                let attempt = || {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(measure)).map_err(|e| {
+                        e.downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default()
+                    })
+                };
                 let (samples, run_dir) = if variant.is_zerosend() {
                     measure()
                 } else {
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(measure)).unwrap_or_else(|_| {
+                    match attempt().or_else(|first| {
                         println!(
                             "bench: {} {} boot {round}: the Linux baseline failed (above); booting it once more",
                             nic.name(),
                             variant.name()
                         );
-                        measure()
-                    })
+                        attempt().map_err(|second| (first, second))
+                    }) {
+                        Ok(done) => done,
+                        Err((first, second)) => {
+                            let why = |m: &str| m.lines().next().unwrap_or("").to_string();
+                            let line = format!(
+                                "{}\t{}\t{round}\t{} / then: {}\n",
+                                nic.name(),
+                                variant.name(),
+                                why(&first),
+                                why(&second)
+                            );
+                            print!("bench: failed twice, no samples: {line}");
+                            let mut f = std::fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(out_dir.join("failed-boots.txt"))
+                                .unwrap();
+                            std::io::Write::write_all(&mut f, line.as_bytes()).unwrap();
+                            continue;
+                        }
+                    }
                 };
                 for s in &samples {
                     let (b, a) = s.cpu;
