@@ -356,8 +356,12 @@ impl ServerCore {
 
     /// Answer a GET or HEAD of a file: take a snapshot (one version, nothing pinned or read
     /// yet), describe exactly that version, and start its body.
-    fn get(&mut self, req: &Request, out: &mut Vec<Outgoing>) -> Result<Got, HttpError> {
-        let now = Instant::now();
+    fn get(
+        &mut self,
+        req: &Request,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Got, HttpError> {
         let (file, content_type) = match self.open_files.get(req.raw_path(), now) {
             Some(hit) => hit,
             None => {
@@ -1073,7 +1077,7 @@ impl Connection {
                     return self.refuse_put_with(bytes, status, &request, started, now, core, out);
                 }
             },
-            (Role::Files, Method::Get | Method::Head) => core.get(&request, out),
+            (Role::Files, Method::Get | Method::Head) => core.get(&request, now, out),
             (Role::Metrics, Method::Get | Method::Head) if request.raw_path() == METRICS_PATH => {
                 out.push(Outgoing::Metrics {
                     keep_alive: keep,
