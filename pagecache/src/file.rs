@@ -335,11 +335,19 @@ impl FileState {
         StatCounters::add(&cache.stats.files_reopened, 1);
         let closed = cache.open_files.used(file);
         StatCounters::add(&cache.stats.files_closed, closed as u64);
-        if now != self.disk {
+        // Not during our own writeback: its writes are not another program's (see
+        // `CachedFile::revalidate`).
+        if now != self.disk && !self.own_write_in_flight() {
             apply_external_change(cache, &file.path, self, now);
             return Err(Stall::Restart);
         }
         Ok(fd)
+    }
+
+    /// The cache's own writeback of this file is between its first write and the moment it
+    /// records the file's new identity: the file on disk differs from `disk` because of us.
+    pub fn own_write_in_flight(&self) -> bool {
+        !self.writing_back.is_empty()
     }
 
     /// After our own writes, remember the file's new identity so revalidation does not take
@@ -796,6 +804,13 @@ impl CachedFile {
     ///
     /// Dirty pages not yet written back are discarded on such a change: the external writer
     /// wins (a warning is logged).
+    ///
+    /// While the cache's own writeback of the file is in flight, nothing is taken for an
+    /// external change: its writes move the file's size and mtime before the cache records
+    /// them (at the writeback's end), and taking them for another program's discarded the
+    /// unwritten pages and read the half-written file's holes as zeros. A change another
+    /// program makes to the same file during that window is not seen (the writeback's end
+    /// adopts the identity it finds); a rename over the path is, at the next check.
     pub fn revalidate(&self) -> Result<bool> {
         if self
             .shared
@@ -808,7 +823,7 @@ impl CachedFile {
         let meta = fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
         let now = DiskIdentity::of(&meta);
         let mut st = self.shared.state.lock();
-        if now == st.disk {
+        if now == st.disk || st.own_write_in_flight() {
             return Ok(false);
         }
         if (now.ino != st.disk.ino || now.dev != st.disk.dev) && st.fd.is_some() {

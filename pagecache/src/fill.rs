@@ -162,7 +162,7 @@ impl FillJob {
                 && !detached
                 && st.disk == self.disk
                 && st.own_disk_writes == self.own_disk_writes
-                && st.writing_back.is_empty()
+                && !st.own_write_in_flight()
                 && seen_after.is_some_and(|now| now != st.disk);
             if edited_elsewhere {
                 // Cancels this fill's pages (the loop below then gives the frames back).

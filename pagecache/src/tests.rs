@@ -677,3 +677,55 @@ fn replace_contents_is_one_atomic_version() {
         assert_eq!(std::fs::read(&path).unwrap(), longer);
     }
 }
+
+/// A reader's open (which revalidates the file against the disk) while the cache's own
+/// writeback of it is in flight is not an external change. The writeback's `pwrite`s move the
+/// file's size and mtime before it records the new identity at its end; taking that for
+/// another program's change discarded the unwritten pages and set the length from the
+/// half-written file, whose holes later pins read as zeros (found by `replace_stress`: a
+/// rewritten file pinned at its full length, all zeros). Here the window is held open by hand:
+/// the pages moved to `writing_back` as the writeback does, and its first `pwrite` made.
+#[test]
+fn revalidating_during_our_own_writeback_is_not_an_external_change() {
+    use std::os::unix::fs::FileExt;
+    let dir = temp_dir();
+    let path = make_file(&dir, "in-flight", &pattern(PAGE_SIZE, 1));
+    let cache = cache(16, CacheConfig::default());
+    let writer = cache.open(&path, rw(WritePolicy::CopyOnWrite)).unwrap();
+    let data = pattern(4 * PAGE_SIZE, 2);
+    writer.write(0, &data).unwrap();
+    {
+        let mut st = writer.shared.state.lock();
+        assert_eq!(st.dirty.len(), 4, "nothing written back yet");
+        st.writing_back = std::mem::take(&mut st.dirty);
+    }
+    // The writeback's first run: the last page (the file grows to its full length, with a
+    // hole where the other pages are not written yet).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all_at(&data[3 * PAGE_SIZE..], 3 * PAGE)
+        .unwrap();
+
+    let reader = cache.open(&path, OpenOptions::read_only()).unwrap();
+    assert_eq!(cache.stats().external_changes, 0, "{:?}", cache.stats());
+    assert_eq!(reader.len(), data.len() as u64);
+    assert_eq!(
+        reader.pin(0..4 * PAGE).unwrap().to_vec(),
+        data,
+        "the written pages, not the half-written file"
+    );
+
+    // The writeback ends: the pages are written, the identity recorded.
+    std::fs::write(&path, &data).unwrap();
+    {
+        let mut st = writer.shared.state.lock();
+        st.writing_back.clear();
+        let fd = st.fd.clone().unwrap();
+        st.refresh_disk_identity(&fd);
+    }
+    assert!(!reader.revalidate().unwrap());
+    assert_eq!(cache.stats().external_changes, 0);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+}

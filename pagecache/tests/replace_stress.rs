@@ -33,6 +33,34 @@ struct Tally {
     torn: u64,
     retried_len: u64,
     errors: Vec<String>,
+    /// What the first torn bodies held: who read them, and their runs of one version.
+    torn_examples: Vec<String>,
+}
+
+impl Tally {
+    /// Counts a torn body and keeps a description of the first few.
+    fn torn(&mut self, who: &str, bytes: &[u8]) {
+        self.torn += 1;
+        if self.torn_examples.len() < 8 {
+            let mut runs: Vec<(u64, usize, usize)> = Vec::new();
+            for (k, v) in common::word_versions(0, bytes).enumerate() {
+                match runs.last_mut() {
+                    Some((last, _, n)) if *last == v => *n += 1,
+                    _ => runs.push((v, k, 1)),
+                }
+            }
+            let runs: Vec<String> = runs
+                .iter()
+                .take(12)
+                .map(|(v, at, n)| format!("v{v:#x}@page{}+{}w", at * common::WORD / PAGE_SIZE, n))
+                .collect();
+            self.torn_examples.push(format!(
+                "{who}: {} bytes, runs {}",
+                bytes.len(),
+                runs.join(" ")
+            ));
+        }
+    }
 }
 
 fn one_version(at: usize, bytes: &[u8]) -> Option<u64> {
@@ -69,7 +97,7 @@ fn get_like_the_server(cache: &PageCache, path: &std::path::Path, tally: &mut Ta
     }
     tally.bodies += 1;
     if body.len() != LEN || one_version(0, &body).is_none() {
-        tally.torn += 1;
+        tally.torn("streamed GET", &body);
     }
 }
 
@@ -79,14 +107,14 @@ fn pin_whole(cache: &PageCache, path: &std::path::Path, tally: &mut Tally) {
         Ok(f) => f,
         Err(e) => return tally.errors.push(format!("open: {e}")),
     };
-    for _ in 0..4 {
+    for try_ in 0..4 {
         let len = file.len();
         match file.pin(0..len) {
             Ok(pin) => {
                 tally.pins += 1;
                 let bytes = pin.to_vec();
                 if bytes.len() != LEN || one_version(0, &bytes).is_none() {
-                    tally.torn += 1;
+                    tally.torn(&format!("whole pin, try {try_}"), &bytes);
                 }
             }
             Err(Error::OutOfRange { .. }) => tally.retried_len += 1,
@@ -171,6 +199,7 @@ fn run(run_for: Duration, audit: bool) -> (Tally, u64, pagecache::CacheStats) {
             all.torn += mine.torn;
             all.retried_len += mine.retried_len;
             all.errors.extend(mine.errors);
+            all.torn_examples.extend(mine.torn_examples);
         }));
     }
     thread::sleep(run_for);
@@ -188,14 +217,14 @@ fn pin_whole_or_empty(cache: &PageCache, path: &std::path::Path, tally: &mut Tal
         Ok(f) => f,
         Err(e) => return tally.errors.push(format!("open: {e}")),
     };
-    for _ in 0..4 {
+    for try_ in 0..4 {
         let len = file.len();
         match file.pin(0..len) {
             Ok(pin) => {
                 tally.pins += 1;
                 let bytes = pin.to_vec();
                 if !bytes.is_empty() && one_version(0, &bytes).is_none() {
-                    tally.torn += 1;
+                    tally.torn(&format!("rewritten file's pin, try {try_}"), &bytes);
                 }
             }
             Err(Error::OutOfRange { .. }) => tally.retried_len += 1,
@@ -205,7 +234,12 @@ fn pin_whole_or_empty(cache: &PageCache, path: &std::path::Path, tally: &mut Tal
 }
 
 fn check(audit: bool) {
-    let (tally, installs, stats) = run(Duration::from_secs(2), audit);
+    // REPLACE_STRESS_SECS runs longer, to hunt a rare race.
+    let secs = std::env::var("REPLACE_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let (tally, installs, stats) = run(Duration::from_secs(secs), audit);
     eprintln!(
         "audit {audit}: {} bodies, {} pins, {installs} installs, {} length retries, {} errors; \
          {} of {} cache pins lock-free",
@@ -220,7 +254,7 @@ fn check(audit: bool) {
         assert!(stats.lock_free_pins > 0, "{stats:?}");
     }
     assert!(installs > 10 && tally.bodies > 10, "{tally:?}");
-    assert_eq!(tally.torn, 0, "{tally:?}");
+    assert_eq!(tally.torn, 0, "{tally:?} {stats:?}");
     let mut distinct = tally.errors.clone();
     distinct.sort();
     distinct.dedup();
