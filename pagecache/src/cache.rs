@@ -134,8 +134,9 @@ pub(crate) struct CacheShared {
     /// it an open between the two made a fresh entry on the old inode, which the rename then
     /// unlinked under it: its ctime moved, so its next fill or revalidation took the rename for
     /// an external edit and invalidated the snapshots being streamed from it (a GET during a
-    /// PUT answered 500; `tests/replace_stress.rs`).
-    paths: RwLock<()>,
+    /// PUT answered 500; `tests/replace_stress.rs`). A revalidation that found a difference
+    /// holds it (read) to look again, so a rename in progress is not taken for an edit.
+    pub(crate) paths: RwLock<()>,
 }
 
 /// The file a frame allocation is made for: its lock is already held by the caller, and

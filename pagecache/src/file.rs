@@ -812,18 +812,42 @@ impl CachedFile {
     /// program makes to the same file during that window is not seen (the writeback's end
     /// adopts the identity it finds); a rename over the path is, at the next check.
     pub fn revalidate(&self) -> Result<bool> {
-        if self
-            .shared
-            .detached
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        let detached = || {
+            self.shared
+                .detached
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        if detached() {
             return Ok(false); // the path names another file now; this one cannot change
         }
         let path = &self.shared.path;
-        let meta = fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
-        let now = DiskIdentity::of(&meta);
+        let stat = || -> Result<DiskIdentity> {
+            let meta = fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
+            Ok(DiskIdentity::of(&meta))
+        };
+        // The common case, without moving the file's sequence (lock-free pins go on).
+        let first = stat()?;
+        {
+            let st = self.shared.state.read();
+            if first == st.disk || st.own_write_in_flight() {
+                return Ok(false);
+            }
+        }
+        // A difference may be stale: the stat above ran before the lock, and one of our own
+        // changes (a truncation, an eviction's write) may have landed and been recorded in
+        // between; or an install may have replaced the file meanwhile. Look again with both
+        // excluded: no install runs while `paths` is held, and our own disk writes happen
+        // under the file lock or inside the writeback window.
+        let _paths = self.cache.paths.read();
+        if detached() {
+            return Ok(false);
+        }
         let mut st = self.shared.state.lock();
-        if now == st.disk || st.own_write_in_flight() {
+        if st.own_write_in_flight() {
+            return Ok(false);
+        }
+        let now = stat()?;
+        if now == st.disk {
             return Ok(false);
         }
         if (now.ino != st.disk.ino || now.dev != st.disk.dev) && st.fd.is_some() {
