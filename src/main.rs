@@ -166,9 +166,10 @@ struct ServeArgs {
     #[arg(long, value_enum, default_value_t = TlsAeadArg::Ring)]
     tls_aead: TlsAeadArg,
     /// With --audit: verify a page at every Nth release of a pin of it (1: every release,
-    /// the strictest, about 6x the instructions per page of 16; 0: only when the version ends). A change
-    /// to a pinned page that persists is always caught, at most N releases late.
-    #[arg(long, default_value_t = 16)]
+    /// the strictest, about 8x the instructions per page of the default; 0: only when the
+    /// version ends). A change to a pinned page that persists is always caught, at most N
+    /// releases late.
+    #[arg(long, default_value_t = pagecache::DEFAULT_AUDIT_VERIFY_EVERY)]
     audit_verify_every: u32,
     /// Write every frame sent and received to this pcap file.
     #[arg(long)]

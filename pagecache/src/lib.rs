@@ -132,6 +132,7 @@ mod write;
 mod writeback;
 
 pub use arena::{FrameArena, PAGE_SIZE};
+pub use audit::DEFAULT_VERIFY_EVERY as DEFAULT_AUDIT_VERIFY_EVERY;
 pub use cache::{Backpressure, CacheConfig, OldVersionPolicy, PageCache};
 pub use error::{Error, Result};
 #[cfg(any(test, feature = "test-hooks"))]
