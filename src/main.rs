@@ -165,6 +165,12 @@ struct ServeArgs {
     /// Which is faster depends on the CPU (`cargo bench -p netstack --bench tls`).
     #[arg(long, value_enum, default_value_t = TlsAeadArg::Ring)]
     tls_aead: TlsAeadArg,
+    /// TCP congestion control: the stack's own window, whose slow start counts the bytes
+    /// acknowledged (a client that acknowledges whole TSO frames at once still doubles it
+    /// each round trip), or smoltcp's Cubic, which grows one segment per acknowledgement
+    /// (kept for comparison).
+    #[arg(long, value_enum, default_value_t = CongestionArg::ByteCounting)]
+    congestion: CongestionArg,
     /// With --audit: verify a page at every Nth release of a pin of it (1: every release,
     /// the strictest, about 8x the instructions per page of the default; 0: only when the
     /// version ends). A change to a pinned page that persists is always caught, at most N
@@ -329,6 +335,10 @@ impl ServeArgs {
                 TlsAeadArg::Ring => netstack::tls::aead::Backend::Ring,
                 TlsAeadArg::AesGcm => netstack::tls::aead::Backend::AesGcm,
             },
+            congestion: match self.congestion {
+                CongestionArg::ByteCounting => netstack::Congestion::ByteCounting,
+                CongestionArg::SmoltcpCubic => netstack::Congestion::SmoltcpCubic,
+            },
             audit_verify_every: self.audit_verify_every,
             pcap: self.pcap,
             access_log: self
@@ -387,6 +397,12 @@ enum BackpressureArg {
 enum TlsAeadArg {
     Ring,
     AesGcm,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CongestionArg {
+    ByteCounting,
+    SmoltcpCubic,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

@@ -116,6 +116,8 @@ pub struct ServeOptions {
     pub audit: bool,
     /// Which AES-GCM implementation seals HTTPS records.
     pub tls_aead: netstack::tls::aead::Backend,
+    /// TCP congestion control (`netstack::Congestion`).
+    pub congestion: netstack::Congestion,
     /// With `audit`: verify at every Nth release (`CacheConfig::audit_verify_every`).
     pub audit_verify_every: u32,
     pub pcap: Option<PathBuf>,
@@ -573,6 +575,7 @@ impl<Q: ServerNic> Server<Q> {
         // record's kept tag (a changed pinned page would re-encrypt under the same nonce).
         config.tls.audit = options.audit;
         config.tls.backend = options.tls_aead;
+        config.congestion = options.congestion;
         config.send_stall_timeout = Some(netstack::Duration::from_micros(
             options.send_stall_timeout.as_micros() as u64,
         ));

@@ -68,6 +68,9 @@ pub struct ConnTx {
     pub sendq: SendQueue,
     /// TLS mode: the TCP stream is records (see [`crate::tls`]); `sendq` holds plaintext.
     pub tls: Option<Box<TlsConn>>,
+    /// Set when a segment of this connection went out again (a loss); the stack, which
+    /// knows the time, takes it to [`crate::congestion::CongestionWindow`].
+    pub retransmitted: bool,
 }
 
 impl ConnTx {
@@ -554,7 +557,7 @@ impl TxPath {
                 let conn = &mut self.conns[index as usize];
                 if let Some(start) = conn.stream_offset(tcp.seq) {
                     let stream = start..start + tcp.payload_len as u64;
-                    account_sent(&mut self.stats, &mut conn.sendq, stream);
+                    conn.retransmitted |= account_sent(&mut self.stats, &mut conn.sendq, stream);
                 }
             }
         }
@@ -936,7 +939,7 @@ impl TxPath {
         slot.write(0, &buffer[..seg.tcp.header_len]);
         let conn = &mut self.conns[seg.conn as usize];
         self.stats.zero_copy_frames += 1;
-        account_sent(&mut self.stats, &mut conn.sendq, seg.stream);
+        conn.retransmitted |= account_sent(&mut self.stats, &mut conn.sendq, seg.stream);
         let frame = Frame {
             slot,
             _jumbo: None,
@@ -1004,7 +1007,7 @@ impl TxPath {
                     &mut staged.parts,
                 );
             if fits {
-                tls.tx.account_sent(range, &mut self.stats);
+                conn.retransmitted |= tls.tx.account_sent(range, &mut self.stats);
                 let generation = conn.generation;
                 return self.stage_tls_inline(
                     slot,
@@ -1054,7 +1057,7 @@ impl TxPath {
                 return;
             }
         }
-        tls.tx.account_sent(range, &mut self.stats);
+        conn.retransmitted |= tls.tx.account_sent(range, &mut self.stats);
         let offload = self.checksum(buffer, &tcp, tso, PayloadAt::Bytes(payload));
         slot.write(0, &buffer[..tcp.header_len]);
         let chunk = chunk.into_device();
@@ -1147,7 +1150,7 @@ impl TxPath {
             .expect("mapped just before");
         self.stats.linearized_frames += 1;
         self.stats.payload_bytes_copied += seg.tcp.payload_len as u64;
-        account_sent(&mut self.stats, &mut conn.sendq, seg.stream);
+        conn.retransmitted |= account_sent(&mut self.stats, &mut conn.sendq, seg.stream);
         let offload = self.prepare_tcp_checksum(buffer, &seg.tcp, seg.tso, None);
         self.stage_whole(slot, buffer, offload);
     }
@@ -1360,10 +1363,11 @@ impl TxPath {
     }
 }
 
-/// First transmissions and retransmissions of `stream`.
-fn account_sent(stats: &mut StackStats, sendq: &mut SendQueue, stream: Range<u64>) {
+/// First transmissions and retransmissions of `stream`. True if any of it was sent before.
+fn account_sent(stats: &mut StackStats, sendq: &mut SendQueue, stream: Range<u64>) -> bool {
     let (start, end) = (stream.start, stream.end);
-    if start < sendq.sent_max {
+    let again = start < sendq.sent_max;
+    if again {
         stats.retransmitted_segments += 1;
         stats.retransmitted_bytes += end.min(sendq.sent_max) - start;
     }
@@ -1371,6 +1375,7 @@ fn account_sent(stats: &mut StackStats, sendq: &mut SendQueue, stream: Range<u64
         stats.payload_bytes_sent += end - start.max(sendq.sent_max);
         sendq.sent_max = end;
     }
+    again
 }
 
 /// A [`NetQueue`] plus the transmit path: what smoltcp's `Interface` polls.

@@ -117,6 +117,11 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// Whether the flow is IPv6.
+    pub fn is_ipv6(&self) -> bool {
+        self.ports & (1 << 32) != 0
+    }
+
     pub fn new(local_port: u16, remote: IpAddress, remote_port: u16) -> Self {
         let (remote, family) = match remote {
             IpAddress::Ipv4(a) => (u128::from(a.to_ipv6_mapped()), 0),

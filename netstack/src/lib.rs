@@ -42,6 +42,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod congestion;
 mod device;
 pub mod dmabuf;
 pub mod frame;
@@ -55,7 +56,8 @@ pub use sendq::{SendMode, SendOutcome};
 pub use smoltcp::time::{Duration, Instant};
 pub use smoltcp::wire::{IpAddress, Ipv4Address, Ipv4Cidr, Ipv6Address, Ipv6Cidr};
 pub use stack::{
-    link_local_address, ConnState, Ipv4Config, Ipv6Config, Stack, StackConfig, MAX_STATIC_IPV6,
+    link_local_address, Congestion, ConnState, Ipv4Config, Ipv6Config, Stack, StackConfig,
+    MAX_STATIC_IPV6,
 };
 pub use tls::{TlsConfig, TlsInfo};
 

@@ -13,6 +13,7 @@ use smoltcp::wire::{
     Ipv6Address, Ipv6Cidr,
 };
 
+use crate::congestion::CongestionWindow;
 use crate::device::{BoundaryFault, ConnTx, NicDevice, TxConfig, TxPath};
 use crate::frame::FlowKey;
 use crate::sendq::{SendMode, SendQueue};
@@ -128,6 +129,8 @@ pub struct StackConfig {
     pub closed_linger: Duration,
     /// The TLS record layer of [`Stack::listen_tls`] connections.
     pub tls: TlsConfig,
+    /// Who keeps the congestion window (`crate::congestion` says why the stack does).
+    pub congestion: Congestion,
 }
 
 impl StackConfig {
@@ -164,8 +167,20 @@ impl StackConfig {
             send_stall_timeout: Some(Duration::from_secs(60)),
             closed_linger: Duration::from_secs(30),
             tls: TlsConfig::default(),
+            congestion: Congestion::ByteCounting,
         }
     }
+}
+
+/// Congestion control of the stack's TCP connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    /// The stack's [`crate::congestion::CongestionWindow`]: slow start counts acknowledged
+    /// bytes, so a peer that acknowledges whole TSO frames still doubles the window per
+    /// round trip. smoltcp's own controller is off.
+    ByteCounting,
+    /// smoltcp's Cubic, whose slow start grows one MSS per ACK (the comparison baseline).
+    SmoltcpCubic,
 }
 
 /// A connection's TCP state (smoltcp's).
@@ -192,6 +207,8 @@ struct Conn {
     announced: bool,
     /// When the connection was accepted (or made).
     accepted_at: Instant,
+    /// The congestion window the stack keeps ([`Congestion::ByteCounting`]).
+    cwnd: Option<CongestionWindow>,
 }
 
 enum ConnSlot {
@@ -241,7 +258,11 @@ fn tcp_socket(config: &StackConfig) -> tcp::Socket<'static> {
     let tx = tcp::SocketBuffer::new(vec![0; config.tcp_tx_buffer]);
     let mut socket = tcp::Socket::new(rx, tx);
     socket.set_nagle_enabled(config.nagle);
-    socket.set_congestion_control(tcp::CongestionControl::Cubic);
+    socket.set_congestion_control(match config.congestion {
+        // The stack limits what it feeds the socket instead (`Stack::feed_sockets`).
+        Congestion::ByteCounting => tcp::CongestionControl::None,
+        Congestion::SmoltcpCubic => tcp::CongestionControl::Cubic,
+    });
     socket
 }
 
@@ -480,6 +501,16 @@ impl<Q: NetQueue> Stack<Q> {
             closed_at: None,
             announced: true,
             accepted_at: now,
+            cwnd: (self.config.congestion == Congestion::ByteCounting).then(|| {
+                let ip_and_tcp = if flow.is_ipv6() { 60 } else { 40 };
+                let mss = self
+                    .device
+                    .nic
+                    .capabilities()
+                    .mtu
+                    .saturating_sub(ip_and_tcp);
+                CongestionWindow::new(mss as u64)
+            }),
         };
         let index = match self
             .conns
@@ -495,6 +526,7 @@ impl<Q: NetQueue> Stack<Q> {
                     iss: None,
                     sendq: SendQueue::new(self.config.send_mode, 0),
                     tls: None,
+                    retransmitted: false,
                 });
                 self.conns.len() - 1
             }
@@ -516,6 +548,7 @@ impl<Q: NetQueue> Stack<Q> {
             iss,
             sendq: SendQueue::new(mode, self.config.tx.copy_blocks_per_conn),
             tls,
+            retransmitted: false,
         };
         if let Some(old) = tx.flows.insert(flow, index as u32) {
             // An older incarnation of the 4-tuple still waiting to be reclaimed: it keeps
@@ -749,9 +782,20 @@ impl<Q: NetQueue> Stack<Q> {
 
     /// When to poll next at the latest (smoltcp's timers), `None` if idle.
     pub fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
-        let busy = self.device.tx.conns.iter().any(|c| match &c.tls {
-            Some(tls) => tls.has_tx_work(&c.sendq),
-            None => c.sendq.unfed() > 0,
+        // Queued bytes waiting only for the congestion window wait for an ACK, not a poll.
+        let conns = &self.conns;
+        let sockets = &self.sockets;
+        let busy = self.device.tx.conns.iter().enumerate().any(|(index, c)| {
+            let work = match &c.tls {
+                Some(tls) => tls.has_tx_work(&c.sendq),
+                None => c.sendq.unfed() > 0,
+            };
+            work && match conns.get(index) {
+                Some((_, ConnSlot::Used(conn))) => {
+                    window_room(conn.cwnd.as_ref(), sockets.get::<tcp::Socket>(conn.socket)) > 0
+                }
+                _ => true,
+            }
         });
         if busy {
             return Some(Duration::ZERO);
@@ -1015,13 +1059,10 @@ impl<Q: NetQueue> Stack<Q> {
             if let Some(tls) = ctx.tls.as_mut() {
                 if socket.may_send() && !ctx.sendq.is_aborted() {
                     let room = (socket.send_capacity() - socket.send_queue()) as u64;
-                    tls.frame(&mut ctx.sendq, &tx.pool, room, &mut tx.stats);
-                    feed_placeholders(
-                        socket,
-                        &mut tls.tx.fed,
-                        tls.tx.framed_end,
-                        self.config.tcp_tx_buffer,
-                    );
+                    let allowed = window_room(conn.cwnd.as_ref(), socket);
+                    tls.frame(&mut ctx.sendq, &tx.pool, room.min(allowed), &mut tx.stats);
+                    let end = tls.tx.framed_end.min(tls.tx.fed.saturating_add(allowed));
+                    feed_placeholders(socket, &mut tls.tx.fed, end, self.config.tcp_tx_buffer);
                 }
                 if conn.close_requested && !conn.close_issued && tls.may_send_fin() {
                     socket.close();
@@ -1032,7 +1073,8 @@ impl<Q: NetQueue> Stack<Q> {
             if socket.may_send() && !ctx.sendq.is_aborted() {
                 for _ in 0..2 {
                     // Twice: the free space of the ring may wrap around.
-                    let unfed = ctx.sendq.unfed();
+                    let allowed = window_room(conn.cwnd.as_ref(), socket);
+                    let unfed = ctx.sendq.unfed().min(allowed);
                     if unfed == 0 {
                         break;
                     }
@@ -1053,7 +1095,8 @@ impl<Q: NetQueue> Stack<Q> {
                         SendMode::Copying => {
                             let sendq = &mut ctx.sendq;
                             let n = socket.send(|ring| {
-                                let n = sendq.copy_unfed(ring);
+                                let take = ring.len().min(unfed as usize);
+                                let n = sendq.copy_unfed(&mut ring[..take]);
                                 (n, n)
                             });
                             let n = n.unwrap_or(0);
@@ -1094,6 +1137,19 @@ impl<Q: NetQueue> Stack<Q> {
             if !ctx.sendq.is_aborted() {
                 // Everything fed and no longer in smoltcp's ring was acknowledged.
                 let in_ring = socket.send_queue() as u64;
+                if let Some(window) = conn.cwnd.as_mut() {
+                    // TCP stream bytes (records, for TLS) fed, sent, and acknowledged.
+                    let (fed, sent_max) = match ctx.tls.as_ref() {
+                        Some(tls) => (tls.tx.fed, tls.tx.sent_max),
+                        None => (ctx.sendq.fed, ctx.sendq.sent_max),
+                    };
+                    let silent_for =
+                        std::time::Duration::from_micros((now - conn.progress_at).total_micros());
+                    window.on_acked(fed.saturating_sub(in_ring));
+                    if std::mem::take(&mut ctx.retransmitted) {
+                        window.on_retransmission(sent_max, silent_for);
+                    }
+                }
                 match ctx.tls.as_mut() {
                     Some(tls) => {
                         // TCP acknowledges records; the send queue's plaintext is
@@ -1214,6 +1270,15 @@ impl<Q: NetQueue> Stack<Q> {
             }
         }
     }
+}
+
+/// Bytes the congestion window lets the stack add to `socket`'s ring now: the ring holds
+/// the unacknowledged and the unsent bytes, which together stay within the window.
+/// Unlimited when smoltcp keeps the window itself.
+fn window_room(window: Option<&CongestionWindow>, socket: &tcp::Socket<'static>) -> u64 {
+    window.map_or(u64::MAX, |w| {
+        w.window().saturating_sub(socket.send_queue() as u64)
+    })
 }
 
 /// Feeds placeholders for stream bytes `*fed .. end` into smoltcp's ring (as much as it

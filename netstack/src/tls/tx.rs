@@ -599,9 +599,11 @@ impl TlsTx {
         Ok(())
     }
 
-    /// Notes that `range` was transmitted (first transmissions move `sent_max`).
-    pub fn account_sent(&mut self, range: Range<u64>, stats: &mut StackStats) {
-        if range.start < self.sent_max {
+    /// Notes that `range` was transmitted (first transmissions move `sent_max`). True if
+    /// any of it was sent before (a retransmission).
+    pub fn account_sent(&mut self, range: Range<u64>, stats: &mut StackStats) -> bool {
+        let again = range.start < self.sent_max;
+        if again {
             stats.retransmitted_segments += 1;
             stats.retransmitted_bytes += range.end.min(self.sent_max) - range.start;
             // Does the retransmission start at a unit (record) boundary?
@@ -625,6 +627,7 @@ impl TlsTx {
                 }
             }
         }
+        again
     }
 }
 
