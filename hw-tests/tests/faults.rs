@@ -221,7 +221,27 @@ fn link_down_mid_download(srv: &ServerGuest) {
     let out = srv.scratch_dir("faults").join("flap.bin");
     let _ = std::fs::remove_file(&out);
     // curl reads at most 1 MiB/s, so the download takes about 8 s and the link goes down
-    // in its middle, whatever the speed of the guest.
+    // in its middle, whatever the speed of the guest. The client's receive buffer is kept
+    // small (this namespace's `tcp_rmem`): with the host's default (up to 6 MiB) a sender
+    // whose window opens fast has most of the file in that buffer before the outage, and
+    // nothing is left to lose.
+    let rmem = |value: &str| {
+        let o = srv
+            .guest
+            .netns()
+            .command("sysctl")
+            .args(["-q", "-w", &format!("net.ipv4.tcp_rmem={value}")])
+            .output()
+            .unwrap();
+        srv.check(
+            o.status.success(),
+            &format!("sysctl tcp_rmem: {}", String::from_utf8_lossy(&o.stderr)),
+        );
+    };
+    let default_rmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "4096 131072 6291456".into());
+    rmem("4096 65536 262144");
     let mut curl = srv
         .guest
         .netns()
@@ -253,6 +273,7 @@ fn link_down_mid_download(srv: &ServerGuest) {
     let down_for = down.elapsed();
     let o = curl.wait_with_output().unwrap();
     let secs = started.elapsed().as_secs_f64();
+    rmem(&default_rmem);
     let got = std::fs::read(&out).unwrap_or_default();
     let _ = std::fs::remove_file(&out);
     let stdout = String::from_utf8_lossy(&o.stdout).into_owned();

@@ -737,7 +737,9 @@ fn metrics_and_pcap(srv: &ServerGuest) {
         .filter(|ip| ip.proto == 6 && (ip.src_port() == PORT || ip.dst_port() == PORT))
         .count();
     srv.check(
-        records.len() > 20 && ours > 0,
+        // The count depends on frame sizes: a window that opens fast (the stack's slow start
+        // counts bytes) sends large TSO frames early on, so fewer records fit in 48 KiB.
+        records.len() >= 8 && ours > 0,
         &format!(
             "the server's capture: {} records, {ours} of port {PORT}",
             records.len()
