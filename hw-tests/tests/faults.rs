@@ -229,13 +229,17 @@ fn link_down_mid_download(srv: &ServerGuest) {
         let o = srv
             .guest
             .netns()
-            .command("sysctl")
-            .args(["-q", "-w", &format!("net.ipv4.tcp_rmem={value}")])
+            // The namespace's own /proc/sys (`sh` only: procps may not be installed).
+            .command("sh")
+            .args([
+                "-c",
+                &format!("echo '{value}' > /proc/sys/net/ipv4/tcp_rmem"),
+            ])
             .output()
             .unwrap();
         srv.check(
             o.status.success(),
-            &format!("sysctl tcp_rmem: {}", String::from_utf8_lossy(&o.stderr)),
+            &format!("setting tcp_rmem: {}", String::from_utf8_lossy(&o.stderr)),
         );
     };
     let default_rmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")

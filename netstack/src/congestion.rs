@@ -42,8 +42,8 @@ pub struct CongestionWindow {
     /// In recovery until this stream offset is acknowledged (`sent_max` at the loss).
     recovery_end: Option<u64>,
     /// Loss events that reduced the window (fast-retransmit kind, timeout kind).
-    pub losses: u64,
-    pub timeouts: u64,
+    losses: u64,
+    timeouts: u64,
 }
 
 impl CongestionWindow {

@@ -75,10 +75,18 @@ pub struct ConnTx {
 
 impl ConnTx {
     /// TCP stream bytes acknowledged.
-    fn acked(&self) -> u64 {
+    pub(crate) fn acked(&self) -> u64 {
         match &self.tls {
             Some(tls) => tls.tx.acked,
             None => self.sendq.acked,
+        }
+    }
+
+    /// Highest TCP stream offset transmitted so far.
+    pub(crate) fn sent_max(&self) -> u64 {
+        match &self.tls {
+            Some(tls) => tls.tx.sent_max,
+            None => self.sendq.sent_max,
         }
     }
 

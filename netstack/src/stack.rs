@@ -1137,19 +1137,9 @@ impl<Q: NetQueue> Stack<Q> {
             if !ctx.sendq.is_aborted() {
                 // Everything fed and no longer in smoltcp's ring was acknowledged.
                 let in_ring = socket.send_queue() as u64;
-                if let Some(window) = conn.cwnd.as_mut() {
-                    // TCP stream bytes (records, for TLS) fed, sent, and acknowledged.
-                    let (fed, sent_max) = match ctx.tls.as_ref() {
-                        Some(tls) => (tls.tx.fed, tls.tx.sent_max),
-                        None => (ctx.sendq.fed, ctx.sendq.sent_max),
-                    };
-                    let silent_for =
-                        std::time::Duration::from_micros((now - conn.progress_at).total_micros());
-                    window.on_acked(fed.saturating_sub(in_ring));
-                    if std::mem::take(&mut ctx.retransmitted) {
-                        window.on_retransmission(sent_max, silent_for);
-                    }
-                }
+                // How long nothing was acknowledged, before this poll's progress counts.
+                let silent_for =
+                    std::time::Duration::from_micros((now - conn.progress_at).total_micros());
                 match ctx.tls.as_mut() {
                     Some(tls) => {
                         // TCP acknowledges records; the send queue's plaintext is
@@ -1168,6 +1158,12 @@ impl<Q: NetQueue> Stack<Q> {
                         if acked > ctx.sendq.acked {
                             ctx.sendq.acked = acked;
                         }
+                    }
+                }
+                if let Some(window) = conn.cwnd.as_mut() {
+                    window.on_acked(ctx.acked());
+                    if std::mem::take(&mut ctx.retransmitted) {
+                        window.on_retransmission(ctx.sent_max(), silent_for);
                     }
                 }
                 let stalled = self
