@@ -256,6 +256,8 @@ pub struct TxPath {
     pub listen_room: Vec<(u16, u32)>,
     /// How connections without a send queue entry transmit (the stack's mode).
     default_mode: SendMode,
+    /// smoltcp left the payload of the frame being staged unwritten (`FrameMeta`).
+    payload_unwritten: bool,
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     fault: BoundaryFault,
     dma: std::sync::Arc<DmaSpace>,
@@ -381,6 +383,7 @@ impl TxPath {
             handshaking: Default::default(),
             listen_room: Vec::new(),
             default_mode,
+            payload_unwritten: false,
             fault: config.fault,
             dma: std::sync::Arc::clone(dma),
             cipher: None,
@@ -471,8 +474,10 @@ impl TxPath {
 
     /// smoltcp built a frame in `self.build[..len]` (for its egress, or as the answer to a
     /// received frame); turn it into a staged descriptor chain.
-    fn finish_frame(&mut self, len: usize, tso_mss: Option<u16>, egress: bool) {
+    fn finish_frame(&mut self, len: usize, meta: FrameMeta, egress: bool) {
         self.stats.frames_tx += 1;
+        self.payload_unwritten = meta.payload_unwritten;
+        let tso_mss = meta.tso_mss;
         let Some(slot) = self.slots.take() else {
             // Not reachable: `receive` and `transmit` hand out tokens only with a slot free.
             self.stats.tx_dropped_no_buffer += 1;
@@ -559,6 +564,11 @@ impl TxPath {
         }
 
         // Everything else goes out as smoltcp built it: copying-mode data, control segments.
+        if tcp.payload_len > 0 && self.payload_unwritten {
+            // Not reachable: smoltcp leaves the payload unwritten only for connections whose
+            // segments are mapped above. What the buffer holds there is stale.
+            return self.drop_unmapped(&tcp, "unwritten payload of an unmapped segment");
+        }
         if tcp.payload_len > 0 {
             self.stats.payload_bytes_copied += tcp.payload_len as u64; // smoltcp's ring -> frame
             if let Some(index) = conn_index {
@@ -580,7 +590,14 @@ impl TxPath {
             Some(index) => self.conns[index as usize].sendq.mode,
             None => self.default_mode,
         };
-        mode == SendMode::ZeroCopy && !self.sends_placeholders()
+        mode == SendMode::ZeroCopy && self.maps_placeholders()
+    }
+
+    /// Whether placeholder payloads (zero-copy and TLS connections) are mapped to the send
+    /// queue, so smoltcp need not write them into frames (`Stack::feed_sockets`): always but
+    /// under the test-only [`BoundaryFault::SendPlaceholders`], which sends them as written.
+    pub(crate) fn maps_placeholders(&self) -> bool {
+        !self.sends_placeholders()
     }
 
     /// Software segmentation (`TxConfig::gso`): stages an IPv4 segment smoltcp built larger
@@ -673,7 +690,9 @@ impl TxPath {
             };
             let (piece, piece_tcp) = cutter.cut(buffer, index);
             self.stats.gso_frames += 1;
-            self.stats.placeholder_bytes_copied += piece_tcp.payload_len as u64;
+            if !self.payload_unwritten {
+                self.stats.placeholder_bytes_copied += piece_tcp.payload_len as u64;
+            }
             let at = start + (index * mss) as u64;
             let piece_stream = at..at + piece_tcp.payload_len as u64;
             // The header chain entry, then the piece's payload from the segment's spans.
@@ -875,7 +894,9 @@ impl TxPath {
     /// Stages a zero-copy segment: headers in the slot, payload by IOVA from the send queue.
     fn stage_zero_copy(&mut self, slot: DmaBuffer, buffer: &mut [u8], seg: MappedSegment) {
         let (tcp, index, start) = (seg.tcp, seg.conn, self.frame_start);
-        self.stats.placeholder_bytes_copied += tcp.payload_len as u64;
+        if !self.payload_unwritten {
+            self.stats.placeholder_bytes_copied += tcp.payload_len as u64;
+        }
         // Header chain entry first; the payload comes from the send queue.
         self.staged_segments.push(TxSegment {
             iova: slot.iova(0),
@@ -1393,6 +1414,46 @@ pub struct NicDevice<Q: NetQueue> {
     /// Receive scratch: each received frame is copied here (volatile reads) before smoltcp
     /// sees it, since the RX buffer itself is device-writable memory.
     pub rx_frame: Box<[u8]>,
+    /// The frame after the one in `rx_frame`, read to see whether it supersedes it
+    /// ([`frame::supersedes`]); it has passed the boundary's checks.
+    pub rx_ahead: Box<[u8]>,
+    /// The RX buffer and length of the frame in `rx_ahead`, handed to smoltcp next.
+    pub held: Option<(RxBuffer, usize)>,
+}
+
+/// A received frame copied out of device memory and checked: handed to smoltcp or dropped.
+enum Admitted {
+    Frame(RxBuffer, usize),
+    Dropped,
+}
+
+impl TxPath {
+    /// The boundary's checks on a received frame (already copied out to `frame`): the
+    /// frames it drops are recycled and counted.
+    fn admit<Q: NetQueue>(&mut self, nic: &mut Q, buffer: RxBuffer, frame: &[u8]) -> Admitted {
+        // TCP checksums are verified here rather than by smoltcp, to count the drops.
+        // Parsed once for both the checksum and the SYN checks.
+        let tcp = frame::parse_tcp(frame);
+        let drop = if tcp
+            .as_ref()
+            .is_some_and(|tcp| !frame::tcp_checksum_ok(frame, tcp))
+        {
+            &mut self.stats.rx_tcp_checksum_drops
+        } else if frame::is_unverified_tcp(frame) {
+            &mut self.stats.rx_unverified_tcp_drops
+        } else if frame::is_malformed_tcp(frame) {
+            &mut self.stats.rx_malformed_tcp_drops
+        } else {
+            match self.check_syn(tcp.as_ref()) {
+                SynCheck::Pass => return Admitted::Frame(buffer, frame.len()),
+                SynCheck::Duplicate => &mut self.stats.rx_duplicate_syns,
+                SynCheck::NoRoom => &mut self.stats.rx_syns_over_backlog,
+            }
+        };
+        *drop += 1;
+        nic.rx_recycle(buffer);
+        Admitted::Dropped
+    }
 }
 
 impl<Q: NetQueue> NicDevice<Q> {
@@ -1509,7 +1570,7 @@ impl<Q: NetQueue> phy::RxToken for NicRxToken<'_, Q> {
 /// Builds one frame (see the module docs).
 pub struct NicTxToken<'a> {
     tx: &'a mut TxPath,
-    tso_mss: Option<u16>,
+    meta: FrameMeta,
     /// Handed out by [`NicDevice::transmit`] (smoltcp's egress), not paired with a
     /// received frame.
     egress: bool,
@@ -1522,13 +1583,26 @@ impl phy::TxToken for NicTxToken<'_> {
             tx.build.resize(len, 0);
         }
         let result = f(&mut tx.build[..len]);
-        tx.finish_frame(len, self.tso_mss, self.egress);
+        tx.finish_frame(len, self.meta, self.egress);
         result
     }
 
     fn set_meta(&mut self, meta: phy::PacketMeta) {
-        self.tso_mss = meta.segmentation_offload_size.map(|s| s.get());
+        self.meta = FrameMeta {
+            tso_mss: meta.segmentation_offload_size.map(|s| s.get()),
+            payload_unwritten: meta.tcp_payload_by_device,
+        };
     }
+}
+
+/// What smoltcp says of the frame it builds with a [`NicTxToken`] (`phy::PacketMeta`).
+#[derive(Clone, Copy, Default)]
+struct FrameMeta {
+    /// The MSS to cut the frame's TCP payload by (TSO or GSO), if it asks for that.
+    tso_mss: Option<u16>,
+    /// It wrote the headers only: the payload is a placeholder it was told the boundary
+    /// maps (`tcp::Socket::set_payload_by_device`, the patch in `third_party/smoltcp`).
+    payload_unwritten: bool,
 }
 
 /// What becomes of a received frame that may be a SYN ([`TxPath::check_syn`]).
@@ -1559,47 +1633,48 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
         if !self.tx.can_stage() {
             return None;
         }
-        let (buffer, len) = loop {
-            let buffer = self.nic.rx_next()?;
-            self.tx.stats.frames_rx += 1;
-            let len = self.nic.rx_read(&buffer, &mut self.rx_frame).len();
-            let received = &self.rx_frame[..len];
-            // TCP checksums are verified here rather than by smoltcp, to count the drops.
-            // Parsed once for both the checksum and the SYN checks.
-            let tcp = frame::parse_tcp(received);
-            if tcp
-                .as_ref()
-                .is_some_and(|tcp| !frame::tcp_checksum_ok(received, tcp))
-            {
-                self.tx.stats.rx_tcp_checksum_drops += 1;
-                self.nic.rx_recycle(buffer);
-                continue;
+        let (mut buffer, mut len) = match self.held.take() {
+            Some(held) => {
+                std::mem::swap(&mut self.rx_frame, &mut self.rx_ahead);
+                held
             }
-            if frame::is_unverified_tcp(received) {
-                self.tx.stats.rx_unverified_tcp_drops += 1;
-                self.nic.rx_recycle(buffer);
-                continue;
-            }
-            if frame::is_malformed_tcp(received) {
-                self.tx.stats.rx_malformed_tcp_drops += 1;
-                self.nic.rx_recycle(buffer);
-                continue;
-            }
-            match self.tx.check_syn(tcp.as_ref()) {
-                SynCheck::Pass => {}
-                SynCheck::Duplicate => {
-                    self.tx.stats.rx_duplicate_syns += 1;
-                    self.nic.rx_recycle(buffer);
-                    continue;
+            None => loop {
+                let buffer = self.nic.rx_next()?;
+                self.tx.stats.frames_rx += 1;
+                let len = self.nic.rx_read(&buffer, &mut self.rx_frame).len();
+                match self.tx.admit(&mut self.nic, buffer, &self.rx_frame[..len]) {
+                    Admitted::Frame(buffer, len) => break (buffer, len),
+                    Admitted::Dropped => continue,
                 }
-                SynCheck::NoRoom => {
-                    self.tx.stats.rx_syns_over_backlog += 1;
-                    self.nic.rx_recycle(buffer);
-                    continue;
-                }
-            }
-            break (buffer, len);
+            },
         };
+        // A pure ACK that the next received frame supersedes (a later cumulative ACK of the
+        // same flow, `frame::supersedes`) tells smoltcp nothing the next one does not: it
+        // is recycled unseen. Each TSO frame a client's kernel receives as MSS segments is
+        // acknowledged every two segments, and each ACK costs smoltcp a full pass; only the
+        // last of a run the NIC delivered together needs one. Duplicate ACKs are never
+        // superseded (fast retransmit counts them).
+        while let Some(ack) = frame::pure_ack(&self.rx_frame[..len]) {
+            let Some(next) = self.nic.rx_next() else {
+                break;
+            };
+            self.tx.stats.frames_rx += 1;
+            let next_len = self.nic.rx_read(&next, &mut self.rx_ahead).len();
+            let Admitted::Frame(next, next_len) =
+                self.tx
+                    .admit(&mut self.nic, next, &self.rx_ahead[..next_len])
+            else {
+                continue;
+            };
+            if !frame::supersedes(&ack, &self.rx_ahead[..next_len]) {
+                self.held = Some((next, next_len));
+                break;
+            }
+            self.tx.stats.rx_acks_superseded += 1;
+            self.nic.rx_recycle(buffer);
+            std::mem::swap(&mut self.rx_frame, &mut self.rx_ahead);
+            (buffer, len) = (next, next_len);
+        }
         Some((
             NicRxToken {
                 nic: &mut self.nic,
@@ -1608,7 +1683,7 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
             },
             NicTxToken {
                 tx: &mut self.tx,
-                tso_mss: None,
+                meta: FrameMeta::default(),
                 egress: false,
             },
         ))
@@ -1620,7 +1695,7 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
         }
         Some(NicTxToken {
             tx: &mut self.tx,
-            tso_mss: None,
+            meta: FrameMeta::default(),
             egress: true,
         })
     }

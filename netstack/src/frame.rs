@@ -295,6 +295,56 @@ fn parse_tcp_ipv6(packet: &[u8]) -> Option<TcpFrame> {
     })
 }
 
+/// A received pure acknowledgement ([`pure_ack`]): no payload, no control flag but ACK (PSH
+/// allowed), no option but timestamps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PureAck {
+    pub src: IpAddress,
+    pub dst: IpAddress,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub ack_number: u32,
+}
+
+/// `frame` as a pure acknowledgement, if it is one: what a later cumulative ACK of the same
+/// flow makes redundant. Not one: a segment with payload, SYN, FIN, RST, URG, ECE or CWR
+/// (each tells the receiver something of its own), or options other than NOPs and a
+/// timestamp (SACK blocks describe what this ACK alone saw).
+pub fn pure_ack(frame: &[u8]) -> Option<PureAck> {
+    const FLAGS_BUT_PSH: u8 = !0x08;
+    const ACK: u8 = 0x10;
+    // RFC 7323 appendix A's layout: NOP, NOP, kind 8 length 10.
+    const TIMESTAMP_OPTION: [u8; 4] = [1, 1, 8, 10];
+    let tcp = parse_tcp(frame)?;
+    let header = frame.get(tcp.tcp..tcp.header_len)?;
+    let plain = match header.len() {
+        20 => true,
+        32 => header[20..24] == TIMESTAMP_OPTION,
+        _ => false,
+    };
+    (tcp.payload_len == 0 && header[13] & FLAGS_BUT_PSH == ACK && plain).then(|| PureAck {
+        src: tcp.src,
+        dst: tcp.dst,
+        src_port: tcp.src_port,
+        dst_port: tcp.dst_port,
+        ack_number: u32::from_be_bytes([header[8], header[9], header[10], header[11]]),
+    })
+}
+
+/// Whether received frame `next` supersedes the pure ACK `ack` received just before it: a
+/// pure ACK of the same flow acknowledging strictly more (sequence space arithmetic, RFC 9293
+/// section 3.4). An equal acknowledgement number is a duplicate ACK, which counts on its own
+/// (fast retransmit), and is never superseded.
+pub fn supersedes(ack: &PureAck, next: &[u8]) -> bool {
+    pure_ack(next).is_some_and(|next| {
+        next.src == ack.src
+            && next.dst == ack.dst
+            && next.src_port == ack.src_port
+            && next.dst_port == ack.dst_port
+            && (next.ack_number.wrapping_sub(ack.ack_number) as i32) > 0
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -471,5 +521,55 @@ pub(crate) mod tests {
             parse_tcp(&short_total).is_none(),
             "total length shorter than the headers"
         );
+    }
+
+    /// A pure ACK from 10.0.0.1:80 to 10.0.0.2:5555 acknowledging `ack`, with `options`
+    /// bytes of TCP options (zeros: end of list) and `payload_len` bytes.
+    fn ack_frame(ack: u32, options: usize, payload_len: usize) -> Vec<u8> {
+        let mut f = tcp_frame(payload_len, options, 7, false);
+        let mut tcp = TcpPacket::new_unchecked(&mut f[ETHERNET_HEADER_LEN + 20..]);
+        tcp.set_ack_number(TcpSeqNumber(ack as i32));
+        f
+    }
+
+    #[test]
+    fn a_later_pure_ack_of_the_same_flow_supersedes_an_earlier_one() {
+        let first = pure_ack(&ack_frame(1000, 0, 0)).expect("a pure ACK");
+        assert_eq!(first.ack_number, 1000);
+        assert!(supersedes(&first, &ack_frame(2448, 0, 0)));
+        // Across the wrap of sequence space.
+        let high = pure_ack(&ack_frame(u32::MAX - 10, 0, 0)).unwrap();
+        assert!(supersedes(&high, &ack_frame(100, 0, 0)));
+        // With the timestamp option (NOP, NOP, kind 8, length 10).
+        let mut stamped = ack_frame(3000, 12, 0);
+        stamped[ETHERNET_HEADER_LEN + 40..][..4].copy_from_slice(&[1, 1, 8, 10]);
+        assert!(supersedes(&first, &stamped));
+    }
+
+    #[test]
+    fn duplicate_acks_and_segments_that_say_more_are_never_superseded() {
+        let first = pure_ack(&ack_frame(1000, 0, 0)).unwrap();
+        // A duplicate ACK (fast retransmit counts each) or an older one.
+        assert!(!supersedes(&first, &ack_frame(1000, 0, 0)));
+        assert!(!supersedes(&first, &ack_frame(999, 0, 0)));
+        // Not pure: payload, or options other than a timestamp (SACK blocks).
+        assert!(pure_ack(&ack_frame(1000, 0, 1)).is_none());
+        assert!(!supersedes(&first, &ack_frame(2000, 0, 1)));
+        let mut sack = ack_frame(2000, 12, 0);
+        sack[ETHERNET_HEADER_LEN + 40..][..4].copy_from_slice(&[1, 1, 5, 10]);
+        assert!(pure_ack(&sack).is_none());
+        // Control flags: FIN, RST, SYN, ECE each say something of their own; PSH does not.
+        for flag in [0x01u8, 0x02, 0x04, 0x20, 0x40, 0x80] {
+            let mut f = ack_frame(2000, 0, 0);
+            f[ETHERNET_HEADER_LEN + 20 + 13] |= flag;
+            assert!(pure_ack(&f).is_none(), "flag {flag:#x}");
+        }
+        let mut psh = ack_frame(2000, 0, 0);
+        psh[ETHERNET_HEADER_LEN + 20 + 13] |= 0x08;
+        assert!(supersedes(&first, &psh));
+        // Another flow.
+        let mut other = ack_frame(2000, 0, 0);
+        TcpPacket::new_unchecked(&mut other[ETHERNET_HEADER_LEN + 20..]).set_src_port(81);
+        assert!(!supersedes(&first, &other));
     }
 }

@@ -150,6 +150,10 @@ pub struct StackStats {
     /// New SYNs dropped because every listening socket of their port was taken (the
     /// client retries; see `StackConfig::backlog`).
     pub rx_syns_over_backlog: u64,
+    /// Received pure ACKs that the next received frame superseded (a later cumulative ACK
+    /// of the same flow), recycled without smoltcp processing them (the device boundary's
+    /// `receive`).
+    pub rx_acks_superseded: u64,
     /// Device faults the driver recovered from (TX hang, device reset).
     pub device_resets: u64,
     /// Connections aborted for making no send progress within the send-stall timeout.

@@ -276,6 +276,8 @@ impl<Q: NetQueue> Stack<Q> {
             nic,
             tx,
             rx_frame: vec![0; driver::queue::MAX_RX_FRAME].into_boxed_slice(),
+            rx_ahead: vec![0; driver::queue::MAX_RX_FRAME].into_boxed_slice(),
+            held: None,
         };
         let mac = device.nic.mac_address().0;
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
@@ -1051,11 +1053,20 @@ impl<Q: NetQueue> Stack<Q> {
 
     /// Hands queued bytes to the smoltcp sockets: placeholders (zero-copy) or copies.
     fn feed_sockets(&mut self) {
+        let placeholders_unwritten = self.device.tx.maps_placeholders();
         for (index, (_, slot)) in self.conns.iter_mut().enumerate() {
             let ConnSlot::Used(conn) = slot else { continue };
             let socket = self.sockets.get_mut::<tcp::Socket>(conn.socket);
             let tx = &mut self.device.tx;
             let ctx = &mut tx.conns[index];
+            // smoltcp leaves a placeholder payload unwritten in the frame (the patch in
+            // third_party/smoltcp): the boundary maps it to the send queue or drops the
+            // frame (`TxPath::stage_frame`), so copying it would be all cost. Real bytes in
+            // the ring (copying mode) are written as usual.
+            socket.set_payload_by_device(
+                placeholders_unwritten
+                    && (ctx.tls.is_some() || ctx.sendq.mode == SendMode::ZeroCopy),
+            );
             if let Some(tls) = ctx.tls.as_mut() {
                 if socket.may_send() && !ctx.sendq.is_aborted() {
                     let room = (socket.send_capacity() - socket.send_queue()) as u64;

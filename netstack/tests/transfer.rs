@@ -80,6 +80,11 @@ fn transfer_64mib_with_loss_reordering_and_duplication_arrives_intact() {
         "file payload never copied by the CPU"
     );
     assert_eq!(stats.file_bytes_sent, LEN as u64);
+    assert_eq!(
+        stats.placeholder_bytes_copied, 0,
+        "smoltcp left every placeholder payload unwritten, retransmissions too \
+         (PacketMeta::tcp_payload_by_device, third_party/smoltcp)"
+    );
     assert_eq!(stats.tx_unmapped_drops, 0);
     assert_eq!(
         stats.pins_held_now, 0,

@@ -164,6 +164,11 @@ pub(super) fn stats_snapshot<Q: NetQueue>(
             s.rx_syns_over_backlog,
         ),
         Metric::counter(
+            "zerosend_rx_acks_superseded_total",
+            "Received pure ACKs that a later cumulative ACK of the same flow, received right after, made redundant: recycled without a pass through TCP.",
+            s.rx_acks_superseded,
+        ),
+        Metric::counter(
             "zerosend_frames_tx_total",
             "Frames handed to the NIC.",
             s.frames_tx,
