@@ -1417,13 +1417,15 @@ pub struct NicDevice<Q: NetQueue> {
     /// The frame after the one in `rx_frame`, read to see whether it supersedes it
     /// ([`frame::supersedes`]); it has passed the boundary's checks.
     pub rx_ahead: Box<[u8]>,
-    /// The RX buffer and length of the frame in `rx_ahead`, handed to smoltcp next.
-    pub held: Option<(RxBuffer, usize)>,
+    /// The RX buffer and length of the frame in `rx_ahead` (and the frame as a pure ACK),
+    /// handed to smoltcp next.
+    pub held: Option<(RxBuffer, usize, Option<frame::PureAck>)>,
 }
 
-/// A received frame copied out of device memory and checked: handed to smoltcp or dropped.
+/// A received frame copied out of device memory and checked: handed to smoltcp (with its
+/// length, and the frame as a pure ACK if it is one) or dropped.
 enum Admitted {
-    Frame(RxBuffer, usize),
+    Frame(RxBuffer, usize, Option<frame::PureAck>),
     Dropped,
 }
 
@@ -1433,22 +1435,23 @@ impl TxPath {
     fn admit<Q: NetQueue>(&mut self, nic: &mut Q, buffer: RxBuffer, frame: &[u8]) -> Admitted {
         // TCP checksums are verified here rather than by smoltcp, to count the drops.
         // Parsed once for both the checksum and the SYN checks.
+        // A frame that parses as TCP is neither a fragment, nor behind IPv6 extension
+        // headers, nor a damaged TCP header: those checks are for the frames that do not.
         let tcp = frame::parse_tcp(frame);
-        let drop = if tcp
-            .as_ref()
-            .is_some_and(|tcp| !frame::tcp_checksum_ok(frame, tcp))
-        {
-            &mut self.stats.rx_tcp_checksum_drops
-        } else if frame::is_unverified_tcp(frame) {
-            &mut self.stats.rx_unverified_tcp_drops
-        } else if frame::is_malformed_tcp(frame) {
-            &mut self.stats.rx_malformed_tcp_drops
-        } else {
-            match self.check_syn(tcp.as_ref()) {
-                SynCheck::Pass => return Admitted::Frame(buffer, frame.len()),
+        let drop = match &tcp {
+            Some(tcp) if !frame::tcp_checksum_ok(frame, tcp) => {
+                &mut self.stats.rx_tcp_checksum_drops
+            }
+            None if frame::is_unverified_tcp(frame) => &mut self.stats.rx_unverified_tcp_drops,
+            None if frame::is_malformed_tcp(frame) => &mut self.stats.rx_malformed_tcp_drops,
+            _ => match self.check_syn(tcp.as_ref()) {
+                SynCheck::Pass => {
+                    let ack = tcp.and_then(|tcp| frame::pure_ack(frame, &tcp));
+                    return Admitted::Frame(buffer, frame.len(), ack);
+                }
                 SynCheck::Duplicate => &mut self.stats.rx_duplicate_syns,
                 SynCheck::NoRoom => &mut self.stats.rx_syns_over_backlog,
-            }
+            },
         };
         *drop += 1;
         nic.rx_recycle(buffer);
@@ -1633,7 +1636,7 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
         if !self.tx.can_stage() {
             return None;
         }
-        let (mut buffer, mut len) = match self.held.take() {
+        let (mut buffer, mut len, mut pure_ack) = match self.held.take() {
             Some(held) => {
                 std::mem::swap(&mut self.rx_frame, &mut self.rx_ahead);
                 held
@@ -1643,7 +1646,7 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
                 self.tx.stats.frames_rx += 1;
                 let len = self.nic.rx_read(&buffer, &mut self.rx_frame).len();
                 match self.tx.admit(&mut self.nic, buffer, &self.rx_frame[..len]) {
-                    Admitted::Frame(buffer, len) => break (buffer, len),
+                    Admitted::Frame(buffer, len, ack) => break (buffer, len, ack),
                     Admitted::Dropped => continue,
                 }
             },
@@ -1654,26 +1657,26 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
         // acknowledged every two segments, and each ACK costs smoltcp a full pass; only the
         // last of a run the NIC delivered together needs one. Duplicate ACKs are never
         // superseded (fast retransmit counts them).
-        while let Some(ack) = frame::pure_ack(&self.rx_frame[..len]) {
+        while let Some(ack) = pure_ack {
             let Some(next) = self.nic.rx_next() else {
                 break;
             };
             self.tx.stats.frames_rx += 1;
             let next_len = self.nic.rx_read(&next, &mut self.rx_ahead).len();
-            let Admitted::Frame(next, next_len) =
+            let Admitted::Frame(next, next_len, next_ack) =
                 self.tx
                     .admit(&mut self.nic, next, &self.rx_ahead[..next_len])
             else {
                 continue;
             };
-            if !frame::supersedes(&ack, &self.rx_ahead[..next_len]) {
-                self.held = Some((next, next_len));
+            if !next_ack.is_some_and(|next_ack| next_ack.supersedes(&ack)) {
+                self.held = Some((next, next_len, next_ack));
                 break;
             }
             self.tx.stats.rx_acks_superseded += 1;
             self.nic.rx_recycle(buffer);
             std::mem::swap(&mut self.rx_frame, &mut self.rx_ahead);
-            (buffer, len) = (next, next_len);
+            (buffer, len, pure_ack) = (next, next_len, next_ack);
         }
         Some((
             NicRxToken {

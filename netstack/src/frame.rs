@@ -310,12 +310,12 @@ pub struct PureAck {
 /// flow makes redundant. Not one: a segment with payload, SYN, FIN, RST, URG, ECE or CWR
 /// (each tells the receiver something of its own), or options other than NOPs and a
 /// timestamp (SACK blocks describe what this ACK alone saw).
-pub fn pure_ack(frame: &[u8]) -> Option<PureAck> {
+/// `tcp` is `frame` parsed ([`parse_tcp`]).
+pub fn pure_ack(frame: &[u8], tcp: &TcpFrame) -> Option<PureAck> {
     const FLAGS_BUT_PSH: u8 = !0x08;
     const ACK: u8 = 0x10;
     // RFC 7323 appendix A's layout: NOP, NOP, kind 8 length 10.
     const TIMESTAMP_OPTION: [u8; 4] = [1, 1, 8, 10];
-    let tcp = parse_tcp(frame)?;
     let header = frame.get(tcp.tcp..tcp.header_len)?;
     let plain = match header.len() {
         20 => true,
@@ -331,18 +331,18 @@ pub fn pure_ack(frame: &[u8]) -> Option<PureAck> {
     })
 }
 
-/// Whether received frame `next` supersedes the pure ACK `ack` received just before it: a
-/// pure ACK of the same flow acknowledging strictly more (sequence space arithmetic, RFC 9293
-/// section 3.4). An equal acknowledgement number is a duplicate ACK, which counts on its own
-/// (fast retransmit), and is never superseded.
-pub fn supersedes(ack: &PureAck, next: &[u8]) -> bool {
-    pure_ack(next).is_some_and(|next| {
-        next.src == ack.src
-            && next.dst == ack.dst
-            && next.src_port == ack.src_port
-            && next.dst_port == ack.dst_port
-            && (next.ack_number.wrapping_sub(ack.ack_number) as i32) > 0
-    })
+impl PureAck {
+    /// Whether this pure ACK, received right after `earlier`, supersedes it: the same flow,
+    /// acknowledging strictly more (sequence space arithmetic, RFC 9293 section 3.4). An
+    /// equal acknowledgement number is a duplicate ACK, which counts on its own (fast
+    /// retransmit), and is never superseded.
+    pub fn supersedes(&self, earlier: &PureAck) -> bool {
+        self.src == earlier.src
+            && self.dst == earlier.dst
+            && self.src_port == earlier.src_port
+            && self.dst_port == earlier.dst_port
+            && (self.ack_number.wrapping_sub(earlier.ack_number) as i32) > 0
+    }
 }
 
 #[cfg(test)]
@@ -532,13 +532,21 @@ pub(crate) mod tests {
         f
     }
 
+    fn pure(frame: &[u8]) -> Option<PureAck> {
+        pure_ack(frame, &parse_tcp(frame)?)
+    }
+
+    fn supersedes(earlier: &PureAck, next: &[u8]) -> bool {
+        pure(next).is_some_and(|next| next.supersedes(earlier))
+    }
+
     #[test]
     fn a_later_pure_ack_of_the_same_flow_supersedes_an_earlier_one() {
-        let first = pure_ack(&ack_frame(1000, 0, 0)).expect("a pure ACK");
+        let first = pure(&ack_frame(1000, 0, 0)).expect("a pure ACK");
         assert_eq!(first.ack_number, 1000);
         assert!(supersedes(&first, &ack_frame(2448, 0, 0)));
         // Across the wrap of sequence space.
-        let high = pure_ack(&ack_frame(u32::MAX - 10, 0, 0)).unwrap();
+        let high = pure(&ack_frame(u32::MAX - 10, 0, 0)).unwrap();
         assert!(supersedes(&high, &ack_frame(100, 0, 0)));
         // With the timestamp option (NOP, NOP, kind 8, length 10).
         let mut stamped = ack_frame(3000, 12, 0);
@@ -548,21 +556,21 @@ pub(crate) mod tests {
 
     #[test]
     fn duplicate_acks_and_segments_that_say_more_are_never_superseded() {
-        let first = pure_ack(&ack_frame(1000, 0, 0)).unwrap();
+        let first = pure(&ack_frame(1000, 0, 0)).unwrap();
         // A duplicate ACK (fast retransmit counts each) or an older one.
         assert!(!supersedes(&first, &ack_frame(1000, 0, 0)));
         assert!(!supersedes(&first, &ack_frame(999, 0, 0)));
         // Not pure: payload, or options other than a timestamp (SACK blocks).
-        assert!(pure_ack(&ack_frame(1000, 0, 1)).is_none());
+        assert!(pure(&ack_frame(1000, 0, 1)).is_none());
         assert!(!supersedes(&first, &ack_frame(2000, 0, 1)));
         let mut sack = ack_frame(2000, 12, 0);
         sack[ETHERNET_HEADER_LEN + 40..][..4].copy_from_slice(&[1, 1, 5, 10]);
-        assert!(pure_ack(&sack).is_none());
+        assert!(pure(&sack).is_none());
         // Control flags: FIN, RST, SYN, ECE each say something of their own; PSH does not.
         for flag in [0x01u8, 0x02, 0x04, 0x20, 0x40, 0x80] {
             let mut f = ack_frame(2000, 0, 0);
             f[ETHERNET_HEADER_LEN + 20 + 13] |= flag;
-            assert!(pure_ack(&f).is_none(), "flag {flag:#x}");
+            assert!(pure(&f).is_none(), "flag {flag:#x}");
         }
         let mut psh = ack_frame(2000, 0, 0);
         psh[ETHERNET_HEADER_LEN + 20 + 13] |= 0x08;
