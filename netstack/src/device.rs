@@ -590,14 +590,7 @@ impl TxPath {
             Some(index) => self.conns[index as usize].sendq.mode,
             None => self.default_mode,
         };
-        mode == SendMode::ZeroCopy && self.maps_placeholders()
-    }
-
-    /// Whether placeholder payloads (zero-copy and TLS connections) are mapped to the send
-    /// queue, so smoltcp need not write them into frames (`Stack::feed_sockets`): always but
-    /// under the test-only [`BoundaryFault::SendPlaceholders`], which sends them as written.
-    pub(crate) fn maps_placeholders(&self) -> bool {
-        !self.sends_placeholders()
+        mode == SendMode::ZeroCopy && !self.sends_placeholders()
     }
 
     /// Software segmentation (`TxConfig::gso`): stages an IPv4 segment smoltcp built larger
@@ -1361,8 +1354,9 @@ enum PayloadAt<'a> {
 }
 
 impl TxPath {
-    /// Whether the test-only fault [`BoundaryFault::SendPlaceholders`] is armed.
-    fn sends_placeholders(&self) -> bool {
+    /// Whether the test-only fault [`BoundaryFault::SendPlaceholders`] is armed: placeholder
+    /// payloads then go out as smoltcp wrote them (`Stack::feed_sockets` has it write them).
+    pub(crate) fn sends_placeholders(&self) -> bool {
         #[cfg(feature = "test-hooks")]
         return self.fault == BoundaryFault::SendPlaceholders;
         #[cfg(not(feature = "test-hooks"))]
@@ -1415,7 +1409,7 @@ pub struct NicDevice<Q: NetQueue> {
     /// sees it, since the RX buffer itself is device-writable memory.
     pub rx_frame: Box<[u8]>,
     /// The frame after the one in `rx_frame`, read to see whether it supersedes it
-    /// ([`frame::supersedes`]); it has passed the boundary's checks.
+    /// ([`frame::PureAck::supersedes`]); it has passed the boundary's checks.
     pub rx_ahead: Box<[u8]>,
     /// The RX buffer and length of the frame in `rx_ahead` (and the frame as a pure ACK),
     /// handed to smoltcp next.
@@ -1652,7 +1646,7 @@ impl<Q: NetQueue> phy::Device for NicDevice<Q> {
             },
         };
         // A pure ACK that the next received frame supersedes (a later cumulative ACK of the
-        // same flow, `frame::supersedes`) tells smoltcp nothing the next one does not: it
+        // same flow, `PureAck::supersedes`) tells smoltcp nothing the next one does not: it
         // is recycled unseen. Each TSO frame a client's kernel receives as MSS segments is
         // acknowledged every two segments, and each ACK costs smoltcp a full pass; only the
         // last of a run the NIC delivered together needs one. Duplicate ACKs are never

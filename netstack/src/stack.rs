@@ -1053,7 +1053,7 @@ impl<Q: NetQueue> Stack<Q> {
 
     /// Hands queued bytes to the smoltcp sockets: placeholders (zero-copy) or copies.
     fn feed_sockets(&mut self) {
-        let placeholders_unwritten = self.device.tx.maps_placeholders();
+        let placeholders_unwritten = !self.device.tx.sends_placeholders();
         for (index, (_, slot)) in self.conns.iter_mut().enumerate() {
             let ConnSlot::Used(conn) = slot else { continue };
             let socket = self.sockets.get_mut::<tcp::Socket>(conn.socket);
